@@ -1,0 +1,120 @@
+"""Kernel micro-benchmarks: one C call timed in a loop, with the bytes and flops it moves.
+
+Each ``*_case`` function sets up its buffers once (outside the timing) and returns a ``Case``:
+``run()`` does one timed unit of work (one kernel call, or one pass over the bandwidth buffer)
+and ``bytes``/``flops`` say what that unit reads and computes, for GB/s and GFLOP/s.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from infeng.errors import InfengError
+from infeng.kernels import ptr
+
+CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4}
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[], object]
+    bytes: float = 0.0          # bytes read from memory by one run()
+    flops: float = 0.0
+    tokens: int = 0             # tokens one run() processes (0: not a token-level figure)
+    keep: tuple = ()            # the arrays the C pointers of run() point into
+
+
+def parse_shape(shape: str) -> tuple[int, int]:
+    """"NxK" (rows = output features, cols = input width, as the weight is stored) → (N, K)."""
+    try:
+        n, k = (int(v) for v in str(shape).lower().split("x"))
+    except ValueError:
+        raise InfengError(f"shape {shape!r}: expected ROWSxCOLS, e.g. 2048x5632") from None
+    if n < 1 or k < 1:
+        raise InfengError(f"shape {shape!r}: both sides must be >= 1")
+    return n, k
+
+
+def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """A random [n][k] weight in the storage layout of ``dtype``."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
+    if dtype in ("q8_0", "q4_0"):
+        if k % 32:
+            raise InfengError(f"{dtype} needs a row width that is a multiple of 32, got {k}")
+        from infeng.quant import quantize
+        return np.ascontiguousarray(quantize(w, dtype))
+    if dtype not in CDTYPE:
+        raise InfengError(f"dtype {dtype!r} is not one of {', '.join(CDTYPE)}")
+    from infeng.converters.hf import convert_dtype
+    return np.ascontiguousarray(convert_dtype(w, "f32", dtype))
+
+
+def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0) -> Case:
+    """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM)."""
+    n, k = parse_shape(shape)
+    w = random_weight(dtype, n, k)
+    x = np.random.default_rng(1).standard_normal((tokens, k), dtype=np.float32)
+    y = np.zeros((tokens, n), np.float32)
+    pw, px, py = kern.ffi.cast("void *", kern.ffi.from_buffer(w)), ptr(kern, x), ptr(kern, y)
+    f, code = kern.lib.ifg_matmul, CDTYPE[dtype]
+
+    def run():
+        f(py, n, px, k, pw, code, tokens, n, k, 0, threads)
+    kind = "gemv" if tokens == 1 else f"gemm{tokens}"
+    return Case(f"{kind} {dtype} {n}x{k}", run, bytes=float(w.nbytes + x.nbytes + y.nbytes),
+                flops=2.0 * tokens * n * k, keep=(w, x, y))
+
+
+def attention_case(kern, depth: int, n_heads: int = 32, n_kv_heads: int = 4, head_dim: int = 64,
+                   block_size: int = 16, threads: int = 0) -> Case:
+    """One decode token attending over ``depth`` cached positions (one layer, paged cache)."""
+    ctx = depth + 1
+    n_blocks = -(-ctx // block_size)
+    rng = np.random.default_rng(2)
+    kc = rng.standard_normal((n_blocks, block_size, n_kv_heads, head_dim), dtype=np.float32)
+    vc = rng.standard_normal((n_blocks, block_size, n_kv_heads, head_dim), dtype=np.float32)
+    table = np.arange(n_blocks, dtype=np.int32)
+    q = rng.standard_normal((1, n_heads * head_dim), dtype=np.float32)
+    out = np.zeros_like(q)
+    seq, pos = np.zeros(1, np.int32), np.array([depth], np.int32)
+    P = lambda a, t="float *": ptr(kern, a, t)   # noqa: E731
+    args = (P(out), n_heads * head_dim, P(q), n_heads * head_dim, P(kc), P(vc), P(table, "int32_t *"),
+            n_blocks, block_size, P(seq, "int32_t *"), P(pos, "int32_t *"), 1, n_heads, n_kv_heads,
+            head_dim, float(1 / np.sqrt(head_dim)), threads)
+    f = kern.lib.ifg_attention
+
+    def run():
+        f(*args)
+    kv_bytes = 2.0 * ctx * n_kv_heads * head_dim * 4
+    return Case(f"attention d{depth} {n_heads}/{n_kv_heads}x{head_dim}", run, bytes=kv_bytes,
+                flops=4.0 * ctx * n_heads * head_dim, keep=(kc, vc, table, q, out, seq, pos))
+
+
+def bandwidth_case(kern, mb: float = 256, threads: int = 0) -> Case:
+    """One read pass over an ``mb`` MiB f32 buffer (STREAM-like sum, ifg_read_sum)."""
+    n = int(mb * 2**20) // 4
+    if n < 64:
+        raise InfengError(f"bandwidth buffer of {mb} MiB is too small")
+    buf = np.ones(n, np.float32)            # touched: the pages exist before timing
+    p, f = ptr(kern, buf), kern.lib.ifg_read_sum
+
+    def run():
+        return f(p, n, threads)
+    return Case(f"read bandwidth {mb:g} MiB", run, bytes=float(buf.nbytes), keep=(buf,))
+
+
+def time_once(case: Case, min_time: float = 0.05, max_iters: int = 1000) -> float:
+    """Seconds per run(): one warm-up call, then as many calls as fit in ``min_time`` (at least 1)."""
+    case.run()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        case.run()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= max_iters:
+            return dt / n

@@ -1,0 +1,209 @@
+"""Peers run side by side with infeng in one bench run: llama.cpp (llama-cpp-python) and PyTorch
+eager. Both are optional; a missing one is skipped with a one-line note, never an error.
+
+Every runner (infeng's own in ``infeng.bench.suite`` and the peers here) answers the same three
+questions, each returning (tokens, seconds) for the part that is timed:
+
+    prefill(ids)               the prompt through the model once        → prefill tok/s
+    decode(ids, n)             n greedy tokens after the prompt         → decode tok/s (prefill excluded)
+    batch_decode(prompts, n)   n tokens for each prompt, all together   → aggregate decode tok/s
+
+The engine never imports these packages; only this module does, lazily.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+class PeerSkip(Exception):
+    """This peer cannot run here; the message says why, in one line."""
+
+
+def _import(name: str, hint: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise PeerSkip(hint) from None
+    except Exception as e:  # a broken install that raises something else
+        raise PeerSkip(f"{hint} (import failed: {type(e).__name__}: {e})") from None
+
+
+# ---- PyTorch eager ------------------------------------------------------------------------------
+class TorchPeer:
+    """A plain-torch Llama forward pass (no transformers) from the same weights, same threads.
+    bf16 models run in torch bf16; every other dtype runs in f32 (noted)."""
+    name = "torch"
+
+    def __init__(self, model, threads: int, max_ctx: int):
+        torch = self.torch = _import("torch", "PyTorch not installed (pip install torch==2.13.0, the CPU wheel)")
+        torch.set_num_threads(threads)
+        c = self.cfg = model.config
+        self.dtype = torch.bfloat16 if model.weight_dtype == "bf16" else torch.float32
+        self.note = "" if model.weight_dtype in ("bf16", "f32") else f"{model.weight_dtype} weights run as f32"
+
+        def t(name):      # read-only (mapped) arrays are fine: the peer never writes its weights
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(model.f32(name))).to(self.dtype)
+        self.emb = t("tok_embeddings")
+        self.out = self.emb if model.output_name == "tok_embeddings" else t(model.output_name)
+        self.norm = t("norm")
+        self.layers = []
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            self.layers.append({k: t(p + k) for k in
+                                ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")})
+        self.inv_freq = torch.from_numpy(np.asarray(c.inv_freq(), np.float32))
+        self.max_ctx = max_ctx
+
+    def _rms(self, x, w):
+        torch = self.torch
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(self.dtype) * w
+
+    def _rope(self, x, pos):
+        torch = self.torch
+        ang = pos.float()[:, None] * self.inv_freq[None, :]                 # [T, hd/2]
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[None, None]
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[None, None]
+        h = x.shape[-1] // 2
+        rot = torch.cat([-x[..., h:], x[..., :h]], -1)
+        return x * cos + rot * sin
+
+    def _cache(self, B):
+        c, torch = self.cfg, self.torch
+        shape = (c.n_layers, B, c.n_kv_heads, self.max_ctx, c.head_dim)
+        return torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+
+    def _forward(self, ids, start, kc, vc):
+        """ids [B, T] at positions start..start+T; returns last-position logits [B, vocab]."""
+        torch, c = self.torch, self.cfg
+        F = torch.nn.functional
+        B, T = ids.shape
+        pos = torch.arange(start, start + T)
+        x = self.emb[ids]
+        G = c.n_heads // c.n_kv_heads
+        for i, L in enumerate(self.layers):
+            h = self._rms(x, L["attn_norm"])
+            q = F.linear(h, L["wq"]).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+            k = F.linear(h, L["wk"]).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            v = F.linear(h, L["wv"]).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            kc[i, :, :, start:start + T] = k
+            vc[i, :, :, start:start + T] = v
+            K = kc[i, :, :, :start + T].repeat_interleave(G, dim=1)
+            V = vc[i, :, :, :start + T].repeat_interleave(G, dim=1)
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+                o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+            else:
+                o = F.scaled_dot_product_attention(q, K, V)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, -1), L["wo"])
+            h = self._rms(x, L["ffn_norm"])
+            x = x + F.linear(F.silu(F.linear(h, L["w_gate"])) * F.linear(h, L["w_up"]), L["w_down"])
+        return F.linear(self._rms(x[:, -1], self.norm), self.out)
+
+    def logits(self, ids) -> np.ndarray:
+        """Last-position logits of one prompt (for checking the peer against infeng)."""
+        torch = self.torch
+        with torch.inference_mode():
+            kc, vc = self._cache(1)
+            return self._forward(torch.tensor([list(ids)]), 0, kc, vc).float().numpy()[0]
+
+    def prefill(self, ids):
+        torch = self.torch
+        with torch.inference_mode():
+            kc, vc = self._cache(1)
+            t0 = time.perf_counter()
+            self._forward(torch.tensor([list(ids)]), 0, kc, vc)
+            return len(ids), time.perf_counter() - t0
+
+    def batch_decode(self, prompts, n):
+        torch = self.torch
+        with torch.inference_mode():
+            B, P = len(prompts), len(prompts[0])
+            kc, vc = self._cache(B)
+            nxt = self._forward(torch.tensor(prompts), 0, kc, vc).argmax(-1)
+            t0 = time.perf_counter()
+            for j in range(n - 1):
+                nxt = self._forward(nxt[:, None], P + j, kc, vc).argmax(-1)
+            return B * (n - 1), time.perf_counter() - t0
+
+    def decode(self, ids, n):
+        return self.batch_decode([list(ids)], n)
+
+    def close(self):
+        pass
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------
+class LlamaCppPeer:
+    """llama.cpp through llama-cpp-python, on a GGUF file of the same model: the suite's
+    ``gguf:`` file, else the model exported by infeng.converters.gguf_write (cached)."""
+    name = "llama.cpp"
+
+    def __init__(self, model, threads: int, max_ctx: int, gguf: str | Path | None = None, source=None,
+                 flash_attn: bool | None = None):
+        """``flash_attn``: None keeps llama.cpp's default; the peer names ``llama.cpp:fa=0`` and
+        ``llama.cpp:fa=1`` set it (its attention at depth differs a lot between the two)."""
+        if flash_attn is not None:
+            self.name = f"llama.cpp:fa={int(flash_attn)}"
+        llama_cpp = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
+        if not gguf:
+            from infeng.converters import gguf_write
+            from infeng.errors import InfengError
+            try:
+                gguf = gguf_write.export_cached(model, source)
+            except InfengError as e:
+                raise PeerSkip(f"llama.cpp needs the model as GGUF and the export failed: {e}") from None
+        if not Path(gguf).is_file():
+            raise PeerSkip(f"llama.cpp: GGUF file {gguf} not found")
+        self.n_ctx = max_ctx
+        kw = {} if flash_attn is None else {"flash_attn": bool(flash_attn)}
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=max_ctx, n_batch=512, logits_all=False, verbose=False, **kw)
+        self.note = ""
+
+    def prefill(self, ids):
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(list(ids))
+        return len(ids), time.perf_counter() - t0
+
+    def decode(self, ids, n):
+        llm = self.llm
+        llm.reset()
+        llm.eval(list(ids))
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return n - 1, time.perf_counter() - t0
+
+    def batch_decode(self, prompts, n):
+        if len(prompts) == 1:
+            return self.decode(prompts[0], n)
+        raise PeerSkip("llama.cpp: batched decode is not exposed by llama-cpp-python's high-level API")
+
+    def close(self):
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+PEERS = {"torch": TorchPeer, "llama.cpp": LlamaCppPeer, "llama.cpp:fa=0": LlamaCppPeer,
+         "llama.cpp:fa=1": LlamaCppPeer}
+
+
+def make_peer(name: str, model, threads: int, max_ctx: int, gguf=None, source=None):
+    """The named peer ready to run, or PeerSkip with the reason."""
+    if name not in PEERS:
+        raise PeerSkip(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
+    if name.startswith("llama.cpp"):
+        fa = None if name == "llama.cpp" else name.endswith("1")
+        return LlamaCppPeer(model, threads, max_ctx, gguf, source, flash_attn=fa)
+    return PEERS[name](model, threads, max_ctx)

@@ -1,0 +1,457 @@
+"""`infeng bench`: scenario suites (YAML under bench/), run side by side with peers, A B A B.
+
+A suite file:
+
+    model: tinyllama-1.1b     # a synthetic architecture (infeng.bench.synthetic) or a model path
+    dtype: bf16               # weight dtype of a synthetic model
+    threads: 2
+    repeats: 3                # each scenario runs this often per runner; the median is reported
+    peers: [llama.cpp, torch] # optional; a missing peer is skipped with a note
+    scenarios:
+      - {kind: bandwidth, mb: 256}                     # STREAM-like read test (GB/s)
+      - {kind: gemv, dtype: bf16, shape: 2048x5632}    # one kernel call (GB/s of weights, GFLOP/s)
+      - {kind: gemm, dtype: bf16, shape: 2048x5632, tokens: 128}
+      - {kind: attention, depth: 1024}                 # one decode token over depth positions
+      - {kind: prefill, tokens: 512}                   # pp512 (tok/s)
+      - {kind: decode, tokens: 128, depth: 1024}       # tg128 after a 1024-token prompt (tok/s)
+      - {kind: batch_decode, batch: 8, tokens: 32}     # aggregate tok/s of 8 sequences
+
+Every repeat runs infeng, then each peer, then infeng again (A B A B): drift on a shared machine
+hits all runners alike. Decode figures are also given as a percentage of the bandwidth roofline:
+bytes read per step (weights + the KV cache at the mean depth) ÷ step time ÷ the read bandwidth
+measured in the same run (a bandwidth scenario is added when the suite has none).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from infeng.bench import micro
+from infeng.bench.peers import PeerSkip, make_peer
+from infeng.errors import InfengError
+
+KINDS = ("bandwidth", "gemv", "gemm", "attention", "prefill", "decode", "batch_decode")
+E2E = ("prefill", "decode", "batch_decode")
+DEFAULT_BW_MB = 256
+
+
+@dataclass
+class Scenario:
+    kind: str
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        p = self.params
+        if self.kind == "prefill":
+            return f"pp{p['tokens']}"
+        if self.kind == "decode":
+            return f"tg{p['tokens']}@d{p.get('depth', 0)}"
+        if self.kind == "batch_decode":
+            return f"batch{p['batch']} tg{p['tokens']}"
+        if self.kind in ("gemv", "gemm"):
+            t = "" if self.kind == "gemv" else str(p.get("tokens", 128))
+            return f"{self.kind}{t} {p.get('dtype', 'bf16')} {p['shape']}"
+        if self.kind == "attention":
+            return f"attention@d{p['depth']}"
+        return f"bandwidth {float(p.get('mb', DEFAULT_BW_MB)):g}MiB"
+
+    @property
+    def unit(self) -> str:
+        return "GB/s" if self.kind in ("bandwidth", "gemv", "attention") else \
+               "GFLOP/s" if self.kind == "gemm" else "tok/s"
+
+
+@dataclass
+class Suite:
+    model: str = "tinyllama-1.1b"
+    dtype: str = "bf16"
+    threads: int = 2
+    repeats: int = 3
+    peers: list[str] = field(default_factory=list)
+    gguf: str | None = None
+    scenarios: list[Scenario] = field(default_factory=list)
+
+
+REQUIRED = {"gemv": ("shape",), "gemm": ("shape",), "attention": ("depth",), "prefill": ("tokens",),
+            "decode": ("tokens",), "batch_decode": ("batch", "tokens"), "bandwidth": ()}
+
+
+def load_suite(path: str | Path) -> Suite:
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise InfengError(f"{p}: no such suite file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InfengError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("scenarios"), list):
+        raise InfengError(f"{p}: a suite is a mapping with a `scenarios` list")
+    known = {"model", "dtype", "threads", "repeats", "peers", "gguf", "scenarios", "name"}
+    extra = set(d) - known
+    if extra:
+        raise InfengError(f"{p}: unknown key(s) {', '.join(sorted(extra))}")
+    s = Suite(**{k: v for k, v in d.items() if k in known - {"scenarios", "name"}})
+    s.peers = list(s.peers or [])
+    for i, sc in enumerate(d["scenarios"]):
+        if not isinstance(sc, dict) or sc.get("kind") not in KINDS:
+            raise InfengError(f"{p}: scenario {i + 1}: `kind` must be one of {', '.join(KINDS)}")
+        kind = sc["kind"]
+        params = {k: v for k, v in sc.items() if k != "kind"}
+        missing = [k for k in REQUIRED[kind] if k not in params]
+        if missing:
+            raise InfengError(f"{p}: scenario {i + 1} ({kind}) needs {', '.join(missing)}")
+        s.scenarios.append(Scenario(kind, params))
+    return s
+
+
+def resolve_model(model: str, dtype: str):
+    """A synthetic architecture name → its cached file; anything else is a path."""
+    from infeng.bench import synthetic
+    from infeng.model.loader import load_model
+    if model in synthetic.ARCHS:
+        path = synthetic.make(model, dtype)
+        return load_model(path, verify=False), f"synthetic:{model}:{dtype}", path
+    if not Path(model).exists():
+        raise InfengError(f"model {model!r} is neither a file/folder nor a synthetic architecture "
+                          f"({', '.join(sorted(synthetic.ARCHS))})")
+    return load_model(model, verify=False), str(model), Path(model)
+
+
+# ---- infeng as a runner ----------------------------------------------------------------------------
+class InfengRunner:
+    """The same three questions the peers answer, through the Engine (prefix cache off, so a
+    repeat never reuses an earlier repeat's K/V)."""
+    name = "infeng"
+    note = ""
+
+    def __init__(self, model, threads: int, isa: str | None = None):
+        self.model, self.threads, self.isa = model, threads, isa
+        self._engines: dict[tuple[int, int], Any] = {}
+        self.last_overhead_us: float | None = None
+
+    def engine(self, batch: int, ctx: int):
+        from infeng.runtime.engine import Engine
+        ctx = min(self.model.config.max_seq_len, max(16, -(-ctx // 16) * 16))
+        key = (batch, ctx)
+        if key not in self._engines:
+            self._engines.clear()                       # one KV pool at a time
+            self._engines[key] = Engine(self.model, threads=self.threads, max_batch=batch,
+                                        max_batch_tokens=max(512, batch), max_seq_len=ctx, isa=self.isa,
+                                        detokenize=False, prefix_cache=False)
+        return self._engines[key]
+
+    def _run(self, prompts, n):
+        from infeng.runtime.engine import Request, StepStats
+        from infeng.runtime.sampler import SamplingParams
+        eng = self.engine(len(prompts), max(len(p) for p in prompts) + n)
+        eng.stats = StepStats()
+        reqs = [Request(id=str(i), prompt_ids=list(p),
+                        params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+        for r in eng.generate(reqs):
+            if isinstance(r, tuple):
+                raise InfengError(str(r[1]))
+        return eng.stats
+
+    def prefill(self, ids):
+        st = self._run([ids], 1)
+        return st.prefill_tokens, st.prefill_s
+
+    def batch_decode(self, prompts, n):
+        st = self._run(prompts, n)
+        self.last_overhead_us = (st.step_s - st.c_s) / max(st.decode_tokens, 1) * 1e6
+        return st.decode_tokens, st.decode_s
+
+    def decode(self, ids, n):
+        return self.batch_decode([ids], n)
+
+    def close(self):
+        self._engines.clear()
+
+
+# ---- roofline ---------------------------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every tensor but the embedding table (one row of it
+    is read), which counts only when it doubles as the output matrix."""
+    total = 0
+    for name, (_, arr) in model.tensors.items():
+        if name == "tok_embeddings" and model.output_name != "tok_embeddings":
+            continue
+        total += arr.nbytes
+    return total
+
+
+def kv_bytes_per_position(model) -> int:
+    c = model.config
+    return 2 * c.n_layers * c.kv_dim * 4          # K and V, f32
+
+
+def decode_step_bytes(model, batch: int, mean_ctx: float) -> float:
+    return weight_bytes(model) + batch * mean_ctx * kv_bytes_per_position(model)
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    scenario: Scenario
+    runner: str
+    values: list[float] = field(default_factory=list)      # one figure per repeat (unit: scenario.unit)
+    seconds: list[float] = field(default_factory=list)
+    skipped: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+
+def _prompt(vocab: int, n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [1] + rng.integers(3, vocab, max(n, 1) - 1).tolist()
+
+
+def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], None] | None = None,
+              notes: list[str] | None = None, peer_factory=make_peer) -> tuple[list[Result], dict[str, Any]]:
+    """Run every scenario ``suite.repeats`` times per runner, alternating runners. Returns the
+    results and meta (model, threads, ISA, bandwidth, notes)."""
+    from infeng import kernels
+    notes = notes if notes is not None else []
+    kern = kernels.load(isa) if isa else kernels.active()
+    isa_name = kern.ffi.string(kern.lib.ifg_isa()).decode()
+    threads = suite.threads
+    e2e = [s for s in suite.scenarios if s.kind in E2E]
+    model, model_label, model_path = (resolve_model(suite.model, suite.dtype) if e2e else (None, "-", None))
+    scenarios = list(suite.scenarios)
+    if any(s.kind in ("decode", "batch_decode") for s in scenarios) and not any(s.kind == "bandwidth" for s in scenarios):
+        scenarios.insert(0, Scenario("bandwidth", {"mb": DEFAULT_BW_MB}))
+    vocab = model.config.vocab_size if model is not None else 0
+    max_ctx = 0
+    for s in e2e:
+        p = s.params
+        need = (p.get("depth", 0) + p["tokens"]) if s.kind == "decode" else \
+               (16 + p["tokens"]) if s.kind == "batch_decode" else p["tokens"]
+        if need > model.config.max_seq_len:
+            raise InfengError(f"scenario {s.name} needs {need} positions; the model has {model.config.max_seq_len}")
+        max_ctx = max(max_ctx, need + 1)
+
+    runners: list[Any] = []
+    if model is not None:
+        runners.append(InfengRunner(model, threads, isa))
+        for name in suite.peers:
+            try:
+                runners.append(peer_factory(name, model, threads, max_ctx, suite.gguf, model_path))
+            except PeerSkip as e:
+                notes.append(f"peer {name} skipped: {e}")
+                continue
+            if runners[-1].note:
+                notes.append(f"peer {name}: {runners[-1].note}")
+    results: list[Result] = []
+    for s in scenarios:
+        p = s.params
+        if s.kind not in E2E:
+            r = Result(s, "infeng")
+            case = _micro_case(kern, s, threads)
+            for _ in range(suite.repeats):
+                dt = micro.time_once(case, min_time=float(p.get("min_time", 0.2)))
+                r.seconds.append(dt)
+                r.values.append((case.flops if s.kind == "gemm" else case.bytes) / dt / 1e9)
+                if s.kind in ("gemv", "attention"):
+                    r.extra.setdefault("gflop_s", []).append(case.flops / dt / 1e9)
+                if on_step:
+                    on_step(s.name)
+            r.extra = {k: statistics.median(v) for k, v in r.extra.items()}
+            results.append(r)
+            continue
+        rs = {id(x): Result(s, x.name) for x in runners}
+        for rep in range(suite.repeats):
+            for x in runners:
+                res = rs[id(x)]
+                if res.skipped:
+                    continue
+                try:
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    tokens, dt = _e2e(x, s, vocab, seed=rep)
+                    res.extra.setdefault("cpu_utilisation", []).append(
+                        (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9) / threads)
+                except PeerSkip as e:
+                    res.skipped = str(e)
+                    notes.append(f"{x.name} skipped {s.name}: {e}")
+                    continue
+                res.values.append(tokens / dt)
+                res.seconds.append(dt)
+                if x.name == "infeng" and s.kind != "prefill" and x.last_overhead_us is not None:
+                    res.extra.setdefault("py_overhead_us_per_tok", []).append(x.last_overhead_us)
+                if on_step:
+                    on_step(s.name)
+        for x in runners:
+            res = rs[id(x)]
+            res.extra = {k: statistics.median(v) for k, v in res.extra.items()}
+            results.append(res)
+    for x in runners:
+        x.close()
+    busy = [r for r in results if r.runner == "infeng" and r.extra.get("cpu_utilisation", 1.0) < 0.6]
+    if busy:
+        notes.append(f"CPU utilisation was {min(r.extra['cpu_utilisation'] for r in busy):.0%} of {threads} threads "
+                     f"in {', '.join(r.scenario.name for r in busy)}: the cores are shared with other work, "
+                     f"so absolute figures are noise (ratios of the same run less so)")
+    bw = next((r.median for r in results if r.scenario.kind == "bandwidth"), None)
+    if model is not None and bw:
+        for r in results:
+            if r.scenario.kind in ("decode", "batch_decode") and r.values:
+                p = r.scenario.params
+                batch = p.get("batch", 1)
+                mean_ctx = (p.get("depth", 0) if r.scenario.kind == "decode" else 16) + p["tokens"] / 2
+                step_s = batch / r.median
+                r.extra["roofline_pct"] = 100.0 * decode_step_bytes(model, batch, mean_ctx) / step_s / (bw * 1e9)
+    meta = {"model": model_label, "threads": threads, "isa": isa_name, "repeats": suite.repeats,
+            "peers": [x.name for x in runners[1:]], "bandwidth_gb_s": bw, "notes": notes}
+    if model is not None:
+        meta["weight_dtype"] = model.weight_dtype
+        meta["weight_bytes"] = weight_bytes(model)
+    return results, meta
+
+
+def steps_total(suite: Suite) -> int:
+    """Progress-bar length: runs per scenario (peers counted as if they all run)."""
+    n = 0
+    e2e_runners = 1 + len(suite.peers)
+    for s in suite.scenarios:
+        n += suite.repeats * (e2e_runners if s.kind in E2E else 1)
+    if any(s.kind in ("decode", "batch_decode") for s in suite.scenarios) and \
+            not any(s.kind == "bandwidth" for s in suite.scenarios):
+        n += suite.repeats
+    return n
+
+
+def _micro_case(kern, s: Scenario, threads: int) -> micro.Case:
+    p = s.params
+    if s.kind == "bandwidth":
+        return micro.bandwidth_case(kern, float(p.get("mb", DEFAULT_BW_MB)), threads)
+    if s.kind in ("gemv", "gemm"):
+        return micro.matmul_case(kern, p.get("dtype", "bf16"), p["shape"],
+                                 1 if s.kind == "gemv" else int(p.get("tokens", 128)), threads)
+    return micro.attention_case(kern, int(p["depth"]), int(p.get("n_heads", 32)), int(p.get("n_kv_heads", 4)),
+                                int(p.get("head_dim", 64)), threads=threads)
+
+
+def _e2e(runner, s: Scenario, vocab: int, seed: int):
+    p = s.params
+    if s.kind == "prefill":
+        return runner.prefill(_prompt(vocab, p["tokens"], seed))
+    if s.kind == "decode":
+        return runner.decode(_prompt(vocab, max(1, p.get("depth", 0)), seed), p["tokens"])
+    prompts = [_prompt(vocab, 16, 100 * seed + i) for i in range(p["batch"])]
+    return runner.batch_decode(prompts, p["tokens"])
+
+
+# ---- reporting ----------------------------------------------------------------------------------------
+def to_run(results: list[Result], meta: dict[str, Any], command: str = "bench"):
+    """The results in the telemetry schema: one record per (scenario, runner), metrics by name."""
+    from infeng.telemetry import Run
+    run = Run(command, meta=dict(meta))
+    base = {r.scenario.name: r.median for r in results if r.runner == "infeng"}
+    for r in results:
+        rec = {"scenario": r.scenario.name, "kind": r.scenario.kind, "runner": r.runner,
+               "unit": r.scenario.unit, "median": r.median, "values": list(r.values),
+               "seconds": list(r.seconds), "params": dict(r.scenario.params)}
+        if r.skipped:
+            rec["skipped"] = r.skipped
+        if r.runner != "infeng" and r.values and base.get(r.scenario.name):
+            rec["infeng_over_peer"] = base[r.scenario.name] / r.median
+        rec.update(r.extra)
+        run.records.append(rec)
+        if r.values:
+            key = _metric_key(r.scenario.name)
+            suffix = {"GB/s": "gb_s", "GFLOP/s": "gflop_s", "tok/s": "tok_s"}[r.scenario.unit]
+            run.metrics[f"{key}.{_metric_key(r.runner)}_{suffix}"] = r.median
+            if "roofline_pct" in r.extra:
+                run.metrics[f"{key}.{_metric_key(r.runner)}_roofline_pct"] = r.extra["roofline_pct"]
+            if "infeng_over_peer" in rec:
+                run.metrics[f"{key}.infeng_over_{_metric_key(r.runner)}"] = rec["infeng_over_peer"]
+    if meta.get("bandwidth_gb_s"):
+        run.metrics["read_bandwidth_gb_s"] = meta["bandwidth_gb_s"]
+    return run
+
+
+def _metric_key(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s).strip("_")
+
+
+def table(results: list[Result], meta: dict[str, Any]):
+    """A rich table: one row per scenario; infeng, each peer, infeng ÷ peer, % of roofline."""
+    from rich.table import Table
+    peers = list(meta.get("peers", []))
+    t = Table(title=f"infeng bench · {meta.get('model')} · {meta.get('threads')} threads · {meta.get('isa')}",
+              header_style="bold")
+    roof = any("roofline_pct" in r.extra for r in results)
+    py = any("py_overhead_us_per_tok" in r.extra for r in results)
+    for col in ["scenario", "unit", "infeng"] + peers + [f"× {p}" for p in peers] + \
+            (["% roofline"] if roof else []) + (["py µs/tok"] if py else []):
+        t.add_column(col, justify="left" if col == "scenario" else "right")
+    by = {}
+    order = []
+    for r in results:
+        if r.scenario.name not in by:
+            order.append(r.scenario.name)
+        by.setdefault(r.scenario.name, {})[r.runner] = r
+    for name in order:
+        row = by[name]
+        me = row.get("infeng")
+        unit = me.scenario.unit if me else next(iter(row.values())).scenario.unit
+        cells = [name, unit, _f(me.median) if me else "–"]
+        ratios = []
+        for p in peers:
+            pr = row.get(p)
+            if pr is None or not pr.values:
+                cells.append("skip" if pr is not None else "–")
+                ratios.append("–")
+            else:
+                cells.append(_f(pr.median))
+                ratios.append(f"{me.median / pr.median:.2f}×" if me and me.values else "–")
+        cells += ratios
+        if roof:
+            cells.append(f"{me.extra['roofline_pct']:.0f}%" if me and "roofline_pct" in me.extra else "")
+        if py:
+            cells.append(f"{me.extra['py_overhead_us_per_tok']:.0f}" if me and "py_overhead_us_per_tok" in me.extra else "")
+        t.add_row(*cells)
+    return t
+
+
+def _f(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def plot(results: list[Result], path: str | Path) -> str | None:
+    """A PNG bar chart of the end-to-end tok/s per scenario and runner. Returns a note (and
+    writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib not installed (pip install -e '.[bench]')"
+    rows = [r for r in results if r.scenario.unit == "tok/s" and r.values]
+    names = list(dict.fromkeys(r.scenario.name for r in rows))
+    runners = list(dict.fromkeys(r.runner for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * max(1, len(runners))), 4))
+    w = 0.8 / max(1, len(runners))
+    for j, who in enumerate(runners):
+        vals = [next((r.median for r in rows if r.scenario.name == n and r.runner == who), 0.0) for n in names]
+        ax.bar([i + j * w for i in range(len(names))], vals, w, label=who)
+    ax.set_xticks([i + w * (len(runners) - 1) / 2 for i in range(len(names))], names, rotation=20)
+    ax.set_ylabel("tok/s")
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    import os
+    os.replace(tmp, path)
+    return None

@@ -1,0 +1,98 @@
+"""`infeng bench`: a scenario suite, or one kernel micro-benchmark, side by side with peers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from infeng.errors import InfengError
+
+
+def bench(
+    suite_path: Optional[Path] = typer.Option(None, "--suite", help="scenario suite (YAML), e.g. bench/decode.yaml"),
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="one micro-benchmark: gemv | gemm | attention | bandwidth"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="weight dtype: for --kernel gemv/gemm (default bf16), and of a synthetic model"),
+    shape: str = typer.Option("2048x5632", "--shape", help="weight ROWSxCOLS for --kernel gemv/gemm"),
+    tokens: int = typer.Option(128, "--tokens", help="rows of x for --kernel gemm"),
+    depth: int = typer.Option(1024, "--depth", help="cached positions for --kernel attention"),
+    mb: float = typer.Option(256, "--mb", help="buffer MiB for --kernel bandwidth"),
+    model: Optional[str] = typer.Option(None, "--model", help="model for the suite: a synthetic architecture or a path"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads [default: the suite's, else physical cores]"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="repeats per scenario and runner (median reported)"),
+    peer: Optional[List[str]] = typer.Option(None, "--peer", help="peer to run alongside: llama.cpp, llama.cpp:fa=0, llama.cpp:fa=1, torch (repeatable)"),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF file of the same model for the llama.cpp peer"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write results (telemetry schema) as JSON"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="write results (telemetry schema) as CSV"),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of tok/s per scenario and runner"),
+):
+    """Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth roofline."""
+    from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+    from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
+    from infeng.runtime.engine import default_threads
+    from infeng.telemetry import progress, stderr_console
+
+    if (suite_path is None) == (kernel is None):
+        raise InfengError("give --suite FILE.yaml or --kernel NAME (one of them)")
+    for flag, out, sfx in (("--json", json_out, ".json"), ("--csv", csv_out, ".csv"), ("--plot", plot_out, ".png")):
+        if out is not None:
+            if out.suffix.lower() != sfx:
+                raise InfengError(f"{flag} {out}: suffix must be {sfx}")
+            if not out.parent.is_dir():
+                raise InfengError(f"{out.parent}: no such directory (for {out.name})")
+    if threads is not None and threads < 1:
+        raise InfengError(f"--threads must be >= 1, got {threads}")
+    if repeats is not None and repeats < 1:
+        raise InfengError(f"--repeats must be >= 1, got {repeats}")
+
+    if suite_path is not None:
+        suite = load_suite(suite_path)
+    else:
+        kd = dtype or "bf16"
+        kinds = {"gemv": {"dtype": kd, "shape": shape}, "gemm": {"dtype": kd, "shape": shape, "tokens": tokens},
+                 "attention": {"depth": depth}, "bandwidth": {"mb": mb}}
+        if kernel not in kinds:
+            raise InfengError(f"--kernel {kernel!r}: one of {', '.join(kinds)}")
+        suite = Suite(scenarios=[Scenario(kernel, kinds[kernel])], threads=0)
+    if model is not None:
+        suite.model = model
+    if dtype is not None:
+        suite.dtype = dtype
+    if threads is not None:
+        suite.threads = threads
+    if not suite.threads:
+        suite.threads = default_threads()
+    if repeats is not None:
+        suite.repeats = repeats
+    if peer:
+        suite.peers = list(dict.fromkeys(peer))
+    if gguf is not None:
+        suite.gguf = str(gguf)
+
+    console = stderr_console()
+    notes: list[str] = []
+    with progress("benchmarking", MofNCompleteColumn(), TextColumnSafe(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("bench", total=steps_total(suite), what="")
+        results, meta = run_suite(suite, notes=notes, on_step=lambda name: bar.update(task, advance=1, what=name))
+    from rich.markup import escape
+    for n in notes:
+        console.print(f"[yellow]note:[/] {escape(n)}")
+    console.print(table(results, meta))
+    run = to_run(results, meta)
+    if plot_out is not None:
+        msg = plot(results, plot_out)
+        if msg:
+            console.print(f"[yellow]note:[/] {escape(msg)}")
+    for out in (json_out, csv_out):
+        if out is not None:
+            run.write(out)
+
+
+def TextColumnSafe():
+    from rich.progress import TextColumn
+    return TextColumn("{task.fields[what]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,90 @@
+"""`infeng quantize`: native (or HF) f32/bf16/f16 model → q8_0 / q4_0 native model."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from infeng import format as native
+from infeng.errors import InfengError
+from infeng.model.loader import Model, load_model
+from infeng.quant import policy as q
+from infeng.telemetry import Run, progress, stderr_console
+
+
+def quantize(
+    src: Path = typer.Argument(..., help="model to quantize (.infeng file or Hugging Face folder), f32/bf16/f16"),
+    output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng)"),
+    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0 (or bf16, f16, f32)"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
+    telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
+):
+    """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 blocks)."""
+    run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
+                                "policy": str(policy) if policy else None})
+    t0 = time.perf_counter()
+    q.check_type(qtype, "--type")
+    pol = q.load_policy(policy) if policy else q.Policy()
+    if output.exists() and output.is_dir():
+        raise InfengError(f"{output}: is a directory")
+    if not output.parent.is_dir():
+        raise InfengError(f"{output.parent}: no such directory")
+    if output.resolve() == src.resolve():
+        raise InfengError(f"{output}: is the source model; write to another file")
+    with run.span("read"):
+        model = load_model(src)
+    items = q.plan(model.tensors, qtype, pol, source=str(src))
+    total = sum(math.prod(it.shape) for it in items)
+    with progress("quantizing") as bar, run.span("quantize"):
+        task = bar.add_task("quantize", total=total)
+        tensors = q.quantize_tensors(model.tensors, items, progress=lambda name, n: bar.advance(task, n))
+    out = model.derived(tensors)
+    nt = out.native_tensors()
+    with progress("writing") as bar, run.span("write"):
+        task = bar.add_task("write", total=sum(t.data.nbytes for t in nt))
+        native.write(output, out.manifest(), nt, progress=lambda name, n: bar.advance(task, n))
+    rows, totals = q.summary(items)
+    size = output.stat().st_size
+    run.records = [{"tensor": it.name, "shape": list(it.shape), "source_dtype": it.src, "dtype": it.dtype,
+                    "rule": it.rule, "fallback": it.fallback} for it in items]
+    run.metrics.update({"tensors": len(items), "fallbacks": sum(it.fallback for it in items),
+                        "params": total, "bits_per_weight": totals["bits_per_weight"],
+                        "bits_per_weight_matrices": totals["bits_per_weight_matrices"],
+                        "file_mb": size / 2**20, "source_mb": _size_mb(src), "seconds": time.perf_counter() - t0})
+    _print(rows, items, run, src, output, pol)
+    if telemetry:
+        run.write(telemetry)
+
+
+def _size_mb(p: Path) -> float:
+    if p.is_file():
+        return p.stat().st_size / 2**20
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20
+
+
+def _print(rows, items, run: Run, src: Path, output: Path, pol: q.Policy) -> None:
+    from rich.table import Table
+    t = Table(title=f"quantized {src} → {output}", header_style="bold")
+    for c in ("type", "tensors", "params", "bits/weight", "fallbacks"):
+        t.add_column(c, justify="left" if c == "type" else "right")
+    for r in sorted(rows, key=lambda r: -r["params"]):
+        t.add_row(r["type"], str(r["tensors"]), f"{r['params']:,}", f"{q.BITS[r['type']]:.2f}",
+                  str(r["fallbacks"]) if r["fallbacks"] else "")
+    m = run.metrics
+    t.add_row("[bold]total", str(m["tensors"]), f"{m['params']:,}", f"{m['bits_per_weight']:.2f}",
+              str(m["fallbacks"]) if m["fallbacks"] else "")
+    con = stderr_console()
+    con.print(t)
+    fb = [it for it in items if it.fallback]
+    if fb:
+        names = ", ".join(it.name for it in fb[:6]) + (", …" if len(fb) > 6 else "")
+        con.print(f"fallback to {pol.fallback} (rows of {fb[0].shape[-1]} are not a multiple of 32): {names}")
+    con.print(f"file {m['file_mb']:.2f} MiB (source {m['source_mb']:.2f} MiB), "
+              f"{m['bits_per_weight_matrices']:.2f} bits/weight over the matrices, {m['seconds']:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)

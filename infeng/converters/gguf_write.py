@@ -1,0 +1,230 @@
+"""A minimal GGUF (v3) writer for Llama models, so llama.cpp can run the same weights as infeng
+side by side (``infeng bench --peer llama.cpp``).
+
+Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 whose 32-blocks are byte-compatible
+with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
+GGML's interleaved one (as llama.cpp's own converter does). The vocabulary is written as a
+SentencePiece-style ("llama") vocabulary from the model's tokenizer.json: token text by id,
+score -id, types normal / unknown / control / byte. Llama-3 RoPE scaling is not exported (the
+``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE — fine for speed, not
+for its numbers. This is the bench's exporter, not ``infeng convert``'s (another issue).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from infeng.errors import InfengError
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+ALIGN = 32
+GGML_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}
+# metadata value types
+U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
+
+NAMES = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+         "wo": "attn_output", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
+def gguf_name(name: str) -> str:
+    if name == "tok_embeddings":
+        return "token_embd.weight"
+    if name == "norm":
+        return "output_norm.weight"
+    if name == "output":
+        return "output.weight"
+    _, i, w = name.split(".")
+    return f"blk.{i}.{NAMES[w]}.weight"
+
+
+def _str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: str, vtype: int, value) -> bytes:
+    out = _str(key) + struct.pack("<I", vtype)
+    if vtype == STR:
+        return out + _str(value)
+    if vtype == ARR:
+        etype, items = value
+        out += struct.pack("<IQ", etype, len(items))
+        if etype == STR:
+            return out + b"".join(_str(x) for x in items)
+        fmt = {U32: "I", I32: "i", F32: "f"}[etype]
+        return out + struct.pack(f"<{len(items)}{fmt}", *items)
+    fmt = {U32: "<I", I32: "<i", F32: "<f", BOOL: "<?", U64: "<Q"}[vtype]
+    return out + struct.pack(fmt, value)
+
+
+def _permute_rope(arr: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of wq/wk from HF rotate-half order to GGML's interleaved pairs (per head)."""
+    rows = arr.shape[0]
+    return np.ascontiguousarray(arr.reshape(n_heads, 2, rows // n_heads // 2, *arr.shape[1:])
+                                .swapaxes(1, 2).reshape(arr.shape))
+
+
+def _vocab(model) -> list[tuple]:
+    tok = json.loads(model.tokenizer["json"])
+    m = tok.get("model", {})
+    if m.get("type") != "BPE" or not isinstance(m.get("vocab"), dict):
+        raise InfengError("GGUF export: only SentencePiece-style BPE tokenizers (Llama 1/2, TinyLlama) are supported")
+    by_id: dict[int, str] = {i: t for t, i in m["vocab"].items()}
+    special = {a["id"]: a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
+    by_id.update(special)
+    n = model.config.vocab_size
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        t = by_id.get(i, f"<unused{i}>")
+        tokens.append(t)
+        scores.append(-float(i))
+        if t == m.get("unk_token", "<unk>"):
+            types.append(2)
+        elif i in special:
+            types.append(3)
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(6)
+        else:
+            types.append(1)
+    return tokens, scores, types
+
+
+def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
+    """Write ``model`` (an infeng Model) as a GGUF file (temporary name, then rename)."""
+    c = model.config
+    dtype = model.weight_dtype
+    if dtype not in FILE_TYPE:
+        raise InfengError(f"GGUF export: weight dtype {dtype} has no GGUF equivalent")
+    tokens, scores, types = _vocab(model)
+    kvs = [
+        _kv("general.architecture", STR, "llama"),
+        _kv("general.name", STR, name),
+        _kv("general.alignment", U32, ALIGN),
+        _kv("general.file_type", U32, FILE_TYPE[dtype]),
+        _kv("llama.context_length", U32, c.max_seq_len),
+        _kv("llama.embedding_length", U32, c.dim),
+        _kv("llama.block_count", U32, c.n_layers),
+        _kv("llama.feed_forward_length", U32, c.hidden_dim),
+        _kv("llama.rope.dimension_count", U32, c.head_dim),
+        _kv("llama.attention.head_count", U32, c.n_heads),
+        _kv("llama.attention.head_count_kv", U32, c.n_kv_heads),
+        _kv("llama.attention.key_length", U32, c.head_dim),
+        _kv("llama.attention.value_length", U32, c.head_dim),
+        _kv("llama.attention.layer_norm_rms_epsilon", F32, float(c.norm_eps)),
+        _kv("llama.rope.freq_base", F32, float(c.rope_theta)),
+        _kv("llama.vocab_size", U32, c.vocab_size),
+        _kv("tokenizer.ggml.model", STR, "llama"),
+        _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
+        _kv("tokenizer.ggml.scores", ARR, (F32, scores)),
+        _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
+        _kv("tokenizer.ggml.add_bos_token", BOOL, bool(model.tokenizer.get("add_bos", True))),
+    ]
+    if c.bos_id is not None:
+        kvs.append(_kv("tokenizer.ggml.bos_token_id", U32, int(c.bos_id)))
+    if c.eos_ids:
+        kvs.append(_kv("tokenizer.ggml.eos_token_id", U32, int(c.eos_ids[0])))
+
+    names = ["tok_embeddings", "norm"] + ([] if model.output_name == "tok_embeddings" else ["output"])
+    for i in range(c.n_layers):
+        names += [f"layers.{i}.{w}" for w in NAMES]
+    from infeng import format as native
+    infos, datas, off = [], [], 0
+    for n in names:
+        dt, arr = model.tensors[n]
+        if dt not in GGML_TYPE:
+            raise InfengError(f"GGUF export: tensor {n} has dtype {dt} with no GGUF equivalent")
+        shape = native.logical_shape(dt, arr.shape)
+        if n.endswith(".wq"):
+            arr = _permute_rope(arr, c.n_heads)
+        elif n.endswith(".wk"):
+            arr = _permute_rope(arr, c.n_kv_heads)
+        dims = list(reversed(shape))                     # GGML: ne[0] is the innermost (row) length
+        infos.append(_str(gguf_name(n)) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+                     + struct.pack("<IQ", GGML_TYPE[dt], off))
+        datas.append(arr)
+        off += -(-arr.nbytes // ALIGN) * ALIGN
+    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(b"\0" * (-len(header) % ALIGN))
+            for arr in datas:
+                mv = memoryview(np.ascontiguousarray(arr)).cast("B")
+                f.write(mv)
+                f.write(b"\0" * (-len(mv) % ALIGN))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a GGUF file: tensors map name → (ggml type, dims, absolute offset).
+    Enough to check what ``write_gguf`` wrote."""
+    raw = Path(path).read_bytes()
+    if raw[:4] != GGUF_MAGIC:
+        raise InfengError(f"{path}: not a GGUF file")
+    pos = 4
+    version, n_t, n_kv = struct.unpack_from("<IQQ", raw, pos)
+    pos += 20
+
+    def rstr():
+        nonlocal pos
+        (ln,) = struct.unpack_from("<Q", raw, pos)
+        s = raw[pos + 8:pos + 8 + ln].decode("utf-8")
+        pos += 8 + ln
+        return s
+
+    def rval(t):
+        nonlocal pos
+        if t == STR:
+            return rstr()
+        if t == ARR:
+            et, ln = struct.unpack_from("<IQ", raw, pos)
+            pos += 12
+            return [rval(et) for _ in range(ln)]
+        fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?", U64: "<Q",
+               11: "<q", 12: "<d"}[t]
+        (v,) = struct.unpack_from(fmt, raw, pos)
+        pos += struct.calcsize(fmt)
+        return v
+    meta = {"version": version}
+    for _ in range(n_kv):
+        k = rstr()
+        (t,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        meta[k] = rval(t)
+    tensors = {}
+    for _ in range(n_t):
+        name = rstr()
+        (nd,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        dims = struct.unpack_from(f"<{nd}Q", raw, pos)
+        pos += 8 * nd
+        t, off = struct.unpack_from("<IQ", raw, pos)
+        pos += 12
+        tensors[name] = (t, list(dims), off)
+    data_start = pos + (-pos % meta.get("general.alignment", ALIGN))
+    return meta, {k: (t, d, data_start + o) for k, (t, d, o) in tensors.items()}
+
+
+def export_cached(model, source: str | Path | None = None) -> Path:
+    """The model as GGUF in the synthetic-model cache (written once, reused while the source
+    file is older than it)."""
+    from infeng.bench.synthetic import cache_dir
+    src = Path(source or model.source or "model")
+    stem = src.name.replace(".infeng", "") or "model"
+    out = cache_dir().parent / "gguf" / f"{stem}-{model.weight_dtype}.gguf"
+    if out.exists() and (not src.exists() or out.stat().st_mtime >= src.stat().st_mtime):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_gguf(model, out, name=stem)

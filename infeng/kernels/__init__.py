@@ -1,0 +1,72 @@
+"""The C kernel library, one build per ISA, chosen once at import.
+
+Each variant is scored by what it needs from the CPU (ggml's idea): the best variant whose
+requirements the CPU meets wins. ``INFENG_ISA=scalar|avx2|avx512`` forces one and fails
+clearly when the CPU cannot run it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from infeng.errors import InfengError
+
+ISAS = ("scalar", "avx2", "avx512")  # in increasing order of preference
+REQUIRES = {
+    "scalar": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+               "avx512bf16", "avx512vnni"),
+}
+
+
+def _module(isa: str):
+    try:
+        return importlib.import_module(f"infeng.kernels._infeng_{isa}")
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise InfengError(f"kernel library for {isa} is not built ({e}); run `pip install -e .`") from e
+
+
+def cpu_features() -> dict[str, bool]:
+    m = _module("scalar")
+    c = m.ffi.new("struct ifg_cpu *")
+    m.lib.ifg_cpu_detect(c)
+    return {name: bool(getattr(c, name)) for name, _ in m.ffi.typeof(c[0]).fields}
+
+
+def supported_isas() -> list[str]:
+    feats = cpu_features()
+    return [isa for isa in ISAS if all(feats[f] for f in REQUIRES[isa])]
+
+
+def _choose(forced: str | None) -> str:
+    ok = supported_isas()
+    if forced:
+        if forced not in ISAS:
+            raise InfengError(f"INFENG_ISA={forced!r} is not one of {', '.join(ISAS)}")
+        if forced not in ok:
+            missing = [f for f in REQUIRES[forced] if not cpu_features()[f]]
+            raise InfengError(f"INFENG_ISA={forced} needs CPU features this machine lacks: {', '.join(missing)}")
+        return forced
+    return ok[-1]
+
+
+def load(isa: str | None = None):
+    """The cffi module (``.ffi``, ``.lib``) of one variant: the forced or the best one."""
+    return _module(_choose(isa or os.environ.get("INFENG_ISA") or None))
+
+
+_active = None
+
+
+def active():
+    """The variant chosen for this process (cached)."""
+    global _active
+    if _active is None:
+        _active = load()
+    return _active
+
+
+def ptr(mod, arr, ctype: str = "float *"):
+    """A C pointer to a numpy array's buffer (no copy; read-only buffers are accepted)."""
+    return mod.ffi.cast(ctype, mod.ffi.from_buffer(arr))

@@ -1,0 +1,118 @@
+"""A loaded model: config, weights (views of a mapped file), tokenizer and generation defaults.
+
+``load_model`` takes a native .infeng file or a Hugging Face folder; both give the same ``Model``
+(an HF folder is converted in memory, without copying unless a dtype must change).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infeng import format as native
+from infeng.converters import hf
+from infeng.errors import InfengError
+from infeng.model.config import ModelConfig
+from infeng.quant import QTYPES, dequantize
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclass
+class Model:
+    config: ModelConfig
+    tensors: dict[str, tuple[str, np.ndarray]]  # native name → (dtype label, storage array)
+    tokenizer: dict[str, Any]                   # {"json": str, "add_bos": bool, "chat_template": str|None}
+    generation: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    lineage: tuple[str, ...] = ()               # identities of the models this one was derived from
+    _identity: str | None = field(default=None, repr=False, compare=False)
+
+    def weight(self, name: str) -> tuple[str, np.ndarray]:
+        return self.tensors[name]
+
+    def f32(self, name: str) -> np.ndarray:
+        dtype, arr = self.tensors[name]
+        return to_f32(arr, dtype)
+
+    @property
+    def output_name(self) -> str:
+        return "tok_embeddings" if self.config.tie_embeddings else "output"
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype of the layer matrices (for summaries)."""
+        return self.tensors["layers.0.wq"][0]
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": "model", "config": self.config.to_dict(), "tokenizer": self.tokenizer,
+                "generation": self.generation, "source": self.source, "lineage": list(self.lineage)}
+
+    def identity(self) -> str:
+        """sha256 of the config and of each tensor's name, dtype, shape and crc32 (cached)."""
+        if self._identity is None:
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for name in sorted(self.tensors):
+                dtype, arr = self.tensors[name]
+                crc = zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
+                h.update(f"{name}|{dtype}|{list(arr.shape)}|{crc:08x}\n".encode())
+            self._identity = h.hexdigest()
+        return self._identity
+
+    def derived(self, tensors: dict[str, tuple[str, np.ndarray]]) -> "Model":
+        """The same model with other weights (e.g. quantized): its lineage records this one, so
+        adapters made for this model apply to the derived one too."""
+        return Model(self.config, tensors, self.tokenizer, self.generation, source=self.source,
+                     lineage=self.lineage + (self.identity(),))
+
+    def native_tensors(self) -> list[native.Tensor]:
+        return [native.Tensor(name, d, native.logical_shape(d, a.shape), a) for name, (d, a) in self.tensors.items()]
+
+
+def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage array → f32 (quantized dtypes through the numpy dequantizer)."""
+    return dequantize(arr, dtype) if dtype in QTYPES else hf.to_f32(arr, dtype)
+
+
+def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) -> Model:
+    p = Path(path)
+    if p.is_dir():
+        cfg, tensors, tok, gen = hf.load_folder(p, dtype=dtype)
+        return Model(cfg, tensors, tok, gen, source=str(p))
+    if not p.exists():
+        raise InfengError(f"{p}: no such file or directory")
+    f = native.NativeFile(p, verify=verify)
+    man = f.manifest
+    if man.get("kind") != "model":
+        raise InfengError(f"{p}: is an infeng {man.get('kind')!r} file, not a model")
+    where = f"{p}: manifest"
+    if not isinstance(man.get("config"), dict) or not isinstance(man.get("tokenizer"), dict):
+        raise InfengError(f"{where} lacks config or tokenizer")
+    cfg = ModelConfig.from_dict(man["config"], where)
+    shapes = hf.expected_shapes(cfg)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name not in f.tensors:
+            raise InfengError(f"{p}: missing tensor {name!r}")
+        arr = f.tensors[name]
+        if f.shapes[name] != shape:
+            raise InfengError(f"{p}: tensor {name!r} has shape {list(f.shapes[name])}, config says {list(shape)}")
+        d = f.dtypes[name]
+        if hf.is_norm(name) and d != "f32":
+            raise InfengError(f"{p}: norm tensor {name!r} must be f32, is {d}")
+        if d not in hf.STORE_DTYPES and not (d in QTYPES and len(shape) == 2):
+            raise InfengError(f"{p}: tensor {name!r} has dtype {d}, which the model cannot use")
+        tensors[name] = (d, arr)
+    if dtype is not None:
+        tensors = {n: ((dtype, hf.convert_dtype(to_f32(a, d), "f32", dtype)) if not hf.is_norm(n) else (d, a))
+                   for n, (d, a) in tensors.items()}
+    lineage = man.get("lineage") or []
+    if not isinstance(lineage, list) or not all(isinstance(x, str) for x in lineage):
+        raise InfengError(f"{p}: manifest lineage must be a list of identities")
+    return Model(cfg, tensors, man["tokenizer"], man.get("generation") or {}, source=str(p), lineage=tuple(lineage))

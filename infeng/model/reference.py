@@ -1,0 +1,108 @@
+"""The numpy reference forward pass: op for op what the C forward pass does, in plain numpy.
+
+It is validated against logits recorded from Hugging Face transformers (reference.json), and the C
+path is validated against it. Compute is f32 (matmuls accumulate in f64 via numpy's BLAS-free
+paths only where noted) — clarity over speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from infeng.model.loader import MATRICES, Model
+from infeng.quant import QTYPES, quantize_activations
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(x.astype(np.float32) ** 2, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))).astype(np.float32) * w
+
+
+def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """HF rotate_half RoPE on x[T, heads, head_dim] at positions pos[T]."""
+    half = x.shape[-1] // 2
+    ang = pos.astype(np.float32)[:, None] * inv_freq[None, :]          # [T, half] in f32, as HF
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+class ReferenceModel:
+    """``forward(tokens)`` continues the sequence held in its KV cache and returns logits [T, vocab]."""
+
+    def __init__(self, model: Model, int8_activations: bool = False):
+        """``int8_activations``: the inputs of products with q8_0/q4_0 weights are rounded to
+        int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations)."""
+        self.m = model
+        self.cfg = model.config
+        self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
+        self.qin = {n for n, (d, _) in model.tensors.items() if d in QTYPES} if int8_activations else set()
+        self.inv_freq = self.cfg.inv_freq()
+        self.reset()
+
+    def reset(self):
+        L = self.cfg.n_layers
+        self.k = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
+        self.v = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
+
+    @property
+    def pos(self) -> int:
+        return self.k[0].shape[0]
+
+    def forward(self, tokens, trace=None) -> np.ndarray:
+        c, w = self.cfg, self.w
+        tokens = np.asarray(tokens, dtype=np.int64)
+        T = len(tokens)
+        pos = np.arange(self.pos, self.pos + T)
+        x = w["tok_embeddings"][tokens].astype(np.float32)
+        group = c.n_heads // c.n_kv_heads
+        scale = np.float32(1.0 / np.sqrt(c.head_dim))
+        for i in range(c.n_layers):
+            L = f"layers.{i}."
+            h = rmsnorm(x, w[L + "attn_norm"], c.norm_eps)
+            q = (self.mm(h, L + "wq")).reshape(T, c.n_heads, c.head_dim)
+            k = (self.mm(h, L + "wk")).reshape(T, c.n_kv_heads, c.head_dim)
+            v = (self.mm(h, L + "wv")).reshape(T, c.n_kv_heads, c.head_dim)
+            q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+            self.k[i] = np.concatenate([self.k[i], k])
+            self.v[i] = np.concatenate([self.v[i], v])
+            K = np.repeat(self.k[i], group, axis=1)            # [S, heads, hd]
+            V = np.repeat(self.v[i], group, axis=1)
+            S = K.shape[0]
+            att = np.einsum("thd,shd->hts", q, K) * scale      # [heads, T, S]
+            mask = np.arange(S)[None, :] > pos[:, None]          # causal
+            att = np.where(mask[None], -np.inf, att)
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            o = np.einsum("hts,shd->thd", att, V).reshape(T, c.q_dim).astype(np.float32)
+            x = x + self.mm(o, L + "wo")
+            h = rmsnorm(x, w[L + "ffn_norm"], c.norm_eps)
+            g = silu(self.mm(h, L + "w_gate")) * (self.mm(h, L + "w_up"))
+            x = x + self.mm(g, L + "w_down")
+            if trace is not None:
+                trace.append(x.copy())
+        x = rmsnorm(x, w["norm"], c.norm_eps)
+        return (self.mm(x, self.m.output_name)).astype(np.float32)
+
+    def mm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations)."""
+        if name in self.qin:
+            q, d = quantize_activations(x)
+            x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
+        return x @ self.w[name].T
+
+    def greedy(self, prompt_ids, n: int) -> list[int]:
+        self.reset()
+        logits = self.forward(prompt_ids)
+        out = []
+        for _ in range(n):
+            t = int(np.argmax(logits[-1]))
+            out.append(t)
+            logits = self.forward([t])
+        return out
+
+
+__all__ = ["ReferenceModel", "MATRICES"]

@@ -1,0 +1,107 @@
+"""Quantized weight formats: numpy pack/unpack reference (the C kernels are checked against it).
+
+Both formats are byte-compatible with GGUF, so GGUF interop is a copy of the blocks:
+
+- ``q8_0``: blocks of 32 weights → 34 bytes: fp16 scale ``d = max|x| / 127`` then 32 int8
+  ``q = round(x / d)`` (ties away from zero, as ggml's roundf); value = ``q * d``.
+- ``q4_0``: blocks of 32 weights → 18 bytes: fp16 scale ``d = m / -8`` where ``m`` is the
+  element of largest magnitude (with its sign, as ggml), then 16 bytes of nibbles: element ``j``
+  in the low nibble of byte ``j`` and element ``j + 16`` in the high nibble, each
+  ``q = min(15, trunc(x / d + 8.5))``; value = ``(q - 8) * d``.
+
+A [N][K] matrix is stored row-major as uint8 [N][K/32 * bytes_per_block]; the manifest records
+the logical shape [N, K] (see ``infeng.format.BLOCKS``). K must be a multiple of 32: rows that
+are not fall back to a higher precision (``infeng.quant.quantize``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from infeng.format import BLOCKS
+from infeng.errors import InfengError
+
+QK = 32
+QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0")
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % QK:
+        raise InfengError(f"cannot quantize shape {list(x.shape)}: rows must be a multiple of {QK}")
+    return x.reshape(x.shape[0], x.shape[1] // QK, QK)
+
+
+def _round_away(v: np.ndarray) -> np.ndarray:
+    """C roundf: halves away from zero."""
+    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """f32 [N][K] → uint8 [N][K/32*34] (GGUF Q8_0 blocks)."""
+    b = _blocks(x)
+    N, nb, _ = b.shape
+    amax = np.abs(b).max(-1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    q = _round_away(b * inv[..., None]).astype(np.int8)
+    out = np.empty((N, nb, 34), np.uint8)
+    out[..., :2] = d.astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(N, nb * 34)
+
+
+def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
+    N = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(N, -1, 34)
+    d = b[..., :2].copy().view(np.float16).astype(np.float32)      # [N, nb, 1]
+    q = b[..., 2:].view(np.int8).astype(np.float32)
+    return (q * d).reshape(N, -1)
+
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """f32 [N][K] → uint8 [N][K/32*18] (GGUF Q4_0 blocks), as ggml's quantize_row_q4_0_ref."""
+    b = _blocks(x)
+    N, nb, _ = b.shape
+    idx = np.abs(b).argmax(-1)                                      # first max, as ggml's loop
+    m = np.take_along_axis(b, idx[..., None], -1)[..., 0]
+    d = (m / np.float32(-8)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    v = (b * inv[..., None] + np.float32(8.5)).astype(np.float32)
+    q = np.minimum(np.float32(15), np.trunc(v)).astype(np.uint8)   # v >= 0.5 always: trunc == (int8)
+    out = np.empty((N, nb, 18), np.uint8)
+    out[..., :2] = d.astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:] = q[..., :16] | (q[..., 16:] << 4)
+    return out.reshape(N, nb * 18)
+
+
+def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
+    N = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(N, -1, 18)
+    d = b[..., :2].copy().view(np.float16).astype(np.float32)
+    nib = b[..., 2:]
+    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.float32) - np.float32(8)
+    return (q * d).reshape(N, -1)
+
+
+QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
+DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0}
+
+
+def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+    return QUANTIZE[qtype](x)
+
+
+def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
+    return DEQUANTIZE[qtype](raw)
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the C GEMV/GEMM do to x before the integer dot products: per row and 32-block,
+    f32 scale ``d = max|x| / 127`` and int8 ``q = round(x / d)`` (x * (1/d), ties away from
+    zero). Returns (q int8 [T][K], d f32 [T][K/32])."""
+    b = _blocks(x)
+    amax = np.abs(b).max(-1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    q = _round_away(b * inv[..., None]).astype(np.int8)
+    return q.reshape(x.shape), d

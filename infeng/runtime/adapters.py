@@ -1,0 +1,156 @@
+"""Adapter manager: LoRA/DoRA adapters loaded beside one base model, ready for the C forward pass.
+
+Loading maps the adapter file (checked against the base's identity), folds the LoRA scale into B,
+precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the base weights, and builds the C table
+the forward pass reads ([n_layers × 7] pointers, NULL where a projection is not adapted). Memory
+is bounded by a budget: loading past it evicts the least recently used adapter that no request is
+using and that is not pinned. Loading a name again replaces the adapter (hot reload);
+``reload_changed`` does that for every file whose modification time moved.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from infeng.converters.hf import convert_dtype
+from infeng.errors import InfengError
+from infeng.kernels import ptr
+from infeng.model.adapter import Adapter, load_adapter
+from infeng.model.llama import CDTYPE
+from infeng.model.loader import MATRICES, Model
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    adapter: Adapter
+    table: object                 # cffi "struct ifg_lora *[n_layers * 7]"
+    nbytes: int
+    load_s: float
+    path: str
+    mtime: float
+    pinned: bool = False
+    in_use: int = 0               # requests holding it
+    uses: int = 0
+    keep: list = field(default_factory=list, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.adapter.rank
+
+    @property
+    def use_dora(self) -> bool:
+        return self.adapter.use_dora
+
+
+class AdapterManager:
+    def __init__(self, kern, base: Model, budget_mb: float | None = None):
+        self.kern, self.base, self.budget_mb = kern, base, budget_mb
+        self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()   # LRU: least recent first
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.loaded.values())
+
+    @property
+    def max_rank(self) -> int:
+        return max((a.rank for a in self.loaded.values()), default=0)
+
+    def load(self, path: str | Path, name: str | None = None, pinned: bool = False) -> LoadedAdapter:
+        t0 = time.perf_counter()
+        p = Path(path)
+        a = load_adapter(p, self.base, name)
+        old = self.loaded.get(a.name)
+        if old is not None and old.in_use:
+            raise InfengError(f"adapter {a.name!r} is in use by {old.in_use} request(s); reload it when they finish")
+        la = self._build(a, p, pinned)
+        la.load_s = time.perf_counter() - t0
+        if old is not None:
+            del self.loaded[a.name]
+        self._make_room(la.nbytes)
+        self.loaded[a.name] = la
+        return la
+
+    def unload(self, name: str) -> None:
+        la = self.get(name)
+        if la.in_use:
+            raise InfengError(f"adapter {name!r} is in use by {la.in_use} request(s)")
+        del self.loaded[name]
+
+    def get(self, name: str) -> LoadedAdapter:
+        la = self.loaded.get(name)
+        if la is None:
+            raise InfengError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
+        return la
+
+    def acquire(self, name: str) -> LoadedAdapter:
+        la = self.get(name)
+        la.in_use += 1
+        la.uses += 1
+        self.loaded.move_to_end(name)
+        return la
+
+    def release(self, la: LoadedAdapter) -> None:
+        la.in_use -= 1
+
+    def reload_changed(self) -> list[str]:
+        """Reload every idle adapter whose file changed on disk; returns their names."""
+        out = []
+        for name, la in list(self.loaded.items()):
+            try:
+                m = os.stat(la.path).st_mtime
+            except OSError:
+                continue
+            if m != la.mtime and not la.in_use:
+                self.load(la.path, name, la.pinned)
+                out.append(name)
+        return out
+
+    def _make_room(self, need: int) -> None:
+        if self.budget_mb is None:
+            return
+        budget = self.budget_mb * 2**20
+        if need > budget:
+            raise InfengError(f"adapter needs {need / 2**20:.1f} MB, more than the adapter budget of {self.budget_mb} MB")
+        for name in list(self.loaded):
+            if self.nbytes + need <= budget:
+                return
+            la = self.loaded[name]
+            if not la.pinned and not la.in_use:
+                del self.loaded[name]
+                self.evictions += 1
+        if self.nbytes + need > budget:
+            raise InfengError(f"adapter budget of {self.budget_mb} MB is full of pinned or busy adapters")
+
+    def _build(self, a: Adapter, path: Path, pinned: bool) -> LoadedAdapter:
+        ffi, cfg = self.kern.ffi, self.base.config
+        table = ffi.new("struct ifg_lora *[]", cfg.n_layers * len(MATRICES))
+        keep, nbytes = [], 0
+        for t in a.targets:
+            _, layer, proj = t.split(".")
+            la_dtype, A = a.tensors[f"{t}.lora_a"]
+            lb_dtype, B = a.tensors[f"{t}.lora_b"]
+            if a.scale != 1.0:      # fold the scale into B once, in B's own precision
+                B = convert_dtype(a.f32(f"{t}.lora_b") * np.float32(a.scale), "f32", lb_dtype)
+            s = ffi.new("struct ifg_lora *")
+            s.a, s.a_dtype = ffi.cast("void *", ffi.from_buffer(A)), CDTYPE[la_dtype]
+            s.b, s.b_dtype = ffi.cast("void *", ffi.from_buffer(B)), CDTYPE[lb_dtype]
+            s.rank = a.rank
+            keep += [A, B, s]
+            if a.use_dora:
+                w = self.base.f32(f"layers.{layer}.{proj}") + a.delta(t)
+                dora = np.ascontiguousarray(a.f32(f"{t}.dora_m") / np.linalg.norm(w, axis=1), dtype=np.float32)
+                s.dora = ptr(self.kern, dora)
+                keep.append(dora)
+                nbytes += dora.nbytes
+            else:
+                s.dora = ffi.NULL
+            table[int(layer) * len(MATRICES) + MATRICES.index(proj)] = s
+            nbytes += A.nbytes + B.nbytes
+        return LoadedAdapter(a.name, a, table, nbytes, 0.0, str(path), os.stat(path).st_mtime, pinned, keep=keep)

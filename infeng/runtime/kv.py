@@ -1,0 +1,149 @@
+"""Paged KV cache with prefix sharing.
+
+K/V live in a pool of fixed-size blocks per layer; each sequence slot has a block table, and the
+attention kernels read through it, so a sequence's positions need not be contiguous and a block
+can appear in several tables. A block that holds ``block_size`` positions of known tokens is
+*full*: its content is a pure function of the token ids up to its end, so it is registered under
+a chain hash of those ids and other sequences with the same prefix reuse it instead of
+recomputing it. Blocks are reference counted; a full block whose last user leaves stays cached
+(LRU) until its memory is needed.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from infeng.errors import InfengError
+from infeng.kernels import ptr
+from infeng.model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, kern, cfg: ModelConfig, n_slots: int, max_seq_len: int,
+                 block_size: int = 16, budget_mb: float | None = None):
+        self.block_size = block_size
+        self.max_blocks = -(-max_seq_len // block_size)          # blocks per sequence at most
+        self.block_bytes = 2 * cfg.n_layers * block_size * cfg.kv_dim * 4
+        n_blocks = n_slots * self.max_blocks
+        if budget_mb is not None:
+            n_blocks = min(n_blocks, int(budget_mb * 2**20) // self.block_bytes)
+            if n_blocks < 1:
+                raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes")
+        self.n_blocks = n_blocks
+        shape = (cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.table = np.zeros((n_slots, self.max_blocks), np.int32)
+        self.owned: list[list[int]] = [[] for _ in range(n_slots)]   # block ids per slot, in order
+        self.hashes: list[list[int]] = [[] for _ in range(n_slots)]  # chain hash per full block
+        self.ref = [0] * n_blocks
+        self.free = list(range(n_blocks - 1, -1, -1))                # never-filled or evicted
+        self.cached: OrderedDict[int, int] = OrderedDict()           # hash → block, ref 0, LRU first
+        self.by_hash: dict[int, int] = {}                            # hash → block, any ref
+        self.hash_of: dict[int, int] = {}                            # block → hash
+        self.hits = self.lookups = 0                                  # prefix tokens reused / asked
+        c = self.struct = kern.ffi.new("struct ifg_kv_cache *")
+        c.k, c.v = ptr(kern, self.k), ptr(kern, self.v)
+        c.n_blocks, c.block_size, c.max_blocks = n_blocks, block_size, self.max_blocks
+        c.block_table = ptr(kern, self.table, "int32_t *")
+
+    @property
+    def bytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def blocks_used(self) -> int:
+        """Blocks referenced by some sequence (cached-but-idle blocks count as free)."""
+        return self.n_blocks - len(self.free) - len(self.cached)
+
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    # ---- prefix sharing -----------------------------------------------------------------
+    def chain(self, ids: list[int], n_blocks: int, salt: str | None = None) -> list[int]:
+        """Chain hashes of the first ``n_blocks`` full blocks of ``ids``. ``salt`` names what
+        else the K/V depend on (an adapter), so different adapters never share blocks."""
+        out, h, bs = [], hash(salt) if salt else 0, self.block_size
+        for j in range(n_blocks):
+            h = hash((h, tuple(ids[j * bs:(j + 1) * bs])))
+            out.append(h)
+        return out
+
+    def attach_prefix(self, slot: int, ids: list[int], salt: str | None = None) -> int:
+        """Point ``slot``'s table at cached blocks holding the longest known prefix of ``ids``;
+        returns how many positions are already computed. At least the last prompt token is left
+        to compute (its logits are needed)."""
+        assert not self.owned[slot]
+        n_full = (len(ids) - 1) // self.block_size
+        self.lookups += len(ids)
+        hashes = self.chain(ids, n_full, salt)
+        for j, h in enumerate(hashes):
+            b = self.by_hash.get(h)
+            if b is None:
+                break
+            self._take(b)
+            self.table[slot, j] = b
+            self.owned[slot].append(b)
+            self.hashes[slot].append(h)
+        n = len(self.owned[slot]) * self.block_size
+        self.hits += n
+        return n
+
+    def register_full(self, slot: int, ids: list[int], n_computed: int, salt: str | None = None) -> None:
+        """Publish the slot's blocks that became full (all positions < n_computed written)."""
+        bs = self.block_size
+        have = len(self.hashes[slot])
+        n_full = min(n_computed // bs, len(self.owned[slot]))
+        if n_full <= have:
+            return
+        h = self.hashes[slot][-1] if have else (hash(salt) if salt else 0)
+        for j in range(have, n_full):
+            h = hash((h, tuple(ids[j * bs:(j + 1) * bs])))
+            self.hashes[slot].append(h)
+            b = self.owned[slot][j]
+            if h not in self.by_hash and b not in self.hash_of:
+                self.by_hash[h] = b
+                self.hash_of[b] = h
+
+    # ---- allocation ---------------------------------------------------------------------
+    def ensure(self, slot: int, n_positions: int) -> bool:
+        """Own blocks for positions [0, n_positions) of ``slot``; False (nothing changed) if the
+        pool cannot supply them."""
+        need = -(-n_positions // self.block_size)
+        if need > self.max_blocks:
+            return False
+        have = len(self.owned[slot])
+        if need - have > self.available():
+            return False
+        for j in range(have, need):
+            b = self._new_block()
+            self.table[slot, j] = b
+            self.owned[slot].append(b)
+        return True
+
+    def release(self, slot: int) -> None:
+        for b in self.owned[slot]:
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                h = self.hash_of.get(b)
+                if h is not None:
+                    self.cached[h] = b          # keep its content for a later prefix hit
+                else:
+                    self.free.append(b)
+        self.owned[slot] = []
+        self.hashes[slot] = []
+
+    def _take(self, b: int) -> None:
+        if self.ref[b] == 0:
+            self.cached.pop(self.hash_of[b], None)
+        self.ref[b] += 1
+
+    def _new_block(self) -> int:
+        if self.free:
+            b = self.free.pop()
+        else:                                   # evict the least recently released cached block
+            h, b = self.cached.popitem(last=False)
+            del self.by_hash[h]
+            del self.hash_of[b]
+        self.ref[b] = 1
+        return b

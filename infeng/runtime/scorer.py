@@ -1,0 +1,135 @@
+"""Scorer: logits for every position of a token sequence (perplexity, KL-divergence).
+
+Built on the same C forward pass as the Engine (``LlamaC``) with one KV slot and ``out_rows`` =
+every position. A sequence that fits the context is run in chunks of ``max_tokens`` positions
+(the KV cache carries the earlier chunks); a longer one is scored with a sliding window of the
+context length that moves by ``stride`` tokens, each window scoring only the targets the previous
+windows did not (the Hugging Face "strided perplexity" recipe). A window that starts past 0 sees
+only its own tokens (no BOS is inserted).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from infeng import kernels
+from infeng.errors import InfengError
+from infeng.model.llama import LlamaC
+from infeng.model.loader import Model
+from infeng.runtime.kv import KVCache
+from infeng.runtime.tokenizer import Tokenizer
+
+
+class Scorer:
+    def __init__(self, model: Model, threads: int | None = None, ctx: int | None = None,
+                 max_tokens: int = 256, isa: str | None = None, adapter=None):
+        from infeng.runtime.engine import default_threads
+        self.model, self.cfg = model, model.config
+        self.kern = kernels.load(isa) if isa else kernels.active()
+        self.isa = self.kern.ffi.string(self.kern.lib.ifg_isa()).decode()
+        self.threads = threads or default_threads()
+        if ctx is not None and not 1 < ctx <= self.cfg.max_seq_len:
+            raise InfengError(f"--ctx {ctx} must be in 2..{self.cfg.max_seq_len} (the model's maximum)")
+        self.ctx = ctx or min(self.cfg.max_seq_len, 4096)
+        self.max_tokens = max(1, min(max_tokens, self.ctx))
+        self.tokenizer = Tokenizer(model.tokenizer, self.cfg.bos_id, self.cfg.eos_ids)
+        self.net = LlamaC(self.kern, model, self.max_tokens, self.max_tokens, self.threads)
+        self.kv = KVCache(self.kern, self.cfg, 1, self.ctx)
+        self.net.seq[:] = 0
+        self.forward_tokens = 0
+        self.adapter = None
+        self._lora = None
+        if adapter is not None:
+            self._attach(adapter)
+
+    def _attach(self, path) -> None:
+        """Every position computes with one LoRA/DoRA adapter: one adapter segment over all rows."""
+        from infeng.kernels import ptr
+        from infeng.runtime.adapters import AdapterManager
+        ffi = self.kern.ffi
+        self.adapters = AdapterManager(self.kern, self.model)
+        la = self.adapter = self.adapters.load(path, "eval", pinned=True)
+        self._seg_start = np.zeros(2, np.int32)
+        self._seg_tables = ffi.new("struct ifg_lora **[]", 1)
+        self._seg_tables[0] = la.table
+        self._lora_h = np.zeros((self.max_tokens, max(la.rank, 16)), np.float32)
+        self._lora_tmp = np.zeros((self.max_tokens, self.cfg.dim), np.float32)
+        L = self._lora = ffi.new("struct ifg_lora_batch *")
+        L.n_seg = 1
+        L.seg_start = ptr(self.kern, self._seg_start, "int32_t *")
+        L.seg = self._seg_tables
+        L.h, L.max_rank = ptr(self.kern, self._lora_h), self._lora_h.shape[1]
+        L.tmp = ptr(self.kern, self._lora_tmp)
+        L.has_dora = int(la.use_dora)
+
+    def logits(self, ids, out: np.ndarray | None = None) -> np.ndarray:
+        """f32 logits (len(ids), vocab) of a sequence that fits the context, scored from position 0."""
+        n = len(ids)
+        if not 0 < n <= self.ctx:
+            raise InfengError(f"a sequence of {n} tokens does not fit the context of {self.ctx}")
+        ids = np.asarray(ids, np.int32)
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise InfengError(f"token id outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if out is None:
+            out = np.empty((n, self.cfg.vocab_size), np.float32)
+        net, kv = self.net, self.kv
+        kv.release(0)
+        if not kv.ensure(0, n):  # pragma: no cover - the pool holds one full context
+            raise InfengError("KV cache cannot hold the window")
+        for s in range(0, n, self.max_tokens):
+            m = min(self.max_tokens, n - s)
+            net.tokens[:m] = ids[s:s + m]
+            net.pos[:m] = np.arange(s, s + m, dtype=np.int32)
+            net.out_rows[:m] = np.arange(m, dtype=np.int32)
+            if self._lora is not None:
+                self._seg_start[1] = m
+                net.step(kv, m, m, lora=self._lora)
+            else:
+                net.step(kv, m, m)
+            out[s:s + m] = net.logits[:m]
+        kv.release(0)
+        self.forward_tokens += n
+        return out
+
+    def check_stride(self, stride: int | None) -> int:
+        """The window step (default: half the context); an error unless 1 <= stride < ctx."""
+        stride = stride or max(1, self.ctx // 2)
+        if not 0 < stride <= self.ctx - 1:
+            raise InfengError(f"--stride {stride} must be in 1..{self.ctx - 1} (the context minus one)")
+        return stride
+
+    def windows(self, ids, stride: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """(logits, targets, first) per window: ``logits[i]`` predicts ``targets[i]``, which is
+        ``ids[first + i]``. Over all windows every token after the first is predicted once."""
+        ids = list(ids)
+        n = len(ids)
+        if n < 2:
+            return
+        ctx = self.ctx
+        stride = self.check_stride(stride)
+        done = 1                      # ids[:done] are already predicted (or are the first token)
+        begin = 0
+        while done < n:
+            end = min(begin + ctx, n)
+            lg = self.logits(ids[begin:end])
+            # rows predicting ids[done..end-1] are rows (done-1-begin)..(end-2-begin)
+            r0 = done - 1 - begin
+            yield lg[r0:end - 1 - begin], np.asarray(ids[done:end], np.int64), done
+            done = end
+            begin += stride
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    x -= m
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return x
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under its row of logits (float64)."""
+    lp = log_softmax(logits)
+    return -lp[np.arange(len(targets)), targets]

@@ -1,0 +1,42 @@
+/* core.c — identity of this build and the CPU it runs on. */
+#include "core.h"
+#include <cpuid.h>
+
+#ifndef IFG_BUILD_ISA
+#define IFG_BUILD_ISA "scalar"
+#endif
+
+const char *ifg_isa(void) { return IFG_BUILD_ISA; }
+int ifg_default_threads(void) { return ifg_threads(0); }
+
+static uint64_t xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+void ifg_cpu_detect(struct ifg_cpu *c) {
+    memset(c, 0, sizeof *c);
+    unsigned a, b, cx, d;
+    if (!__get_cpuid(1, &a, &b, &cx, &d)) return;
+    int osxsave = (cx >> 27) & 1, fma = (cx >> 12) & 1, f16c = (cx >> 29) & 1;
+    if (!osxsave) return;
+    uint64_t xcr0 = xgetbv0();
+    int os_avx = (xcr0 & 0x6) == 0x6;              /* XMM and YMM state */
+    int os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0; /* opmask, ZMM_Hi256, Hi16_ZMM */
+    if (!os_avx || __get_cpuid_max(0, 0) < 7) return;
+    __cpuid_count(7, 0, a, b, cx, d);
+    c->avx2 = (b >> 5) & 1;
+    c->fma = fma;
+    c->f16c = f16c;
+    if (os_avx512) {
+        c->avx512f = (b >> 16) & 1;
+        c->avx512dq = (b >> 17) & 1;
+        c->avx512bw = (b >> 30) & 1;
+        c->avx512vl = (b >> 31) & 1;
+        c->avx512vnni = (cx >> 11) & 1;
+    }
+    __cpuid_count(7, 1, a, b, cx, d);
+    c->avxvnni = (a >> 4) & 1;
+    if (os_avx512) c->avx512bf16 = (a >> 5) & 1;
+}

@@ -1,0 +1,91 @@
+/* core.h — what every kernel family shares: dtypes, ISA selection macros, scalar
+ * conversions. Kernels take pointers, sizes and strides; they allocate nothing. */
+#ifndef IFG_CORE_H
+#define IFG_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define IFG_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define IFG_AVX2 1
+#endif
+#if defined(IFG_AVX2) || defined(IFG_AVX512)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// cdef-begin
+/* Element types of weight tensors (activations are always f32). */
+/* IFG_Q8_0 / IFG_Q4_0: GGUF-compatible 32-blocks (34 / 18 bytes), matmul weights only (quant.h). */
+enum ifg_dtype { IFG_F32 = 0, IFG_BF16 = 1, IFG_F16 = 2, IFG_Q8_0 = 3, IFG_Q4_0 = 4 };
+
+/* Which variant this library is: "scalar", "avx2" or "avx512". */
+const char *ifg_isa(void);
+/* How many OpenMP threads a kernel call with n_threads = 0 would use. */
+int ifg_default_threads(void);
+/* CPU features from cpuid, with xgetbv to check that the OS saves the wide registers. */
+struct ifg_cpu {
+    int avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, avx512bf16, avxvnni;
+};
+void ifg_cpu_detect(struct ifg_cpu *out);
+// cdef-end
+
+/* OpenMP pragmas as macros so the scalar reference reads cleanly. A public kernel opens a
+ * parallel region with IFG_PARALLEL(n); its work is split with orphaned `omp for`
+ * (schedule(static): the same thread count always gives the same split, so results are
+ * deterministic). Called inside the forward pass's own region, the same body joins it. */
+#define IFG_PRAGMA(x) _Pragma(#x)
+#define IFG_PARALLEL(n) IFG_PRAGMA(omp parallel num_threads(ifg_threads(n)))
+#define IFG_FOR IFG_PRAGMA(omp for schedule(static))
+#define IFG_FOR_NOWAIT IFG_PRAGMA(omp for schedule(static) nowait)
+#define IFG_BARRIER IFG_PRAGMA(omp barrier)
+#define IFG_SINGLE IFG_PRAGMA(omp single)
+
+static inline int ifg_threads(int n) {
+#ifdef _OPENMP
+    return n > 0 ? n : omp_get_max_threads();
+#else
+    (void)n; return 1;
+#endif
+}
+
+/* bf16 is the top half of an f32. Round-to-nearest-even on the way in. */
+static inline float ifg_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t ifg_f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+/* IEEE half → f32, exact for every input (subnormals, inf, NaN). */
+static inline float ifg_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
+    else if (exp != 0) u = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (man == 0) u = sign;
+    else { /* subnormal: normalise */
+        int e = -1; do { e++; man <<= 1; } while (!(man & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f; memcpy(&f, &u, 4); return f;
+}
+/* Load one weight element of any dtype as f32 (scalar paths only). */
+static inline float ifg_load_f32(const void *w, int dtype, size_t i) {
+    switch (dtype) {
+    case IFG_BF16: return ifg_bf16_to_f32(((const uint16_t *)w)[i]);
+    case IFG_F16:  return ifg_f16_to_f32(((const uint16_t *)w)[i]);
+    default:       return ((const float *)w)[i];
+    }
+}
+static inline size_t ifg_dtype_size(int dtype) { return dtype == IFG_F32 ? 4 : 2; }
+
+#endif

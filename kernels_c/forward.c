@@ -1,0 +1,163 @@
+/* forward.c — one decode/prefill step of a Llama model, the layer loop top to bottom.
+ *
+ * One OpenMP parallel region spans the whole step; every kernel inside is the `_part` form,
+ * whose `omp for` loops split work among the region's threads and end in a barrier, so ops run
+ * in order with no fork/join per op. Nothing is allocated: buffers come from the caller. */
+#include "forward.h"
+#include "matmul.h"
+#include "norm.h"
+#include "rope.h"
+#include "act.h"
+#include "embed.h"
+#include "attention.h"
+#include "lora.h"
+
+static void mm(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T, int acc) {
+    ifg_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc);
+}
+
+const char *ifg_op_name(int op) {
+    static const char *names[IFG_OP_COUNT] = {
+        "embed", "attn_norm", "wq", "wk", "wv", "rope", "kv_store", "attention", "wo", "ffn_norm",
+        "w_gate", "w_up", "silu_mul", "w_down", "final_norm", "output"};
+    return op >= 0 && op < IFG_OP_COUNT ? names[op] : "?";
+}
+
+/* Profiling hooks, called by every thread right after an op's closing barrier. TIME: thread 0
+ * stamps the end of op of layer l (no barrier; the others go on). TRACE: one thread copies the
+ * op's output rows (width floats at stride ld) into the trace, then all wait, so the next op
+ * cannot overwrite the source first. Both cost one predictable branch when off. */
+#ifdef _OPENMP
+#define IFG_NOW() omp_get_wtime()
+#else
+#define IFG_NOW() 0.0
+#endif
+#define TIME(l, op) do { if (s->op_times) { IFG_PRAGMA(omp master) \
+    s->op_times[1 + (size_t)(l) * IFG_OP_COUNT + (op)] = IFG_NOW(); } } while (0)
+#define TRACE(l, op, src, width) do { if (s->trace) { IFG_SINGLE \
+    trace_rows(s->trace, l, op, src, width, T, tw, toff); } } while (0)
+
+/* Offsets of each traced op inside one layer's trace block, in floats per token. */
+static void trace_layout(const struct ifg_model *m, size_t off[IFG_OP_COUNT], size_t *per_token) {
+    const int dim = m->dim, hidden = m->hidden_dim, q_dim = m->n_heads * m->head_dim,
+              kv_dim = m->n_kv_heads * m->head_dim;
+    int w[IFG_OP_COUNT] = {0};
+    w[IFG_OP_ATTN_NORM] = dim; w[IFG_OP_WQ] = q_dim; w[IFG_OP_WK] = kv_dim; w[IFG_OP_WV] = kv_dim;
+    w[IFG_OP_ATTENTION] = q_dim; w[IFG_OP_WO] = dim; w[IFG_OP_FFN_NORM] = dim;
+    w[IFG_OP_W_GATE] = hidden; w[IFG_OP_W_UP] = hidden; w[IFG_OP_SILU_MUL] = hidden; w[IFG_OP_W_DOWN] = dim;
+    size_t acc = 0;
+    for (int op = 0; op < IFG_OP_COUNT; op++) { off[op] = acc; acc += w[op]; }
+    *per_token = acc;
+}
+
+static void trace_rows(float *trace, int l, int op, const float *src, int width, int T,
+                       size_t per_token, const size_t *off) {
+    float *dst = trace + (size_t)l * per_token * T + off[op] * T;
+    for (int t = 0; t < T; t++)
+        memcpy(dst + (size_t)t * width, src + (size_t)t * width, sizeof(float) * width);
+}
+
+int ifg_trace_floats_per_token(const struct ifg_model *m) {
+    size_t off[IFG_OP_COUNT], per;
+    trace_layout(m, off, &per);
+    return (int)per;
+}
+
+/* A projection of layer l (p: 0..6 = wq wk wv wo w_gate w_up w_down) over all T rows, then the
+ * low-rank part of each row segment's adapter. The base weights are read once for the batch.
+ * DoRA scales the projection itself, so where it would be added to the residual (acc) the
+ * projection goes through lb->tmp first. */
+static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
+                 int acc, const struct ifg_lora_batch *lb, int l, int p) {
+    const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
+    int any = 0, dora = 0;
+    for (int i = 0; lb && i < lb->n_seg; i++) {
+        sel[i] = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
+        any |= sel[i] != NULL;
+        dora |= sel[i] != NULL && sel[i]->dora != NULL;
+    }
+    if (!any) {
+        mm(y, ldy, x, ldx, w, T, acc);
+    } else if (acc && dora) {
+        const int N = w->rows;
+        mm(lb->tmp, N, x, ldx, w, T, 0);
+        ifg_lora_apply_part(lb->tmp, N, x, ldx, N, w->cols, sel, lb->seg_start, lb->n_seg, lb->h, lb->max_rank);
+        IFG_FOR
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < N; j++) y[(size_t)t * ldy + j] += lb->tmp[(size_t)t * N + j];
+    } else {
+        mm(y, ldy, x, ldx, w, T, acc);
+        ifg_lora_apply_part(y, ldy, x, ldx, w->rows, w->cols, sel, lb->seg_start, lb->n_seg, lb->h, lb->max_rank);
+    }
+}
+
+int ifg_forward(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
+                const int32_t *tokens, const int32_t *pos, const int32_t *seq, int T,
+                const int32_t *out_rows, int n_out, float *logits, int n_threads) {
+    return ifg_forward_lora(m, s, kv, tokens, pos, seq, T, out_rows, n_out, logits, NULL, n_threads);
+}
+
+int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
+                     const int32_t *tokens, const int32_t *pos, const int32_t *seq, int T,
+                     const int32_t *out_rows, int n_out, float *logits,
+                     const struct ifg_lora_batch *lb, int n_threads) {
+    const int dim = m->dim, hidden = m->hidden_dim, hd = m->head_dim;
+    const int q_dim = m->n_heads * hd, kv_dim = m->n_kv_heads * hd;
+    const size_t layer_kv = (size_t)kv->n_blocks * kv->block_size * kv_dim;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int NL = m->n_layers;
+    size_t toff[IFG_OP_COUNT], tw;
+    trace_layout(m, toff, &tw);
+    if (s->op_times) s->op_times[0] = IFG_NOW();
+
+    IFG_PARALLEL(n_threads) {
+        ifg_embed_part(s->x, m->tok_embeddings.data, m->tok_embeddings.dtype, tokens, T, dim);
+        TIME(NL, IFG_OP_EMBED);
+        for (int l = 0; l < m->n_layers; l++) {
+            const struct ifg_layer *L = &m->layers[l];
+            float *kc = kv->k + l * layer_kv, *vc = kv->v + l * layer_kv;
+
+            /* attention block: x += wo · attention(rope(wq·norm(x)), cache) */
+            ifg_rmsnorm_part(s->xb, s->x, L->attn_norm, T, dim, m->norm_eps);
+            TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
+            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0);
+            TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
+            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1);
+            TIME(l, IFG_OP_WK); TRACE(l, IFG_OP_WK, s->k, kv_dim);
+            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2);
+            TIME(l, IFG_OP_WV); TRACE(l, IFG_OP_WV, s->v, kv_dim);
+            ifg_rope_part(s->q, q_dim, pos, m->inv_freq, T, m->n_heads, hd);
+            ifg_rope_part(s->k, kv_dim, pos, m->inv_freq, T, m->n_kv_heads, hd);
+            TIME(l, IFG_OP_ROPE);
+            ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,
+                              kv->block_size, seq, pos, T, m->n_kv_heads, hd);
+            TIME(l, IFG_OP_KV_STORE);
+            ifg_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
+                               kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd, scale);
+            TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
+            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3);
+            TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
+
+            /* MLP block: x += w_down · (silu(w_gate·norm(x)) * w_up·norm(x)) */
+            ifg_rmsnorm_part(s->xb, s->x, L->ffn_norm, T, dim, m->norm_eps);
+            TIME(l, IFG_OP_FFN_NORM); TRACE(l, IFG_OP_FFN_NORM, s->xb, dim);
+            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4);
+            TIME(l, IFG_OP_W_GATE); TRACE(l, IFG_OP_W_GATE, s->hb, hidden);
+            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5);
+            TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
+            ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
+            TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
+            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6);
+            TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
+        }
+        /* logits only for the rows asked for (the last token of each prefill chunk) */
+        IFG_FOR
+        for (int i = 0; i < n_out; i++)
+            memcpy(s->xb + (size_t)i * dim, s->x + (size_t)out_rows[i] * dim, sizeof(float) * dim);
+        ifg_rmsnorm_part(s->xb, s->xb, m->final_norm, n_out, dim, m->norm_eps);
+        TIME(NL, IFG_OP_FINAL_NORM);
+        mm(logits, m->vocab_size, s->xb, dim, &m->output, n_out, 0);
+        TIME(NL, IFG_OP_OUTPUT);
+    }
+    return 0;
+}

@@ -1,0 +1,85 @@
+/* forward.h — the whole Llama forward pass of one step as one C call (llama2.c style). */
+#ifndef IFG_FORWARD_H
+#define IFG_FORWARD_H
+#include "core.h"
+#include "lora.h"
+
+// cdef-begin
+/* A weight matrix [rows][cols] (row-major) of some dtype; cols is the input width. */
+struct ifg_weight {
+    const void *data;
+    int dtype;
+    int rows, cols;
+};
+
+struct ifg_layer {
+    const float *attn_norm;            /* [dim] */
+    struct ifg_weight wq, wk, wv, wo;  /* [q_dim][dim], [kv_dim][dim] x2, [dim][q_dim] */
+    const float *ffn_norm;             /* [dim] */
+    struct ifg_weight w_gate, w_up;    /* [hidden][dim] */
+    struct ifg_weight w_down;          /* [dim][hidden] */
+};
+
+struct ifg_model {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size;
+    float norm_eps;
+    const float *inv_freq;             /* [head_dim/2] RoPE frequencies, scaling applied */
+    struct ifg_weight tok_embeddings;  /* [vocab][dim] */
+    const float *final_norm;           /* [dim] */
+    struct ifg_weight output;          /* [vocab][dim]; the embedding table when tied */
+    struct ifg_layer *layers;          /* [n_layers] */
+};
+
+/* Activation buffers for up to max_tokens tokens per call, owned by the caller. */
+struct ifg_scratch {
+    int max_tokens;
+    float *x;      /* [max_tokens][dim] residual stream */
+    float *xb;     /* [max_tokens][dim] normed input of a block */
+    float *q;      /* [max_tokens][q_dim] */
+    float *k, *v;  /* [max_tokens][kv_dim] */
+    float *att;    /* [max_tokens][q_dim] attention output */
+    float *hb;     /* [max_tokens][hidden] gate, then silu(gate) * up */
+    float *hb2;    /* [max_tokens][hidden] up */
+    /* Profiling (infeng profile), both NULL = off and free. op_times: [1 + (n_layers+1)*IFG_OP_COUNT]
+     * omp_get_wtime() seconds: [0] when the step starts, [1 + l*IFG_OP_COUNT + op] when op of
+     * layer l ends (all threads past it); layer n_layers holds embed, final_norm and output.
+     * trace: per layer l and traced op (IFG_OP_ATTN_NORM..IFG_OP_W_DOWN, rope and kv_store
+     * excepted; see ifg_trace_floats_per_token) the op's output for the T tokens, [l][op][T][width]. */
+    double *op_times;
+    float *trace;
+};
+
+/* The ops of one step, in execution order (the names are ifg_op_name's). */
+enum ifg_op {
+    IFG_OP_EMBED = 0, IFG_OP_ATTN_NORM = 1, IFG_OP_WQ = 2, IFG_OP_WK = 3, IFG_OP_WV = 4,
+    IFG_OP_ROPE = 5, IFG_OP_KV_STORE = 6, IFG_OP_ATTENTION = 7, IFG_OP_WO = 8, IFG_OP_FFN_NORM = 9,
+    IFG_OP_W_GATE = 10, IFG_OP_W_UP = 11, IFG_OP_SILU_MUL = 12, IFG_OP_W_DOWN = 13,
+    IFG_OP_FINAL_NORM = 14, IFG_OP_OUTPUT = 15, IFG_OP_COUNT = 16
+};
+const char *ifg_op_name(int op);
+/* Floats per token per layer of the trace (s->trace needs n_layers * T * this). */
+int ifg_trace_floats_per_token(const struct ifg_model *m);
+
+/* Paged KV cache: per layer a pool of n_blocks blocks of block_size positions,
+ * k/v are [n_layers][n_blocks][block_size][n_kv_heads][head_dim] f32; sequence s owns blocks
+ * block_table[s*max_blocks + j]. */
+struct ifg_kv_cache {
+    float *k, *v;
+    int n_blocks, block_size, max_blocks;
+    const int32_t *block_table;
+};
+
+/* One step over a ragged batch: token t is tokens[t] at position pos[t] of sequence seq[t].
+ * Stores every token's K/V, then attends causally, so a batch may mix prefill chunks of new
+ * sequences with single decode tokens of running ones. Logits of the tokens listed in
+ * out_rows[0..n_out) go to logits[n_out][vocab]. T <= s->max_tokens. Returns 0. */
+int ifg_forward(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
+                const int32_t *tokens, const int32_t *pos, const int32_t *seq, int T,
+                const int32_t *out_rows, int n_out, float *logits, int n_threads);
+/* The same step with per-segment LoRA/DoRA adapters (lora.h); lb = NULL is ifg_forward. */
+int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
+                     const int32_t *tokens, const int32_t *pos, const int32_t *seq, int T,
+                     const int32_t *out_rows, int n_out, float *logits,
+                     const struct ifg_lora_batch *lb, int n_threads);
+// cdef-end
+#endif

@@ -1,0 +1,41 @@
+/* lora.h — mixed-adapter LoRA / DoRA on top of a base projection (the SGMV idea, on CPU). */
+#ifndef IFG_LORA_H
+#define IFG_LORA_H
+#include "core.h"
+
+// cdef-begin
+/* One adapter's low-rank pair for one projection [out=N][in=K]. */
+struct ifg_lora {
+    const void *a; int a_dtype;   /* A [rank][K] */
+    const void *b; int b_dtype;   /* B [N][rank], the LoRA scale already folded in */
+    const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
+    int rank;
+};
+
+/* Rows [seg_start[i], seg_start[i+1]) of the batch use adapter lora[i] (NULL: no adapter).
+ * Plain LoRA: y[t] += B·(A·x[t]). DoRA: y[t] = dora ⊙ (y[t] + B·(A·x[t])), so y must then hold
+ * the base projection alone. h is scratch of seg_start[n_seg] x max_rank floats. The base
+ * projection is computed once for all rows elsewhere; this adds only the low-rank part, per
+ * segment, with no copy of adapter weights. */
+void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
+                    const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                    float *h, int max_rank, int n_threads);
+
+/* The adapters of one forward step: segment i (rows seg_start[i]..seg_start[i+1]) uses the
+ * adapter whose table is seg[i] ([n_layers * 7] entries, projection order wq wk wv wo w_gate
+ * w_up w_down; NULL entry = projection not adapted), or none if seg[i] is NULL. */
+struct ifg_lora_batch {
+    int n_seg;                                  /* <= 64 */
+    const int32_t *seg_start;                   /* [n_seg + 1] */
+    const struct ifg_lora *const *const *seg;   /* [n_seg] */
+    float *h; int max_rank;                     /* scratch [max_tokens][max_rank] */
+    float *tmp;                                 /* scratch [max_tokens][dim]: DoRA on wo / w_down */
+    int has_dora;                               /* some segment's adapter is DoRA */
+};
+// cdef-end
+#define IFG_LORA_MAX_SEG 64
+
+void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int K,
+                         const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                         float *h, int max_rank);
+#endif

@@ -1,0 +1,28 @@
+/* matmul.h — dense matrix products against a weight matrix: y = x · Wᵀ.
+ * W is row-major [N][K] (one row per output feature, as stored in checkpoints) of dtype
+ * f32, bf16 or f16; activations x and outputs y are f32 and all compute is f32. */
+#ifndef IFG_MATMUL_H
+#define IFG_MATMUL_H
+
+#include "core.h"
+
+// cdef-begin
+/* y[t*ldy + n] (= or +=) sum_k x[t*ldx + k] * W[n*K + k], for t < T, n < N.
+ * W is row-major [N][K] of dtype wtype (IFG_F32, IFG_BF16, IFG_F16); x and y are f32.
+ * IFG_Q8_0 / IFG_Q4_0 weights (K a multiple of 32) go to the integer kernels of quant.h.
+ * accumulate != 0 adds into y (used for residual connections). T == 1 is the decode GEMV,
+ * T > 1 the prefill GEMM (cache-blocked). Compute is f32 (f32 accumulation). */
+void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                int T, int N, int K, int accumulate, int n_threads);
+// cdef-end
+
+/* The work of ifg_matmul, for every thread of an enclosing parallel region to call together
+ * (orphaned `omp for`, schedule(static); ends with the loop's implicit barrier). Threads
+ * split N into contiguous row ranges. Outputs are bitwise the same for a given thread count
+ * (in fact for any thread count: the summation order of each output does not depend on
+ * which thread or tile computes it). y must not overlap x or W. Allocates nothing; the GEMM
+ * (T > 1) uses a fixed stack buffer of < 25 KiB per thread for a tile of x. */
+void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                     int T, int N, int K, int accumulate);
+
+#endif

@@ -1,0 +1,214 @@
+"""`infeng bench` code paths on stories260K with a tiny budget (no timing assertions), the kernel
+micro-benchmarks, the bandwidth kernel, telemetry output and the peers' clean skip."""
+import builtins
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from infeng.bench import micro, peers, suite as S
+from infeng.cli.main import main
+from infeng.errors import InfengError
+
+from conftest import P
+
+
+def test_read_sum_every_isa_and_thread_count(kern):
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 63, 64, 65, 1000, 100_003):
+        x = rng.standard_normal(n).astype(np.float32)
+        want = float(x.astype(np.float64).sum())
+        for th in (1, 2, 3):
+            got = kern.lib.ifg_read_sum(P(kern, x), n, th)
+            assert abs(got - want) <= 1e-4 * max(1.0, np.abs(x).sum()), (n, th)
+        # deterministic for a given thread count
+        assert kern.lib.ifg_read_sum(P(kern, x), n, 2) == kern.lib.ifg_read_sum(P(kern, x), n, 2)
+
+
+def test_micro_cases_run(kern):
+    for case in (micro.matmul_case(kern, "bf16", "64x172", 1, 1), micro.matmul_case(kern, "f32", "32x64", 4, 1),
+                 micro.attention_case(kern, 40, 8, 4, 8, threads=1), micro.bandwidth_case(kern, 1, 1)):
+        dt = micro.time_once(case, min_time=0.0, max_iters=2)
+        assert dt > 0 and case.bytes > 0
+
+
+def test_gemv_case_matches_numpy(kern):
+    case = micro.matmul_case(kern, "f32", "48x64", 1, 1)
+    case.run()
+    w, x, y = case.keep
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shape_and_dtype():
+    with pytest.raises(InfengError, match="ROWSxCOLS"):
+        micro.parse_shape("2048")
+    with pytest.raises(InfengError, match="dtype"):
+        micro.random_weight("f8", 4, 4)
+
+
+TINY = """
+model: {model}
+threads: 1
+repeats: 2
+peers: [llama.cpp]
+scenarios:
+  - {{kind: bandwidth, mb: 1, min_time: 0.0}}
+  - {{kind: gemv, dtype: bf16, shape: 64x172, min_time: 0.0}}
+  - {{kind: gemm, dtype: f32, shape: 64x64, tokens: 4, min_time: 0.0}}
+  - {{kind: attention, depth: 20, n_heads: 8, n_kv_heads: 4, head_dim: 8, min_time: 0.0}}
+  - {{kind: prefill, tokens: 12}}
+  - {{kind: decode, tokens: 4, depth: 8}}
+  - {{kind: batch_decode, batch: 2, tokens: 3}}
+"""
+
+
+@pytest.fixture()
+def tiny_suite(tmp_path, data_dir):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(model=data_dir / "stories260K"))
+    return p
+
+
+def test_bench_suite_end_to_end(tiny_suite, tmp_path, capsys):
+    j, c, png = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    rc = main(["bench", "--suite", str(tiny_suite), "--json", str(j), "--csv", str(c), "--plot", str(png)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "llama.cpp" in err and "skipped" in err          # the missing peer is a note
+    d = json.loads(j.read_text())
+    assert d["schema"] == "infeng.telemetry/1" and d["command"] == "bench"
+    names = {r["scenario"] for r in d["records"]}
+    assert {"pp12", "tg4@d8", "batch2 tg3", "gemv bf16 64x172", "attention@d20", "bandwidth 1MiB"} <= names
+    for r in d["records"]:
+        assert r["runner"] == "infeng" and len(r["values"]) == 2 and r["median"] > 0
+    dec = next(r for r in d["records"] if r["scenario"] == "tg4@d8")
+    assert dec["roofline_pct"] > 0 and "py_overhead_us_per_tok" in dec
+    assert d["metrics"]["read_bandwidth_gb_s"] > 0 and "pp12.infeng_tok_s" in d["metrics"]
+    rows = list(csv.reader(c.open()))
+    assert rows[0] == ["kind", "index", "key", "value"]
+    assert ["run", "0", "command", "bench"] in rows
+    try:
+        import matplotlib  # noqa: F401
+        assert png.exists()
+    except ImportError:
+        assert "matplotlib not installed" in err and not png.exists()
+
+
+def test_bench_kernel_cli(tmp_path, capsys):
+    j = tmp_path / "k.json"
+    assert main(["bench", "--kernel", "gemv", "--dtype", "bf16", "--shape", "64x128", "--repeats", "1",
+                 "--threads", "1", "--json", str(j)]) == 0
+    d = json.loads(j.read_text())
+    assert d["records"][0]["scenario"] == "gemv bf16 64x128" and d["records"][0]["unit"] == "GB/s"
+    assert "gemv bf16 64x128" in capsys.readouterr().err
+
+
+def test_bench_bad_input(tmp_path, capsys):
+    assert main(["bench"]) == 1
+    assert main(["bench", "--kernel", "fft"]) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenarios:\n  - {kind: warp}\n")
+    assert main(["bench", "--suite", str(bad)]) == 1
+    bad.write_text("scenarios:\n  - {kind: gemv}\n")
+    assert main(["bench", "--suite", str(bad)]) == 1
+    assert main(["bench", "--kernel", "gemv", "--json", str(tmp_path / "x.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "kind" in err and "needs shape" in err and "Traceback" not in err
+
+
+def test_shipped_suites_parse():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "bench"
+    for f in sorted(root.glob("*.yaml")):
+        s = S.load_suite(f)
+        assert s.scenarios, f
+
+
+def _block_import(monkeypatch, name):
+    real = builtins.__import__
+
+    def fake(mod, *a, **k):
+        if mod == name or mod.startswith(name + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real(mod, *a, **k)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    import importlib
+    real_im = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda mod, *a: fake(mod) if mod == name else real_im(mod, *a))
+
+
+@pytest.mark.parametrize("peer,pkg", [("torch", "torch"), ("llama.cpp", "llama_cpp")])
+def test_peer_skips_cleanly_when_absent(monkeypatch, data_dir, peer, pkg):
+    _block_import(monkeypatch, pkg)
+    from infeng.model.loader import load_model
+    m = load_model(data_dir / "stories260K")
+    with pytest.raises(peers.PeerSkip, match="not installed"):
+        peers.make_peer(peer, m, 1, 64)
+    notes = []
+    s = S.Suite(model=str(data_dir / "stories260K"), threads=1, repeats=1, peers=[peer],
+                scenarios=[S.Scenario("prefill", {"tokens": 8})])
+    results, meta = S.run_suite(s, notes=notes)
+    assert [r.runner for r in results] == ["infeng"] and meta["peers"] == []
+    peer_notes = [n for n in notes if n.startswith("peer")]     # (a busy machine adds a CPU note)
+    assert len(peer_notes) == 1 and "not installed" in peer_notes[0] and "\n" not in peer_notes[0]
+
+
+class _FakeLlama:
+    """Stands in for llama_cpp.Llama: records how the peer drives it."""
+    made = []
+
+    def __init__(self, model_path, n_threads, n_ctx, **kw):
+        from infeng.converters.gguf_write import read_gguf_header
+        self.kw = kw
+        self.meta, self.tensors = read_gguf_header(model_path)
+        self.n_ctx, self.n_tokens = n_ctx, 0
+        self.scores = np.zeros((n_ctx, len(self.meta["tokenizer.ggml.tokens"])), np.float32)
+        _FakeLlama.made.append(self)
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, toks):
+        self.n_tokens += len(toks)
+
+
+def test_llama_cpp_peer_exports_gguf_and_runs(monkeypatch, data_dir, tmp_path):
+    import types
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama))
+    notes = []
+    s = S.Suite(model=str(data_dir / "stories260K"), threads=1, repeats=1, peers=["llama.cpp", "llama.cpp:fa=0"],
+                scenarios=[S.Scenario("prefill", {"tokens": 8}), S.Scenario("decode", {"tokens": 3, "depth": 4})])
+    results, meta = S.run_suite(s, notes=notes)
+    assert meta["peers"] == ["llama.cpp", "llama.cpp:fa=0"] and not [n for n in notes if "llama" in n]
+    llm = _FakeLlama.made[-2]
+    assert llm.meta["llama.block_count"] == 5 and "blk.4.ffn_down.weight" in llm.tensors
+    assert "flash_attn" not in llm.kw and _FakeLlama.made[-1].kw["flash_attn"] is False
+    for name in meta["peers"]:
+        peer = [r for r in results if r.runner == name]
+        assert [len(r.values) for r in peer] == [1, 1] and all(r.median > 0 for r in peer)
+
+
+def test_torch_peer_matches_reference(data_dir):
+    pytest.importorskip("torch")
+    from infeng.model.loader import load_model
+    from infeng.model.reference import ReferenceModel
+    m = load_model(data_dir / "stories260K", dtype="f32")
+    ids = [1, 403, 407, 263, 31, 45]
+    got = peers.TorchPeer(m, 1, 32).logits(ids)
+    want = ReferenceModel(m).forward(ids)[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    p = peers.TorchPeer(m, 1, 32)
+    assert p.decode(ids, 3)[0] == 2 and p.batch_decode([ids, ids], 3)[0] == 4 and p.prefill(ids)[0] == 6
+
+
+def test_roofline_bytes(data_dir):
+    from infeng.model.loader import load_model
+    m = load_model(data_dir / "stories260K")
+    wb = S.weight_bytes(m)
+    assert wb == sum(a.nbytes for _, a in m.tensors.values())      # tied: the table is the output matrix
+    assert S.decode_step_bytes(m, 2, 10) == wb + 2 * 10 * S.kv_bytes_per_position(m)

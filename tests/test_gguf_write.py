@@ -1,0 +1,62 @@
+"""The bench's GGUF writer: header, metadata, vocabulary, tensor layout (RoPE row permutation of
+wq/wk), and — when llama-cpp-python is installed — llama.cpp's logits on the export."""
+import numpy as np
+import pytest
+
+from infeng.converters import gguf_write as G
+from infeng.model.loader import load_model
+
+
+@pytest.fixture(scope="module", params=["f32", "bf16"])
+def exported(request, data_dir, tmp_path_factory):
+    m = load_model(data_dir / "stories260K", dtype=request.param)
+    p = G.write_gguf(m, tmp_path_factory.mktemp("gguf") / f"s-{request.param}.gguf")
+    return m, p
+
+
+def test_header_and_tensors(exported):
+    m, p = exported
+    meta, tensors = G.read_gguf_header(p)
+    c = m.config
+    assert meta["version"] == 3 and meta["general.architecture"] == "llama"
+    assert meta["llama.embedding_length"] == c.dim and meta["llama.attention.head_count_kv"] == c.n_kv_heads
+    assert len(meta["tokenizer.ggml.tokens"]) == c.vocab_size
+    assert meta["tokenizer.ggml.tokens"][1] == "<s>" and meta["tokenizer.ggml.token_type"][1] == 3
+    assert meta["tokenizer.ggml.token_type"][3 + 10] == 6              # <0x0A>
+    assert "output.weight" not in tensors                               # tied embeddings
+    assert len(tensors) == 2 + 9 * c.n_layers
+    raw = p.read_bytes()
+    t, dims, off = tensors["blk.1.ffn_down.weight"]
+    dt, arr = m.tensors["layers.1.w_down"]
+    assert t == G.GGML_TYPE[dt] and dims == [c.hidden_dim, c.dim] and off % 32 == 0
+    assert raw[off:off + arr.nbytes] == arr.tobytes()
+    # wq rows: GGML's interleaved RoPE order; undoing the permutation gives the HF rows back
+    t, dims, off = tensors["blk.0.attn_q.weight"]
+    dt, arr = m.tensors["layers.0.wq"]
+    got = np.frombuffer(raw[off:off + arr.nbytes], arr.dtype).reshape(arr.shape)
+    hd = c.head_dim
+    back = got.reshape(c.n_heads, hd // 2, 2, -1).swapaxes(1, 2).reshape(arr.shape)
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_llama_cpp_runs_the_export(exported):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m, p = exported
+    if m.weight_dtype != "f32":
+        pytest.skip("logits compared on the f32 export")
+    from infeng.model.reference import ReferenceModel
+    ids = [1, 403, 407, 263, 31, 45]
+    llm = llama_cpp.Llama(model_path=str(p), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[len(ids) - 1])
+    want = ReferenceModel(m).forward(ids)[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_official_reader_parses_the_export(exported):
+    gguf = pytest.importorskip("gguf")          # llama.cpp's gguf-py, when installed
+    m, p = exported
+    r = gguf.GGUFReader(str(p))
+    assert len(r.tensors) == 2 + 9 * m.config.n_layers
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
+    assert list(t.shape) == [m.config.hidden_dim, m.config.dim]

@@ -1,0 +1,149 @@
+"""Mixed-adapter batches through the C forward pass: PEFT-recorded logits, reference greedy, and
+every row of a mixed batch equal to that row run alone with its adapter."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infeng.cli.main import main
+from infeng.errors import InfengError
+from infeng.model.adapter import convert_peft, reference_with_adapter
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, FinishEvent, Request
+from infeng.runtime.sampler import SamplingParams
+
+FIX = Path(__file__).parent / "fixtures" / "peft"
+NAMES = sorted(p.name for p in FIX.iterdir())
+
+
+@pytest.fixture(scope="module")
+def base(data_dir):
+    return load_model(data_dir / "stories260K-f32")
+
+
+@pytest.fixture(scope="module")
+def files(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return {n: convert_peft(FIX / n, d / f"{n}.infeng-lora", base, dtype="f32") for n in NAMES}
+
+
+def _greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, seed=0, **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_c_logits_match_peft(kern, base, files, name):
+    eng = Engine(base, threads=2, max_batch=2, isa=kern.ffi.string(kern.lib.ifg_isa()).decode())
+    eng.load_adapter(files[name], name)
+    rec = json.loads((FIX / name / "logits.json").read_text())
+    eng.submit(Request(id="x", prompt_ids=rec["input_ids"], params=_greedy(1), adapter=name))
+    eng.step()                                       # the prefill step: logits of the last prompt token
+    np.testing.assert_allclose(eng.net.logits[0], rec["last_logits"], atol=1e-3)
+    list(eng.stream())
+
+
+def test_mixed_batch_rows_equal_alone(base, files):
+    prompts = ["Once upon a time", "Lily and Ben", "The little dog", "One day", "Tom had a red ball"]
+    adapters = [NAMES[0], None, NAMES[1], NAMES[3], NAMES[2]]
+    alone = {}
+    for i, (p, a) in enumerate(zip(prompts, adapters)):
+        e = Engine(base, threads=1, max_batch=1)
+        if a:
+            e.load_adapter(files[a], a)
+        alone[str(i)] = next(e.generate([Request(id=str(i), prompt=p, params=_greedy(25), adapter=a)])).token_ids
+        ref = reference_with_adapter(base, e.adapters.get(a).adapter if a else None)
+        assert ref.greedy(e.tokenizer.encode(p), 25)[:len(alone[str(i)])] == alone[str(i)]
+    eng = Engine(base, threads=2, max_batch=4, max_batch_tokens=9)       # chunked, mixed, preempting slots
+    for a in set(filter(None, adapters)):
+        eng.load_adapter(files[a], a)
+    got = {r.id: r.token_ids for r in eng.generate(
+        [Request(id=str(i), prompt=p, params=_greedy(25), adapter=a) for i, (p, a) in enumerate(zip(prompts, adapters))])}
+    assert got == alone
+    assert all(a.in_use == 0 for a in eng.adapters.loaded.values())
+
+
+def test_unknown_adapter_is_rejected(base, files):
+    eng = Engine(base, threads=1, max_batch=1)
+    fin = [ev.result for ev in eng.stream([Request(id="x", prompt="Lily", params=_greedy(3), adapter="nope")])
+           if isinstance(ev, FinishEvent)]
+    assert fin[0].finish_reason == "rejected" and "adapter 'nope' is not loaded" in fin[0].error
+
+
+def test_hot_reload_budget_and_pinning(base, files, tmp_path):
+    one = files[NAMES[0]].stat().st_size
+    eng = Engine(base, threads=1, max_batch=1, adapter_budget_mb=2.5 * one / 2**20 * 1.0)
+    eng.load_adapter(files[NAMES[0]], "a", pinned=True)
+    eng.load_adapter(files[NAMES[0]], "b")
+    eng.load_adapter(files[NAMES[0]], "c")           # over budget: evicts b (LRU, not pinned)
+    assert set(eng.adapters.loaded) == {"a", "c"} and eng.adapters.evictions == 1
+    before = next(eng.generate([Request(id="1", prompt="Lily", params=_greedy(10), adapter="c")])).token_ids
+    # hot reload: the file behind "c" changes to another adapter
+    import shutil
+    import os
+    path = tmp_path / "c.infeng-lora"
+    shutil.copy(files[NAMES[0]], path)
+    eng.load_adapter(path, "c")
+    shutil.copy(files[NAMES[2]], path)
+    os.utime(path, (1, 1))
+    assert eng.adapters.reload_changed() == ["c"]
+    after = next(eng.generate([Request(id="2", prompt="Lily", params=_greedy(10), adapter="c")])).token_ids
+    assert after != before
+    with pytest.raises(InfengError, match="more than the adapter budget"):
+        Engine(base, threads=1, max_batch=1, adapter_budget_mb=0.001).load_adapter(files[NAMES[0]])
+
+
+def test_cli_adapters(base, files, tmp_path, data_dir, capsys):
+    d = tmp_path / "ad"
+    d.mkdir()
+    for n in NAMES:
+        (d / f"{n}.infeng-lora").write_bytes(files[n].read_bytes())
+    req = tmp_path / "r.jsonl"
+    req.write_text("".join(json.dumps({"id": n, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
+                                       "adapter": n}) + "\n" for n in NAMES) +
+                   json.dumps({"id": "none", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}) + "\n" +
+                   json.dumps({"id": "bad", "prompt": "x", "adapter": "missing"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    model = str(data_dir / "stories260K-f32")
+    assert main(["generate", model, "--adapters-dir", str(d), "--batch", str(req), "--output", str(out)]) == 0
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "adapter 'missing' is not loaded" in rows["bad"]["error"]
+    for n in NAMES + ["none"]:
+        e = Engine(base, threads=1, max_batch=1)
+        a = e.load_adapter(d / f"{n}.infeng-lora", n).name if n != "none" else None
+        want = next(e.generate([Request(id=n, prompt="Once upon a time", params=_greedy(12), adapter=a)]))
+        assert rows[n]["token_ids"] == want.token_ids, n
+    assert rows["lora_r8_all_rslora"]["text"] != rows["none"]["text"]
+    capsys.readouterr()
+    assert main(["generate", model, "--adapter", str(files[NAMES[1]]), "-p", "Once upon a time", "-n", "12",
+                 "-t", "0", "--no-echo"]) == 0
+    assert capsys.readouterr().out == rows[NAMES[1]]["text"] + "\n"
+
+
+def test_lora_on_a_quantized_base(base, files, tmp_path, data_dir, capsys):
+    """An adapter made for the f32 model applies to its q8_0 quantization (lineage), in mixed batches."""
+    src = tmp_path / "f32.infeng"
+    q8 = tmp_path / "q8.infeng"
+    assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(src)]) == 0
+    assert main(["quantize", str(src), "-o", str(q8), "--type", "q8_0"]) == 0
+    qbase = load_model(q8)
+    f32_adapter = convert_peft(FIX / "dora_r4_attn_down", tmp_path / "d.infeng-lora", load_model(src), dtype="f32")
+    eng = Engine(qbase, threads=2, max_batch=3)
+    eng.load_adapter(f32_adapter, "d")
+    eng.load_adapter(convert_peft(FIX / "lora_r8_all_rslora", tmp_path / "l.infeng-lora", load_model(src)), "l")
+    prompts = [("Once upon a time", "d"), ("Lily", "l"), ("One day", None)]
+    got = {r.id: r.token_ids for r in eng.generate(
+        [Request(id=p, prompt=p, params=_greedy(20), adapter=a) for p, a in prompts])}
+    for p, a in prompts:
+        e = Engine(qbase, threads=1, max_batch=1)
+        if a:
+            e.load_adapter(tmp_path / ("d.infeng-lora" if a == "d" else "l.infeng-lora"), a)
+        assert next(e.generate([Request(id=p, prompt=p, params=_greedy(20), adapter=a)])).token_ids == got[p]
+    # close to the adapter on the f32 base: the recorded PEFT logits
+    rec = json.loads((FIX / "dora_r4_attn_down" / "logits.json").read_text())
+    e = Engine(qbase, threads=1, max_batch=1)
+    e.load_adapter(f32_adapter, "d")
+    e.submit(Request(id="x", prompt_ids=rec["input_ids"], params=_greedy(1), adapter="d"))
+    e.step()
+    assert int(np.argmax(e.net.logits[0])) == int(np.argmax(rec["last_logits"]))
+    assert np.abs(e.net.logits[0] - np.array(rec["last_logits"])).max() < 0.5

@@ -1,0 +1,184 @@
+"""Quantized stories260K (from the f32 checkpoint): `infeng quantize` end to end, the recorded
+greedy output, the C forward pass against the numpy reference of the quantized model, and bad
+input at the CLI (one line, exit != 0, nothing written)."""
+import json
+
+import numpy as np
+import pytest
+
+from infeng import format as native
+from infeng.cli.main import main
+from infeng.model.llama import LlamaC
+from infeng.model.loader import load_model
+from infeng.model.reference import ReferenceModel
+from infeng.runtime.kv import KVCache
+
+PROMPT = [1, 403, 407, 261, 378]   # "Once upon a time"
+# Greedy 60 tokens, numpy reference of the quantized model. q8_0 is the f32 model's own
+# continuation ("...Lily. She loved to play outside in the park. One day, she saw a big, red
+# ball..."); q4_0 follows it for 24 tokens, then "...in the sun. One day, she found a small box
+# of paper on the ground. She was so happy and proud...".
+GREEDY = {
+    "q8_0": [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408,
+             419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352,
+             266, 268, 388, 426, 338, 391, 266, 267, 337, 335, 312, 432, 398, 312, 286, 267, 414, 270,
+             333, 415, 426, 13, 438, 310],
+    "q4_0": [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408,
+             419, 292, 411, 322, 265, 262, 379, 426, 385, 328, 432, 358, 272, 277, 264, 261, 262, 423,
+             388, 268, 414, 444, 373, 282, 412, 427, 285, 353, 265, 298, 420, 277, 264, 426, 338, 286,
+             384, 393, 269, 282, 420, 277],
+}
+TOKENS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338]
+
+
+@pytest.fixture(scope="module")
+def qfiles(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("q")
+    out = {}
+    for t in GREEDY:
+        p = d / f"s-{t}.infeng"
+        assert main(["quantize", str(data_dir / "stories260K-f32"), "-o", str(p), "--type", t,
+                     "--telemetry", str(d / f"{t}.json")]) == 0
+        out[t] = p
+    return out
+
+
+@pytest.mark.parametrize("qtype", list(GREEDY))
+def test_quantized_file_types_and_fallbacks(qfiles, qtype):
+    f = native.NativeFile(qfiles[qtype])
+    # 35 matrices + the (tied) embedding table; w_down has rows of 172: bf16 fallback
+    for name, d in f.dtypes.items():
+        if name.endswith("_norm") or name == "norm":
+            assert d == "f32"
+        elif name.endswith("w_down"):
+            assert d == "bf16" and f.shapes[name] == (64, 172)
+        else:
+            assert d == qtype
+            assert f.tensors[name].shape == (f.shapes[name][0], f.shapes[name][1] // 32 * (34 if qtype == "q8_0" else 18))
+    tel = json.loads((qfiles[qtype].parent / f"{qtype}.json").read_text())
+    assert tel["command"] == "quantize" and tel["metrics"]["fallbacks"] == 5
+    assert tel["metrics"]["tensors"] == 47 and len(tel["records"]) == 47
+    want_bpw = {"q8_0": 10.15, "q4_0": 7.01}[qtype]   # 5 bf16 w_down of 55k weights weigh in
+    assert tel["metrics"]["bits_per_weight"] == pytest.approx(want_bpw, abs=0.01)
+
+
+@pytest.mark.parametrize("qtype", list(GREEDY))
+def test_reference_greedy_recorded(qfiles, qtype):
+    assert ReferenceModel(load_model(qfiles[qtype])).greedy(PROMPT, 60) == GREEDY[qtype]
+
+
+def _close_rows(got, want):
+    """Rows (tokens) within 1e-4 of the largest logit; every row within 1e-2.
+
+    C and numpy compute the activations with different f32 rounding, so a value within an ulp
+    of a .5 boundary can round to a different int8 on the two sides: that moves the logits of
+    the token it belongs to (and, through K/V, maybe later ones) by ~d_x * |w|, observed
+    7.5e-2 on a logit of 19 (4e-3 relative), against < 1e-5 for rows without a flip."""
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max(-1) / scale
+    assert np.all(err < 1e-2), err
+    return int(np.sum(err < 1e-4))
+
+
+@pytest.mark.parametrize("qtype", list(GREEDY))
+def test_c_forward_matches_quantized_reference(kern, qfiles, qtype):
+    """The C kernels quantize activations to int8 blocks; the reference does the same
+    (int8_activations), so they agree to f32 rounding but for rare int8 rounding flips."""
+    model = load_model(qfiles[qtype])
+    ref = ReferenceModel(model, int8_activations=True)
+    want = ref.forward(TOKENS)
+    net = LlamaC(kern, model, max_tokens=32, max_out=32, threads=2)
+    kv = KVCache(kern, model.config, n_slots=1, max_seq_len=64, block_size=4)
+    assert kv.ensure(0, 64)
+    T = len(TOKENS)
+    net.tokens[:T], net.pos[:T], net.seq[:T] = TOKENS, range(T), [0] * T
+    net.out_rows[:T] = range(T)
+    net.step(kv, T, T)
+    tight = _close_rows(net.logits[:T], want)
+    for t in (311, 265, 345):   # decode steps (GEMV) continue the cache
+        w = ref.forward([t])
+        net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = t, ref.pos - 1, 0, 0
+        net.step(kv, 1, 1)
+        tight += _close_rows(net.logits[:1], w)
+    assert tight >= T + 3 - 2, tight   # at most two rows touched by a flip
+    # and the activation rounding is the only difference from the plain dequantized reference
+    plain = ReferenceModel(model).forward(TOKENS)
+    assert np.abs(plain - want).max() < 0.05 * np.abs(plain).max()
+
+
+def test_c_greedy_through_cli_equals_recorded(qfiles, tmp_path):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text(json.dumps({"id": "a", "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}) + "\n")
+    for qtype, p in qfiles.items():
+        out = tmp_path / f"{qtype}.jsonl"
+        assert main(["generate", str(p), "--batch", str(reqs), "--output", str(out)]) == 0
+        ids = json.loads(out.read_text().splitlines()[0])["token_ids"]
+        assert ids == GREEDY[qtype]   # int8 activations in C: the same 60 tokens as the reference
+
+
+def test_policy_file(qfiles, tmp_path, data_dir, capsys):
+    pol = tmp_path / "p.yaml"
+    pol.write_text('fallback: f16\ntensors:\n  tok_embeddings: bf16\n  "layers.*.w_down": q8_0\n  "layers.[0-1].*": q8_0\n')
+    out = tmp_path / "mixed.infeng"
+    assert main(["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q4_0", "--policy", str(pol)]) == 0
+    f = native.NativeFile(out)
+    assert f.dtypes["tok_embeddings"] == "bf16"
+    assert f.dtypes["layers.0.w_down"] == "f16"     # asked q8_0, rows of 172: the policy's fallback
+    assert f.dtypes["layers.1.wq"] == "q8_0" and f.dtypes["layers.3.wq"] == "q4_0"
+    assert "fallback to f16" in capsys.readouterr().err
+
+
+def _fails(capsys, argv, message):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert rc != 0 and len(lines) == 1 and "Traceback" not in err and message in lines[0], err
+
+
+@pytest.mark.parametrize("policy,message", [
+    ("tensors:\n  'layers.*.w_nope': q8_0\n", "matches no tensor"),
+    ("tensors: [1, 2\n", "not valid YAML"),
+    ("tensors:\n  output: q3_k\n", "unknown type 'q3_k'"),
+    ("fallback: q8_0\n", "unknown type 'q8_0'"),
+    ("bogus: 1\n", "unknown policy key"),
+    ("- a\n- b\n", "a policy is a mapping"),
+])
+def test_bad_policy_writes_nothing(capsys, tmp_path, data_dir, policy, message):
+    pol = tmp_path / "p.yaml"
+    pol.write_text(policy)
+    out = tmp_path / "o.infeng"
+    _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q8_0", "--policy", str(pol)], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_bad_type_and_source(capsys, tmp_path, data_dir, qfiles):
+    out = tmp_path / "o.infeng"
+    _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q5_k"], "unknown type 'q5_k'")
+    _fails(capsys, ["quantize", str(qfiles["q8_0"]), "-o", str(out), "--type", "q4_0"], "already quantized (q8_0)")
+    _fails(capsys, ["quantize", str(tmp_path / "nope.infeng"), "-o", str(out), "--type", "q8_0"], "no such file")
+    _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q8_0",
+                    "--policy", str(tmp_path / "nope.yaml")], "no such policy file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_quantized_length_rejected(tmp_path, qfiles):
+    """The reader's exact length check holds for block types: logical shape ↔ bytes."""
+    from conftest import patch_manifest
+    from infeng.errors import InfengError
+    bad = tmp_path / "bad.infeng"
+
+    def grow(man):
+        for e in man["tensors"]:
+            if e["name"] == "layers.0.wq":
+                e["shape"] = [64, 96]     # 3 blocks a row: 102 bytes, the data holds 68
+    patch_manifest(qfiles["q8_0"], bad, grow)
+    with pytest.raises(InfengError, match="does not match shape"):
+        native.NativeFile(bad)
+
+    def odd(man):
+        for e in man["tensors"]:
+            if e["name"] == "layers.0.wq":
+                e["shape"] = [64, 60]     # not a whole number of blocks
+    patch_manifest(qfiles["q8_0"], bad, odd)
+    with pytest.raises(InfengError, match="whole number of q8_0 blocks"):
+        native.NativeFile(bad)
