@@ -1,0 +1,43 @@
+# infeng — `make demo` and `make test` work on a fresh machine (Python >= 3.10 and a C compiler).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= $(abspath $(or $(INFENG_TEST_DATA),../shared/data))
+STAMP  := $(VENV)/.installed
+OUT    := out
+
+.PHONY: setup demo test kernels bench clean
+
+# venv + editable install (builds the three kernel libraries); redone when the build inputs change
+$(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import infeng.kernels as k; k.active()"
+	touch $@
+
+setup: $(STAMP)
+
+kernels: setup  ## rebuild the C libraries in place after editing kernels_c/
+	$(BIN)/python infeng/kernels/build.py
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/infeng convert $(DATA)/stories260K -o $(OUT)/stories260K.infeng
+	$(BIN)/infeng generate $(OUT)/stories260K.infeng --prompt "Once upon a time" -n 60 --temperature 0
+	printf '%s\n' '{"id": "a", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}' \
+	  '{"id": "b", "prompt": "Lily and Ben", "max_tokens": 40, "temperature": 0.8, "seed": 7}' \
+	  '{"id": "c", "prompt": "The little dog", "max_tokens": 40, "temperature": 1.0, "top_k": 20, "seed": 1}' > $(OUT)/requests.jsonl
+	$(BIN)/infeng generate $(OUT)/stories260K.infeng --batch $(OUT)/requests.jsonl --output $(OUT)/results.jsonl --telemetry $(OUT)/run.json
+	@cat $(OUT)/results.jsonl
+
+test: setup
+	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
+
+bench: setup  ## peers + plot installed, then the default suite side by side (a peer that fails to install is skipped)
+	@mkdir -p $(OUT)
+	$(BIN)/pip install -q -e '.[peers,bench]' 2>&1 | grep -v '^WARNING: Location' || true
+	INFENG_TEST_DATA=$(DATA) $(BIN)/infeng bench --suite bench/decode.yaml --json $(OUT)/bench.json --csv $(OUT)/bench.csv --plot $(OUT)/bench.png
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info infeng/kernels/*.so

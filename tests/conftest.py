@@ -1,0 +1,60 @@
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infeng import kernels
+
+ISAS = kernels.supported_isas()
+
+
+@pytest.fixture(params=ISAS)
+def kern(request):
+    """The cffi module (.ffi, .lib) of each kernel variant this CPU can run."""
+    return kernels.load(request.param)
+
+
+def P(kern, arr, ctype="float *"):
+    """Pointer to a numpy array for a kernel call (the array must be C-contiguous)."""
+    assert arr.flags.c_contiguous
+    return kernels.ptr(kern, arr, ctype)
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """f32 → bf16 bit patterns (uint16), round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+# absolute, so that suites and files written under tmp_path that name it still find it
+DATA = Path(os.environ.get("INFENG_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"test data not found at {DATA}: set INFENG_TEST_DATA")
+    return DATA
+
+
+def patch_manifest(src: Path, dst: Path, mutate) -> None:
+    """Copy a native file to dst with its manifest edited in place: same length (space padded),
+    room made by dropping the free-text "note"/"source" fields, so offsets stay valid."""
+    raw = bytearray(Path(src).read_bytes())
+    (mlen,) = struct.unpack_from("<Q", raw, 16)
+    man = json.loads(raw[24:24 + mlen])
+    mutate(man)
+    for room in ("note", "source"):
+        man.pop(room, None)
+    blob = json.dumps(man, separators=(",", ":")).encode()
+    assert len(blob) <= mlen
+    raw[24:24 + mlen] = blob.ljust(mlen)
+    Path(dst).write_bytes(bytes(raw))
