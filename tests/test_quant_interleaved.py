@@ -85,3 +85,13 @@ def test_x16_deterministic_across_threads(kern, qtype):
         outs.append(y)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_bench_case_runs_the_model_layout(kern):
+    from infeng.bench import micro
+    case = micro.matmul_case(kern, "q4_0", "48x64", 3, 1)
+    assert case.name == "gemm3 q4_0x16 48x64"
+    case.run()
+    assert micro.matmul_case(kern, "q8_0", "40x64", 1, 1).name == "gemv q8_0 40x64"   # 40 rows: plain
+    with pytest.raises(InfengError, match="multiple of 16"):
+        micro.random_weight("q8_0x16", 40, 64)
