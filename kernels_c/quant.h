@@ -4,7 +4,9 @@
  * 16 bytes of nibbles, 18 bytes; see infeng/quant). K must be a multiple of 32.
  * x is quantized per token and 32-block to int8 with an f32 scale (d = max|x|/127,
  * q = roundf(x * (1/d))), then each block's dot product is done in integers and scaled by
- * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0). */
+ * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0).
+ * A loaded model runs matrices with 16k rows on the row-interleaved copies (IFG_Q8_0X16 /
+ * IFG_Q4_0X16, quant_x16.c, layout below): the plain kernels here serve the other matrices. */
 #ifndef IFG_QUANT_H
 #define IFG_QUANT_H
 
@@ -42,6 +44,12 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
  *            high nibble q of k = 8v + 4 + j, q = w + 8 as in q4_0  (288 bytes = 16 × 18).
  * So one 64-byte load is 16 rows × 4 k (q4_0: two of them), which vpdpbusd with x's 4 int8 of
  * those k broadcast advances at once. */
+// cdef-begin
+/* Repack a GGUF-order q8_0 / q4_0 matrix src (N rows of K/32 blocks, N a multiple of 16) into
+ * its interleaved layout dst (the same number of bytes); groups of rows split over threads.
+ * The numpy reference is infeng.quant.interleave.interleave. */
+void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
+// cdef-end
 static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
  * (a ~75 KiB stack buffer per thread holds a tile of quantized x). */

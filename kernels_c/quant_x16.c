@@ -296,3 +296,31 @@ void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w,
         }
     }
 }
+
+void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
+    const int nb = K / IFG_QK, G = N / 16;
+    const size_t sb = dtype == IFG_Q8_0 ? 34 : 18, gb = 16 * sb;
+    IFG_PARALLEL(n_threads) {
+        IFG_FOR
+        for (int g = 0; g < G; g++) {
+            for (int r = 0; r < 16; r++) { /* one source row at a time: sequential reads */
+                const uint8_t *row = (const uint8_t *)src + ((size_t)g * 16 + r) * nb * sb;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *s = row + (size_t)b * sb;
+                    uint8_t *o = (uint8_t *)dst + ((size_t)g * nb + b) * gb;
+                    o[2 * r] = s[0];
+                    o[2 * r + 1] = s[1];
+                    if (dtype == IFG_Q8_0) {
+                        for (int k = 0; k < IFG_QK; k++) o[32 + 64 * (k / 4) + 4 * r + k % 4] = s[2 + k] ^ 0x80;
+                    } else {
+                        uint8_t q[IFG_QK]; /* q of k: low nibbles are k 0..15, high 16..31 */
+                        for (int j = 0; j < 16; j++) { q[j] = s[2 + j] & 0x0F; q[j + 16] = s[2 + j] >> 4; }
+                        for (int v = 0; v < 4; v++)
+                            for (int j = 0; j < 4; j++)
+                                o[32 + 64 * v + 4 * r + j] = (uint8_t)(q[8 * v + j] | (q[8 * v + 4 + j] << 4));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@ import pytest
 from conftest import P
 from infeng import quant
 from infeng.errors import InfengError
-from infeng.quant.interleave import deinterleave, interleave
+from infeng.quant.interleave import deinterleave, interleave, interleave_c
 from test_quant import _ref
 
 QX = {"q8_0": 5, "q4_0": 6}
@@ -30,6 +30,15 @@ def test_interleave_round_trip(qtype):
     np.testing.assert_array_equal(deinterleave(packed, qtype), raw)
     with pytest.raises(InfengError):
         interleave(raw[:40], qtype)                                  # rows not a multiple of 16
+
+
+@pytest.mark.parametrize("qtype", list(QX))
+def test_c_interleave_equals_numpy(kern, qtype):
+    raw = _weights(qtype, 80, 2080, 2)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(interleave_c(kern, raw, qtype, threads), interleave(raw, qtype))
+    with pytest.raises(InfengError):
+        interleave_c(kern, raw[:40], qtype)
 
 
 def test_interleave_layout_by_hand():

@@ -30,7 +30,7 @@ class LlamaC:
             dtype, arr = model.tensors[name]
             dst.rows, dst.cols = native.logical_shape(dtype, arr.shape)
             if kernel_layout:   # q8_0/q4_0 with 16k rows: the interleaved copy the kernels want
-                dtype, arr = model.kernel_weight(name)
+                dtype, arr = model.kernel_weight(name, kern, threads)
             self._keep.append(arr)
             dst.data = ffi.cast("void *", ffi.from_buffer(arr))
             dst.dtype = CDTYPE[dtype]

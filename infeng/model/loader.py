@@ -21,7 +21,7 @@ from infeng.converters import hf
 from infeng.errors import InfengError
 from infeng.model.config import ModelConfig
 from infeng.quant import QTYPES, dequantize
-from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave
+from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -41,16 +41,18 @@ class Model:
     def weight(self, name: str) -> tuple[str, np.ndarray]:
         return self.tensors[name]
 
-    def kernel_weight(self, name: str) -> tuple[str, np.ndarray]:
+    def kernel_weight(self, name: str, kern=None, threads: int = 0) -> tuple[str, np.ndarray]:
         """The tensor in the layout the C kernels run fastest on: q8_0 / q4_0 matrices with a
         multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16``) once per
         model; ``tensors`` keeps the stored layout (GGUF export, reference model, checksums).
-        A mapped original is read once here, so its pages are then dropped from memory."""
+        A mapped original is read once here, so its pages are then dropped from memory. The
+        repack runs in C given the kernel library ``kern``, else in numpy."""
         dtype, arr = self.tensors[name]
         if not can_interleave(dtype, arr.shape[0]):
             return dtype, arr
         if name not in self._kernel:
-            self._kernel[name] = (INTERLEAVED[dtype], interleave(arr, dtype))
+            packed = interleave_c(kern, arr, dtype, threads) if kern is not None else interleave(arr, dtype)
+            self._kernel[name] = (INTERLEAVED[dtype], packed)
             release_pages(arr)
         return self._kernel[name]
 

@@ -45,6 +45,20 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
     return out.reshape(G, nb * GROUP * bb)
 
 
+def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndarray:
+    """``interleave`` done by the C library (ifg_quant_interleave, threads over row groups): the
+    loader's path, ~10x faster than the numpy reference on a 1B model."""
+    N, bb = raw.shape[0], _BLOCK.get(qtype)
+    if bb is None or raw.ndim != 2 or N % GROUP or raw.shape[1] % bb:
+        raise InfengError(f"cannot interleave a {qtype} matrix of stored shape {list(raw.shape)}")
+    src = np.ascontiguousarray(raw)
+    out = np.empty((N // GROUP, raw.shape[1] * GROUP), np.uint8)
+    ffi = kern.ffi
+    kern.lib.ifg_quant_interleave(ffi.cast("void *", ffi.from_buffer(out)), ffi.cast("void *", ffi.from_buffer(src)),
+                                  {"q8_0": 3, "q4_0": 4}[qtype], N, raw.shape[1] // bb * 32, threads)
+    return out
+
+
 def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
     """Inverse of ``interleave`` (``qtype`` is the plain type): back to GGUF-order blocks."""
     bb = _BLOCK[qtype]
