@@ -310,14 +310,19 @@ void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, i
                     uint8_t *o = (uint8_t *)dst + ((size_t)g * nb + b) * gb;
                     o[2 * r] = s[0];
                     o[2 * r + 1] = s[1];
-                    if (dtype == IFG_Q8_0) {
-                        for (int k = 0; k < IFG_QK; k++) o[32 + 64 * (k / 4) + 4 * r + k % 4] = s[2 + k] ^ 0x80;
-                    } else {
-                        uint8_t q[IFG_QK]; /* q of k: low nibbles are k 0..15, high 16..31 */
-                        for (int j = 0; j < 16; j++) { q[j] = s[2 + j] & 0x0F; q[j + 16] = s[2 + j] >> 4; }
-                        for (int v = 0; v < 4; v++)
-                            for (int j = 0; j < 4; j++)
-                                o[32 + 64 * v + 4 * r + j] = (uint8_t)(q[8 * v + j] | (q[8 * v + 4 + j] << 4));
+                    /* 4 bytes at a time: row r's 4 bytes of chunk c / v */
+                    for (int c = 0; c < (dtype == IFG_Q8_0 ? 8 : 4); c++) {
+                        uint32_t a, a4, u; /* a: bytes j..j+3, a4: bytes j+4..j+7 */
+                        if (dtype == IFG_Q8_0) {
+                            memcpy(&a, s + 2 + 4 * c, 4);
+                            u = a ^ 0x80808080u;
+                        } else { /* low nibbles hold k 0..15, high k 16..31 */
+                            memcpy(&a, s + 2 + 8 * (c % 2), 4);
+                            memcpy(&a4, s + 6 + 8 * (c % 2), 4);
+                            u = c < 2 ? (a & 0x0F0F0F0Fu) | ((a4 & 0x0F0F0F0Fu) << 4)
+                                      : ((a >> 4) & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
+                        }
+                        memcpy(o + 32 + 64 * c + 4 * r, &u, 4);
                     }
                 }
             }
