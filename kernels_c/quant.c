@@ -30,23 +30,27 @@
 #define QX_NB 64   /* rows per L2 block */
 #define QX_NBK (QX_KB / IFG_QK)
 
-/* Quantize x[t][k0..k1) for tt tokens: q[i*QX_KB + k - k0], d[i*QX_NBK + b], and the block
- * sums s[i*QX_NBK + b] = sum of the block's q. Scalar in every build so every ISA quantizes x
- * identically (and as infeng.quant.quantize_activations). */
-static void qx_quantize(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt, int k0, int k1) {
+/* Quantize x[t][k0..k1) for tt tokens: q[i*ldq + k - k0], d[i*ldd + b], and the block sums
+ * s[i*ldd + b] = sum of the block's q. Scalar in every build so every ISA quantizes x
+ * identically (and as infeng.quant.quantize_activations); quant_x16.c uses it too. */
+void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
+                    int k0, int k1, int ldq, int ldd) {
     for (int i = 0; i < tt; i++) {
         const float *xr = x + (size_t)(t + i) * ldx;
         for (int k = k0, b = 0; k < k1; k += IFG_QK, b++) {
             float amax = 0.0f;
             for (int j = 0; j < IFG_QK; j++) amax = fmaxf(amax, fabsf(xr[k + j]));
             const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
-            d[i * QX_NBK + b] = dd;
-            int8_t *qo = q + (size_t)i * QX_KB + (k - k0);
+            d[i * ldd + b] = dd;
+            int8_t *qo = q + (size_t)i * ldq + (k - k0);
             int32_t sum = 0;
             for (int j = 0; j < IFG_QK; j++) { qo[j] = (int8_t)roundf(xr[k + j] * id); sum += qo[j]; }
-            s[i * QX_NBK + b] = sum;
+            s[i * ldd + b] = sum;
         }
     }
+}
+static void qx_quantize(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt, int k0, int k1) {
+    ifg_quantize_x(q, d, s, x, ldx, t, tt, k0, k1, QX_KB, QX_NBK);
 }
 
 static inline size_t q_block_bytes(int wtype) { return wtype == IFG_Q8_0 ? 34 : 18; }

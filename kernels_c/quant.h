@@ -4,7 +4,9 @@
  * 16 bytes of nibbles, 18 bytes; see infeng/quant). K must be a multiple of 32.
  * x is quantized per token and 32-block to int8 with an f32 scale (d = max|x|/127,
  * q = roundf(x * (1/d))), then each block's dot product is done in integers and scaled by
- * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0). */
+ * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0).
+ * A loaded model runs matrices with 16k rows on the row-interleaved copies (IFG_Q8_0X16 /
+ * IFG_Q4_0X16, quant_x16.c, layout below): the plain kernels here serve the other matrices. */
 #ifndef IFG_QUANT_H
 #define IFG_QUANT_H
 
@@ -26,5 +28,32 @@ static inline size_t ifg_quant_row_bytes(int dtype, int n) {
 void ifg_dequant_row(float *o, const uint8_t *row, int dtype, int n);
 
 static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype == IFG_Q4_0; }
+
+/* Quantize x[t..t+tt)[k0..k1) per 32-block: q[i*ldq + k - k0] int8, d[i*ldd + b] its scale,
+ * s[i*ldd + b] the block's sum of q (scalar in every build: every ISA quantizes x alike). */
+void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
+                    int k0, int k1, int ldq, int ldd);
+
+/* Row-interleaved layouts (IFG_Q8_0X16 / IFG_Q4_0X16; N a multiple of 16, built at load time by
+ * infeng.quant.interleave from the GGUF-order blocks). W is N/16 groups of 16 rows; a group is
+ * K/32 group-blocks, one per 32-block of k, each:
+ *   32 bytes: the 16 rows' fp16 scales d (row r at bytes 2r, 2r+1);
+ *   q8_0x16: 8 × 64 bytes; chunk c holds for row r (bytes 4r..4r+3) u = w + 128 (unsigned) of
+ *            k = 4c..4c+3 of the block  (544 bytes = 16 × 34);
+ *   q4_0x16: 4 × 64 bytes; chunk v holds for row r byte 4r + j: low nibble q of k = 8v + j,
+ *            high nibble q of k = 8v + 4 + j, q = w + 8 as in q4_0  (288 bytes = 16 × 18).
+ * So one 64-byte load is 16 rows × 4 k (q4_0: two of them), which vpdpbusd with x's 4 int8 of
+ * those k broadcast advances at once. */
+// cdef-begin
+/* Repack a GGUF-order q8_0 / q4_0 matrix src (N rows of K/32 blocks, N a multiple of 16) into
+ * its interleaved layout dst (the same number of bytes); groups of rows split over threads.
+ * The numpy reference is infeng.quant.interleave.interleave. */
+void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
+// cdef-end
+static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
+/* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
+ * (a ~75 KiB stack buffer per thread holds a tile of quantized x). */
+void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                      int T, int r0, int r1, int K, int accumulate);
 
 #endif

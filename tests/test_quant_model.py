@@ -182,3 +182,40 @@ def test_corrupt_quantized_length_rejected(tmp_path, qfiles):
     patch_manifest(qfiles["q8_0"], bad, odd)
     with pytest.raises(InfengError, match="whole number of q8_0 blocks"):
         native.NativeFile(bad)
+
+
+@pytest.mark.parametrize("qtype", list(GREEDY))
+def test_c_forward_interleaved_equals_plain_layout(kern, qfiles, qtype, monkeypatch):
+    """Matrices with 16k rows (wq wk wv wo and the tied output head of stories260K; w_gate/w_up
+    have 172 rows and stay plain) run on the interleaved kernels; the whole forward pass agrees
+    with the plain-layout kernels (same int8 x quantization, only the f32 summation order differs), and the
+    stored tensors (GGUF export, reference) keep their GGUF block order."""
+    from infeng.model.loader import Model
+
+    def logits(model):
+        net = LlamaC(kern, model, max_tokens=32, max_out=32, threads=2)
+        kv = KVCache(kern, model.config, n_slots=1, max_seq_len=64, block_size=4)
+        assert kv.ensure(0, 64)
+        T = len(TOKENS)
+        net.tokens[:T], net.pos[:T], net.seq[:T] = TOKENS, range(T), [0] * T
+        net.out_rows[:T] = range(T)
+        net.step(kv, T, T)
+        out = [net.logits[:T].copy()]
+        net.tokens[0], net.pos[0], net.out_rows[0] = 311, T, 0
+        net.step(kv, 1, 1)                                     # one decode step (GEMV)
+        return net, np.concatenate(out + [net.logits[:1].copy()])
+
+    model = load_model(qfiles[qtype])
+    stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
+    net, fast = logits(model)
+    code = {"q8_0": 5, "q4_0": 6}[qtype]
+    L = net.layers[0]
+    assert (L.wq.dtype, L.wk.dtype, L.wo.dtype, net.m.output.dtype) == (code,) * 4
+    assert (L.w_gate.dtype, net.m.tok_embeddings.dtype) == (code - 2,) * 2
+    assert (L.wq.rows, L.wq.cols, net.m.output.rows) == (64, 64, 512)
+    for n, (d, a) in model.tensors.items():
+        np.testing.assert_array_equal(a, stored[n])
+    monkeypatch.setattr(Model, "kernel_weight", lambda self, name, *args: self.tensors[name])
+    _, plain = logits(load_model(qfiles[qtype]))
+    # f32 order differences can flip an int8 rounding of a later activation (see _close_rows)
+    assert _close_rows(fast, plain) >= len(TOKENS) + 1 - 2

@@ -7,7 +7,7 @@ from infeng import format as native
 from infeng.kernels import ptr
 from infeng.model.loader import MATRICES, Model
 
-CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4}
+CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6}
 
 
 class LlamaC:
@@ -26,19 +26,21 @@ class LlamaC:
             self._keep.append(a)
             return ptr(kern, a)
 
-        def weight(dst, name):
+        def weight(dst, name, kernel_layout=True):
             dtype, arr = model.tensors[name]
+            dst.rows, dst.cols = native.logical_shape(dtype, arr.shape)
+            if kernel_layout:   # q8_0/q4_0 with 16k rows: the interleaved copy the kernels want
+                dtype, arr = model.kernel_weight(name, kern, threads)
             self._keep.append(arr)
             dst.data = ffi.cast("void *", ffi.from_buffer(arr))
             dst.dtype = CDTYPE[dtype]
-            dst.rows, dst.cols = native.logical_shape(dtype, arr.shape)
 
         m = self.m = ffi.new("struct ifg_model *")
         m.dim, m.hidden_dim, m.n_layers = c.dim, c.hidden_dim, c.n_layers
         m.n_heads, m.n_kv_heads, m.head_dim, m.vocab_size = c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size
         m.norm_eps = c.norm_eps
         m.inv_freq = fp(c.inv_freq())
-        weight(m.tok_embeddings, "tok_embeddings")
+        weight(m.tok_embeddings, "tok_embeddings", kernel_layout=False)   # rows looked up as stored
         m.final_norm = fp(model.tensors["norm"][1])
         weight(m.output, model.output_name)
         self.layers = ffi.new("struct ifg_layer[]", c.n_layers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import zlib
 
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from infeng.converters import hf
 from infeng.errors import InfengError
 from infeng.model.config import ModelConfig
 from infeng.quant import QTYPES, dequantize
+from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -33,9 +35,26 @@ class Model:
     source: str = ""
     lineage: tuple[str, ...] = ()               # identities of the models this one was derived from
     _identity: str | None = field(default=None, repr=False, compare=False)
+    _kernel: dict = field(default_factory=dict, repr=False, compare=False)   # name → kernel_weight
+
 
     def weight(self, name: str) -> tuple[str, np.ndarray]:
         return self.tensors[name]
+
+    def kernel_weight(self, name: str, kern=None, threads: int = 0) -> tuple[str, np.ndarray]:
+        """The tensor in the layout the C kernels run fastest on: q8_0 / q4_0 matrices with a
+        multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16``) once per
+        model; ``tensors`` keeps the stored layout (GGUF export, reference model, checksums).
+        A mapped original is read once here, so its pages are then dropped from memory. The
+        repack runs in C given the kernel library ``kern``, else in numpy."""
+        dtype, arr = self.tensors[name]
+        if not can_interleave(dtype, arr.shape[0]):
+            return dtype, arr
+        if name not in self._kernel:
+            packed = interleave_c(kern, arr, dtype, threads) if kern is not None else interleave(arr, dtype)
+            self._kernel[name] = (INTERLEAVED[dtype], packed)
+            release_pages(arr)
+        return self._kernel[name]
 
     def f32(self, name: str) -> np.ndarray:
         dtype, arr = self.tensors[name]
@@ -73,6 +92,21 @@ class Model:
 
     def native_tensors(self) -> list[native.Tensor]:
         return [native.Tensor(name, d, native.logical_shape(d, a.shape), a) for name, (d, a) in self.tensors.items()]
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the whole pages of a view of a read-only file mapping from this process (they are
+    read back from the file if touched again); no-op for arrays not backed by an mmap."""
+    base = arr.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise"):
+        return
+    start = arr.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:

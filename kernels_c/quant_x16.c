@@ -1,0 +1,331 @@
+/* quant_x16.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 weights in the 16-row interleaved layouts
+ * (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h).
+ *
+ * x is quantized per token and 32-block exactly as for the plain layouts (ifg_quantize_x) into
+ * a stack tile of XB_T tokens × XB_K k (decode, T == 1: the whole row at once, so a GEMV makes
+ * one pass over W). Then for each run of XG 16-row groups (outer: its weights stay in L1/L2)
+ * and XT tokens (inner), a register tile of XT × XG accumulators does per group-block:
+ *  - AVX-512 (VNNI): the int32 accumulator (16 rows in one zmm) starts at -off * sum(x block)
+ *    (off = 128 for q8_0x16's unsigned bytes, 8 for q4_0's nibbles: sum(u * x) = sum(w * x) +
+ *    off * sum(x), exact in int32), then 8 vpdpbusd, each a 64-byte weight vector (16 rows ×
+ *    4 k) against x's 4 int8 of those k broadcast: 16 rows × 32 k in 8 instructions, each
+ *    weight vector loaded once for the XT tokens. Then one convert and one FMA with the 16
+ *    row scales (one vcvtph2ps per group-block) times d_x.
+ *  - AVX2: the same layout as two 8-row halves; q8_0 via vpmaddubsw(|w|, sign(x, w)) on the
+ *    signed weights (no offset); q4_0 via vpmaddubsw(nibbles, x) (<= 15 * 127 * 4 per int16
+ *    lane for the low + high sum: no saturation) with the -8 * sum(x) start.
+ *  - scalar: plain loops over the same layout.
+ * A group's outputs are 16 consecutive floats of y: no horizontal sums. Each output's
+ * summation order depends only on T == 1 or not and on K (blocks in order, k-tiles through y),
+ * never on the thread or tile that computes it: results are bitwise identical for any thread
+ * count. */
+#include "quant.h"
+
+#define XB_T 64                 /* tokens per x tile */
+#define XB_K 1024               /* k per x tile (multiple of 32); T == 1 takes up to XB_T * XB_K */
+#define XB_Q (XB_T * XB_K)
+#define XB_NB (XB_Q / IFG_QK)
+
+static inline size_t xg_block_bytes(int wtype) { return wtype == IFG_Q8_0X16 ? 544 : 288; }
+
+/* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its block b's scale at
+ * d[i*ldd + b] and the accumulator start at o[i*ldd + b]. */
+struct xtile {
+    _Alignas(64) int8_t q[XB_Q];
+    float d[XB_NB];
+    int32_t o[XB_NB];
+    int ldq, ldd;
+};
+
+#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+/* ---- scalar reference ---- */
+#define XG_OFF(wtype) 0
+static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
+                     int t, int tt, int n0, int n1, int nb, int add) {
+    const size_t bb = xg_block_bytes(wtype);
+    for (int n = n0; n < n1; n++) {
+        const int r = n % 16;
+        const uint8_t *wg = w + (size_t)(n / 16) * gstride;
+        for (int i = 0; i < tt; i++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = wg + (size_t)b * bb;
+                const int8_t *xq = xt->q + (size_t)i * xt->ldq + b * IFG_QK;
+                uint16_t h;
+                memcpy(&h, blk + 2 * r, 2);
+                int32_t s = 0;
+                for (int k = 0; k < IFG_QK; k++) {
+                    int wv;
+                    if (wtype == IFG_Q8_0X16) {
+                        wv = (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128;
+                    } else {
+                        const uint8_t by = blk[32 + 64 * (k / 8) + 4 * r + k % 4];
+                        wv = (int)(k % 8 < 4 ? by & 0x0F : by >> 4) - 8;
+                    }
+                    s += wv * xq[k];
+                }
+                acc += (float)s * (ifg_f16_to_f32(h) * xt->d[i * xt->ldd + b]);
+            }
+            float *yo = y + (size_t)(t + i) * ldy + n;
+            *yo = add ? *yo + acc : acc;
+        }
+    }
+}
+#else
+#define XA static inline __attribute__((always_inline))
+XA int32_t xg_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+#if defined(IFG_AVX512)
+#define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 128 : 8)
+#define XT 4 /* tokens per register tile */
+#define XG 2 /* groups per register tile (prefill) */
+#define XG1 4 /* groups per register tile (one token: more independent weight streams) */
+XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
+                int t, int i0, int n, int nb, int add, const int TT, const int G) {
+    __m512 acc[XT][XG1];
+    const size_t bb = xg_block_bytes(wtype);
+    const int ldq = xt->ldq, ldd = xt->ldd;
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk[XG1];
+        __m512i ia[XT][XG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++) {
+            const __m512i o = _mm512_set1_epi32(xt->o[(i0 + i) * ldd + b]);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) ia[i][g] = o;
+        }
+        const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
+        if (wtype == IFG_Q8_0X16) {
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                __m512i u[XG1];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * c));
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m512i xv = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 4 * c));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) ia[i][g] = _mm512_dpbusd_epi32(ia[i][g], u[g], xv);
+                }
+            }
+        } else {
+            const __m512i m = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                __m512i lo[XG1], hi[XG1];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * v));
+                    lo[g] = _mm512_and_si512(raw, m);
+                    hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m512i xl = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m512i xh = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++)
+                        ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk[g]));
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++)
+                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]),
+                                            _mm512_mul_ps(dw, _mm512_set1_ps(xt->d[(i0 + i) * ldd + b])), acc[i][g]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;
+            _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
+        }
+}
+#else /* AVX2 */
+#define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 0 : 8)
+#define XT 2
+#define XG 1
+#define XG1 2
+XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
+                int t, int i0, int n, int nb, int add, const int TT, const int G) {
+    __m256 acc[XT][2 * XG1]; /* [token][8-row half] */
+    const size_t bb = xg_block_bytes(wtype);
+    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G;
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk[XG1];
+        __m256i ia[XT][2 * XG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++) {
+            const __m256i o = _mm256_set1_epi32(xt->o[(i0 + i) * ldd + b]);
+#pragma GCC unroll 8
+            for (int h = 0; h < H; h++) ia[i][h] = o;
+        }
+        const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
+        if (wtype == IFG_Q8_0X16) {
+            for (int c = 0; c < 8; c++) {
+                __m256i ws[2 * XG1], aw[2 * XG1];
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    const __m256i u = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * c + 32 * (h % 2)));
+                    ws[h] = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80));
+                    aw[h] = _mm256_abs_epi8(ws[h]);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m256i xv = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 4 * c));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++)
+                        ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, ws[h])), ones));
+                }
+            }
+        } else {
+            const __m256i m = _mm256_set1_epi8(0x0F);
+            for (int v = 0; v < 4; v++) {
+                __m256i lo[2 * XG1], hi[2 * XG1];
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * v + 32 * (h % 2)));
+                    lo[h] = _mm256_and_si256(raw, m);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m256i xl = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m256i xh = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++)
+                        ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(_mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)), ones));
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 16 * (h % 2))));
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++)
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]),
+                                            _mm256_mul_ps(dw, _mm256_set1_ps(xt->d[(i0 + i) * ldd + b])), acc[i][h]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) {
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
+            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+        }
+}
+#endif
+
+/* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile; wtype a constant after inlining. */
+XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
+                   int t, int tt, int n0, int n1, int nb, int add) {
+    if (tt == 1) {
+        int n = n0;
+        for (; n + 16 * XG1 <= n1; n += 16 * XG1) xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, XG1);
+        for (; n < n1; n += 16) xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, 1);
+        return;
+    }
+    for (int n = n0; n < n1; n += 16 * XG) {
+        const int G = n + 16 * XG <= n1 ? XG : 1;
+        for (int i0 = 0; i0 < tt; i0 += XT) {
+            const int r = tt - i0;
+#define XG_CASE(TTC)                                                                              \
+    do {                                                                                          \
+        if (G == XG) xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, XG);          \
+        else xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, 1);                   \
+    } while (0)
+            if (r >= XT) XG_CASE(XT);
+#if XT > 3
+            else if (r == 3) XG_CASE(3);
+#endif
+#if XT > 2
+            else if (r == 2) XG_CASE(2);
+#endif
+            else XG_CASE(1);
+#undef XG_CASE
+        }
+        if (G == 1) n -= 16 * (XG - 1); /* the tail advanced by one group only */
+    }
+}
+static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
+                     int t, int tt, int n0, int n1, int nb, int add) {
+    if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add);
+    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add);
+}
+#endif
+
+void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                      int T, int r0, int r1, int K, int accumulate) {
+    struct xtile xt;
+    const int off = XG_OFF(wtype);
+    const size_t bb = xg_block_bytes(wtype), gstride = (size_t)(K / IFG_QK) * bb;
+    /* decode: the whole row in one tile when it fits (one pass over W, no partial sums) */
+    const int kw = T == 1 && K <= XB_Q ? K : XB_K, tb = T == 1 ? 1 : XB_T;
+    xt.ldq = kw;
+    xt.ldd = kw / IFG_QK;
+    for (int t = 0; t < T; t += tb) {
+        const int tt = T - t < tb ? T - t : tb;
+        for (int k0 = 0; k0 < K; k0 += kw) {
+            const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0, nb = (k1 - k0) / IFG_QK;
+            ifg_quantize_x(xt.q, xt.d, xt.o, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
+            for (int i = 0; i < tt; i++)
+                for (int b = 0; b < nb; b++) xt.o[i * xt.ldd + b] *= -off;
+            xg_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK) * bb, wtype, gstride,
+                     t, tt, r0, r1, nb, add);
+        }
+    }
+}
+
+void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
+    const int nb = K / IFG_QK, G = N / 16;
+    const size_t sb = dtype == IFG_Q8_0 ? 34 : 18, gb = 16 * sb;
+    IFG_PARALLEL(n_threads) {
+        IFG_FOR
+        for (int g = 0; g < G; g++) {
+            for (int r = 0; r < 16; r++) { /* one source row at a time: sequential reads */
+                const uint8_t *row = (const uint8_t *)src + ((size_t)g * 16 + r) * nb * sb;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *s = row + (size_t)b * sb;
+                    uint8_t *o = (uint8_t *)dst + ((size_t)g * nb + b) * gb;
+                    o[2 * r] = s[0];
+                    o[2 * r + 1] = s[1];
+                    /* 4 bytes at a time: row r's 4 bytes of chunk c / v */
+                    for (int c = 0; c < (dtype == IFG_Q8_0 ? 8 : 4); c++) {
+                        uint32_t a, a4, u; /* a: bytes j..j+3, a4: bytes j+4..j+7 */
+                        if (dtype == IFG_Q8_0) {
+                            memcpy(&a, s + 2 + 4 * c, 4);
+                            u = a ^ 0x80808080u;
+                        } else { /* low nibbles hold k 0..15, high k 16..31 */
+                            memcpy(&a, s + 2 + 8 * (c % 2), 4);
+                            memcpy(&a4, s + 6 + 8 * (c % 2), 4);
+                            u = c < 2 ? (a & 0x0F0F0F0Fu) | ((a4 & 0x0F0F0F0Fu) << 4)
+                                      : ((a >> 4) & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
+                        }
+                        memcpy(o + 32 + 64 * c + 4 * r, &u, 4);
+                    }
+                }
+            }
+        }
+    }
+}
