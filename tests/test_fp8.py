@@ -39,6 +39,23 @@ def test_rounding_ties_to_even_and_saturation():
         assert fp8.encode_e4m3(np.array([x]))[0] == code, x
 
 
+def test_encoder_is_the_nearest_value():
+    """Against a brute-force search over the 127 non-negative codes (ties: the even code)."""
+    rng = np.random.default_rng(3)
+    v = np.concatenate([rng.standard_normal(20000) * np.exp2(rng.uniform(-12, 10, 20000)),
+                        (fp8.e4m3_values()[:0x7E] + fp8.e4m3_values()[1:0x7F]) / 2])   # all midpoints
+    v = v.astype(np.float32)
+    pos = fp8.e4m3_values()[:0x7F]
+    a = np.minimum(np.abs(v.astype(np.float64)), 448.0)
+    dist = np.abs(a[:, None] - pos[None])
+    best = dist.min(1, keepdims=True)
+    cand = np.where(dist == best, np.arange(0x7F)[None], 999)
+    even = np.where(cand % 2 == 0, cand, 999).min(1)
+    want = np.where(even < 999, even, cand.min(1))
+    want = want | np.where((v < 0) & (want != 0), 0x80, 0)
+    np.testing.assert_array_equal(fp8.encode_e4m3(v), want.astype(np.uint8))
+
+
 def test_known_block_bytes():
     x = np.zeros((1, 32), np.float32)
     x[0, 0], x[0, 1], x[0, 2], x[0, 31] = 448.0, -1.0, 2.0 ** -9, 3.0

@@ -33,20 +33,25 @@ def e4m3_values() -> np.ndarray:
     return v
 
 
-_POS = e4m3_values()[:0x7F]            # the 127 non-negative finite values, increasing with the code
-
-
 def encode_e4m3(v: np.ndarray) -> np.ndarray:
-    """Nearest E4M3 code of each value (ties to even code), saturated at ±448; uint8."""
-    v = np.asarray(v, dtype=np.float64)
-    a = np.minimum(np.abs(v), FP8_MAX)
-    hi = np.searchsorted(_POS, a, side="left").clip(1, len(_POS) - 1)   # first value >= a
-    lo = hi - 1
-    dl, dh = a - _POS[lo], _POS[hi] - a
-    pick_hi = (dh < dl) | ((dh == dl) & (hi % 2 == 0))
-    code = np.where(pick_hi, hi, lo)
-    code = np.where(a == 0, 0, code)
-    return (code | np.where(np.signbit(v) & (code != 0), 0x80, 0)).astype(np.uint8)
+    """Nearest E4M3 code of each value (ties to even code), saturated at ±448; uint8.
+
+    With the value's binade ``2^e`` (e >= -6; below that the subnormal spacing 2^-9 applies)
+    the E4M3 grid spacing is ``2^(e-3)``: ``rint(a / 2^(e-3))`` is exact and rounds ties to
+    even, and an even multiple is an even code. The code is then read off the rounded value
+    (which may have moved up a binade)."""
+    a = np.minimum(np.abs(np.asarray(v, dtype=np.float32)), np.float32(FP8_MAX))
+    _, ex = np.frexp(a)                                   # a = f * 2^ex, f in [0.5, 1)
+    e = np.maximum(ex.astype(np.int32) - 1, -6)
+    step = np.ldexp(np.float32(1), e - 3).astype(np.float32)
+    r = np.rint(a / step) * step                          # exact: step is a power of two
+    _, rex = np.frexp(r)
+    re = rex.astype(np.int32) - 1
+    normal = r >= np.float32(2.0 ** -6)
+    man = np.where(normal, np.ldexp(r, -re) * 8 - 8, 0).astype(np.int32)      # 0..7
+    code = np.where(normal, ((re + 7) << 3) | man, np.rint(r * np.float32(2.0 ** 9)).astype(np.int32))
+    sign = np.signbit(np.asarray(v, dtype=np.float32)) & (code != 0)
+    return (code | np.where(sign, 0x80, 0)).astype(np.uint8)
 
 
 def _bf16_round(x: np.ndarray) -> np.ndarray:
