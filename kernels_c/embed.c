@@ -2,6 +2,7 @@
  * f16 converts with F16C / AVX-512 (exact, like the scalar ifg_f16_to_f32). */
 #include "embed.h"
 #include "quant.h"
+#include "quant_k.h"
 
 static void embed_bf16_row(float *o, const uint16_t *h, int n) {
     int i = 0;
@@ -41,6 +42,10 @@ void ifg_embed_part(float *out, const void *table, int dtype, const int32_t *tok
         size_t row = (size_t)tokens[t] * (size_t)dim;
         if (ifg_is_quant(dtype)) { /* q8_0 / q4_0 table: dim is a multiple of 32 */
             ifg_dequant_row(o, (const uint8_t *)table + (size_t)tokens[t] * ifg_quant_row_bytes(dtype, dim), dtype, dim);
+            continue;
+        }
+        if (ifg_is_quant_k(dtype)) { /* q4_k / fp8 table */
+            ifg_qk_dequant_row(o, (const uint8_t *)table + (size_t)tokens[t] * ifg_quant_k_row_bytes(dtype, dim), dtype, dim);
             continue;
         }
         switch (dtype) {

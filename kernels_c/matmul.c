@@ -32,6 +32,7 @@
  *  - software prefetch of W (GEMV and GEMM), larger token tiles (7-12 × 2-3): no gain. */
 #include "matmul.h"
 #include "quant.h"
+#include "quant_k.h"
 
 #define MM_AI static inline __attribute__((always_inline))
 
@@ -453,6 +454,8 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
             ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
         } else if (ifg_is_quant(wtype)) {
             ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+        } else if (ifg_is_quant_k(wtype)) {
+            ifg_qk_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
         } else {
             mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
         }

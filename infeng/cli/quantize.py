@@ -1,4 +1,4 @@
-"""`infeng quantize`: native (or HF) f32/bf16/f16 model → q8_0 / q4_0 native model."""
+"""`infeng quantize`: native (or HF) f32/bf16/f16 model → q8_0 / q4_0 / q4_k / fp8 native model."""
 from __future__ import annotations
 
 import math
@@ -18,11 +18,11 @@ from infeng.telemetry import Run, progress, stderr_console
 def quantize(
     src: Path = typer.Argument(..., help="model to quantize (.infeng file or Hugging Face folder), f32/bf16/f16"),
     output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng)"),
-    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0 (or bf16, f16, f32)"),
+    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q4_k, fp8 (or bf16, f16, f32)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
 ):
-    """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 blocks)."""
+    """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q4_k blocks, or fp8 E4M3)."""
     run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
                                 "policy": str(policy) if policy else None})
     t0 = time.perf_counter()
@@ -78,10 +78,14 @@ def _print(rows, items, run: Run, src: Path, output: Path, pol: q.Policy) -> Non
               str(m["fallbacks"]) if m["fallbacks"] else "")
     con = stderr_console()
     con.print(t)
-    fb = [it for it in items if it.fallback]
-    if fb:
-        names = ", ".join(it.name for it in fb[:6]) + (", …" if len(fb) > 6 else "")
-        con.print(f"fallback to {pol.fallback} (rows of {fb[0].shape[-1]} are not a multiple of 32): {names}")
+    groups: dict[tuple, list[str]] = {}
+    for it in items:
+        if it.fallback:
+            groups.setdefault((it.want, it.dtype, it.shape[-1]), []).append(it.name)
+    for (want, got, k), names in groups.items():
+        shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+        con.print(f"fallback to {got} ({want} needs rows that are a multiple of {native.BLOCKS[want][0]}, "
+                  f"these have {k}): {shown}")
     con.print(f"file {m['file_mb']:.2f} MiB (source {m['source_mb']:.2f} MiB), "
               f"{m['bits_per_weight_matrices']:.2f} bits/weight over the matrices, {m['seconds']:.1f} s")
 

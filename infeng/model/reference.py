@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from infeng.model.loader import MATRICES, Model
-from infeng.quant import QTYPES, quantize_activations
+from infeng.quant import INT8_ACTIVATIONS, quantize_activations
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -34,12 +34,12 @@ class ReferenceModel:
     """``forward(tokens)`` continues the sequence held in its KV cache and returns logits [T, vocab]."""
 
     def __init__(self, model: Model, int8_activations: bool = False):
-        """``int8_activations``: the inputs of products with q8_0/q4_0 weights are rounded to
-        int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations)."""
+        """``int8_activations``: the inputs of products with q8_0/q4_0/q4_k weights are rounded
+        to int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations)."""
         self.m = model
         self.cfg = model.config
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
-        self.qin = {n for n, (d, _) in model.tensors.items() if d in QTYPES} if int8_activations else set()
+        self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
         self.inv_freq = self.cfg.inv_freq()
         self.reset()
 

@@ -1,6 +1,8 @@
 """Quantized weight formats: numpy pack/unpack reference (the C kernels are checked against it).
 
-Both formats are byte-compatible with GGUF, so GGUF interop is a copy of the blocks:
+q8_0, q4_0 and q4_k are byte-compatible with GGUF, so GGUF interop is a copy of the blocks
+(q4_k: 256-weight super-blocks, see ``infeng.quant.q4_k``; fp8: E4M3 with a bf16 scale per
+32-block, ``infeng.quant.fp8``, not a GGUF type):
 
 - ``q8_0``: blocks of 32 weights → 34 bytes: fp16 scale ``d = max|x| / 127`` then 32 int8
   ``q = round(x / d)`` (ties away from zero, as ggml's roundf); value = ``q * d``.
@@ -10,8 +12,8 @@ Both formats are byte-compatible with GGUF, so GGUF interop is a copy of the blo
   ``q = min(15, trunc(x / d + 8.5))``; value = ``(q - 8) * d``.
 
 A [N][K] matrix is stored row-major as uint8 [N][K/32 * bytes_per_block]; the manifest records
-the logical shape [N, K] (see ``infeng.format.BLOCKS``). K must be a multiple of 32: rows that
-are not fall back to a higher precision (``infeng.quant.quantize``).
+the logical shape [N, K] (see ``infeng.format.BLOCKS``). K must be a multiple of the block (32;
+256 for q4_k): rows that are not fall back to another type (``infeng.quant.policy``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from infeng.format import BLOCKS
 from infeng.errors import InfengError
 
 QK = 32
-QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0")
+QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0", "q4_k", "fp8")
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -83,11 +85,21 @@ def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
     return (q * d).reshape(N, -1)
 
 
-QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
-DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0}
+from infeng.quant.q4_k import dequantize_q4_k, quantize_q4_k  # noqa: E402
+from infeng.quant.fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
+
+QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_k": quantize_q4_k, "fp8": quantize_fp8}
+DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q4_k": dequantize_q4_k, "fp8": dequantize_fp8}
+# Types whose kernels round the activations to int8 per 32-block (quantize_activations) before
+# integer dot products; fp8 multiplies f32 activations by the decoded weights.
+INT8_ACTIVATIONS = ("q8_0", "q4_0", "q4_k")
+# Types whose quantizer accepts per-column importance weights (calibration).
+WEIGHTED = ("q4_k",)
 
 
-def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: str, weights: np.ndarray | None = None) -> np.ndarray:
+    if weights is not None and qtype in WEIGHTED:
+        return QUANTIZE[qtype](x, weights=weights)
     return QUANTIZE[qtype](x)
 
 

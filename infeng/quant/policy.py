@@ -8,10 +8,12 @@ Policy file (all keys optional)::
       output: bf16
       "layers.*.w_down": q8_0
 
-Types: ``f32``, ``bf16``, ``f16``, ``q8_0``, ``q4_0``. Norms always stay f32. A tensor whose row
-length is not a multiple of the 32-block cannot be stored in a block type and falls back to the
-policy's ``fallback`` type (llama.cpp does the same, e.g. for stories260K's w_down, K = 172); the
-summary reports every fallback. The source must not be quantized already (re-quantizing compounds
+Types: ``f32``, ``bf16``, ``f16``, ``q8_0``, ``q4_0``, ``q4_k``, ``fp8``. Norms always stay f32. A
+tensor whose row length is not a multiple of its type's block (32; 256 for q4_k) cannot be stored
+in that type: a q4_k tensor whose rows are a multiple of 32 falls back to q4_0 (the 32-block
+format of the same size class, as llama.cpp replaces its k-quants by 32-block types), anything
+else to the policy's ``fallback`` type (e.g. stories260K's w_down, K = 172); the summary reports
+every fallback. The source must not be quantized already (re-quantizing compounds
 the rounding): convert from f32/bf16/f16.
 """
 from __future__ import annotations
@@ -27,13 +29,25 @@ import yaml
 from infeng import format as native
 from infeng.converters.hf import convert_dtype, is_norm, to_f32 as plain_f32
 from infeng.errors import InfengError
-from infeng.quant import QK, QTYPES, dequantize, quantize
+from infeng.quant import QTYPES, dequantize, quantize
 
 Tensors = dict[str, tuple[str, np.ndarray]]   # native name → (dtype label, storage array)
 
 TYPES = ("f32", "bf16", "f16") + QTYPES
 FALLBACKS = ("f32", "bf16", "f16")
-BITS = {"f32": 32.0, "bf16": 16.0, "f16": 16.0, "q8_0": 34 * 8 / 32, "q4_0": 18 * 8 / 32}
+BITS = {"f32": 32.0, "bf16": 16.0, "f16": 16.0, "q8_0": 34 * 8 / 32, "q4_0": 18 * 8 / 32,
+        "q4_k": 144 * 8 / 256, "fp8": 34 * 8 / 32}
+# A block type whose block does not divide a tensor's rows tries these next (then the policy's
+# fallback).
+BLOCK_FALLBACK = {"q4_k": "q4_0"}
+
+
+def fits(dtype: str, shape) -> bool:
+    """Can a tensor of this logical shape be stored as dtype (block types: 2-D, rows a multiple
+    of the block)?"""
+    if dtype not in QTYPES:
+        return True
+    return len(shape) == 2 and shape[-1] % native.BLOCKS[dtype][0] == 0
 
 
 @dataclass
@@ -117,22 +131,26 @@ def plan(tensors: Tensors, qtype: str, policy: Policy | None = None, source: str
                 want, rule = t, f"pattern {pat}"
                 break
         dtype, fb = want, False
-        if want in QTYPES and (len(shape) != 2 or shape[-1] % QK):
-            dtype, fb = policy.fallback, True
+        while not fits(dtype, shape):
+            dtype, fb = BLOCK_FALLBACK.get(dtype, policy.fallback), True
         items.append(Item(name, shape, src, want, dtype, rule, fb))
     return items
 
 
 def quantize_tensors(tensors: Tensors, items: list[Item],
-                     progress: Callable[[str, int], None] | None = None) -> Tensors:
-    """The tensors stored as ``items`` say (numpy reference quantizers)."""
+                     progress: Callable[[str, int], None] | None = None,
+                     importance: dict[str, np.ndarray] | None = None) -> Tensors:
+    """The tensors stored as ``items`` say (numpy reference quantizers). ``importance``: optional
+    per-input-column weights by tensor name (e.g. from calibration), used by the quantizers
+    that accept them (``infeng.quant.WEIGHTED``)."""
     out: Tensors = {}
     for it in items:
         src, arr = tensors[it.name]
         if it.dtype == it.src:
             out[it.name] = (src, arr)
         elif it.dtype in QTYPES:
-            out[it.name] = (it.dtype, quantize(np.asarray(to_f32(arr, src), np.float32), it.dtype))
+            imp = importance.get(it.name) if importance else None
+            out[it.name] = (it.dtype, quantize(np.asarray(to_f32(arr, src), np.float32), it.dtype, weights=imp))
         else:
             out[it.name] = (it.dtype, convert_dtype(to_f32(arr, src), "f32", it.dtype))
         if progress:

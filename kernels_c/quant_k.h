@@ -1,0 +1,40 @@
+/* quant_k.h — matrix products against q4_k (GGUF Q4_K super-blocks) and fp8 (E4M3 with a
+ * per-32-block bf16 scale) weights. Layouts: infeng/quant/q4_k.py and infeng/quant/fp8.py.
+ *
+ * q4_k: W is [N][K], K a multiple of 256, each row K/256 blocks of 144 bytes. x is quantized
+ *   per token and 32-block to int8 exactly as for q8_0/q4_0 (d = max|x|/127, q = roundf(x/d)),
+ *   with its block sums; each 32-weight sub-block's dot product is an integer one (the 4-bit
+ *   levels are unsigned: u8 × s8), and y += d_x * (d*sc) * dot - d_x * sum(q_x) * (dmin*m).
+ * fp8: W is [N][K], K a multiple of 32, each row K/32 blocks of 34 bytes. x stays f32: the
+ *   weights are decoded to f32 in registers (E4M3 → f16 bits → f32) and used in FMAs.
+ * Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q4_K / IFG_FP8). */
+#ifndef IFG_QUANT_K_H
+#define IFG_QUANT_K_H
+
+#include "core.h"
+
+#define IFG_QK_K 256
+#define IFG_Q4_K_BLOCK 144
+#define IFG_FP8_BLOCK 34
+
+// cdef-begin
+/* o[0..n) = the dequantized row of a q4_k or fp8 matrix (n a multiple of the block), in f32
+ * exactly as infeng.quant.dequantize gives it. */
+void ifg_qk_dequant_row(float *o, const uint8_t *row, int dtype, int n);
+// cdef-end
+
+static inline int ifg_is_quant_k(int dtype) { return dtype == IFG_Q4_K || dtype == IFG_FP8; }
+
+/* Bytes of one row of n weights. */
+static inline size_t ifg_quant_k_row_bytes(int dtype, int n) {
+    return dtype == IFG_Q4_K ? (size_t)(n / IFG_QK_K) * IFG_Q4_K_BLOCK : (size_t)(n / 32) * IFG_FP8_BLOCK;
+}
+
+/* Rows [r0, r1) of y (=|+=) x · Wᵀ. Allocates nothing: q4_k quantizes x into a fixed stack
+ * buffer of ~40 KiB per thread (16 tokens × 2048 k at a time; partial sums of longer K go
+ * through y). Each output's summation order depends only on K, so results are bitwise the
+ * same for any thread count and for T == 1 against T > 1. */
+void ifg_qk_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                    int T, int r0, int r1, int K, int accumulate);
+
+#endif
