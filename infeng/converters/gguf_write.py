@@ -1,13 +1,15 @@
-"""A minimal GGUF (v3) writer for Llama models, so llama.cpp can run the same weights as infeng
-side by side (``infeng bench --peer llama.cpp``).
+"""GGUF (v3) writer for Llama models: ``infeng convert X.infeng --to gguf`` and the bench's
+llama.cpp peer (``infeng bench --peer llama.cpp``) run the same weights as infeng.
 
 Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 whose 32-blocks are byte-compatible
 with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
-GGML's interleaved one (as llama.cpp's own converter does). The vocabulary is written as a
-SentencePiece-style ("llama") vocabulary from the model's tokenizer.json: token text by id,
-score -id, types normal / unknown / control / byte. Llama-3 RoPE scaling is not exported (the
-``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE — fine for speed, not
-for its numbers. This is the bench's exporter, not ``infeng convert``'s (another issue).
+GGML's interleaved one (as llama.cpp's own converter does; gguf_read.unpermute_rope undoes it).
+The vocabulary is written as a SentencePiece-style ("llama") vocabulary from the model's
+tokenizer.json: token text by id, score -id, types normal / unknown / control / byte; the
+tokenizer.json itself goes along as ``tokenizer.huggingface.json`` (a GGUF standard key), so
+reading the file back gives the identical tokenizer, normalizer included. Llama-3 RoPE scaling
+is not exported (the ``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE —
+fine for speed, not for its numbers.
 """
 from __future__ import annotations
 
@@ -124,7 +126,13 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
         _kv("tokenizer.ggml.scores", ARR, (F32, scores)),
         _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
         _kv("tokenizer.ggml.add_bos_token", BOOL, bool(model.tokenizer.get("add_bos", True))),
+        _kv("tokenizer.huggingface.json", STR, model.tokenizer["json"]),
     ]
+    if model.tokenizer.get("chat_template"):
+        kvs.append(_kv("tokenizer.chat_template", STR, model.tokenizer["chat_template"]))
+    if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "linear":
+        kvs += [_kv("llama.rope.scaling.type", STR, "linear"),
+                _kv("llama.rope.scaling.factor", F32, float(c.rope_scaling["factor"]))]
     if c.bos_id is not None:
         kvs.append(_kv("tokenizer.ggml.bos_token_id", U32, int(c.bos_id)))
     if c.eos_ids:
@@ -168,53 +176,12 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
 
 
 def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
-    """(metadata, tensors) of a GGUF file: tensors map name → (ggml type, dims, absolute offset).
-    Enough to check what ``write_gguf`` wrote."""
-    raw = Path(path).read_bytes()
-    if raw[:4] != GGUF_MAGIC:
-        raise InfengError(f"{path}: not a GGUF file")
-    pos = 4
-    version, n_t, n_kv = struct.unpack_from("<IQQ", raw, pos)
-    pos += 20
-
-    def rstr():
-        nonlocal pos
-        (ln,) = struct.unpack_from("<Q", raw, pos)
-        s = raw[pos + 8:pos + 8 + ln].decode("utf-8")
-        pos += 8 + ln
-        return s
-
-    def rval(t):
-        nonlocal pos
-        if t == STR:
-            return rstr()
-        if t == ARR:
-            et, ln = struct.unpack_from("<IQ", raw, pos)
-            pos += 12
-            return [rval(et) for _ in range(ln)]
-        fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?", U64: "<Q",
-               11: "<q", 12: "<d"}[t]
-        (v,) = struct.unpack_from(fmt, raw, pos)
-        pos += struct.calcsize(fmt)
-        return v
-    meta = {"version": version}
-    for _ in range(n_kv):
-        k = rstr()
-        (t,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        meta[k] = rval(t)
-    tensors = {}
-    for _ in range(n_t):
-        name = rstr()
-        (nd,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        dims = struct.unpack_from(f"<{nd}Q", raw, pos)
-        pos += 8 * nd
-        t, off = struct.unpack_from("<IQ", raw, pos)
-        pos += 12
-        tensors[name] = (t, list(dims), off)
-    data_start = pos + (-pos % meta.get("general.alignment", ALIGN))
-    return meta, {k: (t, d, data_start + o) for k, (t, d, o) in tensors.items()}
+    """(metadata, tensors) of a GGUF file, through the validating reader: tensors map name →
+    (ggml type, dims, absolute offset). Enough to check what ``write_gguf`` wrote."""
+    from infeng.converters.gguf_read import GGUFFile
+    g = GGUFFile(path)
+    meta = dict(g.metadata, version=g.version)
+    return meta, {n: (t.type_id, list(t.dims), t.offset) for n, t in g.tensors.items()}
 
 
 def export_cached(model, source: str | Path | None = None) -> Path:
