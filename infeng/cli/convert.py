@@ -54,7 +54,7 @@ def convert(
     if to == "gguf":
         return _to_gguf(src, output, dtype, run, telemetry, t0)
     summary = ""
-    if src.is_file() and gguf_read.is_gguf(src):
+    if src.is_file() and (src.suffix.lower() == ".gguf" or gguf_read.is_gguf(src)):
         with run.span("read"):
             model, info = gguf_read.read_model(src, k_quant_dtype=dtype)
         summary = gguf_read.describe(info)

@@ -97,13 +97,13 @@ class _Cursor:
         except UnicodeDecodeError:
             self.fail(f"{what} at byte {self.pos - n} is not valid UTF-8")
 
-    def value(self, vtype: int, what: str, in_array: bool = False) -> Any:
+    def value(self, vtype: int, what: str) -> Any:
         if vtype == STR:
             return self.string(what)
         if vtype == ARR:
-            if in_array:
-                self.fail(f"{what}: arrays of arrays are not supported")
             etype, n = self.unpack("<IQ", f"array header of {what}")
+            if etype == ARR:
+                self.fail(f"{what}: arrays of arrays are not supported")
             if etype not in SCALARS and etype != STR:
                 self.fail(f"{what}: array element type {etype} is not a GGUF type")
             if n > 1 << 62:
