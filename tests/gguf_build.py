@@ -35,3 +35,25 @@ def gguf(kvs: list[bytes], infos: list[bytes], data: bytes = b"", version: int =
     nk = len(kvs) if n_kv is None else n_kv
     head = magic + struct.pack("<Iqq", version, nt, nk) + b"".join(kvs) + b"".join(infos)
     return head + b"\0" * (-len(head) % align) + data
+
+
+def rewrite(src, dst, mutate, version: int = 3) -> None:
+    """Re-assemble the GGUF ``src`` into ``dst`` after ``mutate(meta, tensors)``: meta maps key →
+    (value type, value) (arrays: (ARR, list)), tensors is a list of (name, dims, ggml type, bytes)."""
+    from infeng.converters.gguf_read import GGUFFile
+    f = GGUFFile(src)
+    meta = {k: (f.types[k], v) for k, v in f.metadata.items() if k != "general.alignment"}
+    tensors = [(t.name, list(t.dims), t.type_id, bytes(f.raw(t.name))) for t in f.tensors.values()]
+    mutate(meta, tensors)
+    kvs = []
+    for k, (t, v) in meta.items():
+        if t == ARR:
+            kvs.append(kv(k, ARR, ({str: STR, float: F32, int: I32}[type(v[0])], v)))
+        else:
+            kvs.append(kv(k, t, v))
+    infos, data = [], b""
+    for name, dims, t, raw in tensors:
+        infos.append(tensor_info(name, dims, t, len(data)))
+        data += raw + b"\0" * (-len(raw) % 32)
+    with open(dst, "wb") as out:
+        out.write(gguf(kvs, infos, data, version=version))

@@ -10,7 +10,7 @@ from infeng.converters import gguf_read
 from infeng.model.loader import load_model
 from infeng.runtime.tokenizer import Tokenizer
 
-from gguf_build import ARR, F32, STR, U32, U64, gguf, kv, tensor_info
+from gguf_build import ARR, STR, U32, U64, gguf, kv, rewrite, tensor_info
 
 
 def _generate(capsys, model):
@@ -141,23 +141,8 @@ def _model_file(tmp_path, native_models, mutate):
     """Our own f32 export, re-assembled with ``mutate(metadata dict, tensor list)`` applied."""
     g = tmp_path / "m.gguf"
     assert main(["convert", str(native_models["f32"]), "--to", "gguf", "-o", str(g)]) == 0
-    f = gguf_read.GGUFFile(g)
-    meta = {k: (f.types[k], v) for k, v in f.metadata.items() if k != "general.alignment"}
-    tensors = [(t.name, list(t.dims), t.type_id, bytes(f.raw(t.name))) for t in f.tensors.values()]
-    mutate(meta, tensors)
-    kvs = []
-    for k, (t, v) in meta.items():
-        if t == ARR:
-            et = {str: STR, float: F32, int: 5}[type(v[0])]
-            kvs.append(kv(k, ARR, (et, v)))
-        else:
-            kvs.append(kv(k, t, v))
-    infos, data = [], b""
-    for name, dims, t, raw in tensors:
-        infos.append(tensor_info(name, dims, t, len(data)))
-        data += raw + b"\0" * (-len(raw) % 32)
     bad = tmp_path / "bad.gguf"
-    bad.write_bytes(gguf(kvs, infos, data))
+    rewrite(g, bad, mutate)
     return bad
 
 
@@ -200,3 +185,15 @@ def test_model_level_errors(capsys, tmp_path, native_models, case, message):
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert rc != 0 and len(lines) == 1 and message in lines[0], err
     assert not out.exists()
+
+
+def test_version_2_reads_the_same(capsys, tmp_path, native_models):
+    g = tmp_path / "m.gguf"
+    assert main(["convert", str(native_models["q8_0"]), "--to", "gguf", "-o", str(g)]) == 0
+    v2 = tmp_path / "v2.gguf"
+    rewrite(g, v2, lambda meta, tensors: None, version=2)
+    a, _ = gguf_read.read_model(g)
+    b, info = gguf_read.read_model(v2)
+    assert info["gguf_version"] == 2 and a.config == b.config and a.tokenizer == b.tokenizer
+    for name, (dt, arr) in a.tensors.items():
+        assert b.tensors[name][0] == dt and np.array_equal(b.tensors[name][1], arr), name
