@@ -25,10 +25,14 @@ def _file(data: bytes, name: str) -> Path:
 
 
 def native(data: bytes) -> None:
-    """The native .infeng reader and the model loader on top of it (manifest, config, shapes)."""
+    """The native .infeng reader and the model loader on top of it (manifest, config, shapes),
+    plus what Engine.load derives from the manifest before any kernel runs (RoPE table, tokenizer)."""
     from infeng.model.loader import load_model
+    from infeng.runtime.tokenizer import Tokenizer
     try:
-        load_model(_file(data, "m.infeng"))
+        m = load_model(_file(data, "m.infeng"))
+        m.config.inv_freq()
+        Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids)
     except InfengError:
         pass
 

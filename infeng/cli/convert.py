@@ -60,7 +60,8 @@ def convert(
         summary = gguf_read.describe(info)
         run.meta.update(gguf={k: v for k, v in info.items()})
     elif not src.is_dir():
-        raise InfengError(f"{src}: not a model folder or GGUF file" if src.exists() else f"{src}: no such file or directory")
+        raise InfengError(f"{src}: not a model folder or GGUF file" if src.exists()
+                          else f"{src}: no such {'file' if src.suffix.lower() == '.gguf' else 'directory'}")
     else:
         with run.span("read"):
             model = load_model(src, dtype=dtype)
