@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "out" / "fuzz"
 TARGETS = ("native", "safetensors", "gguf", "config")
+DICTS = {"native": "json.dict", "safetensors": "json.dict", "gguf": "gguf.dict", "config": "json.dict"}
 
 
 def run_atheris(target: str, seconds: int, timeout: int, corpus: Path, artifacts: Path) -> int:
@@ -40,7 +41,8 @@ def run_atheris(target: str, seconds: int, timeout: int, corpus: Path, artifacts
     from fuzz.harness import TARGETS as FNS
     fn = FNS[target]
     argv = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", f"-timeout={timeout}", "-rss_limit_mb=3072",
-            "-print_final_stats=1", f"-artifact_prefix={artifacts}/{target}-", "-max_len=2000000"]
+            "-print_final_stats=1", f"-artifact_prefix={artifacts}/{target}-", "-max_len=2000000",
+            f"-dict={ROOT / 'fuzz' / 'dicts' / DICTS[target]}"]
     atheris.Setup(argv, fn)
     atheris.Fuzz()                   # exits the process
     return 0

@@ -155,6 +155,9 @@ def _model_file(tmp_path, native_models, mutate):
     ("heads", "must be a positive integer"),
     ("rope scaling", "rope.scaling.type 'yarn' is not supported"),
     ("q5_0 tensor", "has type Q5_0, which cannot be converted"),
+    ("absurd piece", "is a 5000-character normal piece"),
+    ("gpt2 bad merge", "tokenizer.ggml.merges[0] 'nospace' is not two tokens"),
+    ("unknown pre", "tokenizer.ggml.pre 'mystery' is not supported"),
 ])
 def test_model_level_errors(capsys, tmp_path, native_models, case, message):
     def mutate(meta, tensors):
@@ -173,6 +176,15 @@ def test_model_level_errors(capsys, tmp_path, native_models, case, message):
             meta["llama.attention.head_count_kv"] = (U32, 0)
         elif case == "rope scaling":
             meta["llama.rope.scaling.type"] = (STR, "yarn")
+        elif case == "absurd piece":
+            del meta["tokenizer.huggingface.json"]
+            meta["tokenizer.ggml.tokens"][1][300] = "a" * 5000
+        elif case in ("gpt2 bad merge", "unknown pre"):
+            del meta["tokenizer.huggingface.json"]
+            meta["tokenizer.ggml.model"] = (STR, "gpt2")
+            meta["tokenizer.ggml.merges"] = (ARR, ["nospace"] if case == "gpt2 bad merge" else ["a b"])
+            if case == "unknown pre":
+                meta["tokenizer.ggml.pre"] = (STR, "mystery")
         elif case == "q5_0 tensor":
             i = next(i for i, t in enumerate(tensors) if t[0] == "blk.0.ffn_up.weight")
             n, dims, t, raw = tensors[i]

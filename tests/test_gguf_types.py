@@ -85,3 +85,58 @@ def test_type_table_matches_gguf_py():
 def test_unsupported_type_named():
     with pytest.raises(Exception, match="Q5_K cannot be converted"):
         T.dequantize("Q5_K", np.zeros(176, np.uint8), 256)
+
+
+class _Meta:
+    """Stands in for a GGUFFile's typed metadata access (gguf_tokenizer.build only uses get)."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def get(self, key, kind, default=None, required=False):
+        if key not in self.meta:
+            assert not required, key
+            return default
+        return self.meta[key]
+
+
+def _byte_chars():
+    """GPT-2's byte → printable character table, written out from its definition."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_gpt2_vocabulary_builds_a_byte_level_tokenizer(pre):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    from infeng.converters.gguf_tokenizer import build
+    chars = _byte_chars()
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"]
+    tokens = chars + [m.replace(" ", "") for m in merges] + ["<|begin|>", "<|end|>"]
+    n = len(tokens)
+    types = [1] * (n - 2) + [3, 3]
+    spec, bos, eos = build(_Meta({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                                  "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                                  "tokenizer.ggml.pre": pre, "tokenizer.ggml.bos_token_id": n - 2,
+                                  "tokenizer.ggml.eos_token_id": n - 1}), "t.gguf")
+    assert (bos, eos) == (n - 2, (n - 1,))
+    got = Tokenizer.from_str(spec["json"])
+    ref = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = decoders.ByteLevel()
+    for text in ["the cat in a hat", "ünïcode ✓ 12345", "  two  spaces\nnew line"]:
+        ids = got.encode(text, add_special_tokens=False).ids
+        if pre == "gpt-2":        # llama-bpe splits digits and spaces differently: only the decode is compared
+            assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert got.decode(ids) == text
+    assert got.encode("the", add_special_tokens=True).ids[0] == n - 2          # BOS added
+    assert got.encode(" the", add_special_tokens=False).ids == [tokens.index("Ġthe")]

@@ -28,9 +28,17 @@ PRE_SPLITS = {"default": None, "gpt-2": None, "gpt2": None, "smollm": None,
               "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT}
 
 
-def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[list[str]]:
-    """Merge list of a SentencePiece BPE vocabulary, best (highest joined-piece score) first."""
+MAX_PIECE = 1024    # characters; SentencePiece trains pieces of at most 16 by default
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int], where: str = "") -> list[list[str]]:
+    """Merge list of a SentencePiece BPE vocabulary, best (highest joined-piece score) first.
+    Every cut of every piece is tried (quadratic in a piece's length), so absurd pieces are refused."""
     normal = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
+    longest = max(normal, key=len, default="")
+    if len(longest) > MAX_PIECE:
+        raise InfengError(f"{where}: tokenizer.ggml.tokens[{normal[longest]}] is a {len(longest)}-character "
+                          f"normal piece (at most {MAX_PIECE} for a SentencePiece vocabulary)")
     found = []
     for piece, i in normal.items():
         for cut in range(1, len(piece)):
@@ -60,7 +68,7 @@ def _post(bos: str | None, bos_id: int | None) -> dict[str, Any] | None:
             "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
 
 
-def llama_tokenizer(tokens, scores, types, unk_id: int | None, add_space_prefix: bool) -> dict[str, Any]:
+def llama_tokenizer(tokens, scores, types, unk_id: int | None, add_space_prefix: bool, where: str = "") -> dict[str, Any]:
     norm = ([{"type": "Prepend", "prepend": "\u2581"}] if add_space_prefix else []) + [
         {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
     dec = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
@@ -73,7 +81,7 @@ def llama_tokenizer(tokens, scores, types, unk_id: int | None, add_space_prefix:
                       "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                       "byte_fallback": True, "ignore_merges": False,
                       "vocab": {t: i for i, t in enumerate(tokens)},
-                      "merges": sentencepiece_merges(tokens, scores, types)}}
+                      "merges": sentencepiece_merges(tokens, scores, types, where)}}
 
 
 def gpt2_tokenizer(tokens, merges: list[str], pre: str, where: str) -> dict[str, Any]:
@@ -130,7 +138,7 @@ def build(g, where: str) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
             raise InfengError(f"{where}: tokenizer.ggml.scores must list {n} numbers")
         if unk_id is None and UNKNOWN in types:
             unk_id = types.index(UNKNOWN)
-        spec = llama_tokenizer(tokens, scores, types, unk_id, g.get("tokenizer.ggml.add_space_prefix", "bool", True))
+        spec = llama_tokenizer(tokens, scores, types, unk_id, g.get("tokenizer.ggml.add_space_prefix", "bool", True), where)
     elif kind == "gpt2":
         merges = g.get("tokenizer.ggml.merges", "list", required=True)
         if not all(isinstance(m, str) for m in merges):
@@ -148,7 +156,9 @@ def _checked(text: str, n: int, where: str) -> str:
     from tokenizers import Tokenizer
     try:
         tok = Tokenizer.from_str(text)
-    except Exception as e:   # the tokenizers library raises its own exception types
+    except BaseException as e:   # the tokenizers library raises its own types, and a Rust panic is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise InfengError(f"{where}: the vocabulary does not make a usable tokenizer ({str(e)[:200]})") from None
     if tok.get_vocab_size(with_added_tokens=True) != n:
         raise InfengError(f"{where}: tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, "
