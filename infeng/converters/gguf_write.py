@@ -72,29 +72,45 @@ def _permute_rope(arr: np.ndarray, n_heads: int) -> np.ndarray:
                                 .swapaxes(1, 2).reshape(arr.shape))
 
 
-def _vocab(model) -> list[tuple]:
+def _vocab(model) -> list[bytes]:
+    """The tokenizer.ggml.* metadata: a SentencePiece-style "llama" vocabulary, or a byte-level
+    "gpt2" one (tokens + merges) when the tokenizer.json is byte-level BPE (Llama 3, SmolLM)."""
     tok = json.loads(model.tokenizer["json"])
     m = tok.get("model", {})
     if m.get("type") != "BPE" or not isinstance(m.get("vocab"), dict):
-        raise InfengError("GGUF export: only SentencePiece-style BPE tokenizers (Llama 1/2, TinyLlama) are supported")
+        raise InfengError("GGUF export: only BPE tokenizers (SentencePiece-style or byte-level) are supported")
     by_id: dict[int, str] = {i: t for t, i in m["vocab"].items()}
-    special = {a["id"]: a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
-    by_id.update(special)
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    byte_level = "ByteLevel" in json.dumps([tok.get("pre_tokenizer"), tok.get("decoder")])
     n = model.config.vocab_size
     tokens, scores, types = [], [], []
     for i in range(n):
         t = by_id.get(i, f"<unused{i}>")
         tokens.append(t)
         scores.append(-float(i))
-        if t == m.get("unk_token", "<unk>"):
+        if i in added:
+            types.append(3 if added[i].get("special") else 4)
+        elif i not in by_id:
+            types.append(5)
+        elif not byte_level and t == m.get("unk_token", "<unk>"):
             types.append(2)
-        elif i in special:
-            types.append(3)
-        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        elif not byte_level and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(6)
         else:
             types.append(1)
-    return tokens, scores, types
+    if not byte_level:
+        return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
+                _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
+    from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
+    merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
+    pre_tok = tok.get("pre_tokenizer") or {}
+    steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
+    splits = [(x.get("pattern") or {}).get("Regex") for x in steps if isinstance(x, dict) and x.get("type") == "Split"]
+    pre = "llama-bpe" if LLAMA3_SPLIT in splits else "default"
+    return [_kv("tokenizer.ggml.model", STR, "gpt2"), _kv("tokenizer.ggml.pre", STR, pre),
+            _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)), _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
+            _kv("tokenizer.ggml.merges", ARR, (STR, merges))]
 
 
 def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
@@ -103,7 +119,6 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
     dtype = model.weight_dtype
     if dtype not in FILE_TYPE:
         raise InfengError(f"GGUF export: weight dtype {dtype} has no GGUF equivalent")
-    tokens, scores, types = _vocab(model)
     kvs = [
         _kv("general.architecture", STR, "llama"),
         _kv("general.name", STR, name),
@@ -121,10 +136,7 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
         _kv("llama.attention.layer_norm_rms_epsilon", F32, float(c.norm_eps)),
         _kv("llama.rope.freq_base", F32, float(c.rope_theta)),
         _kv("llama.vocab_size", U32, c.vocab_size),
-        _kv("tokenizer.ggml.model", STR, "llama"),
-        _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
-        _kv("tokenizer.ggml.scores", ARR, (F32, scores)),
-        _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
+        *_vocab(model),
         _kv("tokenizer.ggml.add_bos_token", BOOL, bool(model.tokenizer.get("add_bos", True))),
         _kv("tokenizer.huggingface.json", STR, model.tokenizer["json"]),
     ]
@@ -169,6 +181,8 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
                 f.write(mv)
                 f.write(b"\0" * (-len(mv) % ALIGN))
         os.replace(tmp, path)
+    except OSError as e:
+        raise InfengError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
