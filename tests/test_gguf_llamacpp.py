@@ -1,6 +1,7 @@
 """GGUF files written by llama.cpp's own converter (tests/fixtures/gguf, see its README) load in
 infeng as the same model as the Hugging Face folder they came from: tensors, config, tokenizer
 and greedy output."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,4 +61,21 @@ def test_greedy_output_identical_to_hf(capsys, tmp_path, data_dir, kind):
         assert main(["generate", str(model), "-p", "Once upon a time", "-n", "60", "-t", "0"]) == 0
         runs.append(capsys.readouterr().out)
     assert runs[0] == runs[1]
-    assert runs[0].startswith("Once upon a time, there was a little girl named Lily.")
+    ref = json.loads((data_dir / "stories260K-f32" / "reference.json").read_text())["greedy"]["text"]
+    assert runs[0] == ref + "\n"                 # and both are transformers' greedy text
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_container_matches_gguf_py(kind):
+    """Our validating parser sees the same tensor table and metadata as llama.cpp's gguf-py."""
+    gguf = pytest.importorskip("gguf")
+    path = FIXTURES / f"stories260K-{kind}.gguf"
+    ours, ref = gguf_read.GGUFFile(path), gguf.GGUFReader(str(path))
+    assert [t.name for t in ref.tensors] == list(ours.tensors)
+    for t in ref.tensors:
+        o = ours.tensors[t.name]
+        assert (o.type_id, list(o.dims), o.offset, o.nbytes) == (int(t.tensor_type), [int(d) for d in t.shape],
+                                                                  int(t.data_offset), int(t.n_bytes)), t.name
+    assert sorted(ref.fields) == sorted(["GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"] + list(ours.metadata))
+    assert ref.fields["llama.attention.head_count_kv"].contents() == ours.metadata["llama.attention.head_count_kv"]
+    assert ref.fields["tokenizer.ggml.tokens"].contents() == ours.metadata["tokenizer.ggml.tokens"]
