@@ -90,3 +90,25 @@ def test_byte_level_tokenizer_exported_as_gpt2_vocabulary(data_dir, tmp_path):
     a, b = Tokenizer.from_str(m.tokenizer["json"]), Tokenizer.from_str(rebuilt["json"])
     for text in ["the cat", " the 123 thé\n"]:
         assert a.encode(text).ids == b.encode(text).ids, text
+
+
+def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
+    """The exported SentencePiece scores rebuild Llama 2's tokenizer exactly (with -id scores,
+    runs of spaces merged into "▁▁" first and differed)."""
+    import json
+    from types import SimpleNamespace
+
+    from gguf_build import gguf
+    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_tokenizer import build
+    from infeng.runtime.tokenizer import Tokenizer
+    tj = (data_dir / "llama2-tokenizer" / "tokenizer.json").read_text()
+    stub = SimpleNamespace(tokenizer={"json": tj}, config=SimpleNamespace(vocab_size=32000))
+    p = tmp_path / "vocab.gguf"
+    p.write_bytes(gguf(G._vocab(stub) + [G._kv("tokenizer.ggml.bos_token_id", G.U32, 1)], []))
+    spec, bos, _ = build(GGUFFile(p), str(p))
+    a, b = Tokenizer({"json": tj}, 1, (2,)), Tokenizer(spec, bos, (2,))
+    qs = [json.loads(x)["question"] for x in (data_dir / "evals" / "gsm8k_test.jsonl").read_text().splitlines()[:200]]
+    text = (data_dir / "text" / "tinystories_sample.txt").read_text()
+    for s in qs + [text, "  two  spaces", "tabs\tand\nnewlines ✓ 日本"]:
+        assert a.encode(s) == b.encode(s), s[:60]

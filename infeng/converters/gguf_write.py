@@ -5,7 +5,7 @@ Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 whose 32-blocks are by
 with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
 GGML's interleaved one (as llama.cpp's own converter does; gguf_read.unpermute_rope undoes it).
 The vocabulary is written as a SentencePiece-style ("llama") vocabulary from the model's
-tokenizer.json: token text by id, score -id, types normal / unknown / control / byte; the
+tokenizer.json: token text by id, score from the merge rank, types normal / unknown / control / byte; the
 tokenizer.json itself goes along as ``tokenizer.huggingface.json`` (a GGUF standard key), so
 reading the file back gives the identical tokenizer, normalizer included. Llama-3 RoPE scaling
 is not exported (the ``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE —
@@ -84,11 +84,17 @@ def _vocab(model) -> list[bytes]:
     by_id.update({i: a["content"] for i, a in added.items()})
     byte_level = "ByteLevel" in json.dumps([tok.get("pre_tokenizer"), tok.get("decoder")])
     n = model.config.vocab_size
+    # SentencePiece (and llama.cpp's SPM tokenizer) merge the pair whose joined piece scores
+    # highest: a piece's score is minus the rank of the first merge that makes it, so the GGUF
+    # vocabulary merges in the tokenizer.json's order (-id scores got e.g. Llama 2's "▁▁" wrong).
+    rank: dict[str, int] = {}
+    for r, mg in enumerate(m.get("merges", [])):
+        rank.setdefault("".join(mg.split(" ", 1) if isinstance(mg, str) else mg), r)
     tokens, scores, types = [], [], []
     for i in range(n):
         t = by_id.get(i, f"<unused{i}>")
         tokens.append(t)
-        scores.append(-float(i))
+        scores.append(-float(rank.get(t, len(rank) + i)))
         if i in added:
             types.append(3 if added[i].get("special") else 4)
         elif i not in by_id:
