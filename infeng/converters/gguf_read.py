@@ -177,7 +177,7 @@ class GGUFFile:
             type_id, offset = c.unpack("<IQ", f"{where}: type and offset")
             infos.append((name, dims, type_id, offset))
         data_start = c.pos + (-c.pos % align)
-        if data_start > size:
+        if infos and data_start > size:          # a vocabulary-only file may end unpadded
             c.fail(f"tensor data would start at byte {data_start}, past the end of the file ({size} bytes)")
         self.data_start = data_start
         data_len = size - data_start
