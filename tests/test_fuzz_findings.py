@@ -30,8 +30,10 @@ def _st(header, data=b""):
     json.dumps({**MANIFEST_CONFIG, "rope_theta": None}),
     json.dumps({**MANIFEST_CONFIG, "rope_scaling": {"rope_type": "linear"}}),   # KeyError 'factor' in inv_freq
     json.dumps({**MANIFEST_CONFIG, "bos_id": "a"}),
+    '{"architectures":4}',                                      # atheris: 'int' object is not iterable
+    '{"architectures":[[1]]}',                                  # unhashable in the architecture lookup
 ], ids=["hf-eps-str", "hf-theta-obj", "manifest-eps-str", "manifest-theta-null", "manifest-scaling-nofactor",
-        "manifest-bos-str"])
+        "manifest-bos-str", "hf-architectures-int", "hf-architectures-list"])
 def test_config_json(data):
     harness.config_json(data.encode())
 

@@ -125,7 +125,9 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if not isinstance(hf, dict):
         raise InfengError(f"{where}: not a JSON object")
     archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if not isinstance(archs, list):          # {"architectures": 4} was a TypeError (found by fuzzing)
+        archs = [archs]
+    arch = next((a for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
     if arch is None:
         got = ", ".join(map(str, archs)) or f"model_type {hf.get('model_type')!r}"
         raise InfengError(f"{where}: architecture {got} is not supported (supported: {', '.join(ARCHITECTURES)})")
