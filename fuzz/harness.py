@@ -6,6 +6,7 @@ Readers take paths (they mmap), so each input is written to a scratch file in /d
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -14,7 +15,12 @@ from pathlib import Path
 
 from infeng.errors import InfengError
 
-SCRATCH = Path(tempfile.mkdtemp(prefix="infeng-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+if os.environ.get("INFENG_FUZZ_SCRATCH"):       # fuzz.run's parent makes and removes it (libFuzzer skips atexit)
+    SCRATCH = Path(os.environ["INFENG_FUZZ_SCRATCH"])
+else:
+    SCRATCH = Path(tempfile.mkdtemp(prefix="infeng-fuzz-", dir=SHM))
+    atexit.register(shutil.rmtree, SCRATCH, True)
 PEFT_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "peft" / "lora_r4_qv"
 
 

@@ -14,9 +14,11 @@ import argparse
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -121,7 +123,12 @@ def all_targets(args) -> int:
         cmd = [sys.executable, "-m", "fuzz.run", t, "--seconds", str(args.seconds), "--timeout", str(args.timeout),
                "--engine", args.engine, "--data", args.data]
         t0 = time.monotonic()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        scratch = tempfile.mkdtemp(prefix=f"infeng-fuzz-{t}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                               env=dict(os.environ, INFENG_FUZZ_SCRATCH=scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         log = WORK / f"{t}.log"
         log.write_text(p.stderr + p.stdout)
         m = re.findall(r"stat::number_of_executed_units: (\d+)", p.stderr)
