@@ -6,7 +6,7 @@ DATA   ?= $(abspath $(or $(INFENG_TEST_DATA),../shared/data))
 STAMP  := $(VENV)/.installed
 OUT    := out
 
-.PHONY: setup demo test kernels bench clean
+.PHONY: setup demo test kernels bench fuzz clean
 
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
@@ -38,6 +38,11 @@ bench: setup  ## peers + plot installed, then the default suite side by side (a 
 	@mkdir -p $(OUT)
 	$(BIN)/pip install -q -e '.[peers,bench]' 2>&1 | grep -v '^WARNING: Location' || true
 	INFENG_TEST_DATA=$(DATA) $(BIN)/infeng bench --suite bench/decode.yaml --json $(OUT)/bench.json --csv $(OUT)/bench.csv --plot $(OUT)/bench.png
+
+FUZZ_SECONDS ?= 60
+fuzz: setup  ## coverage-guided fuzzing (atheris) of each file reader, FUZZ_SECONDS each; not part of `make test`
+	$(BIN)/pip install -q -e '.[fuzz]' 2>&1 | grep -v '^WARNING: Location' || true
+	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m fuzz.run --all --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info infeng/kernels/*.so

@@ -60,3 +60,55 @@ def test_official_reader_parses_the_export(exported):
     assert len(r.tensors) == 2 + 9 * m.config.n_layers
     t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
     assert list(t.shape) == [m.config.hidden_dim, m.config.dim]
+
+
+def test_byte_level_tokenizer_exported_as_gpt2_vocabulary(data_dir, tmp_path):
+    """A byte-level BPE tokenizer (Llama 3, SmolLM) goes out as tokenizer.ggml.model "gpt2" with
+    its merges and pre-tokenizer name, and the vocabulary alone rebuilds the same tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_tokenizer import build, gpt2_tokenizer
+    from test_gguf_types import _byte_chars
+    m = load_model(data_dir / "stories260K")
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = _byte_chars() + ["Ġt", "he", "Ġthe"]
+    tokens += [f"x{i}" for i in range(m.config.vocab_size - len(tokens) - 2)] + ["<s>", "</s>"]
+    spec = gpt2_tokenizer(tokens, merges, "llama-bpe", "test")
+    spec.update(version="1.0", post_processor=None, added_tokens=[
+        {"id": len(tokens) - 2, "content": "<s>", "special": True, "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False}])
+    m.tokenizer = {"json": json.dumps(spec), "add_bos": False, "chat_template": None}
+    g = GGUFFile(G.write_gguf(m, tmp_path / "bl.gguf"))
+    assert g.metadata["tokenizer.ggml.model"] == "gpt2" and g.metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    assert g.metadata["tokenizer.ggml.merges"] == merges
+    assert g.metadata["tokenizer.ggml.token_type"][len(tokens) - 2] == 3
+    del g.metadata["tokenizer.huggingface.json"]
+    rebuilt, _, _ = build(g, "test")
+    a, b = Tokenizer.from_str(m.tokenizer["json"]), Tokenizer.from_str(rebuilt["json"])
+    for text in ["the cat", " the 123 thé\n"]:
+        assert a.encode(text).ids == b.encode(text).ids, text
+
+
+def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
+    """The exported SentencePiece scores rebuild Llama 2's tokenizer exactly (with -id scores,
+    runs of spaces merged into "▁▁" first and differed)."""
+    import json
+    from types import SimpleNamespace
+
+    from gguf_build import gguf
+    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_tokenizer import build
+    from infeng.runtime.tokenizer import Tokenizer
+    tj = (data_dir / "llama2-tokenizer" / "tokenizer.json").read_text()
+    stub = SimpleNamespace(tokenizer={"json": tj}, config=SimpleNamespace(vocab_size=32000))
+    p = tmp_path / "vocab.gguf"
+    p.write_bytes(gguf(G._vocab(stub) + [G._kv("tokenizer.ggml.bos_token_id", G.U32, 1)], []))
+    spec, bos, _ = build(GGUFFile(p), str(p))
+    a, b = Tokenizer({"json": tj}, 1, (2,)), Tokenizer(spec, bos, (2,))
+    qs = [json.loads(x)["question"] for x in (data_dir / "evals" / "gsm8k_test.jsonl").read_text().splitlines()[:200]]
+    text = (data_dir / "text" / "tinystories_sample.txt").read_text()
+    for s in qs + [text, "  two  spaces", "tabs\tand\nnewlines ✓ 日本"]:
+        assert a.encode(s) == b.encode(s), s[:60]

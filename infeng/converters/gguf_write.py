@@ -1,13 +1,15 @@
-"""A minimal GGUF (v3) writer for Llama models, so llama.cpp can run the same weights as infeng
-side by side (``infeng bench --peer llama.cpp``).
+"""GGUF (v3) writer for Llama models: ``infeng convert X.infeng --to gguf`` and the bench's
+llama.cpp peer (``infeng bench --peer llama.cpp``) run the same weights as infeng.
 
 Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 whose 32-blocks are byte-compatible
 with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
-GGML's interleaved one (as llama.cpp's own converter does). The vocabulary is written as a
-SentencePiece-style ("llama") vocabulary from the model's tokenizer.json: token text by id,
-score -id, types normal / unknown / control / byte. Llama-3 RoPE scaling is not exported (the
-``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE — fine for speed, not
-for its numbers. This is the bench's exporter, not ``infeng convert``'s (another issue).
+GGML's interleaved one (as llama.cpp's own converter does; gguf_read.unpermute_rope undoes it).
+The vocabulary is written as a SentencePiece-style ("llama") vocabulary from the model's
+tokenizer.json: token text by id, score from the merge rank, types normal / unknown / control / byte; the
+tokenizer.json itself goes along as ``tokenizer.huggingface.json`` (a GGUF standard key), so
+reading the file back gives the identical tokenizer, normalizer included. Llama-3 RoPE scaling
+is not exported (the ``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE —
+fine for speed, not for its numbers.
 """
 from __future__ import annotations
 
@@ -70,29 +72,51 @@ def _permute_rope(arr: np.ndarray, n_heads: int) -> np.ndarray:
                                 .swapaxes(1, 2).reshape(arr.shape))
 
 
-def _vocab(model) -> list[tuple]:
+def _vocab(model) -> list[bytes]:
+    """The tokenizer.ggml.* metadata: a SentencePiece-style "llama" vocabulary, or a byte-level
+    "gpt2" one (tokens + merges) when the tokenizer.json is byte-level BPE (Llama 3, SmolLM)."""
     tok = json.loads(model.tokenizer["json"])
     m = tok.get("model", {})
     if m.get("type") != "BPE" or not isinstance(m.get("vocab"), dict):
-        raise InfengError("GGUF export: only SentencePiece-style BPE tokenizers (Llama 1/2, TinyLlama) are supported")
+        raise InfengError("GGUF export: only BPE tokenizers (SentencePiece-style or byte-level) are supported")
     by_id: dict[int, str] = {i: t for t, i in m["vocab"].items()}
-    special = {a["id"]: a["content"] for a in tok.get("added_tokens", []) if a.get("special")}
-    by_id.update(special)
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    byte_level = "ByteLevel" in json.dumps([tok.get("pre_tokenizer"), tok.get("decoder")])
     n = model.config.vocab_size
+    # SentencePiece (and llama.cpp's SPM tokenizer) merge the pair whose joined piece scores
+    # highest: a piece's score is minus the rank of the first merge that makes it, so the GGUF
+    # vocabulary merges in the tokenizer.json's order (-id scores got e.g. Llama 2's "▁▁" wrong).
+    rank: dict[str, int] = {}
+    for r, mg in enumerate(m.get("merges", [])):
+        rank.setdefault("".join(mg.split(" ", 1) if isinstance(mg, str) else mg), r)
     tokens, scores, types = [], [], []
     for i in range(n):
         t = by_id.get(i, f"<unused{i}>")
         tokens.append(t)
-        scores.append(-float(i))
-        if t == m.get("unk_token", "<unk>"):
+        scores.append(-float(rank.get(t, len(rank) + i)))
+        if i in added:
+            types.append(3 if added[i].get("special") else 4)
+        elif i not in by_id:
+            types.append(5)
+        elif not byte_level and t == m.get("unk_token", "<unk>"):
             types.append(2)
-        elif i in special:
-            types.append(3)
-        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+        elif not byte_level and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types.append(6)
         else:
             types.append(1)
-    return tokens, scores, types
+    if not byte_level:
+        return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
+                _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
+    from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
+    merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
+    pre_tok = tok.get("pre_tokenizer") or {}
+    steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
+    splits = [(x.get("pattern") or {}).get("Regex") for x in steps if isinstance(x, dict) and x.get("type") == "Split"]
+    pre = "llama-bpe" if LLAMA3_SPLIT in splits else "default"
+    return [_kv("tokenizer.ggml.model", STR, "gpt2"), _kv("tokenizer.ggml.pre", STR, pre),
+            _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)), _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
+            _kv("tokenizer.ggml.merges", ARR, (STR, merges))]
 
 
 def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
@@ -101,7 +125,6 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
     dtype = model.weight_dtype
     if dtype not in FILE_TYPE:
         raise InfengError(f"GGUF export: weight dtype {dtype} has no GGUF equivalent")
-    tokens, scores, types = _vocab(model)
     kvs = [
         _kv("general.architecture", STR, "llama"),
         _kv("general.name", STR, name),
@@ -119,12 +142,15 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
         _kv("llama.attention.layer_norm_rms_epsilon", F32, float(c.norm_eps)),
         _kv("llama.rope.freq_base", F32, float(c.rope_theta)),
         _kv("llama.vocab_size", U32, c.vocab_size),
-        _kv("tokenizer.ggml.model", STR, "llama"),
-        _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
-        _kv("tokenizer.ggml.scores", ARR, (F32, scores)),
-        _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
+        *_vocab(model),
         _kv("tokenizer.ggml.add_bos_token", BOOL, bool(model.tokenizer.get("add_bos", True))),
+        _kv("tokenizer.huggingface.json", STR, model.tokenizer["json"]),
     ]
+    if model.tokenizer.get("chat_template"):
+        kvs.append(_kv("tokenizer.chat_template", STR, model.tokenizer["chat_template"]))
+    if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "linear":
+        kvs += [_kv("llama.rope.scaling.type", STR, "linear"),
+                _kv("llama.rope.scaling.factor", F32, float(c.rope_scaling["factor"]))]
     if c.bos_id is not None:
         kvs.append(_kv("tokenizer.ggml.bos_token_id", U32, int(c.bos_id)))
     if c.eos_ids:
@@ -161,6 +187,8 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
                 f.write(mv)
                 f.write(b"\0" * (-len(mv) % ALIGN))
         os.replace(tmp, path)
+    except OSError as e:
+        raise InfengError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -168,53 +196,12 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
 
 
 def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
-    """(metadata, tensors) of a GGUF file: tensors map name → (ggml type, dims, absolute offset).
-    Enough to check what ``write_gguf`` wrote."""
-    raw = Path(path).read_bytes()
-    if raw[:4] != GGUF_MAGIC:
-        raise InfengError(f"{path}: not a GGUF file")
-    pos = 4
-    version, n_t, n_kv = struct.unpack_from("<IQQ", raw, pos)
-    pos += 20
-
-    def rstr():
-        nonlocal pos
-        (ln,) = struct.unpack_from("<Q", raw, pos)
-        s = raw[pos + 8:pos + 8 + ln].decode("utf-8")
-        pos += 8 + ln
-        return s
-
-    def rval(t):
-        nonlocal pos
-        if t == STR:
-            return rstr()
-        if t == ARR:
-            et, ln = struct.unpack_from("<IQ", raw, pos)
-            pos += 12
-            return [rval(et) for _ in range(ln)]
-        fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?", U64: "<Q",
-               11: "<q", 12: "<d"}[t]
-        (v,) = struct.unpack_from(fmt, raw, pos)
-        pos += struct.calcsize(fmt)
-        return v
-    meta = {"version": version}
-    for _ in range(n_kv):
-        k = rstr()
-        (t,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        meta[k] = rval(t)
-    tensors = {}
-    for _ in range(n_t):
-        name = rstr()
-        (nd,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        dims = struct.unpack_from(f"<{nd}Q", raw, pos)
-        pos += 8 * nd
-        t, off = struct.unpack_from("<IQ", raw, pos)
-        pos += 12
-        tensors[name] = (t, list(dims), off)
-    data_start = pos + (-pos % meta.get("general.alignment", ALIGN))
-    return meta, {k: (t, d, data_start + o) for k, (t, d, o) in tensors.items()}
+    """(metadata, tensors) of a GGUF file, through the validating reader: tensors map name →
+    (ggml type, dims, absolute offset). Enough to check what ``write_gguf`` wrote."""
+    from infeng.converters.gguf_read import GGUFFile
+    g = GGUFFile(path)
+    meta = dict(g.metadata, version=g.version)
+    return meta, {n: (t.type_id, list(t.dims), t.offset) for n, t in g.tensors.items()}
 
 
 def export_cached(model, source: str | Path | None = None) -> Path:

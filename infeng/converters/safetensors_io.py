@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from infeng.errors import InfengError
-from infeng.format import map_readonly
+from infeng.format import map_readonly, plausible_shape
 
 # safetensors dtype → (infeng dtype label, numpy storage dtype, bytes per element)
 ST_DTYPES = {
@@ -52,7 +52,7 @@ class SafetensorsFile:
             if st not in ST_DTYPES:
                 raise InfengError(f"{where}: dtype {st!r} is not supported (F32, BF16, F16)")
             shape, offs = e.get("shape"), e.get("data_offsets")
-            if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            if (not plausible_shape(shape)
                     or not isinstance(offs, list) or len(offs) != 2
                     or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
                 raise InfengError(f"{where}: bad shape or data_offsets")

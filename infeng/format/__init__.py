@@ -72,6 +72,22 @@ def logical_shape(dtype: str, stored) -> tuple[int, ...]:
     return stored[:-1] + (stored[-1] // bb * qk,)
 
 
+MAX_ELEMENTS = 1 << 48
+
+
+def plausible_shape(shape) -> bool:
+    """A list of non-negative ints (not bools) whose non-zero dims multiply to < 2^48: numpy
+    refuses to even make an empty view of a shape like [0, 2^40, 2^40] (found by fuzzing)."""
+    if not isinstance(shape, list) or len(shape) > 8:
+        return False
+    n = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            return False
+        n *= max(d, 1)
+    return n < MAX_ELEMENTS
+
+
 def align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -186,7 +202,7 @@ class NativeFile:
             raise InfengError(f"{where}: missing or duplicate name")
         if dtype not in DTYPES:
             raise InfengError(f"{where}: unknown dtype {dtype!r}")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+        if (not plausible_shape(shape)
                 or not isinstance(off, int) or not isinstance(nbytes, int) or off < 0 or nbytes < 0):
             raise InfengError(f"{where}: bad shape, offset or length")
         sshape = storage_shape(dtype, shape)

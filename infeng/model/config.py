@@ -73,8 +73,22 @@ class ModelConfig:
                               f"num_key_value_heads {self.n_kv_heads}")
         if self.head_dim % 2 or self.head_dim > 256:
             raise InfengError(f"{where}: head_dim {self.head_dim} must be even and at most 256")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise InfengError(f"{where}: rms_norm_eps and rope_theta must be positive")
+        for k in ("norm_eps", "rope_theta"):     # a string here was a TypeError (found by fuzzing)
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise InfengError(f"{where}: rms_norm_eps and rope_theta must be positive numbers, got {k}={v!r}")
+        rs = self.rope_scaling     # a native manifest's is checked here too: inv_freq() reads it
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
+            if kind not in ROPE_TYPES or kind == "default":
+                raise InfengError(f"{where}: rope_scaling type {kind!r} is not supported")
+            used = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if "factor" not in rs or not all(isinstance(rs[k], (int, float)) and not isinstance(rs[k], bool)
+                                             and rs[k] > 0 for k in used if k in rs):
+                raise InfengError(f"{where}: rope_scaling needs a positive factor (and positive numbers in {', '.join(used[1:])})")
+        ids = ([] if self.bos_id is None else [self.bos_id]) + list(self.eos_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise InfengError(f"{where}: bos/eos token ids must be integers, got {ids}")
 
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim/2] (f32), with the configured scaling applied."""
@@ -111,7 +125,9 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if not isinstance(hf, dict):
         raise InfengError(f"{where}: not a JSON object")
     archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if not isinstance(archs, list):          # {"architectures": 4} was a TypeError (found by fuzzing)
+        archs = [archs]
+    arch = next((a for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
     if arch is None:
         got = ", ".join(map(str, archs)) or f"model_type {hf.get('model_type')!r}"
         raise InfengError(f"{where}: architecture {got} is not supported (supported: {', '.join(ARCHITECTURES)})")
@@ -149,12 +165,17 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         dim=dim, hidden_dim=need("intermediate_size"), n_layers=need("num_hidden_layers"),
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
         vocab_size=need("vocab_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=_number(hf.get("rms_norm_eps", 1e-6)), rope_theta=_number(hf.get("rope_theta", 10000.0)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_scaling=rs,
         bos_id=hf.get("bos_token_id"), eos_ids=eos_ids,
     )
     cfg.validate(where, HF_NAMES)
     return cfg
+
+
+def _number(v: Any) -> Any:
+    """float(v) for a JSON number; anything else as it is, for validate() to refuse by name."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 HF_NAMES = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
