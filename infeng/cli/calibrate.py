@@ -68,7 +68,7 @@ def calibrate(
     run.records = [{"layer": l, "input": name, "channels": e["channels"], "absmax": e["percentiles"]["max"],
                     "p99_9": e["clip"], "mean_abs": sum(e["mean_abs"]) / e["channels"],
                     "max_channel_ratio": max(e["absmax"]) / max(sorted(e["absmax"])[len(e["absmax"]) // 2], 1e-30)}
-                   for l, layer in enumerate(doc["layers"]) for name, e in layer.items() if name in C.INPUTS]
+                   for l, layer in enumerate(doc["layers"] + [{C.OUTPUT_INPUT: doc["output"]}]) for name, e in layer.items()]
     _print(run, output, npz)
     if telemetry:
         run.write(telemetry)
@@ -93,32 +93,77 @@ def _print(run, output: Path, npz: Path) -> None:
               f"{m['sample_rows']} sampled rows per input → {npz.name}, {m['seconds']:.1f} s")
 
 
-def scale_for_quantization(path: Path, model, items, qtype: str, pol, src: Path, run):
-    """For `infeng quantize --calibration`: the model's tensors with the activation-aware scales
-    folded in, their storage plan, the per-matrix importance, and the lineage entry. Prints the
-    α chosen per layer and input, and the output error it saves on the calibration sample."""
-    from rich.table import Table
+METHODS = ("auto", "gptq", "awq")
 
-    from infeng.quant import awq, calibrate as C, policy as q
-    from infeng.telemetry import progress, stderr_console
 
+def calibrated_tensors(path: Path, model, items, qtype: str, pol, src: Path, method: str, run):
+    """For `infeng quantize --calibration`: the model's tensors transformed by the calibrated
+    method (then stored by the ordinary quantizer), their storage plan, the per-matrix importance
+    (for quantizers that take it), and the lineage entry. ``auto``: gptq when every block type in
+    use has a gptq grid (q4_0, q8_0), else awq (format-agnostic)."""
+    from infeng.quant import awq, calibrate as C, gptq as G, policy as q
+    from infeng.telemetry import progress
+
+    if method not in METHODS:
+        raise InfengError(f"--calibration-method: unknown method {method!r} (one of {', '.join(METHODS)})")
     cal = C.load(path)
     C.check_model(cal, model, str(src))
-    if not any(awq.is_block(it.dtype) for it in items):
+    block = {it.dtype for it in items if awq.is_block(it.dtype)}
+    if not block:
         raise InfengError(f"--calibration: no matrix is stored in a block type with --type {qtype} "
                           f"and this policy; calibration only helps block-quantized matrices")
-    n = model.config.n_layers * len(awq.ORDER)
-    with progress("scale search") as bar, run.span("calibrate"):
-        task = bar.add_task("search", total=n)
-        tensors, choices, importance = awq.apply(model, items, cal, progress=lambda l, name: bar.advance(task, 1))
+    if method == "auto":
+        method = "gptq" if block <= set(G.GRIDS) else "awq"
+    if method == "gptq" and not block <= set(G.GRIDS):
+        raise InfengError(f"--calibration-method gptq: no gptq grid for {', '.join(sorted(block - set(G.GRIDS)))} "
+                          f"(use awq)")
+    run.meta.update({"calibration": str(path), "calibration_sha256": cal.sha256, "calibration_method": method})
+    importance: dict = {}
+    if method == "gptq":
+        todo = G.targets(model, items)
+        with progress("gptq") as bar, run.span("calibrate"):
+            task = bar.add_task("gptq", total=len(todo))
+            tensors, errors = G.apply(model, items, cal, progress=lambda name: bar.advance(task, 1))
+        params = {"damp": G.DAMP, "rel_error": {n: [round(a, 6), round(b, 6)] for n, (a, b) in errors.items()}}
+        _print_gptq(errors)
+        run.metrics.update({"calibrated_matrices": len(errors),
+                            "calib_rel_error_rtn": float(sum(a for a, _ in errors.values()) / len(errors)),
+                            "calib_rel_error": float(sum(b for _, b in errors.values()) / len(errors))})
+    else:
+        n = model.config.n_layers * len(awq.ORDER)
+        with progress("scale search") as bar, run.span("calibrate"):
+            task = bar.add_task("search", total=n)
+            tensors, choices, importance = awq.apply(model, items, cal, progress=lambda l, name: bar.advance(task, 1))
+        params = awq.lineage_params(choices)
+        _print_awq(choices, cal)
+        done = [c for c in choices if c.alpha is not None]
+        run.metrics.update({"calibrated_inputs": len(done), "skipped_inputs": len(choices) - len(done),
+                            "calib_loss_rtn": sum(c.loss_rtn for c in done), "calib_loss": sum(c.loss for c in done)})
+        run.meta["calibration_choices"] = [{"layer": c.layer, "input": c.input, "alpha": c.alpha, "loss_rtn": c.loss_rtn,
+                                            "loss": c.loss, "note": c.note} for c in choices]
     items = q.plan(tensors, qtype, pol, source=str(src))
-    entry = awq.lineage_entry(cal, choices)
-    done = [c for c in choices if c.alpha is not None]
-    run.meta.update({"calibration": str(path), "calibration_sha256": cal.sha256, "method": awq.METHOD})
-    run.metrics.update({"calibrated_inputs": len(done), "skipped_inputs": len(choices) - len(done),
-                        "calib_loss_rtn": sum(c.loss_rtn for c in done), "calib_loss": sum(c.loss for c in done)})
-    run.meta["calibration_choices"] = [{"layer": c.layer, "input": c.input, "alpha": c.alpha, "loss_rtn": c.loss_rtn,
-                                        "loss": c.loss, "note": c.note} for c in choices]
+    return tensors, items, importance, C.lineage_entry(cal, method, params)
+
+
+def _print_gptq(errors: dict[str, tuple[float, float]]) -> None:
+    from rich.table import Table
+    from infeng.telemetry import stderr_console
+    t = Table(title="gptq: relative output error on the calibration sample", header_style="bold")
+    for col in ("matrices", "round-to-nearest", "gptq", "ratio"):
+        t.add_column(col, justify="left" if col == "matrices" else "right")
+    by: dict[str, list[tuple[float, float]]] = {}
+    for name, e in errors.items():
+        by.setdefault(name.split(".")[-1], []).append(e)
+    for m, es in by.items():
+        a, b = sum(e[0] for e in es) / len(es), sum(e[1] for e in es) / len(es)
+        t.add_row(m, f"{a:.3e}", f"{b:.3e}", f"{b / a:.3f}" if a else "-")
+    stderr_console().print(t)
+
+
+def _print_awq(choices, cal) -> None:
+    from rich.table import Table
+    from infeng.quant import awq
+    from infeng.telemetry import stderr_console
     t = Table(title=f"activation-aware scales ({awq.METHOD}, {cal.path.name})", header_style="bold")
     for col in ("input", "α per layer", "output error vs round-to-nearest"):
         t.add_column(col, justify="left")
@@ -131,7 +176,6 @@ def scale_for_quantization(path: Path, model, items, qtype: str, pol, src: Path,
         l0, l1 = sum(c.loss_rtn for c in cs), sum(c.loss for c in cs)
         t.add_row(name, a, f"{l1 / l0:.3f}×" if l0 > 0 else "-")
     stderr_console().print(t)
-    return tensors, items, importance, entry
 
 
 def register(app: typer.Typer) -> None:

@@ -21,7 +21,8 @@ def quantize(
     qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0 (or bf16, f16, f32)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: activation-aware (AWQ) scaling before quantizing"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: calibrated rounding (GPTQ) or scaling (AWQ)"),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q8_0), else awq]"),
 ):
     """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 blocks)."""
     run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
@@ -40,8 +41,9 @@ def quantize(
     items = q.plan(model.tensors, qtype, pol, source=str(src))
     total = sum(math.prod(it.shape) for it in items)
     if calibration:
-        from infeng.cli.calibrate import scale_for_quantization
-        src_tensors, items, importance, entry = scale_for_quantization(calibration, model, items, qtype, pol, src, run)
+        from infeng.cli.calibrate import calibrated_tensors
+        src_tensors, items, importance, entry = calibrated_tensors(calibration, model, items, qtype, pol, src,
+                                                                   calibration_method, run)
     else:
         src_tensors, importance, entry = model.tensors, {}, None
     with progress("quantizing") as bar, run.span("quantize"):

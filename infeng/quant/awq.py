@@ -170,18 +170,12 @@ def apply(model, items, cal: Calibration, grid: int = GRID, progress: Callable[[
     return tensors, choices, importance
 
 
-def lineage_entry(cal: Calibration, choices: list[Choice], grid: int = GRID) -> str:
-    """One lineage string: which statistics (file sha256), which method, α per layer and input
-    (null: skipped). Deliberately not the source's identity: the scales change what the linear
-    layers see, so an adapter made for the source model does not apply to this one."""
-    import json
+def lineage_params(choices: list[Choice], grid: int = GRID) -> dict:
+    """α per layer and input (null: skipped), for the lineage entry."""
     alpha: dict[str, dict[str, float | None]] = {}
     for c in choices:
         alpha.setdefault(str(c.layer), {})[c.input] = c.alpha
-    return "calibration:" + json.dumps({"method": METHOD, "grid": grid, "stats_sha256": cal.sha256,
-                                        "stats_file": cal.path.name if cal.path else None,
-                                        "model": cal.doc["model"]["identity"], "alpha": alpha},
-                                       separators=(",", ":"))
+    return {"grid": grid, "alpha": alpha}
 
 
 def quantize_tensors(tensors, items, importance: dict[str, np.ndarray], progress=None):

@@ -36,6 +36,9 @@ INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ffn_in": ("ffn_norm", ("w_gate", "w_up")),
     "down_in": ("silu_mul", ("w_down",)),
 }
+# and once per model: the final-norm output → the output matrix (the tied embedding table when
+# the model shares them); not in the C trace, so computed from the last residual with the norm
+OUTPUT_INPUT = "out_in"
 BINS_PER_OCTAVE = 4
 LOG2_MIN, LOG2_MAX = -32, 32           # |x| below 2^-32 (and 0) counts in bin 0, above 2^32 in the last
 N_BINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE + 2
@@ -128,8 +131,9 @@ class Calibration:
     def channel(self, l: int, name: str, stat: str) -> np.ndarray:
         return np.asarray(self.layer(l, name)[stat], np.float32)
 
-    def sample(self, l: int, name: str) -> np.ndarray:
-        return self.samples[f"layer{l}.{name}"]
+    def sample(self, l: int | None, name: str) -> np.ndarray:
+        """Layer l's sample of input ``name``; l None: the output matrix's input."""
+        return self.samples[OUTPUT_INPUT if l is None else f"layer{l}.{name}"]
 
     @property
     def positions(self) -> np.ndarray:
@@ -153,8 +157,9 @@ def windows(docs_ids: list[list[int]], ctx: int, max_tokens: int | None) -> list
 def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None = None,
             n_samples: int = 512, threads: int | None = None,
             progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, InputStats]], dict[str, np.ndarray], int]:
-    """Run the windows through the C forward pass; per layer the InputStats of each input, the
-    sampled rows of each input, and the number of windows."""
+    """Run the windows through the C forward pass; per layer the InputStats of each input (then
+    one more entry: {OUTPUT_INPUT: stats}), the sampled rows of each input, and the number of
+    windows."""
     from infeng.bench.profile import dump_activations
     c = model.config
     if ctx < 1 or ctx > c.max_seq_len:
@@ -170,6 +175,9 @@ def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None =
     picked = np.arange(min(n_samples, total))
     positions: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {f"layer{l}.{n}": [] for l in range(c.n_layers) for n in INPUTS}
+    parts[OUTPUT_INPUT] = []
+    out_stats = InputStats(c.dim)
+    norm = model.f32("norm")
     start = 0
     for w in wins:
         acts = dump_activations(model, w, threads=threads)
@@ -180,12 +188,21 @@ def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None =
                 x = ops[op]
                 stats[l][name].add(x)
                 parts[f"layer{l}.{name}"].append(x[rows])
+        x = final_norm(acts.layers[-1]["w_down"], norm, c.norm_eps)
+        out_stats.add(x)
+        parts[OUTPUT_INPUT].append(x[rows])
         start += len(w)
         if progress:
             progress(len(w))
     samples = {k: np.ascontiguousarray(np.concatenate(v), np.float32) for k, v in parts.items()}
     samples["positions"] = np.concatenate(positions)
-    return stats, samples, len(wins)
+    return stats + [{OUTPUT_INPUT: out_stats}], samples, len(wins)
+
+
+def final_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """The final RMSNorm as the C pass computes it (f32)."""
+    ms = np.mean(x.astype(np.float32) ** 2, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))).astype(np.float32) * w
 
 
 def build(model, stats, n_windows: int, text: dict[str, Any], ctx: int) -> dict[str, Any]:
@@ -195,10 +212,12 @@ def build(model, stats, n_windows: int, text: dict[str, Any], ctx: int) -> dict[
                       "dim": c.dim, "hidden_dim": c.hidden_dim, "n_heads": c.n_heads,
                       "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim},
             "text": {**text, "tokens": int(stats[0]["attn_in"].n), "windows": n_windows, "ctx": ctx},
-            "inputs": {n: {"op": op, "matrices": list(m)} for n, (op, m) in INPUTS.items()},
+            "inputs": {**{n: {"op": op, "matrices": list(m)} for n, (op, m) in INPUTS.items()},
+                       OUTPUT_INPUT: {"op": "final_norm", "matrices": [model.output_name]}},
             "histogram": {"of": "log2 |x|", "bins_per_octave": BINS_PER_OCTAVE, "log2_min": LOG2_MIN,
                           "bin0": f"|x| < 2^{LOG2_MIN} (and 0)"},
-            "layers": [{n: s.to_json(INPUTS[n][1]) for n, s in layer.items()} for layer in stats]}
+            "layers": [{n: s.to_json(INPUTS[n][1]) for n, s in layer.items()} for layer in stats[:-1]],
+            "output": stats[-1][OUTPUT_INPUT].to_json((model.output_name,))}
 
 
 def sha256_file(path: Path) -> str:
@@ -248,6 +267,7 @@ def load(path: str | Path) -> Calibration:
     try:
         n_layers = int(doc["model"]["n_layers"])
         layers = doc["layers"]
+        int(doc["output"]["channels"])
         ident = doc["model"]["identity"]
         smp = doc["samples"]
         if not isinstance(layers, list) or len(layers) != n_layers or not isinstance(ident, str):
@@ -278,6 +298,9 @@ def load(path: str | Path) -> Calibration:
             s = samples.get(f"layer{l}.{name}")
             if s is None or s.ndim != 2 or s.shape != (pos.size, int(layer[name]["channels"])):
                 raise InfengError(f"{npz}: sample layer{l}.{name} is missing or has the wrong width")
+    s = samples.get(OUTPUT_INPUT)
+    if s is None or s.shape != (pos.size, int(doc["output"]["channels"])):
+        raise InfengError(f"{npz}: sample {OUTPUT_INPUT} is missing or has the wrong width")
     return Calibration(doc, samples, p, sha256_file(p))
 
 
@@ -288,3 +311,14 @@ def check_model(cal: Calibration, model, where: str) -> None:
         src = cal.doc["model"].get("source") or "another model"
         raise InfengError(f"{cal.path}: statistics were recorded on {src}, not on {where} "
                           f"(model identity differs); run `infeng calibrate {where}`")
+
+
+def lineage_entry(cal: Calibration, method: str, params: dict[str, Any]) -> str:
+    """One lineage string recording a calibrated quantization: which statistics (the file's
+    sha256), of which model, which method and its per-layer choices. Deliberately not the source
+    model's identity: the transformed weights are no longer those an adapter made for the source
+    was trained against (AWQ even rescales what the linear layers see)."""
+    return "calibration:" + json.dumps({"method": method, "stats_sha256": cal.sha256,
+                                        "stats_file": cal.path.name if cal.path else None,
+                                        "model": cal.doc["model"]["identity"], **params},
+                                       separators=(",", ":"))
