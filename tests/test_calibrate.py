@@ -189,6 +189,7 @@ def test_bad_input(work, capsys, tmp_path, data_dir):
     one_line_error(capsys, ["quantize", src, "-o", str(out), "--type", "bf16", "--calibration", str(d / "stats.json")], "block type")
     one_line_error(capsys, ["quantize", src, "-o", str(out), "--type", "q4_0", "--calibration", str(d / "stats.json"),
                             "--calibration-method", "magic"], "magic")
+    one_line_error(capsys, ["quantize", src, "-o", str(out), "--type", "q4_0", "--calibration-method", "gptq"], "needs --calibration")
     assert not out.exists()
     # calibrate
     stats = tmp_path / "s.json"

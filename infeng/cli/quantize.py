@@ -29,6 +29,8 @@ def quantize(
                                 "policy": str(policy) if policy else None})
     t0 = time.perf_counter()
     q.check_type(qtype, "--type")
+    if calibration_method != "auto" and calibration is None:
+        raise InfengError("--calibration-method needs --calibration (statistics from `infeng calibrate`)")
     pol = q.load_policy(policy) if policy else q.Policy()
     if output.exists() and output.is_dir():
         raise InfengError(f"{output}: is a directory")

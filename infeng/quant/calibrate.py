@@ -151,7 +151,7 @@ def windows(docs_ids: list[list[int]], ctx: int, max_tokens: int | None) -> list
     stream = [t for d in docs_ids for t in d]
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    return [stream[i:i + ctx] for i in range(0, len(stream), ctx) if len(stream[i:i + ctx]) >= 1]
+    return [stream[i:i + ctx] for i in range(0, len(stream), ctx)]
 
 
 def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None = None,

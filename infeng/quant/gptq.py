@@ -87,7 +87,6 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, damp: float = DAMP) -> np.nda
     W[:, dead] = 0.0
     U = inverse_cholesky(h, damp)
     Q = np.zeros((N, K), np.float32)
-    rows = np.arange(N)
     for b0 in range(0, K, QK):
         b1 = b0 + QK
         d, pin, code = scale_of(W[:, b0:b1].astype(np.float32))
@@ -103,7 +102,7 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, damp: float = DAMP) -> np.nda
         W[:, b1:] -= err @ U[b0:b1, b1:]
     back = dequantize(quantize(Q, qtype), qtype)
     if not np.array_equal(back, Q):   # pragma: no cover - the pinning guarantees it
-        raise InfengError(f"gptq: {qtype} does not reproduce the compensated rounding ({rows.size} rows)")
+        raise InfengError(f"gptq: the {qtype} quantizer does not reproduce the compensated rounding")
     return Q
 
 
