@@ -72,8 +72,17 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return np.linalg.cholesky(hinv).T          # cholesky gives lower L with L Lᵀ = H⁻¹; Lᵀ is upper
 
 
-def gptq(w: np.ndarray, h: np.ndarray, qtype: str, damp: float = DAMP) -> np.ndarray:
-    """The f32 matrix whose ``qtype`` encoding is the error-compensated rounding of ``w``."""
+def prepare(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """(dead-channel mask, U) of an input's H: computed once for all the matrices it feeds."""
+    h = np.array(h, np.float64)
+    dead = np.diag(h) == 0                      # channels the sample never excites: any value works
+    h[dead, dead] = 1.0
+    return dead, inverse_cholesky(h, damp)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, qtype: str, damp: float = DAMP, prepared=None) -> np.ndarray:
+    """The f32 matrix whose ``qtype`` encoding is the error-compensated rounding of ``w``
+    (``prepared``: ``prepare(h, damp)``, to share it between the matrices of one input)."""
     if qtype not in GRIDS:
         raise InfengError(f"gptq has no grid for {qtype} (only {', '.join(GRIDS)})")
     scale_of, round_to = GRIDS[qtype]
@@ -81,11 +90,8 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, damp: float = DAMP) -> np.nda
     N, K = W.shape
     if K % QK:
         raise InfengError(f"gptq: rows of {K} are not a multiple of {QK}")
-    h = np.array(h, np.float64)
-    dead = np.diag(h) == 0                      # channels the sample never excites: any value works
-    h[dead, dead] = 1.0
+    dead, U = prepared if prepared is not None else prepare(h, damp)
     W[:, dead] = 0.0
-    U = inverse_cholesky(h, damp)
     Q = np.zeros((N, K), np.float32)
     for b0 in range(0, K, QK):
         b1 = b0 + QK
@@ -128,13 +134,13 @@ def apply(model, items, cal, damp: float = DAMP, progress=None):
     dtype = {it.name: it.dtype for it in items}
     tensors = dict(model.tensors)
     errors: dict[str, tuple[float, float]] = {}
-    hs: dict[tuple, np.ndarray] = {}
+    hs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}   # (layer, input) → prepare(H)
     for name, l, inp in targets(model, items):
         x = cal.sample(l, inp)
         if (l, inp) not in hs:
-            hs[(l, inp)] = hessian(x)
+            hs[(l, inp)] = prepare(hessian(x), damp)
         w = model.f32(name)
-        q = gptq(w, hs[(l, inp)], dtype[name], damp)
+        q = gptq(w, None, dtype[name], damp, prepared=hs[(l, inp)])
         ref = x @ w.T
         rtn = x @ dequantize(quantize(w, dtype[name]), dtype[name]).T
         norm = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
