@@ -21,12 +21,16 @@ def quantize(
     qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q4_k, fp8 (or bf16, f16, f32)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: calibrated rounding (GPTQ) or scaling (AWQ)"),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q8_0), else awq]"),
 ):
     """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q4_k blocks, or fp8 E4M3)."""
     run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
                                 "policy": str(policy) if policy else None})
     t0 = time.perf_counter()
     q.check_type(qtype, "--type")
+    if calibration_method != "auto" and calibration is None:
+        raise InfengError("--calibration-method needs --calibration (statistics from `infeng calibrate`)")
     pol = q.load_policy(policy) if policy else q.Policy()
     if output.exists() and output.is_dir():
         raise InfengError(f"{output}: is a directory")
@@ -38,10 +42,21 @@ def quantize(
         model = load_model(src)
     items = q.plan(model.tensors, qtype, pol, source=str(src))
     total = sum(math.prod(it.shape) for it in items)
+    if calibration:
+        from infeng.cli.calibrate import calibrated_tensors
+        src_tensors, items, importance, entry = calibrated_tensors(calibration, model, items, qtype, pol, src,
+                                                                   calibration_method, run)
+    else:
+        src_tensors, importance, entry = model.tensors, {}, None
     with progress("quantizing") as bar, run.span("quantize"):
         task = bar.add_task("quantize", total=total)
-        tensors = q.quantize_tensors(model.tensors, items, progress=lambda name, n: bar.advance(task, n))
-    out = model.derived(tensors)
+        if calibration:
+            from infeng.quant.awq import quantize_tensors
+            tensors = quantize_tensors(src_tensors, items, importance, progress=lambda name, n: bar.advance(task, n))
+        else:
+            tensors = q.quantize_tensors(model.tensors, items, progress=lambda name, n: bar.advance(task, n))
+    out = model.derived(tensors) if entry is None else Model(
+        model.config, tensors, model.tokenizer, model.generation, source=model.source, lineage=model.lineage + (entry,))
     nt = out.native_tensors()
     with progress("writing") as bar, run.span("write"):
         task = bar.add_task("write", total=sum(t.data.nbytes for t in nt))
