@@ -28,6 +28,12 @@ def files(base, tmp_path_factory):
     return {n: convert_peft(FIX / n, d / f"{n}.infeng-lora", base, dtype="f32") for n in NAMES}
 
 
+@pytest.fixture(scope="module")
+def files_int8(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters_int8")
+    return {n: convert_peft(FIX / n, d / f"{n}.infeng-lora", base, dtype="int8") for n in NAMES}
+
+
 def _greedy(n, **kw):
     return SamplingParams(max_tokens=n, temperature=0, seed=0, **kw)
 
@@ -43,7 +49,9 @@ def test_c_logits_match_peft(kern, base, files, name):
     list(eng.stream())
 
 
-def test_mixed_batch_rows_equal_alone(base, files):
+@pytest.mark.parametrize("storage", ["f32", "int8"])
+def test_mixed_batch_rows_equal_alone(base, files, files_int8, storage):
+    files = files if storage == "f32" else files_int8
     prompts = ["Once upon a time", "Lily and Ben", "The little dog", "One day", "Tom had a red ball"]
     adapters = [NAMES[0], None, NAMES[1], NAMES[3], NAMES[2]]
     alone = {}
@@ -61,6 +69,20 @@ def test_mixed_batch_rows_equal_alone(base, files):
         [Request(id=str(i), prompt=p, params=_greedy(25), adapter=a) for i, (p, a) in enumerate(zip(prompts, adapters))])}
     assert got == alone
     assert all(a.in_use == 0 for a in eng.adapters.loaded.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_c_logits_int8_match_reference(kern, base, files_int8, name):
+    """int8 adapters in the C forward pass compute what the numpy reference computes with the
+    dequantized weights (the int8 rounding itself is judged against PEFT in test_adapters.py)."""
+    eng = Engine(base, threads=2, max_batch=2, isa=kern.ffi.string(kern.lib.ifg_isa()).decode())
+    la = eng.load_adapter(files_int8[name], name)
+    ids = json.loads((FIX / name / "logits.json").read_text())["input_ids"]
+    want = reference_with_adapter(base, la.adapter).forward(ids)[-1]
+    eng.submit(Request(id="x", prompt_ids=ids, params=_greedy(1), adapter=name))
+    eng.step()
+    np.testing.assert_allclose(eng.net.logits[0], want, atol=1e-3)
+    list(eng.stream())
 
 
 def test_unknown_adapter_is_rejected(base, files):

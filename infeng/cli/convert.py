@@ -16,7 +16,7 @@ from infeng.telemetry import Run, progress
 def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)"),
     output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng, or .infeng-lora with --adapter)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="store matrices as f32, bf16 or f16 (default: as in the checkpoint; adapters: bf16)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="store matrices as f32, bf16 or f16 (default: as in the checkpoint); adapters: f32, bf16 (default) or int8"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT LoRA/DoRA folder to convert (needs --base)"),
     base: Optional[Path] = typer.Option(None, "--base", help="the base model the adapter was trained on"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
