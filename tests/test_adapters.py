@@ -128,3 +128,36 @@ def test_cli_convert_adapter(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err
     assert "infeng: error: --dtype 'int4': adapters are stored as f32 or bf16 or int8" in err and "Traceback" not in err
     assert not (tmp_path / "d.infeng-lora").exists()
+
+
+def test_gguf_lora_export(tmp_path, base):
+    """The GGUF LoRA adapter holds, per matrix, A [in, r] and B [r, out] (GGML dims) whose
+    alpha / r · B·A is the adapter's delta in the GGUF base's row order (wq / wk permuted)."""
+    from infeng.converters.gguf_lora import write_gguf_lora
+    from infeng.converters.gguf_write import _permute_rope, read_gguf_header
+    a = load_adapter(convert_peft(FIX / "lora_r8_all_rslora", tmp_path / "a.infeng-lora", base, dtype="int8"), base)
+    out = write_gguf_lora(a, base, tmp_path / "a.gguf")
+    meta, tensors = read_gguf_header(out)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama"
+    alpha = meta["adapter.lora.alpha"]
+    assert abs(alpha / a.rank - a.scale) < 1e-6 * a.scale          # rsLoRA scale as an equivalent alpha
+    assert len(tensors) == 2 * len(a.targets)
+    raw = out.read_bytes()
+    cfg = base.config
+
+    def arr(name):
+        t, dims, off = tensors[name]
+        assert t == 0                                                # f32
+        return np.frombuffer(raw, np.float32, int(np.prod(dims)), off).reshape(list(reversed(dims)))
+    for t, gname, heads in (("layers.3.wq", "blk.3.attn_q.weight", cfg.n_heads),
+                            ("layers.0.wk", "blk.0.attn_k.weight", cfg.n_kv_heads),
+                            ("layers.4.w_down", "blk.4.ffn_down.weight", None)):
+        A, B = arr(gname + ".lora_a"), arr(gname + ".lora_b")
+        assert A.shape == (a.rank, base.f32(t).shape[1]) and B.shape == (base.f32(t).shape[0], a.rank)
+        want = a.delta(t) if heads is None else _permute_rope(a.delta(t), heads)
+        np.testing.assert_allclose(np.float32(alpha / a.rank) * (B @ A), want, rtol=1e-5, atol=1e-6)
+    dora = load_adapter(convert_peft(FIX / "dora_r4_attn_down", tmp_path / "d.infeng-lora", base), base)
+    with pytest.raises(InfengError, match="is DoRA"):
+        write_gguf_lora(dora, base, tmp_path / "d.gguf")
+    assert not (tmp_path / "d.gguf").exists()

@@ -169,3 +169,16 @@ def test_lora_on_a_quantized_base(base, files, tmp_path, data_dir, capsys):
     e.step()
     assert int(np.argmax(e.net.logits[0])) == int(np.argmax(rec["last_logits"]))
     assert np.abs(e.net.logits[0] - np.array(rec["last_logits"])).max() < 0.5
+
+
+def test_peft_peer_skips_cleanly_without_torch(monkeypatch, capsys, tmp_path):
+    """The PEFT peer is optional: with torch / transformers / peft missing it says so in one line
+    and exits 0, before touching the model."""
+    import sys
+    from infeng.bench import peft_peer
+    for mod in ("torch", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, mod, None)          # import raises ImportError
+    assert peft_peer.main([str(tmp_path / "no-such-model.infeng")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("peft peer skipped: PEFT peer needs torch==2.13.0")
+    assert "torch is missing" in out[0]
