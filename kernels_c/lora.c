@@ -8,7 +8,8 @@
  *     LO_RT rank rows: each A vector is loaded and converted once for LO_TT tokens.
  *  2. expand y[t] += h[t]·Bᵀ (then DoRA's row factor). The threads split the N outputs; Bᵀ is
  *     [rank][N], so one vector of outputs is a sum of rank broadcast-multiplies of Bᵀ rows, no
- *     horizontal reductions; LO_ET tokens share each Bᵀ vector.
+ *     horizontal reductions; register tiles of LO_ET tokens × LO_EN output vectors (per rank step
+ *     LO_EN Bᵀ loads and LO_ET broadcasts feed LO_ET·LO_EN FMAs).
  * Weights are converted in registers only (bf16: shift; int8: sign-extend + convert). Every
  * output's summation order depends only on K and rank, not on tiles or threads, so results are
  * bitwise identical for any thread count. Rows without an adapter are not touched. */
@@ -130,7 +131,13 @@ LO_AI float lo_hsum(lo_v a) {
     return _mm_cvtss_f32(_mm_hadd_ps(q, q));
 }
 #endif
-#define LO_ET 4 /* expand: tokens sharing one Bᵀ vector */
+#if defined(IFG_AVX512)
+#define LO_ET 4 /* expand tile: 4 tokens × 4 output vectors = 16 accumulators */
+#define LO_EN 4
+#else
+#define LO_ET 3 /* 3 tokens × 3 output vectors = 9 accumulators + 3 weights + 1 h */
+#define LO_EN 3
+#endif
 
 /* Shrink tile: TT tokens from t × RT rank rows from i; two k-steps' accumulators are one. */
 LO_AI void lo_shrink_tile(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L, int K,
@@ -174,34 +181,56 @@ static void lo_shrink(float *h, int ldh, const float *x, int ldx, const struct i
     }
 }
 
-/* Expand tile: ET tokens from t, outputs [n, n+r) (r <= LO_W). */
+/* Expand tile: ET tokens from t × EN output vectors from n (EN == 1: the r <= LO_W outputs
+ * [n, n+r)). Per rank step: EN Bᵀ vectors loaded, ET h values broadcast, ET·EN FMAs. */
 LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L, int N,
-                          int t, int n, int r, const int ET) {
-    lo_v acc[LO_ET];
+                          int t, int n, int r, const int ET, const int EN) {
+    lo_v acc[LO_ET][LO_EN];
 #pragma GCC unroll 8
-    for (int a = 0; a < ET; a++) acc[a] = lo_zero();
+    for (int a = 0; a < ET; a++)
+#pragma GCC unroll 8
+        for (int b = 0; b < EN; b++) acc[a][b] = lo_zero();
     for (int i = 0; i < L->rank; i++) {
-        const lo_v w = lo_ldw(L->b, L->b_dtype, (size_t)i * N + n, r);
+        lo_v w[LO_EN];
 #pragma GCC unroll 8
-        for (int a = 0; a < ET; a++) acc[a] = lo_fma(lo_set1(h[(size_t)(t + a) * ldh + i]), w, acc[a]);
+        for (int b = 0; b < EN; b++) w[b] = lo_ldw(L->b, L->b_dtype, (size_t)i * N + n + b * LO_W, EN == 1 ? r : LO_W);
+#pragma GCC unroll 8
+        for (int a = 0; a < ET; a++) {
+            const lo_v hv = lo_set1(h[(size_t)(t + a) * ldh + i]);
+#pragma GCC unroll 8
+            for (int b = 0; b < EN; b++) acc[a][b] = lo_fma(hv, w[b], acc[a][b]);
+        }
     }
-    const lo_v d = L->dora ? (r == LO_W ? lo_ldx(L->dora + n) : lo_ldx_m(L->dora + n, r)) : lo_zero();
 #pragma GCC unroll 8
-    for (int a = 0; a < ET; a++) {
-        float *yo = y + (size_t)(t + a) * ldy + n;
-        lo_v v = lo_add(r == LO_W ? lo_ldx(yo) : lo_ldx_m(yo, r), acc[a]);
-        if (L->dora) v = lo_mul(v, d);
-        if (r == LO_W) lo_stx(yo, v); else lo_stx_m(yo, v, r);
+    for (int b = 0; b < EN; b++) {
+        const int rb = EN == 1 ? r : LO_W, nb = n + b * LO_W;
+        const lo_v d = L->dora ? (rb == LO_W ? lo_ldx(L->dora + nb) : lo_ldx_m(L->dora + nb, rb)) : lo_zero();
+#pragma GCC unroll 8
+        for (int a = 0; a < ET; a++) {
+            float *yo = y + (size_t)(t + a) * ldy + nb;
+            lo_v v = lo_add(rb == LO_W ? lo_ldx(yo) : lo_ldx_m(yo, rb), acc[a][b]);
+            if (L->dora) v = lo_mul(v, d);
+            if (rb == LO_W) lo_stx(yo, v); else lo_stx_m(yo, v, rb);
+        }
     }
 }
 
+/* All tokens [t0, t1) for EN output vectors from n (or the r-wide tail when EN == 1). */
+#define LO_ETLOOP(EN, r)                                                                         \
+    do {                                                                                          \
+        int t = t0;                                                                               \
+        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, t, n, r, LO_ET, EN); \
+        if (LO_ET > 2 && t + 2 <= t1) { lo_expand_tile(y, ldy, h, ldh, L, N, t, n, r, 2, EN); t += 2; } \
+        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, t, n, r, 1, EN);                 \
+    } while (0)
+
 static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                       int t0, int t1, int n0, int n1, int N) {
-    for (int n = n0; n < n1; n += LO_W) {
+    int n = n0;
+    for (; n + LO_EN * LO_W <= n1; n += LO_EN * LO_W) LO_ETLOOP(LO_EN, LO_W);
+    for (; n < n1; n += LO_W) {
         const int r = n1 - n < LO_W ? n1 - n : LO_W;
-        int t = t0;
-        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, t, n, r, LO_ET);
-        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, t, n, r, 1);
+        LO_ETLOOP(1, r);
     }
 }
 #define LO_ALIGN LO_W
