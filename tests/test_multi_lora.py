@@ -182,3 +182,27 @@ def test_peft_peer_skips_cleanly_without_torch(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("peft peer skipped: PEFT peer needs torch==2.13.0")
     assert "torch is missing" in out[0]
+
+
+def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
+    """lora_scenarios' adapters for any base file, int8 ones rounded from the f32 ones; the
+    mixed batch runs and every row equals that row run alone."""
+    from infeng.bench.lora_scenarios import adapter_file
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    src, q8 = tmp_path / "f32.infeng", tmp_path / "q8.infeng"
+    assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(src)]) == 0
+    assert main(["quantize", str(src), "-o", str(q8), "--type", "q8_0"]) == 0
+    qbase = load_model(q8)
+    p8 = adapter_file(q8, qbase, 8, "int8", seed=3)
+    pf = adapter_file(q8, qbase, 8, "f32", seed=3)
+    assert adapter_file(q8, qbase, 8, "int8", seed=3) == p8            # cached
+    eng = Engine(qbase, threads=2, max_batch=3)
+    assert eng.load_adapter(p8, "i8").adapter.storage == "int8"
+    eng.load_adapter(pf, "f32")
+    prompts = [("Once upon a time", "i8"), ("Lily", "f32"), ("One day", "i8")]
+    got = {r.id: r.token_ids for r in eng.generate(
+        [Request(id=p, prompt=p, params=_greedy(12), adapter=a) for p, a in prompts])}
+    for p, a in prompts:
+        e = Engine(qbase, threads=1, max_batch=1)
+        e.load_adapter(p8 if a == "i8" else pf, a)
+        assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]

@@ -168,12 +168,13 @@ def compare(base_path, rank: int = 16, threads: int = 2, batch: int = 8, n_adapt
     t_pre, t_dec = np.median([r[1] for r in theirs]), np.median([r[2] for r in theirs])
     o_ids, t_ids = ours[0][0], theirs[0][0]
     same_first = sum(a[0] == b[0] for a, b in zip(o_ids, t_ids))
+    same_all = sum(list(a) == list(b) for a, b in zip(o_ids, t_ids))
     return {"rank": rank, "batch": batch, "adapters": n_adapters, "threads": threads, "prompt_len": prompt_len,
             "n_out": n_out, "infeng_base_dtype": model.weight_dtype, "adapter_dtype": adapter_dtype,
             "peft_dtype": "f32", "infeng_prefill_tok_s": o_pre, "peft_prefill_tok_s": t_pre,
             "infeng_decode_tok_s": o_dec, "peft_decode_tok_s": t_dec,
             "prefill_ratio": o_pre / t_pre, "decode_ratio": o_dec / t_dec,
-            "first_token_agree": f"{same_first}/{batch}"}
+            "first_token_agree": f"{same_first}/{batch}", "all_tokens_agree": f"{same_all}/{batch}"}
 
 
 def main(argv=None) -> int:
