@@ -206,3 +206,35 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
         e = Engine(qbase, threads=1, max_batch=1)
         e.load_adapter(p8 if a == "i8" else pf, a)
         assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
+
+
+def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):
+    import sys
+    from infeng.bench import llamacpp_lora
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert llamacpp_lora.main([str(tmp_path / "no-such-model.infeng")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python")
+
+
+def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
+    """Optional (llama-cpp-python installed): llama.cpp with the exported base + GGUF LoRA gives
+    infeng's greedy tokens with that adapter."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from infeng.converters.gguf_lora import write_gguf_lora
+    from infeng.converters.gguf_write import write_gguf
+    g = write_gguf(base, tmp_path / "base.gguf")
+    e = Engine(base, threads=1, max_batch=1)
+    a = e.load_adapter(files["lora_r8_all_rslora"], "r")
+    lora = write_gguf_lora(a.adapter, base, tmp_path / "r.gguf")
+    prompt = [1, 403, 407, 261, 378]
+    ours = next(e.generate([Request(id="x", prompt_ids=prompt, params=_greedy(12, ignore_eos=True), adapter="r")])).token_ids
+    none = next(e.generate([Request(id="y", prompt_ids=prompt, params=_greedy(12, ignore_eos=True))])).token_ids
+    llm = llama_cpp.Llama(model_path=str(g), lora_path=str(lora), n_threads=1, n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(prompt)
+    theirs = []
+    for _ in range(12):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    llm.close()
+    assert theirs == list(ours) and list(ours) != list(none)
