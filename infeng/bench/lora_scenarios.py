@@ -145,12 +145,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--adapter-dtype", "--dtype", dest="dtype", default="bf16", choices=["bf16", "f32", "int8"],
                     help="how the adapters are stored")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--n-out", type=int, default=32)
     ap.add_argument("--zipf", action="store_true", help="also the Zipf adapter-popularity scenario")
     ap.add_argument("--json")
     a = ap.parse_args()
     run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads, "adapter_dtype": a.dtype})
     t0 = time.perf_counter()
-    for rec in overhead(a.base, [int(x) for x in a.ranks.split(",") if x], a.threads, repeats=a.repeats, dtype=a.dtype):
+    for rec in overhead(a.base, [int(x) for x in a.ranks.split(",") if x], a.threads, repeats=a.repeats, dtype=a.dtype,
+                        prompt_len=a.prompt_len, n_out=a.n_out):
         print(json.dumps(rec, default=float))
         run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
     if a.zipf:
