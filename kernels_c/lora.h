@@ -4,10 +4,17 @@
 #include "core.h"
 
 // cdef-begin
-/* One adapter's low-rank pair for one projection [out=N][in=K]. */
+/* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8. */
+enum ifg_lora_dtype { IFG_LORA_I8 = 8 };
+
+/* One adapter's low-rank pair for one projection [out=N][in=K].
+ * h_scale folds every per-rank factor into the rank-space activations h = x·Aᵀ: the LoRA scale,
+ * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
+ * scales are the weights). NULL = 1. */
 struct ifg_lora {
-    const void *a; int a_dtype;   /* A [rank][K] */
-    const void *b; int b_dtype;   /* B [N][rank], the LoRA scale already folded in */
+    const void *a; int a_dtype;   /* A [rank][K], f32 / bf16 / int8 */
+    const void *b; int b_dtype;   /* Bᵀ [rank][N] (B transposed: expand is then a sum of rows) */
+    const float *h_scale;         /* [rank] or NULL */
     const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
     int rank;
 };

@@ -1,35 +1,51 @@
-"""Mixed-adapter LoRA/DoRA kernel vs numpy, every ISA variant, odd sizes, mixed segments."""
+"""Mixed-adapter LoRA/DoRA kernel vs numpy, every ISA variant, odd sizes, mixed segments, f32 /
+bf16 / int8 adapter weights (int8: per-rank scales folded into h_scale, as the manager does)."""
 import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
 
-DT = {"f32": 0, "bf16": 1}
+DT = {"f32": 0, "bf16": 1, "int8": 8}
+
+
+def _int8_rows(m):
+    """Symmetric int8 per row: (q, scale) with q * scale[:, None] ≈ m."""
+    s = np.abs(m).max(axis=1) / 127.0
+    s[s == 0] = 1.0
+    return np.clip(np.rint(m / s[:, None]), -127, 127).astype(np.int8), s.astype(np.float32)
 
 
 def _adapter(kern, rng, N, K, r, dtype, dora):
     a = rng.standard_normal((r, K)).astype(np.float32) * 0.1
-    b = rng.standard_normal((N, r)).astype(np.float32) * 0.1
+    bt = rng.standard_normal((r, N)).astype(np.float32) * 0.1      # Bᵀ [rank][N]
+    hs = (rng.random(r).astype(np.float32) + 0.5)                   # LoRA scale per rank row
     if dtype == "bf16":
-        a, b = to_bf16_bits(a), to_bf16_bits(b)
+        a, bt = to_bf16_bits(a), to_bf16_bits(bt)
+        af, bf = bf16_bits_to_f32(a), bf16_bits_to_f32(bt)
+    elif dtype == "int8":
+        a, sa = _int8_rows(a)
+        bt, sb = _int8_rows(bt)
+        af, bf = a.astype(np.float32), bt.astype(np.float32)
+        hs = (hs * sa * sb).astype(np.float32)
+    else:
+        af, bf = a, bt
     d = (rng.random(N).astype(np.float32) + 0.5) if dora else None
     s = kern.ffi.new("struct ifg_lora *")
-    s.a, s.a_dtype, s.b, s.b_dtype, s.rank = P(kern, a, "void *"), DT[dtype], P(kern, b, "void *"), DT[dtype], r
+    s.a, s.a_dtype, s.b, s.b_dtype, s.rank = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype], r
+    s.h_scale = P(kern, hs)
     s.dora = P(kern, d) if dora else kern.ffi.NULL
-    af = bf16_bits_to_f32(a) if dtype == "bf16" else a
-    bf = bf16_bits_to_f32(b) if dtype == "bf16" else b
-    return s, (a, b, d), (af.astype(np.float64), bf.astype(np.float64), d)
+    return s, (a, bt, d, hs), (af.astype(np.float64), bf.astype(np.float64), d, hs.astype(np.float64))
 
 
-@pytest.mark.parametrize("N,K", [(1, 1), (17, 15), (64, 172), (257, 33)])
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 15), (64, 172), (257, 33), (40, 700)])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_lora_segments_match_numpy(kern, N, K, dtype, threads):
     rng = np.random.default_rng(N * 1000 + K)
     ranks = [1, 4, 7, 16]
     adapters = [_adapter(kern, rng, N, K, r, dtype, dora=(i % 2 == 1)) for i, r in enumerate(ranks)]
-    # segments: a, none, b, a again, c (dora), d
-    seg_lens = [3, 2, 1, 4, 2, 5]
+    # segments: a, none, b, a again, c (dora), d (long enough for full token tiles)
+    seg_lens = [3, 2, 1, 4, 2, 9]
     which = [0, None, 1, 0, 2, 3]
     T = sum(seg_lens)
     starts = np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32)
@@ -46,10 +62,28 @@ def test_lora_segments_match_numpy(kern, N, K, dtype, threads):
         if w is None:
             continue
         rows = slice(starts[s], starts[s + 1])
-        af, bf, d = adapters[w][2]
-        want[rows] += (x[rows].astype(np.float64) @ af.T) @ bf.T
+        af, bf, d, hs = adapters[w][2]
+        want[rows] += ((x[rows].astype(np.float64) @ af.T) * hs) @ bf
         if d is not None:
             want[rows] *= d
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+    # f32 accumulation over K (and int8 values up to 127 times small scales): relative to the scale
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-5 * max(1.0, np.abs(want).max()))
     # rows without an adapter are untouched, bit for bit
     assert np.array_equal(y[starts[1]:starts[2]], y0[starts[1]:starts[2]])
+
+
+def test_lora_same_bits_for_any_thread_count(kern):
+    rng = np.random.default_rng(5)
+    N, K, T = 300, 515, 23
+    ad = [_adapter(kern, rng, N, K, r, "int8", dora=False) for r in (16, 5)]
+    starts = np.array([0, 11, 23], np.int32)
+    sel = kern.ffi.new("struct ifg_lora *[]", [ad[0][0], ad[1][0]])
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        y = np.zeros((T, N), np.float32)
+        h = np.zeros((T, 16), np.float32)
+        kern.lib.ifg_lora_apply(P(kern, y), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), 2,
+                                P(kern, h), 16, threads)
+        outs.append(y)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])

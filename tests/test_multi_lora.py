@@ -28,6 +28,12 @@ def files(base, tmp_path_factory):
     return {n: convert_peft(FIX / n, d / f"{n}.infeng-lora", base, dtype="f32") for n in NAMES}
 
 
+@pytest.fixture(scope="module")
+def files_int8(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters_int8")
+    return {n: convert_peft(FIX / n, d / f"{n}.infeng-lora", base, dtype="int8") for n in NAMES}
+
+
 def _greedy(n, **kw):
     return SamplingParams(max_tokens=n, temperature=0, seed=0, **kw)
 
@@ -43,7 +49,9 @@ def test_c_logits_match_peft(kern, base, files, name):
     list(eng.stream())
 
 
-def test_mixed_batch_rows_equal_alone(base, files):
+@pytest.mark.parametrize("storage", ["f32", "int8"])
+def test_mixed_batch_rows_equal_alone(base, files, files_int8, storage):
+    files = files if storage == "f32" else files_int8
     prompts = ["Once upon a time", "Lily and Ben", "The little dog", "One day", "Tom had a red ball"]
     adapters = [NAMES[0], None, NAMES[1], NAMES[3], NAMES[2]]
     alone = {}
@@ -61,6 +69,20 @@ def test_mixed_batch_rows_equal_alone(base, files):
         [Request(id=str(i), prompt=p, params=_greedy(25), adapter=a) for i, (p, a) in enumerate(zip(prompts, adapters))])}
     assert got == alone
     assert all(a.in_use == 0 for a in eng.adapters.loaded.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_c_logits_int8_match_reference(kern, base, files_int8, name):
+    """int8 adapters in the C forward pass compute what the numpy reference computes with the
+    dequantized weights (the int8 rounding itself is judged against PEFT in test_adapters.py)."""
+    eng = Engine(base, threads=2, max_batch=2, isa=kern.ffi.string(kern.lib.ifg_isa()).decode())
+    la = eng.load_adapter(files_int8[name], name)
+    ids = json.loads((FIX / name / "logits.json").read_text())["input_ids"]
+    want = reference_with_adapter(base, la.adapter).forward(ids)[-1]
+    eng.submit(Request(id="x", prompt_ids=ids, params=_greedy(1), adapter=name))
+    eng.step()
+    np.testing.assert_allclose(eng.net.logits[0], want, atol=1e-3)
+    list(eng.stream())
 
 
 def test_unknown_adapter_is_rejected(base, files):
@@ -147,3 +169,72 @@ def test_lora_on_a_quantized_base(base, files, tmp_path, data_dir, capsys):
     e.step()
     assert int(np.argmax(e.net.logits[0])) == int(np.argmax(rec["last_logits"]))
     assert np.abs(e.net.logits[0] - np.array(rec["last_logits"])).max() < 0.5
+
+
+def test_peft_peer_skips_cleanly_without_torch(monkeypatch, capsys, tmp_path):
+    """The PEFT peer is optional: with torch / transformers / peft missing it says so in one line
+    and exits 0, before touching the model."""
+    import sys
+    from infeng.bench import peft_peer
+    for mod in ("torch", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, mod, None)          # import raises ImportError
+    assert peft_peer.main([str(tmp_path / "no-such-model.infeng")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("peft peer skipped: PEFT peer needs torch==2.13.0")
+    assert "torch is missing" in out[0]
+
+
+def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
+    """lora_scenarios' adapters for any base file, int8 ones rounded from the f32 ones; the
+    mixed batch runs and every row equals that row run alone."""
+    from infeng.bench.lora_scenarios import adapter_file
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    src, q8 = tmp_path / "f32.infeng", tmp_path / "q8.infeng"
+    assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(src)]) == 0
+    assert main(["quantize", str(src), "-o", str(q8), "--type", "q8_0"]) == 0
+    qbase = load_model(q8)
+    p8 = adapter_file(q8, qbase, 8, "int8", seed=3)
+    pf = adapter_file(q8, qbase, 8, "f32", seed=3)
+    assert adapter_file(q8, qbase, 8, "int8", seed=3) == p8            # cached
+    eng = Engine(qbase, threads=2, max_batch=3)
+    assert eng.load_adapter(p8, "i8").adapter.storage == "int8"
+    eng.load_adapter(pf, "f32")
+    prompts = [("Once upon a time", "i8"), ("Lily", "f32"), ("One day", "i8")]
+    got = {r.id: r.token_ids for r in eng.generate(
+        [Request(id=p, prompt=p, params=_greedy(12), adapter=a) for p, a in prompts])}
+    for p, a in prompts:
+        e = Engine(qbase, threads=1, max_batch=1)
+        e.load_adapter(p8 if a == "i8" else pf, a)
+        assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
+
+
+def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):
+    import sys
+    from infeng.bench import llamacpp_lora
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert llamacpp_lora.main([str(tmp_path / "no-such-model.infeng")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python")
+
+
+def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
+    """Optional (llama-cpp-python installed): llama.cpp with the exported base + GGUF LoRA gives
+    infeng's greedy tokens with that adapter."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from infeng.converters.gguf_lora import write_gguf_lora
+    from infeng.converters.gguf_write import write_gguf
+    g = write_gguf(base, tmp_path / "base.gguf")
+    e = Engine(base, threads=1, max_batch=1)
+    a = e.load_adapter(files["lora_r8_all_rslora"], "r")
+    lora = write_gguf_lora(a.adapter, base, tmp_path / "r.gguf")
+    prompt = [1, 403, 407, 261, 378]
+    ours = next(e.generate([Request(id="x", prompt_ids=prompt, params=_greedy(12, ignore_eos=True), adapter="r")])).token_ids
+    none = next(e.generate([Request(id="y", prompt_ids=prompt, params=_greedy(12, ignore_eos=True))])).token_ids
+    llm = llama_cpp.Llama(model_path=str(g), lora_path=str(lora), n_threads=1, n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(prompt)
+    theirs = []
+    for _ in range(12):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    llm.close()
+    assert theirs == list(ours) and list(ours) != list(none)

@@ -1,8 +1,9 @@
 """Multi-LoRA overhead: a batch whose rows use several adapters vs the same batch with none.
 
-    python -m infeng.bench.lora_scenarios BASE.infeng --ranks 16,32,64 --threads 2
+    python -m infeng.bench.lora_scenarios BASE.infeng --ranks 16,32,64 --threads 2 --adapter-dtype int8
 
-Per rank: 8 requests, rows split over 4 different adapters on all 7 projections; prefill tok/s and
+BASE may be any native model (bf16, q8_0, ...). Per rank: 8 requests, rows split over 4 different
+adapters on all 7 projections, stored as --adapter-dtype (bf16, f32 or int8); prefill tok/s and
 decode tok/s with and without adapters, measured alternately (A B A B) in one run, the overhead
 as a ratio, and the physical floor (adapter bytes read per decode step ÷ base bytes).
 """
@@ -13,6 +14,8 @@ import json
 import time
 
 import numpy as np
+
+from pathlib import Path
 
 from infeng.bench.synthetic import make_adapter
 from infeng.model.loader import load_model
@@ -31,6 +34,20 @@ def run_once(eng: Engine, prompts, adapters, n_out: int) -> tuple[float, float]:
     return st.prefill_tokens / st.prefill_s, st.decode_tokens / st.decode_s
 
 
+def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
+    """A random rank-``rank`` adapter for the base on all 7 projections, stored as ``dtype``
+    (int8: the f32 adapter rounded as ``infeng convert --dtype int8`` does; cached beside it)."""
+    if dtype != "int8":
+        return make_adapter(base_path, rank, dtype=dtype, seed=seed)
+    from infeng import format as native
+    from infeng.model.adapter import requantize
+    src = make_adapter(base_path, rank, dtype="f32", seed=seed)
+    out = src.with_name(src.name.replace("-f32-", "-int8-"))
+    if not (out.exists() and native.is_native(out)):
+        requantize(src, out, model, "int8")
+    return out
+
+
 def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n_out=32, repeats=2,
              dtype="bf16", seed=0):
     model = load_model(base_path, verify=False)
@@ -38,6 +55,7 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, cfg.vocab_size, prompt_len - 1).tolist() for _ in range(batch)]
     base_bytes = sum(a.nbytes for n, (d, a) in model.tensors.items() if n.startswith("layers."))
+    base_dtype = model.weight_dtype
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)
     run_once(eng, prompts[:2], [None, None], 2)                           # warm up
@@ -45,7 +63,7 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
     for r in ranks:
         names = []
         for k in range(n_adapters):
-            p = make_adapter(base_path, r, dtype=dtype, seed=100 * r + k)
+            p = adapter_file(base_path, model, r, dtype, seed=100 * r + k)
             names.append(eng.load_adapter(p, f"r{r}-{k}").name)
         mixed = [names[i % n_adapters] for i in range(batch)]
         a_bytes = sum(eng.adapters.get(n).nbytes for n in names)
@@ -54,7 +72,7 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
             res["none"].append(run_once(eng, prompts, [None] * batch, n_out))
             res["mixed"].append(run_once(eng, prompts, mixed, n_out))
         med = {k: np.median(np.array(v), axis=0) for k, v in res.items()}
-        out.append({"rank": r, "adapters": n_adapters, "batch": batch, "adapter_dtype": dtype,
+        out.append({"rank": r, "adapters": n_adapters, "batch": batch, "base_dtype": base_dtype, "adapter_dtype": dtype,
                     "prefill_tok_s_none": med["none"][0], "prefill_tok_s_mixed": med["mixed"][0],
                     "decode_tok_s_none": med["none"][1], "decode_tok_s_mixed": med["mixed"][1],
                     "prefill_overhead": med["none"][0] / med["mixed"][0] - 1,
@@ -125,13 +143,17 @@ def main() -> None:
     ap.add_argument("--ranks", default="16,32,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--adapter-dtype", "--dtype", dest="dtype", default="bf16", choices=["bf16", "f32", "int8"],
+                    help="how the adapters are stored")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--n-out", type=int, default=32)
     ap.add_argument("--zipf", action="store_true", help="also the Zipf adapter-popularity scenario")
     ap.add_argument("--json")
     a = ap.parse_args()
-    run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads})
+    run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads, "adapter_dtype": a.dtype})
     t0 = time.perf_counter()
-    for rec in overhead(a.base, [int(x) for x in a.ranks.split(",") if x], a.threads, repeats=a.repeats, dtype=a.dtype):
+    for rec in overhead(a.base, [int(x) for x in a.ranks.split(",") if x], a.threads, repeats=a.repeats, dtype=a.dtype,
+                        prompt_len=a.prompt_len, n_out=a.n_out):
         print(json.dumps(rec, default=float))
         run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
     if a.zipf:

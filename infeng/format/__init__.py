@@ -41,6 +41,7 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "f16": (np.dtype("<f2"), 2),
     "i32": (np.dtype("<i4"), 4),
     "u8": (np.dtype("u1"), 1),
+    "i8": (np.dtype("i1"), 1),
     "q8_0": (np.dtype("u1"), 1),
     "q4_0": (np.dtype("u1"), 1),
     "q4_k": (np.dtype("u1"), 1),

@@ -3,8 +3,19 @@
 An adapter file is a native infeng file of kind "adapter": its manifest holds the rank, scale,
 DoRA flag, target projections and the *identity* of the base model (a sha256 over the base's
 config and every tensor's name, dtype, shape and crc32), so an adapter is never applied to a model
-it was not made for. Tensors: ``layers.{i}.{proj}.lora_a`` [r, in] and ``.lora_b`` [out, r]
-(bf16 or f32), ``.dora_m`` [out] (f32).
+it was not made for. The manifest's ``adapter.storage`` says how the low-rank pairs are stored:
+
+- ``float`` (storage_version 1; also what files without the key are): ``layers.{i}.{proj}.lora_a``
+  [r, in] and ``.lora_b`` [out, r], both bf16 or f32.
+- ``int8`` (storage_version 1): ``.lora_a`` i8 [r, in] with ``.lora_a_scale`` f32 [r] (one scale
+  per row of A), and ``.lora_bt`` i8 [r, out] = Bᵀ with ``.lora_bt_scale`` f32 [r] (one scale per
+  column of B). Both scales then act on the rank-space activations h = x·Aᵀ, so the kernels fold
+  them (and the LoRA scale) into one [r] vector and read the int8 values directly; Bᵀ is what the
+  expand kernel streams. Symmetric rounding to nearest, |q| <= 127. A per-column scale for B was
+  chosen over per-row (one scale per output) because it costs r floats instead of `out`, and on the
+  PEFT fixtures it adds no more logit error (see tests/test_adapters.py and the session report).
+
+DoRA magnitudes ``.dora_m`` [out] are f32 in both.
 """
 from __future__ import annotations
 
@@ -20,7 +31,17 @@ from infeng.converters.peft import projection_shape, read_peft
 from infeng.errors import InfengError
 from infeng.model.loader import Model
 
-ADAPTER_DTYPES = ("f32", "bf16")
+ADAPTER_DTYPES = ("f32", "bf16", "int8")
+STORAGE = {"float": 1, "int8": 1}      # storage kind → the version this code reads
+
+
+def quantize_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: (q int8, scale f32) with q * scale[:, None] ≈ m (round to nearest)."""
+    m = np.asarray(m, np.float32)
+    s = np.abs(m).max(axis=1) / np.float32(127)
+    s[s == 0] = 1.0
+    q = np.clip(np.rint(m / s[:, None]), -127, 127).astype(np.int8)
+    return q, s.astype(np.float32)
 
 
 def model_identity(model: Model) -> str:
@@ -37,7 +58,18 @@ class Adapter:
     tensors: dict[str, tuple[str, np.ndarray]]     # native name → (dtype, array)
     path: str = ""
 
+    @property
+    def storage(self) -> str:
+        return "int8" if any(n.endswith(".lora_bt") for n in self.tensors) else "float"
+
     def f32(self, name: str) -> np.ndarray:
+        """A stored tensor as f32; for int8 storage ``.lora_a`` / ``.lora_b`` are dequantized
+        (``.lora_b`` [out, r] from the stored Bᵀ)."""
+        if self.storage == "int8" and name.endswith((".lora_a", ".lora_b")):
+            key = name if name.endswith(".lora_a") else name[:-len("lora_b")] + "lora_bt"
+            q, s = self.tensors[key][1], self.tensors[key + "_scale"][1]
+            m = q.astype(np.float32) * s[:, None]
+            return m if name.endswith(".lora_a") else np.ascontiguousarray(m.T)
         d, a = self.tensors[name]
         return to_f32(a, d)
 
@@ -50,14 +82,44 @@ def convert_peft(src: str | Path, out: str | Path, base: Model, dtype: str = "bf
     if dtype not in ADAPTER_DTYPES:
         raise InfengError(f"--dtype {dtype!r}: adapters are stored as {' or '.join(ADAPTER_DTYPES)}")
     meta, tensors = read_peft(src, base.config)
+    meta = dict(meta, storage="int8" if dtype == "int8" else "float", storage_version=1)
+    return native.write(out, adapter_manifest(meta, base, str(src)), stored_tensors(tensors, dtype))
+
+
+def stored_tensors(tensors: dict[str, np.ndarray], dtype: str) -> list:
+    """f32 native adapter tensors (lora_a [r, in], lora_b [out, r], dora_m) → the stored tensors."""
     stored = []
     for name, arr in sorted(tensors.items()):
-        d = "f32" if name.endswith(".dora_m") else dtype
-        stored.append(native.Tensor(name, d, tuple(arr.shape), convert_dtype(arr, "f32", d)))
-    manifest = {"kind": "adapter", "adapter": meta,
-                "base": {"identity": model_identity(base), "source": base.source},
-                "source": str(src)}
-    return native.write(out, manifest, stored)
+        if name.endswith(".dora_m") or dtype != "int8":
+            d = "f32" if name.endswith(".dora_m") else dtype
+            stored.append(native.Tensor(name, d, tuple(arr.shape), convert_dtype(arr, "f32", d)))
+            continue
+        key, m = (name, arr) if name.endswith(".lora_a") else (name[:-len("lora_b")] + "lora_bt", arr.T)
+        q, s = quantize_rows(m)
+        stored += [native.Tensor(key, "i8", tuple(q.shape), q), native.Tensor(key + "_scale", "f32", tuple(s.shape), s)]
+    return stored
+
+
+def adapter_manifest(meta: dict, base: Model, source: str) -> dict:
+    return {"kind": "adapter", "adapter": meta,
+            "base": {"identity": model_identity(base), "source": base.source}, "source": source}
+
+
+def requantize(src: str | Path, out: str | Path, base: Model, dtype: str) -> Path:
+    """Another native adapter file with the same adapter stored as ``dtype`` (f32 / bf16 / int8)."""
+    if dtype not in ADAPTER_DTYPES:
+        raise InfengError(f"--dtype {dtype!r}: adapters are stored as {' or '.join(ADAPTER_DTYPES)}")
+    a = load_adapter(src, base)
+    tensors = {}
+    for t in a.targets:
+        tensors[f"{t}.lora_a"], tensors[f"{t}.lora_b"] = a.f32(f"{t}.lora_a"), a.f32(f"{t}.lora_b")
+        if a.use_dora:
+            tensors[f"{t}.dora_m"] = a.f32(f"{t}.dora_m")
+    meta = dict(native.NativeFile(Path(src), verify=False).manifest["adapter"],
+                storage="int8" if dtype == "int8" else "float", storage_version=1)
+    return native.write(out, adapter_manifest(meta, base, str(src)), stored_tensors(tensors, dtype))
+
+
 
 
 def load_adapter(path: str | Path, base: Model, name: str | None = None, verify: bool = True) -> Adapter:
@@ -77,6 +139,10 @@ def load_adapter(path: str | Path, base: Model, name: str | None = None, verify:
         rank, scale, dora, targets = int(meta["rank"]), float(meta["scale"]), bool(meta["use_dora"]), list(meta["targets"])
     except (KeyError, TypeError, ValueError):
         raise InfengError(f"{p}: adapter metadata is malformed") from None
+    storage, version = meta.get("storage", "float"), meta.get("storage_version", 1)
+    if storage not in STORAGE or version != STORAGE[storage]:
+        raise InfengError(f"{p}: adapter storage {storage!r} version {version!r} is not one this infeng reads "
+                          f"({', '.join(f'{k} v{v}' for k, v in STORAGE.items())})")
     tensors = {}
     for t in targets:
         try:
@@ -84,7 +150,13 @@ def load_adapter(path: str | Path, base: Model, name: str | None = None, verify:
             n_out, n_in = projection_shape(base.config, proj)
         except (ValueError, KeyError):
             raise InfengError(f"{p}: unknown target {t!r}") from None
-        want = {"lora_a": (rank, n_in), "lora_b": (n_out, rank)}
+        if storage == "int8":
+            want = {"lora_a": (rank, n_in), "lora_a_scale": (rank,), "lora_bt": (rank, n_out), "lora_bt_scale": (rank,)}
+            kinds = {"lora_a": ("i8",), "lora_a_scale": ("f32",), "lora_bt": ("i8",), "lora_bt_scale": ("f32",)}
+        else:
+            want = {"lora_a": (rank, n_in), "lora_b": (n_out, rank)}
+            kinds = {"lora_a": ("f32", "bf16"), "lora_b": ("f32", "bf16")}
+        kinds["dora_m"] = ("f32",)
         if dora:
             want["dora_m"] = (n_out,)
         for part, shape in want.items():
@@ -93,6 +165,8 @@ def load_adapter(path: str | Path, base: Model, name: str | None = None, verify:
                 raise InfengError(f"{p}: missing tensor {key!r}")
             if tuple(f.tensors[key].shape) != shape:
                 raise InfengError(f"{p}: tensor {key!r} has shape {list(f.tensors[key].shape)}, the base needs {list(shape)}")
+            if f.dtypes[key] not in kinds[part]:
+                raise InfengError(f"{p}: tensor {key!r} is {f.dtypes[key]}, {storage} storage needs {' or '.join(kinds[part])}")
             tensors[key] = (f.dtypes[key], f.tensors[key])
     return Adapter(name or p.name.split(".")[0], rank, scale, dora, targets, tensors, str(p))
 

@@ -1,7 +1,8 @@
 """Adapter manager: LoRA/DoRA adapters loaded beside one base model, ready for the C forward pass.
 
-Loading maps the adapter file (checked against the base's identity), folds the LoRA scale into B,
-precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the base weights, and builds the C table
+Loading maps the adapter file (checked against the base's identity), gives the kernels the LoRA
+scale (times int8 storage's per-rank scales) as one [rank] vector, transposes B of float-stored
+adapters once (the expand kernel streams Bᵀ; int8 files store Bᵀ already), precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the base weights, and builds the C table
 the forward pass reads ([n_layers × 7] pointers, NULL where a projection is not adapted). Memory
 is bounded by a budget: loading past it evicts the least recently used adapter that no request is
 using and that is not pinned. Loading a name again replaces the adapter (hot reload);
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from infeng.converters.hf import convert_dtype
 from infeng.errors import InfengError
 from infeng.kernels import ptr
 from infeng.model.adapter import Adapter, load_adapter
@@ -134,15 +134,23 @@ class AdapterManager:
         keep, nbytes = [], 0
         for t in a.targets:
             _, layer, proj = t.split(".")
-            la_dtype, A = a.tensors[f"{t}.lora_a"]
-            lb_dtype, B = a.tensors[f"{t}.lora_b"]
-            if a.scale != 1.0:      # fold the scale into B once, in B's own precision
-                B = convert_dtype(a.f32(f"{t}.lora_b") * np.float32(a.scale), "f32", lb_dtype)
             s = ffi.new("struct ifg_lora *")
-            s.a, s.a_dtype = ffi.cast("void *", ffi.from_buffer(A)), CDTYPE[la_dtype]
-            s.b, s.b_dtype = ffi.cast("void *", ffi.from_buffer(B)), CDTYPE[lb_dtype]
+            if a.storage == "int8":     # int8 A and Bᵀ read in place; their scales and s fold into h
+                _, A = a.tensors[f"{t}.lora_a"]
+                _, Bt = a.tensors[f"{t}.lora_bt"]
+                hs = a.tensors[f"{t}.lora_a_scale"][1] * a.tensors[f"{t}.lora_bt_scale"][1] * np.float32(a.scale)
+                s.a_dtype = s.b_dtype = self.kern.lib.IFG_LORA_I8
+            else:                       # float files store B [out, r]: the kernel streams Bᵀ, made once here
+                la_dtype, A = a.tensors[f"{t}.lora_a"]
+                lb_dtype, B = a.tensors[f"{t}.lora_b"]
+                Bt = np.ascontiguousarray(B.T)
+                hs = np.full(a.rank, a.scale, np.float32)
+                s.a_dtype, s.b_dtype = CDTYPE[la_dtype], CDTYPE[lb_dtype]
+            hs = np.ascontiguousarray(hs, dtype=np.float32)
+            s.a, s.b = ffi.cast("void *", ffi.from_buffer(A)), ffi.cast("void *", ffi.from_buffer(Bt))
+            s.h_scale = ptr(self.kern, hs)
             s.rank = a.rank
-            keep += [A, B, s]
+            keep += [A, Bt, hs, s]
             if a.use_dora:
                 w = self.base.f32(f"layers.{layer}.{proj}") + a.delta(t)
                 dora = np.ascontiguousarray(a.f32(f"{t}.dora_m") / np.linalg.norm(w, axis=1), dtype=np.float32)
@@ -152,5 +160,5 @@ class AdapterManager:
             else:
                 s.dora = ffi.NULL
             table[int(layer) * len(MATRICES) + MATRICES.index(proj)] = s
-            nbytes += A.nbytes + B.nbytes
+            nbytes += A.nbytes + Bt.nbytes + hs.nbytes
         return LoadedAdapter(a.name, a, table, nbytes, 0.0, str(path), os.stat(path).st_mtime, pinned, keep=keep)
