@@ -71,7 +71,9 @@ def tiny_suite(tmp_path, data_dir):
     return p
 
 
-def test_bench_suite_end_to_end(tiny_suite, tmp_path, capsys):
+def test_bench_suite_end_to_end(tiny_suite, tmp_path, capsys, monkeypatch):
+    # the peer is made absent even where llama-cpp-python is installed (make bench installs it)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
     j, c, png = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
     rc = main(["bench", "--suite", str(tiny_suite), "--json", str(j), "--csv", str(c), "--plot", str(png)])
     assert rc == 0
