@@ -38,7 +38,7 @@ def mixed(model, threads, n, seed=0, max_batch=32):
     replay(bat, warm, trace_requests(warm, model.config.vocab_size, 9))
     bat.stats.max_kv_blocks = 0
     r_bat = replay(bat, trace, reqs())
-    cost = CostModel.fit(seq.step_log)
+    cost = CostModel.fit(seq.step_log + probe_steps(model, threads, max_batch))
     r_sim = replay(sim_engine(model, cost, max_batch=max_batch), trace, reqs())
     kv = bat.kv
     out = {
@@ -54,6 +54,19 @@ def mixed(model, threads, n, seed=0, max_batch=32):
         "cost_model": cost.to_dict(),
     }
     return out
+
+
+def probe_steps(model, threads, max_batch, seed=7):
+    """Step records of a short batched run (16-token prompts, 8 outputs, all at once) that is not
+    the trace being predicted. One-at-a-time steps alone cannot tell a step's fixed cost (one
+    sweep of the weights) from its per-row cost, since every decode step there has one row: a
+    fit on them alone charges each decode row a full weight sweep."""
+    n = max(2, min(max_batch, 16))
+    trace = make_trace(n, 0.0, (16, 16), (8, 8), seed=seed)
+    eng = Engine(model, threads=threads, max_batch=n, detokenize=False)
+    eng.step_log = []
+    replay(eng, trace, trace_requests(trace, model.config.vocab_size, seed))
+    return eng.step_log
 
 
 def prefix(model, threads, n=16, prefix_len=512, seed=1):
