@@ -13,14 +13,12 @@ llama_cpp is imported only here; when missing the run prints one line and exits 
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import time
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip, _import
+from infeng.bench.peers import PeerSkip, lora_peer_main, _import
 
 
 class LlamaCppLora:
@@ -164,23 +162,7 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--n-out", type=int, default=32)
-    ap.add_argument("--adapter-dtype", default="bf16", choices=["bf16", "f32", "int8"])
-    a = ap.parse_args(argv)
-    try:
-        rec = compare(a.base, a.rank, a.threads, repeats=a.repeats, prompt_len=a.prompt_len, n_out=a.n_out,
-                      adapter_dtype=a.adapter_dtype)
-    except PeerSkip as e:
-        print(f"llama.cpp lora peer skipped: {e}")
-        return 0
-    print(json.dumps(rec))
-    return 0
+    return lora_peer_main(compare, "llama.cpp lora", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ one line saying so and exits 0 (skipped), like the other optional peers.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip, _import
+from infeng.bench.peers import PeerSkip, lora_peer_main, _import
 from infeng.converters.peft import TARGETS
 from infeng.model.loader import MATRICES, load_model
 
@@ -178,23 +176,7 @@ def compare(base_path, rank: int = 16, threads: int = 2, batch: int = 8, n_adapt
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--n-out", type=int, default=32)
-    ap.add_argument("--adapter-dtype", default="bf16", choices=["bf16", "f32", "int8"])
-    a = ap.parse_args(argv)
-    try:
-        rec = compare(a.base, a.rank, a.threads, repeats=a.repeats, prompt_len=a.prompt_len, n_out=a.n_out,
-                      adapter_dtype=a.adapter_dtype)
-    except PeerSkip as e:
-        print(f"peft peer skipped: {e}")
-        return 0
-    print(json.dumps(rec, default=float))
-    return 0
+    return lora_peer_main(compare, "peft", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
