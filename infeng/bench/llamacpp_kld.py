@@ -1,0 +1,168 @@
+"""llama.cpp's own quantizations, measured exactly as infeng's are: KL-divergence and perplexity
+against one f32 baseline, on the same token ids, reduced by the same code (infeng.evals.perplexity).
+
+    python -m infeng.bench.llamacpp_kld BASE.infeng --text FILE --types Q8_0,Q4_0,Q4_K_M \
+        --compare q8_0=ours-q8_0.infeng --compare q4_k=ours-q4_k.infeng --ctx 512 --json kld.json
+
+BASE (a native f32 or bf16 file) is scored by infeng as the baseline (top-k log-probs + rest, as
+``infeng eval --kld``), exported to GGUF (infeng.converters.gguf_write), and quantized by
+llama.cpp's own quantizer (``llama_model_quantize``, the code behind its llama-quantize tool,
+through llama-cpp-python; the files are cached beside the export). Each GGUF — the unquantized
+export too, which shows the floor two engines reach on identical weights — is scored by llama.cpp
+(logits of every position, the same windows as infeng's Scorer), and each ``--compare`` native file
+by infeng. One table: bits per weight (file bytes × 8 ÷ parameters), file size, mean / p99 KLD,
+PPL and ΔPPL, top-1 agreement.
+
+llama.cpp's K/V cache is kept in f32 here (as infeng's is), so the figures compare weight
+formats, not cache formats. llama_cpp is imported only here; without it the llama.cpp rows are
+skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infeng.bench.peers import PeerSkip, _import
+from infeng.errors import InfengError
+from infeng.evals import perplexity as P
+from infeng.runtime.scorer import Scorer
+
+# llama.cpp's file types (enum llama_ftype in llama.h); the names its llama-quantize tool takes
+FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+class LlamaCppScorer:
+    """infeng's Scorer interface (``logits`` of a window, ``windows`` over a document) on the
+    logits llama.cpp computes, so every metric is reduced by the same code."""
+    windows = Scorer.windows
+    check_stride = Scorer.check_stride
+
+    def __init__(self, gguf: Path, ctx: int, threads: int):
+        lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
+        self.ctx = ctx
+        self.llm = lc.Llama(model_path=str(gguf), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512),
+                            n_threads=threads, n_threads_batch=threads, logits_all=True,
+                            type_k=0, type_v=0, verbose=False)        # GGML_TYPE_F32 K/V, as infeng's
+
+    def logits(self, ids) -> np.ndarray:
+        llm = self.llm
+        llm.reset()
+        llm.eval(list(int(i) for i in ids))
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def quantize_gguf(src: Path, ftype: str, threads: int) -> Path:
+    """``src`` quantized by llama.cpp to ``ftype`` (cached next to it while newer than src)."""
+    lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
+    out = src.with_name(f"{src.stem}.llamacpp-{ftype}.gguf")
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise PeerSkip(f"llama.cpp could not quantize {src.name} to {ftype} (code {rc})")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, Path]], ctx: int,
+        threads: int, top_k: int = 128, stride: int | None = None, log=print) -> tuple[list[dict], list[str]]:
+    from infeng.converters import gguf_write
+    from infeng.model.loader import load_model
+    bad = [t for t in types if t not in FTYPES]
+    if bad:
+        raise InfengError(f"--types: unknown llama.cpp type {bad[0]!r} (known: {', '.join(FTYPES)})")
+    base_model = load_model(base_path, verify=False)
+    params = sum(int(a.size) for _, a in base_model.tensors.values())    # unquantized: one element a weight
+    if base_model.weight_dtype not in ("f32", "bf16", "f16"):
+        raise InfengError(f"{base_path}: the baseline must be unquantized (f32/bf16/f16), not {base_model.weight_dtype}")
+    sc = Scorer(base_model, threads=threads, ctx=ctx)
+    docs = P.read_documents(text)
+    ids = P.tokenize_documents(sc, docs)
+    t0 = time.perf_counter()
+    base = P.compute_base(sc, ids, top_k, stride, {"model": str(base_path), "text": str(text)})
+    log(f"baseline {base_path.name}: {len(base.nll)} positions in {time.perf_counter() - t0:.1f} s")
+    rows, notes = [], []
+
+    def add(name, runner, path, scorer):
+        t = time.perf_counter()
+        s = P.score(scorer, ids, stride, base)
+        m, _ = P.kld_metrics(s, base, len(ids))
+        size = Path(path).stat().st_size
+        rows.append({"name": name, "runner": runner, "file": str(path), "file_mb": size / 2**20,
+                     "bits_per_weight": size * 8 / params, **m, "seconds": time.perf_counter() - t})
+        log(f"{runner:9s} {name:8s} KLD mean {m['kld_mean']:.3g} p99 {m['kld_p99']:.3g} "
+            f"ΔPPL {m['delta_ppl']:+.4f}  ({size / 2**20:.1f} MiB)")
+
+    for name, path in compare:
+        m = load_model(path, verify=False)
+        add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx))
+    try:
+        gguf = gguf_write.export_cached(base_model, base_path)
+        for ft in ["F32" if base_model.weight_dtype == "f32" else base_model.weight_dtype.upper()] + types:
+            path = gguf if ft.lower() == base_model.weight_dtype else quantize_gguf(gguf, ft, threads)
+            lsc = LlamaCppScorer(path, sc.ctx, threads)
+            try:
+                add(ft, "llama.cpp", path, lsc)
+            finally:
+                lsc.close()
+    except PeerSkip as e:
+        notes.append(f"llama.cpp rows skipped: {e}")
+        log(notes[-1])
+    return rows, notes
+
+
+def main(argv=None) -> int:
+    from infeng.telemetry import Run
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", type=Path, help="native f32/bf16 model: the baseline, and the source llama.cpp quantizes")
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M", help="llama.cpp file types (comma-separated)")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
+                    help="an infeng native file (e.g. a quantized BASE) scored side by side")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=128)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    compare = []
+    for c in a.compare:
+        name, sep, path = c.partition("=")
+        if not sep or not Path(path).is_file():
+            print(f"infeng: error: --compare {c!r}: expected NAME=FILE with an existing file")
+            return 2
+        compare.append((name, Path(path)))
+    try:
+        rows, notes = run(a.base, a.text, [t for t in a.types.split(",") if t], compare, a.ctx, a.threads, a.top_k)
+    except InfengError as e:
+        print(f"infeng: error: {e}")
+        return 2
+    if a.json:
+        r = Run("bench", meta={"suite": "llamacpp_kld", "base": str(a.base), "text": str(a.text), "ctx": a.ctx,
+                               "threads": a.threads, "notes": notes})
+        r.records.extend(rows)
+        for row in rows:
+            key = f"{row['runner']}_{row['name']}".replace(".", "_")
+            r.metrics[f"{key}.kld_mean"] = row["kld_mean"]
+        r.write(a.json)
+    print(json.dumps(rows, default=float, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
