@@ -214,3 +214,15 @@ def test_roofline_bytes(data_dir):
     wb = S.weight_bytes(m)
     assert wb == sum(a.nbytes for _, a in m.tensors.values())      # tied: the table is the output matrix
     assert S.decode_step_bytes(m, 2, 10) == wb + 2 * 10 * S.kv_bytes_per_position(m)
+
+
+def test_synthetic_quantized_model(monkeypatch, tmp_path):
+    """A suite's `dtype: q8_0` on a synthetic architecture: the bf16 model quantized (cached)."""
+    from infeng.bench import synthetic
+    from infeng.model.loader import load_model
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path))
+    p = synthetic.make("test-32k", "q8_0")
+    assert p.name == "test-32k-q8_0-seed0.infeng" and (tmp_path / "synthetic" / "test-32k-bf16-seed0.infeng").exists()
+    m = load_model(p)
+    assert m.tensors["layers.0.wq"][0] == "q8_0" and m.tensors["layers.0.w_down"][0] == "bf16"   # 172 wide: fallback
+    assert synthetic.make("test-32k", "q8_0") == p

@@ -112,3 +112,33 @@ def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
     text = (data_dir / "text" / "tinystories_sample.txt").read_text()
     for s in qs + [text, "  two  spaces", "tabs\tand\nnewlines ✓ 日本"]:
         assert a.encode(s) == b.encode(s), s[:60]
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_llama_cpp_generates_like_infeng_from_a_quantized_export(qtype, data_dir, tmp_path, capsys):
+    """The issue's interop check: a quantized file infeng wrote, exported to GGUF, generates in
+    llama.cpp the same greedy tokens infeng generates from it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from typer.testing import CliRunner
+
+    from infeng.cli.main import app
+    from infeng.runtime.engine import Engine, Request
+    from infeng.runtime.sampler import SamplingParams
+    q = tmp_path / f"s-{qtype}.infeng"
+    r = CliRunner().invoke(app, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(q), "--type", qtype])
+    assert r.exit_code == 0, r.output
+    m = load_model(q)
+    g = G.write_gguf(m, tmp_path / f"s-{qtype}.gguf")
+    ids = [1, 403, 407, 263, 31, 45]
+    eng = Engine(m, threads=1, detokenize=False)
+    ours = next(iter(eng.generate([Request(id="a", prompt_ids=ids, params=SamplingParams(max_tokens=40, temperature=0,
+                                                                                     ignore_eos=True))]))).token_ids
+    llm = llama_cpp.Llama(model_path=str(g), n_ctx=128, n_threads=1, verbose=False)
+    theirs = []
+    llm.eval(ids)
+    for _ in range(40):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        theirs.append(t)
+        llm.eval([t])
+    assert theirs == ours
+

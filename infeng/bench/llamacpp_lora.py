@@ -18,34 +18,27 @@ import time
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip, lora_peer_main, _import
+from infeng.bench.peers import LlamaCppSeqs, PeerSkip, lora_peer_main, _import
 
 
 class LlamaCppLora:
+    """The base model loaded once, a context of 8 sequences (LlamaCppSeqs), and the adapters."""
+
     def __init__(self, gguf, adapter_ggufs: dict, threads: int, n_ctx: int, n_batch: int):
         lc = self.lc = _import("llama_cpp", "llama.cpp peer needs llama-cpp-python (pip install -e '.[peers]')")
-        # the high-level Llama only loads the model: its context holds one sequence, so the rows
-        # get their own context with 8 (llama_init_from_model; freed in close)
+        # the high-level Llama only loads the model; the rows get their own context (freed in close)
         self.llm = lc.Llama(model_path=str(gguf), n_threads=threads, n_ctx=64, n_batch=64, verbose=False)
-        self.model = self.llm._model.model
-        p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, 8
-        p.n_threads = p.n_threads_batch = threads
-        self.ctx = lc.llama_init_from_model(self.model, p)
-        if not self.ctx:
-            raise PeerSkip("llama.cpp: could not create a context for 8 sequences")
-        self.n_vocab = self.llm.n_vocab()
+        self.seqs = LlamaCppSeqs(self.llm, threads, n_ctx, n_batch, 8)
+        self.ctx = self.seqs.ctx
         self.adapters = {}
         for name, path in adapter_ggufs.items():
-            a = lc.llama_adapter_lora_init(self.model, str(path).encode())
+            a = lc.llama_adapter_lora_init(self.seqs.model, str(path).encode())
             if not a:
                 raise PeerSkip(f"llama.cpp refused the LoRA adapter {path}")
             self.adapters[name] = a
-        self.batch = lc.llama_batch_init(n_batch, 0, 8)
 
     def close(self):
-        self.lc.llama_batch_free(self.batch)
-        self.lc.llama_free(self.ctx)
+        self.seqs.close()
         self.llm.close()
 
     def _set(self, name):
@@ -57,27 +50,9 @@ class LlamaCppLora:
             if lc.llama_set_adapters_lora(self.ctx, arr, 1, (ctypes.c_float * 1)(1.0)):
                 raise PeerSkip(f"llama.cpp: could not set adapter {name}")
 
-    def _decode(self, rows: list[tuple[int, list[int], int]]) -> list[int]:
-        """rows: (seq id, tokens, first position); logits of each row's last token → argmax."""
-        b, lc = self.batch, self.lc
-        n, last = 0, []
-        for seq, toks, pos in rows:
-            for j, t in enumerate(toks):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = t, pos + j, 1, seq
-                b.logits[n] = j == len(toks) - 1
-                n += 1
-            last.append(n - 1)
-        b.n_tokens = n
-        rc = lc.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise PeerSkip(f"llama.cpp: llama_decode failed ({rc}) on {n} tokens")
-        return [int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), (self.n_vocab,))))
-                for i in last]
-
     def run(self, prompts, adapter_of_row, n_out):
         """Rows grouped by adapter, one group at a time: (ids per row, prefill s, decode s)."""
-        lc = self.lc
-        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        self.seqs.clear()
         groups: dict = {}
         for i, a in enumerate(adapter_of_row):
             groups.setdefault(a, []).append(i)
@@ -85,19 +60,19 @@ class LlamaCppLora:
         for a, rows in groups.items():
             self._set(a)
             t0 = time.perf_counter()
-            nxt = self._decode([(i, prompts[i], 0) for i in rows])
+            nxt = self.seqs.decode([(i, prompts[i], 0) for i in rows])
             t_pre += time.perf_counter() - t0
             P = len(prompts[rows[0]])
             out = {i: [t] for i, t in zip(rows, nxt)}
             t0 = time.perf_counter()
             for j in range(n_out - 1):
-                nxt = self._decode([(i, [out[i][-1]], P + j) for i in rows])
+                nxt = self.seqs.decode([(i, [out[i][-1]], P + j) for i in rows])
                 for i, t in zip(rows, nxt):
                     out[i].append(t)
             t_dec += time.perf_counter() - t0
             ids.update(out)
         self._set(None)
-        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        self.seqs.clear()
         return [ids[i] for i in range(len(prompts))], t_pre, t_dec
 
 

@@ -163,7 +163,7 @@ class LlamaCppPeer:
                 raise PeerSkip(f"llama.cpp needs the model as GGUF and the export failed: {e}") from None
         if not Path(gguf).is_file():
             raise PeerSkip(f"llama.cpp: GGUF file {gguf} not found")
-        self.n_ctx = max_ctx
+        self.n_ctx, self.threads, self.flash_attn, self._seqs = max_ctx, threads, flash_attn, None
         kw = {} if flash_attn is None else {"flash_attn": bool(flash_attn)}
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=max_ctx, n_batch=512, logits_all=False, verbose=False, **kw)
@@ -187,12 +187,78 @@ class LlamaCppPeer:
         return n - 1, time.perf_counter() - t0
 
     def batch_decode(self, prompts, n):
+        """All rows prefilled in one llama_decode (not timed), then n - 1 steps that decode one
+        token of every row together: the same work infeng's batched decode times."""
         if len(prompts) == 1:
             return self.decode(prompts[0], n)
-        raise PeerSkip("llama.cpp: batched decode is not exposed by llama-cpp-python's high-level API")
+        B, P = len(prompts), len(prompts[0])
+        need = B * (P + n) + 64
+        if self._seqs is None or self._seqs.n_seq != B or self._seqs.n_ctx < need:
+            if self._seqs is not None:
+                self._seqs.close()
+            self._seqs = LlamaCppSeqs(self.llm, self.threads, need, max(512, B * P), B, self.flash_attn)
+        seqs = self._seqs
+        seqs.clear()
+        nxt = seqs.decode([(i, list(p), 0) for i, p in enumerate(prompts)])
+        t0 = time.perf_counter()
+        for j in range(n - 1):
+            nxt = seqs.decode([(i, [t], P + j) for i, t in enumerate(nxt)])
+        return B * (n - 1), time.perf_counter() - t0
 
     def close(self):
+        if self._seqs is not None:
+            self._seqs.close()
         self.llm.close() if hasattr(self.llm, "close") else None
+
+
+class LlamaCppSeqs:
+    """A llama.cpp context of ``n_seq`` sequences on a loaded model (llama-cpp-python's high-level
+    Llama holds one sequence, so this uses its low-level API), and one llama_decode over a ragged
+    batch of rows of those sequences."""
+
+    def __init__(self, llm, threads: int, n_ctx: int, n_batch: int, n_seq: int, flash_attn: bool | None = None):
+        lc = self.lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
+        self.llm, self.n_seq, self.n_ctx = llm, n_seq, n_ctx
+        self.model = llm._model.model
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        p.n_threads = p.n_threads_batch = threads
+        if flash_attn is not None:
+            if hasattr(p, "flash_attn_type"):
+                p.flash_attn_type = int(bool(flash_attn))     # LLAMA_FLASH_ATTN_TYPE_DISABLED / _ENABLED
+            else:
+                p.flash_attn = bool(flash_attn)
+        self.ctx = lc.llama_init_from_model(self.model, p)
+        if not self.ctx:
+            raise PeerSkip(f"llama.cpp: could not create a context for {n_seq} sequences")
+        self.n_vocab = llm.n_vocab()
+        self.batch = lc.llama_batch_init(n_batch, 0, n_seq)
+
+    def decode(self, rows: list[tuple[int, list[int], int]]) -> list[int]:
+        """rows: (seq id, tokens, first position); logits of each row's last token → argmax."""
+        b, lc = self.batch, self.lc
+        n, last = 0, []
+        for seq, toks, pos in rows:
+            for j, t in enumerate(toks):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = t, pos + j, 1, seq
+                b.logits[n] = j == len(toks) - 1
+                n += 1
+            last.append(n - 1)
+        b.n_tokens = n
+        rc = lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise PeerSkip(f"llama.cpp: llama_decode failed ({rc}) on {n} tokens")
+        return [int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), (self.n_vocab,))))
+                for i in last]
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
 
 
 PEERS = {"torch": TorchPeer, "llama.cpp": LlamaCppPeer, "llama.cpp:fa=0": LlamaCppPeer,

@@ -51,6 +51,8 @@ def make(arch: str, dtype: str = "bf16", path: Path | None = None, seed: int = 0
     path = Path(path) if path else cache_dir() / f"{arch}-{dtype}-seed{seed}.infeng"
     if path.exists() and native.is_native(path):
         return path
+    if dtype in QUANTIZED:
+        return _quantized(make(arch, "bf16", None, seed, tokenizer_json), dtype, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok = Path(tokenizer_json or DEFAULT_TOKENIZER).read_text()
     rng = np.random.default_rng(seed)
@@ -69,10 +71,26 @@ def make(arch: str, dtype: str = "bf16", path: Path | None = None, seed: int = 0
     return path
 
 
+QUANTIZED = ("q8_0", "q4_0", "q4_k", "fp8")
+
+
+def _quantized(src: Path, dtype: str, path: Path) -> Path:
+    """The bf16 synthetic model quantized to ``dtype`` with the default policy (what
+    ``infeng quantize SRC --type DTYPE`` writes)."""
+    from infeng.model.loader import load_model
+    from infeng.quant import policy as q
+    model = load_model(src, verify=False)
+    items = q.plan(model.tensors, dtype, q.Policy(), source=str(src))
+    out = model.derived(q.quantize_tensors(model.tensors, items))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    native.write(path, out.manifest(), out.native_tensors())
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("arch", choices=sorted(ARCHS))
-    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16", *QUANTIZED])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", type=Path)
     a = ap.parse_args()
