@@ -34,9 +34,14 @@ demo: setup
 test: setup
 	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
 
+# llama.cpp is built for this CPU (native flags) but without AMX: CPUs here advertise AMX tiles
+# that the kernel does not enable, and llama.cpp's AMX path then dies with SIGILL.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+
 bench: setup  ## peers + plot installed, then the default suite side by side (a peer that fails to install is skipped)
 	@mkdir -p $(OUT)
-	$(BIN)/pip install -q -e '.[peers,bench]' 2>&1 | grep -v '^WARNING: Location' || true
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[peers,bench]' 2>&1 | grep -v '^WARNING: Location' || true
 	INFENG_TEST_DATA=$(DATA) $(BIN)/infeng bench --suite bench/decode.yaml --json $(OUT)/bench.json --csv $(OUT)/bench.csv --plot $(OUT)/bench.png
 
 FUZZ_SECONDS ?= 60

@@ -189,7 +189,7 @@ def test_llama_cpp_peer_exports_gguf_and_runs(monkeypatch, data_dir, tmp_path):
     assert meta["peers"] == ["llama.cpp", "llama.cpp:fa=0"] and not [n for n in notes if "llama" in n]
     llm = _FakeLlama.made[-2]
     assert llm.meta["llama.block_count"] == 5 and "blk.4.ffn_down.weight" in llm.tensors
-    assert "flash_attn" not in llm.kw and _FakeLlama.made[-1].kw["flash_attn"] is False
+    assert llm.kw["flash_attn"] is True and _FakeLlama.made[-1].kw["flash_attn"] is False
     for name in meta["peers"]:
         peer = [r for r in results if r.runner == name]
         assert [len(r.values) for r in peer] == [1, 1] and all(r.median > 0 for r in peer)

@@ -164,7 +164,9 @@ class LlamaCppPeer:
         if not Path(gguf).is_file():
             raise PeerSkip(f"llama.cpp: GGUF file {gguf} not found")
         self.n_ctx, self.threads, self.flash_attn, self._seqs = max_ctx, threads, flash_attn, None
-        kw = {} if flash_attn is None else {"flash_attn": bool(flash_attn)}
+        # llama.cpp's own default (flash_attn_type AUTO) turns flash attention on for the CPU;
+        # llama-cpp-python's Llama(flash_attn=False) default would turn it off, so say it
+        kw = {"flash_attn": True if flash_attn is None else bool(flash_attn)}
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=max_ctx, n_batch=512, logits_all=False, verbose=False, **kw)
         self.note = ""
