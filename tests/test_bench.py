@@ -4,6 +4,7 @@ import builtins
 import csv
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -169,10 +170,19 @@ class _FakeLlama:
         self.meta, self.tensors = read_gguf_header(model_path)
         self.n_ctx, self.n_tokens = n_ctx, 0
         self.scores = np.zeros((n_ctx, len(self.meta["tokenizer.ggml.tokens"])), np.float32)
+        self._ctx = types.SimpleNamespace(ctx=self)
         _FakeLlama.made.append(self)
 
     def reset(self):
         self.n_tokens = 0
+
+    def n_vocab(self):
+        return self.scores.shape[1]
+
+    @staticmethod
+    def logits_ith(ctx, i):          # llama_cpp.llama_get_logits_ith: a float pointer into the row
+        import ctypes
+        return ctypes.cast(ctx.scores[max(ctx.n_tokens - 1, 0)].ctypes.data, ctypes.POINTER(ctypes.c_float))
 
     def eval(self, toks):
         self.n_tokens += len(toks)
@@ -181,7 +191,8 @@ class _FakeLlama:
 def test_llama_cpp_peer_exports_gguf_and_runs(monkeypatch, data_dir, tmp_path):
     import types
     monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama,
+                                                                     llama_get_logits_ith=_FakeLlama.logits_ith))
     notes = []
     s = S.Suite(model=str(data_dir / "stories260K"), threads=1, repeats=1, peers=["llama.cpp", "llama.cpp:fa=0"],
                 scenarios=[S.Scenario("prefill", {"tokens": 8}), S.Scenario("decode", {"tokens": 3, "depth": 4})])

@@ -133,7 +133,7 @@ def test_llama_cpp_generates_like_infeng_from_a_quantized_export(qtype, data_dir
     eng = Engine(m, threads=1, detokenize=False)
     ours = next(iter(eng.generate([Request(id="a", prompt_ids=ids, params=SamplingParams(max_tokens=40, temperature=0,
                                                                                      ignore_eos=True))]))).token_ids
-    llm = llama_cpp.Llama(model_path=str(g), n_ctx=128, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(g), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
     theirs = []
     llm.eval(ids)
     for _ in range(40):
@@ -142,3 +142,34 @@ def test_llama_cpp_generates_like_infeng_from_a_quantized_export(qtype, data_dir
         llm.eval([t])
     assert theirs == ours
 
+
+
+def test_llama_cpp_peer_batches_rows_like_single_sequences(exported):
+    """The bench peer's batched decode (many sequences in one llama.cpp context) gives each row
+    the greedy tokens of that row decoded alone."""
+    pytest.importorskip("llama_cpp")
+    from infeng.bench.peers import LlamaCppPeer, LlamaCppSeqs
+    m, p = exported
+    peer = LlamaCppPeer(m, 1, 128, gguf=p)
+    prompts = [[1, 403, 407, 263], [1, 31, 45, 99], [1, 200, 300, 400]]
+    alone = []
+    for ids in prompts:
+        peer.llm.reset()
+        peer.llm.eval(ids)
+        out = [peer._next()]
+        for _ in range(7):
+            peer.llm.eval([out[-1]])
+            out.append(peer._next())
+        alone.append(out)
+    seqs = LlamaCppSeqs(peer.llm, 1, 128, 64, len(prompts))
+    nxt = seqs.decode([(i, ids, 0) for i, ids in enumerate(prompts)])
+    rows = [[t] for t in nxt]
+    for j in range(7):
+        nxt = seqs.decode([(i, [r[-1]], 4 + j) for i, r in enumerate(rows)])
+        for r, t in zip(rows, nxt):
+            r.append(t)
+    assert rows == alone
+    tokens, dt = peer.batch_decode(prompts, 5)
+    assert tokens == 3 * 4 and dt > 0
+    seqs.close()
+    peer.close()

@@ -169,6 +169,7 @@ class LlamaCppPeer:
         kw = {"flash_attn": True if flash_attn is None else bool(flash_attn)}
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=max_ctx, n_batch=512, logits_all=False, verbose=False, **kw)
+        self._lc, self.n_vocab = llama_cpp, self.llm.n_vocab()
         self.note = ""
 
     def prefill(self, ids):
@@ -177,15 +178,21 @@ class LlamaCppPeer:
         self.llm.eval(list(ids))
         return len(ids), time.perf_counter() - t0
 
+    def _next(self) -> int:
+        """Greedy next token from the last evaluated position (Llama.scores stays zero without
+        logits_all in llama-cpp-python 0.3: read llama.cpp's own last logits row)."""
+        row = self._lc.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, (self.n_vocab,))))
+
     def decode(self, ids, n):
         llm = self.llm
         llm.reset()
         llm.eval(list(ids))
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._next()
         t0 = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._next()
         return n - 1, time.perf_counter() - t0
 
     def batch_decode(self, prompts, n):
