@@ -115,33 +115,31 @@ def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
-def test_llama_cpp_generates_like_infeng_from_a_quantized_export(qtype, data_dir, tmp_path, capsys):
-    """The issue's interop check: a quantized file infeng wrote, exported to GGUF, generates in
-    llama.cpp the same greedy tokens infeng generates from it."""
+def test_llama_cpp_runs_a_quantized_export_like_infeng(qtype, data_dir, tmp_path):
+    """The issue's interop check: a quantized file infeng wrote, exported to GGUF, runs in llama.cpp
+    with infeng's next-token distributions. Not bit-equal: both round activations to int8 per block
+    of 32, with other tie and scale details (and llama.cpp rounds a bf16 fallback's activations to
+    bf16), ~0.1 on a logit here, so greedy runs part at near ties. Measured: KL 3.9e-4 (q8_0) and
+    5.4e-4 (q4_0) between the two, below either's KL to the f32 model (6.6e-4, 0.07); an export with
+    a wrong layout (RoPE rows, block order) is off by orders of magnitude more."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from typer.testing import CliRunner
 
     from infeng.cli.main import app
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
+    from infeng.runtime.scorer import Scorer, log_softmax
     q = tmp_path / f"s-{qtype}.infeng"
     r = CliRunner().invoke(app, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(q), "--type", qtype])
     assert r.exit_code == 0, r.output
     m = load_model(q)
     g = G.write_gguf(m, tmp_path / f"s-{qtype}.gguf")
-    ids = [1, 403, 407, 263, 31, 45]
-    eng = Engine(m, threads=1, detokenize=False)
-    ours = next(iter(eng.generate([Request(id="a", prompt_ids=ids, params=SamplingParams(max_tokens=40, temperature=0,
-                                                                                     ignore_eos=True))]))).token_ids
-    llm = llama_cpp.Llama(model_path=str(g), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
-    theirs = []
+    sc = Scorer(m, threads=1, ctx=128)
+    ids = sc.tokenizer.encode((data_dir / "text" / "tinystories_sample.txt").read_text()[:400])[:100]
+    ours = log_softmax(sc.logits(ids))
+    llm = llama_cpp.Llama(model_path=str(g), n_ctx=128, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
-    for _ in range(40):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        theirs.append(t)
-        llm.eval([t])
-    assert theirs == ours
-
+    theirs = log_softmax(np.asarray(llm.scores[:len(ids)]))
+    kl = (np.exp(ours) * (ours - theirs)).sum(1)
+    assert kl.mean() < 1e-3 and np.mean(ours.argmax(1) == theirs.argmax(1)) > 0.95
 
 
 def test_llama_cpp_peer_batches_rows_like_single_sequences(exported):

@@ -11,7 +11,8 @@ through llama-cpp-python; the files are cached beside the export). Each GGUF —
 export too, which shows the floor two engines reach on identical weights — is scored by llama.cpp
 (logits of every position, the same windows as infeng's Scorer), and each ``--compare`` native file
 by infeng. One table: bits per weight (file bytes × 8 ÷ parameters), file size, mean / p99 KLD,
-PPL and ΔPPL, top-1 agreement.
+PPL and ΔPPL, top-1 agreement. Bits per weight count the tensors' bytes only (on a 260K-parameter
+model the tokenizer in the file would otherwise dominate).
 
 llama.cpp's K/V cache is kept in f32 here (as infeng's is), so the figures compare weight
 formats, not cache formats. llama_cpp is imported only here; without it the llama.cpp rows are
@@ -80,9 +81,16 @@ def quantize_gguf(src: Path, ftype: str, threads: int) -> Path:
     return out
 
 
+def _count(dtypes) -> str:
+    """"q4_0 30, f32 11" — how many tensors of each type a file holds."""
+    from collections import Counter
+    return ", ".join(f"{t} {n}" for t, n in Counter(dtypes).most_common())
+
+
 def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, Path]], ctx: int,
         threads: int, top_k: int = 128, stride: int | None = None, log=print) -> tuple[list[dict], list[str]]:
     from infeng.converters import gguf_write
+    from infeng.converters.gguf_read import GGUFFile
     from infeng.model.loader import load_model
     bad = [t for t in types if t not in FTYPES]
     if bad:
@@ -99,26 +107,31 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
     log(f"baseline {base_path.name}: {len(base.nll)} positions in {time.perf_counter() - t0:.1f} s")
     rows, notes = [], []
 
-    def add(name, runner, path, scorer):
+    def add(name, runner, path, scorer, tensor_bytes, types):
         t = time.perf_counter()
         s = P.score(scorer, ids, stride, base)
         m, _ = P.kld_metrics(s, base, len(ids))
         size = Path(path).stat().st_size
         rows.append({"name": name, "runner": runner, "file": str(path), "file_mb": size / 2**20,
-                     "bits_per_weight": size * 8 / params, **m, "seconds": time.perf_counter() - t})
-        log(f"{runner:9s} {name:8s} KLD mean {m['kld_mean']:.3g} p99 {m['kld_p99']:.3g} "
-            f"ΔPPL {m['delta_ppl']:+.4f}  ({size / 2**20:.1f} MiB)")
+                     "bits_per_weight": tensor_bytes * 8 / params, "tensor_types": types,
+                     **m, "seconds": time.perf_counter() - t})
+        log(f"{runner:9s} {name:10s} {tensor_bytes * 8 / params:5.2f} bits/weight  KLD mean {m['kld_mean']:.3g} "
+            f"p99 {m['kld_p99']:.3g}  ΔPPL {m['delta_ppl']:+.4f}  ({size / 2**20:.1f} MiB; {types})")
 
     for name, path in compare:
         m = load_model(path, verify=False)
-        add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx))
+        nbytes = sum(a.nbytes for _, a in m.tensors.values())
+        add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx), nbytes, _count(d for d, _ in m.tensors.values()))
     try:
         gguf = gguf_write.export_cached(base_model, base_path)
         for ft in ["F32" if base_model.weight_dtype == "f32" else base_model.weight_dtype.upper()] + types:
             path = gguf if ft.lower() == base_model.weight_dtype else quantize_gguf(gguf, ft, threads)
+            g = GGUFFile(path)
+            nbytes = sum(t.nbytes for t in g.tensors.values())
+            types_ = _count(t.type_name.lower() for t in g.tensors.values())
             lsc = LlamaCppScorer(path, sc.ctx, threads)
             try:
-                add(ft, "llama.cpp", path, lsc)
+                add(ft, "llama.cpp", path, lsc, nbytes, types_)
             finally:
                 lsc.close()
     except PeerSkip as e:
