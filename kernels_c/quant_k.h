@@ -21,6 +21,10 @@
 /* o[0..n) = the dequantized row of a q4_k or fp8 matrix (n a multiple of the block), in f32
  * exactly as infeng.quant.dequantize gives it. */
 void ifg_qk_dequant_row(float *o, const uint8_t *row, int dtype, int n);
+/* dst (N rows of K/256 q4_k blocks) = x (f32 [N][K], K a multiple of 256) quantized exactly as
+ * infeng.quant.q4_k.quantize_q4_k_ref does (byte for byte; quantize_k.c). importance: NULL or K
+ * per-column weights (finite, >= 0). Super-blocks split over threads; allocates nothing. */
+void ifg_quantize_q4_k(uint8_t *dst, const float *x, const double *importance, int N, int K, int n_threads);
 // cdef-end
 
 static inline int ifg_is_quant_k(int dtype) { return dtype == IFG_Q4_K || dtype == IFG_FP8; }

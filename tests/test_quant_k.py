@@ -103,6 +103,54 @@ def test_bad_shape_refused():
         quant.quantize_q4_k(np.zeros((2, 160), np.float32))
 
 
+def _c_quantize(kern, x, imp=None, threads=2):
+    ffi = kern.ffi
+    out = np.empty((x.shape[0], x.shape[1] // 256 * 144), np.uint8)
+    p_imp = ffi.NULL if imp is None else P(kern, np.ascontiguousarray(imp, np.float64), "double *")
+    kern.lib.ifg_quantize_q4_k(P(kern, out, "uint8_t *"), P(kern, x), p_imp, x.shape[0], x.shape[1], threads)
+    return out
+
+
+def _special_rows(K, rng):
+    """Rows that exercise the quantizer's edge cases, a few super-blocks each."""
+    x = np.zeros((9, K), np.float32)                   # row 0: all zeros
+    x[1] = 3.0                                         # constant positive (min 0, flat levels)
+    x[2] = -2.5                                        # constant negative (span 0)
+    x[3] = rng.standard_normal(K)
+    x[3, 17] = 1e4                                     # one huge outlier
+    x[4, K // 2:] = 1.0                                # half zero, half constant
+    x[5, ::2] = -1e-3                                  # tiny, alternating with zeros
+    x[6] = np.where(rng.random(K) < 0.5, 1.0, -1.0)    # two levels
+    x[7] = np.arange(K) % 16                           # exactly representable levels
+    x[8] = rng.standard_normal(K) * 1e-6 + 5.0         # a large offset, small spread
+    return x
+
+
+@pytest.mark.parametrize("K", [256, 512, 2816])
+def test_c_quantizer_is_bytewise_the_numpy_reference(kern, K):
+    rng = np.random.default_rng(K)
+    for N in (1, 7, 37):
+        x = (rng.standard_t(4, (N, K)) * np.exp2(rng.integers(-12, 6, (N, 1)))
+             + 0.3 * rng.standard_normal((N, 1)) * (rng.random((N, 1)) < 0.3)).astype(np.float32)
+        x[rng.random((N, K)) < 0.03] = 0.0
+        for imp in (None, rng.random(K) ** 4 * 100, np.where(rng.random(K) < 0.3, 0.0, 1.0)):
+            want = q4_k.quantize_q4_k_ref(x, imp)
+            np.testing.assert_array_equal(_c_quantize(kern, x, imp), want)
+    x = _special_rows(K, rng)
+    for imp in (None, np.ones(K), rng.random(K)):
+        np.testing.assert_array_equal(_c_quantize(kern, x, imp), q4_k.quantize_q4_k_ref(x, imp))
+
+
+def test_c_quantizer_threads_and_wrapper(kern):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((19, 1024)).astype(np.float32)
+    one = _c_quantize(kern, x, threads=1)
+    np.testing.assert_array_equal(_c_quantize(kern, x, threads=3), one)
+    np.testing.assert_array_equal(q4_k.quantize_q4_k(x), one)          # the active variant
+    imp = rng.random(1024)
+    np.testing.assert_array_equal(q4_k.quantize_q4_k(x, weights=imp, threads=2), q4_k.quantize_q4_k_ref(x, imp))
+
+
 def test_c_dequant_row_is_bitwise_numpy(kern):
     rng = np.random.default_rng(2)
     raw = quant.quantize(rng.standard_normal((3, 768)).astype(np.float32), "q4_k")
