@@ -74,25 +74,28 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
 KXA int32_t kx_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 #if defined(IFG_AVX512)
-#define KXT 4  /* tokens per register tile */
-#define KXG 2  /* groups per register tile (prefill) */
+#define KXT 8  /* tokens per register tile (prefill): the per-group scale work is shared by 8 */
+#define KXG 1  /* groups per register tile (prefill) */
 #define KXG1 4 /* groups per register tile (one token: more independent weight streams) */
-/* 16 rows' scale and min of sub-block s as f32 lanes (row r in lane r). */
-KXA void kx_scales(const uint8_t *gb, int s, __m512 *sc, __m512 *mn) {
-    const __m128i lo = _mm_loadu_si128((const __m128i *)(gb + 64 + 16 * s));
-    __m128i hi = _mm_loadu_si128((const __m128i *)(gb + 192 + 16 * (s / 2)));
-    if (s & 1) hi = _mm_srli_epi16(hi, 4);
-    const __m128i m4 = _mm_set1_epi8(15);
-    const __m128i a = _mm_or_si128(_mm_and_si128(lo, m4), _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(3)), 4));
-    const __m128i b = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lo, 4), m4),
-                                   _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(12)), 2));
-    *sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a));
-    *mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+/* The 6-bit scales and mins of sub-blocks 4h..4h+3 of a group-block, as bytes: sc[16s' + r],
+ * mn[16s' + r] (s' = s - 4h). One pass over 64 + 32 bytes for 64 values each. */
+KXA void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
+    const __m512i lo = _mm512_loadu_si512((const void *)(gb + 64 + 64 * h));
+    const __m512i h2 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(gb + 192 + 32 * h)));
+    /* 128-bit lane s' needs the high bits of pair s'/2, in its high nibbles when s' is odd */
+    const __m512i hi = _mm512_srlv_epi64(_mm512_shuffle_i64x2(h2, h2, _MM_SHUFFLE(1, 1, 0, 0)),
+                                         _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    const __m512i m4 = _mm512_set1_epi8(15);
+    _mm512_store_si512((void *)sc, _mm512_or_si512(_mm512_and_si512(lo, m4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(3)), 4)));
+    _mm512_store_si512((void *)mn, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(12)), 2)));
 }
 
 KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G) {
     __m512 acc[KXT][KXG1];
+    _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
     const int ldq = xt->ldq, ldd = xt->ldd;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
@@ -101,18 +104,25 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
         for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[KXG1];
+        __m512 dv[KXG1], mv[KXG1];
 #pragma GCC unroll 8
-        for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            dv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
+            mv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32)));
+            kx_scales4(gb[g], 0, scb[g], mnb[g]);
+            kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
+        }
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             __m512 ws[KXG1], wm[KXG1];
             __m512i ia[KXT][KXG1];
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
-                __m512 sc, mn;
-                kx_scales(gb[g], s, &sc, &mn);
-                ws[g] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), sc);
-                wm[g] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32))), mn);
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
+                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
+                ws[g] = _mm512_mul_ps(dv[g], sc);
+                wm[g] = _mm512_mul_ps(mv[g], mn);
             }
 #pragma GCC unroll 8
             for (int i = 0; i < TT; i++)
@@ -263,6 +273,12 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
         else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1);               \
     } while (0)
             if (r >= KXT) KX_CASE(KXT);
+#if KXT > 7
+            else if (r == 7) KX_CASE(7);
+            else if (r == 6) KX_CASE(6);
+            else if (r == 5) KX_CASE(5);
+            else if (r == 4) KX_CASE(4);
+#endif
 #if KXT > 3
             else if (r == 3) KX_CASE(3);
 #endif

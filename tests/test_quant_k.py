@@ -306,3 +306,45 @@ def test_c_forward_matches_q4_k_reference(kern, tmp_path, data_dir):
         net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = t, ref.pos - 1, 0, 0
         net.step(kv, 1, 1)
         assert np.abs(net.logits[0] - w[0]).max() / scale < 1e-2
+
+
+def test_c_forward_interleaved_equals_plain_layout(kern, tmp_path, data_dir, monkeypatch):
+    """Every q4_k matrix of the small model has 16k rows: the loaded model runs them all on the
+    q4_kx16 kernels, and the whole forward pass (prefill and a decode step) agrees with the
+    plain-layout kernels (same int8 x, only the f32 summation order differs); the stored
+    tensors keep their GGUF block order."""
+    from infeng.model.llama import LlamaC
+    from infeng.model.loader import Model, load_model
+    from infeng.runtime.kv import KVCache
+    src, out = tmp_path / "f32.infeng", tmp_path / "q.infeng"
+    _small_model(src, data_dir)
+    assert main(["quantize", str(src), "-o", str(out), "--type", "q4_k"]) == 0
+    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
+
+    def logits(model):
+        net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
+        kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)
+        assert kv.ensure(0, 32)
+        T = len(tokens)
+        net.tokens[:T], net.pos[:T], net.seq[:T] = tokens, range(T), [0] * T
+        net.out_rows[:T] = range(T)
+        net.step(kv, T, T)
+        first = net.logits[:T].copy()
+        net.tokens[0], net.pos[0], net.out_rows[0] = 311, T, 0
+        net.step(kv, 1, 1)
+        return net, np.concatenate([first, net.logits[:1].copy()])
+
+    model = load_model(out)
+    stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
+    net, fast = logits(model)
+    L = net.layers[0]
+    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (9,) * 4
+    assert net.m.tok_embeddings.dtype == Q4_K and (L.wq.rows, L.wq.cols) == (256, 256)
+    for n, (d, a) in model.tensors.items():
+        np.testing.assert_array_equal(a, stored[n])
+    monkeypatch.setattr(Model, "kernel_weight", lambda self, name, *args: self.tensors[name])
+    plain_net, plain = logits(load_model(out))
+    assert plain_net.layers[0].wq.dtype == Q4_K
+    # an f32 order difference can flip a later activation's int8 rounding (test_quant_model)
+    err = np.abs(fast - plain).max(-1) / np.abs(plain).max()
+    assert np.all(err < 1e-2) and np.sum(err < 1e-4) >= len(fast) - 2, err
