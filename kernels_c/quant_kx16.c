@@ -167,6 +167,68 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
             _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
         }
 }
+
+/* Decode (one token), G groups: the same products, fewer instructions per 64 bytes of levels:
+ * the high nibbles go to vpdpbusd unshifted (16 × the level: a separate accumulator whose sum
+ * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
+ * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
+KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
+                  int n, int nsb, int add, const int G) {
+    __m512 acc[KXG1];
+    _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[KXG1];
+        __m512 as[KXG1], am[KXG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            kx_scales4(gb[g], 0, scb[g], mnb[g]);
+            kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
+            as[g] = _mm512_setzero_ps();
+            am[g] = _mm512_setzero_ps();
+        }
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            const int8_t *xb = xt->q + 256 * b + 32 * s;
+            __m512i il[KXG1], ih[KXG1];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) il[g] = ih[g] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                const __m512i xl = _mm512_set1_epi32(kx_x4(xb + 8 * v)), xh = _mm512_set1_epi32(kx_x4(xb + 8 * v + 4));
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
+                    il[g] = _mm512_dpbusd_epi32(il[g], _mm512_and_si512(raw, m4), xl);
+                    ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_and_si512(raw, m4h), xh);
+                }
+            }
+            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s]), sx = _mm512_set1_ps(xt->ds[8 * b + s]);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512i dot = _mm512_add_epi32(il[g], _mm512_srai_epi32(ih[g], 4));
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
+                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
+                as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dx), as[g]);
+                am[g] = _mm512_fmadd_ps(mn, sx, am[g]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            acc[g] = _mm512_fmadd_ps(as[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), acc[g]);
+            acc[g] = _mm512_fnmadd_ps(am[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32))), acc[g]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        float *yo = y + (size_t)t * ldy + n + 16 * g;
+        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[g]) : acc[g]);
+    }
+}
+#define KX_TILE1 1
 #else /* AVX2 */
 #define KXT 2
 #define KXG 1
@@ -259,8 +321,13 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
                      int t, int tt, int n0, int n1, int nsb, int add) {
     if (tt == 1) {
         int n = n0;
+#ifdef KX_TILE1
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1);
+        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1);
+#else
         for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1);
         for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1);
+#endif
         return;
     }
     for (int n = n0; n < n1;) {
