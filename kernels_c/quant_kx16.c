@@ -10,8 +10,8 @@
  *  - AVX-512 (VNNI): 8 vpdpbusd (4 loads of 16 rows × 8 k of nibbles, low and high halves
  *    against x's 4 int8 broadcast; levels are unsigned 0..15, as vpdpbusd wants) into a zeroed
  *    int32 vector, one convert, one FMA with d*sc * d_x, one FMA with -(dmin*m) * d_x*sum(q_x);
- *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high (<= 15*127*4
- *    per int16 lane: no saturation) + vpmaddwd with ones;
+ *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high, summed in
+ *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
  * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
  * summation order depends only on T == 1 or not and on K, never on the thread or tile: results
@@ -257,24 +257,27 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
         for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[KXG1];
+        __m256 dv[2 * KXG1], mv[2 * KXG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) { /* d, dmin of the half's 8 rows, once per super-block */
+            dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 32 + 16 * (h % 2))));
+        }
         for (int s = 0; s < 8; s++) {
             __m256 ws[2 * KXG1], wm[2 * KXG1];
-            __m256i ia[KXT][2 * KXG1];
+            __m256i ia[KXT][2 * KXG1], p16[KXT][2 * KXG1];
 #pragma GCC unroll 8
             for (int h = 0; h < H; h++) {
-                const uint8_t *g = gb[h / 2];
                 __m256 sc, mn;
-                kx_scales8(g, s, h % 2, &sc, &mn);
-                ws[h] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16 * (h % 2)))), sc);
-                wm[h] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 32 + 16 * (h % 2)))), mn);
+                kx_scales8(gb[h / 2], s, h % 2, &sc, &mn);
+                ws[h] = _mm256_mul_ps(dv[h], sc);
+                wm[h] = _mm256_mul_ps(mv[h], mn);
             }
-#pragma GCC unroll 8
-            for (int i = 0; i < TT; i++)
-#pragma GCC unroll 8
-                for (int h = 0; h < H; h++) ia[i][h] = _mm256_setzero_si256();
             const int8_t *xb = xt->q + (size_t)i0 * ldq + 256 * b + 32 * s;
+            /* int16 pair sums of the whole sub-block: 8 vpmaddubsw lanes of <= 2*15*127 add up
+             * to <= 30480, no overflow, so one vpmaddwd per sub-block widens them */
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m256i lo[2 * KXG1], hi[2 * KXG1];
@@ -289,11 +292,16 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
                     const __m256i xl = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v));
                     const __m256i xh = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v + 4));
 #pragma GCC unroll 8
-                    for (int h = 0; h < H; h++)
-                        ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(_mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)), ones));
+                    for (int h = 0; h < H; h++) {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
+                        p16[i][h] = v == 0 ? p : _mm256_add_epi16(p16[i][h], p);
+                    }
                 }
             }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) ia[i][h] = _mm256_madd_epi16(p16[i][h], ones);
 #pragma GCC unroll 8
             for (int i = 0; i < TT; i++) {
                 const int xi = (i0 + i) * ldd + 8 * b + s;
