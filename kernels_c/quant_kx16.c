@@ -10,6 +10,8 @@
  *  - AVX-512 (VNNI): 8 vpdpbusd (4 loads of 16 rows × 8 k of nibbles, low and high halves
  *    against x's 4 int8 broadcast; levels are unsigned 0..15, as vpdpbusd wants) into a zeroed
  *    int32 vector, one convert, one FMA with d*sc * d_x, one FMA with -(dmin*m) * d_x*sum(q_x);
+ *    the scale bytes of 4 sub-blocks are unpacked in one 512-bit pass; decode has its own tile
+ *    (kx_tile1) with fewer instructions per weight byte;
  *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high, summed in
  *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
