@@ -444,7 +444,7 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
         int r0, r1;
-        mm_chunk(N, ifg_is_qx16(wtype) ? 16 : MM_ALIGN, c, nc, &r0, &r1); /* x16: whole row groups */
+        mm_chunk(N, ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) ? 16 : MM_ALIGN, c, nc, &r0, &r1); /* x16: whole row groups */
         if (r0 >= r1) continue;
         if (K <= 0) { /* empty sum */
             if (!accumulate)
@@ -452,6 +452,8 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
                     for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] = 0.0f;
         } else if (ifg_is_qx16(wtype)) {
             ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+        } else if (ifg_is_qkx16(wtype)) {
+            ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
         } else if (ifg_is_quant(wtype)) {
             ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
         } else if (ifg_is_quant_k(wtype)) {

@@ -45,9 +45,10 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
  * So one 64-byte load is 16 rows × 4 k (q4_0: two of them), which vpdpbusd with x's 4 int8 of
  * those k broadcast advances at once. */
 // cdef-begin
-/* Repack a GGUF-order q8_0 / q4_0 matrix src (N rows of K/32 blocks, N a multiple of 16) into
- * its interleaved layout dst (the same number of bytes); groups of rows split over threads.
- * The numpy reference is infeng.quant.interleave.interleave. */
+/* Repack a GGUF-order q8_0 / q4_0 / q4_k matrix src (N rows of K/32 or K/256 blocks, N a
+ * multiple of 16) into its interleaved layout dst (the same number of bytes; q4_k's is in
+ * quant_k.h); groups of rows split over threads. The numpy reference is
+ * infeng.quant.interleave.interleave. */
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
 // cdef-end
 static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }

@@ -20,6 +20,7 @@
  * never on the thread or tile that computes it: results are bitwise identical for any thread
  * count. */
 #include "quant.h"
+#include "quant_k.h"
 
 #define XB_T 64                 /* tokens per x tile */
 #define XB_K 1024               /* k per x tile (multiple of 32); T == 1 takes up to XB_T * XB_K */
@@ -298,6 +299,10 @@ void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w,
 }
 
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
+    if (dtype == IFG_Q4_K) {
+        ifg_q4_k_interleave(dst, src, N, K, n_threads);
+        return;
+    }
     const int nb = K / IFG_QK, G = N / 16;
     const size_t sb = dtype == IFG_Q8_0 ? 34 : 18, gb = 16 * sb;
     IFG_PARALLEL(n_threads) {

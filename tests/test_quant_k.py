@@ -103,6 +103,54 @@ def test_bad_shape_refused():
         quant.quantize_q4_k(np.zeros((2, 160), np.float32))
 
 
+def _c_quantize(kern, x, imp=None, threads=2):
+    ffi = kern.ffi
+    out = np.empty((x.shape[0], x.shape[1] // 256 * 144), np.uint8)
+    p_imp = ffi.NULL if imp is None else P(kern, np.ascontiguousarray(imp, np.float64), "double *")
+    kern.lib.ifg_quantize_q4_k(P(kern, out, "uint8_t *"), P(kern, x), p_imp, x.shape[0], x.shape[1], threads)
+    return out
+
+
+def _special_rows(K, rng):
+    """Rows that exercise the quantizer's edge cases, a few super-blocks each."""
+    x = np.zeros((9, K), np.float32)                   # row 0: all zeros
+    x[1] = 3.0                                         # constant positive (min 0, flat levels)
+    x[2] = -2.5                                        # constant negative (span 0)
+    x[3] = rng.standard_normal(K)
+    x[3, 17] = 1e4                                     # one huge outlier
+    x[4, K // 2:] = 1.0                                # half zero, half constant
+    x[5, ::2] = -1e-3                                  # tiny, alternating with zeros
+    x[6] = np.where(rng.random(K) < 0.5, 1.0, -1.0)    # two levels
+    x[7] = np.arange(K) % 16                           # exactly representable levels
+    x[8] = rng.standard_normal(K) * 1e-6 + 5.0         # a large offset, small spread
+    return x
+
+
+@pytest.mark.parametrize("K", [256, 512, 2816])
+def test_c_quantizer_is_bytewise_the_numpy_reference(kern, K):
+    rng = np.random.default_rng(K)
+    for N in (1, 7, 37):
+        x = (rng.standard_t(4, (N, K)) * np.exp2(rng.integers(-12, 6, (N, 1)))
+             + 0.3 * rng.standard_normal((N, 1)) * (rng.random((N, 1)) < 0.3)).astype(np.float32)
+        x[rng.random((N, K)) < 0.03] = 0.0
+        for imp in (None, rng.random(K) ** 4 * 100, np.where(rng.random(K) < 0.3, 0.0, 1.0)):
+            want = q4_k.quantize_q4_k_ref(x, imp)
+            np.testing.assert_array_equal(_c_quantize(kern, x, imp), want)
+    x = _special_rows(K, rng)
+    for imp in (None, np.ones(K), rng.random(K)):
+        np.testing.assert_array_equal(_c_quantize(kern, x, imp), q4_k.quantize_q4_k_ref(x, imp))
+
+
+def test_c_quantizer_threads_and_wrapper(kern):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((19, 1024)).astype(np.float32)
+    one = _c_quantize(kern, x, threads=1)
+    np.testing.assert_array_equal(_c_quantize(kern, x, threads=3), one)
+    np.testing.assert_array_equal(q4_k.quantize_q4_k(x), one)          # the active variant
+    imp = rng.random(1024)
+    np.testing.assert_array_equal(q4_k.quantize_q4_k(x, weights=imp, threads=2), q4_k.quantize_q4_k_ref(x, imp))
+
+
 def test_c_dequant_row_is_bitwise_numpy(kern):
     rng = np.random.default_rng(2)
     raw = quant.quantize(rng.standard_normal((3, 768)).astype(np.float32), "q4_k")
@@ -260,3 +308,45 @@ def test_c_forward_matches_q4_k_reference(kern, tmp_path, data_dir):
         net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = t, ref.pos - 1, 0, 0
         net.step(kv, 1, 1)
         assert np.abs(net.logits[0] - w[0]).max() / scale < 1e-2
+
+
+def test_c_forward_interleaved_equals_plain_layout(kern, tmp_path, data_dir, monkeypatch):
+    """Every q4_k matrix of the small model has 16k rows: the loaded model runs them all on the
+    q4_kx16 kernels, and the whole forward pass (prefill and a decode step) agrees with the
+    plain-layout kernels (same int8 x, only the f32 summation order differs); the stored
+    tensors keep their GGUF block order."""
+    from infeng.model.llama import LlamaC
+    from infeng.model.loader import Model, load_model
+    from infeng.runtime.kv import KVCache
+    src, out = tmp_path / "f32.infeng", tmp_path / "q.infeng"
+    _small_model(src, data_dir)
+    assert main(["quantize", str(src), "-o", str(out), "--type", "q4_k"]) == 0
+    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
+
+    def logits(model):
+        net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
+        kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)
+        assert kv.ensure(0, 32)
+        T = len(tokens)
+        net.tokens[:T], net.pos[:T], net.seq[:T] = tokens, range(T), [0] * T
+        net.out_rows[:T] = range(T)
+        net.step(kv, T, T)
+        first = net.logits[:T].copy()
+        net.tokens[0], net.pos[0], net.out_rows[0] = 311, T, 0
+        net.step(kv, 1, 1)
+        return net, np.concatenate([first, net.logits[:1].copy()])
+
+    model = load_model(out)
+    stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
+    net, fast = logits(model)
+    L = net.layers[0]
+    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (9,) * 4
+    assert net.m.tok_embeddings.dtype == Q4_K and (L.wq.rows, L.wq.cols) == (256, 256)
+    for n, (d, a) in model.tensors.items():
+        np.testing.assert_array_equal(a, stored[n])
+    monkeypatch.setattr(Model, "kernel_weight", lambda self, name, *args: self.tensors[name])
+    plain_net, plain = logits(load_model(out))
+    assert plain_net.layers[0].wq.dtype == Q4_K
+    # an f32 order difference can flip a later activation's int8 rounding (test_quant_model)
+    err = np.abs(fast - plain).max(-1) / np.abs(plain).max()
+    assert np.all(err < 1e-2) and np.sum(err < 1e-4) >= len(fast) - 2, err

@@ -15,7 +15,8 @@ import numpy as np
 from infeng.errors import InfengError
 from infeng.kernels import ptr
 
-CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6}
+CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q4_k": 7,
+          "q4_kx16": 9}
 
 
 @dataclass
@@ -40,13 +41,14 @@ def parse_shape(shape: str) -> tuple[int, int]:
 
 
 def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
-    """A random [n][k] weight in the storage layout of ``dtype`` (q8_0x16 / q4_0x16: the
-    row-interleaved kernel layouts, n a multiple of 16)."""
+    """A random [n][k] weight in the storage layout of ``dtype`` (q8_0x16 / q4_0x16 / q4_kx16:
+    the row-interleaved kernel layouts, n a multiple of 16)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
-    if dtype in ("q8_0", "q4_0", "q8_0x16", "q4_0x16"):
-        if k % 32:
-            raise InfengError(f"{dtype} needs a row width that is a multiple of 32, got {k}")
+    if dtype in ("q8_0", "q4_0", "q4_k", "q8_0x16", "q4_0x16", "q4_kx16"):
+        block = 256 if dtype.startswith("q4_k") else 32
+        if k % block:
+            raise InfengError(f"{dtype} needs a row width that is a multiple of {block}, got {k}")
         from infeng.quant import quantize
         from infeng.quant.interleave import PLAIN, interleave
         if dtype in PLAIN:
@@ -62,7 +64,7 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 
 def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0) -> Case:
     """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM).
-    q8_0 / q4_0 run in the layout a loaded model uses: row-interleaved when n % 16 == 0."""
+    q8_0 / q4_0 / q4_k run in the layout a loaded model uses: row-interleaved when n % 16 == 0."""
     n, k = parse_shape(shape)
     from infeng.quant.interleave import INTERLEAVED, can_interleave
     if can_interleave(dtype, n):

@@ -7,7 +7,7 @@ from infeng import format as native
 from infeng.kernels import ptr
 from infeng.model.loader import MATRICES, Model
 
-CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q4_k": 7, "fp8": 8}
+CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q4_k": 7, "fp8": 8, "q4_kx16": 9}
 
 
 class LlamaC:
@@ -29,7 +29,7 @@ class LlamaC:
         def weight(dst, name, kernel_layout=True):
             dtype, arr = model.tensors[name]
             dst.rows, dst.cols = native.logical_shape(dtype, arr.shape)
-            if kernel_layout:   # q8_0/q4_0 with 16k rows: the interleaved copy the kernels want
+            if kernel_layout:   # q8_0/q4_0/q4_k with 16k rows: the interleaved copy the kernels want
                 dtype, arr = model.kernel_weight(name, kern, threads)
             self._keep.append(arr)
             dst.data = ffi.cast("void *", ffi.from_buffer(arr))

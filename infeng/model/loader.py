@@ -42,8 +42,8 @@ class Model:
         return self.tensors[name]
 
     def kernel_weight(self, name: str, kern=None, threads: int = 0) -> tuple[str, np.ndarray]:
-        """The tensor in the layout the C kernels run fastest on: q8_0 / q4_0 matrices with a
-        multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16``) once per
+        """The tensor in the layout the C kernels run fastest on: q8_0 / q4_0 / q4_k matrices with a
+        multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16`` / ``q4_kx16``) once per
         model; ``tensors`` keeps the stored layout (GGUF export, reference model, checksums).
         A mapped original is read once here, so its pages are then dropped from memory. The
         repack runs in C given the kernel library ``kern``, else in numpy."""

@@ -1,11 +1,13 @@
-"""Row-interleaved copies of q8_0 / q4_0 matrices for the C kernels (dtypes ``q8_0x16`` /
-``q4_0x16``; the byte layout is documented in kernels_c/quant.h).
+"""Row-interleaved copies of q8_0 / q4_0 / q4_k matrices for the C kernels (dtypes ``q8_0x16`` /
+``q4_0x16`` / ``q4_kx16``; the byte layouts are documented in kernels_c/quant.h and quant_k.h).
 
 Files keep the GGUF block order (GGUF import/export is a byte copy); the loader repacks a matrix
 whose row count is a multiple of 16 into these layouts once, when the C model is built. A group
 of 16 rows keeps, per 32-block of k, the 16 fp16 scales then the weights as 64-byte vectors of
 16 rows × 4 consecutive k (q8_0: ``w + 128`` as unsigned bytes; q4_0: the nibbles, low = k
-``8v + j``, high = k ``8v + 4 + j``), so one vpdpbusd against x's 4 int8 broadcast advances 16 rows.
+``8v + j``, high = k ``8v + 4 + j``), so one vpdpbusd against x's 4 int8 broadcast advances 16 rows. q4_k keeps per super-block the
+16 rows' d, dmin and 6-bit sub-block scales and mins (rearranged so that 16 bytes give one
+sub-block's 16 scales), then each sub-block's nibbles as q4_0x16 lays out a block's.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import numpy as np
 from infeng.errors import InfengError
 
 GROUP = 16
-INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16"}
+INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
-_BLOCK = {"q8_0": 34, "q4_0": 18}
+_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144}
+_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256}
+_CODE = {"q8_0": 3, "q4_0": 4, "q4_k": 7}
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
@@ -31,6 +35,8 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
         raise InfengError(f"cannot interleave a {qtype} matrix of stored shape {list(raw.shape)}")
     nb, G = raw.shape[1] // bb, N // GROUP
     b = raw.reshape(G, GROUP, nb, bb)
+    if qtype == "q4_k":
+        return _interleave_q4_k(b).reshape(G, nb * GROUP * bb)
     out = np.empty((G, nb, GROUP * bb), np.uint8)
     out[..., :2 * GROUP] = b[..., :2].transpose(0, 2, 1, 3).reshape(G, nb, 2 * GROUP)
     if qtype == "q8_0":
@@ -45,6 +51,45 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
     return out.reshape(G, nb * GROUP * bb)
 
 
+def _interleave_q4_k(b: np.ndarray) -> np.ndarray:
+    """[G, 16, nb, 144] GGUF blocks → [G, nb, 2304] (layout in kernels_c/quant_k.h)."""
+    from infeng.quant.q4_k import unpack_scales
+    G, _, nb, _ = b.shape
+    out = np.empty((G, nb, GROUP * 144), np.uint8)
+    out[..., 0:32] = b[..., 0:2].transpose(0, 2, 1, 3).reshape(G, nb, 32)
+    out[..., 32:64] = b[..., 2:4].transpose(0, 2, 1, 3).reshape(G, nb, 32)
+    sc, m = unpack_scales(b[..., 4:16])
+    sc, m = sc.transpose(0, 2, 3, 1), m.transpose(0, 2, 3, 1)                   # [G, nb, s, r]
+    out[..., 64:192] = ((sc & 15) | ((m & 15) << 4)).reshape(G, nb, 128)
+    hi = (sc >> 4) | ((m >> 4) << 2)
+    out[..., 192:256] = (hi[:, :, 0::2] | (hi[:, :, 1::2] << 4)).reshape(G, nb, 64)
+    nib = b[..., 16:].reshape(G, GROUP, nb, 4, 1, 32)                            # chunk c: sub-blocks 2c, 2c+1
+    q = np.concatenate([nib & np.uint8(15), nib >> np.uint8(4)], axis=4)       # [G, r, nb, c, h, l]
+    q = q.reshape(G, GROUP, nb, 8, 4, 2, 4).transpose(0, 2, 3, 4, 1, 6, 5)     # [G, nb, s, v, r, j, h]
+    out[..., 256:] = (q[..., 0] | (q[..., 1] << np.uint8(4))).reshape(G, nb, 2048)
+    return out
+
+
+def _deinterleave_q4_k(p: np.ndarray) -> np.ndarray:
+    """[G, nb, 2304] → [G, 16, nb, 144] (inverse of ``_interleave_q4_k``)."""
+    from infeng.quant.q4_k import pack_scales
+    G, nb, _ = p.shape
+    out = np.empty((G, GROUP, nb, 144), np.uint8)
+    out[..., 0:2] = p[..., 0:32].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
+    out[..., 2:4] = p[..., 32:64].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
+    lo = p[..., 64:192].reshape(G, nb, 8, GROUP)
+    hb = p[..., 192:256].reshape(G, nb, 4, 1, GROUP)
+    hi = np.concatenate([hb & np.uint8(15), hb >> np.uint8(4)], axis=3).reshape(G, nb, 8, GROUP)
+    sc = (lo & np.uint8(15)) | ((hi & np.uint8(3)) << np.uint8(4))
+    m = (lo >> np.uint8(4)) | ((hi & np.uint8(12)) << np.uint8(2))
+    out[..., 4:16] = pack_scales(sc.transpose(0, 3, 1, 2), m.transpose(0, 3, 1, 2))
+    by = p[..., 256:].reshape(G, nb, 8, 4, GROUP, 4)                            # [G, nb, s, v, r, j]
+    q = np.stack([by & np.uint8(15), by >> np.uint8(4)], axis=-2)              # [G, nb, s, v, r, h, j]
+    q = q.transpose(0, 4, 1, 2, 3, 5, 6).reshape(G, GROUP, nb, 4, 2, 32)         # [G, r, nb, c, h, l]
+    out[..., 16:] = (q[..., 0, :] | (q[..., 1, :] << np.uint8(4))).reshape(G, GROUP, nb, 128)
+    return out
+
+
 def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndarray:
     """``interleave`` done by the C library (ifg_quant_interleave, threads over row groups): the
     loader's path, ~10x faster than the numpy reference on a 1B model."""
@@ -55,7 +100,7 @@ def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndar
     out = np.empty((N // GROUP, raw.shape[1] * GROUP), np.uint8)
     ffi = kern.ffi
     kern.lib.ifg_quant_interleave(ffi.cast("void *", ffi.from_buffer(out)), ffi.cast("void *", ffi.from_buffer(src)),
-                                  {"q8_0": 3, "q4_0": 4}[qtype], N, raw.shape[1] // bb * 32, threads)
+                                  _CODE[qtype], N, raw.shape[1] // bb * _ELEMS[qtype], threads)
     return out
 
 
@@ -65,6 +110,8 @@ def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
     G = packed.shape[0]
     nb = packed.shape[1] // (GROUP * bb)
     p = packed.reshape(G, nb, GROUP * bb)
+    if qtype == "q4_k":
+        return _deinterleave_q4_k(p).reshape(G * GROUP, nb * bb)
     out = np.empty((G, GROUP, nb, bb), np.uint8)
     out[..., :2] = p[..., :2 * GROUP].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
     if qtype == "q8_0":

@@ -27,6 +27,9 @@ elements count more, as ggml does) or, when the caller gives per-column importan
 (``weights``, e.g. from calibration: mean x² per input column), ``importance * sqrt(var + x²)``.
 The 8 scales and 8 mins of a super-block are then quantized to 6 bits against their maxima and
 the levels are recomputed with the quantized values.
+
+``quantize_q4_k`` runs this in the C library (kernels_c/quantize_k.c, ~6x faster than numpy on
+one core, and threaded); ``quantize_q4_k_ref`` is the numpy reference it matches byte for byte.
 """
 from __future__ import annotations
 
@@ -94,16 +97,36 @@ def _fit_weights(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     return importance * np.sqrt(var + x * x)
 
 
-def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def _importance(weights, K: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    imp = np.ascontiguousarray(np.asarray(weights, dtype=np.float64).reshape(-1))
+    if imp.shape[0] != K or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+        raise InfengError(f"q4_k importance weights: need {K} finite non-negative values, got shape {list(np.shape(weights))}")
+    return imp
+
+
+def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
     """f32 [N][K] → uint8 [N][K/256*144] (GGUF Q4_K blocks). ``weights``: optional per-column
-    importances [K] (non-negative; e.g. calibration's mean x² per input column)."""
+    importances [K] (non-negative; e.g. calibration's mean x² per input column). Runs in the C
+    library (ifg_quantize_q4_k, ``threads`` = 0: all), byte for byte ``quantize_q4_k_ref``."""
+    from infeng import kernels
     x = _check(x)
     N, K = x.shape
-    imp = None
-    if weights is not None:
-        imp = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if imp.shape[0] != K or not np.all(np.isfinite(imp)) or np.any(imp < 0):
-            raise InfengError(f"q4_k importance weights: need {K} finite non-negative values, got shape {list(np.shape(weights))}")
+    imp = _importance(weights, K)
+    out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)
+    kern = kernels.active()
+    ffi = kern.ffi
+    kern.lib.ifg_quantize_q4_k(ffi.cast("uint8_t *", ffi.from_buffer(out)), ffi.cast("float *", ffi.from_buffer(x)),
+                               ffi.NULL if imp is None else ffi.cast("double *", ffi.from_buffer(imp)), N, K, threads)
+    return out
+
+
+def quantize_q4_k_ref(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The numpy reference of ``quantize_q4_k`` (the algorithm in the module docstring)."""
+    x = _check(x)
+    N, K = x.shape
+    imp = _importance(weights, K)
     nsb = K // QK_K
     out = np.empty((N, nsb, BLOCK_BYTES), np.uint8)
     rows = max(1, CHUNK_ROWS_WEIGHTS // K)

@@ -1,0 +1,433 @@
+/* quant_kx16.c — y (=|+=) x · Wᵀ for q4_k weights in the 16-row interleaved layout
+ * (IFG_Q4_KX16, layout in quant_k.h), and the repack into it from GGUF order.
+ *
+ * The same scheme as quant_x16.c (q4_0x16), with q4_k's two-level scales: x is quantized per
+ * token and 32-block (ifg_quantize_x, as for every int8 kernel) into a stack tile of KX_T tokens
+ * × KX_K k (decode, T == 1: the whole row, one pass over W). Per 16-row group and super-block,
+ * one 64-byte load gives the 16 rows' d and dmin; per sub-block s, 16 + 16 bytes give the 16
+ * rows' 6-bit scales and mins, turned into two 16-lane f32 vectors d*sc and dmin*m once for all
+ * tokens of the tile. Then per token and sub-block:
+ *  - AVX-512 (VNNI): 8 vpdpbusd (4 loads of 16 rows × 8 k of nibbles, low and high halves
+ *    against x's 4 int8 broadcast; levels are unsigned 0..15, as vpdpbusd wants) into a zeroed
+ *    int32 vector, one convert, one FMA with d*sc * d_x, one FMA with -(dmin*m) * d_x*sum(q_x);
+ *    the scale bytes of 4 sub-blocks are unpacked in one 512-bit pass; decode has its own tile
+ *    (kx_tile1) with fewer instructions per weight byte;
+ *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high, summed in
+ *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
+ *  - scalar: plain loops over the same layout.
+ * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
+ * summation order depends only on T == 1 or not and on K, never on the thread or tile: results
+ * are bitwise identical for any thread count. */
+#include "quant.h"
+#include "quant_k.h"
+
+#define KX_T 64   /* tokens per x tile */
+#define KX_K 1024 /* k per x tile (multiple of 256); T == 1 takes up to KX_T * KX_K */
+#define KX_Q (KX_T * KX_K)
+#define KX_NB (KX_Q / IFG_QK)
+#define KX_GB (16 * IFG_Q4_K_BLOCK) /* one group-block: 16 rows × one super-block, 2304 bytes */
+
+/* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its 32-block b's scale at
+ * d[i*ldd + b] and d * (sum of the block's q) at ds[i*ldd + b]. */
+struct kxtile {
+    _Alignas(64) int8_t q[KX_Q];
+    float d[KX_NB], ds[KX_NB];
+    int32_t s[KX_NB];
+    int ldq, ldd;
+};
+
+#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+/* ---- scalar reference ---- */
+static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                     int t, int tt, int n0, int n1, int nsb, int add) {
+    for (int n = n0; n < n1; n++) {
+        const int r = n % 16;
+        const uint8_t *wg = w + (size_t)(n / 16) * gstride;
+        for (int i = 0; i < tt; i++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nsb; b++) {
+                const uint8_t *gb = wg + (size_t)b * KX_GB;
+                uint16_t h;
+                memcpy(&h, gb + 2 * r, 2);
+                const float d = ifg_f16_to_f32(h);
+                memcpy(&h, gb + 32 + 2 * r, 2);
+                const float dmin = ifg_f16_to_f32(h);
+                for (int s = 0; s < 8; s++) {
+                    const int lo = gb[64 + 16 * s + r], hi = gb[192 + 16 * (s / 2) + r] >> (4 * (s & 1));
+                    const int sc = (lo & 15) | (hi & 3) << 4, m = lo >> 4 | (hi & 12) << 2;
+                    const int8_t *xq = xt->q + (size_t)i * xt->ldq + 256 * b + 32 * s;
+                    const uint8_t *qs = gb + 256 + 256 * s;
+                    int32_t dot = 0;
+                    for (int k = 0; k < 32; k++) {
+                        const uint8_t by = qs[64 * (k / 8) + 4 * r + k % 4];
+                        dot += (int32_t)(k % 8 < 4 ? by & 15 : by >> 4) * xq[k];
+                    }
+                    const int xb = i * xt->ldd + 8 * b + s;
+                    acc += (float)dot * ((d * (float)sc) * xt->d[xb]) - (dmin * (float)m) * xt->ds[xb];
+                }
+            }
+            float *yo = y + (size_t)(t + i) * ldy + n;
+            *yo = add ? *yo + acc : acc;
+        }
+    }
+}
+#else
+#define KXA static inline __attribute__((always_inline))
+KXA int32_t kx_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+#if defined(IFG_AVX512)
+#define KXT 8  /* tokens per register tile (prefill): the per-group scale work is shared by 8 */
+#define KXG 1  /* groups per register tile (prefill) */
+#define KXG1 4 /* groups per register tile (one token: more independent weight streams) */
+/* The 6-bit scales and mins of sub-blocks 4h..4h+3 of a group-block, as bytes: sc[16s' + r],
+ * mn[16s' + r] (s' = s - 4h). One pass over 64 + 32 bytes for 64 values each. */
+KXA void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
+    const __m512i lo = _mm512_loadu_si512((const void *)(gb + 64 + 64 * h));
+    const __m512i h2 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(gb + 192 + 32 * h)));
+    /* 128-bit lane s' needs the high bits of pair s'/2, in its high nibbles when s' is odd */
+    const __m512i hi = _mm512_srlv_epi64(_mm512_shuffle_i64x2(h2, h2, _MM_SHUFFLE(1, 1, 0, 0)),
+                                         _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    const __m512i m4 = _mm512_set1_epi8(15);
+    _mm512_store_si512((void *)sc, _mm512_or_si512(_mm512_and_si512(lo, m4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(3)), 4)));
+    _mm512_store_si512((void *)mn, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(12)), 2)));
+}
+
+KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G) {
+    __m512 acc[KXT][KXG1];
+    _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
+    const int ldq = xt->ldq, ldd = xt->ldd;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[KXG1];
+        __m512 dv[KXG1], mv[KXG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            dv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
+            mv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32)));
+            kx_scales4(gb[g], 0, scb[g], mnb[g]);
+            kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
+        }
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            __m512 ws[KXG1], wm[KXG1];
+            __m512i ia[KXT][KXG1];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
+                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
+                ws[g] = _mm512_mul_ps(dv[g], sc);
+                wm[g] = _mm512_mul_ps(mv[g], mn);
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) ia[i][g] = _mm512_setzero_si512();
+            const int8_t *xb = xt->q + (size_t)i0 * ldq + 256 * b + 32 * s;
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                __m512i lo[KXG1], hi[KXG1];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
+                    lo[g] = _mm512_and_si512(raw, m4);
+                    hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m512i xl = _mm512_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m512i xh = _mm512_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++)
+                        ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
+                }
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const int xi = (i0 + i) * ldd + 8 * b + s;
+                const __m512 dx = _mm512_set1_ps(xt->d[xi]), sx = _mm512_set1_ps(xt->ds[xi]);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(ws[g], dx), acc[i][g]);
+                    acc[i][g] = _mm512_fnmadd_ps(wm[g], sx, acc[i][g]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;
+            _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
+        }
+}
+
+/* Decode (one token), G groups: the same products, fewer instructions per 64 bytes of levels:
+ * the high nibbles go to vpdpbusd unshifted (16 × the level: a separate accumulator whose sum
+ * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
+ * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
+KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
+                  int n, int nsb, int add, const int G) {
+    __m512 acc[KXG1];
+    _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[KXG1];
+        __m512 as[KXG1], am[KXG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            kx_scales4(gb[g], 0, scb[g], mnb[g]);
+            kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
+            as[g] = _mm512_setzero_ps();
+            am[g] = _mm512_setzero_ps();
+        }
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            const int8_t *xb = xt->q + 256 * b + 32 * s;
+            __m512i il[KXG1], ih[KXG1];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) il[g] = ih[g] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                const __m512i xl = _mm512_set1_epi32(kx_x4(xb + 8 * v)), xh = _mm512_set1_epi32(kx_x4(xb + 8 * v + 4));
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
+                    il[g] = _mm512_dpbusd_epi32(il[g], _mm512_and_si512(raw, m4), xl);
+                    ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_and_si512(raw, m4h), xh);
+                }
+            }
+            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s]), sx = _mm512_set1_ps(xt->ds[8 * b + s]);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512i dot = _mm512_add_epi32(il[g], _mm512_srai_epi32(ih[g], 4));
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
+                const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
+                as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dx), as[g]);
+                am[g] = _mm512_fmadd_ps(mn, sx, am[g]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            acc[g] = _mm512_fmadd_ps(as[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), acc[g]);
+            acc[g] = _mm512_fnmadd_ps(am[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32))), acc[g]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        float *yo = y + (size_t)t * ldy + n + 16 * g;
+        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[g]) : acc[g]);
+    }
+}
+#define KX_TILE1 1
+#else /* AVX2 */
+#define KXT 2
+#define KXG 1
+#define KXG1 2
+/* 8 rows' (half h of the group) scale and min of sub-block s as f32 lanes: 64-bit SWAR. */
+KXA void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
+    uint64_t lo, hi;
+    memcpy(&lo, gb + 64 + 16 * s + 8 * h, 8);
+    memcpy(&hi, gb + 192 + 16 * (s / 2) + 8 * h, 8);
+    hi >>= 4 * (s & 1);
+    const uint64_t b4 = 0x0f0f0f0f0f0f0f0full;
+    const uint64_t a = (lo & b4) | (hi & 0x0303030303030303ull) << 4;
+    const uint64_t m = (lo >> 4 & b4) | (hi & 0x0c0c0c0c0c0c0c0cull) << 2;
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)a)));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
+}
+
+KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G) {
+    __m256 acc[KXT][2 * KXG1]; /* [token][8-row half] */
+    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[KXG1];
+        __m256 dv[2 * KXG1], mv[2 * KXG1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) { /* d, dmin of the half's 8 rows, once per super-block */
+            dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 32 + 16 * (h % 2))));
+        }
+        for (int s = 0; s < 8; s++) {
+            __m256 ws[2 * KXG1], wm[2 * KXG1];
+            __m256i ia[KXT][2 * KXG1], p16[KXT][2 * KXG1];
+#pragma GCC unroll 8
+            for (int h = 0; h < H; h++) {
+                __m256 sc, mn;
+                kx_scales8(gb[h / 2], s, h % 2, &sc, &mn);
+                ws[h] = _mm256_mul_ps(dv[h], sc);
+                wm[h] = _mm256_mul_ps(mv[h], mn);
+            }
+            const int8_t *xb = xt->q + (size_t)i0 * ldq + 256 * b + 32 * s;
+            /* int16 pair sums of the whole sub-block: 8 vpmaddubsw lanes of <= 2*15*127 add up
+             * to <= 30480, no overflow, so one vpmaddwd per sub-block widens them */
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                __m256i lo[2 * KXG1], hi[2 * KXG1];
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(gb[h / 2] + 256 + 256 * s + 64 * v + 32 * (h % 2)));
+                    lo[h] = _mm256_and_si256(raw, m4);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m256i xl = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m256i xh = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++) {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
+                        p16[i][h] = v == 0 ? p : _mm256_add_epi16(p16[i][h], p);
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) ia[i][h] = _mm256_madd_epi16(p16[i][h], ones);
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const int xi = (i0 + i) * ldd + 8 * b + s;
+                const __m256 dx = _mm256_set1_ps(xt->d[xi]), sx = _mm256_set1_ps(xt->ds[xi]);
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(ws[h], dx), acc[i][h]);
+                    acc[i][h] = _mm256_fnmadd_ps(wm[h], sx, acc[i][h]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) {
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
+            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+        }
+}
+#endif
+
+/* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile. */
+static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                     int t, int tt, int n0, int n1, int nsb, int add) {
+    if (tt == 1) {
+        int n = n0;
+#ifdef KX_TILE1
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1);
+        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1);
+#else
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1);
+        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1);
+#endif
+        return;
+    }
+    for (int n = n0; n < n1;) {
+        const int G = n + 16 * KXG <= n1 ? KXG : 1;
+        for (int i0 = 0; i0 < tt; i0 += KXT) {
+            const int r = tt - i0;
+#define KX_CASE(TTC)                                                                    \
+    do {                                                                                \
+        if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG);    \
+        else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1);               \
+    } while (0)
+            if (r >= KXT) KX_CASE(KXT);
+#if KXT > 7
+            else if (r == 7) KX_CASE(7);
+            else if (r == 6) KX_CASE(6);
+            else if (r == 5) KX_CASE(5);
+            else if (r == 4) KX_CASE(4);
+#endif
+#if KXT > 3
+            else if (r == 3) KX_CASE(3);
+#endif
+#if KXT > 2
+            else if (r == 2) KX_CASE(2);
+#endif
+            else KX_CASE(1);
+#undef KX_CASE
+        }
+        n += 16 * G;
+    }
+}
+#endif
+
+void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                        int K, int accumulate) {
+    struct kxtile xt;
+    const size_t gstride = (size_t)(K / IFG_QK_K) * KX_GB;
+    /* decode: the whole row in one tile when it fits (one pass over W, no partial sums) */
+    const int kw = T == 1 && K <= KX_Q ? K : KX_K, tb = T == 1 ? 1 : KX_T;
+    xt.ldq = kw;
+    xt.ldd = kw / IFG_QK;
+    for (int t = 0; t < T; t += tb) {
+        const int tt = T - t < tb ? T - t : tb;
+        for (int k0 = 0; k0 < K; k0 += kw) {
+            const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0;
+            ifg_quantize_x(xt.q, xt.d, xt.s, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
+            for (int i = 0; i < tt; i++)
+                for (int b = 0; b < (k1 - k0) / IFG_QK; b++) xt.ds[i * xt.ldd + b] = xt.d[i * xt.ldd + b] * (float)xt.s[i * xt.ldd + b];
+            kx_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK_K) * KX_GB, gstride,
+                     t, tt, r0, r1, (k1 - k0) / IFG_QK_K, add);
+        }
+    }
+}
+
+/* GGUF-order q4_k (N rows of K/256 blocks) → IFG_Q4_KX16; groups of rows split over threads. */
+void ifg_q4_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
+    const int nsb = K / IFG_QK_K, G = N / 16;
+    IFG_PARALLEL(n_threads) {
+        IFG_FOR
+        for (int g = 0; g < G; g++) {
+            for (int r = 0; r < 16; r++) { /* one source row at a time: sequential reads */
+                const uint8_t *row = (const uint8_t *)src + ((size_t)g * 16 + r) * nsb * IFG_Q4_K_BLOCK;
+                for (int b = 0; b < nsb; b++) {
+                    const uint8_t *s = row + (size_t)b * IFG_Q4_K_BLOCK;
+                    uint8_t *o = (uint8_t *)dst + ((size_t)g * nsb + b) * KX_GB;
+                    memcpy(o + 2 * r, s, 2);
+                    memcpy(o + 32 + 2 * r, s + 2, 2);
+                    uint8_t sc[8], m[8];
+                    for (int j = 0; j < 4; j++) {
+                        sc[j] = s[4 + j] & 63;
+                        m[j] = s[8 + j] & 63;
+                        sc[j + 4] = (uint8_t)((s[12 + j] & 15) | (s[4 + j] >> 6) << 4);
+                        m[j + 4] = (uint8_t)((s[12 + j] >> 4) | (s[8 + j] >> 6) << 4);
+                    }
+                    for (int p = 0; p < 4; p++)
+                        o[192 + 16 * p + r] = (uint8_t)((sc[2 * p] >> 4 | (m[2 * p] >> 4) << 2)
+                                                        | (sc[2 * p + 1] >> 4 | (m[2 * p + 1] >> 4) << 2) << 4);
+                    for (int sb = 0; sb < 8; sb++) {
+                        o[64 + 16 * sb + r] = (uint8_t)((sc[sb] & 15) | (m[sb] & 15) << 4);
+                        const uint8_t *q = s + 16 + 32 * (sb / 2); /* sub-block sb: nibble sb % 2 */
+                        for (int v = 0; v < 4; v++) {
+                            uint32_t a, a4, u; /* elements 8v..8v+3 and 8v+4..8v+7 of the sub-block */
+                            memcpy(&a, q + 8 * v, 4);
+                            memcpy(&a4, q + 8 * v + 4, 4);
+                            u = sb % 2 == 0 ? (a & 0x0F0F0F0Fu) | (a4 & 0x0F0F0F0Fu) << 4
+                                            : (a >> 4 & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
+                            memcpy(o + 256 + 256 * sb + 64 * v + 4 * r, &u, 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
