@@ -231,6 +231,15 @@ static inline int attn_rows(const float *kc, const float *vc, const int32_t *bt,
     return nt;
 }
 
+/* Ask for the next tile's K and V rows (hd floats each) to be brought into cache. */
+static inline void attn_prefetch(const float *const *k, const float *const *v, int n, int hd) {
+    for (int j = 0; j < n; j++)
+        for (int d = 0; d < hd; d += 16) {
+            __builtin_prefetch(k[j] + d, 0, 3);
+            __builtin_prefetch(v[j] + d, 0, 3);
+        }
+}
+
 /* One (token, kv head) item for G (<= ATTN_GMAX) query heads stored contiguously at q / out;
  * kc / vc already point at this kv head's slice of row 0 of block 0; rs is the cache row stride. */
 static void attn_group(float *out, const float *q, const float *kc, const float *vc, const int32_t *bt,
@@ -244,9 +253,17 @@ static void attn_group(float *out, const float *q, const float *kc, const float 
         l[g] = 0.0f;
         memset(acc[g], 0, (size_t)hd * sizeof(float));
     }
+    const float *nkr[ATTN_TILE], *nvr[ATTN_TILE];
     int bi = 0, br = 0; /* block index and row of the next position */
+    int nn = attn_rows(kc, vc, bt, bs, rs, npos, &bi, &br, nkr, nvr);
     for (int p0 = 0; p0 < npos; p0 += ATTN_TILE) {
-        int nt = attn_rows(kc, vc, bt, bs, rs, npos - p0, &bi, &br, kr, vr);
+        /* this tile's rows were resolved (and prefetched) during the previous tile: a kv head's
+         * rows sit one cache row (all heads) apart, too sparse for the hardware prefetcher */
+        int nt = nn;
+        memcpy(kr, nkr, sizeof(kr));
+        memcpy(vr, nvr, sizeof(vr));
+        nn = p0 + ATTN_TILE < npos ? attn_rows(kc, vc, bt, bs, rs, npos - p0 - ATTN_TILE, &bi, &br, nkr, nvr) : 0;
+        attn_prefetch(nkr, nvr, nn, hd);
         int nt4 = (nt + 3) & ~3;
         for (int j = nt; j < nt4; j++) kr[j] = kr[nt - 1]; /* padding rows for the 4-row kernel */
         for (int g = 0; g < G; g++) {
