@@ -4,6 +4,7 @@ run by the C forward pass (prefill GEMM, decode GEMV, the q5_0 embedding lookup)
 numpy reference with int8 activations; and native → GGUF → native keeps the q5_0 bytes.
 The byte layout and the kernels alone: tests/test_quant.py."""
 import numpy as np
+import pytest
 
 from infeng import format as native
 from infeng.cli.main import main
@@ -85,3 +86,22 @@ def test_gguf_round_trip_keeps_q5_0_bytes(tmp_path, data_dir):
     for name in a.dtypes:
         assert b.dtypes[name] == a.dtypes[name], name
         np.testing.assert_array_equal(np.asarray(b.tensors[name]), np.asarray(a.tensors[name]), err_msg=name)
+
+
+def test_quantizer_bytes_equal_llama_cpp_q5_0(tmp_path, data_dir):
+    """Our numpy quantizer and llama.cpp's own (llama_model_quantize to Q5_0) give the same
+    bytes for every q5_0 matrix of stories260K (read back through the GGUF reader, which
+    copies Q5_0 blocks and undoes the Q/K row permutation)."""
+    pytest.importorskip("llama_cpp")
+    from infeng.bench.llamacpp_kld import quantize_gguf
+    from infeng.converters import gguf_read, gguf_write
+    from infeng.model.loader import load_model
+    f32, ours = tmp_path / "f32.infeng", tmp_path / "q5.infeng"
+    assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(f32), "--dtype", "f32"]) == 0
+    assert main(["quantize", str(f32), "-o", str(ours), "--type", "q5_0"]) == 0
+    theirs, _ = gguf_read.read_model(quantize_gguf(gguf_write.write_gguf(load_model(f32), tmp_path / "f32.gguf"), "Q5_0", 1))
+    mats = [(n, a) for n, (d, a) in load_model(ours).tensors.items() if d == "q5_0"]
+    assert len(mats) == 30
+    for name, a in mats:
+        dt, b = theirs.tensors[name]
+        assert dt == "q5_0" and np.array_equal(a, b), name

@@ -15,7 +15,7 @@ import numpy as np
 from infeng.errors import InfengError
 from infeng.kernels import ptr
 
-CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6}
+CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q5_0": 9}
 
 
 @dataclass
@@ -44,7 +44,7 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     row-interleaved kernel layouts, n a multiple of 16)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
-    if dtype in ("q8_0", "q4_0", "q8_0x16", "q4_0x16"):
+    if dtype in ("q8_0", "q4_0", "q5_0", "q8_0x16", "q4_0x16"):
         if k % 32:
             raise InfengError(f"{dtype} needs a row width that is a multiple of 32, got {k}")
         from infeng.quant import quantize

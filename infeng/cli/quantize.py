@@ -22,7 +22,7 @@ def quantize(
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: calibrated rounding (GPTQ) or scaling (AWQ)"),
-    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q8_0), else awq]"),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q5_0, q8_0), else awq]"),
 ):
     """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q5_0 / q4_k blocks, or fp8 E4M3)."""
     run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
