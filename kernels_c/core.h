@@ -23,12 +23,14 @@
 
 // cdef-begin
 /* Element types of weight tensors (activations are always f32). */
-/* IFG_Q8_0 / IFG_Q4_0: GGUF-compatible 32-blocks (34 / 18 bytes), matmul weights only (quant.h). */
+/* IFG_Q8_0 / IFG_Q4_0 / IFG_Q5_0: GGUF-compatible 32-blocks (34 / 18 / 22 bytes), matmul
+ * weights and embedding tables (quant.h). */
 /* IFG_Q8_0X16 / IFG_Q4_0X16: the same blocks repacked 16 rows at a time for the kernels (quant.h). */
 /* IFG_Q4_K / IFG_FP8: GGUF Q4_K 256-super-blocks (144 bytes), E4M3 32-blocks with a bf16 scale
  * (34 bytes), matmul weights only (quant_k.h). IFG_Q4_KX16: q4_k repacked 16 rows at a time (quant_k.h). */
 enum ifg_dtype { IFG_F32 = 0, IFG_BF16 = 1, IFG_F16 = 2, IFG_Q8_0 = 3, IFG_Q4_0 = 4,
-                 IFG_Q8_0X16 = 5, IFG_Q4_0X16 = 6, IFG_Q4_K = 7, IFG_FP8 = 8, IFG_Q4_KX16 = 9 };
+                 IFG_Q8_0X16 = 5, IFG_Q4_0X16 = 6, IFG_Q4_K = 7, IFG_FP8 = 8, IFG_Q4_KX16 = 9,
+                 IFG_Q5_0 = 10 };
 
 /* Which variant this library is: "scalar", "avx2" or "avx512". */
 const char *ifg_isa(void);

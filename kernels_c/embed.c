@@ -40,7 +40,7 @@ void ifg_embed_part(float *out, const void *table, int dtype, const int32_t *tok
     for (int t = 0; t < T; t++) {
         float *o = out + (size_t)t * dim;
         size_t row = (size_t)tokens[t] * (size_t)dim;
-        if (ifg_is_quant(dtype)) { /* q8_0 / q4_0 table: dim is a multiple of 32 */
+        if (ifg_is_quant(dtype)) { /* q8_0 / q4_0 / q5_0 table: dim is a multiple of 32 */
             ifg_dequant_row(o, (const uint8_t *)table + (size_t)tokens[t] * ifg_quant_row_bytes(dtype, dim), dtype, dim);
             continue;
         }

@@ -9,7 +9,7 @@
 // cdef-begin
 /* y[t*ldy + n] (= or +=) sum_k x[t*ldx + k] * W[n*K + k], for t < T, n < N.
  * W is row-major [N][K] of dtype wtype (IFG_F32, IFG_BF16, IFG_F16); x and y are f32.
- * IFG_Q8_0 / IFG_Q4_0 weights (K a multiple of 32) go to the integer kernels of quant.h.
+ * IFG_Q8_0 / IFG_Q4_0 / IFG_Q5_0 weights (K a multiple of 32) go to the integer kernels of quant.h.
  * accumulate != 0 adds into y (used for residual connections). T == 1 is the decode GEMV,
  * T > 1 the prefill GEMM (cache-blocked). Compute is f32 (f32 accumulation). */
 void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,

@@ -1,4 +1,4 @@
-/* quant.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 weights: x quantized to int8 per 32-block, integer
+/* quant.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 / q5_0 weights: x quantized to int8 per 32-block, integer
  * block dot products, one f32 multiply-add per block with d_w * d_x.
  *
  * Work of one thread (rows [r0, r1)): tokens in blocks of QX_TB; for each k-chunk of QX_KB the
@@ -13,13 +13,16 @@
  *  - AVX2: vpmaddubsw(|w|, sign(x, w)) then vpmaddwd with ones (|w| <= 128, |x| <= 127: the
  *    int16 pair sums stay below 32767, no saturation);
  *  - AVX-512 build (has AVX512-VNNI): vpdpbusd on 256-bit vectors with the weights made
- *    unsigned (q8_0: w + 128; q4_0: the raw nibbles, w + 8) and the offset taken out through
+ *    unsigned (q8_0: w + 128; q4_0: the raw nibbles, w + 8; q5_0: the 5-bit levels, w + 16) and
+ *    the offset taken out through
  *    the accumulator's start value, -off * sum(x_q) (x's block sums come with its
  *    quantization): per token × row × block one vpdpbusd, one convert, one vpermps (the
  *    row's scale from a 4-row vector of fp16 scales converted at once) and one FMA. Against
  *    the |w| / sign(x, w) form it replaced: q8_0 GEMV ~15% and q4_0 ~40% less time (A/B on a
  *    loaded 2-core machine, ratios to bf16 in the same process, three rounds).
- * q4_0 nibbles are unpacked with low nibbles → elements 0..15, high → 16..31.
+ * q4_0 nibbles are unpacked with low nibbles → elements 0..15, high → 16..31; q5_0 the same,
+ * with bit j of qh spread to bit 4 of byte j (AVX2: qh broadcast, byte-shuffled so byte j holds
+ * qh's byte j/8, tested against the bit j%8; AVX-512: a masked move with qh as the mask).
  *
  * Each output's summation order depends only on K (chunk, block and lane order are fixed), so
  * results are bitwise identical for any thread count. */
@@ -53,7 +56,10 @@ static void qx_quantize(int8_t *q, float *d, int32_t *s, const float *x, int ldx
     ifg_quantize_x(q, d, s, x, ldx, t, tt, k0, k1, QX_KB, QX_NBK);
 }
 
-static inline size_t q_block_bytes(int wtype) { return wtype == IFG_Q8_0 ? 34 : 18; }
+static inline size_t q_block_bytes(int wtype) { return ifg_quant_block_bytes(wtype); }
+/* Offset of the nibbles in a q4_0 / q5_0 block (q5_0: after d and the 4 bytes of qh). */
+static inline size_t q_nib_off(int wtype) { return wtype == IFG_Q5_0 ? 6 : 2; }
+static inline uint32_t q5_qh(const uint8_t *blk) { uint32_t h; memcpy(&h, blk + 2, 4); return h; }
 static inline float q_scale(const uint8_t *blk) {
     uint16_t h; memcpy(&h, blk, 2); return ifg_f16_to_f32(h);
 }
@@ -65,6 +71,13 @@ static inline int32_t q_dot_block(const uint8_t *blk, int wtype, const int8_t *x
     if (wtype == IFG_Q8_0) {
         const int8_t *qw = (const int8_t *)(blk + 2);
         for (int j = 0; j < IFG_QK; j++) s += (int32_t)qw[j] * xq[j];
+    } else if (wtype == IFG_Q5_0) {
+        const uint8_t *nb = blk + 6;
+        const uint32_t qh = q5_qh(blk);
+        for (int j = 0; j < 16; j++) {
+            s += ((int32_t)((nb[j] & 0x0F) | ((qh >> j) & 1) << 4) - 16) * xq[j];
+            s += ((int32_t)((nb[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16) * xq[j + 16];
+        }
     } else {
         const uint8_t *nb = blk + 2;
         for (int j = 0; j < 16; j++) {
@@ -103,13 +116,29 @@ static void qx_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 #define QX_NT 2
 #endif
 
+/* q5_0's qh as 32 bytes: byte j = 0x10 where bit j is set. */
+QA __m256i q5_high_bits(const uint8_t *blk) {
+    const uint32_t qh = q5_qh(blk);
+#if defined(IFG_AVX512)
+    return _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+#else
+    const __m256i by = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                           _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL); /* byte j: 1 << j%8 */
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(by, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+}
+/* The unsigned levels of a q4_0 (0..15) or q5_0 (0..31) block, element order. */
+QA __m256i q_levels(const uint8_t *blk, int wtype) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + q_nib_off(wtype)));
+    const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    return wtype == IFG_Q5_0 ? _mm256_or_si256(v, q5_high_bits(blk)) : v;
+}
 /* One weight block as 32 signed int8. */
 QA __m256i q_load_w(const uint8_t *blk, int wtype) {
     if (wtype == IFG_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
-    __m256i v = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
+    return _mm256_sub_epi8(q_levels(blk, wtype), _mm256_set1_epi8(wtype == IFG_Q5_0 ? 16 : 8));
 }
 QA float q_scale_v(const uint8_t *blk) {
     uint16_t h; memcpy(&h, blk, 2); return _cvtsh_ss(h);
@@ -127,21 +156,21 @@ QA float q_hsum(__m256 a) {
 
 /* TT tokens (from t; quantized x at xq/xd, row i of the tile = token t + i) × NT rows (from n). */
 #if defined(IFG_AVX512)
-/* AVX-512 VNNI: weights as unsigned bytes (q8_0: w + 128; q4_0: the nibbles q = w + 8) so
+/* AVX-512 VNNI: weights as unsigned bytes (q8_0: w + 128; q4_0 / q5_0: the levels q = w + 8 /
+ * w + 16) so
  * vpdpbusd(u, x) takes them directly: sum(u * x) = sum(w * x) + off * sum(x), and the
  * accumulator starts at -off * sum(x) (lane 0; exact in int32). The NT rows' fp16 scales are
  * converted in one vector and times d_x per token; lane j is broadcast with vpermps. */
 QA __m256i q_load_u(const uint8_t *blk, int wtype) {
     if (wtype == IFG_Q8_0)
         return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)), _mm256_set1_epi8((char)0x80));
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    return q_levels(blk, wtype);
 }
 QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
                int wtype, size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     __m256 acc[QX_TT][QX_NT];
     const size_t bb = q_block_bytes(wtype);
-    const int off = wtype == IFG_Q8_0 ? 128 : 8;
+    const int off = wtype == IFG_Q8_0 ? 128 : wtype == IFG_Q5_0 ? 16 : 8;
 #pragma GCC unroll 16
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 16
@@ -244,18 +273,25 @@ static void qx_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
                      int wtype, int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
     /* one specialisation per weight type: the block decode is inlined */
     if (wtype == IFG_Q8_0) qx_tiles_t(y, ldy, xq, xd, xs, w, IFG_Q8_0, t, tt, n0, n1, K, k0, k1, add);
+    else if (wtype == IFG_Q5_0) qx_tiles_t(y, ldy, xq, xd, xs, w, IFG_Q5_0, t, tt, n0, n1, K, k0, k1, add);
     else qx_tiles_t(y, ldy, xq, xd, xs, w, IFG_Q4_0, t, tt, n0, n1, K, k0, k1, add);
 }
 #endif
 
 void ifg_dequant_row(float *o, const uint8_t *row, int dtype, int n) {
-    const size_t bb = dtype == IFG_Q8_0 ? 34 : 18;
+    const size_t bb = q_block_bytes(dtype);
     for (int b = 0; b < n / IFG_QK; b++) {
         const uint8_t *blk = row + (size_t)b * bb;
         const float d = q_scale(blk);
         float *ob = o + (size_t)b * IFG_QK;
         if (dtype == IFG_Q8_0) {
             for (int j = 0; j < IFG_QK; j++) ob[j] = (float)((const int8_t *)(blk + 2))[j] * d;
+        } else if (dtype == IFG_Q5_0) {
+            const uint32_t qh = q5_qh(blk);
+            for (int j = 0; j < 16; j++) {
+                ob[j] = (float)((int)((blk[6 + j] & 0x0F) | ((qh >> j) & 1) << 4) - 16) * d;
+                ob[j + 16] = (float)((int)((blk[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16) * d;
+            }
         } else {
             for (int j = 0; j < 16; j++) {
                 ob[j] = (float)((int)(blk[2 + j] & 0x0F) - 8) * d;

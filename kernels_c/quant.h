@@ -1,10 +1,12 @@
-/* quant.h — matrix products against block-quantized weights (GGUF-compatible q8_0 / q4_0).
+/* quant.h — matrix products against block-quantized weights (GGUF-compatible q8_0 / q4_0 / q5_0).
  *
  * W is [N][K] stored as N rows of K/32 blocks (q8_0: fp16 d + 32 int8, 34 bytes; q4_0: fp16 d +
- * 16 bytes of nibbles, 18 bytes; see infeng/quant). K must be a multiple of 32.
+ * 16 bytes of nibbles, 18 bytes; q5_0: fp16 d + 4 bytes qh (bit j = bit 4 of element j) + 16
+ * bytes of low nibbles as q4_0's, 22 bytes; see infeng/quant). K must be a multiple of 32.
  * x is quantized per token and 32-block to int8 with an f32 scale (d = max|x|/127,
  * q = roundf(x * (1/d))), then each block's dot product is done in integers and scaled by
- * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0).
+ * d_w * d_x in f32. Reached through ifg_matmul / ifg_matmul_part (wtype IFG_Q8_0 / IFG_Q4_0 /
+ * IFG_Q5_0).
  * A loaded model runs matrices with 16k rows on the row-interleaved copies (IFG_Q8_0X16 /
  * IFG_Q4_0X16, quant_x16.c, layout below): the plain kernels here serve the other matrices. */
 #ifndef IFG_QUANT_H
@@ -20,14 +22,17 @@
 void ifg_qmm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                   int T, int r0, int r1, int K, int accumulate);
 
-/* Bytes of one row of n weights (n a multiple of 32). */
+/* Bytes of one 32-block, and of one row of n weights (n a multiple of 32). */
+static inline size_t ifg_quant_block_bytes(int dtype) {
+    return dtype == IFG_Q8_0 ? 34u : dtype == IFG_Q5_0 ? 22u : 18u;
+}
 static inline size_t ifg_quant_row_bytes(int dtype, int n) {
-    return (size_t)(n / IFG_QK) * (dtype == IFG_Q8_0 ? 34u : 18u);
+    return (size_t)(n / IFG_QK) * ifg_quant_block_bytes(dtype);
 }
 /* o[0..n) = the dequantized row (q * d, in f32: exactly what infeng.quant.dequantize gives). */
 void ifg_dequant_row(float *o, const uint8_t *row, int dtype, int n);
 
-static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype == IFG_Q4_0; }
+static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype == IFG_Q4_0 || dtype == IFG_Q5_0; }
 
 /* Quantize x[t..t+tt)[k0..k1) per 32-block: q[i*ldq + k - k0] int8, d[i*ldd + b] its scale,
  * s[i*ldd + b] the block's sum of q (scalar in every build: every ISA quantizes x alike). */

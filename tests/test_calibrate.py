@@ -106,7 +106,7 @@ def test_awq_transform_is_exact_in_f32(work):
     assert set(importance) >= {f"layers.0.{m}" for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up")}
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_0", "q8_0"])
 def test_gptq_is_reproduced_by_the_quantizer_and_beats_rtn(qtype):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((400, 96)) @ rng.standard_normal((96, 96)) * 0.3).astype(np.float32)  # correlated

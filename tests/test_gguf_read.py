@@ -27,12 +27,14 @@ def native_models(tmp_path_factory, data_dir):
     assert main(["quantize", str(f32), "-o", str(q8), "--type", "q8_0"]) == 0
     q4 = d / "s-q4.infeng"
     assert main(["quantize", str(f32), "-o", str(q4), "--type", "q4_0"]) == 0
+    q5 = d / "s-q5.infeng"
+    assert main(["quantize", str(f32), "-o", str(q5), "--type", "q5_0"]) == 0
     bf = d / "s-bf16.infeng"
     assert main(["convert", str(data_dir / "stories260K"), "-o", str(bf)]) == 0
-    return {"f32": f32, "q8_0": q8, "q4_0": q4, "bf16": bf}
+    return {"f32": f32, "q8_0": q8, "q4_0": q4, "q5_0": q5, "bf16": bf}
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0", "q5_0"])
 def test_round_trip_native_gguf_native(capsys, tmp_path, native_models, data_dir, dtype):
     src = native_models[dtype]
     g, back = tmp_path / "m.gguf", tmp_path / "back.infeng"
@@ -154,7 +156,7 @@ def _model_file(tmp_path, native_models, mutate):
     ("bos out of range", "bos_token_id 9999 is outside the vocabulary"),
     ("heads", "must be a positive integer"),
     ("rope scaling", "rope.scaling.type 'yarn' is not supported"),
-    ("q5_0 tensor", "has type Q5_0, which cannot be converted"),
+    ("q5_1 tensor", "has type Q5_1, which cannot be converted"),
     ("absurd piece", "is a 5000-character normal piece"),
     ("gpt2 bad merge", "tokenizer.ggml.merges[0] 'nospace' is not two tokens"),
     ("unknown pre", "tokenizer.ggml.pre 'mystery' is not supported"),
@@ -185,10 +187,10 @@ def test_model_level_errors(capsys, tmp_path, native_models, case, message):
             meta["tokenizer.ggml.merges"] = (ARR, ["nospace"] if case == "gpt2 bad merge" else ["a b"])
             if case == "unknown pre":
                 meta["tokenizer.ggml.pre"] = (STR, "mystery")
-        elif case == "q5_0 tensor":
+        elif case == "q5_1 tensor":           # (Q5_0 is a copy now)
             i = next(i for i, t in enumerate(tensors) if t[0] == "blk.0.ffn_up.weight")
             n, dims, t, raw = tensors[i]
-            tensors[i] = (n, dims, 6, raw[:dims[0] * dims[1] // 32 * 22])
+            tensors[i] = (n, dims, 7, raw[:dims[0] * dims[1] // 32 * 24])
     bad = _model_file(tmp_path, native_models, mutate)
     capsys.readouterr()
     out = tmp_path / "out.infeng"

@@ -114,7 +114,7 @@ def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
         assert a.encode(s) == b.encode(s), s[:60]
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q5_0"])
 def test_llama_cpp_runs_a_quantized_export_like_infeng(qtype, data_dir, tmp_path):
     """The issue's interop check: a quantized file infeng wrote, exported to GGUF, runs in llama.cpp
     with infeng's next-token distributions. Not bit-equal: both round activations to int8 per block

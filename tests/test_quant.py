@@ -1,5 +1,5 @@
-"""Quantized formats (infeng.quant): GGUF byte layout, round-trip error bounds; the q8_0 / q4_0
-matmul kernels of every ISA variant against numpy.
+"""Quantized formats (infeng.quant): GGUF byte layout, round-trip error bounds; the q8_0 / q4_0 /
+q5_0 matmul kernels and quantized embedding lookups of every ISA variant against numpy.
 
 Kernel tolerances. The C kernels quantize x per token and 32-block exactly as
 ``quantize_activations`` does (the same f32 operations, scalar in every build), so the reference
@@ -15,7 +15,7 @@ import pytest
 from conftest import P
 from infeng import quant
 
-QT = {"q8_0": 3, "q4_0": 4}
+QT = {"q8_0": 3, "q4_0": 4, "q5_0": 10}
 TS = (1, 2, 3, 5, 17, 33)
 NK = [(1, 32), (3, 64), (17, 96), (33, 160), (65, 64), (64, 2080), (7, 4160)]
 
@@ -49,10 +49,35 @@ def test_q4_0_known_block_bytes():
     assert np.all(y == 8.0)
 
 
-@pytest.mark.parametrize("qtype,bound", [("q8_0", 0.5 / 127), ("q4_0", 1.0 / 8)])
+def test_q5_0_known_block_bytes():
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1], x[0, 5], x[0, 16], x[0, 17], x[0, 31] = -16.0, 4.0, 15.4, 2.0, -7.5, 17.0
+    raw = quant.quantize_q5_0(x)
+    assert raw.shape == (1, 22)
+    # the element of largest magnitude is +17: d = 17 / -16; q = min(31, trunc(x / d + 16.5))
+    d = np.float32(17) / np.float32(-16)
+    assert raw[0, :2].tobytes() == np.float16(d).tobytes()
+    q = [min(31, int(v / d + np.float32(16.5))) for v in x[0]]
+    assert q[31] == 0 and q[0] == 31 and q[1] == 12 and q[16] == 14 and q[17] == 23 and q[2] == 16
+    qh = sum(1 << j for j in range(32) if q[j] & 16)
+    assert raw[0, 2:6].tobytes() == qh.to_bytes(4, "little")      # bit j = bit 4 of element j
+    assert [int(b) for b in raw[0, 6:]] == [(q[j] & 15) | (q[j + 16] & 15) << 4 for j in range(16)]
+    # a block written by hand: d = 0.5, element j has level j (qh: bits 16..31), element j + 16 level 31 - j
+    blk = np.zeros((1, 22), np.uint8)
+    blk[0, :2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    qs = list(range(16)) + [31 - j for j in range(16)]
+    blk[0, 2:6] = np.frombuffer(sum(1 << j for j in range(32) if qs[j] >= 16).to_bytes(4, "little"), np.uint8)
+    blk[0, 6:] = [(qs[j] & 15) | ((qs[j + 16] & 15) << 4) for j in range(16)]
+    assert blk[0, 2:6].tolist() == [0, 0, 255, 255] and blk[0, 6] == 0xF0 and blk[0, 21] == 0x0F
+    np.testing.assert_array_equal(quant.dequantize_q5_0(blk)[0], (np.array(qs, np.float32) - 16) * 0.5)
+
+
+@pytest.mark.parametrize("qtype,bound", [("q8_0", 0.5 / 127), ("q4_0", 1.0 / 8), ("q5_0", 1.0 / 16)])
 def test_round_trip_error_bound(qtype, bound):
     """|x - deq(q(x))| <= bound * max|block| (+ the fp16 rounding of the scale: 2^-11 relative
-    of each value's magnitude)."""
+    of each value's magnitude). q4_0 / q5_0: the bound is one step d (an element of the sign
+    opposite to the block's extreme, at +|m|, is clipped from level 2^b to 2^b - 1); half a
+    step for every element below that."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((37, 256)) * np.exp2(rng.integers(-6, 6, (37, 1)))).astype(np.float32)
     x[3, :32] = 0.0                                               # an all-zero block
@@ -61,6 +86,10 @@ def test_round_trip_error_bound(qtype, bound):
     err = np.abs(y - x).reshape(37, 8, 32)
     assert np.all(err <= bound * b * (1 + 2 ** -10) + 2 ** -11 * np.abs(x).reshape(37, 8, 32) + 1e-12)
     assert np.all(y[3, :32] == 0)
+    if qtype != "q8_0":
+        half = bound / 2 * b * (1 + 2 ** -10) + 2 ** -11 * np.abs(x).reshape(37, 8, 32) + 1e-12
+        unclipped = np.abs(x).reshape(37, 8, 32) < b * (1 - bound)
+        assert np.all((err <= half)[unclipped])
     # idempotent: re-quantizing the dequantized values gives the same values (bytes too, but
     # for the sign of an all-zero q4_0 block's scale: 0 / -8 = -0)
     raw = quant.quantize(x, qtype)
@@ -76,7 +105,7 @@ def test_bad_shape_refused():
 def _ref(raw, qtype, x):
     """float64 reference with x quantized as the kernels do."""
     N = raw.shape[0]
-    bb = 34 if qtype == "q8_0" else 18
+    bb = {"q8_0": 34, "q4_0": 18, "q5_0": 22}[qtype]
     blk = raw.reshape(N, -1, bb)
     dw = blk[..., :2].copy().view(np.float16).astype(np.float64)[..., 0]        # [N, nb]
     qw = np.rint(quant.dequantize(raw, qtype) / np.repeat(np.where(dw == 0, 1, dw), 32, 1)).reshape(N, -1, 32)
@@ -139,3 +168,19 @@ def test_qmatmul_deterministic_across_threads(kern, qtype):
     y1 = np.zeros((1, N), np.float32)
     kern.lib.ifg_matmul(P(kern, y1), N, P(kern, x), K, P(kern, raw, "void *"), QT[qtype], 1, N, K, 0, 2)
     np.testing.assert_array_equal(y1[0], outs[0][0])
+
+
+@pytest.mark.parametrize("qtype", list(QT))
+def test_quantized_embedding_lookup_is_dequantize(kern, qtype):
+    """ifg_embed on a q8_0 / q4_0 / q5_0 table: the rows of infeng.quant.dequantize, bitwise."""
+    rng = np.random.default_rng(7)
+    vocab, dim = 41, 96
+    raw = quant.quantize(rng.standard_normal((vocab, dim)).astype(np.float32), qtype)
+    want = quant.dequantize(raw, qtype)
+    for T, nth in ((1, 1), (9, 2)):
+        tokens = rng.integers(0, vocab, size=T).astype(np.int32)
+        tokens[-1] = vocab - 1
+        out = np.full((T + 1, dim), np.nan, np.float32)
+        kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), QT[qtype], P(kern, tokens, "int32_t *"), T, dim, nth)
+        np.testing.assert_array_equal(out[:T], want[tokens])
+        assert np.isnan(out[T]).all()

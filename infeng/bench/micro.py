@@ -16,7 +16,7 @@ from infeng.errors import InfengError
 from infeng.kernels import ptr
 
 CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q4_k": 7,
-          "q4_kx16": 9}
+          "q4_kx16": 9, "q5_0": 10}
 
 
 @dataclass
@@ -45,7 +45,7 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     the row-interleaved kernel layouts, n a multiple of 16)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
-    if dtype in ("q8_0", "q4_0", "q4_k", "q8_0x16", "q4_0x16", "q4_kx16"):
+    if dtype in ("q8_0", "q4_0", "q5_0", "q4_k", "q8_0x16", "q4_0x16", "q4_kx16"):
         block = 256 if dtype.startswith("q4_k") else 32
         if k % block:
             raise InfengError(f"{dtype} needs a row width that is a multiple of {block}, got {k}")

@@ -71,7 +71,7 @@ def make(arch: str, dtype: str = "bf16", path: Path | None = None, seed: int = 0
     return path
 
 
-QUANTIZED = ("q8_0", "q4_0", "q4_k", "fp8")
+QUANTIZED = ("q8_0", "q4_0", "q5_0", "q4_k", "fp8")
 
 
 def _quantized(src: Path, dtype: str, path: Path) -> Path:

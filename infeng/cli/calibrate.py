@@ -100,7 +100,7 @@ def calibrated_tensors(path: Path, model, items, qtype: str, pol, src: Path, met
     """For `infeng quantize --calibration`: the model's tensors transformed by the calibrated
     method (then stored by the ordinary quantizer), their storage plan, the per-matrix importance
     (for quantizers that take it), and the lineage entry. ``auto``: gptq when every block type in
-    use has a gptq grid (q4_0, q8_0), else awq (format-agnostic)."""
+    use has a gptq grid (q4_0, q5_0, q8_0), else awq (format-agnostic)."""
     from infeng.quant import awq, calibrate as C, gptq as G, policy as q
     from infeng.telemetry import progress
 

@@ -1,4 +1,4 @@
-"""`infeng quantize`: native (or HF) f32/bf16/f16 model → q8_0 / q4_0 / q4_k / fp8 native model."""
+"""`infeng quantize`: native (or HF) f32/bf16/f16 model → q8_0 / q4_0 / q5_0 / q4_k / fp8 native model."""
 from __future__ import annotations
 
 import math
@@ -18,13 +18,13 @@ from infeng.telemetry import Run, progress, stderr_console
 def quantize(
     src: Path = typer.Argument(..., help="model to quantize (.infeng file or Hugging Face folder), f32/bf16/f16"),
     output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng)"),
-    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q4_k, fp8 (or bf16, f16, f32)"),
+    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q5_0, q4_k, fp8 (or bf16, f16, f32)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: calibrated rounding (GPTQ) or scaling (AWQ)"),
-    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q8_0), else awq]"),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto | gptq | awq [auto: gptq where the type has a grid (q4_0, q5_0, q8_0), else awq]"),
 ):
-    """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q4_k blocks, or fp8 E4M3)."""
+    """Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q5_0 / q4_k blocks, or fp8 E4M3)."""
     run = Run("quantize", meta={"source": str(src), "output": str(output), "type": qtype,
                                 "policy": str(policy) if policy else None})
     t0 = time.perf_counter()

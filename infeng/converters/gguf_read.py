@@ -278,7 +278,7 @@ def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.n
 
 
 def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
-    """A Llama GGUF as an infeng Model (F32/F16/BF16/Q8_0/Q4_0 tensors are views of the file,
+    """A Llama GGUF as an infeng Model (F32/F16/BF16/Q8_0/Q4_0/Q5_0 tensors are views of the file,
     norms become f32, Q4_K/Q6_K go through ``store_k_quant``). Returns (model, summary dict)."""
     from infeng import format as native
     from infeng.converters.gguf_tokenizer import build as build_tokenizer
@@ -360,7 +360,7 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
             converted[t.type_name] = converted.get(t.type_name, 0) + 1
         else:
             raise InfengError(f"{where}: tensor {t.name!r} has type {t.type_name}, which cannot be converted "
-                              "(F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)")
+                              "(F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)")
         if nn.endswith(".wq"):
             arr = unpermute_rope(arr, cfg.n_heads)
         elif nn.endswith(".wk"):

@@ -34,7 +34,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 BY_NAME = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
 
 # GGML types whose bytes are exactly a native dtype's storage: a copy.
-NATIVE_COPY = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0"}
+NATIVE_COPY = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0"}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ class ReferenceModel:
     """``forward(tokens)`` continues the sequence held in its KV cache and returns logits [T, vocab]."""
 
     def __init__(self, model: Model, int8_activations: bool = False):
-        """``int8_activations``: the inputs of products with q8_0/q4_0/q4_k weights are rounded
+        """``int8_activations``: the inputs of products with q8_0/q4_0/q5_0/q4_k weights are rounded
         to int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations)."""
         self.m = model
         self.cfg = model.config

@@ -12,7 +12,7 @@ format's own quantizer would set it, and the element that defines it is pinned t
 so that the ordinary quantizer, run on the result, reproduces it exactly (checked): the output
 file is written by the same code as plain quantization.
 
-Grids (``GRIDS``) exist for q4_0 and q8_0. Other block formats (e.g. a k-quant) have no grid
+Grids (``GRIDS``) exist for q4_0, q5_0 and q8_0. Other block formats (e.g. a k-quant) have no grid
 here; ``infeng.quant.awq`` handles those.
 """
 from __future__ import annotations
@@ -26,19 +26,21 @@ METHOD = "gptq"
 DAMP = 0.01          # fraction of the mean diagonal added to H (keeps the Cholesky stable)
 
 
-def _scale_q4_0(blk: np.ndarray):
-    """Row scales d [N] and pinned column [N] of a [N, 32] block, as quantize_q4_0 sets them:
-    d = m / -8 (m the signed element of largest magnitude, first one), stored as fp16."""
-    idx = np.abs(blk).argmax(-1)
-    m = blk[np.arange(blk.shape[0]), idx]
-    d = (m / np.float32(-8)).astype(np.float16).astype(np.float32)
-    return d, idx, np.float32(-8)
+def _signed_max_grid(levels: int):
+    """(scale, round) for q4_0 (levels 8) / q5_0 (16). scale: row scales d [N] and pinned column
+    [N] of a [N, 32] block, as quantize_q4_0 / quantize_q5_0 set them: d = m / -levels (m the
+    signed element of largest magnitude, first one), stored as fp16."""
+    def scale(blk: np.ndarray):
+        idx = np.abs(blk).argmax(-1)
+        m = blk[np.arange(blk.shape[0]), idx]
+        d = (m / np.float32(-levels)).astype(np.float16).astype(np.float32)
+        return d, idx, np.float32(-levels)
 
-
-def _round_q4_0(x: np.ndarray, d: np.ndarray) -> np.ndarray:
-    inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0).astype(np.float32)
-    q = np.clip(np.trunc(x * inv + np.float32(8.5)), 0, 15) - 8
-    return (q * d).astype(np.float32)
+    def round_to(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+        inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0).astype(np.float32)
+        q = np.clip(np.trunc(x * inv + np.float32(levels + 0.5)), 0, 2 * levels - 1) - levels
+        return (q * d).astype(np.float32)
+    return scale, round_to
 
 
 def _scale_q8_0(blk: np.ndarray):
@@ -55,7 +57,7 @@ def _round_q8_0(x: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (q * d).astype(np.float32)
 
 
-GRIDS = {"q4_0": (_scale_q4_0, _round_q4_0), "q8_0": (_scale_q8_0, _round_q8_0)}
+GRIDS = {"q4_0": _signed_max_grid(8), "q5_0": _signed_max_grid(16), "q8_0": (_scale_q8_0, _round_q8_0)}
 
 
 def hessian(x: np.ndarray) -> np.ndarray:
