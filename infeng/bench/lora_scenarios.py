@@ -122,8 +122,9 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
                            params=SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)))
     for _ in range(3):
         eng.step()
+    hot = make_adapter(base_path, rank, seed=99_999)          # the file exists before the clock starts
     t0 = time.perf_counter()
-    eng.load_adapter(make_adapter(base_path, rank, seed=99_999), "hot")
+    eng.load_adapter(hot, "hot")
     t_loaded = time.perf_counter()
     eng.submit(Request(id="hot", prompt_ids=prompts[-1], adapter="hot",
                        params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
