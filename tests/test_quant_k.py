@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import P
+from conftest import P, check_c_forward_vs_int8_reference
 from infeng import format as native
 from infeng import quant
 from infeng.cli.main import main
@@ -283,36 +283,14 @@ def _small_model(path, data_dir):
 
 
 def test_c_forward_matches_q4_k_reference(kern, tmp_path, data_dir):
-    from infeng.model.llama import LlamaC
     from infeng.model.loader import load_model
-    from infeng.model.reference import ReferenceModel
-    from infeng.runtime.kv import KVCache
     src, out = tmp_path / "f32.infeng", tmp_path / "q.infeng"
     _small_model(src, data_dir)
     (tmp_path / "p.yaml").write_text("tensors: {output: q4_k}\n")        # the head too (default q8_0)
     assert main(["quantize", str(src), "-o", str(out), "--type", "q4_k", "--policy", str(tmp_path / "p.yaml")]) == 0
     model = load_model(out)
     assert {d for n, (d, _) in model.tensors.items() if not n.endswith("norm")} == {"q4_k"}
-    ref = ReferenceModel(model, int8_activations=True)
-    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
-    want = ref.forward(tokens)
-    net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
-    kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)
-    assert kv.ensure(0, 32)
-    T = len(tokens)
-    net.tokens[:T], net.pos[:T], net.seq[:T] = tokens, range(T), [0] * T
-    net.out_rows[:T] = range(T)
-    net.step(kv, T, T)
-    scale = np.abs(want).max()
-    # as in test_quant_model: an int8 rounding flip (C vs numpy f32 rounding at a .5) moves a
-    # row by up to ~1e-2; most rows agree to f32 rounding
-    err = np.abs(net.logits[:T] - want).max(-1) / scale
-    assert np.all(err < 1e-2) and np.sum(err < 1e-4) >= T - 2, err
-    for t in (311, 265):                                         # decode steps (GEMV)
-        w = ref.forward([t])
-        net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = t, ref.pos - 1, 0, 0
-        net.step(kv, 1, 1)
-        assert np.abs(net.logits[0] - w[0]).max() / scale < 1e-2
+    check_c_forward_vs_int8_reference(kern, model)
 
 
 def test_c_forward_interleaved_equals_plain_layout(kern, tmp_path, data_dir, monkeypatch):

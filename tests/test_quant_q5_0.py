@@ -6,6 +6,7 @@ The byte layout and the kernels alone: tests/test_quant.py."""
 import numpy as np
 import pytest
 
+from conftest import check_c_forward_vs_int8_reference
 from infeng import format as native
 from infeng.cli.main import main
 
@@ -40,32 +41,10 @@ def _quantized(tmp_path, data_dir, qtype="q5_0"):
 
 
 def test_c_forward_matches_q5_0_reference(kern, tmp_path, data_dir):
-    from infeng.model.llama import LlamaC
     from infeng.model.loader import load_model
-    from infeng.model.reference import ReferenceModel
-    from infeng.runtime.kv import KVCache
     model = load_model(_quantized(tmp_path, data_dir))
     assert {d for n, (d, _) in model.tensors.items() if not n.endswith("norm")} == {"q5_0"}
-    ref = ReferenceModel(model, int8_activations=True)
-    tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
-    want = ref.forward(tokens)
-    net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
-    kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)
-    assert kv.ensure(0, 32)
-    T = len(tokens)
-    net.tokens[:T], net.pos[:T], net.seq[:T] = tokens, range(T), [0] * T
-    net.out_rows[:T] = range(T)
-    net.step(kv, T, T)
-    scale = np.abs(want).max()
-    # as in test_quant_model: an int8 rounding flip (C vs numpy f32 rounding at a .5) moves a
-    # row by up to ~1e-2; most rows agree to f32 rounding
-    err = np.abs(net.logits[:T] - want).max(-1) / scale
-    assert np.all(err < 1e-2) and np.sum(err < 1e-4) >= T - 2, err
-    for t in (311, 265):                                         # decode steps (GEMV)
-        w = ref.forward([t])
-        net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = t, ref.pos - 1, 0, 0
-        net.step(kv, 1, 1)
-        assert np.abs(net.logits[0] - w[0]).max() / scale < 1e-2
+    check_c_forward_vs_int8_reference(kern, model)
 
 
 def test_q4_k_falls_back_to_q5_0(tmp_path, data_dir, capsys):
