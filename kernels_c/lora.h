@@ -6,24 +6,32 @@
 // cdef-begin
 /* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8. */
 enum ifg_lora_dtype { IFG_LORA_I8 = 8 };
+/* The packed layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt make
+ * them at load): rank rows in groups of IFG_LORA_RG, IFG_LORA_VB values per packed vector. */
+enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
 
-/* One adapter's low-rank pair for one projection [out=N][in=K].
+/* One adapter's low-rank pair for one projection [out=N][in=K], both halves packed so that each
+ * kernel reads one contiguous stream (a rank-16 row of A is a single 4 KiB page: read row by row,
+ * 16 short streams in 16 pages starve the hardware prefetcher). With K16 = ceil(K/16), N16 =
+ * ceil(N/16), zero-padded past rank, K and N:
+ *   A   [rank/4][K16][4][16]: A[i][k] at ((i/4 * K16 + k/16) * 4 + i%4) * 16 + k%16
+ *   Bᵀ  [N16][rank][16]:      B[n][i] at ((n/16 * rank) + i) * 16 + n%16
  * h_scale folds every per-rank factor into the rank-space activations h = x·Aᵀ: the LoRA scale,
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */
 struct ifg_lora {
-    const void *a; int a_dtype;   /* A [rank][K], f32 / bf16 / int8 */
-    const void *b; int b_dtype;   /* Bᵀ [rank][N] (B transposed: expand is then a sum of rows) */
+    const void *a; int a_dtype;   /* packed A, f32 / bf16 / int8 */
+    const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / int8 */
     const float *h_scale;         /* [rank] or NULL */
     const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
-    int rank;
+    int rank;                     /* a multiple of IFG_LORA_RG (padding rows are zero) */
 };
 
 /* Rows [seg_start[i], seg_start[i+1]) of the batch use adapter lora[i] (NULL: no adapter).
  * Plain LoRA: y[t] += B·(A·x[t]). DoRA: y[t] = dora ⊙ (y[t] + B·(A·x[t])), so y must then hold
- * the base projection alone. h is scratch of seg_start[n_seg] x max_rank floats. The base
- * projection is computed once for all rows elsewhere; this adds only the low-rank part, per
- * segment, with no copy of adapter weights. */
+ * the base projection alone. h is scratch of seg_start[n_seg] x max_rank floats (max_rank >= every
+ * adapter's rank). The base projection is computed once for all rows elsewhere; this adds only
+ * the low-rank part, per segment, with no copy of adapter weights. */
 void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                     float *h, int max_rank, int n_threads);

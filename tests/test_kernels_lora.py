@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
+from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_bt
 
 DT = {"f32": 0, "bf16": 1, "int8": 8}
 
@@ -31,10 +32,14 @@ def _adapter(kern, rng, N, K, r, dtype, dora):
         af, bf = a, bt
     d = (rng.random(N).astype(np.float32) + 0.5) if dora else None
     s = kern.ffi.new("struct ifg_lora *")
-    s.a, s.a_dtype, s.b, s.b_dtype, s.rank = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype], r
-    s.h_scale = P(kern, hs)
+    a, bt = pack_lora_a(a), pack_lora_bt(bt)                           # the layouts the kernels stream
+    hs_k = np.zeros(kernel_rank(r), np.float32)
+    hs_k[:r] = hs
+    s.a, s.a_dtype, s.b, s.b_dtype = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype]
+    s.rank = kernel_rank(r)
+    s.h_scale = P(kern, hs_k)
     s.dora = P(kern, d) if dora else kern.ffi.NULL
-    return s, (a, bt, d, hs), (af.astype(np.float64), bf.astype(np.float64), d, hs.astype(np.float64))
+    return s, (a, bt, d, hs_k), (af.astype(np.float64), bf.astype(np.float64), d, hs.astype(np.float64))
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (17, 15), (64, 172), (257, 33), (40, 700)])

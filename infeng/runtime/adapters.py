@@ -1,9 +1,11 @@
 """Adapter manager: LoRA/DoRA adapters loaded beside one base model, ready for the C forward pass.
 
-Loading maps the adapter file (checked against the base's identity), gives the kernels the LoRA
-scale (times int8 storage's per-rank scales) as one [rank] vector, transposes B of float-stored
-adapters once (the expand kernel streams Bᵀ; int8 files store Bᵀ already), precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the base weights, and builds the C table
-the forward pass reads ([n_layers × 7] pointers, NULL where a projection is not adapted). Memory
+Loading maps the adapter file (checked against the base's identity), packs A and Bᵀ into the
+layouts the kernels stream (lora.h: rank groups of 4, 16 values per run, zero-padded; float files
+store B, whose transpose is taken here), gives the kernels the LoRA scale (times int8 storage's
+per-rank scales) as one [rank] vector, precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the
+base weights, and builds the C table the forward pass reads ([n_layers × 7] pointers, NULL where
+a projection is not adapted). Memory
 is bounded by a budget: loading past it evicts the least recently used adapter that no request is
 using and that is not pinned. Loading a name again replaces the adapter (hot reload);
 ``reload_changed`` does that for every file whose modification time moved.
@@ -25,6 +27,35 @@ from infeng.model.llama import CDTYPE
 from infeng.model.loader import MATRICES, Model
 
 
+LORA_RG, LORA_VB = 4, 16      # lora.h: IFG_LORA_RG rank rows per group, IFG_LORA_VB values per run
+
+
+def kernel_rank(rank: int) -> int:
+    """The rank the kernels see: padded with zero rows to a whole rank group."""
+    return -(-rank // LORA_RG) * LORA_RG
+
+
+def _padded(m: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), m.dtype)
+    out[:m.shape[0], :m.shape[1]] = m
+    return out
+
+
+def pack_lora_a(a: np.ndarray) -> np.ndarray:
+    """A [r, K] → the kernels' [r'/4, K'/16, 4, 16] (r', K' padded with zeros to 4 and 16)."""
+    r, K = a.shape
+    rp, kp = kernel_rank(r), -(-K // LORA_VB) * LORA_VB
+    p = _padded(a, rp, kp).reshape(rp // LORA_RG, LORA_RG, kp // LORA_VB, LORA_VB)
+    return np.ascontiguousarray(p.transpose(0, 2, 1, 3))
+
+
+def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
+    """Bᵀ [r, N] → the kernels' [N'/16, r', 16] (r', N' padded with zeros to 4 and 16)."""
+    r, N = bt.shape
+    rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
+    return np.ascontiguousarray(_padded(bt, rp, np_).reshape(rp, np_ // LORA_VB, LORA_VB).transpose(1, 0, 2))
+
+
 @dataclass
 class LoadedAdapter:
     name: str
@@ -42,6 +73,11 @@ class LoadedAdapter:
     @property
     def rank(self) -> int:
         return self.adapter.rank
+
+    @property
+    def kernel_rank(self) -> int:
+        """Columns of h the kernels need for this adapter (its rank, padded)."""
+        return kernel_rank(self.adapter.rank)
 
     @property
     def use_dora(self) -> bool:
@@ -135,21 +171,22 @@ class AdapterManager:
         for t in a.targets:
             _, layer, proj = t.split(".")
             s = ffi.new("struct ifg_lora *")
-            if a.storage == "int8":     # int8 A and Bᵀ read in place; their scales and s fold into h
+            if a.storage == "int8":     # int8 A and Bᵀ; their scales and s fold into h
                 _, A = a.tensors[f"{t}.lora_a"]
                 _, Bt = a.tensors[f"{t}.lora_bt"]
                 hs = a.tensors[f"{t}.lora_a_scale"][1] * a.tensors[f"{t}.lora_bt_scale"][1] * np.float32(a.scale)
                 s.a_dtype = s.b_dtype = self.kern.lib.IFG_LORA_I8
-            else:                       # float files store B [out, r]: the kernel streams Bᵀ, made once here
+            else:                       # float files store B [out, r]
                 la_dtype, A = a.tensors[f"{t}.lora_a"]
                 lb_dtype, B = a.tensors[f"{t}.lora_b"]
-                Bt = np.ascontiguousarray(B.T)
+                Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
                 s.a_dtype, s.b_dtype = CDTYPE[la_dtype], CDTYPE[lb_dtype]
-            hs = np.ascontiguousarray(hs, dtype=np.float32)
+            A, Bt = pack_lora_a(A), pack_lora_bt(Bt)
+            hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
             s.a, s.b = ffi.cast("void *", ffi.from_buffer(A)), ffi.cast("void *", ffi.from_buffer(Bt))
             s.h_scale = ptr(self.kern, hs)
-            s.rank = a.rank
+            s.rank = kernel_rank(a.rank)
             keep += [A, Bt, hs, s]
             if a.use_dora:
                 w = self.base.f32(f"layers.{layer}.{proj}") + a.delta(t)

@@ -480,7 +480,7 @@ class Engine:
         if all(a is None for a in self._seg_ad):
             return self.kern.ffi.NULL
         L, ffi = self._lora, self.kern.ffi
-        r = max(a.rank for a in self._seg_ad if a is not None)
+        r = max(a.kernel_rank for a in self._seg_ad if a is not None)
         if self._lora_h is None or self._lora_h.shape[1] < r:     # grows with the largest rank seen
             self._lora_h = np.zeros((self.max_batch_tokens, max(r, 16)), np.float32)
             self._lora_tmp = np.zeros((self.max_batch_tokens, self.cfg.dim), np.float32)

@@ -53,7 +53,7 @@ class Scorer:
         self._seg_start = np.zeros(2, np.int32)
         self._seg_tables = ffi.new("struct ifg_lora **[]", 1)
         self._seg_tables[0] = la.table
-        self._lora_h = np.zeros((self.max_tokens, max(la.rank, 16)), np.float32)
+        self._lora_h = np.zeros((self.max_tokens, max(la.kernel_rank, 16)), np.float32)
         self._lora_tmp = np.zeros((self.max_tokens, self.cfg.dim), np.float32)
         L = self._lora = ffi.new("struct ifg_lora_batch *")
         L.n_seg = 1
