@@ -62,6 +62,15 @@ static inline int ifg_threads(int n) {
 #endif
 }
 
+/* Rows [*lo, *hi) of chunk c out of nc: N split in groups of `align` rows, groups spread evenly
+ * over the chunks (how kernels split output rows among threads). */
+static inline void ifg_chunk(int N, int align, int c, int nc, int *lo, int *hi) {
+    long long ng = ((long long)N + align - 1) / align;
+    long long r0 = ng * c / nc * align, r1 = ng * (c + 1) / nc * align;
+    *lo = (int)(r0 < N ? r0 : N);
+    *hi = (int)(r1 < N ? r1 : N);
+}
+
 /* bf16 is the top half of an f32. Round-to-nearest-even on the way in. */
 static inline float ifg_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;

@@ -63,32 +63,22 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
     return (int)per;
 }
 
-/* A projection of layer l (p: 0..6 = wq wk wv wo w_gate w_up w_down) over all T rows, then the
- * low-rank part of each row segment's adapter. The base weights are read once for the batch.
- * DoRA scales the projection itself, so where it would be added to the residual (acc) the
- * projection goes through lb->tmp first. */
+/* A projection of layer l (p: 0..6 = wq wk wv wo w_gate w_up w_down) over all T rows, with the
+ * low-rank part of each row segment's adapter added in the same pass (lora.h). The base weights
+ * are read once for the batch. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
                  int acc, const struct ifg_lora_batch *lb, int l, int p) {
     const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
-    int any = 0, dora = 0;
+    int any = 0;
     for (int i = 0; lb && i < lb->n_seg; i++) {
         sel[i] = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
         any |= sel[i] != NULL;
-        dora |= sel[i] != NULL && sel[i]->dora != NULL;
     }
-    if (!any) {
+    if (!any)
         mm(y, ldy, x, ldx, w, T, acc);
-    } else if (acc && dora) {
-        const int N = w->rows;
-        mm(lb->tmp, N, x, ldx, w, T, 0);
-        ifg_lora_apply_part(lb->tmp, N, x, ldx, N, w->cols, sel, lb->seg_start, lb->n_seg, lb->h, lb->max_rank);
-        IFG_FOR
-        for (int t = 0; t < T; t++)
-            for (int j = 0; j < N; j++) y[(size_t)t * ldy + j] += lb->tmp[(size_t)t * N + j];
-    } else {
-        mm(y, ldy, x, ldx, w, T, acc);
-        ifg_lora_apply_part(y, ldy, x, ldx, w->rows, w->cols, sel, lb->seg_start, lb->n_seg, lb->h, lb->max_rank);
-    }
+    else
+        ifg_lora_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel,
+                             lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp);
 }
 
 int ifg_forward(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,

@@ -13,14 +13,20 @@
  *     packed Bᵀ; one block's outputs are a sum of rank broadcast-multiplies of 16-value rows, no
  *     horizontal reductions; register tiles of LO_ET tokens × LO_EB blocks, whose weights are
  *     one contiguous run of memory.
+ * In the forward pass phase 2 rides on the base projection (ifg_lora_matmul_part): each thread
+ * computes its rows of x·Wᵀ for a slab of LO_SLAB tokens and expands into them at once, so y is
+ * touched while in L2. As a pass of its own, a prefill's expand re-read and re-wrote all of y
+ * (T × N floats, 23 MB for TinyLlama's w_gate at T = 1024) and cost 4× its arithmetic.
  * Weights are converted in registers only (bf16: shift; int8: sign-extend + convert); packing
  * pads rank, K and N with zeros, so weight loads are never masked, only x, y and DoRA's tails.
  * Every output's summation order depends only on K and rank, not on tiles or threads, so results
  * are bitwise identical for any thread count. Rows without an adapter are not touched. */
 #include "lora.h"
+#include "matmul.h"
 
 #define LO_AI static inline __attribute__((always_inline))
-#define LO_RC 32 /* rows per shrink unit: enough units to balance prefill, A group stays in L1 */
+#define LO_RC 32   /* rows per shrink unit: enough units to balance prefill, A group stays in L1 */
+#define LO_SLAB 128 /* tokens per slab of the fused projection (see ifg_lora_matmul_part) */
 #define LO_RG IFG_LORA_RG
 #define LO_VB IFG_LORA_VB
 
@@ -133,24 +139,24 @@ LO_AI float lo_hsum(lo_v a) {
 }
 #endif
 #define LO_VPB (LO_VB / LO_W) /* vectors per packed 16-value run */
-static inline size_t lo_esize(int dtype) { return dtype == IFG_LORA_I8 ? 1 : ifg_dtype_size(dtype); }
-#ifndef LO_PF
-#define LO_PF 2048
-#endif
-#ifndef LO_PF_SH
-#define LO_PF_SH 1
-#define LO_PF_EX 1
-#endif
-LO_AI void lo_pf(const void *w, int dtype, size_t i) {
-    if (LO_PF) __builtin_prefetch((const char *)w + i * lo_esize(dtype) + LO_PF, 0, 3);
+#define LO_PF 2048            /* prefetch distance in bytes along a packed stream */
+#define LO_ES(DT) ((DT) == IFG_LORA_I8 ? 1 : (DT) == IFG_BF16 ? 2 : 4)
+
+/* Prefetch the cache lines of `bytes` bytes (a compile-time constant) LO_PF ahead of p. */
+LO_AI void lo_pf(const void *p, const int bytes) {
+#pragma GCC unroll 4
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + LO_PF + o, 0, 3);
 }
+
+/* Every kernel below takes its weight dtype DT as a compile-time constant (the wrappers switch
+ * on it once per call), so the inner loops carry no dtype dispatch. */
 
 /* Shrink tile: TT tokens from t × the 4 rank rows of group g. Vector step v covers k in
  * [v*W, v*W + W); its 4 weight vectors are adjacent in packed A. */
 LO_AI void lo_shrink_tile(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L, int K,
-                          int t, int g, const int TT) {
+                          int t, int g, const int TT, const int DT) {
     lo_v acc[LO_TT][LO_RG];
-    const int dt = L->a_dtype, nv = (K + LO_W - 1) / LO_W;
+    const int nv = (K + LO_W - 1) / LO_W;
     const size_t base = (size_t)g * lo_k16(K) * LO_RG * LO_VB;
 #pragma GCC unroll 8
     for (int a = 0; a < TT; a++)
@@ -160,9 +166,9 @@ LO_AI void lo_shrink_tile(float *h, int ldh, const float *x, int ldx, const stru
         const int k = v * LO_W, r = K - k < LO_W ? K - k : LO_W;
         const size_t at = base + (size_t)(k / LO_VB) * LO_RG * LO_VB + k % LO_VB;
         lo_v w[LO_RG];
-        if (LO_PF_SH) { lo_pf(L->a, dt, at); lo_pf(L->a, dt, at + 2 * LO_VB); }
+        if (k % LO_VB == 0) lo_pf((const char *)L->a + at * LO_ES(DT), LO_RG * LO_VB * LO_ES(DT));
 #pragma GCC unroll 8
-        for (int b = 0; b < LO_RG; b++) w[b] = lo_ldw(L->a, dt, at + (size_t)b * LO_VB);
+        for (int b = 0; b < LO_RG; b++) w[b] = lo_ldw(L->a, DT, at + (size_t)b * LO_VB);
 #pragma GCC unroll 8
         for (int a = 0; a < TT; a++) {
             const float *xr = x + (size_t)(t + a) * ldx + k;
@@ -178,34 +184,44 @@ LO_AI void lo_shrink_tile(float *h, int ldh, const float *x, int ldx, const stru
             h[(size_t)(t + a) * ldh + g * LO_RG + b] = lo_hsum(acc[a][b]) * lo_hs(L, g * LO_RG + b);
 }
 
-static void lo_shrink(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
-                      int t0, int t1, int g, int K) {
+LO_AI void lo_shrink_dt(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
+                        int t0, int t1, int g, int K, const int DT) {
     int t = t0;
-    for (; t + LO_TT <= t1; t += LO_TT) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, LO_TT);
-    if (LO_TT > 2 && t + 2 <= t1) { lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 2); t += 2; }
-    for (; t < t1; t++) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 1);
+    for (; t + LO_TT <= t1; t += LO_TT) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, LO_TT, DT);
+    if (LO_TT > 2 && t + 2 <= t1) { lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 2, DT); t += 2; }
+    for (; t < t1; t++) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 1, DT);
 }
 
-/* Expand tile: ET tokens from t × EB 16-blocks from nb. Per rank step: EB·VPB weight vectors
- * (adjacent runs of the blocks), ET broadcasts of h, ET·EB·VPB FMAs. */
+static void lo_shrink(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
+                      int t0, int t1, int g, int K) {
+    switch (L->a_dtype) {
+    case IFG_BF16: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_BF16); break;
+    case IFG_LORA_I8: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_LORA_I8); break;
+    default: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_F32); break;
+    }
+}
+
+/* Expand tile: ET tokens from t × EB 16-blocks from nb. The tile's weights are one contiguous
+ * run (the blocks are adjacent in packed Bᵀ). Per rank step: EB·VPB weight vectors, ET
+ * broadcasts of h, ET·EB·VPB FMAs. */
 LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L, int N,
-                          int t, int nb, const int ET, const int EB) {
+                          int t, int nb, const int ET, const int EB, const int DT) {
     enum { NV = LO_EB * LO_VPB };
     lo_v acc[LO_ET][NV];
-    const int R = L->rank, dt = L->b_dtype;
+    const int R = L->rank;
+    const char *run = (const char *)L->b + (size_t)nb * R * LO_VB * LO_ES(DT);
 #pragma GCC unroll 8
     for (int a = 0; a < ET; a++)
 #pragma GCC unroll 16
         for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = lo_zero();
     for (int i = 0; i < R; i++) {
         lo_v w[NV];
-        if (LO_PF_EX)
-            for (int e = 0; e < EB; e++) lo_pf(L->b, dt, ((size_t)(nb + e) * R + i) * LO_VB);
+        lo_pf(run + (size_t)i * EB * LO_VB * LO_ES(DT), EB * LO_VB * LO_ES(DT)); /* as much as a step reads */
 #pragma GCC unroll 8
         for (int e = 0; e < EB; e++)
 #pragma GCC unroll 2
             for (int q = 0; q < LO_VPB; q++)
-                w[e * LO_VPB + q] = lo_ldw(L->b, dt, ((size_t)(nb + e) * R + i) * LO_VB + q * LO_W);
+                w[e * LO_VPB + q] = lo_ldw(L->b, DT, ((size_t)(nb + e) * R + i) * LO_VB + q * LO_W);
 #pragma GCC unroll 8
         for (int a = 0; a < ET; a++) {
             const lo_v hv = lo_set1(h[(size_t)(t + a) * ldh + i]);
@@ -229,19 +245,28 @@ LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const stru
 }
 
 /* All tokens [t0, t1) for EB blocks from nb. */
-#define LO_ETLOOP(EB)                                                                             \
-    do {                                                                                          \
-        int t = t0;                                                                               \
-        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, LO_ET, EB); \
-        if (LO_ET > 2 && t + 2 <= t1) { lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 2, EB); t += 2; } \
-        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 1, EB);                   \
+#define LO_ETLOOP(EB)                                                                                 \
+    do {                                                                                              \
+        int t = t0;                                                                                   \
+        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, LO_ET, EB, DT); \
+        if (LO_ET > 2 && t + 2 <= t1) { lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 2, EB, DT); t += 2; } \
+        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 1, EB, DT);                   \
     } while (0)
 
-static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
-                      int t0, int t1, int nb0, int nb1, int N) {
+LO_AI void lo_expand_dt(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
+                        int t0, int t1, int nb0, int nb1, int N, const int DT) {
     int nb = nb0;
     for (; nb + LO_EB <= nb1; nb += LO_EB) LO_ETLOOP(LO_EB);
     for (; nb < nb1; nb++) LO_ETLOOP(1);
+}
+
+static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
+                      int t0, int t1, int nb0, int nb1, int N) {
+    switch (L->b_dtype) {
+    case IFG_BF16: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_BF16); break;
+    case IFG_LORA_I8: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_LORA_I8); break;
+    default: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_F32); break;
+    }
 }
 #else
 #define lo_shrink lo_shrink_ref
@@ -252,15 +277,14 @@ static inline int lo_rows(const struct ifg_lora *const *lora, const int32_t *seg
     return lora[s] ? seg_start[s + 1] - seg_start[s] : 0;
 }
 
-void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int K,
-                         const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
-                         float *h, int max_rank) {
-    long long units = 0; /* shrink units: (segment, LO_RC-row chunk, rank group) */
+void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg) {
+    long long units = 0; /* (segment, LO_RC-row chunk, rank group) */
     for (int s = 0; s < n_seg; s++) {
         const int rows = lo_rows(lora, seg_start, s);
         if (rows > 0) units += (long long)((rows + LO_RC - 1) / LO_RC) * (lora[s]->rank / LO_RG);
     }
-    if (!units || N <= 0) return; /* the same for every thread: no worksharing to skip */
+    if (!units) return; /* the same for every thread: no worksharing to skip */
     const int nc = lo_team();
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* thread c: units [u0, u1) in (segment, chunk, group) order */
@@ -274,17 +298,68 @@ void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int 
                 for (int g = 0; g < ng && u < u1; g++, u++)
                     if (u >= u0) {
                         const int t0 = seg_start[s] + r0, t1 = t0 + (rows - r0 < LO_RC ? rows - r0 : LO_RC);
-                        lo_shrink(h, max_rank, x, ldx, lora[s], t0, t1, g, K);
+                        lo_shrink(h, ldh, x, ldx, lora[s], t0, t1, g, K);
                     }
         }
     }
+}
+
+void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                          int t0, int t1, int n0, int n1) {
+    const int nb0 = n0 / LO_VB, nb1 = (n1 + LO_VB - 1) / LO_VB, nn = n1 < N ? n1 : N;
+    for (int s = 0; s < n_seg && n0 < n1; s++) {
+        const int a = seg_start[s] > t0 ? seg_start[s] : t0, b = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
+        if (lora[s] && a < b) lo_expand(y, ldy, h, ldh, lora[s], a, b, nb0, nb1, nn);
+    }
+}
+
+void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int K,
+                         const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                         float *h, int max_rank) {
+    if (N <= 0) return;
+    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg);
+    const int nc = lo_team();
     IFG_FOR
-    for (int c = 0; c < nc; c++) { /* thread c: 16-output blocks [nb0, nb1), all segments */
-        const long long n16 = ((long long)N + LO_VB - 1) / LO_VB;
-        const int nb0 = (int)(n16 * c / nc), nb1 = (int)(n16 * (c + 1) / nc);
-        for (int s = 0; s < n_seg && nb0 < nb1; s++)
-            if (lo_rows(lora, seg_start, s) > 0)
-                lo_expand(y, ldy, h, max_rank, lora[s], seg_start[s], seg_start[s + 1], nb0, nb1, N);
+    for (int c = 0; c < nc; c++) { /* thread c: whole 16-output blocks */
+        int n0, n1;
+        ifg_chunk(N, LO_VB, c, nc, &n0, &n1);
+        ifg_lora_expand_rows(y, ldy, h, max_rank, N, lora, seg_start, n_seg, 0, seg_start[n_seg], n0, n1);
+    }
+}
+
+static int lo_gcd(int a, int b) { return b ? lo_gcd(b, a % b) : a; }
+
+void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                          int T, int N, int K, int accumulate,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                          float *h, int max_rank, float *tmp) {
+    if (T <= 0 || N <= 0) return;
+    int dora = 0;
+    for (int s = 0; s < n_seg; s++) dora |= lo_rows(lora, seg_start, s) > 0 && lora[s]->dora;
+    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg);
+    /* rows per thread: whole 16-output blocks and whole row groups of the base kernel */
+    const int ra = ifg_matmul_row_align(wtype), align = ra / lo_gcd(ra, LO_VB) * LO_VB;
+    const int tb = ifg_matmul_token_block(wtype), TS = tb * (LO_SLAB / tb > 1 ? LO_SLAB / tb : 1);
+    const int via_tmp = accumulate && dora; /* DoRA scales the projection, not the residual */
+    const int nc = lo_team();
+    IFG_FOR
+    for (int c = 0; c < nc; c++) {
+        int r0, r1;
+        ifg_chunk(N, align, c, nc, &r0, &r1);
+        if (r0 >= r1) continue;
+        for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in L2 */
+            const int t1 = t0 + TS < T ? t0 + TS : T;
+            if (!via_tmp) {
+                ifg_matmul_rows(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K, accumulate);
+                ifg_lora_expand_rows(y, ldy, h, max_rank, N, lora, seg_start, n_seg, t0, t1, r0, r1);
+            } else {
+                ifg_matmul_rows(tmp + (size_t)t0 * N, N, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K, 0);
+                ifg_lora_expand_rows(tmp, N, h, max_rank, N, lora, seg_start, n_seg, t0, t1, r0, r1);
+                for (int t = t0; t < t1; t++)
+                    for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] += tmp[(size_t)t * N + n];
+            }
+        }
     }
 }
 
@@ -293,5 +368,14 @@ void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
                     float *h, int max_rank, int n_threads) {
     IFG_PARALLEL(n_threads) {
         ifg_lora_apply_part(y, ldy, x, ldx, N, K, lora, seg_start, n_seg, h, max_rank);
+    }
+}
+
+void ifg_lora_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                     int T, int N, int K, int accumulate,
+                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                     float *h, int max_rank, float *tmp, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_lora_matmul_part(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, h, max_rank, tmp);
     }
 }

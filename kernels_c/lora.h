@@ -36,6 +36,17 @@ void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                     float *h, int max_rank, int n_threads);
 
+/* The base projection and the low-rank part in one pass: y (=|+=) x·Wᵀ (W as ifg_matmul takes
+ * it), then each segment's adapter as ifg_lora_apply adds it. Each thread adds the low-rank
+ * part to its own rows of the base output right after computing them, one slab of tokens at a
+ * time, while that slab of y is still in cache (a separate pass over a prefill's y costs more
+ * than the low-rank arithmetic). DoRA with accumulate != 0 scales the projection, not the
+ * residual: the projection then goes through tmp ([T][N] floats; unused otherwise). */
+void ifg_lora_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                     int T, int N, int K, int accumulate,
+                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                     float *h, int max_rank, float *tmp, int n_threads);
+
 /* The adapters of one forward step: segment i (rows seg_start[i]..seg_start[i+1]) uses the
  * adapter whose table is seg[i] ([n_layers * 7] entries, projection order wq wk wv wo w_gate
  * w_up w_down; NULL entry = projection not adapted), or none if seg[i] is NULL. */
@@ -50,7 +61,20 @@ struct ifg_lora_batch {
 // cdef-end
 #define IFG_LORA_MAX_SEG 64
 
+/* The `_part` forms, for every thread of an enclosing parallel region to call together. */
 void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int K,
                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                          float *h, int max_rank);
+void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                          int T, int N, int K, int accumulate,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                          float *h, int max_rank, float *tmp);
+/* Phase 1, h = (x·Aᵀ) ⊙ h_scale for every adapted row (worksharing loop, ends in a barrier). */
+void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg);
+/* Phase 2 by the calling thread alone: y += h·Bᵀ (then DoRA) for rows [t0, t1) and outputs
+ * [n0, n1), n0 a multiple of IFG_LORA_VB. */
+void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N,
+                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                          int t0, int t1, int n0, int n1);
 #endif

@@ -44,15 +44,6 @@ static inline int mm_team(void) {
 #endif
 }
 
-/* Rows [*lo, *hi) of chunk c out of nc: N split in groups of `align` rows, groups spread
- * evenly over the chunks. */
-static inline void mm_chunk(int N, int align, int c, int nc, int *lo, int *hi) {
-    long long ng = ((long long)N + align - 1) / align;
-    long long r0 = ng * c / nc * align, r1 = ng * (c + 1) / nc * align;
-    *lo = (int)(r0 < N ? r0 : N);
-    *hi = (int)(r1 < N ? r1 : N);
-}
-
 /* ---------------------------------------------------------------------------------------- */
 /* Scalar reference: plain loops, f32 accumulation in k order.                               */
 /* ---------------------------------------------------------------------------------------- */
@@ -437,6 +428,39 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
 }
 #endif
 
+int ifg_matmul_row_align(int wtype) {
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) ? 16 : MM_ALIGN; /* x16: whole row groups */
+}
+
+int ifg_matmul_token_block(int wtype) {
+#if defined(IFG_AVX512) || defined(IFG_AVX2)
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ? 64 : MM_TB;
+#else
+    (void)wtype;
+    return 64;
+#endif
+}
+
+void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                     int T, int r0, int r1, int K, int accumulate) {
+    if (T <= 0 || r0 >= r1) return;
+    if (K <= 0) { /* empty sum */
+        if (!accumulate)
+            for (int t = 0; t < T; t++)
+                for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] = 0.0f;
+    } else if (ifg_is_qx16(wtype)) {
+        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    } else if (ifg_is_qkx16(wtype)) {
+        ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+    } else if (ifg_is_quant(wtype)) {
+        ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    } else if (ifg_is_quant_k(wtype)) {
+        ifg_qk_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    } else {
+        mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    }
+}
+
 void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int N, int K, int accumulate) {
     if (T <= 0 || N <= 0) return; /* the same for every thread: no worksharing to skip */
@@ -444,23 +468,8 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
         int r0, r1;
-        mm_chunk(N, ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) ? 16 : MM_ALIGN, c, nc, &r0, &r1); /* x16: whole row groups */
-        if (r0 >= r1) continue;
-        if (K <= 0) { /* empty sum */
-            if (!accumulate)
-                for (int t = 0; t < T; t++)
-                    for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] = 0.0f;
-        } else if (ifg_is_qx16(wtype)) {
-            ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
-        } else if (ifg_is_qkx16(wtype)) {
-            ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
-        } else if (ifg_is_quant(wtype)) {
-            ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
-        } else if (ifg_is_quant_k(wtype)) {
-            ifg_qk_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
-        } else {
-            mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
-        }
+        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);
+        ifg_matmul_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     }
 }
 

@@ -25,4 +25,15 @@ void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int w
 void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int N, int K, int accumulate);
 
+/* Rows [r0, r1) of that product for T tokens, by the calling thread alone (what one thread of
+ * ifg_matmul_part computes). r0 must be a multiple of ifg_matmul_row_align(wtype), and so must
+ * r1 unless it is N. Each output comes out bit for bit as ifg_matmul_part computes it, provided
+ * T > 1 in both (T == 1 is the GEMV path). */
+void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                     int T, int r0, int r1, int K, int accumulate);
+int ifg_matmul_row_align(int wtype);
+/* Tokens per block of the GEMM of wtype: calls over token ranges that are multiples of it
+ * stream the weights no more often than one call over all tokens. */
+int ifg_matmul_token_block(int wtype);
+
 #endif

@@ -34,10 +34,6 @@ void ifg_dequant_row(float *o, const uint8_t *row, int dtype, int n);
 
 static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype == IFG_Q4_0 || dtype == IFG_Q5_0; }
 
-/* Quantize x[t..t+tt)[k0..k1) per 32-block: q[i*ldq + k - k0] int8, d[i*ldd + b] its scale,
- * s[i*ldd + b] the block's sum of q (scalar in every build: every ISA quantizes x alike). */
-void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
-                    int k0, int k1, int ldq, int ldd);
 
 /* Row-interleaved layouts (IFG_Q8_0X16 / IFG_Q4_0X16; N a multiple of 16, built at load time by
  * infeng.quant.interleave from the GGUF-order blocks). W is N/16 groups of 16 rows; a group is
@@ -50,6 +46,11 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
  * So one 64-byte load is 16 rows × 4 k (q4_0: two of them), which vpdpbusd with x's 4 int8 of
  * those k broadcast advances at once. */
 // cdef-begin
+/* Quantize x[t..t+tt)[k0..k1) per 32-block: q[i*ldq + k - k0] int8, d[i*ldd + b] its scale,
+ * s[i*ldd + b] the block's sum of q (every ISA
+ * quantizes x bit for bit alike, as infeng.quant.quantize_activations). */
+void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
+                    int k0, int k1, int ldq, int ldd);
 /* Repack a GGUF-order q8_0 / q4_0 / q4_k matrix src (N rows of K/32 or K/256 blocks, N a
  * multiple of 16) into its interleaved layout dst (the same number of bytes; q4_k's is in
  * quant_k.h); groups of rows split over threads. The numpy reference is

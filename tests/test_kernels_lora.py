@@ -92,3 +92,55 @@ def test_lora_same_bits_for_any_thread_count(kern):
                                 P(kern, h), 16, threads)
         outs.append(y)
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def _base_weight(kind, N, K, rng):
+    """(C dtype code, buffer) of a random [N][K] base weight in one of the matmul formats."""
+    from infeng import quant
+    from infeng.quant.interleave import interleave
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.1
+    if kind == "f32":
+        return 0, w
+    if kind == "bf16":
+        return 1, to_bf16_bits(w)
+    raw = quant.quantize(w, kind.removesuffix("x16"))
+    if kind.endswith("x16"):
+        return {"q8_0x16": 5, "q4_0x16": 6}[kind], interleave(raw, kind.removesuffix("x16"))
+    return {"q8_0": 3, "q4_0": 4}[kind], raw
+
+
+@pytest.mark.parametrize("kind,N,K", [("f32", 53, 40), ("bf16", 200, 33), ("q8_0", 70, 64),
+                                      ("q8_0x16", 96, 128), ("q4_0x16", 48, 96)])
+@pytest.mark.parametrize("T", [1, 6, 131, 300])
+@pytest.mark.parametrize("acc", [0, 1])
+def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc):
+    """ifg_lora_matmul (the base projection with each thread's rows expanded slab by slab) gives
+    the bits of ifg_matmul followed by ifg_lora_apply, for every base format, token counts that
+    cross slabs, any thread count, and DoRA on a residual (accumulate: through tmp)."""
+    rng = np.random.default_rng(N + K + T + acc)
+    code, wbuf = _base_weight(kind, N, K, rng)
+    ads = [_adapter(kern, rng, N, K, r, "bf16", dora=(i == 1)) for i, r in enumerate((16, 8, 5))]
+    cuts = sorted(rng.choice(np.arange(1, T), size=min(3, T - 1), replace=False).tolist()) if T > 1 else []
+    starts = np.array([0] + cuts + [T] * (4 - len(cuts)), np.int32)[:5]
+    starts[-1] = T
+    which = [ads[0][0], kern.ffi.NULL, ads[1][0], ads[2][0]]           # one segment without an adapter
+    sel = kern.ffi.new("struct ifg_lora *[]", which)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    y0 = rng.standard_normal((T, N)).astype(np.float32)
+    # reference: base, then the low-rank part; DoRA on a residual scales the projection only
+    ref = y0.copy()
+    proj = np.zeros((T, N), np.float32)
+    kern.lib.ifg_matmul(P(kern, proj), N, P(kern, x), K, P(kern, wbuf, "void *"), code, T, N, K, 0, 1)
+    h = np.zeros((T, 16), np.float32)
+    kern.lib.ifg_lora_apply(P(kern, proj), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), 4,
+                            P(kern, h), 16, 1)
+    ref = ref + proj if acc else proj
+    for threads in (1, 2, 3):
+        y = y0.copy()
+        tmp = np.zeros((T, N), np.float32)
+        kern.lib.ifg_lora_matmul(P(kern, y), N, P(kern, x), K, P(kern, wbuf, "void *"), code, T, N, K, acc,
+                                 sel, P(kern, starts, "int32_t *"), 4, P(kern, h), 16, P(kern, tmp), threads)
+        if T > 1 and not acc:   # the same sums in the same order: the same bits
+            assert np.array_equal(y, ref), threads
+        else:                   # T == 1 is the GEMV (another order); += rounds base + residual first
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))

@@ -102,6 +102,28 @@ def test_bad_shape_refused():
         quant.quantize_q8_0(np.zeros((2, 172), np.float32))
 
 
+def test_activation_quantization_is_bit_exact(kern):
+    """ifg_quantize_x (SIMD in the AVX2 / AVX-512 builds) gives quantize_activations' int8, scales
+    and block sums bit for bit, ties included: blocks whose max is 127 have scale 1, so x.5 values
+    are exact ties and must round away from zero."""
+    rng = np.random.default_rng(3)
+    T, K = 7, 32 * 9
+    x = (rng.standard_normal((T, K)) * np.exp2(rng.integers(-6, 6, (T, 1)))).astype(np.float32)
+    ties = np.array([0.5, -0.5, 1.5, -2.5, 126.5, -126.5, 0.49999997, -0.49999997, 3.5000002, 127.0], np.float32)
+    x[0, :32] = 0.0
+    x[0, :ties.size] = ties                                                  # max 127: scale 1
+    x[1, 32:64] = 0.0                                                        # an all-zero block
+    x[2, 64:96] = -x[2, 64:96]
+    q, d, s = np.zeros((T, K), np.int8), np.zeros((T, K // 32), np.float32), np.zeros((T, K // 32), np.int32)
+    kern.lib.ifg_quantize_x(P(kern, q, "int8_t *"), P(kern, d), P(kern, s, "int32_t *"), P(kern, x), K, 0, T, 0, K,
+                            K, K // 32)
+    want_q, want_d = quant.quantize_activations(x)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(d, want_d)
+    np.testing.assert_array_equal(s, want_q.reshape(T, -1, 32).astype(np.int32).sum(-1))
+    assert list(q[0, :ties.size]) == [1, -1, 2, -3, 127, -127, 0, 0, 4, 127]
+
+
 def _ref(raw, qtype, x):
     """float64 reference with x quantized as the kernels do."""
     N = raw.shape[0]

@@ -40,8 +40,9 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 
 
 def _round_away(v: np.ndarray) -> np.ndarray:
-    """C roundf: halves away from zero."""
-    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+    """C roundf: halves away from zero. (floor(|v| + 0.5) is not: 0.49999997 + 0.5 rounds to 1.)"""
+    t = np.trunc(v)
+    return t + np.sign(v) * (np.abs(v - t) >= np.float32(0.5))
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
