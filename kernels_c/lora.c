@@ -1,36 +1,43 @@
 /* lora.c — the low-rank part of mixed-adapter batches.
  *
- * Two phases over all segments at once, each one worksharing loop (so one barrier each, not two
- * per segment):
- *  1. shrink h[t] = (x[t]·Aᵀ) ⊙ h_scale for every adapted row t. The work is cut into units of
- *     (segment, chunk of up to LO_RC rows, group of IFG_LORA_RG rank rows), split evenly over the
- *     threads in that order: in decode (a few rows per adapter) the threads split an adapter's
- *     rank groups, so each reads its own part of A once; in prefill they split the rows.
- *     A unit streams its rank group of packed A front to back (one contiguous stream) in
- *     register tiles of LO_TT rows × 4 rank rows: each A vector is loaded and converted once
- *     for LO_TT tokens.
- *  2. expand y[t] += h[t]·Bᵀ (then DoRA's row factor). The threads split the 16-output blocks of
- *     packed Bᵀ; one block's outputs are a sum of rank broadcast-multiplies of 16-value rows, no
- *     horizontal reductions; register tiles of LO_ET tokens × LO_EB blocks, whose weights are
- *     one contiguous run of memory.
+ * Two phases over all segments at once:
+ *  1. shrink: the partial sums hp[c][t] = x[t][kc..kc+LO_KC) · Aᵀ for every adapted row t and
+ *     k-chunk c. A is stored transposed ([K][rank]), so one k's rank values are one vector: the
+ *     tile broadcasts x[t][k] and multiply-adds it into a vector of ranks per token, with no
+ *     horizontal sums, one A load and conversion shared by LO_ST tokens. Units (segment, chunk
+ *     of LO_RC rows, k-chunk) are split evenly over the threads in that order: in decode (a row
+ *     or two per adapter) the threads split each adapter's A by k, each reading its own part of
+ *     it once; in prefill they also split the rows. One worksharing loop, one barrier.
+ *  2. expand y[t] += h[t]·Bᵀ (then DoRA's row factor), where h[t] = h_scale ⊙ Σ_c hp[c][t]
+ *     (chunks added in order, by each thread for the rows it expands, into a stack buffer).
+ *     Threads split the 16-output blocks of packed Bᵀ; one block's outputs are a sum of rank
+ *     broadcast-multiplies of 16-value rows; register tiles of LO_ET tokens × LO_EB blocks,
+ *     whose weights are one contiguous run of memory.
  * In the forward pass phase 2 rides on the base projection (ifg_lora_matmul_part): each thread
  * computes its rows of x·Wᵀ for a slab of LO_SLAB tokens and expands into them at once, so y is
- * touched while in L2. As a pass of its own, a prefill's expand re-read and re-wrote all of y
- * (T × N floats, 23 MB for TinyLlama's w_gate at T = 1024) and cost 4× its arithmetic.
- * Weights are converted in registers only (bf16: shift; int8: sign-extend + convert); packing
- * pads rank, K and N with zeros, so weight loads are never masked, only x, y and DoRA's tails.
- * Every output's summation order depends only on K and rank, not on tiles or threads, so results
- * are bitwise identical for any thread count. Rows without an adapter are not touched. */
+ * touched while in cache. As a pass of its own, a prefill's expand re-read and re-wrote all of
+ * y (T × N floats, 23 MB for TinyLlama's w_gate at T = 1024) and cost 4× its arithmetic.
+ *
+ * Weights are converted in registers (bf16: shift; int8: sign-extend + convert). A prefill
+ * segment uses each Bᵀ weight for hundreds of rows, so there a run of Bᵀ is converted to f32
+ * once into a stack buffer that every token tile reads (LO_CONV_ROWS rows and up); the values
+ * and the order of the sums are the same either way. Every output's summation order depends
+ * only on K, rank and the batch's segments (the k-chunks and tiles are fixed, not per thread),
+ * so results are bitwise identical for any thread count. Rows without an adapter are not touched. */
 #include "lora.h"
 #include "matmul.h"
 
 #define LO_AI static inline __attribute__((always_inline))
-#define LO_RC 32   /* rows per shrink unit: enough units to balance prefill, A group stays in L1 */
-#define LO_SLAB 128 /* tokens per slab of the fused projection (see ifg_lora_matmul_part) */
-#define LO_RG IFG_LORA_RG
+#define LO_RC 32       /* rows per shrink unit */
+#define LO_KC 512      /* k per shrink unit: each has its own partial sums */
+#define LO_HB 8192     /* floats of a thread's stack buffer of summed h */
+#define LO_SLAB 128    /* tokens per slab of the fused projection */
+#define LO_CONV_ROWS 8 /* segment rows from which an expand converts each Bᵀ run once */
+#define LO_RMAX 128    /* largest rank whose Bᵀ runs are converted */
 #define LO_VB IFG_LORA_VB
 
-static inline size_t lo_k16(int K) { return ((size_t)K + LO_VB - 1) / LO_VB; }
+int ifg_lora_h_rows(int T, int K) { return (K + LO_KC - 1) / LO_KC * T; }
+
 static inline float lo_hs(const struct ifg_lora *L, int i) { return L->h_scale ? L->h_scale[i] : 1.0f; }
 
 static inline int lo_team(void) {
@@ -46,17 +53,25 @@ static inline float lo_ld(const void *w, int dtype, size_t i) {
     return dtype == IFG_LORA_I8 ? (float)((const int8_t *)w)[i] : ifg_load_f32(w, dtype, i);
 }
 
-/* h[t][g*4 .. g*4+4) for rows [t0, t1): rank group g of packed A. */
-static void lo_shrink_ref(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
-                          int t0, int t1, int g, int K) {
-    const size_t k16 = lo_k16(K);
+/* hp[t][i] = Σ_{k0 <= k < k1} x[t][k] A[k][i] for rows [t0, t1). */
+static void lo_shrink_ref(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
+                          int t0, int t1, int k0, int k1) {
     for (int t = t0; t < t1; t++)
-        for (int b = 0; b < LO_RG; b++) {
+        for (int i = 0; i < L->rank; i++) {
             float acc = 0.0f;
-            for (int k = 0; k < K; k++)
-                acc += x[(size_t)t * ldx + k] *
-                       lo_ld(L->a, L->a_dtype, (((size_t)g * k16 + k / LO_VB) * LO_RG + b) * LO_VB + k % LO_VB);
-            h[(size_t)t * ldh + g * LO_RG + b] = acc * lo_hs(L, g * LO_RG + b);
+            for (int k = k0; k < k1; k++) acc += x[(size_t)t * ldx + k] * lo_ld(L->a, L->a_dtype, (size_t)k * L->rank + i);
+            hp[(size_t)t * ldh + i] = acc;
+        }
+}
+
+/* hb[t - t0][i] = h_scale[i] · Σ_c hp[c][t][i] (chunks in order) for rows [t0, t1). */
+static void lo_sum_ref(float *hb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
+                       int t0, int t1) {
+    for (int t = t0; t < t1; t++)
+        for (int i = 0; i < L->rank; i++) {
+            float s = 0.0f;
+            for (int c = 0; c < nkc; c++) s += hp[((size_t)c * ttot + t) * ldh + i];
+            hb[(size_t)(t - t0) * L->rank + i] = s * lo_hs(L, i);
         }
 }
 
@@ -79,7 +94,7 @@ static void lo_expand_ref(float *y, int ldy, const float *h, int ldh, const stru
 /* ---- SIMD: one vector abstraction per ISA ------------------------------------------------- */
 #if defined(IFG_AVX512)
 #define LO_W 16
-#define LO_TT 4 /* shrink tile: 4 tokens × 4 rank rows = 16 accumulators */
+#define LO_RV 4 /* shrink: rank vectors per tile (tokens per tile: lo_st_tokens) */
 #define LO_ET 4 /* expand tile: 4 tokens × 4 blocks (4 vectors) = 16 accumulators */
 #define LO_EB 4
 typedef __m512 lo_v;
@@ -94,21 +109,26 @@ LO_AI lo_v lo_ldx(const float *p) { return _mm512_loadu_ps(p); }
 LO_AI lo_v lo_ldx_m(const float *p, int r) { return _mm512_maskz_loadu_ps(lo_mask(r), p); }
 LO_AI void lo_stx(float *p, lo_v v) { _mm512_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm512_mask_storeu_ps(p, lo_mask(r), v); }
-/* 16 packed weights w[i..i+16) as f32 (packing makes every such load whole). */
-LO_AI lo_v lo_ldw(const void *w, int dtype, size_t i) {
+LO_AI lo_v lo_cvt_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+/* r weights w[i..i+r) as f32, the rest zero, nothing beyond read (0 < r <= 16). */
+LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
+    if (r == LO_W) {
+        switch (dtype) {
+        case IFG_BF16: return lo_cvt_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+        case IFG_LORA_I8: return lo_cvt_i8(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i)));
+        default: return _mm512_loadu_ps((const float *)w + i);
+        }
+    }
     switch (dtype) {
-    case IFG_BF16:
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))), 16));
-    case IFG_LORA_I8:
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
-    default: return _mm512_loadu_ps((const float *)w + i);
+    case IFG_BF16: return lo_cvt_bf16(_mm256_maskz_loadu_epi16(lo_mask(r), (const uint16_t *)w + i));
+    case IFG_LORA_I8: return lo_cvt_i8(_mm_maskz_loadu_epi8(lo_mask(r), (const int8_t *)w + i));
+    default: return _mm512_maskz_loadu_ps(lo_mask(r), (const float *)w + i);
     }
 }
-LO_AI float lo_hsum(lo_v a) { return _mm512_reduce_add_ps(a); }
 #else /* AVX2 + FMA */
 #define LO_W 8
-#define LO_TT 2 /* 2 tokens × 4 rank rows = 8 accumulators + 4 weights + 1 x of 16 ymm */
+#define LO_RV 2
 #define LO_ET 2 /* 2 tokens × 2 blocks (4 vectors) = 8 accumulators + 4 weights + 1 h */
 #define LO_EB 2
 typedef __m256 lo_v;
@@ -122,111 +142,178 @@ LO_AI lo_v lo_ldx(const float *p) { return _mm256_loadu_ps(p); }
 LO_AI lo_v lo_ldx_m(const float *p, int r) { return _mm256_maskload_ps(p, lo_imask(r)); }
 LO_AI void lo_stx(float *p, lo_v v) { _mm256_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm256_maskstore_ps(p, lo_imask(r), v); }
-LO_AI lo_v lo_ldw(const void *w, int dtype, size_t i) {
-    switch (dtype) {
-    case IFG_BF16:
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
-    case IFG_LORA_I8:
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
-    default: return _mm256_loadu_ps((const float *)w + i);
+LO_AI lo_v lo_cvt_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)); }
+LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
+    if (r == LO_W) {
+        switch (dtype) {
+        case IFG_BF16: return lo_cvt_bf16(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+        case IFG_LORA_I8: return lo_cvt_i8(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i)));
+        default: return _mm256_loadu_ps((const float *)w + i);
+        }
     }
-}
-LO_AI float lo_hsum(lo_v a) {
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    q = _mm_hadd_ps(q, q);
-    return _mm_cvtss_f32(_mm_hadd_ps(q, q));
+    if (dtype != IFG_BF16 && dtype != IFG_LORA_I8) return _mm256_maskload_ps((const float *)w + i, lo_imask(r));
+    uint16_t raw[8] = {0}; /* the raw tail (AVX2 has no 8/16-bit masked load) */
+    memcpy(raw, dtype == IFG_BF16 ? (const void *)((const uint16_t *)w + i) : (const void *)((const int8_t *)w + i),
+           (size_t)r * (dtype == IFG_BF16 ? 2 : 1));
+    const __m128i q = _mm_loadu_si128((const __m128i *)raw);
+    return dtype == IFG_BF16 ? lo_cvt_bf16(q) : lo_cvt_i8(q);
 }
 #endif
 #define LO_VPB (LO_VB / LO_W) /* vectors per packed 16-value run */
-#define LO_PF 2048            /* prefetch distance in bytes along a packed stream */
+#ifndef LO_PF
+#define LO_PF 2048            /* prefetch distance in bytes along a weight stream */
+#endif
+#ifndef LO_PFL
+#define LO_PFL 3
+#endif
 #define LO_ES(DT) ((DT) == IFG_LORA_I8 ? 1 : (DT) == IFG_BF16 ? 2 : 4)
+LO_AI lo_v lo_ldw(const void *w, int dtype, size_t i) { return lo_ldw_n(w, dtype, i, LO_W); }
 
 /* Prefetch the cache lines of `bytes` bytes (a compile-time constant) LO_PF ahead of p. */
 LO_AI void lo_pf(const void *p, const int bytes) {
 #pragma GCC unroll 4
-    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + LO_PF + o, 0, 3);
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + LO_PF + o, 0, LO_PFL);
 }
 
 /* Every kernel below takes its weight dtype DT as a compile-time constant (the wrappers switch
  * on it once per call), so the inner loops carry no dtype dispatch. */
 
-/* Shrink tile: TT tokens from t × the 4 rank rows of group g. Vector step v covers k in
- * [v*W, v*W + W); its 4 weight vectors are adjacent in packed A. */
-LO_AI void lo_shrink_tile(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L, int K,
-                          int t, int g, const int TT, const int DT) {
-    lo_v acc[LO_TT][LO_RG];
-    const int nv = (K + LO_W - 1) / LO_W;
-    const size_t base = (size_t)g * lo_k16(K) * LO_RG * LO_VB;
-#pragma GCC unroll 8
-    for (int a = 0; a < TT; a++)
-#pragma GCC unroll 8
-        for (int b = 0; b < LO_RG; b++) acc[a][b] = lo_zero();
-    for (int v = 0; v < nv; v++) {
-        const int k = v * LO_W, r = K - k < LO_W ? K - k : LO_W;
-        const size_t at = base + (size_t)(k / LO_VB) * LO_RG * LO_VB + k % LO_VB;
-        lo_v w[LO_RG];
-        if (k % LO_VB == 0) lo_pf((const char *)L->a + at * LO_ES(DT), LO_RG * LO_VB * LO_ES(DT));
-#pragma GCC unroll 8
-        for (int b = 0; b < LO_RG; b++) w[b] = lo_ldw(L->a, DT, at + (size_t)b * LO_VB);
-#pragma GCC unroll 8
-        for (int a = 0; a < TT; a++) {
-            const float *xr = x + (size_t)(t + a) * ldx + k;
-            const lo_v xv = r == LO_W ? lo_ldx(xr) : lo_ldx_m(xr, r);
-#pragma GCC unroll 8
-            for (int b = 0; b < LO_RG; b++) acc[a][b] = lo_fma(w[b], xv, acc[a][b]);
+/* Shrink tile: TT tokens from t × RV rank vectors from rank i0 (the last holding rl <= W ranks),
+ * over k in [k0, k1): per k one A load per rank vector, TT broadcasts of x, TT·RV FMAs. With
+ * few tokens that is too few independent FMA chains to hide the FMA latency (a decode tile of
+ * 2 tokens ran at one k per 4 cycles, 11 GB/s of int8 A per thread), so KU interleaved sets
+ * of accumulators take k, k+1, ... in turn and are added at the end: the summation order is
+ * then a function of the tile shape, which the batch fixes (not the threads). */
+#define LO_KU(TT, RV) ((TT) * (RV) >= 8 ? 1 : (TT) * (RV) >= 4 ? 2 : 4)
+LO_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const void *a, int R,
+                          int k0, int k1, int t, int i0, int rl, const int TT, const int RV, const int DT) {
+    const int KU = LO_KU(TT, RV);
+    lo_v acc[4][12][LO_RV];
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; u++)
+#pragma GCC unroll 12
+        for (int i = 0; i < TT; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < RV; j++) acc[u][i][j] = lo_zero();
+    int k = k0;
+#define LO_SHRINK_K(u)                                                                                       \
+    do {                                                                                                     \
+        const size_t at = (size_t)(k + (u)) * R + i0;                                                        \
+        lo_v w[LO_RV];                                                                                       \
+        _Pragma("GCC unroll 4") for (int j = 0; j < RV; j++)                                                 \
+            w[j] = lo_ldw_n(a, DT, at + (size_t)j * LO_W, j == RV - 1 ? rl : LO_W);                          \
+        _Pragma("GCC unroll 12") for (int i = 0; i < TT; i++) {                                              \
+            const lo_v xb = lo_set1(x[(size_t)(t + i) * ldx + k + (u)]);                                     \
+            _Pragma("GCC unroll 4") for (int j = 0; j < RV; j++) acc[u][i][j] = lo_fma(xb, w[j], acc[u][i][j]); \
+        }                                                                                                    \
+    } while (0)
+    for (; k + KU <= k1; k += KU) {
+        __builtin_prefetch((const char *)a + ((size_t)k * R + i0) * LO_ES(DT) + LO_PF, 0, LO_PFL);
+#pragma GCC unroll 4
+        for (int u = 0; u < KU; u++) LO_SHRINK_K(u);
+    }
+    for (; k < k1; k++) LO_SHRINK_K(0);
+#undef LO_SHRINK_K
+#pragma GCC unroll 12
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < RV; j++) {
+            lo_v v = acc[0][i][j];
+            if (KU == 2) v = lo_add(v, acc[1][i][j]);
+            if (KU == 4) v = lo_add(lo_add(v, acc[1][i][j]), lo_add(acc[2][i][j], acc[3][i][j]));
+            float *o = hp + (size_t)(t + i) * ldh + i0 + j * LO_W;
+            if (j == RV - 1 && rl < LO_W) lo_stx_m(o, v, rl); else lo_stx(o, v);
+        }
+}
+
+/* Tokens per shrink tile for RV rank vectors: as many accumulators as the registers allow. */
+#if defined(IFG_AVX512)
+#define LO_ST(RV) ((RV) == 1 ? 12 : (RV) == 2 ? 6 : (RV) == 3 ? 4 : 3)
+#else
+#define LO_ST(RV) ((RV) == 1 ? 12 : 6)
+#endif
+
+/* Rows [t0, t1) × RV rank vectors from i0: full tiles, then the remainder in tiles of 8/4/2/1. */
+LO_AI void lo_shrink_rows(float *hp, int ldh, const float *x, int ldx, const void *a, int R, int k0, int k1,
+                          int t0, int t1, int i0, int rl, const int RV, const int DT) {
+    int t = t0;
+    for (; t + LO_ST(RV) <= t1; t += LO_ST(RV)) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, LO_ST(RV), RV, DT);
+    if (LO_ST(RV) > 8 && t + 8 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 8, RV, DT); t += 8; }
+    if (LO_ST(RV) > 4 && t + 4 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 4, RV, DT); t += 4; }
+    if (LO_ST(RV) > 2 && t + 2 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 2, RV, DT); t += 2; }
+    for (; t < t1; t++) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 1, RV, DT);
+}
+
+LO_AI void lo_shrink_dt(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
+                        int t0, int t1, int k0, int k1, const int DT) {
+    const int R = L->rank;
+    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) { /* rank blocks of up to LO_RV vectors */
+        const int left = R - i0, nv = (left < LO_RV * LO_W ? left : LO_RV * LO_W) + LO_W - 1;
+        const int rl = left - (nv / LO_W - 1) * LO_W < LO_W ? left - (nv / LO_W - 1) * LO_W : LO_W;
+        switch (nv / LO_W) {
+        case 1: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 1, DT); break;
+#if LO_RV > 2
+        case 3: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 3, DT); break;
+        case 4: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 4, DT); break;
+#endif
+        default: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 2, DT); break;
         }
     }
-#pragma GCC unroll 8
-    for (int a = 0; a < TT; a++)
-#pragma GCC unroll 8
-        for (int b = 0; b < LO_RG; b++)
-            h[(size_t)(t + a) * ldh + g * LO_RG + b] = lo_hsum(acc[a][b]) * lo_hs(L, g * LO_RG + b);
 }
 
-LO_AI void lo_shrink_dt(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
-                        int t0, int t1, int g, int K, const int DT) {
-    int t = t0;
-    for (; t + LO_TT <= t1; t += LO_TT) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, LO_TT, DT);
-    if (LO_TT > 2 && t + 2 <= t1) { lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 2, DT); t += 2; }
-    for (; t < t1; t++) lo_shrink_tile(h, ldh, x, ldx, L, K, t, g, 1, DT);
-}
-
-static void lo_shrink(float *h, int ldh, const float *x, int ldx, const struct ifg_lora *L,
-                      int t0, int t1, int g, int K) {
+static void lo_shrink(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
+                      int t0, int t1, int k0, int k1) {
     switch (L->a_dtype) {
-    case IFG_BF16: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_BF16); break;
-    case IFG_LORA_I8: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_LORA_I8); break;
-    default: lo_shrink_dt(h, ldh, x, ldx, L, t0, t1, g, K, IFG_F32); break;
+    case IFG_BF16: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_BF16); break;
+    case IFG_LORA_I8: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_LORA_I8); break;
+    default: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_F32); break;
     }
 }
 
-/* Expand tile: ET tokens from t × EB 16-blocks from nb. The tile's weights are one contiguous
- * run (the blocks are adjacent in packed Bᵀ). Per rank step: EB·VPB weight vectors, ET
- * broadcasts of h, ET·EB·VPB FMAs. */
+static void lo_sum(float *hb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
+                   int t0, int t1) {
+    const int R = L->rank;
+    for (int t = t0; t < t1; t++)
+        for (int i = 0; i < R; i += LO_W) {
+            const int r = R - i < LO_W ? R - i : LO_W;
+            lo_v s = lo_zero();
+            for (int c = 0; c < nkc; c++) s = lo_add(s, lo_ldx_m(hp + ((size_t)c * ttot + t) * ldh + i, r));
+            const lo_v hs = L->h_scale ? lo_ldx_m(L->h_scale + i, r) : lo_set1(1.0f);
+            lo_stx_m(hb + (size_t)(t - t0) * R + i, lo_mul(s, hs), r);
+        }
+}
+
+/* dst[0..n) = the n packed weights at src as f32 (n a multiple of 16). */
+LO_AI void lo_cvt_run(float *dst, const void *src, size_t n, const int DT) {
+    for (size_t i = 0; i < n; i += LO_W) lo_stx(dst + i, lo_ldw(src, DT, i));
+}
+
+/* Expand tile: ET tokens from t × EB 16-blocks from nb, whose weights are the contiguous run at
+ * w (weight (i, e-th block's output o) at (e*R + i)*16 + o; pf: prefetch it, it streams from
+ * memory). Per rank step: EB·VPB weight vectors, ET broadcasts of h, ET·EB·VPB FMAs. */
 LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L, int N,
-                          int t, int nb, const int ET, const int EB, const int DT) {
+                          const void *w, int pf, int t, int nb, const int ET, const int EB, const int DT) {
     enum { NV = LO_EB * LO_VPB };
     lo_v acc[LO_ET][NV];
     const int R = L->rank;
-    const char *run = (const char *)L->b + (size_t)nb * R * LO_VB * LO_ES(DT);
 #pragma GCC unroll 8
     for (int a = 0; a < ET; a++)
 #pragma GCC unroll 16
         for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = lo_zero();
     for (int i = 0; i < R; i++) {
-        lo_v w[NV];
-        lo_pf(run + (size_t)i * EB * LO_VB * LO_ES(DT), EB * LO_VB * LO_ES(DT)); /* as much as a step reads */
+        lo_v wv[NV];
+        if (pf) lo_pf((const char *)w + (size_t)i * EB * LO_VB * LO_ES(DT), EB * LO_VB * LO_ES(DT));
 #pragma GCC unroll 8
         for (int e = 0; e < EB; e++)
 #pragma GCC unroll 2
             for (int q = 0; q < LO_VPB; q++)
-                w[e * LO_VPB + q] = lo_ldw(L->b, DT, ((size_t)(nb + e) * R + i) * LO_VB + q * LO_W);
+                wv[e * LO_VPB + q] = lo_ldw(w, DT, ((size_t)e * R + i) * LO_VB + q * LO_W);
 #pragma GCC unroll 8
         for (int a = 0; a < ET; a++) {
             const lo_v hv = lo_set1(h[(size_t)(t + a) * ldh + i]);
 #pragma GCC unroll 16
-            for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = lo_fma(hv, w[j], acc[a][j]);
+            for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = lo_fma(hv, wv[j], acc[a][j]);
         }
     }
 #pragma GCC unroll 16
@@ -244,20 +331,35 @@ LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const stru
     }
 }
 
-/* All tokens [t0, t1) for EB blocks from nb. */
-#define LO_ETLOOP(EB)                                                                                 \
-    do {                                                                                              \
-        int t = t0;                                                                                   \
-        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, LO_ET, EB, DT); \
-        if (LO_ET > 2 && t + 2 <= t1) { lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 2, EB, DT); t += 2; } \
-        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, t, nb, 1, EB, DT);                   \
+/* All tokens [t0, t1) for EB blocks from nb, weights w of dtype D. */
+#define LO_ETLOOP(EB, w, pf, D)                                                                          \
+    do {                                                                                                \
+        int t = t0;                                                                                     \
+        for (; t + LO_ET <= t1; t += LO_ET) lo_expand_tile(y, ldy, h, ldh, L, N, w, pf, t, nb, LO_ET, EB, D); \
+        if (LO_ET > 2 && t + 2 <= t1) { lo_expand_tile(y, ldy, h, ldh, L, N, w, pf, t, nb, 2, EB, D); t += 2; } \
+        for (; t < t1; t++) lo_expand_tile(y, ldy, h, ldh, L, N, w, pf, t, nb, 1, EB, D);                \
     } while (0)
 
 LO_AI void lo_expand_dt(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                         int t0, int t1, int nb0, int nb1, int N, const int DT) {
+    const int R = L->rank;
+    const size_t blk = (size_t)R * LO_VB; /* weights per block */
+    const char *b = (const char *)L->b;
     int nb = nb0;
-    for (; nb + LO_EB <= nb1; nb += LO_EB) LO_ETLOOP(LO_EB);
-    for (; nb < nb1; nb++) LO_ETLOOP(1);
+    if (DT != IFG_F32 && t1 - t0 >= LO_CONV_ROWS && R <= LO_RMAX) { /* convert each run once */
+        float bbuf[LO_EB * LO_RMAX * LO_VB] __attribute__((aligned(64)));
+        for (; nb + LO_EB <= nb1; nb += LO_EB) {
+            lo_cvt_run(bbuf, b + nb * blk * LO_ES(DT), LO_EB * blk, DT);
+            LO_ETLOOP(LO_EB, bbuf, 0, IFG_F32);
+        }
+        for (; nb < nb1; nb++) {
+            lo_cvt_run(bbuf, b + nb * blk * LO_ES(DT), blk, DT);
+            LO_ETLOOP(1, bbuf, 0, IFG_F32);
+        }
+        return;
+    }
+    for (; nb + LO_EB <= nb1; nb += LO_EB) LO_ETLOOP(LO_EB, b + nb * blk * LO_ES(DT), 1, DT);
+    for (; nb < nb1; nb++) LO_ETLOOP(1, b + nb * blk * LO_ES(DT), 1, DT);
 }
 
 static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
@@ -270,6 +372,7 @@ static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct i
 }
 #else
 #define lo_shrink lo_shrink_ref
+#define lo_sum lo_sum_ref
 #define lo_expand lo_expand_ref
 #endif
 
@@ -279,38 +382,49 @@ static inline int lo_rows(const struct ifg_lora *const *lora, const int32_t *seg
 
 void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg) {
-    long long units = 0; /* (segment, LO_RC-row chunk, rank group) */
+    const int nkc = (K + LO_KC - 1) / LO_KC;
+    const size_t ttot = (size_t)seg_start[n_seg];
+    long long units = 0; /* (segment, LO_RC-row chunk, k-chunk) */
     for (int s = 0; s < n_seg; s++) {
         const int rows = lo_rows(lora, seg_start, s);
-        if (rows > 0) units += (long long)((rows + LO_RC - 1) / LO_RC) * (lora[s]->rank / LO_RG);
+        if (rows > 0) units += (long long)((rows + LO_RC - 1) / LO_RC) * nkc;
     }
     if (!units) return; /* the same for every thread: no worksharing to skip */
     const int nc = lo_team();
     IFG_FOR
-    for (int c = 0; c < nc; c++) { /* thread c: units [u0, u1) in (segment, chunk, group) order */
+    for (int c = 0; c < nc; c++) { /* thread c: units [u0, u1) in (segment, rows, k) order */
         const long long u0 = units * c / nc, u1 = units * (c + 1) / nc;
         long long u = 0;
         for (int s = 0; s < n_seg && u < u1; s++) {
             const int rows = lo_rows(lora, seg_start, s);
             if (rows <= 0) continue;
-            const int ng = lora[s]->rank / LO_RG;
             for (int r0 = 0; r0 < rows && u < u1; r0 += LO_RC)
-                for (int g = 0; g < ng && u < u1; g++, u++)
+                for (int kc = 0; kc < nkc && u < u1; kc++, u++)
                     if (u >= u0) {
                         const int t0 = seg_start[s] + r0, t1 = t0 + (rows - r0 < LO_RC ? rows - r0 : LO_RC);
-                        lo_shrink(h, ldh, x, ldx, lora[s], t0, t1, g, K);
+                        const int k0 = kc * LO_KC, k1 = k0 + LO_KC < K ? k0 + LO_KC : K;
+                        lo_shrink(h + (size_t)kc * ttot * ldh, ldh, x, ldx, lora[s], t0, t1, k0, k1);
                     }
         }
     }
 }
 
-void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N,
+void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N, int K,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           int t0, int t1, int n0, int n1) {
     const int nb0 = n0 / LO_VB, nb1 = (n1 + LO_VB - 1) / LO_VB, nn = n1 < N ? n1 : N;
+    const int nkc = (K + LO_KC - 1) / LO_KC;
+    float hb[LO_HB] __attribute__((aligned(64))); /* h of a run of rows, chunks summed and scaled */
     for (int s = 0; s < n_seg && n0 < n1; s++) {
+        const struct ifg_lora *L = lora[s];
         const int a = seg_start[s] > t0 ? seg_start[s] : t0, b = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
-        if (lora[s] && a < b) lo_expand(y, ldy, h, ldh, lora[s], a, b, nb0, nb1, nn);
+        if (!L || a >= b) continue;
+        const int step = LO_HB / L->rank;
+        for (int ta = a; ta < b; ta += step) {
+            const int tb = ta + step < b ? ta + step : b;
+            lo_sum(hb, h, ldh, nkc, (size_t)seg_start[n_seg], L, ta, tb);
+            lo_expand(y + (size_t)ta * ldy, ldy, hb, L->rank, L, 0, tb - ta, nb0, nb1, nn);
+        }
     }
 }
 
@@ -324,7 +438,7 @@ void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int 
     for (int c = 0; c < nc; c++) { /* thread c: whole 16-output blocks */
         int n0, n1;
         ifg_chunk(N, LO_VB, c, nc, &n0, &n1);
-        ifg_lora_expand_rows(y, ldy, h, max_rank, N, lora, seg_start, n_seg, 0, seg_start[n_seg], n0, n1);
+        ifg_lora_expand_rows(y, ldy, h, max_rank, N, K, lora, seg_start, n_seg, 0, seg_start[n_seg], n0, n1);
     }
 }
 
@@ -348,17 +462,16 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
         int r0, r1;
         ifg_chunk(N, align, c, nc, &r0, &r1);
         if (r0 >= r1) continue;
-        for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in L2 */
+        for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in cache */
             const int t1 = t0 + TS < T ? t0 + TS : T;
-            if (!via_tmp) {
-                ifg_matmul_rows(y + (size_t)t0 * ldy, ldy, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K, accumulate);
-                ifg_lora_expand_rows(y, ldy, h, max_rank, N, lora, seg_start, n_seg, t0, t1, r0, r1);
-            } else {
-                ifg_matmul_rows(tmp + (size_t)t0 * N, N, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K, 0);
-                ifg_lora_expand_rows(tmp, N, h, max_rank, N, lora, seg_start, n_seg, t0, t1, r0, r1);
+            float *yo = via_tmp ? tmp : y;
+            const int ldo = via_tmp ? N : ldy;
+            ifg_matmul_rows(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
+                            via_tmp ? 0 : accumulate);
+            ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
+            if (via_tmp)
                 for (int t = t0; t < t1; t++)
                     for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] += tmp[(size_t)t * N + n];
-            }
         }
     }
 }

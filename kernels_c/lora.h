@@ -6,21 +6,20 @@
 // cdef-begin
 /* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8. */
 enum ifg_lora_dtype { IFG_LORA_I8 = 8 };
-/* The packed layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt make
- * them at load): rank rows in groups of IFG_LORA_RG, IFG_LORA_VB values per packed vector. */
+/* The layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt make them
+ * at load): rank padded with zeros to a multiple of IFG_LORA_RG, Bᵀ in runs of IFG_LORA_VB. */
 enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
 
-/* One adapter's low-rank pair for one projection [out=N][in=K], both halves packed so that each
- * kernel reads one contiguous stream (a rank-16 row of A is a single 4 KiB page: read row by row,
- * 16 short streams in 16 pages starve the hardware prefetcher). With K16 = ceil(K/16), N16 =
- * ceil(N/16), zero-padded past rank, K and N:
- *   A   [rank/4][K16][4][16]: A[i][k] at ((i/4 * K16 + k/16) * 4 + i%4) * 16 + k%16
- *   Bᵀ  [N16][rank][16]:      B[n][i] at ((n/16 * rank) + i) * 16 + n%16
+/* One adapter's low-rank pair for one projection [out=N][in=K], laid out so that each kernel
+ * reads one contiguous stream (a rank-16 row of A is a single 4 KiB page: read row by row, 16
+ * short streams in 16 pages starve the hardware prefetcher). With N16 = ceil(N/16):
+ *   A   transposed, [K][rank]:  A[i][k] at k * rank + i (one k's ranks side by side)
+ *   Bᵀ  [N16][rank][16]:        B[n][i] at ((n/16 * rank) + i) * 16 + n%16 (zero past N)
  * h_scale folds every per-rank factor into the rank-space activations h = x·Aᵀ: the LoRA scale,
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */
 struct ifg_lora {
-    const void *a; int a_dtype;   /* packed A, f32 / bf16 / int8 */
+    const void *a; int a_dtype;   /* A transposed, f32 / bf16 / int8 */
     const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / int8 */
     const float *h_scale;         /* [rank] or NULL */
     const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
@@ -29,12 +28,14 @@ struct ifg_lora {
 
 /* Rows [seg_start[i], seg_start[i+1]) of the batch use adapter lora[i] (NULL: no adapter).
  * Plain LoRA: y[t] += B·(A·x[t]). DoRA: y[t] = dora ⊙ (y[t] + B·(A·x[t])), so y must then hold
- * the base projection alone. h is scratch of seg_start[n_seg] x max_rank floats (max_rank >= every
- * adapter's rank). The base projection is computed once for all rows elsewhere; this adds only
+ * the base projection alone. h is scratch of ifg_lora_h_rows(seg_start[n_seg], K) x max_rank
+ * floats (max_rank >= every adapter's rank): the shrink's partial sums, one set per k-chunk. The base projection is computed once for all rows elsewhere; this adds only
  * the low-rank part, per segment, with no copy of adapter weights. */
 void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                     float *h, int max_rank, int n_threads);
+/* Rows of the scratch h for T rows and input width K. */
+int ifg_lora_h_rows(int T, int K);
 
 /* The base projection and the low-rank part in one pass: y (=|+=) x·Wᵀ (W as ifg_matmul takes
  * it), then each segment's adapter as ifg_lora_apply adds it. Each thread adds the low-rank
@@ -54,7 +55,7 @@ struct ifg_lora_batch {
     int n_seg;                                  /* <= 64 */
     const int32_t *seg_start;                   /* [n_seg + 1] */
     const struct ifg_lora *const *const *seg;   /* [n_seg] */
-    float *h; int max_rank;                     /* scratch [max_tokens][max_rank] */
+    float *h; int max_rank;                     /* scratch [ifg_lora_h_rows(max_tokens, widest K)][max_rank] */
     float *tmp;                                 /* scratch [max_tokens][dim]: DoRA on wo / w_down */
     int has_dora;                               /* some segment's adapter is DoRA */
 };
@@ -69,12 +70,13 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
                           int T, int N, int K, int accumulate,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           float *h, int max_rank, float *tmp);
-/* Phase 1, h = (x·Aᵀ) ⊙ h_scale for every adapted row (worksharing loop, ends in a barrier). */
+/* Phase 1, the partial sums of x·Aᵀ per k-chunk for every adapted row (worksharing loop, ends
+ * in a barrier). */
 void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg);
 /* Phase 2 by the calling thread alone: y += h·Bᵀ (then DoRA) for rows [t0, t1) and outputs
- * [n0, n1), n0 a multiple of IFG_LORA_VB. */
-void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N,
+ * [n0, n1), n0 a multiple of IFG_LORA_VB; h as phase 1 left it for input width K. */
+void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N, int K,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           int t0, int t1, int n0, int n1);
 #endif

@@ -59,7 +59,7 @@ def test_lora_segments_match_numpy(kern, N, K, dtype, threads):
     y = y0.copy()
     sel = kern.ffi.new("struct ifg_lora *[]", [adapters[w][0] if w is not None else kern.ffi.NULL for w in which])
     max_rank = max(ranks)
-    h = np.zeros((T, max_rank), np.float32)
+    h = np.zeros((kern.lib.ifg_lora_h_rows(T, K), max_rank), np.float32)
     kern.lib.ifg_lora_apply(P(kern, y), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), len(which),
                             P(kern, h), max_rank, threads)
     want = y0.astype(np.float64).copy()
@@ -87,7 +87,7 @@ def test_lora_same_bits_for_any_thread_count(kern):
     outs = []
     for threads in (1, 2, 3):
         y = np.zeros((T, N), np.float32)
-        h = np.zeros((T, 16), np.float32)
+        h = np.zeros((kern.lib.ifg_lora_h_rows(T, K), 16), np.float32)
         kern.lib.ifg_lora_apply(P(kern, y), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), 2,
                                 P(kern, h), 16, threads)
         outs.append(y)
@@ -131,7 +131,7 @@ def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc):
     ref = y0.copy()
     proj = np.zeros((T, N), np.float32)
     kern.lib.ifg_matmul(P(kern, proj), N, P(kern, x), K, P(kern, wbuf, "void *"), code, T, N, K, 0, 1)
-    h = np.zeros((T, 16), np.float32)
+    h = np.zeros((kern.lib.ifg_lora_h_rows(T, K), 16), np.float32)
     kern.lib.ifg_lora_apply(P(kern, proj), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), 4,
                             P(kern, h), 16, 1)
     ref = ref + proj if acc else proj
@@ -144,3 +144,34 @@ def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc):
             assert np.array_equal(y, ref), threads
         else:                   # T == 1 is the GEMV (another order); += rounds base + residual first
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("rank", [5, 20, 36, 72, 130])
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_lora_ranks_and_long_segments(kern, rank, dtype):
+    """Every shrink tile shape (rank blocks of 1-4 vectors, masked last vectors, 1-12 token tiles),
+    several k-chunks (K > 1024), segments long enough for the converted-weights path of the
+    expand, and a rank above its limit (130)."""
+    rng = np.random.default_rng(rank)
+    N, K = 70, 1100
+    ads = [_adapter(kern, rng, N, K, r, dtype, dora=False) for r in (rank, 4)]
+    starts = np.array([0, 29, 30, 53], np.int32)                    # 29 rows, 1 row, 23 rows
+    which = [0, 1, 0]
+    T = int(starts[-1])
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    y0 = rng.standard_normal((T, N)).astype(np.float32)
+    want = y0.astype(np.float64).copy()
+    for s, w in enumerate(which):
+        rows = slice(starts[s], starts[s + 1])
+        af, bf, _, hs = ads[w][2]
+        want[rows] += ((x[rows].astype(np.float64) @ af.T) * hs) @ bf
+    sel = kern.ffi.new("struct ifg_lora *[]", [ads[w][0] for w in which])
+    outs = []
+    for threads in (1, 2):
+        y = y0.copy()
+        h = np.zeros((kern.lib.ifg_lora_h_rows(T, K), 132), np.float32)
+        kern.lib.ifg_lora_apply(P(kern, y), N, P(kern, x), K, N, K, sel, P(kern, starts, "int32_t *"), 3,
+                                P(kern, h), 132, threads)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-5 * max(1.0, np.abs(want).max()))
+        outs.append(y)
+    assert np.array_equal(outs[0], outs[1])

@@ -71,6 +71,22 @@ def test_mixed_batch_rows_equal_alone(base, files, files_int8, storage):
     assert all(a.in_use == 0 for a in eng.adapters.loaded.values())
 
 
+def test_decode_rows_grouped_by_adapter(base, files):
+    """Rows of a decode step are grouped by adapter: one segment per adapter, so each adapter's
+    weights are read once per step however the requests interleave."""
+    eng = Engine(base, threads=2, max_batch=6, max_batch_tokens=64)
+    for n in NAMES[:2]:
+        eng.load_adapter(files[n], n)
+    order = [NAMES[0], NAMES[1], None, NAMES[0], NAMES[1], None]
+    for i, a in enumerate(order):
+        eng.submit(Request(id=str(i), prompt="Once upon a time", params=_greedy(8), adapter=a))
+    eng.step()                                                   # all six prompts prefill together
+    eng.step()                                                   # six decode rows
+    names = [a.name if a else None for a in eng._seg_ad]
+    assert eng._n_seg == 3 and sorted(names, key=str) == sorted([NAMES[0], NAMES[1], None], key=str)
+    list(eng.stream())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_c_logits_int8_match_reference(kern, base, files_int8, name):
     """int8 adapters in the C forward pass compute what the numpy reference computes with the

@@ -2,10 +2,13 @@
 
     python -m infeng.bench.lora_scenarios BASE.infeng --ranks 16,32,64 --threads 2 --adapter-dtype int8
 
-BASE may be any native model (bf16, q8_0, ...). Per rank: 8 requests, rows split over 4 different
-adapters on all 7 projections, stored as --adapter-dtype (bf16, f32 or int8); prefill tok/s and
-decode tok/s with and without adapters, measured alternately (A B A B) in one run, the overhead
-as a ratio, and the physical floor (adapter bytes read per decode step ÷ base bytes).
+BASE may be any native model (bf16, q8_0, ...). Per rank: a batch of 8 rows split over 4 different
+adapters on all 7 projections, stored as --adapter-dtype (bf16, f32 or int8). The overhead is the
+C forward time of that batch with its adapters over the same batch bare, measured step for step
+in alternating pairs (``paired_steps``; this machine's speed drifts too much between whole runs
+for a 5 % effect), for the prefill step (all prompts at once) and every decode step; then one
+end-to-end engine run each way (tok/s, informational) and the physical floor (adapter bytes read
+per decode step ÷ base bytes).
 """
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ from pathlib import Path
 
 from infeng.bench.synthetic import make_adapter
 from infeng.model.loader import load_model
+from infeng.kernels import ptr
+from infeng.runtime.adapters import lora_scratch
 from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import SamplingParams
 from infeng.telemetry import Run
 
@@ -48,6 +54,84 @@ def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
     return out
 
 
+def _lora_batch(kern, seg_start, tables, h, tmp):
+    """A ``struct ifg_lora_batch`` over fixed segments (and the arrays it points into)."""
+    ffi = kern.ffi
+    seg = ffi.new("struct ifg_lora **[]", tables)
+    L = ffi.new("struct ifg_lora_batch *")
+    L.n_seg, L.seg_start, L.seg = len(tables), ptr(kern, seg_start, "int32_t *"), seg
+    L.h, L.max_rank, L.tmp = ptr(kern, h), h.shape[1], ptr(kern, tmp)
+    return L, (seg, seg_start, h, tmp)
+
+
+def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats: int, seed: int = 0,
+                 chunk: int = 32) -> dict:
+    """C forward time of one batch with and without its adapters, step for step: each prefill
+    step (``chunk`` prompt tokens of every row, as a chunked prefill) and each decode step runs
+    once bare and once with the adapters, back to back in alternating order, on two KV caches.
+    The machine's slow drifts (this one's speed wanders by ±20 % over seconds) then hit both
+    sides of every pair alike. ``adapters``: one per row (None: none),
+    rows already grouped by adapter as the engine's scheduler groups them."""
+    kern, cfg, net = eng.kern, eng.cfg, eng.net
+    B, P = len(adapters), prompt_len
+    rng = np.random.default_rng(seed)
+    kvs = [KVCache(kern, cfg, B, P + n_decode + 1) for _ in range(2)]
+    starts, tables = [0], []
+    for i, a in enumerate(adapters):            # one segment per run of equal adapters
+        if i == 0 or a is not adapters[i - 1]:
+            if i:
+                starts.append(i)
+            tables.append(a.table if a is not None else kern.ffi.NULL)
+    starts.append(B)
+    r = max(a.kernel_rank for a in adapters if a is not None)
+    h, tmp = lora_scratch(kern, cfg, B * P, r), np.zeros((B * P, cfg.dim), np.float32)
+    seg_dec = np.array(starts, np.int32)
+    seg_pre = {c: seg_dec * c for c in {min(chunk, P - c0) for c0 in range(0, P, chunk)}}  # rows per chunk size
+    lb_pre, keep_pre = _lora_batch(kern, seg_pre[min(chunk, P)], tables, h, tmp)
+    lb_dec, keep_dec = _lora_batch(kern, seg_dec, tables, h, tmp)
+    times = {"prefill": ([], []), "decode": ([], [])}    # (bare, adapted) seconds per step
+
+    def step(which, kv, T, n_out, lb):
+        t0 = time.perf_counter()
+        net.step(kv, T, n_out, lb)
+        times[which][lb is not None].append(time.perf_counter() - t0)
+
+    for rep in range(repeats):
+        for kv in kvs:
+            for slot in range(B):
+                kv.release(slot)
+                kv.ensure(slot, P + n_decode)
+        for c0 in range(0, P, chunk):             # prefill: every prompt, a chunk of each per step
+            c = min(chunk, P - c0)
+            T = B * c
+            net.tokens[:T] = rng.integers(3, cfg.vocab_size, T)
+            net.pos[:T] = np.tile(np.arange(c0, c0 + c), B)
+            net.seq[:T] = np.repeat(np.arange(B), c)
+            net.out_rows[:B] = np.arange(B) * c + c - 1
+            lb_pre.seg_start = ptr(kern, seg_pre[c], "int32_t *")
+            pair = [(kvs[0], None), (kvs[1], lb_pre)]
+            for kv, lb in (pair if (rep + c0 // chunk) % 2 == 0 else pair[::-1]):
+                step("prefill", kv, T, B, lb)
+        for d in range(n_decode):                # decode: one token per row
+            net.tokens[:B] = rng.integers(3, cfg.vocab_size, B)
+            net.pos[:B] = P + d
+            net.seq[:B] = np.arange(B)
+            net.out_rows[:B] = np.arange(B)
+            pair = [(kvs[0], None), (kvs[1], lb_dec)]
+            for kv, lb in (pair if (rep + d) % 2 == 0 else pair[::-1]):
+                step("decode", kv, B, B, lb)
+    del keep_pre, keep_dec, seg_pre
+    out = {}
+    for which, (bare, mixed) in times.items():
+        n_tok = B * min(chunk, P) if which == "prefill" else B
+        bare, mixed = np.array(bare), np.array(mixed)
+        out[f"{which}_tok_s_none"] = n_tok / float(np.median(bare))
+        out[f"{which}_tok_s_mixed"] = n_tok / float(np.median(mixed))
+        out[f"{which}_overhead"] = float(mixed.sum() / bare.sum() - 1)          # over all pairs
+        out[f"{which}_overhead_pair_median"] = float(np.median(mixed / bare) - 1)
+    return out
+
+
 def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n_out=32, repeats=2,
              dtype="bf16", seed=0):
     model = load_model(base_path, verify=False)
@@ -58,7 +142,7 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
     base_dtype = model.weight_dtype
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)
-    run_once(eng, prompts[:2], [None, None], 2)                           # warm up
+    run_once(eng, prompts, [None] * batch, 2)      # warm up: touches every KV block the runs use
     out = []
     for r in ranks:
         names = []
@@ -67,17 +151,14 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
             names.append(eng.load_adapter(p, f"r{r}-{k}").name)
         mixed = [names[i % n_adapters] for i in range(batch)]
         a_bytes = sum(eng.adapters.get(n).nbytes for n in names)
-        res = {"none": [], "mixed": []}
-        for _ in range(repeats):                                           # A B A B
-            res["none"].append(run_once(eng, prompts, [None] * batch, n_out))
-            res["mixed"].append(run_once(eng, prompts, mixed, n_out))
-        med = {k: np.median(np.array(v), axis=0) for k, v in res.items()}
-        out.append({"rank": r, "adapters": n_adapters, "batch": batch, "base_dtype": base_dtype, "adapter_dtype": dtype,
-                    "prefill_tok_s_none": med["none"][0], "prefill_tok_s_mixed": med["mixed"][0],
-                    "decode_tok_s_none": med["none"][1], "decode_tok_s_mixed": med["mixed"][1],
-                    "prefill_overhead": med["none"][0] / med["mixed"][0] - 1,
-                    "decode_overhead": med["none"][1] / med["mixed"][1] - 1,
+        rows = [eng.adapters.get(n) for n in sorted(mixed)]        # grouped, as the scheduler does
+        rec = {"rank": r, "adapters": n_adapters, "batch": batch, "base_dtype": base_dtype, "adapter_dtype": dtype,
+               **paired_steps(eng, rows, prompt_len, n_out, repeats, seed)}
+        e2e = {"none": run_once(eng, prompts, [None] * batch, n_out), "mixed": run_once(eng, prompts, mixed, n_out)}
+        rec.update({"engine_prefill_tok_s_none": e2e["none"][0], "engine_prefill_tok_s_mixed": e2e["mixed"][0],
+                    "engine_decode_tok_s_none": e2e["none"][1], "engine_decode_tok_s_mixed": e2e["mixed"][1],
                     "floor_bytes_ratio": a_bytes / base_bytes})
+        out.append(rec)
         for n in names:
             eng.unload_adapter(n)
     return out

@@ -1,8 +1,8 @@
 """Adapter manager: LoRA/DoRA adapters loaded beside one base model, ready for the C forward pass.
 
 Loading maps the adapter file (checked against the base's identity), packs A and Bᵀ into the
-layouts the kernels stream (lora.h: rank groups of 4, 16 values per run, zero-padded; float files
-store B, whose transpose is taken here), gives the kernels the LoRA scale (times int8 storage's
+layouts the kernels stream (lora.h: Aᵀ, and Bᵀ in runs of 16 outputs; rank zero-padded to a
+multiple of 4; float files store B, whose transpose is taken here), gives the kernels the LoRA scale (times int8 storage's
 per-rank scales) as one [rank] vector, precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the
 base weights, and builds the C table the forward pass reads ([n_layers × 7] pointers, NULL where
 a projection is not adapted). Memory
@@ -27,11 +27,11 @@ from infeng.model.llama import CDTYPE
 from infeng.model.loader import MATRICES, Model
 
 
-LORA_RG, LORA_VB = 4, 16      # lora.h: IFG_LORA_RG rank rows per group, IFG_LORA_VB values per run
+LORA_RG, LORA_VB = 4, 16      # lora.h: ranks padded to a multiple of IFG_LORA_RG, Bᵀ runs of IFG_LORA_VB
 
 
 def kernel_rank(rank: int) -> int:
-    """The rank the kernels see: padded with zero rows to a whole rank group."""
+    """The rank the kernels see: padded with zero ranks to a multiple of 4."""
     return -(-rank // LORA_RG) * LORA_RG
 
 
@@ -42,11 +42,9 @@ def _padded(m: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def pack_lora_a(a: np.ndarray) -> np.ndarray:
-    """A [r, K] → the kernels' [r'/4, K'/16, 4, 16] (r', K' padded with zeros to 4 and 16)."""
+    """A [r, K] → the kernels' Aᵀ [K, r'] (r' padded with zero ranks to a multiple of 4)."""
     r, K = a.shape
-    rp, kp = kernel_rank(r), -(-K // LORA_VB) * LORA_VB
-    p = _padded(a, rp, kp).reshape(rp // LORA_RG, LORA_RG, kp // LORA_VB, LORA_VB)
-    return np.ascontiguousarray(p.transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(_padded(a, kernel_rank(r), K).T)
 
 
 def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
@@ -54,6 +52,13 @@ def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
     r, N = bt.shape
     rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
     return np.ascontiguousarray(_padded(bt, rp, np_).reshape(rp, np_ // LORA_VB, LORA_VB).transpose(1, 0, 2))
+
+
+def lora_scratch(kern, cfg, max_tokens: int, rank: int) -> np.ndarray:
+    """The kernels' h scratch (lora.h) for steps of up to max_tokens rows and adapters up to
+    ``rank`` (kernel rank): the shrink's partial sums per k-chunk of the widest projection input."""
+    widest = max(cfg.dim, cfg.hidden_dim, cfg.q_dim)
+    return np.zeros((kern.lib.ifg_lora_h_rows(max_tokens, widest), max(rank, 16)), np.float32)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from infeng.errors import InfengError
 from infeng.kernels import ptr
 from infeng.model.llama import LlamaC
 from infeng.model.loader import Model, load_model
-from infeng.runtime.adapters import AdapterManager, LoadedAdapter
+from infeng.runtime.adapters import AdapterManager, LoadedAdapter, lora_scratch
 from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import Sampler, SamplingParams
 from infeng.runtime.tokenizer import StreamDecoder, Tokenizer
@@ -145,6 +145,16 @@ class StepStats:
     max_kv_blocks: int = 0
     preemptions: int = 0
     rejected: int = 0
+
+
+def _by_adapter(seqs) -> list:
+    """The sequences in order, except that those using the same adapter are made adjacent (in
+    order of first appearance): each adapter is then one segment of the batch, and its weights
+    are read once per step instead of once per row."""
+    groups: dict[int, list] = {}
+    for s in seqs:
+        groups.setdefault(id(s.adapter), []).append(s)
+    return [s for g in groups.values() for s in g]
 
 
 class Engine:
@@ -299,13 +309,12 @@ class Engine:
         self._n_seg, self._seg_ad = 0, []
         has_prefill = False
         outs: list[_Seq] = []
-        for s in self._running:
-            if not s.prefilling:
-                n_seqs += 1
-                T = self._put(s, 1, T)
-                net.out_rows[n_out] = T - 1
-                n_out += 1
-                outs.append(s)
+        for s in _by_adapter(s for s in self._running if not s.prefilling):
+            n_seqs += 1
+            T = self._put(s, 1, T)
+            net.out_rows[n_out] = T - 1
+            n_out += 1
+            outs.append(s)
         budget = self.max_batch_tokens
         for s in self._running:
             if s.prefilling and T < budget:
@@ -482,7 +491,7 @@ class Engine:
         L, ffi = self._lora, self.kern.ffi
         r = max(a.kernel_rank for a in self._seg_ad if a is not None)
         if self._lora_h is None or self._lora_h.shape[1] < r:     # grows with the largest rank seen
-            self._lora_h = np.zeros((self.max_batch_tokens, max(r, 16)), np.float32)
+            self._lora_h = lora_scratch(self.kern, self.cfg, self.max_batch_tokens, r)
             self._lora_tmp = np.zeros((self.max_batch_tokens, self.cfg.dim), np.float32)
             L.h, L.max_rank = ptr(self.kern, self._lora_h), self._lora_h.shape[1]
             L.tmp = ptr(self.kern, self._lora_tmp)

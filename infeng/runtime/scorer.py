@@ -46,14 +46,14 @@ class Scorer:
     def _attach(self, path) -> None:
         """Every position computes with one LoRA/DoRA adapter: one adapter segment over all rows."""
         from infeng.kernels import ptr
-        from infeng.runtime.adapters import AdapterManager
+        from infeng.runtime.adapters import AdapterManager, lora_scratch
         ffi = self.kern.ffi
         self.adapters = AdapterManager(self.kern, self.model)
         la = self.adapter = self.adapters.load(path, "eval", pinned=True)
         self._seg_start = np.zeros(2, np.int32)
         self._seg_tables = ffi.new("struct ifg_lora **[]", 1)
         self._seg_tables[0] = la.table
-        self._lora_h = np.zeros((self.max_tokens, max(la.kernel_rank, 16)), np.float32)
+        self._lora_h = lora_scratch(self.kern, self.cfg, self.max_tokens, la.kernel_rank)
         self._lora_tmp = np.zeros((self.max_tokens, self.cfg.dim), np.float32)
         L = self._lora = ffi.new("struct ifg_lora_batch *")
         L.n_seg = 1
