@@ -62,6 +62,13 @@ static inline int ifg_threads(int n) {
 #endif
 }
 
+/* Work a GEMM hands back while its output is in cache: once rows [n0, n1) of tokens [t0, t1)
+ * of y are final (after the last k-block), fn(e, y, ldy, ...) may update them in place. The
+ * fused LoRA projection adds the low-rank part this way (lora.c). */
+struct ifg_mm_epilogue {
+    void (*fn)(const struct ifg_mm_epilogue *e, float *y, int ldy, int t0, int t1, int n0, int n1);
+};
+
 /* Rows [*lo, *hi) of chunk c out of nc: N split in groups of `align` rows, groups spread evenly
  * over the chunks (how kernels split output rows among threads). */
 static inline void ifg_chunk(int N, int align, int c, int nc, int *lo, int *hi) {

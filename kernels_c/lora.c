@@ -13,10 +13,13 @@
  *     Threads split the 16-output blocks of packed Bᵀ; one block's outputs are a sum of rank
  *     broadcast-multiplies of 16-value rows; register tiles of LO_ET tokens × LO_EB blocks,
  *     whose weights are one contiguous run of memory.
- * In the forward pass phase 2 rides on the base projection (ifg_lora_matmul_part): each thread
- * computes its rows of x·Wᵀ for a slab of LO_SLAB tokens and expands into them at once, so y is
- * touched while in cache. As a pass of its own, a prefill's expand re-read and re-wrote all of
- * y (T × N floats, 23 MB for TinyLlama's w_gate at T = 1024) and cost 4× its arithmetic.
+ In the forward pass phase 2 rides on the base projection (ifg_lora_matmul_part): on the
+ * interleaved int8 bases (q8_0x16 / q4_0x16) the GEMM calls the expand back (ifg_mm_epilogue)
+ * for every 128 rows of a token tile as soon as they are final, so the low-rank part goes into
+ * y while it is in L1 and the Bᵀ reads interleave with the base arithmetic; on other bases each
+ * thread computes its rows of x·Wᵀ for a slab of LO_SLAB tokens and expands into them at once.
+ * As a pass of its own, a prefill's expand re-read and re-wrote all of y (T × N floats, 23 MB
+ * for TinyLlama's w_gate at T = 1024) and cost 4× its arithmetic.
  *
  * Weights are converted in registers (bf16: shift; int8: sign-extend + convert). A prefill
  * segment uses each Bᵀ weight for hundreds of rows, so there a run of Bᵀ is converted to f32
@@ -26,6 +29,7 @@
  * so results are bitwise identical for any thread count. Rows without an adapter are not touched. */
 #include "lora.h"
 #include "matmul.h"
+#include "quant.h"
 
 #define LO_AI static inline __attribute__((always_inline))
 #define LO_RC 32       /* rows per shrink unit */
@@ -64,14 +68,14 @@ static void lo_shrink_ref(float *hp, int ldh, const float *x, int ldx, const str
         }
 }
 
-/* hb[t - t0][i] = h_scale[i] · Σ_c hp[c][t][i] (chunks in order) for rows [t0, t1). */
-static void lo_sum_ref(float *hb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
-                       int t0, int t1) {
+/* hb[(t - t0) * ldb + i] = h_scale[i] · Σ_c hp[c][t][i] (chunks in order) for rows [t0, t1). */
+static void lo_sum_ref(float *hb, int ldb, const float *hp, int ldh, int nkc, size_t ttot,
+                       const struct ifg_lora *L, int t0, int t1) {
     for (int t = t0; t < t1; t++)
         for (int i = 0; i < L->rank; i++) {
             float s = 0.0f;
             for (int c = 0; c < nkc; c++) s += hp[((size_t)c * ttot + t) * ldh + i];
-            hb[(size_t)(t - t0) * L->rank + i] = s * lo_hs(L, i);
+            hb[(size_t)(t - t0) * ldb + i] = s * lo_hs(L, i);
         }
 }
 
@@ -271,7 +275,7 @@ static void lo_shrink(float *hp, int ldh, const float *x, int ldx, const struct 
     }
 }
 
-static void lo_sum(float *hb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
+static void lo_sum(float *hb, int ldb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
                    int t0, int t1) {
     const int R = L->rank;
     for (int t = t0; t < t1; t++)
@@ -280,7 +284,7 @@ static void lo_sum(float *hb, const float *hp, int ldh, int nkc, size_t ttot, co
             lo_v s = lo_zero();
             for (int c = 0; c < nkc; c++) s = lo_add(s, lo_ldx_m(hp + ((size_t)c * ttot + t) * ldh + i, r));
             const lo_v hs = L->h_scale ? lo_ldx_m(L->h_scale + i, r) : lo_set1(1.0f);
-            lo_stx_m(hb + (size_t)(t - t0) * R + i, lo_mul(s, hs), r);
+            lo_stx_m(hb + (size_t)(t - t0) * ldb + i, lo_mul(s, hs), r);
         }
 }
 
@@ -422,7 +426,7 @@ void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N, int
         const int step = LO_HB / L->rank;
         for (int ta = a; ta < b; ta += step) {
             const int tb = ta + step < b ? ta + step : b;
-            lo_sum(hb, h, ldh, nkc, (size_t)seg_start[n_seg], L, ta, tb);
+            lo_sum(hb, L->rank, h, ldh, nkc, (size_t)seg_start[n_seg], L, ta, tb);
             lo_expand(y + (size_t)ta * ldy, ldy, hb, L->rank, L, 0, tb - ta, nb0, nb1, nn);
         }
     }
@@ -444,6 +448,41 @@ void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int 
 
 static int lo_gcd(int a, int b) { return b ? lo_gcd(b, a % b) : a; }
 
+/* The expand as a GEMM epilogue (ifg_mm_epilogue): called by the x16 kernels for each group
+ * pair's rows of each token tile once final, so the low-rank part goes into y while it is in
+ * L1 and the Bᵀ reads interleave with the base weights' arithmetic. The summed h of the token
+ * tile is kept in the thread's stack buffer across the calls of that tile. */
+struct lo_epi {
+    struct ifg_mm_epilogue base;
+    const float *h; int ldh, N, K, n_seg;
+    const struct ifg_lora *const *lora; const int32_t *seg_start;
+    float *hb; int *hb_rows; /* hb_rows[0..1]: the token rows summed into hb */
+};
+
+static void lo_epi_fn(const struct ifg_mm_epilogue *b, float *y, int ldy, int t0, int t1, int n0, int n1) {
+    const struct lo_epi *e = (const struct lo_epi *)b;
+    if ((size_t)(t1 - t0) * e->ldh > LO_HB) { /* too many rows for the buffer: sum them per call */
+        ifg_lora_expand_rows(y, ldy, e->h, e->ldh, e->N, e->K, e->lora, e->seg_start, e->n_seg, t0, t1, n0, n1);
+        return;
+    }
+    const int nkc = (e->K + LO_KC - 1) / LO_KC;
+    const size_t ttot = (size_t)e->seg_start[e->n_seg];
+    for (int pass = 0; pass < 2; pass++) /* 0: sum h for the tile's rows (once per tile), 1: expand */
+        for (int s = 0; s < e->n_seg; s++) {
+            const struct ifg_lora *L = e->lora[s];
+            const int a = e->seg_start[s] > t0 ? e->seg_start[s] : t0;
+            const int c = e->seg_start[s + 1] < t1 ? e->seg_start[s + 1] : t1;
+            if (!L || a >= c) continue;
+            if (pass == 0 && (e->hb_rows[0] != t0 || e->hb_rows[1] != t1))
+                lo_sum(e->hb + (size_t)(a - t0) * e->ldh, e->ldh, e->h, e->ldh, nkc, ttot, L, a, c);
+            else if (pass == 1)
+                lo_expand(y + (size_t)a * ldy, ldy, e->hb + (size_t)(a - t0) * e->ldh, e->ldh, L, 0, c - a,
+                          n0 / LO_VB, (n1 + LO_VB - 1) / LO_VB, n1 < e->N ? n1 : e->N);
+        }
+    e->hb_rows[0] = t0;
+    e->hb_rows[1] = t1;
+}
+
 void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                           int T, int N, int K, int accumulate,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
@@ -462,6 +501,13 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
         int r0, r1;
         ifg_chunk(N, align, c, nc, &r0, &r1);
         if (r0 >= r1) continue;
+        if (ifg_is_qx16(wtype) && !via_tmp) { /* the kernel calls the expand back, tile by tile */
+            float hb[LO_HB] __attribute__((aligned(64)));
+            int hb_rows[2] = {-1, -1};
+            const struct lo_epi e = {{lo_epi_fn}, h, max_rank, N, K, n_seg, lora, seg_start, hb, hb_rows};
+            ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, &e.base);
+            continue;
+        }
         for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in cache */
             const int t1 = t0 + TS < T ? t0 + TS : T;
             float *yo = via_tmp ? tmp : y;

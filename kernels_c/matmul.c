@@ -449,7 +449,7 @@ void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, 
             for (int t = 0; t < T; t++)
                 for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] = 0.0f;
     } else if (ifg_is_qx16(wtype)) {
-        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL);
     } else if (ifg_is_qkx16(wtype)) {
         ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
     } else if (ifg_is_quant(wtype)) {

@@ -59,8 +59,9 @@ void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, i
 // cdef-end
 static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
- * (a ~75 KiB stack buffer per thread holds a tile of quantized x). */
+ * (a ~75 KiB stack buffer per thread holds a tile of quantized x). epi (NULL: none) is called for
+ * every group pair's rows of every token tile once they are final. */
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
-                      int T, int r0, int r1, int K, int accumulate);
+                      int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi);
 
 #endif

@@ -26,6 +26,7 @@
 #define XB_K 1024               /* k per x tile (multiple of 32); T == 1 takes up to XB_T * XB_K */
 #define XB_Q (XB_T * XB_K)
 #define XB_NB (XB_Q / IFG_QK)
+#define XG_EPI 128              /* rows per epilogue call: a token tile's y rows stay in L1/L2 */
 
 static inline size_t xg_block_bytes(int wtype) { return wtype == IFG_Q8_0X16 ? 544 : 288; }
 
@@ -42,7 +43,7 @@ struct xtile {
 /* ---- scalar reference ---- */
 #define XG_OFF(wtype) 0
 static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
-                     int t, int tt, int n0, int n1, int nb, int add) {
+                     int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
     const size_t bb = xg_block_bytes(wtype);
     for (int n = n0; n < n1; n++) {
         const int r = n % 16;
@@ -71,6 +72,7 @@ static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w
             *yo = add ? *yo + acc : acc;
         }
     }
+    if (epi && n0 < n1) epi->fn(epi, y, ldy, t, t + tt, n0, n1);
 }
 #else
 #define XA static inline __attribute__((always_inline))
@@ -240,11 +242,25 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile; wtype a constant after inlining. */
 XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
-                   int t, int tt, int n0, int n1, int nb, int add) {
+                   int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
+    int ne = n0; /* rows not yet handed to the epilogue: it gets XG_EPI rows at a time */
+#define XG_EPI_AFTER(n_done)                                                                      \
+    do {                                                                                          \
+        if (epi && ((n_done) - ne >= XG_EPI || (n_done) >= n1)) {                                 \
+            epi->fn(epi, y, ldy, t, t + tt, ne, (n_done));                                        \
+            ne = (n_done);                                                                        \
+        }                                                                                         \
+    } while (0)
     if (tt == 1) {
         int n = n0;
-        for (; n + 16 * XG1 <= n1; n += 16 * XG1) xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, XG1);
-        for (; n < n1; n += 16) xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, 1);
+        for (; n + 16 * XG1 <= n1; n += 16 * XG1) {
+            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, XG1);
+            XG_EPI_AFTER(n + 16 * XG1);
+        }
+        for (; n < n1; n += 16) {
+            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, 1);
+            XG_EPI_AFTER(n + 16);
+        }
         return;
     }
     for (int n = n0; n < n1; n += 16 * XG) {
@@ -266,18 +282,20 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
             else XG_CASE(1);
 #undef XG_CASE
         }
+        XG_EPI_AFTER(n + 16 * G); /* these rows are final, still in cache */
         if (G == 1) n -= 16 * (XG - 1); /* the tail advanced by one group only */
     }
+#undef XG_EPI_AFTER
 }
 static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
-                     int t, int tt, int n0, int n1, int nb, int add) {
-    if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add);
-    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add);
+                     int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
+    if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi);
+    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi);
 }
 #endif
 
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
-                      int T, int r0, int r1, int K, int accumulate) {
+                      int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi) {
     struct xtile xt;
     const int off = XG_OFF(wtype);
     const size_t bb = xg_block_bytes(wtype), gstride = (size_t)(K / IFG_QK) * bb;
@@ -293,7 +311,7 @@ void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w,
             for (int i = 0; i < tt; i++)
                 for (int b = 0; b < nb; b++) xt.o[i * xt.ldd + b] *= -off;
             xg_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK) * bb, wtype, gstride,
-                     t, tt, r0, r1, nb, add);
+                     t, tt, r0, r1, nb, add, k1 == K ? epi : NULL);
         }
     }
 }
