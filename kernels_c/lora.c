@@ -413,22 +413,36 @@ void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
     }
 }
 
+/* hb[(t - t0) * ldh + i] = the summed, scaled h of every adapted row t in [t0, t1). */
+static void lo_sum_rows(float *hb, const float *h, int ldh, int K, const struct ifg_lora *const *lora,
+                        const int32_t *seg_start, int n_seg, int t0, int t1) {
+    const int nkc = (K + LO_KC - 1) / LO_KC;
+    for (int s = 0; s < n_seg; s++) {
+        const int a = seg_start[s] > t0 ? seg_start[s] : t0, c = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
+        if (lora[s] && a < c) lo_sum(hb + (size_t)(a - t0) * ldh, ldh, h, ldh, nkc, (size_t)seg_start[n_seg], lora[s], a, c);
+    }
+}
+
+/* y += h·Bᵀ (then DoRA) for rows [t0, t1) and outputs [n0, n1), hb as lo_sum_rows left it. */
+static void lo_expand_rows(float *y, int ldy, const float *hb, int ldh, int N, const struct ifg_lora *const *lora,
+                           const int32_t *seg_start, int n_seg, int t0, int t1, int n0, int n1) {
+    for (int s = 0; s < n_seg; s++) {
+        const int a = seg_start[s] > t0 ? seg_start[s] : t0, c = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
+        if (lora[s] && a < c)
+            lo_expand(y + (size_t)a * ldy, ldy, hb + (size_t)(a - t0) * ldh, ldh, lora[s], 0, c - a, n0 / LO_VB,
+                      (n1 + LO_VB - 1) / LO_VB, n1 < N ? n1 : N);
+    }
+}
+
 void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N, int K,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           int t0, int t1, int n0, int n1) {
-    const int nb0 = n0 / LO_VB, nb1 = (n1 + LO_VB - 1) / LO_VB, nn = n1 < N ? n1 : N;
-    const int nkc = (K + LO_KC - 1) / LO_KC;
     float hb[LO_HB] __attribute__((aligned(64))); /* h of a run of rows, chunks summed and scaled */
-    for (int s = 0; s < n_seg && n0 < n1; s++) {
-        const struct ifg_lora *L = lora[s];
-        const int a = seg_start[s] > t0 ? seg_start[s] : t0, b = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
-        if (!L || a >= b) continue;
-        const int step = LO_HB / L->rank;
-        for (int ta = a; ta < b; ta += step) {
-            const int tb = ta + step < b ? ta + step : b;
-            lo_sum(hb, L->rank, h, ldh, nkc, (size_t)seg_start[n_seg], L, ta, tb);
-            lo_expand(y + (size_t)ta * ldy, ldy, hb, L->rank, L, 0, tb - ta, nb0, nb1, nn);
-        }
+    const int step = LO_HB / ldh;
+    for (int ta = t0; ta < t1 && n0 < n1; ta += step) {
+        const int tb = ta + step < t1 ? ta + step : t1;
+        lo_sum_rows(hb, h, ldh, K, lora, seg_start, n_seg, ta, tb);
+        lo_expand_rows(y, ldy, hb, ldh, N, lora, seg_start, n_seg, ta, tb, n0, n1);
     }
 }
 
@@ -465,22 +479,12 @@ static void lo_epi_fn(const struct ifg_mm_epilogue *b, float *y, int ldy, int t0
         ifg_lora_expand_rows(y, ldy, e->h, e->ldh, e->N, e->K, e->lora, e->seg_start, e->n_seg, t0, t1, n0, n1);
         return;
     }
-    const int nkc = (e->K + LO_KC - 1) / LO_KC;
-    const size_t ttot = (size_t)e->seg_start[e->n_seg];
-    for (int pass = 0; pass < 2; pass++) /* 0: sum h for the tile's rows (once per tile), 1: expand */
-        for (int s = 0; s < e->n_seg; s++) {
-            const struct ifg_lora *L = e->lora[s];
-            const int a = e->seg_start[s] > t0 ? e->seg_start[s] : t0;
-            const int c = e->seg_start[s + 1] < t1 ? e->seg_start[s + 1] : t1;
-            if (!L || a >= c) continue;
-            if (pass == 0 && (e->hb_rows[0] != t0 || e->hb_rows[1] != t1))
-                lo_sum(e->hb + (size_t)(a - t0) * e->ldh, e->ldh, e->h, e->ldh, nkc, ttot, L, a, c);
-            else if (pass == 1)
-                lo_expand(y + (size_t)a * ldy, ldy, e->hb + (size_t)(a - t0) * e->ldh, e->ldh, L, 0, c - a,
-                          n0 / LO_VB, (n1 + LO_VB - 1) / LO_VB, n1 < e->N ? n1 : e->N);
-        }
-    e->hb_rows[0] = t0;
-    e->hb_rows[1] = t1;
+    if (e->hb_rows[0] != t0 || e->hb_rows[1] != t1) { /* a new token tile: sum its h once */
+        lo_sum_rows(e->hb, e->h, e->ldh, e->K, e->lora, e->seg_start, e->n_seg, t0, t1);
+        e->hb_rows[0] = t0;
+        e->hb_rows[1] = t1;
+    }
+    lo_expand_rows(y, ldy, e->hb, e->ldh, e->N, e->lora, e->seg_start, e->n_seg, t0, t1, n0, n1);
 }
 
 void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,

@@ -57,7 +57,6 @@ struct ifg_lora_batch {
     const struct ifg_lora *const *const *seg;   /* [n_seg] */
     float *h; int max_rank;                     /* scratch [ifg_lora_h_rows(max_tokens, widest K)][max_rank] */
     float *tmp;                                 /* scratch [max_tokens][dim]: DoRA on wo / w_down */
-    int has_dora;                               /* some segment's adapter is DoRA */
 };
 // cdef-end
 #define IFG_LORA_MAX_SEG 64

@@ -222,6 +222,13 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
         e = Engine(qbase, threads=1, max_batch=1)
         e.load_adapter(p8 if a == "i8" else pf, a)
         assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
+    # the overhead benchmark's paired steps run on this base too (a tiny run: its shape, not its numbers)
+    from infeng.bench.lora_scenarios import overhead
+    [rec] = overhead(q8, [4], 2, batch=4, n_adapters=2, prompt_len=20, n_out=3, repeats=1, dtype="int8")
+    for k in ("prefill", "decode"):
+        assert rec[f"{k}_tok_s_none"] > 0 and rec[f"{k}_tok_s_mixed"] > 0
+        assert np.isfinite(rec[f"{k}_overhead"]) and np.isfinite(rec[f"{k}_overhead_pair_median"])
+    assert 0 < rec["floor_bytes_ratio"] < 1
 
 
 def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 from infeng.bench.synthetic import make_adapter
 from infeng.model.loader import load_model
 from infeng.kernels import ptr
-from infeng.runtime.adapters import lora_scratch
+from infeng.runtime.adapters import lora_batch, lora_scratch
 from infeng.runtime.engine import Engine, Request, StepStats
 from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import SamplingParams
@@ -54,24 +54,14 @@ def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
     return out
 
 
-def _lora_batch(kern, seg_start, tables, h, tmp):
-    """A ``struct ifg_lora_batch`` over fixed segments (and the arrays it points into)."""
-    ffi = kern.ffi
-    seg = ffi.new("struct ifg_lora **[]", tables)
-    L = ffi.new("struct ifg_lora_batch *")
-    L.n_seg, L.seg_start, L.seg = len(tables), ptr(kern, seg_start, "int32_t *"), seg
-    L.h, L.max_rank, L.tmp = ptr(kern, h), h.shape[1], ptr(kern, tmp)
-    return L, (seg, seg_start, h, tmp)
-
-
 def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats: int, seed: int = 0,
                  chunk: int = 32) -> dict:
     """C forward time of one batch with and without its adapters, step for step: each prefill
     step (``chunk`` prompt tokens of every row, as a chunked prefill) and each decode step runs
     once bare and once with the adapters, back to back in alternating order, on two KV caches.
     The machine's slow drifts (this one's speed wanders by ±20 % over seconds) then hit both
-    sides of every pair alike. ``adapters``: one per row (None: none),
-    rows already grouped by adapter as the engine's scheduler groups them."""
+    sides of every pair alike. ``adapters``: one per row (None: none), rows already grouped by
+    adapter as the engine's scheduler groups them."""
     kern, cfg, net = eng.kern, eng.cfg, eng.net
     B, P = len(adapters), prompt_len
     rng = np.random.default_rng(seed)
@@ -87,8 +77,8 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
     h, tmp = lora_scratch(kern, cfg, B * P, r), np.zeros((B * P, cfg.dim), np.float32)
     seg_dec = np.array(starts, np.int32)
     seg_pre = {c: seg_dec * c for c in {min(chunk, P - c0) for c0 in range(0, P, chunk)}}  # rows per chunk size
-    lb_pre, keep_pre = _lora_batch(kern, seg_pre[min(chunk, P)], tables, h, tmp)
-    lb_dec, keep_dec = _lora_batch(kern, seg_dec, tables, h, tmp)
+    lb_pre, keep_pre = lora_batch(kern, seg_pre[min(chunk, P)], tables, h, tmp)
+    lb_dec, keep_dec = lora_batch(kern, seg_dec, tables, h, tmp)
     times = {"prefill": ([], []), "decode": ([], [])}    # (bare, adapted) seconds per step
 
     def step(which, kv, T, n_out, lb):

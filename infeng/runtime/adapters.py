@@ -2,12 +2,12 @@
 
 Loading maps the adapter file (checked against the base's identity), packs A and Bᵀ into the
 layouts the kernels stream (lora.h: Aᵀ, and Bᵀ in runs of 16 outputs; rank zero-padded to a
-multiple of 4; float files store B, whose transpose is taken here), gives the kernels the LoRA scale (times int8 storage's
-per-rank scales) as one [rank] vector, precomputes DoRA's per-row factor m / ‖W + s·BA‖ from the
-base weights, and builds the C table the forward pass reads ([n_layers × 7] pointers, NULL where
-a projection is not adapted). Memory
-is bounded by a budget: loading past it evicts the least recently used adapter that no request is
-using and that is not pinned. Loading a name again replaces the adapter (hot reload);
+multiple of 4; float files store B, whose transpose is taken here), gives the kernels the LoRA
+scale (times int8 storage's per-rank scales) as one [rank] vector, precomputes DoRA's per-row
+factor m / ‖W + s·BA‖ from the base weights, and builds the C table the forward pass reads
+([n_layers × 7] pointers, NULL where a projection is not adapted). Memory is bounded by a budget:
+loading past it evicts the least recently used adapter that no request is using and that is not
+pinned. Loading a name again replaces the adapter (hot reload);
 ``reload_changed`` does that for every file whose modification time moved.
 """
 from __future__ import annotations
@@ -59,6 +59,17 @@ def lora_scratch(kern, cfg, max_tokens: int, rank: int) -> np.ndarray:
     ``rank`` (kernel rank): the shrink's partial sums per k-chunk of the widest projection input."""
     widest = max(cfg.dim, cfg.hidden_dim, cfg.q_dim)
     return np.zeros((kern.lib.ifg_lora_h_rows(max_tokens, widest), max(rank, 16)), np.float32)
+
+
+def lora_batch(kern, seg_start: np.ndarray, tables, h: np.ndarray, tmp: np.ndarray):
+    """A ``struct ifg_lora_batch`` over fixed segments: rows seg_start[i]..seg_start[i+1] use the
+    adapter table tables[i] (NULL: none); h from lora_scratch, tmp [max_tokens][dim]. Returns the
+    struct and what it points into (keep both alive)."""
+    seg = kern.ffi.new("struct ifg_lora **[]", tables)
+    L = kern.ffi.new("struct ifg_lora_batch *")
+    L.n_seg, L.seg_start, L.seg = len(tables), ptr(kern, seg_start, "int32_t *"), seg
+    L.h, L.max_rank, L.tmp = ptr(kern, h), h.shape[1], ptr(kern, tmp)
+    return L, (seg, seg_start, h, tmp)
 
 
 @dataclass

@@ -499,7 +499,6 @@ class Engine:
             self._seg_tables[i] = a.table if a is not None else ffi.NULL
         self._seg_start[self._n_seg] = T
         L.n_seg = self._n_seg
-        L.has_dora = any(a is not None and a.use_dora for a in self._seg_ad)
         return L
 
     def _stop_reason(self, s: _Seq, tok: int) -> str | None:

@@ -45,23 +45,13 @@ class Scorer:
 
     def _attach(self, path) -> None:
         """Every position computes with one LoRA/DoRA adapter: one adapter segment over all rows."""
-        from infeng.kernels import ptr
-        from infeng.runtime.adapters import AdapterManager, lora_scratch
-        ffi = self.kern.ffi
+        from infeng.runtime.adapters import AdapterManager, lora_batch, lora_scratch
         self.adapters = AdapterManager(self.kern, self.model)
         la = self.adapter = self.adapters.load(path, "eval", pinned=True)
         self._seg_start = np.zeros(2, np.int32)
-        self._seg_tables = ffi.new("struct ifg_lora **[]", 1)
-        self._seg_tables[0] = la.table
-        self._lora_h = lora_scratch(self.kern, self.cfg, self.max_tokens, la.kernel_rank)
-        self._lora_tmp = np.zeros((self.max_tokens, self.cfg.dim), np.float32)
-        L = self._lora = ffi.new("struct ifg_lora_batch *")
-        L.n_seg = 1
-        L.seg_start = ptr(self.kern, self._seg_start, "int32_t *")
-        L.seg = self._seg_tables
-        L.h, L.max_rank = ptr(self.kern, self._lora_h), self._lora_h.shape[1]
-        L.tmp = ptr(self.kern, self._lora_tmp)
-        L.has_dora = int(la.use_dora)
+        self._lora, self._lora_keep = lora_batch(
+            self.kern, self._seg_start, [la.table], lora_scratch(self.kern, self.cfg, self.max_tokens, la.kernel_rank),
+            np.zeros((self.max_tokens, self.cfg.dim), np.float32))
 
     def logits(self, ids, out: np.ndarray | None = None) -> np.ndarray:
         """f32 logits (len(ids), vocab) of a sequence that fits the context, scored from position 0."""
