@@ -52,6 +52,26 @@ static inline int lo_team(void) {
 #endif
 }
 
+/* ---- int8 adapters: h rounded to int8 for the integer expand ------------------------------ */
+/* A row of summed, scaled h (R floats) rounded in place to what the int8 expand reads: bytes
+ * [0, R) the int8 values, float R/4 the scale d = max|h| / 127, int32 R/4 + 1 the offset term
+ * -128 · Σ q (every value read before its bytes are written; R/4 + 2 <= R for R >= 4). */
+static void lo_quant_h(float *row, int R) {
+    float amax = 0.0f;
+    for (int i = 0; i < R; i++) amax = fmaxf(amax, fabsf(row[i]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int8_t *q = (int8_t *)row;
+    int32_t sum = 0;
+    for (int i = 0; i < R; i++) {
+        const int v = (int)roundf(row[i] * id);
+        q[i] = (int8_t)v;
+        sum += v;
+    }
+    row[R / 4] = d;
+    const int32_t corr = -128 * sum;
+    memcpy(row + R / 4 + 1, &corr, 4);
+}
+
 /* ---- scalar reference ---------------------------------------------------------------------- */
 static inline float lo_ld(const void *w, int dtype, size_t i) {
     return dtype == IFG_LORA_I8 ? (float)((const int8_t *)w)[i] : ifg_load_f32(w, dtype, i);
@@ -92,6 +112,24 @@ static void lo_expand_ref(float *y, int ldy, const float *h, int ldh, const stru
             float v = y[(size_t)t * ldy + n] + acc;
             y[(size_t)t * ldy + n] = L->dora ? v * L->dora[n] : v;
         }
+}
+
+/* int8: y[t][n] += d_t · Σ_i q_t[i] B[n][i] (then DoRA) for the outputs of 16-blocks [nb0, nb1). */
+static void lo_expand8_ref(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
+                           int t0, int t1, int nb0, int nb1, int N) {
+    const int R = L->rank, n1 = nb1 * LO_VB < N ? nb1 * LO_VB : N;
+    const uint8_t *b = (const uint8_t *)L->b;
+    for (int t = t0; t < t1; t++) {
+        const int8_t *q = (const int8_t *)(hb + (size_t)t * ldh);
+        const float d = hb[(size_t)t * ldh + R / 4];
+        for (int n = nb0 * LO_VB; n < n1; n++) {
+            int32_t s = 0;
+            for (int i = 0; i < R; i++)
+                s += ((int32_t)b[((((size_t)n / LO_VB) * (R / 4) + i / 4) * LO_VB + n % LO_VB) * 4 + i % 4] - 128) * q[i];
+            const float v = y[(size_t)t * ldy + n] + (float)s * d;
+            y[(size_t)t * ldy + n] = L->dora ? v * L->dora[n] : v;
+        }
+    }
 }
 
 #if defined(IFG_AVX512) || defined(IFG_AVX2)
@@ -191,8 +229,12 @@ LO_AI void lo_pf(const void *p, const int bytes) {
  * then a function of the tile shape, which the batch fixes (not the threads). */
 #define LO_KU(TT, RV) ((TT) * (RV) >= 8 ? 1 : (TT) * (RV) >= 4 ? 2 : 4)
 LO_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const void *a, int R,
-                          int k0, int k1, int t, int i0, int rl, const int TT, const int RV, const int DT) {
+                          int k0, int k1, int t, int i0, int rl, const int TT, const int RV, const int DT,
+                          const int FULL) {
     const int KU = LO_KU(TT, RV);
+    const size_t rs = (size_t)R * LO_ES(DT); /* bytes per k of A */
+    const char *ap = (const char *)a + ((size_t)k0 * R + i0) * LO_ES(DT);
+    const float *xr = x + (size_t)t * ldx + k0;
     lo_v acc[4][12][LO_RV];
 #pragma GCC unroll 4
     for (int u = 0; u < KU; u++)
@@ -200,24 +242,25 @@ LO_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const voi
         for (int i = 0; i < TT; i++)
 #pragma GCC unroll 4
             for (int j = 0; j < RV; j++) acc[u][i][j] = lo_zero();
-    int k = k0;
+    /* one k: RV weight vectors (FULL: the last one has LO_W ranks too, no mask), TT broadcasts */
 #define LO_SHRINK_K(u)                                                                                       \
     do {                                                                                                     \
-        const size_t at = (size_t)(k + (u)) * R + i0;                                                        \
+        const char *aw = ap + (size_t)(u) * rs;                                                              \
         lo_v w[LO_RV];                                                                                       \
         _Pragma("GCC unroll 4") for (int j = 0; j < RV; j++)                                                 \
-            w[j] = lo_ldw_n(a, DT, at + (size_t)j * LO_W, j == RV - 1 ? rl : LO_W);                          \
+            w[j] = lo_ldw_n(aw, DT, (size_t)j * LO_W, FULL || j < RV - 1 ? LO_W : rl);                       \
         _Pragma("GCC unroll 12") for (int i = 0; i < TT; i++) {                                              \
-            const lo_v xb = lo_set1(x[(size_t)(t + i) * ldx + k + (u)]);                                     \
+            const lo_v xb = lo_set1(xr[(size_t)i * ldx + (u)]);                                              \
             _Pragma("GCC unroll 4") for (int j = 0; j < RV; j++) acc[u][i][j] = lo_fma(xb, w[j], acc[u][i][j]); \
         }                                                                                                    \
     } while (0)
-    for (; k + KU <= k1; k += KU) {
-        __builtin_prefetch((const char *)a + ((size_t)k * R + i0) * LO_ES(DT) + LO_PF, 0, LO_PFL);
+    int k = k0;
+    for (; k + KU <= k1; k += KU, ap += KU * rs, xr += KU) {
+        __builtin_prefetch(ap + LO_PF, 0, LO_PFL);
 #pragma GCC unroll 4
         for (int u = 0; u < KU; u++) LO_SHRINK_K(u);
     }
-    for (; k < k1; k++) LO_SHRINK_K(0);
+    for (; k < k1; k++, ap += rs, xr++) LO_SHRINK_K(0);
 #undef LO_SHRINK_K
 #pragma GCC unroll 12
     for (int i = 0; i < TT; i++)
@@ -227,7 +270,7 @@ LO_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const voi
             if (KU == 2) v = lo_add(v, acc[1][i][j]);
             if (KU == 4) v = lo_add(lo_add(v, acc[1][i][j]), lo_add(acc[2][i][j], acc[3][i][j]));
             float *o = hp + (size_t)(t + i) * ldh + i0 + j * LO_W;
-            if (j == RV - 1 && rl < LO_W) lo_stx_m(o, v, rl); else lo_stx(o, v);
+            if (!FULL && j == RV - 1) lo_stx_m(o, v, rl); else lo_stx(o, v);
         }
 }
 
@@ -239,14 +282,19 @@ LO_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const voi
 #endif
 
 /* Rows [t0, t1) × RV rank vectors from i0: full tiles, then the remainder in tiles of 8/4/2/1. */
+LO_AI void lo_shrink_rows_f(float *hp, int ldh, const float *x, int ldx, const void *a, int R, int k0, int k1,
+                            int t0, int t1, int i0, int rl, const int RV, const int DT, const int FULL) {
+    int t = t0;
+    for (; t + LO_ST(RV) <= t1; t += LO_ST(RV)) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, LO_ST(RV), RV, DT, FULL);
+    if (LO_ST(RV) > 8 && t + 8 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 8, RV, DT, FULL); t += 8; }
+    if (LO_ST(RV) > 4 && t + 4 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 4, RV, DT, FULL); t += 4; }
+    if (LO_ST(RV) > 2 && t + 2 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 2, RV, DT, FULL); t += 2; }
+    for (; t < t1; t++) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 1, RV, DT, FULL);
+}
 LO_AI void lo_shrink_rows(float *hp, int ldh, const float *x, int ldx, const void *a, int R, int k0, int k1,
                           int t0, int t1, int i0, int rl, const int RV, const int DT) {
-    int t = t0;
-    for (; t + LO_ST(RV) <= t1; t += LO_ST(RV)) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, LO_ST(RV), RV, DT);
-    if (LO_ST(RV) > 8 && t + 8 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 8, RV, DT); t += 8; }
-    if (LO_ST(RV) > 4 && t + 4 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 4, RV, DT); t += 4; }
-    if (LO_ST(RV) > 2 && t + 2 <= t1) { lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 2, RV, DT); t += 2; }
-    for (; t < t1; t++) lo_shrink_tile(hp, ldh, x, ldx, a, R, k0, k1, t, i0, rl, 1, RV, DT);
+    if (rl == LO_W) lo_shrink_rows_f(hp, ldh, x, ldx, a, R, k0, k1, t0, t1, i0, rl, RV, DT, 1);
+    else lo_shrink_rows_f(hp, ldh, x, ldx, a, R, k0, k1, t0, t1, i0, rl, RV, DT, 0);
 }
 
 LO_AI void lo_shrink_dt(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
@@ -369,16 +417,127 @@ LO_AI void lo_expand_dt(float *y, int ldy, const float *h, int ldh, const struct
 static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                       int t0, int t1, int nb0, int nb1, int N) {
     switch (L->b_dtype) {
-    case IFG_BF16: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_BF16); break;
-    case IFG_LORA_I8: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_LORA_I8); break;
+    case IFG_BF16: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_BF16); break; /* int8: lo_expand8 */
     default: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_F32); break;
     }
+}
+
+/* ---- int8 Bᵀ: integer dot products (layout and rounding in lora.h) -------------------------
+ * A 32-bit lane holds 4 consecutive ranks of one output, so one instruction does 4
+ * multiply-adds per lane against 4 int8 values of h broadcast. AVX-512: vpdpbusd of the stored
+ * unsigned bytes (q + 128) with the signed h, the accumulator starting at -128 · Σ q_h (exact in
+ * int32); AVX2: the bytes are made signed again (xor 0x80) and go through vpmaddubsw(|w|,
+ * sign(h, w)) + vpmaddwd, as the q8_0 kernels do. The shrink keeps f32 x: rounding x to int8
+ * costs more than its A reads save at these ranks (h is a handful of values per row). */
+#if defined(IFG_AVX512)
+#define LO_ET8 4 /* expand tile: tokens × 16-blocks */
+#define LO_EB8 4
+typedef __m512i lo_vi;
+typedef __m512i lo_w8;
+LO_AI lo_w8 lo_ld8(const uint8_t *p, int r) { /* r <= LO_W lanes of 4 bytes */
+    return r == LO_W ? _mm512_loadu_si512((const void *)p) : _mm512_maskz_loadu_epi32(lo_mask(r), p);
+}
+LO_AI lo_vi lo_dot8(lo_vi acc, lo_w8 w, lo_vi x4) { return _mm512_dpbusd_epi32(acc, w, x4); }
+LO_AI lo_vi lo_start8(int32_t corr) { return _mm512_set1_epi32(corr); }
+LO_AI lo_vi lo_set4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+LO_AI lo_v lo_cvti(lo_vi v) { return _mm512_cvtepi32_ps(v); }
+#else
+#define LO_ET8 4
+#define LO_EB8 1
+typedef __m256i lo_vi;
+typedef struct { __m256i aw, ws; } lo_w8; /* |w| and w, signed */
+LO_AI lo_w8 lo_ld8(const uint8_t *p, int r) {
+    const __m256i raw = r == LO_W ? _mm256_loadu_si256((const __m256i *)p)
+                                  : _mm256_maskload_epi32((const int *)p, lo_imask(r));
+    lo_w8 w;
+    w.ws = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80));
+    w.aw = _mm256_abs_epi8(w.ws);
+    return w;
+}
+LO_AI lo_vi lo_dot8(lo_vi acc, lo_w8 w, lo_vi x4) {
+    const __m256i p = _mm256_maddubs_epi16(w.aw, _mm256_sign_epi8(x4, w.ws)); /* |pair| <= 2 · 127² */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+LO_AI lo_vi lo_start8(int32_t corr) { (void)corr; return _mm256_setzero_si256(); }
+LO_AI lo_vi lo_set4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+LO_AI lo_v lo_cvti(lo_vi v) { return _mm256_cvtepi32_ps(v); }
+#endif
+/* Expand tile: ET rows from t × EB 16-blocks from nb, their Bᵀ8 the run at w (block e's rank
+ * quad q at (e · rank/4 + q) · 64 bytes). h rows as lo_quant_h leaves them. */
+LO_AI void lo_expand8_tile(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L, int N,
+                           const uint8_t *w, int t, int nb, const int ET, const int EB) {
+    enum { NV = LO_EB8 * LO_VPB };
+    const int R4 = L->rank / 4;
+    lo_vi acc[LO_ET8][NV];
+#pragma GCC unroll 8
+    for (int a = 0; a < ET; a++) {
+        int32_t corr;
+        memcpy(&corr, hb + (size_t)(t + a) * ldh + R4 + 1, 4);
+        const lo_vi c0 = lo_start8(corr);
+#pragma GCC unroll 8
+        for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = c0;
+    }
+    for (int q = 0; q < R4; q++) {
+        lo_w8 wv[NV];
+#pragma GCC unroll 8
+        for (int e = 0; e < EB; e++) {
+            const uint8_t *we = w + ((size_t)e * R4 + q) * 64;
+            __builtin_prefetch(we + LO_PF, 0, LO_PFL);
+#pragma GCC unroll 2
+            for (int v = 0; v < LO_VPB; v++) wv[e * LO_VPB + v] = lo_ld8(we + v * LO_W * 4, LO_W);
+        }
+#pragma GCC unroll 8
+        for (int a = 0; a < ET; a++) {
+            const lo_vi hv = lo_set4((const int8_t *)(hb + (size_t)(t + a) * ldh) + 4 * q);
+#pragma GCC unroll 8
+            for (int j = 0; j < EB * LO_VPB; j++) acc[a][j] = lo_dot8(acc[a][j], wv[j], hv);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < EB * LO_VPB; j++) {
+        const int n = nb * LO_VB + j * LO_W, r = N - n < LO_W ? N - n : LO_W;
+        if (r <= 0) break; /* padding past N */
+        const lo_v d = L->dora ? (r == LO_W ? lo_ldx(L->dora + n) : lo_ldx_m(L->dora + n, r)) : lo_zero();
+#pragma GCC unroll 8
+        for (int a = 0; a < ET; a++) {
+            float *yo = y + (size_t)(t + a) * ldy + n;
+            const lo_v dh = lo_set1(hb[(size_t)(t + a) * ldh + R4]);
+            lo_v v = lo_fma(lo_cvti(acc[a][j]), dh, r == LO_W ? lo_ldx(yo) : lo_ldx_m(yo, r));
+            if (L->dora) v = lo_mul(v, d);
+            if (r == LO_W) lo_stx(yo, v); else lo_stx_m(yo, v, r);
+        }
+    }
+}
+
+static void lo_expand8(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
+                       int t0, int t1, int nb0, int nb1, int N) {
+    const size_t blk = (size_t)L->rank * LO_VB; /* bytes per 16-block */
+    const uint8_t *b = (const uint8_t *)L->b;
+#define LO_ET8LOOP(EB)                                                                                      \
+    do {                                                                                                    \
+        int t = t0;                                                                                         \
+        for (; t + LO_ET8 <= t1; t += LO_ET8) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, LO_ET8, EB); \
+        if (LO_ET8 > 2 && t + 2 <= t1) { lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 2, EB); t += 2; } \
+        for (; t < t1; t++) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 1, EB);             \
+    } while (0)
+    int nb = nb0;
+    for (; nb + LO_EB8 <= nb1; nb += LO_EB8) LO_ET8LOOP(LO_EB8);
+    for (; nb < nb1; nb++) LO_ET8LOOP(1);
+#undef LO_ET8LOOP
 }
 #else
 #define lo_shrink lo_shrink_ref
 #define lo_sum lo_sum_ref
 #define lo_expand lo_expand_ref
+#define lo_expand8 lo_expand8_ref
 #endif
+
+/* The expand of any adapter: int8 ones through the integer kernel. */
+static void lo_expand_any(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
+                          int t0, int t1, int nb0, int nb1, int N) {
+    if (L->b_dtype == IFG_LORA_I8) lo_expand8(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
+    else lo_expand(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
+}
 
 static inline int lo_rows(const struct ifg_lora *const *lora, const int32_t *seg_start, int s) {
     return lora[s] ? seg_start[s + 1] - seg_start[s] : 0;
@@ -419,7 +578,10 @@ static void lo_sum_rows(float *hb, const float *h, int ldh, int K, const struct 
     const int nkc = (K + LO_KC - 1) / LO_KC;
     for (int s = 0; s < n_seg; s++) {
         const int a = seg_start[s] > t0 ? seg_start[s] : t0, c = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
-        if (lora[s] && a < c) lo_sum(hb + (size_t)(a - t0) * ldh, ldh, h, ldh, nkc, (size_t)seg_start[n_seg], lora[s], a, c);
+        if (!lora[s] || a >= c) continue;
+        lo_sum(hb + (size_t)(a - t0) * ldh, ldh, h, ldh, nkc, (size_t)seg_start[n_seg], lora[s], a, c);
+        if (lora[s]->b_dtype == IFG_LORA_I8)
+            for (int t = a; t < c; t++) lo_quant_h(hb + (size_t)(t - t0) * ldh, lora[s]->rank);
     }
 }
 
@@ -429,7 +591,7 @@ static void lo_expand_rows(float *y, int ldy, const float *hb, int ldh, int N, c
     for (int s = 0; s < n_seg; s++) {
         const int a = seg_start[s] > t0 ? seg_start[s] : t0, c = seg_start[s + 1] < t1 ? seg_start[s + 1] : t1;
         if (lora[s] && a < c)
-            lo_expand(y + (size_t)a * ldy, ldy, hb + (size_t)(a - t0) * ldh, ldh, lora[s], 0, c - a, n0 / LO_VB,
+            lo_expand_any(y + (size_t)a * ldy, ldy, hb + (size_t)(a - t0) * ldh, ldh, lora[s], 0, c - a, n0 / LO_VB,
                       (n1 + LO_VB - 1) / LO_VB, n1 < N ? n1 : N);
     }
 }
@@ -461,6 +623,13 @@ void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int 
 }
 
 static int lo_gcd(int a, int b) { return b ? lo_gcd(b, a % b) : a; }
+
+/* Output rows per thread of the fused projection: whole 16-output blocks and whole row groups
+ * of the base kernel. */
+static int lo_row_align(int wtype) {
+    const int ra = ifg_matmul_row_align(wtype);
+    return ra / lo_gcd(ra, LO_VB) * LO_VB;
+}
 
 /* The expand as a GEMM epilogue (ifg_mm_epilogue): called by the x16 kernels for each group
  * pair's rows of each token tile once final, so the low-rank part goes into y while it is in
@@ -496,7 +665,7 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
     for (int s = 0; s < n_seg; s++) dora |= lo_rows(lora, seg_start, s) > 0 && lora[s]->dora;
     ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg);
     /* rows per thread: whole 16-output blocks and whole row groups of the base kernel */
-    const int ra = ifg_matmul_row_align(wtype), align = ra / lo_gcd(ra, LO_VB) * LO_VB;
+    const int align = lo_row_align(wtype);
     const int tb = ifg_matmul_token_block(wtype), TS = tb * (LO_SLAB / tb > 1 ? LO_SLAB / tb : 1);
     const int via_tmp = accumulate && dora; /* DoRA scales the projection, not the residual */
     const int nc = lo_team();

@@ -15,6 +15,12 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  * short streams in 16 pages starve the hardware prefetcher). With N16 = ceil(N/16):
  *   A   transposed, [K][rank]:  A[i][k] at k * rank + i (one k's ranks side by side)
  *   Bᵀ  [N16][rank][16]:        B[n][i] at ((n/16 * rank) + i) * 16 + n%16 (zero past N)
+ * An int8 Bᵀ is stored for integer dot products (VNNI) instead: unsigned bytes q + 128 (as
+ * q8_0x16 stores its weights), 4 consecutive ranks of an output in each 4 bytes,
+ *   Bᵀ  [N16][rank/4][16][4]:   B[n][i] at (((n/16) * rank/4 + i/4) * 16 + n%16) * 4 + i%4
+ * (zero, i.e. 128, past N), and h goes into it rounded to int8: per row, after its chunks are
+ * summed and scaled by h_scale, q = round(h / d) with d = max|h| / 127 (ties away from zero). An
+ * int8 A is [K][rank] as above (x stays f32).
  * h_scale folds every per-rank factor into the rank-space activations h = x·Aᵀ: the LoRA scale,
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */

@@ -21,12 +21,13 @@ def base(data_dir):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8", "int8-kernel"])
 def test_reference_with_adapter_matches_peft(tmp_path, base, name, dtype):
-    out = convert_peft(FIX / name, tmp_path / f"{name}.infeng-lora", base, dtype=dtype)
+    """int8-kernel: int8 storage computed as the C kernels do (activations rounded to int8)."""
+    out = convert_peft(FIX / name, tmp_path / f"{name}.infeng-lora", base, dtype=dtype.removesuffix("-kernel"))
     a = load_adapter(out, base)
     rec = json.loads((FIX / name / "logits.json").read_text())
-    logits = reference_with_adapter(base, a).forward(rec["input_ids"])
+    logits = reference_with_adapter(base, a, kernel_rounding=dtype == "int8-kernel").forward(rec["input_ids"])
     want = np.array(rec["last_logits"], np.float32)
     if dtype == "f32":
         np.testing.assert_allclose(logits[-1], want, atol=1e-3)
@@ -34,8 +35,10 @@ def test_reference_with_adapter_matches_peft(tmp_path, base, name, dtype):
     else:   # rounded adapter weights: close, and far closer than no adapter at all
         err = np.abs(logits[-1] - want).max()
         none = np.abs(reference_with_adapter(base, None).forward(rec["input_ids"])[-1] - want).max()
-        # measured max |Δlogit| / max |logit|: bf16 ≤ 0.71 %, int8 (per-row A, per-column B) ≤ 1.74 %
-        tol = 0.01 if dtype == "bf16" else 0.025
+        # measured max |Δlogit| / max |logit|: bf16 ≤ 0.71 %, int8 (per-row A, per-column B) ≤ 1.74 %,
+        # int8 with the kernels' int8 activations ≤ 2.41 % (all on lora_r8_all_rslora, whose random
+        # adapter moves the logits by 146 %; ≤ 0.47 % on the other fixtures)
+        tol = {"bf16": 0.01, "int8": 0.025, "int8-kernel": 0.03}[dtype]
         assert err < tol * np.abs(want).max() and err < none / 20, (err, none)
 
 

@@ -90,14 +90,20 @@ def test_decode_rows_grouped_by_adapter(base, files):
 @pytest.mark.parametrize("name", NAMES)
 def test_c_logits_int8_match_reference(kern, base, files_int8, name):
     """int8 adapters in the C forward pass compute what the numpy reference computes with the
-    dequantized weights (the int8 rounding itself is judged against PEFT in test_adapters.py)."""
+    kernels' rounding of the activations (reference_with_adapter(kernel_rounding=True); the int8
+    rounding itself is judged against PEFT in test_adapters.py). The kernels' arithmetic is exact
+    against int8_lora_product (test_kernels_lora.py); here the C and numpy activations differ in
+    the last bits, so a value on a rounding boundary may round the other way (a jump of ~1 % of
+    the logit scale on these fixtures, whose adapters move the logits by 20-150 %)."""
     eng = Engine(base, threads=2, max_batch=2, isa=kern.ffi.string(kern.lib.ifg_isa()).decode())
     la = eng.load_adapter(files_int8[name], name)
     ids = json.loads((FIX / name / "logits.json").read_text())["input_ids"]
-    want = reference_with_adapter(base, la.adapter).forward(ids)[-1]
+    want = reference_with_adapter(base, la.adapter, kernel_rounding=True).forward(ids)[-1]
+    none = reference_with_adapter(base, None).forward(ids)[-1]
     eng.submit(Request(id="x", prompt_ids=ids, params=_greedy(1), adapter=name))
     eng.step()
-    np.testing.assert_allclose(eng.net.logits[0], want, atol=1e-3)
+    err, scale = np.abs(eng.net.logits[0] - want).max(), np.abs(want).max()
+    assert err < 0.02 * scale and err < np.abs(none - want).max() / 10, (err, scale)
     list(eng.stream())
 
 

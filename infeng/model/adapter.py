@@ -16,6 +16,10 @@ it was not made for. The manifest's ``adapter.storage`` says how the low-rank pa
   PEFT fixtures it adds no more logit error (see tests/test_adapters.py and the session report).
 
 DoRA magnitudes ``.dora_m`` [out] are f32 in both.
+
+The C kernels multiply an int8 Bᵀ in integers, so there the rank-space activations h = x·Aᵀ (times
+the folded scales) are rounded to int8 too, per token over its ranks, as x is for a q8_0 base
+(``int8_lora_product`` is that arithmetic in numpy).
 """
 from __future__ import annotations
 
@@ -189,12 +193,41 @@ def manifest_summary(a: Adapter) -> dict[str, Any]:
     return {"name": a.name, "rank": a.rank, "scale": a.scale, "use_dora": a.use_dora, "targets": len(a.targets)}
 
 
-def reference_with_adapter(base: Model, adapter: Adapter | None):
-    """The numpy reference model computing with ``adapter``'s effective weights."""
+def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: np.ndarray,
+                      rounded: list | None = None) -> np.ndarray:
+    """The low-rank term y = h·Bᵀ of an int8 adapter as the C kernels compute it (lora.h), for
+    x [T, K] f32, qa [r, K] and qbt [r, N] int8 and h_scale [r] (the LoRA scale times both int8
+    scales): h = (x·qaᵀ) · h_scale in f32, rounded to int8 per row with d = max|h| / 127 (ties away
+    from zero), then y = d · (q_h·qbt), the product exact in integers. Returns [T, N] float64;
+    ``rounded``, if given, gets h / d (the values that were rounded)."""
+    from infeng.quant import _round_away
+    h = ((x.astype(np.float64) @ qa.T.astype(np.float64)) * h_scale).astype(np.float32)
+    dh = (np.abs(h).max(1) / np.float32(127)).astype(np.float32)
+    inv = np.where(dh != 0, np.float32(1) / np.where(dh != 0, dh, 1), np.float32(0)).astype(np.float32)
+    if rounded is not None:
+        rounded.append(h * inv[:, None])
+    hq = _round_away(h * inv[:, None]).astype(np.int64)
+    return (hq @ qbt.astype(np.int64)).astype(np.float64) * dh[:, None].astype(np.float64)
+
+
+def reference_with_adapter(base: Model, adapter: Adapter | None, kernel_rounding: bool = False):
+    """The numpy reference model computing with ``adapter``'s effective weights. With
+    ``kernel_rounding``, an int8 adapter's low-rank term is computed as the C kernels do
+    (``int8_lora_product``: h rounded to int8) beside the base projection instead."""
     from infeng.model.reference import ReferenceModel
     ref = ReferenceModel(base)
-    if adapter is not None:
-        for t in adapter.targets:
-            _, layer, proj = t.split(".")
+    if adapter is None:
+        return ref
+    for t in adapter.targets:
+        _, layer, proj = t.split(".")
+        if not (kernel_rounding and adapter.storage == "int8"):
             ref.w[t] = effective_weight(base, adapter, int(layer), proj)
+            continue
+        hs = (adapter.tensors[f"{t}.lora_a_scale"][1] * adapter.tensors[f"{t}.lora_bt_scale"][1]
+              * np.float32(adapter.scale)).astype(np.float32)
+        dora = None
+        if adapter.use_dora:
+            merged = base.f32(t) + adapter.delta(t)
+            dora = adapter.f32(f"{t}.dora_m") / np.linalg.norm(merged, axis=1)
+        ref.low_rank[t] = (adapter.tensors[f"{t}.lora_a"][1], adapter.tensors[f"{t}.lora_bt"][1], hs, dora)
     return ref

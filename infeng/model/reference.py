@@ -41,6 +41,9 @@ class ReferenceModel:
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
         self.inv_freq = self.cfg.inv_freq()
+        # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
+        # beside the base product as the kernels compute it (infeng.model.adapter.int8_lora_product)
+        self.low_rank: dict = {}
         self.reset()
 
     def reset(self):
@@ -89,10 +92,18 @@ class ReferenceModel:
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations)."""
+        x_in = x
         if name in self.qin:
             q, d = quantize_activations(x)
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
-        return x @ self.w[name].T
+        y = x @ self.w[name].T
+        if name in self.low_rank:
+            from infeng.model.adapter import int8_lora_product
+            qa, qbt, hs, dora = self.low_rank[name]
+            y = y + int8_lora_product(x_in, qa, qbt, hs)
+            if dora is not None:
+                y = y * dora
+        return y.astype(np.float32)
 
     def greedy(self, prompt_ids, n: int) -> list[int]:
         self.reset()

@@ -1,8 +1,9 @@
 """Adapter manager: LoRA/DoRA adapters loaded beside one base model, ready for the C forward pass.
 
 Loading maps the adapter file (checked against the base's identity), packs A and Bᵀ into the
-layouts the kernels stream (lora.h: Aᵀ, and Bᵀ in runs of 16 outputs; rank zero-padded to a
-multiple of 4; float files store B, whose transpose is taken here), gives the kernels the LoRA
+layouts the kernels stream (lora.h: Aᵀ, and Bᵀ in runs of 16 outputs, for int8 with 4 ranks per
+32-bit lane for integer dot products; rank zero-padded to a multiple of 4; float files store B,
+whose transpose is taken here), gives the kernels the LoRA
 scale (times int8 storage's per-rank scales) as one [rank] vector, precomputes DoRA's per-row
 factor m / ‖W + s·BA‖ from the base weights, and builds the C table the forward pass reads
 ([n_layers × 7] pointers, NULL where a projection is not adapted). Memory is bounded by a budget:
@@ -52,6 +53,15 @@ def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
     r, N = bt.shape
     rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
     return np.ascontiguousarray(_padded(bt, rp, np_).reshape(rp, np_ // LORA_VB, LORA_VB).transpose(1, 0, 2))
+
+
+def pack_lora_bt_i8(bt: np.ndarray) -> np.ndarray:
+    """int8 Bᵀ [r, N] → the integer kernels' [N'/16, r'/4, 16, 4] bytes q + 128 (N' = N rounded
+    up to 16, r' to 4; zero padding)."""
+    r, N = bt.shape
+    rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
+    b = _padded(bt.astype(np.int8), rp, np_).reshape(rp // 4, 4, np_ // LORA_VB, LORA_VB)   # [i/4, i%4, n/16, n%16]
+    return np.ascontiguousarray(b.transpose(2, 0, 3, 1)).view(np.uint8) ^ np.uint8(0x80)
 
 
 def lora_scratch(kern, cfg, max_tokens: int, rank: int) -> np.ndarray:
@@ -198,7 +208,7 @@ class AdapterManager:
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
                 s.a_dtype, s.b_dtype = CDTYPE[la_dtype], CDTYPE[lb_dtype]
-            A, Bt = pack_lora_a(A), pack_lora_bt(Bt)
+            A, Bt = pack_lora_a(A), (pack_lora_bt_i8 if a.storage == "int8" else pack_lora_bt)(Bt)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
             s.a, s.b = ffi.cast("void *", ffi.from_buffer(A)), ffi.cast("void *", ffi.from_buffer(Bt))
             s.h_scale = ptr(self.kern, hs)
