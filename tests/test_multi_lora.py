@@ -234,7 +234,13 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
     for k in ("prefill", "decode"):
         assert rec[f"{k}_tok_s_none"] > 0 and rec[f"{k}_tok_s_mixed"] > 0
         assert np.isfinite(rec[f"{k}_overhead"]) and np.isfinite(rec[f"{k}_overhead_pair_median"])
-    assert 0 < rec["floor_bytes_ratio"] < 1
+    assert 0 < rec["floor_step_bytes_ratio"] < rec["floor_bytes_ratio"] < 1
+    # and the Zipf scenario: single adapter, then α, in two passes (the second reversed), averaged
+    from infeng.bench.lora_scenarios import zipf
+    single, z, hot = zipf(q8, 2, alphas=(1.0,), n_adapters=3, n_requests=4, rank=4, prompt_len=8, n_out=2,
+                          batch=2, dtype="int8", rounds=2)
+    assert single["distinct_adapters"] == 1 and z["runs"] == 2 and z["adapter_dtype"] == "int8"
+    assert z["tok_s"] > 0 and z["tok_s_vs_single"] > 0 and hot["hot_time_to_first_token_s"] >= hot["hot_load_s"] > 0
 
 
 def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):

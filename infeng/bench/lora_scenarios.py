@@ -7,8 +7,9 @@ adapters on all 7 projections, stored as --adapter-dtype (bf16, f32 or int8). Th
 C forward time of that batch with its adapters over the same batch bare, measured step for step
 in alternating pairs (``paired_steps``; this machine's speed drifts too much between whole runs
 for a 5 % effect), for the prefill step (all prompts at once) and every decode step; then one
-end-to-end engine run each way (tok/s, informational) and the physical floor (adapter bytes read
-per decode step ÷ base bytes).
+end-to-end engine run each way (tok/s, informational) and the physical floor: adapter bytes read
+per decode step ÷ the base's layer weights (``floor_bytes_ratio``), and ÷ all a base decode step
+reads, output head and K/V cache included (``floor_step_bytes_ratio``).
 """
 from __future__ import annotations
 
@@ -129,6 +130,10 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, cfg.vocab_size, prompt_len - 1).tolist() for _ in range(batch)]
     base_bytes = sum(a.nbytes for n, (d, a) in model.tensors.items() if n.startswith("layers."))
+    # what a decode step of the base reads in all: the layers, the output head, and the f32 K/V
+    # of every row at the mean depth of the decode steps measured
+    kv_bytes = batch * (prompt_len + n_out / 2) * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    step_bytes = base_bytes + model.tensors[model.output_name][1].nbytes + kv_bytes
     base_dtype = model.weight_dtype
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)
@@ -147,7 +152,7 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
         e2e = {"none": run_once(eng, prompts, [None] * batch, n_out), "mixed": run_once(eng, prompts, mixed, n_out)}
         rec.update({"engine_prefill_tok_s_none": e2e["none"][0], "engine_prefill_tok_s_mixed": e2e["mixed"][0],
                     "engine_decode_tok_s_none": e2e["none"][1], "engine_decode_tok_s_mixed": e2e["mixed"][1],
-                    "floor_bytes_ratio": a_bytes / base_bytes})
+                    "floor_bytes_ratio": a_bytes / base_bytes, "floor_step_bytes_ratio": a_bytes / step_bytes})
         out.append(rec)
         for n in names:
             eng.unload_adapter(n)
@@ -155,14 +160,16 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
 
 
 def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=64, rank=16,
-         prompt_len=64, n_out=16, batch=8, seed=0):
+         prompt_len=64, n_out=16, batch=8, seed=0, dtype="bf16", rounds=2):
     """n_requests whose adapters follow Zipf(alpha) over n_adapters, all at once: aggregate tok/s
-    and p99 TTFT against the same requests all on one adapter. Also the time to first use of an
-    adapter hot-loaded while the engine runs."""
+    and p99 TTFT against the same requests all on one adapter. The runs go in ``rounds`` passes
+    over the configurations, every other pass in reverse order (single, α..., α..., single), and
+    each figure is the mean over passes, so a drift of the machine's speed hits all alike. Also
+    the time to first use of an adapter hot-loaded while the engine runs."""
     from infeng.runtime.sim import make_trace, replay
     model = load_model(base_path, verify=False)
     cfg = model.config
-    paths = [make_adapter(base_path, rank, seed=10_000 + k) for k in range(n_adapters)]
+    paths = [adapter_file(base_path, model, rank, dtype, seed=10_000 + k) for k in range(n_adapters)]
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)
     t_load = []
@@ -172,17 +179,22 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
         t_load.append(time.perf_counter() - t0)
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, cfg.vocab_size, prompt_len - 1).tolist() for _ in range(n_requests)]
-    out = []
-    for alpha in (None,) + tuple(alphas):
-        trace = make_trace(n_requests, 0.0, (prompt_len, prompt_len), (n_out, n_out), seed=seed,
-                           n_adapters=n_adapters, zipf_alpha=alpha or 1.0)
-        reqs = [Request(id=t.id, prompt_ids=prompts[i], adapter="a0" if alpha is None else f"a{t.adapter}",
-                        params=SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True, seed=0))
-                for i, t in enumerate(trace)]
-        rep = replay(eng, trace, reqs)
-        out.append({"zipf_alpha": alpha if alpha is not None else "single adapter",
-                    "distinct_adapters": len({r.adapter for r in reqs}),
-                    "tok_s": rep.throughput_tok_s, "ttft_s_p99": rep.ttft(99), "ttft_s_p50": rep.ttft(50)})
+    configs = (None,) + tuple(alphas)
+    runs = {a: [] for a in configs}
+    for rnd in range(rounds):
+        for alpha in (configs if rnd % 2 == 0 else configs[::-1]):
+            trace = make_trace(n_requests, 0.0, (prompt_len, prompt_len), (n_out, n_out), seed=seed,
+                               n_adapters=n_adapters, zipf_alpha=alpha or 1.0)
+            reqs = [Request(id=t.id, prompt_ids=prompts[i], adapter="a0" if alpha is None else f"a{t.adapter}",
+                            params=SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True, seed=0))
+                    for i, t in enumerate(trace)]
+            rep = replay(eng, trace, reqs)
+            runs[alpha].append((len({r.adapter for r in reqs}), rep.throughput_tok_s, rep.ttft(99), rep.ttft(50)))
+    out = [{"zipf_alpha": alpha if alpha is not None else "single adapter", "adapter_dtype": dtype,
+            "distinct_adapters": runs[alpha][0][0], "runs": rounds,
+            "tok_s": float(np.mean([r[1] for r in runs[alpha]])),
+            "ttft_s_p99": float(np.mean([r[2] for r in runs[alpha]])),
+            "ttft_s_p50": float(np.mean([r[3] for r in runs[alpha]]))} for alpha in configs]
     single = out[0]
     for rec in out[1:]:
         rec["tok_s_vs_single"] = rec["tok_s"] / single["tok_s"]
@@ -229,7 +241,7 @@ def main() -> None:
         print(json.dumps(rec, default=float))
         run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
     if a.zipf:
-        for rec in zipf(a.base, a.threads):
+        for rec in zipf(a.base, a.threads, dtype=a.dtype):
             print(json.dumps(rec, default=float))
             run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
     run.metrics["seconds"] = time.perf_counter() - t0
