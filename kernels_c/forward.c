@@ -11,9 +11,28 @@
 #include "embed.h"
 #include "attention.h"
 #include "lora.h"
+#include "quant.h"
 
 static void mm(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T, int acc) {
     ifg_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc);
+}
+
+/* The input x [T][K] of the projections w[0..n) quantized once into the scratch's xq, when one of
+ * them is a q8_0x16 / q4_0x16 product, which would each quantize x in every thread otherwise (the
+ * threads split the rows of W, so each needs all of x): the same int8 values, computed once.
+ * Returns the quantized x, or NULL (no scratch, or no product that reads it). */
+static const struct ifg_xq *quant_input(struct ifg_xq *xq, const struct ifg_scratch *s, const float *x, int ldx,
+                                        int T, int K, const struct ifg_weight *const *w, int n) {
+    int any = 0;
+    for (int i = 0; i < n; i++) any |= ifg_is_qx16(w[i]->dtype);
+    if (!s->xq || !any || K % IFG_QK) return NULL;
+    xq->q = s->xq;
+    xq->d = s->xq_d;
+    xq->s = s->xq_s;
+    xq->ldq = K;
+    xq->ldd = K / IFG_QK;
+    ifg_quantize_x_part(xq, x, ldx, T, K);
+    return xq;
 }
 
 const char *ifg_op_name(int op) {
@@ -67,7 +86,8 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
  * low-rank part of each row segment's adapter added in the same pass (lora.h). The base weights
  * are read once for the batch. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
-                 int acc, const struct ifg_lora_batch *lb, int l, int p) {
+                 int acc, const struct ifg_lora_batch *lb, int l, int p, const struct ifg_xq *xq) {
+    if (!ifg_is_qx16(w->dtype)) xq = NULL;
     const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
     int any = 0;
     for (int i = 0; lb && i < lb->n_seg; i++) {
@@ -75,10 +95,10 @@ static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_we
         any |= sel[i] != NULL;
     }
     if (!any)
-        mm(y, ldy, x, ldx, w, T, acc);
+        ifg_matmul_part_xq(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, xq);
     else
         ifg_lora_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel,
-                             lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp);
+                             lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp, xq);
 }
 
 int ifg_forward(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
@@ -110,11 +130,14 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             /* attention block: x += wo · attention(rope(wq·norm(x)), cache) */
             ifg_rmsnorm_part(s->xb, s->x, L->attn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
-            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0);
+            struct ifg_xq xqs;
+            const struct ifg_weight *qkv[3] = {&L->wq, &L->wk, &L->wv}, *gu[2] = {&L->w_gate, &L->w_up};
+            const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, qkv, 3);
+            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq);
             TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
-            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1);
+            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, xq);
             TIME(l, IFG_OP_WK); TRACE(l, IFG_OP_WK, s->k, kv_dim);
-            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2);
+            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, xq);
             TIME(l, IFG_OP_WV); TRACE(l, IFG_OP_WV, s->v, kv_dim);
             ifg_rope_part(s->q, q_dim, pos, m->inv_freq, T, m->n_heads, hd);
             ifg_rope_part(s->k, kv_dim, pos, m->inv_freq, T, m->n_kv_heads, hd);
@@ -125,19 +148,28 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             ifg_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
                                kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd, scale);
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
-            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3);
+            {
+                const struct ifg_weight *o[1] = {&L->wo};
+                xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, o, 1);
+            }
+            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);
             TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
 
             /* MLP block: x += w_down · (silu(w_gate·norm(x)) * w_up·norm(x)) */
             ifg_rmsnorm_part(s->xb, s->x, L->ffn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_FFN_NORM); TRACE(l, IFG_OP_FFN_NORM, s->xb, dim);
-            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4);
+            xq = quant_input(&xqs, s, s->xb, dim, T, dim, gu, 2);
+            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, xq);
             TIME(l, IFG_OP_W_GATE); TRACE(l, IFG_OP_W_GATE, s->hb, hidden);
-            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5);
+            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, xq);
             TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
             ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
             TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
-            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6);
+            {
+                const struct ifg_weight *d[1] = {&L->w_down};
+                xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, d, 1);
+            }
+            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq);
             TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
         }
         /* logits only for the rows asked for (the last token of each prefill chunk) */

@@ -40,6 +40,12 @@ struct ifg_scratch {
     float *att;    /* [max_tokens][q_dim] attention output */
     float *hb;     /* [max_tokens][hidden] gate, then silu(gate) * up */
     float *hb2;    /* [max_tokens][hidden] up */
+    /* A projection input quantized once for the q8_0x16 / q4_0x16 products that read it (quant.h's
+     * struct ifg_xq): [max_tokens][K] int8 and [max_tokens][K/32] scales and sums, K the widest
+     * input (max of dim, q_dim, hidden). NULL = each product quantizes x itself. */
+    int8_t *xq;
+    float *xq_d;
+    int32_t *xq_s;
     /* Profiling (infeng profile), both NULL = off and free. op_times: [1 + (n_layers+1)*IFG_OP_COUNT]
      * omp_get_wtime() seconds: [0] when the step starts, [1 + l*IFG_OP_COUNT + op] when op of
      * layer l ends (all threads past it); layer n_layers holds embed, final_norm and output.

@@ -659,7 +659,7 @@ static void lo_epi_fn(const struct ifg_mm_epilogue *b, float *y, int ldy, int t0
 void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                           int T, int N, int K, int accumulate,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
-                          float *h, int max_rank, float *tmp) {
+                          float *h, int max_rank, float *tmp, const struct ifg_xq *xq) {
     if (T <= 0 || N <= 0) return;
     int dora = 0;
     for (int s = 0; s < n_seg; s++) dora |= lo_rows(lora, seg_start, s) > 0 && lora[s]->dora;
@@ -678,7 +678,7 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
             float hb[LO_HB] __attribute__((aligned(64)));
             int hb_rows[2] = {-1, -1};
             const struct lo_epi e = {{lo_epi_fn}, h, max_rank, N, K, n_seg, lora, seg_start, hb, hb_rows};
-            ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, &e.base);
+            ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, &e.base, xq);
             continue;
         }
         for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in cache */
@@ -686,7 +686,7 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
             float *yo = via_tmp ? tmp : y;
             const int ldo = via_tmp ? N : ldy;
             ifg_matmul_rows(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
-                            via_tmp ? 0 : accumulate);
+                            via_tmp ? 0 : accumulate); /* (not x16: no use for xq) */
             ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
             if (via_tmp)
                 for (int t = t0; t < t1; t++)
@@ -708,6 +708,7 @@ void ifg_lora_matmul(float *y, int ldy, const float *x, int ldx, const void *w, 
                      const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                      float *h, int max_rank, float *tmp, int n_threads) {
     IFG_PARALLEL(n_threads) {
-        ifg_lora_matmul_part(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, h, max_rank, tmp);
+        ifg_lora_matmul_part(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, h, max_rank, tmp,
+                             NULL);
     }
 }

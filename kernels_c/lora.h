@@ -67,14 +67,16 @@ struct ifg_lora_batch {
 // cdef-end
 #define IFG_LORA_MAX_SEG 64
 
-/* The `_part` forms, for every thread of an enclosing parallel region to call together. */
+/* The `_part` forms, for every thread of an enclosing parallel region to call together.
+ * ifg_lora_matmul_part's xq: x already quantized for a q8_0x16 / q4_0x16 base (quant.h), or NULL. */
+struct ifg_xq;
 void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int K,
                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                          float *h, int max_rank);
 void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                           int T, int N, int K, int accumulate,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
-                          float *h, int max_rank, float *tmp);
+                          float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
 /* Phase 1, the partial sums of x·Aᵀ per k-chunk for every adapted row (worksharing loop, ends
  * in a barrier). */
 void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,

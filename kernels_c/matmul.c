@@ -443,13 +443,18 @@ int ifg_matmul_token_block(int wtype) {
 
 void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int r0, int r1, int K, int accumulate) {
+    ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL);
+}
+
+void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                        int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq) {
     if (T <= 0 || r0 >= r1) return;
     if (K <= 0) { /* empty sum */
         if (!accumulate)
             for (int t = 0; t < T; t++)
                 for (int n = r0; n < r1; n++) y[(size_t)t * ldy + n] = 0.0f;
     } else if (ifg_is_qx16(wtype)) {
-        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL);
+        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL, xq);
     } else if (ifg_is_qkx16(wtype)) {
         ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
     } else if (ifg_is_quant(wtype)) {
@@ -463,13 +468,18 @@ void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, 
 
 void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int N, int K, int accumulate) {
+    ifg_matmul_part_xq(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, NULL);
+}
+
+void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                        int T, int N, int K, int accumulate, const struct ifg_xq *xq) {
     if (T <= 0 || N <= 0) return; /* the same for every thread: no worksharing to skip */
     const int nc = mm_team();
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
         int r0, r1;
         ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);
-        ifg_matmul_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
     }
 }
 

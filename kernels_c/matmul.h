@@ -31,6 +31,13 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
  * T > 1 in both (T == 1 is the GEMV path). */
 void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int r0, int r1, int K, int accumulate);
+/* The same with x already quantized for the products that quantize it (q8_0x16 / q4_0x16: quant.h's
+ * struct ifg_xq; NULL: each call quantizes x itself; other formats ignore it). */
+struct ifg_xq;
+void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                        int T, int N, int K, int accumulate, const struct ifg_xq *xq);
+void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                        int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq);
 int ifg_matmul_row_align(int wtype);
 /* Tokens per block of the GEMM of wtype: calls over token ranges that are multiples of it
  * stream the weights no more often than one call over all tokens. */

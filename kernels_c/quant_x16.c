@@ -31,11 +31,15 @@
 static inline size_t xg_block_bytes(int wtype) { return wtype == IFG_Q8_0X16 ? 544 : 288; }
 
 /* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its block b's scale at
- * d[i*ldd + b] and the accumulator start at o[i*ldd + b]. */
+ * d[i*ldd + b] and the block's sum of q at s[i*ldd + b] (the accumulator starts at -off · s).
+ * q/d/s point into the tile's own buffers, or into an x quantized once by the caller (ifg_xq). */
 struct xtile {
-    _Alignas(64) int8_t q[XB_Q];
-    float d[XB_NB];
-    int32_t o[XB_NB];
+    _Alignas(64) int8_t qb[XB_Q];
+    float db[XB_NB];
+    int32_t sb[XB_NB];
+    const int8_t *q;
+    const float *d;
+    const int32_t *s;
     int ldq, ldd;
 };
 
@@ -99,7 +103,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
         for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
 #pragma GCC unroll 8
         for (int i = 0; i < TT; i++) {
-            const __m512i o = _mm512_set1_epi32(xt->o[(i0 + i) * ldd + b]);
+            const __m512i o = _mm512_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) ia[i][g] = o;
         }
@@ -177,7 +181,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
         for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
 #pragma GCC unroll 8
         for (int i = 0; i < TT; i++) {
-            const __m256i o = _mm256_set1_epi32(xt->o[(i0 + i) * ldd + b]);
+            const __m256i o = _mm256_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
 #pragma GCC unroll 8
             for (int h = 0; h < H; h++) ia[i][h] = o;
         }
@@ -295,25 +299,40 @@ static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w
 #endif
 
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
-                      int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi) {
+                      int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi,
+                      const struct ifg_xq *xq) {
     struct xtile xt;
-    const int off = XG_OFF(wtype);
     const size_t bb = xg_block_bytes(wtype), gstride = (size_t)(K / IFG_QK) * bb;
     /* decode: the whole row in one tile when it fits (one pass over W, no partial sums) */
     const int kw = T == 1 && K <= XB_Q ? K : XB_K, tb = T == 1 ? 1 : XB_T;
-    xt.ldq = kw;
-    xt.ldd = kw / IFG_QK;
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {
             const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0, nb = (k1 - k0) / IFG_QK;
-            ifg_quantize_x(xt.q, xt.d, xt.o, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
-            for (int i = 0; i < tt; i++)
-                for (int b = 0; b < nb; b++) xt.o[i * xt.ldd + b] *= -off;
+            if (xq) { /* quantized once by the caller */
+                xt.q = xq->q + (size_t)t * xq->ldq + k0;
+                xt.d = xq->d + (size_t)t * xq->ldd + k0 / IFG_QK;
+                xt.s = xq->s + (size_t)t * xq->ldd + k0 / IFG_QK;
+                xt.ldq = xq->ldq;
+                xt.ldd = xq->ldd;
+            } else {
+                xt.ldq = kw;
+                xt.ldd = kw / IFG_QK;
+                ifg_quantize_x(xt.qb, xt.db, xt.sb, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
+                xt.q = xt.qb;
+                xt.d = xt.db;
+                xt.s = xt.sb;
+            }
             xg_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK) * bb, wtype, gstride,
                      t, tt, r0, r1, nb, add, k1 == K ? epi : NULL);
         }
     }
+}
+
+void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T, int K) {
+    IFG_FOR
+    for (int t = 0; t < T; t++) ifg_quantize_x(xq->q + (size_t)t * xq->ldq, xq->d + (size_t)t * xq->ldd,
+                                               xq->s + (size_t)t * xq->ldd, x, ldx, t, 1, 0, K, xq->ldq, xq->ldd);
 }
 
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {

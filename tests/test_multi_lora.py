@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
+from infeng.model.llama import LlamaC
 from infeng.errors import InfengError
 from infeng.model.adapter import convert_peft, reference_with_adapter
 from infeng.model.loader import load_model
@@ -228,6 +229,26 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
         e = Engine(qbase, threads=1, max_batch=1)
         e.load_adapter(p8 if a == "i8" else pf, a)
         assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
+    # the forward pass rounds each projection input to int8 once (ifg_scratch.xq), shared by the x16
+    # GEMMs and the int8 adapters' shrink; without it each rounds x itself: the same bits
+    from infeng.runtime.adapters import lora_batch, lora_scratch
+    from infeng.runtime.kv import KVCache
+    la = eng.adapters.get("i8")
+    T = 6
+    logits = []
+    for shared in (True, False):
+        net = LlamaC(eng.kern, qbase, max_tokens=T, max_out=T, threads=2)
+        if not shared:
+            net.s.xq = eng.kern.ffi.NULL
+        kv = KVCache(eng.kern, qbase.config, n_slots=2, max_seq_len=16, block_size=4)
+        assert kv.ensure(0, 8) and kv.ensure(1, 8)
+        seg = np.array([0, 3, T], np.int32)                      # rows 0-2 adapter i8, rows 3-5 none
+        h, tmp = lora_scratch(eng.kern, qbase.config, T, la.kernel_rank), np.zeros((T, qbase.config.dim), np.float32)
+        lb, keep = lora_batch(eng.kern, seg, [la.table, eng.kern.ffi.NULL], h, tmp)
+        net.tokens[:T], net.pos[:T], net.seq[:T], net.out_rows[:T] = [1, 5, 9, 1, 7, 3], [0, 1, 2, 0, 1, 2], [0] * 3 + [1] * 3, range(T)
+        net.step(kv, T, T, lb)
+        logits.append(net.logits[:T].copy())
+    np.testing.assert_array_equal(logits[0], logits[1])
     # the overhead benchmark's paired steps run on this base too (a tiny run: its shape, not its numbers)
     from infeng.bench.lora_scenarios import overhead
     [rec] = overhead(q8, [4], 2, batch=4, n_adapters=2, prompt_len=20, n_out=3, repeats=1, dtype="int8")

@@ -194,3 +194,37 @@ def test_bench_case_runs_q4_k_interleaved(kern):
     assert case.name == "gemm3 q4_kx16 48x256"
     case.run()
     assert micro.matmul_case(kern, "q4_k", "40x256", 1, 1).name == "gemv q4_k 40x256"   # 40 rows: plain
+
+
+def test_forward_shares_one_quantized_input(kern, data_dir, tmp_path):
+    """The forward pass quantizes each projection input once for the x16 products that read it
+    (struct ifg_scratch.xq: wq/wk/wv share one, w_gate/w_up another) instead of in every product
+    and thread: the same int8 values, so the same bits as each product quantizing for itself."""
+    from infeng.cli.main import main
+    from infeng.model.llama import LlamaC
+    from infeng.model.loader import load_model
+    from infeng.runtime.kv import KVCache
+    for qtype in ("q8_0", "q4_0"):
+        src, q = tmp_path / "f32.infeng", tmp_path / f"{qtype}.infeng"
+        if not src.exists():
+            assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(src)]) == 0
+        assert main(["quantize", str(src), "-o", str(q), "--type", qtype]) == 0
+        model = load_model(q)
+        tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]
+        outs = []
+        for shared in (True, False):
+            net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
+            assert net.m.layers[0].wq.dtype in (5, 6)                 # the x16 layouts run
+            if not shared:
+                net.s.xq = kern.ffi.NULL
+            kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)
+            assert kv.ensure(0, 32)
+            T = len(tokens)
+            net.tokens[:T], net.pos[:T], net.seq[:T], net.out_rows[:T] = tokens, range(T), [0] * T, range(T)
+            net.step(kv, T, T)
+            got = [net.logits[:T].copy()]
+            net.tokens[0], net.pos[0], net.seq[0], net.out_rows[0] = 311, T, 0, 0      # a decode step
+            net.step(kv, 1, 1)
+            outs.append(got + [net.logits[:1].copy()])
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)

@@ -61,6 +61,11 @@ class LlamaC:
         s.max_tokens = T
         for n, a in self.bufs.items():
             setattr(s, n, ptr(kern, a))
+        # a projection input quantized once for the int8 products that share it (forward.h)
+        kq = -(-max(c.dim, c.q_dim, c.hidden_dim) // 32) * 32
+        self.xq = (np.zeros((T, kq), np.int8), np.zeros((T, kq // 32), np.float32), np.zeros((T, kq // 32), np.int32))
+        s.xq, s.xq_d, s.xq_s = (ptr(kern, self.xq[0], "int8_t *"), ptr(kern, self.xq[1]),
+                                ptr(kern, self.xq[2], "int32_t *"))
         # step inputs and outputs, filled in place by the caller
         self.tokens = np.zeros(T, np.int32)
         self.pos = np.zeros(T, np.int32)
