@@ -131,7 +131,8 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             ifg_rmsnorm_part(s->xb, s->x, L->attn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
             struct ifg_xq xqs;
-            const struct ifg_weight *qkv[3] = {&L->wq, &L->wk, &L->wv}, *gu[2] = {&L->w_gate, &L->w_up};
+            const struct ifg_weight *qkv[3] = {&L->wq, &L->wk, &L->wv}, *o[1] = {&L->wo},
+                                    *gu[2] = {&L->w_gate, &L->w_up}, *d[1] = {&L->w_down};
             const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, qkv, 3);
             proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq);
             TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
@@ -148,10 +149,7 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             ifg_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
                                kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd, scale);
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
-            {
-                const struct ifg_weight *o[1] = {&L->wo};
-                xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, o, 1);
-            }
+            xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, o, 1);
             proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);
             TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
 
@@ -165,10 +163,7 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
             ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
             TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
-            {
-                const struct ifg_weight *d[1] = {&L->w_down};
-                xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, d, 1);
-            }
+            xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, d, 1);
             proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq);
             TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
         }
