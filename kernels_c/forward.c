@@ -87,7 +87,6 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
  * are read once for the batch. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
                  int acc, const struct ifg_lora_batch *lb, int l, int p, const struct ifg_xq *xq) {
-    if (!ifg_is_qx16(w->dtype)) xq = NULL;
     const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
     int any = 0;
     for (int i = 0; lb && i < lb->n_seg; i++) {

@@ -686,7 +686,7 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
             float *yo = via_tmp ? tmp : y;
             const int ldo = via_tmp ? N : ldy;
             ifg_matmul_rows(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
-                            via_tmp ? 0 : accumulate); /* (not x16: no use for xq) */
+                            via_tmp ? 0 : accumulate); /* an x16 W here (DoRA via tmp) rounds its slab of x itself */
             ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
             if (via_tmp)
                 for (int t = t0; t < t1; t++)
