@@ -22,9 +22,10 @@
 #include "quant_k.h"
 
 #define KX_T 64   /* tokens per x tile */
-#define KX_K 1024 /* k per x tile (multiple of 256); T == 1 takes up to KX_T * KX_K */
+#define KX_K 1024 /* k per x tile (multiple of 256); tt tokens take all of K if tt·K <= KX_Q */
 #define KX_Q (KX_T * KX_K)
 #define KX_NB (KX_Q / IFG_QK)
+#define KX_PF 2048 /* bytes ahead of a weight stream to prefetch, rows whole */
 #define KX_GB (16 * IFG_Q4_K_BLOCK) /* one group-block: 16 rows × one super-block, 2304 bytes */
 
 /* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its 32-block b's scale at
@@ -34,6 +35,7 @@ struct kxtile {
     float d[KX_NB], ds[KX_NB];
     int32_t s[KX_NB];
     int ldq, ldd;
+    int pf; /* bytes ahead of each weight stream to prefetch (0: none) */
 };
 
 #if !defined(IFG_AVX2) && !defined(IFG_AVX512)
@@ -75,6 +77,15 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
 #define KXA static inline __attribute__((always_inline))
 KXA int32_t kx_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
+/* Software prefetch of each weight stream of a register tile, pf bytes ahead, as quant_x16.c's
+ * XG_PREFETCH (the first token tile only; rows whole): the core alone keeps too few loads in
+ * flight for a batch's arithmetic per byte. */
+#define KX_PREFETCH(off)                                                                          \
+    do {                                                                                          \
+        if (pf)                                                                                   \
+            for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)gb[g_] + (off) + pf, _MM_HINT_T0); \
+    } while (0)
+
 #if defined(IFG_AVX512)
 #define KXT 8  /* tokens per register tile (prefill): the per-group scale work is shared by 8 */
 #define KXG 1  /* groups per register tile (prefill) */
@@ -98,7 +109,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
                  int t, int i0, int n, int nsb, int add, const int TT, const int G) {
     __m512 acc[KXT][KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
-    const int ldq = xt->ldq, ldd = xt->ldd;
+    const int ldq = xt->ldq, ldd = xt->ldd, pf = i0 == 0 ? xt->pf : 0;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
@@ -115,6 +126,8 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
             kx_scales4(gb[g], 0, scb[g], mnb[g]);
             kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
         }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j); /* the header; the levels as they are read */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             __m512 ws[KXG1], wm[KXG1];
@@ -134,6 +147,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m512i lo[KXG1], hi[KXG1];
+                KX_PREFETCH(256 + 256 * s + 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
@@ -179,6 +193,7 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
     __m512 acc[KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
+    const int pf = xt->pf;
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
@@ -192,6 +207,8 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
             as[g] = _mm512_setzero_ps();
             am[g] = _mm512_setzero_ps();
         }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j);
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             const int8_t *xb = xt->q + 256 * b + 32 * s;
@@ -201,6 +218,7 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 const __m512i xl = _mm512_set1_epi32(kx_x4(xb + 8 * v)), xh = _mm512_set1_epi32(kx_x4(xb + 8 * v + 4));
+                KX_PREFETCH(256 + 256 * s + 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
@@ -251,7 +269,7 @@ KXA void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
 KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G) {
     __m256 acc[KXT][2 * KXG1]; /* [token][8-row half] */
-    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G;
+    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
@@ -262,6 +280,8 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
         __m256 dv[2 * KXG1], mv[2 * KXG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j); /* the header; the levels as they are read */
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) { /* d, dmin of the half's 8 rows, once per super-block */
             dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
@@ -282,6 +302,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
              * to <= 30480, no overflow, so one vpmaddwd per sub-block widens them */
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
+                KX_PREFETCH(256 + 256 * s + 64 * v);
                 __m256i lo[2 * KXG1], hi[2 * KXG1];
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
@@ -374,8 +395,11 @@ void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *
                         int K, int accumulate) {
     struct kxtile xt;
     const size_t gstride = (size_t)(K / IFG_QK_K) * KX_GB;
-    /* decode: the whole row in one tile when it fits (one pass over W, no partial sums) */
-    const int kw = T == 1 && K <= KX_Q ? K : KX_K, tb = T == 1 ? 1 : KX_T;
+    /* whole rows in one tile when a tile of x fits (decode, small batches): one pass over W with
+     * no partial sums, W one sequential stream per thread, prefetched ahead (KX_PREFETCH) */
+    const int tb = T == 1 ? 1 : KX_T;
+    const int kw = (size_t)(T < tb ? T : tb) * K <= KX_Q ? K : KX_K;
+    xt.pf = kw == K ? KX_PF : 0;
     xt.ldq = kw;
     xt.ldd = kw / IFG_QK;
     for (int t = 0; t < T; t += tb) {
