@@ -294,3 +294,20 @@ def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
         llm.eval([theirs[-1]])
     llm.close()
     assert theirs == list(ours) and list(ours) != list(none)
+
+
+def test_lora_bench_bad_input_is_one_line(tmp_path, capsys):
+    """The overhead benchmark and the peers check what they are given before minutes of work:
+    one line naming the option or file, a non-zero exit, no traceback, no telemetry file."""
+    from infeng.bench import lora_scenarios, llamacpp_lora
+    missing = str(tmp_path / "no-such-model.infeng")
+    for argv, rc, msg in (([missing, "--json", str(tmp_path / "t.jsonl")], 2, "suffix must be .json or .csv"),
+                          ([missing, "--ranks", "16,x"], 2, "--ranks '16,x'"),
+                          ([missing, "--ranks", "4", "--json", str(tmp_path / "t.json")], 1, "no such file")):
+        assert lora_scenarios.main(argv) == rc
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lora_scenarios: error:") and msg in err[0]
+    assert not (tmp_path / "t.json").exists()
+    if llamacpp_lora.main([missing]) == 1:           # 0: llama-cpp-python is not installed (skipped)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no such file" in err[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from pathlib import Path
 
 from infeng.bench.synthetic import make_adapter
+from infeng.errors import InfengError
 from infeng.model.loader import load_model
 from infeng.kernels import ptr
 from infeng.runtime.adapters import lora_batch, lora_scratch
@@ -221,7 +223,7 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
     return out
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
     ap.add_argument("--ranks", default="16,32,64")
@@ -232,22 +234,37 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--n-out", type=int, default=32)
     ap.add_argument("--zipf", action="store_true", help="also the Zipf adapter-popularity scenario")
-    ap.add_argument("--json")
-    a = ap.parse_args()
+    ap.add_argument("--json", help="telemetry file (.json or .csv)")
+    a = ap.parse_args(argv)
+    try:    # bad input: one line before minutes of work, not a traceback after them
+        ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
+        if any(r < 1 for r in ranks):
+            raise ValueError
+    except ValueError:
+        print(f"lora_scenarios: error: --ranks {a.ranks!r}: a comma-separated list of positive integers", file=sys.stderr)
+        return 2
+    if a.json and Path(a.json).suffix.lower() not in (".json", ".csv"):
+        print(f"lora_scenarios: error: --json {a.json}: suffix must be .json or .csv", file=sys.stderr)
+        return 2
     run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads, "adapter_dtype": a.dtype})
     t0 = time.perf_counter()
-    for rec in overhead(a.base, [int(x) for x in a.ranks.split(",") if x], a.threads, repeats=a.repeats, dtype=a.dtype,
-                        prompt_len=a.prompt_len, n_out=a.n_out):
-        print(json.dumps(rec, default=float))
-        run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
-    if a.zipf:
-        for rec in zipf(a.base, a.threads, dtype=a.dtype):
+    try:
+        for rec in overhead(a.base, ranks, a.threads, repeats=a.repeats, dtype=a.dtype, prompt_len=a.prompt_len,
+                            n_out=a.n_out):
             print(json.dumps(rec, default=float))
             run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
+        if a.zipf:
+            for rec in zipf(a.base, a.threads, dtype=a.dtype):
+                print(json.dumps(rec, default=float))
+                run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
+    except InfengError as e:
+        print(f"lora_scenarios: error: {e}", file=sys.stderr)
+        return 1
     run.metrics["seconds"] = time.perf_counter() - t0
     if a.json:
         run.write(a.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

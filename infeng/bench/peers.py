@@ -13,11 +13,14 @@ The engine never imports these packages; only this module does, lazily.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from infeng.errors import InfengError
 
 
 class PeerSkip(Exception):
@@ -304,5 +307,8 @@ def lora_peer_main(compare, peer: str, description: str, argv=None) -> int:
     except PeerSkip as e:
         print(f"{peer} peer skipped: {e}")
         return 0
+    except InfengError as e:
+        print(f"{peer} peer: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(rec, default=float))
     return 0
