@@ -106,10 +106,10 @@ KXA void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
 }
 
 KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
-                 int t, int i0, int n, int nsb, int add, const int TT, const int G) {
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
     __m512 acc[KXT][KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
-    const int ldq = xt->ldq, ldd = xt->ldd, pf = i0 == 0 ? xt->pf : 0;
+    const int ldq = xt->ldq, ldd = xt->ldd, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
@@ -189,11 +189,11 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
  * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
  * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
 KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
-                  int n, int nsb, int add, const int G) {
+                  int n, int nsb, int add, const int G, const int PF) {
     __m512 acc[KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
-    const int pf = xt->pf;
+    const int pf = PF ? xt->pf : 0;
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
@@ -267,9 +267,9 @@ KXA void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
 }
 
 KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
-                 int t, int i0, int n, int nsb, int add, const int TT, const int G) {
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
     __m256 acc[KXT][2 * KXG1]; /* [token][8-row half] */
-    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = i0 == 0 ? xt->pf : 0;
+    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
@@ -348,16 +348,16 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
 #endif
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile. */
-static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
-                     int t, int tt, int n0, int n1, int nsb, int add) {
+KXA void kx_tiles_t(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                    int t, int tt, int n0, int n1, int nsb, int add, const int PF) {
     if (tt == 1) {
         int n = n0;
 #ifdef KX_TILE1
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1);
-        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1);
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, PF);
+        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, PF);
 #else
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1);
-        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1);
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, PF);
+        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, PF);
 #endif
         return;
     }
@@ -367,8 +367,8 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
             const int r = tt - i0;
 #define KX_CASE(TTC)                                                                    \
     do {                                                                                \
-        if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG);    \
-        else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1);               \
+        if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG, PF); \
+        else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1, PF);            \
     } while (0)
             if (r >= KXT) KX_CASE(KXT);
 #if KXT > 7
@@ -388,6 +388,12 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
         }
         n += 16 * G;
     }
+}
+/* the prefetch a compile-time choice, as in quant_x16.c (a branch on it in the inner loop slows prefill) */
+static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+                     int t, int tt, int n0, int n1, int nsb, int add) {
+    if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1);
+    else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0);
 }
 #endif
 

@@ -101,10 +101,10 @@ XA int32_t xg_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 #define XG 2 /* groups per register tile (prefill) */
 #define XG1 4 /* groups per register tile (one token: more independent weight streams) */
 XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
-                int t, int i0, int n, int nb, int add, const int TT, const int G) {
+                int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m512 acc[XT][XG1];
     const size_t bb = xg_block_bytes(wtype);
-    const int ldq = xt->ldq, ldd = xt->ldd, pf = i0 == 0 ? xt->pf : 0;
+    const int ldq = xt->ldq, ldd = xt->ldd, pf = PF && i0 == 0 ? xt->pf : 0;
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
@@ -181,10 +181,10 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 #define XG 1
 #define XG1 2
 XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
-                int t, int i0, int n, int nb, int add, const int TT, const int G) {
+                int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m256 acc[XT][2 * XG1]; /* [token][8-row half] */
     const size_t bb = xg_block_bytes(wtype);
-    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = i0 == 0 ? xt->pf : 0;
+    const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
@@ -265,7 +265,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile; wtype a constant after inlining. */
 XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
-                   int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
+                   int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi, const int PF) {
     int ne = n0; /* rows not yet handed to the epilogue: it gets XG_EPI rows at a time */
 #define XG_EPI_AFTER(n_done)                                                                      \
     do {                                                                                          \
@@ -277,11 +277,11 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
     if (tt == 1) {
         int n = n0;
         for (; n + 16 * XG1 <= n1; n += 16 * XG1) {
-            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, XG1);
+            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, XG1, PF);
             XG_EPI_AFTER(n + 16 * XG1);
         }
         for (; n < n1; n += 16) {
-            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, 1);
+            xg_tile(y, ldy, xt, w, gstride, wtype, t, 0, n, nb, add, 1, 1, PF);
             XG_EPI_AFTER(n + 16);
         }
         return;
@@ -292,8 +292,8 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
             const int r = tt - i0;
 #define XG_CASE(TTC)                                                                              \
     do {                                                                                          \
-        if (G == XG) xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, XG);          \
-        else xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, 1);                   \
+        if (G == XG) xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, XG, PF);      \
+        else xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, 1, PF);               \
     } while (0)
             if (r >= XT) XG_CASE(XT);
 #if XT > 3
@@ -312,8 +312,11 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
 }
 static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
                      int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
-    if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi);
-    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi);
+    /* the prefetch a compile-time choice: a branch on it in the inner loop cost prefill 1.5x */
+    if (wtype == IFG_Q8_0X16 && xt->pf) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi, 1);
+    else if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi, 0);
+    else if (xt->pf) xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi, 1);
+    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi, 0);
 }
 #endif
 
