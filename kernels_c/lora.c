@@ -341,6 +341,14 @@ LO_AI void lo_cvt_run(float *dst, const void *src, size_t n, const int DT) {
     for (size_t i = 0; i < n; i += LO_W) lo_stx(dst + i, lo_ldw(src, DT, i));
 }
 
+/* The expands' output runs: r <= LO_W floats at p (fewer: the last run, masked at N). */
+LO_AI lo_v lo_ld_out(const float *p, int r) { return r == LO_W ? lo_ldx(p) : lo_ldx_m(p, r); }
+/* y's run = v, times DoRA's factor d (lo_ld_out of L->dora) when the adapter has one. */
+LO_AI void lo_st_out(float *p, lo_v v, const struct ifg_lora *L, lo_v d, int r) {
+    if (L->dora) v = lo_mul(v, d);
+    if (r == LO_W) lo_stx(p, v); else lo_stx_m(p, v, r);
+}
+
 /* Expand tile: ET tokens from t × EB 16-blocks from nb, whose weights are the contiguous run at
  * w (weight (i, e-th block's output o) at (e*R + i)*16 + o; pf: prefetch it, it streams from
  * memory). Per rank step: EB·VPB weight vectors, ET broadcasts of h, ET·EB·VPB FMAs. */
@@ -372,13 +380,11 @@ LO_AI void lo_expand_tile(float *y, int ldy, const float *h, int ldh, const stru
     for (int j = 0; j < EB * LO_VPB; j++) {
         const int n = nb * LO_VB + j * LO_W, r = N - n < LO_W ? N - n : LO_W;
         if (r <= 0) break; /* padding past N */
-        const lo_v d = L->dora ? (r == LO_W ? lo_ldx(L->dora + n) : lo_ldx_m(L->dora + n, r)) : lo_zero();
+        const lo_v d = L->dora ? lo_ld_out(L->dora + n, r) : lo_zero();
 #pragma GCC unroll 8
         for (int a = 0; a < ET; a++) {
             float *yo = y + (size_t)(t + a) * ldy + n;
-            lo_v v = lo_add(r == LO_W ? lo_ldx(yo) : lo_ldx_m(yo, r), acc[a][j]);
-            if (L->dora) v = lo_mul(v, d);
-            if (r == LO_W) lo_stx(yo, v); else lo_stx_m(yo, v, r);
+            lo_st_out(yo, lo_add(lo_ld_out(yo, r), acc[a][j]), L, d, r);
         }
     }
 }
@@ -497,14 +503,12 @@ LO_AI void lo_expand8_tile(float *y, int ldy, const float *hb, int ldh, const st
     for (int j = 0; j < EB * LO_VPB; j++) {
         const int n = nb * LO_VB + j * LO_W, r = N - n < LO_W ? N - n : LO_W;
         if (r <= 0) break; /* padding past N */
-        const lo_v d = L->dora ? (r == LO_W ? lo_ldx(L->dora + n) : lo_ldx_m(L->dora + n, r)) : lo_zero();
+        const lo_v d = L->dora ? lo_ld_out(L->dora + n, r) : lo_zero();
 #pragma GCC unroll 8
         for (int a = 0; a < ET; a++) {
             float *yo = y + (size_t)(t + a) * ldy + n;
             const lo_v dh = lo_set1(hb[(size_t)(t + a) * ldh + R4]);
-            lo_v v = lo_fma(lo_cvti(acc[a][j]), dh, r == LO_W ? lo_ldx(yo) : lo_ldx_m(yo, r));
-            if (L->dora) v = lo_mul(v, d);
-            if (r == LO_W) lo_stx(yo, v); else lo_stx_m(yo, v, r);
+            lo_st_out(yo, lo_fma(lo_cvti(acc[a][j]), dh, lo_ld_out(yo, r)), L, d, r);
         }
     }
 }

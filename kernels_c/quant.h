@@ -58,9 +58,6 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
 // cdef-end
 static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
-/* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
- * (a ~75 KiB stack buffer per thread holds a tile of quantized x). epi (NULL: none) is called for
- * every group pair's rows of every token tile once they are final. */
 /* x quantized per token and 32-block once (ifg_quantize_x's rounding), for several GEMMs over
  * the same input and every thread to share: row t's k-th int8 at q[t*ldq + k], block b's scale
  * and sum of q at d / s[t*ldd + b]. */
@@ -70,7 +67,10 @@ struct ifg_xq {
 };
 /* Rows [0, T) of x over K (a multiple of 32) into xq (worksharing loop, ends in a barrier). */
 void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T, int K);
-/* xq: x already quantized (or NULL: each call quantizes x into its own stack tile). */
+/* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
+ * (a ~75 KiB stack buffer per thread holds a tile of quantized x). epi (NULL: none) is called for
+ * every group pair's rows of every token tile once they are final. xq: x already quantized (or
+ * NULL: each call quantizes x into its own stack tile). */
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                       int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi,
                       const struct ifg_xq *xq);

@@ -249,14 +249,11 @@ def main(argv=None) -> int:
     run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads, "adapter_dtype": a.dtype})
     t0 = time.perf_counter()
     try:
-        for rec in overhead(a.base, ranks, a.threads, repeats=a.repeats, dtype=a.dtype, prompt_len=a.prompt_len,
-                            n_out=a.n_out):
+        recs = overhead(a.base, ranks, a.threads, repeats=a.repeats, dtype=a.dtype, prompt_len=a.prompt_len,
+                        n_out=a.n_out)
+        for rec in recs + (zipf(a.base, a.threads, dtype=a.dtype) if a.zipf else []):
             print(json.dumps(rec, default=float))
             run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
-        if a.zipf:
-            for rec in zipf(a.base, a.threads, dtype=a.dtype):
-                print(json.dumps(rec, default=float))
-                run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
     except InfengError as e:
         print(f"lora_scenarios: error: {e}", file=sys.stderr)
         return 1
