@@ -17,14 +17,23 @@ static void mm(float *y, int ldy, const float *x, int ldx, const struct ifg_weig
     ifg_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc);
 }
 
-/* The input x [T][K] of the projections w[0..n) quantized once into the scratch's xq, when one of
- * them is a q8_0x16 / q4_0x16 product, which would each quantize x in every thread otherwise (the
- * threads split the rows of W, so each needs all of x): the same int8 values, computed once.
- * Returns the quantized x, or NULL (no scratch, or no product that reads it). */
+/* The input x [T][K] of projections p0..p0+n of layer l quantized once into the scratch's xq,
+ * when one of them is a q8_0x16 / q4_0x16 product or has an int8 adapter in this batch (lora.h),
+ * which would each round x in every thread (the threads split the rows of W, so each needs all
+ * of x) or in every shrink unit otherwise: the same int8 values, computed once. Returns the
+ * quantized x, or NULL (no scratch, or nothing that reads it). */
 static const struct ifg_xq *quant_input(struct ifg_xq *xq, const struct ifg_scratch *s, const float *x, int ldx,
-                                        int T, int K, const struct ifg_weight *const *w, int n) {
+                                        int T, int K, const struct ifg_layer *L, const struct ifg_lora_batch *lb,
+                                        int l, int p0, int n) {
+    const struct ifg_weight *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
     int any = 0;
-    for (int i = 0; i < n; i++) any |= ifg_is_qx16(w[i]->dtype);
+    for (int p = p0; p < p0 + n; p++) {
+        any |= ifg_is_qx16(w[p]->dtype);
+        for (int i = 0; lb && i < lb->n_seg; i++) {
+            const struct ifg_lora *a = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
+            any |= a && a->a_dtype == IFG_LORA_I8 && lb->seg_start[i + 1] > lb->seg_start[i];
+        }
+    }
     if (!s->xq || !any || K % IFG_QK) return NULL;
     xq->q = s->xq;
     xq->d = s->xq_d;
@@ -130,9 +139,7 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             ifg_rmsnorm_part(s->xb, s->x, L->attn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
             struct ifg_xq xqs;
-            const struct ifg_weight *qkv[3] = {&L->wq, &L->wk, &L->wv}, *o[1] = {&L->wo},
-                                    *gu[2] = {&L->w_gate, &L->w_up}, *d[1] = {&L->w_down};
-            const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, qkv, 3);
+            const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 0, 3);
             proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq);
             TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
             proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, xq);
@@ -148,21 +155,21 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             ifg_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
                                kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd, scale);
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
-            xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, o, 1);
+            xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
             proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);
             TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
 
             /* MLP block: x += w_down · (silu(w_gate·norm(x)) * w_up·norm(x)) */
             ifg_rmsnorm_part(s->xb, s->x, L->ffn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_FFN_NORM); TRACE(l, IFG_OP_FFN_NORM, s->xb, dim);
-            xq = quant_input(&xqs, s, s->xb, dim, T, dim, gu, 2);
+            xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 4, 2);
             proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, xq);
             TIME(l, IFG_OP_W_GATE); TRACE(l, IFG_OP_W_GATE, s->hb, hidden);
             proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, xq);
             TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
             ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
             TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
-            xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, d, 1);
+            xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, L, lb, l, 6, 1);
             proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq);
             TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
         }

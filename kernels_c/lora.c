@@ -4,10 +4,13 @@
  *  1. shrink: the partial sums hp[c][t] = x[t][kc..kc+LO_KC) · Aᵀ for every adapted row t and
  *     k-chunk c. A is stored transposed ([K][rank]), so one k's rank values are one vector: the
  *     tile broadcasts x[t][k] and multiply-adds it into a vector of ranks per token, with no
- *     horizontal sums, one A load and conversion shared by LO_ST tokens. Units (segment, chunk
- *     of LO_RC rows, k-chunk) are split evenly over the threads in that order: in decode (a row
- *     or two per adapter) the threads split each adapter's A by k, each reading its own part of
- *     it once; in prefill they also split the rows. One worksharing loop, one barrier.
+ *     horizontal sums, one A load and conversion shared by LO_ST tokens (an int8 A: integer dot
+ *     products with x rounded to int8, 4 k per instruction, lo_shrink8_tile; a decode step's
+ *     adapter cost is arithmetic, not bytes: with every layer's adapters cache-hot it was the
+ *     same). Units (segment, chunk of LO_RC rows, k-chunk) are split evenly over the threads in
+ *     that order: in decode (a row or two per adapter) the threads split each adapter's A by k,
+ *     each reading its own part of it once; in prefill they also split the rows. One
+ *     worksharing loop, one barrier.
  *  2. expand y[t] += h[t]·Bᵀ (then DoRA's row factor), where h[t] = h_scale ⊙ Σ_c hp[c][t]
  *     (chunks added in order, by each thread for the rows it expands, into a stack buffer).
  *     Threads split the 16-output blocks of packed Bᵀ; one block's outputs are a sum of rank
@@ -52,26 +55,6 @@ static inline int lo_team(void) {
 #endif
 }
 
-/* ---- int8 adapters: h rounded to int8 for the integer expand ------------------------------ */
-/* A row of summed, scaled h (R floats) rounded in place to what the int8 expand reads: bytes
- * [0, R) the int8 values, float R/4 the scale d = max|h| / 127, int32 R/4 + 1 the offset term
- * -128 · Σ q (every value read before its bytes are written; R/4 + 2 <= R for R >= 4). */
-static void lo_quant_h(float *row, int R) {
-    float amax = 0.0f;
-    for (int i = 0; i < R; i++) amax = fmaxf(amax, fabsf(row[i]));
-    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    int8_t *q = (int8_t *)row;
-    int32_t sum = 0;
-    for (int i = 0; i < R; i++) {
-        const int v = (int)roundf(row[i] * id);
-        q[i] = (int8_t)v;
-        sum += v;
-    }
-    row[R / 4] = d;
-    const int32_t corr = -128 * sum;
-    memcpy(row + R / 4 + 1, &corr, 4);
-}
-
 /* ---- scalar reference ---------------------------------------------------------------------- */
 static inline float lo_ld(const void *w, int dtype, size_t i) {
     return dtype == IFG_LORA_I8 ? (float)((const int8_t *)w)[i] : ifg_load_f32(w, dtype, i);
@@ -86,6 +69,34 @@ static void lo_shrink_ref(float *hp, int ldh, const float *x, int ldx, const str
             for (int k = k0; k < k1; k++) acc += x[(size_t)t * ldx + k] * lo_ld(L->a, L->a_dtype, (size_t)k * L->rank + i);
             hp[(size_t)t * ldh + i] = acc;
         }
+}
+
+/* The rounded x of a shrink unit (lo_round_x, or the caller's ifg_xq): row t0 + i's int8 at
+ * q[i * ldq + k - k0], its block b (of the unit's) scale and sum of q at d / s[i * ldd + b]. */
+struct lo_xr { const int8_t *q; const float *d; const int32_t *s; int ldq, ldd; };
+
+/* int8 A: hp[t][i] = Σ_b d_t,b · Σ_{k in block b} q_t[k] A[k][i] for rows [t0, t1) and the
+ * blocks of [k0, k1) in order, each added with one multiply-add (fmaf: the SIMD paths' fma, so
+ * every ISA gets the same bits). A packed as lora.h says (bytes a + 128, 4 k of a rank in 4
+ * bytes), zero past K, as q is past k1. */
+static void lo_shrink8_ref(float *hp, int ldh, const struct lo_xr *xr, const struct ifg_lora *L,
+                           int t0, int t1, int k0, int k1) {
+    const int R = L->rank, nb = (k1 - k0 + IFG_QK - 1) / IFG_QK;
+    const uint8_t *a = (const uint8_t *)L->a + (size_t)k0 * R;
+    for (int t = t0; t < t1; t++) {
+        const int8_t *q = xr->q + (size_t)(t - t0) * xr->ldq;
+        const float *d = xr->d + (size_t)(t - t0) * xr->ldd;
+        for (int i = 0; i < R; i++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                int32_t s = 0;
+                for (int k = b * IFG_QK; k < (b + 1) * IFG_QK; k++)
+                    s += (int32_t)q[k] * ((int32_t)a[((size_t)(k / 4) * R + i) * 4 + k % 4] - 128);
+                acc = fmaf((float)s, d[b], acc);
+            }
+            hp[(size_t)t * ldh + i] = acc;
+        }
+    }
 }
 
 /* hb[(t - t0) * ldb + i] = h_scale[i] · Σ_c hp[c][t][i] (chunks in order) for rows [t0, t1). */
@@ -151,6 +162,7 @@ LO_AI lo_v lo_ldx(const float *p) { return _mm512_loadu_ps(p); }
 LO_AI lo_v lo_ldx_m(const float *p, int r) { return _mm512_maskz_loadu_ps(lo_mask(r), p); }
 LO_AI void lo_stx(float *p, lo_v v) { _mm512_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm512_mask_storeu_ps(p, lo_mask(r), v); }
+#define LO_STI(p, v) _mm512_storeu_si512((void *)(p), v)
 LO_AI lo_v lo_cvt_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 /* r weights w[i..i+r) as f32, the rest zero, nothing beyond read (0 < r <= 16). */
@@ -184,6 +196,7 @@ LO_AI lo_v lo_ldx(const float *p) { return _mm256_loadu_ps(p); }
 LO_AI lo_v lo_ldx_m(const float *p, int r) { return _mm256_maskload_ps(p, lo_imask(r)); }
 LO_AI void lo_stx(float *p, lo_v v) { _mm256_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm256_maskstore_ps(p, lo_imask(r), v); }
+#define LO_STI(p, v) _mm256_storeu_si256((__m256i *)(p), v)
 LO_AI lo_v lo_cvt_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)); }
 LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
@@ -433,8 +446,8 @@ static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct i
  * multiply-adds per lane against 4 int8 values of h broadcast. AVX-512: vpdpbusd of the stored
  * unsigned bytes (q + 128) with the signed h, the accumulator starting at -128 · Σ q_h (exact in
  * int32); AVX2: the bytes are made signed again (xor 0x80) and go through vpmaddubsw(|w|,
- * sign(h, w)) + vpmaddwd, as the q8_0 kernels do. The shrink keeps f32 x: rounding x to int8
- * costs more than its A reads save at these ranks (h is a handful of values per row). */
+ * sign(h, w)) + vpmaddwd, as the q8_0 kernels do. An int8 A goes the same way with x rounded
+ * per 32-block (lo_shrink8_tile). */
 #if defined(IFG_AVX512)
 #define LO_ET8 4 /* expand tile: tokens × 16-blocks */
 #define LO_EB8 4
@@ -447,6 +460,7 @@ LO_AI lo_vi lo_dot8(lo_vi acc, lo_w8 w, lo_vi x4) { return _mm512_dpbusd_epi32(a
 LO_AI lo_vi lo_start8(int32_t corr) { return _mm512_set1_epi32(corr); }
 LO_AI lo_vi lo_set4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 LO_AI lo_v lo_cvti(lo_vi v) { return _mm512_cvtepi32_ps(v); }
+LO_AI lo_vi lo_addi(lo_vi a, lo_vi b) { return _mm512_add_epi32(a, b); }
 #else
 #define LO_ET8 4
 #define LO_EB8 1
@@ -467,6 +481,7 @@ LO_AI lo_vi lo_dot8(lo_vi acc, lo_w8 w, lo_vi x4) {
 LO_AI lo_vi lo_start8(int32_t corr) { (void)corr; return _mm256_setzero_si256(); }
 LO_AI lo_vi lo_set4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 LO_AI lo_v lo_cvti(lo_vi v) { return _mm256_cvtepi32_ps(v); }
+LO_AI lo_vi lo_addi(lo_vi a, lo_vi b) { return _mm256_add_epi32(a, b); }
 #endif
 /* Expand tile: ET rows from t × EB 16-blocks from nb, their Bᵀ8 the run at w (block e's rank
  * quad q at (e · rank/4 + q) · 64 bytes). h rows as lo_quant_h leaves them. */
@@ -529,12 +544,160 @@ static void lo_expand8(float *y, int ldy, const float *hb, int ldh, const struct
     for (; nb < nb1; nb++) LO_ET8LOOP(1);
 #undef LO_ET8LOOP
 }
+
+/* Integer shrink tile: TT rows from t × RV rank vectors from rank i0 (the last holding rl <= W
+ * ranks) over the nb blocks of a unit. Per block: int32 accumulators start at -128 · Σ q (AVX2:
+ * 0, lo_dot8 makes the bytes signed), 8 dot-product steps each take 4 k of every rank (one
+ * weight load per rank vector, 4 bytes of x broadcast per row), then one convert and one
+ * multiply-add with the block's scale. 32 k of a rank-16 adapter for 2 rows in ~20 vector
+ * instructions, where the f32 shrink converted and multiply-added k by k (~130). */
+#if defined(IFG_AVX512)
+#define LO_ST8(RV) ((RV) == 1 ? 12 : (RV) == 2 ? 6 : (RV) == 3 ? 4 : 3)
+#else
+#define LO_ST8(RV) ((RV) == 1 ? 4 : 2)
+#endif
+LO_AI void lo_shrink8_tile(float *hp, int ldh, const struct lo_xr *xr, int ti, const uint8_t *a, int R, int nb,
+                           int t, int i0, int rl, const int TT, const int RV, const int FULL) {
+    lo_v acc[LO_ST8(1)][LO_RV];
+#pragma GCC unroll 12
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < RV; j++) acc[i][j] = lo_zero();
+    const int8_t *q = xr->q + (size_t)ti * xr->ldq;
+    const float *d = xr->d + (size_t)ti * xr->ldd;
+    const int32_t *s = xr->s + (size_t)ti * xr->ldd;
+    /* few accumulators (a decode segment's 2 rows): KU sets take the k-quads in turn, so that
+     * more dot-product chains run at once (integer sums: the order does not change them) */
+    const int KU = TT * RV >= 4 ? 1 : TT * RV >= 2 ? 2 : 4;
+    for (int b = 0; b < nb; b++) {
+        lo_vi ia[4][LO_ST8(1)][LO_RV];
+#pragma GCC unroll 12
+        for (int i = 0; i < TT; i++) {
+            const lo_vi c0 = lo_start8(-128 * s[(size_t)i * xr->ldd + b]);
+#pragma GCC unroll 4
+            for (int j = 0; j < RV; j++) {
+                ia[0][i][j] = c0;
+#pragma GCC unroll 4
+                for (int u = 1; u < KU; u++) ia[u][i][j] = lo_start8(0);
+            }
+        }
+        const uint8_t *ab = a + ((size_t)b * (IFG_QK / 4) * R + i0) * 4;
+#pragma GCC unroll 8
+        for (int c = 0; c < IFG_QK / 4; c++) {
+            lo_w8 w[LO_RV];
+#pragma GCC unroll 4
+            for (int j = 0; j < RV; j++) {
+                const uint8_t *p = ab + ((size_t)c * R + j * LO_W) * 4;
+                __builtin_prefetch(p + LO_PF, 0, LO_PFL);
+                w[j] = lo_ld8(p, FULL || j < RV - 1 ? LO_W : rl);
+            }
+#pragma GCC unroll 12
+            for (int i = 0; i < TT; i++) {
+                const lo_vi x4 = lo_set4(q + (size_t)i * xr->ldq + b * IFG_QK + 4 * c);
+#pragma GCC unroll 4
+                for (int j = 0; j < RV; j++) ia[c % KU][i][j] = lo_dot8(ia[c % KU][i][j], w[j], x4);
+            }
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < TT; i++) {
+            const lo_v dv = lo_set1(d[(size_t)i * xr->ldd + b]);
+#pragma GCC unroll 4
+            for (int j = 0; j < RV; j++) {
+                lo_vi v = ia[0][i][j];
+#pragma GCC unroll 4
+                for (int u = 1; u < KU; u++) v = lo_addi(v, ia[u][i][j]);
+                acc[i][j] = lo_fma(lo_cvti(v), dv, acc[i][j]);
+            }
+        }
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < RV; j++) {
+            float *o = hp + (size_t)(t + i) * ldh + i0 + j * LO_W;
+            if (!FULL && j == RV - 1) lo_stx_m(o, acc[i][j], rl); else lo_stx(o, acc[i][j]);
+        }
+}
+
+/* Rows [t0, t1) × RV rank vectors from i0: full tiles, then the remainder in tiles of 8/4/2/1. */
+LO_AI void lo_shrink8_rows_f(float *hp, int ldh, const struct lo_xr *xr, const uint8_t *a, int R, int nb,
+                             int t0, int t1, int i0, int rl, const int RV, const int FULL) {
+    int t = t0;
+#define LO_S8(TT) lo_shrink8_tile(hp, ldh, xr, t - t0, a, R, nb, t, i0, rl, TT, RV, FULL)
+    for (; t + LO_ST8(RV) <= t1; t += LO_ST8(RV)) LO_S8(LO_ST8(RV));
+    if (LO_ST8(RV) > 8 && t + 8 <= t1) { LO_S8(8); t += 8; }
+    if (LO_ST8(RV) > 4 && t + 4 <= t1) { LO_S8(4); t += 4; }
+    if (LO_ST8(RV) > 2 && t + 2 <= t1) { LO_S8(2); t += 2; }
+    for (; t < t1; t++) LO_S8(1);
+#undef LO_S8
+}
+LO_AI void lo_shrink8_rows(float *hp, int ldh, const struct lo_xr *xr, const uint8_t *a, int R, int nb,
+                           int t0, int t1, int i0, int rl, const int RV) {
+    if (rl == LO_W) lo_shrink8_rows_f(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, RV, 1);
+    else lo_shrink8_rows_f(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, RV, 0);
+}
+
+static void lo_shrink8(float *hp, int ldh, const struct lo_xr *xr, const struct ifg_lora *L,
+                       int t0, int t1, int k0, int k1) {
+    const int R = L->rank, nb = (k1 - k0 + IFG_QK - 1) / IFG_QK;
+    const uint8_t *a = (const uint8_t *)L->a + (size_t)k0 * R;
+    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) { /* rank blocks of up to LO_RV vectors */
+        const int left = R - i0, nv = (left < LO_RV * LO_W ? left : LO_RV * LO_W) + LO_W - 1;
+        const int rl = left - (nv / LO_W - 1) * LO_W < LO_W ? left - (nv / LO_W - 1) * LO_W : LO_W;
+        switch (nv / LO_W) {
+        case 1: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 1); break;
+#if LO_RV > 2
+        case 3: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 3); break;
+        case 4: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 4); break;
+#endif
+        default: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 2); break;
+        }
+    }
+}
 #else
 #define lo_shrink lo_shrink_ref
+#define lo_shrink8 lo_shrink8_ref
 #define lo_sum lo_sum_ref
 #define lo_expand lo_expand_ref
 #define lo_expand8 lo_expand8_ref
 #endif
+
+/* ---- int8 adapters: h rounded to int8 for the integer expand ------------------------------ */
+/* A row of summed, scaled h (R floats) rounded in place to what the int8 expand reads: bytes
+ * [0, R) the int8 values, float R/4 the scale d = max|h| / 127, int32 R/4 + 1 the offset term
+ * -128 · Σ q (every value read before its bytes are written; R/4 + 2 <= R for R >= 4). The
+ * rounding is roundf's (ifg_round_i32 in SIMD builds: a libm call per value cost a decode step
+ * 1 µs per projection). */
+static void lo_quant_h(float *row, int R) {
+    float amax = 0.0f;
+    for (int i = 0; i < R; i++) {
+        const float a = fabsf(row[i]);
+        amax = a > amax ? a : amax;
+    }
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int8_t *q = (int8_t *)row;
+    int32_t sum = 0;
+#if defined(IFG_AVX512) || defined(IFG_AVX2)
+    for (int i = 0; i < R; i += LO_W) { /* bytes [i, i + LO_W) overlap only floats already read */
+        const int r = R - i < LO_W ? R - i : LO_W;
+        int32_t v[LO_W];
+        LO_STI(v, ifg_round_i32(lo_mul(lo_ldx_m(row + i, r), lo_set1(id))));
+        for (int j = 0; j < r; j++) {
+            q[i + j] = (int8_t)v[j];
+            sum += v[j];
+        }
+    }
+#else
+    for (int i = 0; i < R; i++) {
+        const int v = (int)roundf(row[i] * id);
+        q[i] = (int8_t)v;
+        sum += v;
+    }
+#endif
+    row[R / 4] = d;
+    const int32_t corr = -128 * sum;
+    memcpy(row + R / 4 + 1, &corr, 4);
+}
 
 /* The expand of any adapter: int8 ones through the integer kernel. */
 static void lo_expand_any(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
@@ -547,8 +710,44 @@ static inline int lo_rows(const struct ifg_lora *const *lora, const int32_t *seg
     return lora[s] ? seg_start[s + 1] - seg_start[s] : 0;
 }
 
-void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
-                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg) {
+/* x[t0..t1)[k0..k1) rounded per 32-block as ifg_quantize_x does into q/d/s (strides LO_KC,
+ * LO_KC / 32), a last partial block as if zero-padded (its q past k1 zero). */
+static void lo_round_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t0, int t1, int k0, int k1) {
+    const int kf = k0 + (k1 - k0) / IFG_QK * IFG_QK; /* end of the whole blocks */
+    if (kf > k0) ifg_quantize_x(q, d, s, x, ldx, t0, t1 - t0, k0, kf, LO_KC, LO_KC / IFG_QK);
+    if (kf == k1) return;
+    for (int t = t0; t < t1; t++) {
+        float tail[IFG_QK] = {0};
+        memcpy(tail, x + (size_t)t * ldx + kf, sizeof(float) * (k1 - kf));
+        const size_t i = (size_t)(t - t0);
+        ifg_quantize_x(q + i * LO_KC + (kf - k0), d + i * (LO_KC / IFG_QK) + (kf - k0) / IFG_QK,
+                       s + i * (LO_KC / IFG_QK) + (kf - k0) / IFG_QK, tail, IFG_QK, 0, 1, 0, IFG_QK, IFG_QK, 1);
+    }
+}
+
+/* One shrink unit: rows [t0, t1) of segment adapter L over [k0, k1) into its chunk's partial sums. */
+static void lo_shrink_unit(float *hp, int ldh, const float *x, int ldx, const struct ifg_xq *xq,
+                           const struct ifg_lora *L, int t0, int t1, int k0, int k1) {
+    if (L->a_dtype != IFG_LORA_I8) {
+        lo_shrink(hp, ldh, x, ldx, L, t0, t1, k0, k1);
+        return;
+    }
+    if (xq) { /* rounded once by the caller for the base's integer GEMM */
+        const struct lo_xr xr = {xq->q + (size_t)t0 * xq->ldq + k0, xq->d + (size_t)t0 * xq->ldd + k0 / IFG_QK,
+                                 xq->s + (size_t)t0 * xq->ldd + k0 / IFG_QK, xq->ldq, xq->ldd};
+        lo_shrink8(hp, ldh, &xr, L, t0, t1, k0, k1);
+        return;
+    }
+    int8_t q[LO_RC * LO_KC] __attribute__((aligned(64)));
+    float d[LO_RC * LO_KC / IFG_QK];
+    int32_t s[LO_RC * LO_KC / IFG_QK];
+    lo_round_x(q, d, s, x, ldx, t0, t1, k0, k1);
+    const struct lo_xr xr = {q, d, s, LO_KC, LO_KC / IFG_QK};
+    lo_shrink8(hp, ldh, &xr, L, t0, t1, k0, k1);
+}
+
+void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K, const struct ifg_lora *const *lora,
+                          const int32_t *seg_start, int n_seg, const struct ifg_xq *xq) {
     const int nkc = (K + LO_KC - 1) / LO_KC;
     const size_t ttot = (size_t)seg_start[n_seg];
     long long units = 0; /* (segment, LO_RC-row chunk, k-chunk) */
@@ -570,7 +769,7 @@ void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
                     if (u >= u0) {
                         const int t0 = seg_start[s] + r0, t1 = t0 + (rows - r0 < LO_RC ? rows - r0 : LO_RC);
                         const int k0 = kc * LO_KC, k1 = k0 + LO_KC < K ? k0 + LO_KC : K;
-                        lo_shrink(h + (size_t)kc * ttot * ldh, ldh, x, ldx, lora[s], t0, t1, k0, k1);
+                        lo_shrink_unit(h + (size_t)kc * ttot * ldh, ldh, x, ldx, xq, lora[s], t0, t1, k0, k1);
                     }
         }
     }
@@ -616,7 +815,7 @@ void ifg_lora_apply_part(float *y, int ldy, const float *x, int ldx, int N, int 
                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                          float *h, int max_rank) {
     if (N <= 0) return;
-    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg);
+    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg, NULL);
     const int nc = lo_team();
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* thread c: whole 16-output blocks */
@@ -667,7 +866,7 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
     if (T <= 0 || N <= 0) return;
     int dora = 0;
     for (int s = 0; s < n_seg; s++) dora |= lo_rows(lora, seg_start, s) > 0 && lora[s]->dora;
-    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg);
+    ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg, xq);
     /* rows per thread: whole 16-output blocks and whole row groups of the base kernel */
     const int align = lo_row_align(wtype);
     const int tb = ifg_matmul_token_block(wtype), TS = tb * (LO_SLAB / tb > 1 ? LO_SLAB / tb : 1);

@@ -6,8 +6,8 @@
 // cdef-begin
 /* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8. */
 enum ifg_lora_dtype { IFG_LORA_I8 = 8 };
-/* The layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt make them
- * at load): rank padded with zeros to a multiple of IFG_LORA_RG, Bᵀ in runs of IFG_LORA_VB. */
+/* The layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt and their
+ * _i8 forms make them at load): rank padded with zeros to a multiple of IFG_LORA_RG, Bᵀ in runs of IFG_LORA_VB. */
 enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
 
 /* One adapter's low-rank pair for one projection [out=N][in=K], laid out so that each kernel
@@ -20,7 +20,12 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  *   Bᵀ  [N16][rank/4][16][4]:   B[n][i] at (((n/16) * rank/4 + i/4) * 16 + n%16) * 4 + i%4
  * (zero, i.e. 128, past N), and h goes into it rounded to int8: per row, after its chunks are
  * summed and scaled by h_scale, q = round(h / d) with d = max|h| / 127 (ties away from zero). An
- * int8 A is [K][rank] as above (x stays f32).
+ * int8 A is stored for integer dot products too, 4 consecutive k of a rank in each 4 bytes, k
+ * padded with zeros to K32 = K rounded up to 32:
+ *   A   [K32/4][rank][4]:       A[i][k] at ((k/4) * rank + i) * 4 + k%4   (bytes q + 128)
+ * and x goes into it rounded per row and 32-block as q8_0 activations are (ifg_quantize_x; a last
+ * partial block as if zero-padded): h[i] = Σ_b d_b · Σ_{k in b} q_x[k] A[i][k], the inner sums
+ * exact in int32, the blocks added in order by multiply-adds.
  * h_scale folds every per-rank factor into the rank-space activations h = x·Aᵀ: the LoRA scale,
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */
@@ -78,9 +83,10 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
 /* Phase 1, the partial sums of x·Aᵀ per k-chunk for every adapted row (worksharing loop, ends
- * in a barrier). */
-void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K,
-                          const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg);
+ * in a barrier). xq: x already rounded per 32-block (ifg_quantize_x_part), which int8 adapters
+ * then read instead of rounding their rows of x themselves; or NULL. */
+void ifg_lora_shrink_part(float *h, int ldh, const float *x, int ldx, int K, const struct ifg_lora *const *lora,
+                          const int32_t *seg_start, int n_seg, const struct ifg_xq *xq);
 /* Phase 2 by the calling thread alone: y += h·Bᵀ (then DoRA) for rows [t0, t1) and outputs
  * [n0, n1), n0 a multiple of IFG_LORA_VB; h as phase 1 left it for input width K. */
 void ifg_lora_expand_rows(float *y, int ldy, const float *h, int ldh, int N, int K,

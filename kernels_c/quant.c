@@ -36,25 +36,8 @@
 /* Quantize x[t][k0..k1) for tt tokens: q[i*ldq + k - k0], d[i*ldd + b], and the block sums
  * s[i*ldd + b] = sum of the block's q. Every ISA quantizes x bit for bit identically (and as
  * infeng.quant.quantize_activations): d = amax / 127, q = roundf(x * (1 / d)), rounding half
- * away from zero. The SIMD paths get roundf exactly as trunc(v) plus v's sign where
- * |v - trunc(v)| >= 0.5 (the difference is exact); a prefill spent a third of its time in the
- * scalar loop's roundf / fmaxf calls. */
-#if defined(IFG_AVX512)
-static inline __m512i qx_round_i32(__m512 v) {
-    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
-    return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
-}
-#elif defined(IFG_AVX2)
-static inline __m256i qx_round_i32(__m256 v) {
-    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), sign = _mm256_set1_ps(-0.0f);
-    const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign));
-    return _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
-}
-#endif
-
+ * away from zero (the SIMD paths: ifg_round_i32; a prefill spent a third of its time in the
+ * scalar loop's roundf / fmaxf calls). */
 void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
                     int k0, int k1, int ldq, int ldd) {
     for (int i = 0; i < tt; i++) {
@@ -66,7 +49,7 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
             const __m512 vid = _mm512_set1_ps(id);
-            const __m512i q0 = qx_round_i32(_mm512_mul_ps(x0, vid)), q1 = qx_round_i32(_mm512_mul_ps(x1, vid));
+            const __m512i q0 = ifg_round_i32(_mm512_mul_ps(x0, vid)), q1 = ifg_round_i32(_mm512_mul_ps(x1, vid));
             _mm_storeu_si128((__m128i *)qo, _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128((__m128i *)(qo + 16), _mm512_cvtepi32_epi8(q1));
             d[i * ldd + b] = dd;
@@ -85,7 +68,7 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
             const __m256 vid = _mm256_set1_ps(id);
             __m256i qi[4], sum = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
-                qi[j] = qx_round_i32(_mm256_mul_ps(xv[j], vid));
+                qi[j] = ifg_round_i32(_mm256_mul_ps(xv[j], vid));
                 sum = _mm256_add_epi32(sum, qi[j]);
             }
             /* int32 → int8 (values within ±127: no saturation); packs work per 128-bit lane */

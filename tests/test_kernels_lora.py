@@ -6,7 +6,7 @@ import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
 from infeng.model.adapter import int8_lora_product
-from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_bt, pack_lora_bt_i8
+from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
 
 DT = {"f32": 0, "bf16": 1, "int8": 8}
 
@@ -36,7 +36,8 @@ def _adapter(kern, rng, N, K, r, dtype, dora):
         af, bf = a, bt
     d = (rng.random(N).astype(np.float32) + 0.5) if dora else None
     s = kern.ffi.new("struct ifg_lora *")
-    a, bt = pack_lora_a(a), (pack_lora_bt_i8 if dtype == "int8" else pack_lora_bt)(bt)   # the kernels' layouts
+    i8 = dtype == "int8"
+    a, bt = (pack_lora_a_i8 if i8 else pack_lora_a)(a), (pack_lora_bt_i8 if i8 else pack_lora_bt)(bt)   # the kernels' layouts
     hs_k = np.zeros(kernel_rank(r), np.float32)
     hs_k[:r] = hs
     s.a, s.a_dtype, s.b, s.b_dtype = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype]
@@ -140,13 +141,14 @@ def _base_weight(kind, N, K, rng):
                                       ("q8_0x16", 96, 128), ("q4_0x16", 48, 96)])
 @pytest.mark.parametrize("T", [1, 6, 131, 300])
 @pytest.mark.parametrize("acc", [0, 1])
-def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc):
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc, dtype):
     """ifg_lora_matmul (the base projection with each thread's rows expanded slab by slab) gives
     the bits of ifg_matmul followed by ifg_lora_apply, for every base format, token counts that
     cross slabs, any thread count, and DoRA on a residual (accumulate: through tmp)."""
     rng = np.random.default_rng(N + K + T + acc)
     code, wbuf = _base_weight(kind, N, K, rng)
-    ads = [_adapter(kern, rng, N, K, r, "bf16", dora=(i == 1)) for i, r in enumerate((16, 8, 5))]
+    ads = [_adapter(kern, rng, N, K, r, dtype, dora=(i == 1)) for i, r in enumerate((16, 8, 5))]
     cuts = sorted(rng.choice(np.arange(1, T), size=min(3, T - 1), replace=False).tolist()) if T > 1 else []
     starts = np.array([0] + cuts + [T] * (4 - len(cuts)), np.int32)[:5]
     starts[-1] = T

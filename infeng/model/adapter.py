@@ -197,11 +197,21 @@ def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: n
                       rounded: list | None = None) -> np.ndarray:
     """The low-rank term y = h·Bᵀ of an int8 adapter as the C kernels compute it (lora.h), for
     x [T, K] f32, qa [r, K] and qbt [r, N] int8 and h_scale [r] (the LoRA scale times both int8
-    scales): h = (x·qaᵀ) · h_scale in f32, rounded to int8 per row with d = max|h| / 127 (ties away
-    from zero), then y = d · (q_h·qbt), the product exact in integers. Returns [T, N] float64;
-    ``rounded``, if given, gets h / d (the values that were rounded)."""
-    from infeng.quant import _round_away
-    h = ((x.astype(np.float64) @ qa.T.astype(np.float64)) * h_scale).astype(np.float32)
+    scales): x rounded per row and 32-block as q8_0 activations are (zero-padded to a whole
+    block), h = Σ_blocks d_x · (q_x·qaᵀ) · h_scale in f32, rounded to int8 per row with
+    d = max|h| / 127 (ties away from zero), then y = d · (q_h·qbt), the products exact in
+    integers. Returns [T, N] float64; ``rounded``, if given, gets h / d (the values that were
+    rounded)."""
+    from infeng.quant import _round_away, quantize_activations
+    T, K = x.shape
+    kp = -(-K // 32) * 32
+    xp = np.zeros((T, kp), np.float32)
+    xp[:, :K] = x
+    qx, dx = quantize_activations(xp)                                         # [T, kp], [T, kp/32]
+    qap = np.zeros((qa.shape[0], kp), np.int64)
+    qap[:, :K] = qa
+    blocks = np.einsum("tbk,rbk->tbr", qx.reshape(T, -1, 32).astype(np.int64), qap.reshape(len(qap), -1, 32))
+    h = ((blocks * dx[:, :, None].astype(np.float64)).sum(1) * h_scale).astype(np.float32)
     dh = (np.abs(h).max(1) / np.float32(127)).astype(np.float32)
     inv = np.where(dh != 0, np.float32(1) / np.where(dh != 0, dh, 1), np.float32(0)).astype(np.float32)
     if rounded is not None:

@@ -48,6 +48,15 @@ def pack_lora_a(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_padded(a, kernel_rank(r), K).T)
 
 
+def pack_lora_a_i8(a: np.ndarray) -> np.ndarray:
+    """int8 A [r, K] → the integer kernels' [K'/4, r', 4] bytes q + 128 (K' = K rounded up to 32,
+    r' to 4; zero padding): 4 consecutive k of a rank in each 4 bytes."""
+    r, K = a.shape
+    rp, kp = kernel_rank(r), -(-K // 32) * 32
+    a4 = _padded(a.astype(np.int8), rp, kp).reshape(rp, kp // 4, 4)                # [i, k/4, k%4]
+    return np.ascontiguousarray(a4.transpose(1, 0, 2)).view(np.uint8) ^ np.uint8(0x80)
+
+
 def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
     """Bᵀ [r, N] → the kernels' [N'/16, r', 16] (r', N' padded with zeros to 4 and 16)."""
     r, N = bt.shape
@@ -208,7 +217,8 @@ class AdapterManager:
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
                 s.a_dtype, s.b_dtype = CDTYPE[la_dtype], CDTYPE[lb_dtype]
-            A, Bt = pack_lora_a(A), (pack_lora_bt_i8 if a.storage == "int8" else pack_lora_bt)(Bt)
+            int8 = a.storage == "int8"
+            A, Bt = (pack_lora_a_i8 if int8 else pack_lora_a)(A), (pack_lora_bt_i8 if int8 else pack_lora_bt)(Bt)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
             s.a, s.b = ffi.cast("void *", ffi.from_buffer(A)), ffi.cast("void *", ffi.from_buffer(Bt))
             s.h_scale = ptr(self.kern, hs)
