@@ -42,6 +42,9 @@
 #define LO_CONV_ROWS 8 /* segment rows from which an expand converts each Bᵀ run once */
 #define LO_RMAX 128    /* largest rank whose Bᵀ runs are converted */
 #define LO_VB IFG_LORA_VB
+#define LO_PF 2048     /* prefetch distance in bytes along a weight stream */
+#define LO_PFL 3       /* its locality hint (3: all cache levels) */
+#define LO_ES(DT) ((DT) == IFG_LORA_I8 ? 1 : (DT) == IFG_BF16 ? 2 : 4) /* bytes per weight */
 
 int ifg_lora_h_rows(int T, int K) { return (K + LO_KC - 1) / LO_KC * T; }
 
@@ -216,13 +219,6 @@ LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
 }
 #endif
 #define LO_VPB (LO_VB / LO_W) /* vectors per packed 16-value run */
-#ifndef LO_PF
-#define LO_PF 2048            /* prefetch distance in bytes along a weight stream */
-#endif
-#ifndef LO_PFL
-#define LO_PFL 3
-#endif
-#define LO_ES(DT) ((DT) == IFG_LORA_I8 ? 1 : (DT) == IFG_BF16 ? 2 : 4)
 LO_AI lo_v lo_ldw(const void *w, int dtype, size_t i) { return lo_ldw_n(w, dtype, i, LO_W); }
 
 /* Prefetch the cache lines of `bytes` bytes (a compile-time constant) LO_PF ahead of p. */
@@ -451,6 +447,7 @@ static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct i
 #if defined(IFG_AVX512)
 #define LO_ET8 4 /* expand tile: tokens × 16-blocks */
 #define LO_EB8 4
+#define LO_EB8W 8 /* 16-blocks of a tile of 1-2 rows */
 typedef __m512i lo_vi;
 typedef __m512i lo_w8;
 LO_AI lo_w8 lo_ld8(const uint8_t *p, int r) { /* r <= LO_W lanes of 4 bytes */
@@ -464,6 +461,7 @@ LO_AI lo_vi lo_addi(lo_vi a, lo_vi b) { return _mm512_add_epi32(a, b); }
 #else
 #define LO_ET8 4
 #define LO_EB8 1
+#define LO_EB8W 1
 typedef __m256i lo_vi;
 typedef struct { __m256i aw, ws; } lo_w8; /* |w| and w, signed */
 LO_AI lo_w8 lo_ld8(const uint8_t *p, int r) {
@@ -486,9 +484,9 @@ LO_AI lo_vi lo_addi(lo_vi a, lo_vi b) { return _mm256_add_epi32(a, b); }
 /* Expand tile: ET rows from t × EB 16-blocks from nb, their Bᵀ8 the run at w (block e's rank
  * quad q at (e · rank/4 + q) · 64 bytes). h rows as lo_quant_h leaves them. */
 LO_AI void lo_expand8_tile(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L, int N,
-                           const uint8_t *w, int t, int nb, const int ET, const int EB) {
-    enum { NV = LO_EB8 * LO_VPB };
-    const int R4 = L->rank / 4;
+                           const uint8_t *w, int t, int nb, const int ET, const int EB, const int R4C) {
+    enum { NV = LO_EB8W * LO_VPB };
+    const int R4 = R4C ? R4C : L->rank / 4; /* R4C: the rank quads as a constant (0: L's) */
     lo_vi acc[LO_ET8][NV];
 #pragma GCC unroll 8
     for (int a = 0; a < ET; a++) {
@@ -528,21 +526,40 @@ LO_AI void lo_expand8_tile(float *y, int ldy, const float *hb, int ldh, const st
     }
 }
 
-static void lo_expand8(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
-                       int t0, int t1, int nb0, int nb1, int N) {
+/* Rows [t0, t1) × 16-blocks [nb0, nb1); R4C as lo_expand8_tile takes it. A decode segment (a
+ * row or two) goes LO_EB8W blocks at a time: as many accumulators as a full tile has. */
+LO_AI void lo_expand8_r(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
+                        int t0, int t1, int nb0, int nb1, int N, const int R4C) {
     const size_t blk = (size_t)L->rank * LO_VB; /* bytes per 16-block */
     const uint8_t *b = (const uint8_t *)L->b;
+    int nb = nb0;
+    if (t1 - t0 == 2 || t1 - t0 == 1) {
+#define LO_ET8W(EB)                                                                                          \
+        do {                                                                                                \
+            if (t1 - t0 == 2) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 2, EB, R4C);      \
+            else lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 1, EB, R4C);                   \
+        } while (0)
+        for (; nb + LO_EB8W <= nb1; nb += LO_EB8W) LO_ET8W(LO_EB8W);
+        for (; nb < nb1; nb++) LO_ET8W(1);
+#undef LO_ET8W
+        return;
+    }
 #define LO_ET8LOOP(EB)                                                                                      \
     do {                                                                                                    \
         int t = t0;                                                                                         \
-        for (; t + LO_ET8 <= t1; t += LO_ET8) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, LO_ET8, EB); \
-        if (LO_ET8 > 2 && t + 2 <= t1) { lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 2, EB); t += 2; } \
-        for (; t < t1; t++) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 1, EB);             \
+        for (; t + LO_ET8 <= t1; t += LO_ET8) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, LO_ET8, EB, R4C); \
+        if (LO_ET8 > 2 && t + 2 <= t1) { lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 2, EB, R4C); t += 2; } \
+        for (; t < t1; t++) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 1, EB, R4C);      \
     } while (0)
-    int nb = nb0;
     for (; nb + LO_EB8 <= nb1; nb += LO_EB8) LO_ET8LOOP(LO_EB8);
     for (; nb < nb1; nb++) LO_ET8LOOP(1);
 #undef LO_ET8LOOP
+}
+
+static void lo_expand8(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
+                       int t0, int t1, int nb0, int nb1, int N) {
+    if (L->rank == 16) lo_expand8_r(y, ldy, hb, ldh, L, t0, t1, nb0, nb1, N, 4); /* the common rank, unrolled */
+    else lo_expand8_r(y, ldy, hb, ldh, L, t0, t1, nb0, nb1, N, 0);
 }
 
 /* Integer shrink tile: TT rows from t × RV rank vectors from rank i0 (the last holding rl <= W
@@ -878,6 +895,14 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
         ifg_chunk(N, align, c, nc, &r0, &r1);
         if (r0 >= r1) continue;
         if (ifg_is_qx16(wtype) && !via_tmp) { /* the kernel calls the expand back, tile by tile */
+            /* each expand prefetches the next one's Bᵀ (LO_PF ahead); the first one's, here, arrives
+             * while the GEMM computes the first rows */
+            for (int s = 0; s < n_seg; s++)
+                if (lo_rows(lora, seg_start, s) > 0) {
+                    const struct ifg_lora *L = lora[s];
+                    const char *b = (const char *)L->b + (size_t)(r0 / LO_VB) * L->rank * LO_VB * LO_ES(L->b_dtype);
+                    for (int o = 0; o < LO_PF; o += 64) __builtin_prefetch(b + o, 0, LO_PFL);
+                }
             float hb[LO_HB] __attribute__((aligned(64)));
             int hb_rows[2] = {-1, -1};
             const struct lo_epi e = {{lo_epi_fn}, h, max_rank, N, K, n_seg, lora, seg_start, hb, hb_rows};
