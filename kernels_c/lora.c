@@ -59,9 +59,7 @@ static inline int lo_team(void) {
 }
 
 /* ---- scalar reference ---------------------------------------------------------------------- */
-static inline float lo_ld(const void *w, int dtype, size_t i) {
-    return dtype == IFG_LORA_I8 ? (float)((const int8_t *)w)[i] : ifg_load_f32(w, dtype, i);
-}
+static inline float lo_ld(const void *w, int dtype, size_t i) { return ifg_load_f32(w, dtype, i); }
 
 /* hp[t][i] = Σ_{k0 <= k < k1} x[t][k] A[k][i] for rows [t0, t1). */
 static void lo_shrink_ref(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
@@ -167,21 +165,13 @@ LO_AI void lo_stx(float *p, lo_v v) { _mm512_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm512_mask_storeu_ps(p, lo_mask(r), v); }
 #define LO_STI(p, v) _mm512_storeu_si512((void *)(p), v)
 LO_AI lo_v lo_cvt_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
-/* r weights w[i..i+r) as f32, the rest zero, nothing beyond read (0 < r <= 16). */
+/* r float weights (f32 / bf16) w[i..i+r) as f32, the rest zero, nothing beyond read (0 < r <= 16). */
 LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
-    if (r == LO_W) {
-        switch (dtype) {
-        case IFG_BF16: return lo_cvt_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
-        case IFG_LORA_I8: return lo_cvt_i8(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i)));
-        default: return _mm512_loadu_ps((const float *)w + i);
-        }
-    }
-    switch (dtype) {
-    case IFG_BF16: return lo_cvt_bf16(_mm256_maskz_loadu_epi16(lo_mask(r), (const uint16_t *)w + i));
-    case IFG_LORA_I8: return lo_cvt_i8(_mm_maskz_loadu_epi8(lo_mask(r), (const int8_t *)w + i));
-    default: return _mm512_maskz_loadu_ps(lo_mask(r), (const float *)w + i);
-    }
+    if (r == LO_W)
+        return dtype == IFG_BF16 ? lo_cvt_bf16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)))
+                                 : _mm512_loadu_ps((const float *)w + i);
+    return dtype == IFG_BF16 ? lo_cvt_bf16(_mm256_maskz_loadu_epi16(lo_mask(r), (const uint16_t *)w + i))
+                             : _mm512_maskz_loadu_ps(lo_mask(r), (const float *)w + i);
 }
 #else /* AVX2 + FMA */
 #define LO_W 8
@@ -201,21 +191,14 @@ LO_AI void lo_stx(float *p, lo_v v) { _mm256_storeu_ps(p, v); }
 LO_AI void lo_stx_m(float *p, lo_v v, int r) { _mm256_maskstore_ps(p, lo_imask(r), v); }
 #define LO_STI(p, v) _mm256_storeu_si256((__m256i *)(p), v)
 LO_AI lo_v lo_cvt_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
-LO_AI lo_v lo_cvt_i8(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)); }
 LO_AI lo_v lo_ldw_n(const void *w, int dtype, size_t i, int r) {
-    if (r == LO_W) {
-        switch (dtype) {
-        case IFG_BF16: return lo_cvt_bf16(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-        case IFG_LORA_I8: return lo_cvt_i8(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i)));
-        default: return _mm256_loadu_ps((const float *)w + i);
-        }
-    }
-    if (dtype != IFG_BF16 && dtype != IFG_LORA_I8) return _mm256_maskload_ps((const float *)w + i, lo_imask(r));
-    uint16_t raw[8] = {0}; /* the raw tail (AVX2 has no 8/16-bit masked load) */
-    memcpy(raw, dtype == IFG_BF16 ? (const void *)((const uint16_t *)w + i) : (const void *)((const int8_t *)w + i),
-           (size_t)r * (dtype == IFG_BF16 ? 2 : 1));
-    const __m128i q = _mm_loadu_si128((const __m128i *)raw);
-    return dtype == IFG_BF16 ? lo_cvt_bf16(q) : lo_cvt_i8(q);
+    if (r == LO_W)
+        return dtype == IFG_BF16 ? lo_cvt_bf16(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)))
+                                 : _mm256_loadu_ps((const float *)w + i);
+    if (dtype != IFG_BF16) return _mm256_maskload_ps((const float *)w + i, lo_imask(r));
+    uint16_t raw[8] = {0}; /* the raw tail (AVX2 has no 16-bit masked load) */
+    memcpy(raw, (const uint16_t *)w + i, (size_t)r * 2);
+    return lo_cvt_bf16(_mm_loadu_si128((const __m128i *)raw));
 }
 #endif
 #define LO_VPB (LO_VB / LO_W) /* vectors per packed 16-value run */
@@ -306,13 +289,20 @@ LO_AI void lo_shrink_rows(float *hp, int ldh, const float *x, int ldx, const voi
     else lo_shrink_rows_f(hp, ldh, x, ldx, a, R, k0, k1, t0, t1, i0, rl, RV, DT, 0);
 }
 
+/* The rank block from rank i0 of R (blocks of up to LO_RV vectors): its vector count, and in *rl
+ * the ranks its last vector holds. */
+static inline int lo_rank_block(int R, int i0, int *rl) {
+    const int left = R - i0 < LO_RV * LO_W ? R - i0 : LO_RV * LO_W, nv = (left + LO_W - 1) / LO_W;
+    *rl = left - (nv - 1) * LO_W;
+    return nv;
+}
+
 LO_AI void lo_shrink_dt(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
                         int t0, int t1, int k0, int k1, const int DT) {
     const int R = L->rank;
-    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) { /* rank blocks of up to LO_RV vectors */
-        const int left = R - i0, nv = (left < LO_RV * LO_W ? left : LO_RV * LO_W) + LO_W - 1;
-        const int rl = left - (nv / LO_W - 1) * LO_W < LO_W ? left - (nv / LO_W - 1) * LO_W : LO_W;
-        switch (nv / LO_W) {
+    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) {
+        int rl;
+        switch (lo_rank_block(R, i0, &rl)) {
         case 1: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 1, DT); break;
 #if LO_RV > 2
         case 3: lo_shrink_rows(hp, ldh, x, ldx, L->a, R, k0, k1, t0, t1, i0, rl, 3, DT); break;
@@ -325,11 +315,8 @@ LO_AI void lo_shrink_dt(float *hp, int ldh, const float *x, int ldx, const struc
 
 static void lo_shrink(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
                       int t0, int t1, int k0, int k1) {
-    switch (L->a_dtype) {
-    case IFG_BF16: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_BF16); break;
-    case IFG_LORA_I8: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_LORA_I8); break;
-    default: lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_F32); break;
-    }
+    if (L->a_dtype == IFG_BF16) lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_BF16); /* int8: lo_shrink8 */
+    else lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_F32);
 }
 
 static void lo_sum(float *hb, int ldb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
@@ -658,10 +645,9 @@ static void lo_shrink8(float *hp, int ldh, const struct lo_xr *xr, const struct 
                        int t0, int t1, int k0, int k1) {
     const int R = L->rank, nb = (k1 - k0 + IFG_QK - 1) / IFG_QK;
     const uint8_t *a = (const uint8_t *)L->a + (size_t)k0 * R;
-    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) { /* rank blocks of up to LO_RV vectors */
-        const int left = R - i0, nv = (left < LO_RV * LO_W ? left : LO_RV * LO_W) + LO_W - 1;
-        const int rl = left - (nv / LO_W - 1) * LO_W < LO_W ? left - (nv / LO_W - 1) * LO_W : LO_W;
-        switch (nv / LO_W) {
+    for (int i0 = 0; i0 < R; i0 += LO_RV * LO_W) {
+        int rl;
+        switch (lo_rank_block(R, i0, &rl)) {
         case 1: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 1); break;
 #if LO_RV > 2
         case 3: lo_shrink8_rows(hp, ldh, xr, a, R, nb, t0, t1, i0, rl, 3); break;
