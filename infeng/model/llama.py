@@ -11,6 +11,13 @@ CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4
           "q4_kx16": 9, "q5_0": 10}
 
 
+def attn_scale(cfg, layer: int) -> float:
+    """The attention score scale of a layer: 1/sqrt(head_dim), times YaRN's / LongRoPE's factor
+    squared on RoPE layers (it multiplies cos and sin, so both q and k). 0 = the C default."""
+    f = cfg.attn_factor() if cfg.layer_rope(layer) else 1.0
+    return 0.0 if f == 1.0 else float(np.float32(f * f / np.sqrt(cfg.head_dim)))
+
+
 class LlamaC:
     """Holds the C view of a model's weights and the step buffers for up to ``max_tokens`` tokens
     and ``max_out`` logits rows. ``step`` runs one forward call over what the caller put in
@@ -51,6 +58,12 @@ class LlamaC:
             L.ffn_norm = fp(model.tensors[f"layers.{i}.ffn_norm"][1])
             for w in MATRICES:
                 weight(getattr(L, w), f"layers.{i}.{w}")
+            for v in ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm"):    # per-architecture, else NULL
+                if f"layers.{i}.{v}" in model.tensors:
+                    setattr(L, v, fp(model.tensors[f"layers.{i}.{v}"][1]))
+            L.window = c.layer_window(i)
+            L.no_rope = 0 if c.layer_rope(i) else 1
+            L.attn_scale = attn_scale(c, i)
         m.layers = self.layers
 
         T = self.max_tokens = max_tokens
