@@ -199,3 +199,20 @@ def test_gguf_export_round_trip(tmp_path, name):
     for n in model.tensors:
         np.testing.assert_array_equal(back.f32(n), model.f32(n), err_msg=n)
     assert rel_err(ReferenceModel(back).forward(ref["prompt"] + ref["greedy"]), want) <= TOL
+
+
+def test_awq_fold_scales_the_v_bias_with_wv():
+    """AWQ folds wo's input scales into wv's rows; Qwen2's v bias must be scaled with them, or
+    the transformed model is another function."""
+    from infeng.quant.awq import fold
+    d, ref, _ = fixture("qwen2")
+    m = load_model(d)
+    c, g = m.config, m.config.n_heads // m.config.n_kv_heads
+    base = ReferenceModel(m).forward(ref["prompt"])
+    w = {n: m.f32(n).copy() for n in m.tensors}
+    kv = np.random.default_rng(0).uniform(0.5, 2, (c.n_kv_heads, c.head_dim)).astype(np.float32)
+    s = np.repeat(kv[:, None, :], g, axis=1).reshape(-1)
+    w["layers.0.wo"] = w["layers.0.wo"] * s
+    fold(w, "layers.0.", "o_in", s, c, g)
+    m2 = m.derived({n: ("f32", np.ascontiguousarray(a, np.float32)) for n, a in w.items()})
+    assert rel_err(ReferenceModel(m2).forward(ref["prompt"]), base) < 1e-5
