@@ -216,3 +216,28 @@ def test_awq_fold_scales_the_v_bias_with_wv():
     fold(w, "layers.0.", "o_in", s, c, g)
     m2 = m.derived({n: ("f32", np.ascontiguousarray(a, np.float32)) for n, a in w.items()})
     assert rel_err(ReferenceModel(m2).forward(ref["prompt"]), base) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mistral", "phi3"])
+def test_sliding_window_kv_cache_stays_bounded(name):
+    """Every layer windowed: past its prompt a sequence holds the blocks of its window only
+    (older ones go back to the pool), with the tokens of the reference (which keeps every
+    position and masks)."""
+    d, ref, _ = fixture(name)
+    model = load_model(d)
+    w, bs, n = model.config.sliding_window, 4, 40
+    eng = Engine(model, threads=1, max_batch=2, block_size=bs)
+    assert eng.kv.window == w
+    used = []
+    eng.step_log = []
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    reqs = [Request("a", prompt_ids=ref["prompt"], params=params),
+            Request("b", prompt_ids=ref["prompt"][::-1], params=params)]
+    out = {}
+    for ev in eng.stream(reqs):
+        used.append(eng.kv.blocks_used())
+        if hasattr(ev, "result"):
+            out[ev.result.id] = ev.result.token_ids
+    assert max(used) <= 2 * ((w - 1) // bs + 2) < 2 * -(-(len(ref["prompt"]) + n) // bs)
+    rm = ReferenceModel(model)
+    assert out == {"a": rm.greedy(ref["prompt"], n), "b": rm.greedy(ref["prompt"][::-1], n)}

@@ -334,6 +334,9 @@ class Engine:
         if self.prefix_cache:
             for s in self._running:
                 kv.register_full(s.slot, s.ids, s.n_fed, s.salt)
+        if kv.window:               # the next token at n_fed reads positions n_fed+1-window on
+            for s in self._running:
+                kv.drop_before(s.slot, s.n_fed + 1 - kv.window)
         # sample, stream, finish
         for i, s in enumerate(outs):
             tok = s.sampler(net.logit_rows[i])
