@@ -173,7 +173,7 @@ class Engine:
         events: list = []
         while self._outbox:
             events.append(self._outbox.popleft())
-        h = self.hooks if self.hooks else None
+        h = self.hooks if self.hooks.subscribers else None
         t0 = self.clock()
         if h:
             h.emit("step", "begin")

@@ -18,16 +18,16 @@ _EMPTY: dict = {}
 
 class Hooks:
     def __init__(self):
-        self._subs: list[Subscriber] = []
+        self.subscribers: list[Subscriber] = []
 
     def __bool__(self) -> bool:
-        return bool(self._subs)
+        return bool(self.subscribers)
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         """Call ``fn`` at every phase edge; returns the function that unsubscribes it."""
-        self._subs.append(fn)
-        return lambda: self._subs.remove(fn)
+        self.subscribers.append(fn)
+        return lambda: self.subscribers.remove(fn)
 
     def emit(self, phase: str, edge: str, info: dict = _EMPTY) -> None:
-        for fn in self._subs:
+        for fn in self.subscribers:
             fn(phase, edge, info)

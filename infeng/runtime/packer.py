@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from infeng.runtime.scheduler import Seq
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     T: int = 0                  # rows (tokens) in the step
     n_out: int = 0              # rows whose logits are sampled
@@ -24,9 +24,11 @@ class Batch:
     lora: object = None         # struct ifg_lora_batch *, or NULL when no row uses an adapter
 
 
-def by_adapter(seqs) -> list[Seq]:
+def by_adapter(seqs: list[Seq]) -> list[Seq]:
     """The sequences in order, except that those using the same adapter are made adjacent (in
     order of first appearance)."""
+    if len(seqs) < 2:
+        return seqs
     groups: dict[int, list[Seq]] = {}
     for s in seqs:
         groups.setdefault(id(s.adapter), []).append(s)
@@ -42,12 +44,15 @@ class BatchPacker:
     def pack(self, running: list[Seq]) -> Batch:
         b, net = Batch(), self.net
         self.seg_ad = []
-        for s in by_adapter(s for s in running if not s.prefilling):
+        decode, prefill = [], []
+        for s in running:
+            (prefill if s.prefilling else decode).append(s)
+        for s in by_adapter(decode):
             self._put(b, s, 1)
             net.out_rows[b.n_out] = b.T - 1
             b.n_out += 1
             b.outs.append(s)
-        for s in by_adapter(s for s in running if s.prefilling):
+        for s in by_adapter(prefill):
             if b.T >= self.budget:
                 break
             n = min(s.n_prompt - s.n_fed, self.budget - b.T)
