@@ -229,7 +229,6 @@ def test_sliding_window_kv_cache_stays_bounded(name):
     eng = Engine(model, threads=1, max_batch=2, block_size=bs)
     assert eng.kv.window == w
     used = []
-    eng.step_log = []
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     reqs = [Request("a", prompt_ids=ref["prompt"], params=params),
             Request("b", prompt_ids=ref["prompt"][::-1], params=params)]
