@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
-from infeng.model.adapter import int8_lora_product
+from infeng.model.reference import int8_lora_product
 from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
 
 DT = {"f32": 0, "bf16": 1, "int8": 8}

@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from infeng.bench.peers import PeerSkip, _import
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters import gguf_write
+from infeng.converters.gguf_read import GGUFFile
 from infeng.errors import InfengError
 from infeng.evals import perplexity as P
+from infeng.model.loader import load_model
 from infeng.runtime.scorer import Scorer
+from infeng.telemetry import Run, atomic_path
 
 # llama.cpp's file types (enum llama_ftype in llama.h); the names its llama-quantize tool takes
 FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
@@ -69,15 +73,10 @@ def quantize_gguf(src: Path, ftype: str, threads: int) -> Path:
     params = lc.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = threads
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise PeerSkip(f"llama.cpp could not quantize {src.name} to {ftype} (code {rc})")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -89,9 +88,6 @@ def _count(dtypes) -> str:
 
 def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, Path]], ctx: int,
         threads: int, top_k: int = 128, stride: int | None = None, log=print) -> tuple[list[dict], list[str]]:
-    from infeng.converters import gguf_write
-    from infeng.converters.gguf_read import GGUFFile
-    from infeng.model.loader import load_model
     bad = [t for t in types if t not in FTYPES]
     if bad:
         raise InfengError(f"--types: unknown llama.cpp type {bad[0]!r} (known: {', '.join(FTYPES)})")
@@ -123,7 +119,7 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
         nbytes = sum(a.nbytes for _, a in m.tensors.values())
         add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx), nbytes, _count(d for d, _ in m.tensors.values()))
     try:
-        gguf = gguf_write.export_cached(base_model, base_path)
+        gguf = gguf_write.export_cached(base_model, gguf_cache_dir(), base_path)
         for ft in ["F32" if base_model.weight_dtype == "f32" else base_model.weight_dtype.upper()] + types:
             path = gguf if ft.lower() == base_model.weight_dtype else quantize_gguf(gguf, ft, threads)
             g = GGUFFile(path)
@@ -141,7 +137,6 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
 
 
 def main(argv=None) -> int:
-    from infeng.telemetry import Run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base", type=Path, help="native f32/bf16 model: the baseline, and the source llama.cpp quantizes")
     ap.add_argument("--text", type=Path, required=True)

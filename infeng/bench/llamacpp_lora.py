@@ -18,7 +18,15 @@ import time
 
 import numpy as np
 
-from infeng.bench.peers import LlamaCppSeqs, PeerSkip, lora_peer_main, _import
+from infeng.bench.lora_scenarios import adapter_file
+from infeng.bench.peers import LlamaCppSeqs, PeerSkip, _import, lora_peer_main
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters.gguf_lora import write_gguf_lora
+from infeng.converters.gguf_write import export_cached
+from infeng.model.adapter import load_adapter
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
 
 
 class LlamaCppLora:
@@ -79,13 +87,6 @@ class LlamaCppLora:
 def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128, n_out=32, repeats=2,
             adapter_dtype="bf16", seed=0):
     _import("llama_cpp", "llama.cpp peer needs llama-cpp-python (pip install -e '.[peers]')")
-    from infeng.bench.lora_scenarios import adapter_file
-    from infeng.converters.gguf_lora import write_gguf_lora
-    from infeng.converters.gguf_write import export_cached
-    from infeng.model.adapter import load_adapter
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine, Request, StepStats
-    from infeng.runtime.sampler import SamplingParams
     model = load_model(base_path, verify=False)
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, model.config.vocab_size, prompt_len - 1).tolist() for _ in range(batch)]
@@ -99,7 +100,7 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
         ggufs[n] = g
     names = list(paths)
     mixed = [names[i % n_adapters] for i in range(batch)]
-    peer = LlamaCppLora(export_cached(model, base_path), ggufs, threads, n_ctx=batch * (prompt_len + n_out) + 64,
+    peer = LlamaCppLora(export_cached(model, gguf_cache_dir(), base_path), ggufs, threads, n_ctx=batch * (prompt_len + n_out) + 64,
                         n_batch=batch * prompt_len)
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)

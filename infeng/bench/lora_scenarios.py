@@ -22,14 +22,17 @@ import numpy as np
 
 from pathlib import Path
 
+from infeng import format as native
 from infeng.bench.synthetic import make_adapter
 from infeng.errors import InfengError
-from infeng.model.loader import load_model
 from infeng.kernels import ptr
+from infeng.model.adapter import requantize
+from infeng.model.loader import load_model
 from infeng.runtime.adapters import lora_batch, lora_scratch
 from infeng.runtime.engine import Engine, Request, StepStats
 from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.sim import make_trace, replay
 from infeng.telemetry import Run
 
 
@@ -48,8 +51,6 @@ def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
     (int8: the f32 adapter rounded as ``infeng convert --dtype int8`` does; cached beside it)."""
     if dtype != "int8":
         return make_adapter(base_path, rank, dtype=dtype, seed=seed)
-    from infeng import format as native
-    from infeng.model.adapter import requantize
     src = make_adapter(base_path, rank, dtype="f32", seed=seed)
     out = src.with_name(src.name.replace("-f32-", "-int8-"))
     if not (out.exists() and native.is_native(out)):
@@ -168,7 +169,6 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
     over the configurations, every other pass in reverse order (single, α..., α..., single), and
     each figure is the mean over passes, so a drift of the machine's speed hits all alike. Also
     the time to first use of an adapter hot-loaded while the engine runs."""
-    from infeng.runtime.sim import make_trace, replay
     model = load_model(base_path, verify=False)
     cfg = model.config
     paths = [adapter_file(base_path, model, rank, dtype, seed=10_000 + k) for k in range(n_adapters)]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters import gguf_write
 from infeng.errors import InfengError
 
 
@@ -158,10 +160,8 @@ class LlamaCppPeer:
             self.name = f"llama.cpp:fa={int(flash_attn)}"
         llama_cpp = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
         if not gguf:
-            from infeng.converters import gguf_write
-            from infeng.errors import InfengError
             try:
-                gguf = gguf_write.export_cached(model, source)
+                gguf = gguf_write.export_cached(model, gguf_cache_dir(), source)
             except InfengError as e:
                 raise PeerSkip(f"llama.cpp needs the model as GGUF and the export failed: {e}") from None
         if not Path(gguf).is_file():

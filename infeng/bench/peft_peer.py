@@ -19,9 +19,14 @@ import time
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip, lora_peer_main, _import
+from infeng.bench.lora_scenarios import adapter_file
+from infeng.bench.peers import PeerSkip, _import, lora_peer_main
 from infeng.converters.peft import TARGETS
-from infeng.model.loader import MATRICES, load_model
+from infeng.model.adapter import load_adapter
+from infeng.format.schema import MATRICES
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
 
 PEFT_MODULE = {native: (module, parent) for module, (native, parent) in TARGETS.items()}
 
@@ -130,10 +135,6 @@ class PeftPeer:
 def compare(base_path, rank: int = 16, threads: int = 2, batch: int = 8, n_adapters: int = 4,
             prompt_len: int = 128, n_out: int = 32, repeats: int = 2, adapter_dtype: str = "bf16", seed: int = 0):
     """infeng's fused mixed batch vs PEFT's mixed batch, same prompts, adapters and threads."""
-    from infeng.bench.lora_scenarios import adapter_file
-    from infeng.model.adapter import load_adapter
-    from infeng.runtime.engine import Engine, Request, StepStats
-    from infeng.runtime.sampler import SamplingParams
     require()                                       # skip before loading anything
     model = load_model(base_path, verify=False)
     cfg = model.config

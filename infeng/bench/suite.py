@@ -31,9 +31,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infeng.bench import micro
+from infeng import kernels
+from infeng.bench import micro, synthetic
 from infeng.bench.peers import PeerSkip, make_peer
 from infeng.errors import InfengError
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
+from infeng.telemetry import Run, atomic_path
 
 KINDS = ("bandwidth", "gemv", "gemm", "attention", "prefill", "decode", "batch_decode")
 E2E = ("prefill", "decode", "batch_decode")
@@ -113,8 +118,6 @@ def load_suite(path: str | Path) -> Suite:
 
 def resolve_model(model: str, dtype: str):
     """A synthetic architecture name → its cached file; anything else is a path."""
-    from infeng.bench import synthetic
-    from infeng.model.loader import load_model
     if model in synthetic.ARCHS:
         path = synthetic.make(model, dtype)
         return load_model(path, verify=False), f"synthetic:{model}:{dtype}", path
@@ -137,7 +140,6 @@ class InfengRunner:
         self.last_overhead_us: float | None = None
 
     def engine(self, batch: int, ctx: int):
-        from infeng.runtime.engine import Engine
         ctx = min(self.model.config.max_seq_len, max(16, -(-ctx // 16) * 16))
         key = (batch, ctx)
         if key not in self._engines:
@@ -148,8 +150,6 @@ class InfengRunner:
         return self._engines[key]
 
     def _run(self, prompts, n):
-        from infeng.runtime.engine import Request, StepStats
-        from infeng.runtime.sampler import SamplingParams
         eng = self.engine(len(prompts), max(len(p) for p in prompts) + n)
         eng.stats = StepStats()
         reqs = [Request(id=str(i), prompt_ids=list(p),
@@ -221,7 +221,6 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
               notes: list[str] | None = None, peer_factory=make_peer) -> tuple[list[Result], dict[str, Any]]:
     """Run every scenario ``suite.repeats`` times per runner, alternating runners. Returns the
     results and meta (model, threads, ISA, bandwidth, notes)."""
-    from infeng import kernels
     notes = notes if notes is not None else []
     kern = kernels.load(isa) if isa else kernels.active()
     isa_name = kern.ffi.string(kern.lib.ifg_isa()).decode()
@@ -354,7 +353,6 @@ def _e2e(runner, s: Scenario, vocab: int, seed: int):
 # ---- reporting ----------------------------------------------------------------------------------------
 def to_run(results: list[Result], meta: dict[str, Any], command: str = "bench"):
     """The results in the telemetry schema: one record per (scenario, runner), metrics by name."""
-    from infeng.telemetry import Run
     run = Run(command, meta=dict(meta))
     base = {r.scenario.name: r.median for r in results if r.runner == "infeng"}
     for r in results:
@@ -449,9 +447,7 @@ def plot(results: list[Result], path: str | Path) -> str | None:
     ax.set_ylabel("tok/s")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    import os
-    os.replace(tmp, path)
     return None

@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from infeng import format as native
-from infeng.converters.hf import convert_dtype, expected_shapes, is_norm
-from infeng.model.config import ModelConfig
+from infeng.converters.peft import projection_shape
+from infeng.format.config import ModelConfig
+from infeng.format.schema import convert_dtype, expected_shapes, is_norm
+from infeng.model.adapter import model_identity
+from infeng.model.loader import load_model
+from infeng.quant import policy as q
 
 # name → config fields (shapes from the models' published config.json files)
 ARCHS: dict[str, dict] = {
@@ -42,6 +46,11 @@ DEFAULT_TOKENIZER = Path(os.environ.get("INFENG_TEST_DATA", Path(__file__).resol
 
 def cache_dir() -> Path:
     return Path(os.environ.get("INFENG_CACHE", Path.home() / ".cache" / "infeng")) / "synthetic"
+
+
+def gguf_cache_dir() -> Path:
+    """Where models exported as GGUF for the llama.cpp peers are kept."""
+    return cache_dir().parent / "gguf"
 
 
 def make(arch: str, dtype: str = "bf16", path: Path | None = None, seed: int = 0,
@@ -77,8 +86,6 @@ QUANTIZED = ("q8_0", "q4_0", "q5_0", "q4_k", "fp8")
 def _quantized(src: Path, dtype: str, path: Path) -> Path:
     """The bf16 synthetic model quantized to ``dtype`` with the default policy (what
     ``infeng quantize SRC --type DTYPE`` writes)."""
-    from infeng.model.loader import load_model
-    from infeng.quant import policy as q
     model = load_model(src, verify=False)
     items = q.plan(model.tensors, dtype, q.Policy(), source=str(src))
     out = model.derived(q.quantize_tensors(model.tensors, items))
@@ -104,9 +111,6 @@ if __name__ == "__main__":
 def make_adapter(base_path: Path, rank: int, targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"),
                  dtype: str = "bf16", seed: int = 0, path: Path | None = None, dora: bool = False) -> Path:
     """A random LoRA (or DoRA) adapter for a synthetic base, as a native adapter file (cached)."""
-    from infeng.converters.peft import projection_shape
-    from infeng.model.adapter import model_identity
-    from infeng.model.loader import load_model
     base_path = Path(base_path)
     kind = "dora" if dora else "lora"
     path = Path(path) if path else cache_dir() / f"{base_path.stem}.{kind}-r{rank}-{'-'.join(targets)}-{dtype}-seed{seed}.infeng-lora"

@@ -6,7 +6,10 @@ from typing import List, Optional
 
 import typer
 
+from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
 from infeng.errors import InfengError
+from infeng.runtime.engine import default_threads
+from infeng.telemetry import progress, stderr_console
 
 
 def bench(
@@ -29,9 +32,6 @@ def bench(
     """Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth roofline."""
     from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 
-    from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
-    from infeng.runtime.engine import default_threads
-    from infeng.telemetry import progress, stderr_console
 
     if (suite_path is None) == (kernel is None):
         raise InfengError("give --suite FILE.yaml or --kernel NAME (one of them)")

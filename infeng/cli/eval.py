@@ -8,6 +8,11 @@ from typing import List, Optional
 import typer
 
 from infeng.errors import InfengError
+from infeng.evals import runner, suite as S
+from infeng.evals.perplexity import adapter_identity, model_identity
+from infeng.model.adapter import load_adapter
+from infeng.model.loader import load_model
+from infeng.telemetry import Run, peak_rss_mb, stderr_console
 
 REGRESSION_EXIT = 3
 
@@ -43,9 +48,6 @@ def eval_cmd(
     compare: List[str] = typer.Option([], "--compare", help="MODEL or MODEL::ADAPTER (e.g. a quantized variant) run through the same tasks, reported side by side (repeatable)"),
 ):
     """Evaluate a model: perplexity, KL-divergence, HumanEval, GSM8K, or a suite with a regression check."""
-    from infeng.evals import runner, suite as S
-    from infeng.model.loader import load_model
-    from infeng.telemetry import Run, stderr_console
 
     if threads is not None and threads < 1:
         raise InfengError(f"--threads must be >= 1, got {threads}")
@@ -121,17 +123,12 @@ def eval_cmd(
         vm = load_model(Path(vp))
         va_id = None
         if va:
-            from infeng.evals.perplexity import adapter_identity
-            from infeng.model.adapter import load_adapter
             va_id = adapter_identity(Path(va), load_adapter(Path(va), vm))
         variants.append((Path(vp), vm, Path(va) if va else None, va_id))
     adapter_id = None
     if adapter is not None:
-        from infeng.evals.perplexity import adapter_identity
-        from infeng.model.adapter import load_adapter
         adapter_id = adapter_identity(adapter, load_adapter(adapter, model))   # checked against MODEL now
     ec = runner.EvalContext(model_path, model, threads, seed, progress_bars, adapter=adapter)
-    from infeng.evals.perplexity import model_identity
     run = Run("eval", meta={"model": model_identity(model_path, model), "seed": seed,
                             "suite": suite_obj.name if suite_obj else None,
                             "suite_file": str(suite) if suite else None,
@@ -162,7 +159,6 @@ def eval_cmd(
                 run.records.extend(dict(task=t.name, variant=label, **r) for r in recs)
             run.meta["variants"].append({"label": label, "model": model_identity(vp, vm), "adapter": va_id, **ecv.meta})
     run.metrics["total_s"] = time.perf_counter() - t_all
-    from infeng.telemetry import peak_rss_mb
     run.metrics["peak_rss_mb"] = peak_rss_mb()
     run.meta.update(ec.meta)
     run.meta["tasks"] = [{"name": t.name, "task": t.task, "options": t.options,
