@@ -1,7 +1,7 @@
 """llama.cpp as the multi-LoRA peer: the same mixed load (8 rows over 4 adapters) through
 llama-cpp-python's low-level API, against infeng's fused batch, in one run.
 
-    python -m infeng.bench.llamacpp_lora BASE.infeng --rank 16 --threads 2
+    infeng bench --suite bench/llamacpp_lora.yaml --model BASE.infeng     # kind: llamacpp_lora
 
 llama.cpp applies one adapter set per context at a time, so its mixed load is one batch per
 adapter configuration: for each adapter, its rows (2 of 8) prefill together in one llama_decode
@@ -9,7 +9,7 @@ and decode together, the next adapter's rows after. Aggregate tok/s = all rows' 
 summed time. The base is the native file exported by infeng.converters.gguf_write; the adapters
 are the same native adapter files infeng loads, exported by infeng.converters.gguf_lora. The
 same rows with no adapter (one batch of 8) are reported too, to separate base speed from LoRA.
-llama_cpp is imported only here; when missing the run prints one line and exits 0.
+llama_cpp is imported only here; when missing the run is a note (skipped).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from infeng.bench.lora_scenarios import adapter_file
-from infeng.bench.peers import LlamaCppSeqs, PeerSkip, _import, lora_peer_main
+from infeng.bench.peers import LlamaCppSeqs, PeerSkip, _import
 from infeng.bench.synthetic import gguf_cache_dir
 from infeng.converters.gguf_lora import write_gguf_lora
 from infeng.converters.gguf_write import export_cached
@@ -135,11 +135,3 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
         rec[f"{label}_first_token_agree"] = f"{sum(a[0] == b[0] for a, b in zip(o[0][0], t[0][0]))}/{batch}"
     peer.close()
     return rec
-
-
-def main(argv=None) -> int:
-    return lora_peer_main(compare, "llama.cpp lora", __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,11 @@
 """Synthetic models: exact shapes of named architectures, random weights, deterministic.
 
 Speed does not depend on the weights' values, so these stand in for checkpoints that cannot be
-downloaded here. Files are cached (by architecture, dtype and seed) and reused.
-
-    python -m infeng.bench.synthetic tinyllama-1.1b --dtype bf16 -o /tmp/tinyllama.infeng
+downloaded here. Files are cached (by architecture, dtype and seed) and reused; a bench suite
+names one by architecture (``model: tinyllama-1.1b``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -92,20 +90,6 @@ def _quantized(src: Path, dtype: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     native.write(path, out.manifest(), out.native_tensors())
     return path
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("arch", choices=sorted(ARCHS))
-    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16", *QUANTIZED])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-o", "--output", type=Path)
-    a = ap.parse_args()
-    print(make(a.arch, a.dtype, a.output, a.seed))
-
-
-if __name__ == "__main__":
-    main()
 
 
 def make_adapter(base_path: Path, rank: int, targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"),
