@@ -100,7 +100,8 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
         ggufs[n] = g
     names = list(paths)
     mixed = [names[i % n_adapters] for i in range(batch)]
-    peer = LlamaCppLora(export_cached(model, gguf_cache_dir(), base_path), ggufs, threads, n_ctx=batch * (prompt_len + n_out) + 64,
+    peer = LlamaCppLora(export_cached(model, gguf_cache_dir(), base_path), ggufs, threads,
+                        n_ctx=batch * (prompt_len + n_out) + 64,
                         n_batch=batch * prompt_len)
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)

@@ -45,6 +45,7 @@ from infeng.runtime.engine import Engine, Request, StepStats
 from infeng.runtime.sampler import SamplingParams
 from infeng.telemetry import Run, atomic_path
 
+
 @dataclass
 class Scenario:
     kind: str

@@ -67,8 +67,9 @@ def eval_cmd(
     if compare and p.save_only:
         raise InfengError("--compare needs tasks to run (--save-logits alone saves one model's logits)")
     console = _wide_console() or stderr_console()
-    saved = lambda m: console.print(f"saved baseline logits of {model_path} to {save_logits} (PPL {m['ppl']:.4f})")  # noqa: E731
-    run, labels = E.evaluate(model_path, p, cli_opts, compare, threads, progress_bars, adapter, suite, on_saved=saved)
+    run, labels = E.evaluate(model_path, p, cli_opts, compare, threads, progress_bars, adapter, suite,
+                             on_saved=lambda m: console.print(f"saved baseline logits of {model_path} to "
+                                                              f"{save_logits} (PPL {m['ppl']:.4f})"))
     run.print_summary(f"infeng eval {model_path}")
     if compare:
         console.print(side_by_side(run.metrics, p.tasks, labels))

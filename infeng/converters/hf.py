@@ -21,7 +21,6 @@ from infeng.format.config import ModelConfig
 from infeng.format.schema import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
 
 
-
 def read_json(path: Path, required: bool = True) -> Any:
     if not path.is_file():
         if required:

@@ -61,7 +61,8 @@ def plan(task_names: list[str], suite_path: Path | None, opts: dict[str, Any], s
             raise InfengError("a task is named twice in --task")
         out.tasks = [S.SuiteTask(n, n, {o: v for o, v in opts.items() if o in runner.TASK_OPTIONS[n]}, [])
                      for n in names]
-        used = {o for t in out.tasks for o in runner.TASK_OPTIONS[t.task]} | (SAVE_LOGITS_OPTIONS if out.save_only else set())
+        used = {o for t in out.tasks for o in runner.TASK_OPTIONS[t.task]}
+        used |= SAVE_LOGITS_OPTIONS if out.save_only else set()
         stray = [o for o in opts if o not in used]
         if stray:
             raise InfengError(f"option(s) {_flags(stray)} do not apply to "

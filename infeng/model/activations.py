@@ -26,7 +26,6 @@ OPS = ("embed", "attn_norm", "wq", "wk", "wv", "rope", "kv_store", "attention", 
 TRACED = ("attn_norm", "wq", "wk", "wv", "attention", "wo", "ffn_norm", "w_gate", "w_up", "silu_mul", "w_down")
 
 
-
 def check_ops(kern) -> None:
     """The C library's op names must be the ones this module lays out."""
     names = tuple(kern.ffi.string(kern.lib.ifg_op_name(i)).decode() for i in range(kern.lib.IFG_OP_COUNT))

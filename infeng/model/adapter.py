@@ -125,8 +125,6 @@ def requantize(src: str | Path, out: str | Path, base: Model, dtype: str) -> Pat
     return native.write(out, adapter_manifest(meta, base, str(src)), stored_tensors(tensors, dtype))
 
 
-
-
 def load_adapter(path: str | Path, base: Model, name: str | None = None, verify: bool = True) -> Adapter:
     """Map an adapter file and check it belongs to ``base`` and fits its shapes."""
     p = Path(path)

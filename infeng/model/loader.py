@@ -25,6 +25,7 @@ from infeng.format.schema import MATRICES, STORE_DTYPES, convert_dtype, expected
 from infeng.quant import QTYPES, to_f32
 from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
 
+
 @dataclass
 class Model:
     config: ModelConfig
