@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from infeng import format as native
 from infeng.model.llama import LlamaC
-from infeng.model.loader import load_model
+from infeng.model.loader import load_gguf, load_model
 from infeng.model.reference import ReferenceModel
 from infeng.runtime.engine import Engine, Request
 from infeng.runtime.kv import KVCache
@@ -127,11 +127,10 @@ def test_llamacpp_gguf_loads_as_its_hf_folder(kern, name):
     """llama.cpp's own converter's q8_0 GGUF of each fixture: the same config, the same tensors
     (its Q8_0 blocks are infeng's byte for byte; fused Phi-3 tensors split, Q/K un-permuted where
     llama.cpp permutes them), so the same logits as the HF folder quantized by infeng."""
-    from infeng.converters import gguf_read
     from infeng.quant import quantize_q8_0
     d, ref, _ = fixture(name)
     hf = load_model(d)
-    g, _ = gguf_read.read_model(GGUF / f"{name}-q8_0.gguf")
+    g, _ = load_gguf(GGUF / f"{name}-q8_0.gguf")
     skip = set(GGUF_DROPS.get(name.split("_")[0], ())) | {"eos_ids", "bos_id", "extra", "rope_scaling"}
     for field in hf.config.to_dict():
         if field not in skip:
@@ -183,18 +182,17 @@ def test_peft_lora_matches_transformers(tmp_path, name):
 def test_gguf_export_round_trip(tmp_path, name):
     """infeng's own GGUF export of each architecture (llama.cpp's names) reads back as the same
     model; what llama.cpp's architecture would compute differently is refused by name."""
-    from infeng.converters import gguf_read
     from infeng.converters.gguf_write import write_gguf
     from infeng.errors import InfengError
     d, ref, want = fixture(name)
     model = load_model(d)
     # the export writes BPE vocabularies: take the one llama.cpp's GGUF of this folder carries
-    model.tokenizer = gguf_read.read_model(GGUF / f"{name}-q8_0.gguf")[0].tokenizer
+    model.tokenizer = load_gguf(GGUF / f"{name}-q8_0.gguf")[0].tokenizer
     if name == "mistral":
         with pytest.raises(InfengError, match="sliding window on layers .* has no llama.cpp 'llama' equivalent"):
             write_gguf(model, tmp_path / "m.gguf")
         return
-    back, _ = gguf_read.read_model(write_gguf(model, tmp_path / "m.gguf"))
+    back, _ = load_gguf(write_gguf(model, tmp_path / "m.gguf"))
     assert back.config.arch == model.config.arch and set(back.tensors) == set(model.tensors)
     for n in model.tensors:
         np.testing.assert_array_equal(back.f32(n), model.f32(n), err_msg=n)

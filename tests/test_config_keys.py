@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infeng.converters.hf_config import from_hf
 from infeng.errors import InfengError
-from infeng.model.config import ModelConfig, from_hf
+from infeng.format.config import ModelConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "arch"
 BASE = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024,

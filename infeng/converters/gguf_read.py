@@ -9,8 +9,9 @@ Layout (little-endian)::
     n_tensors × (string name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset)
     padding to general.alignment (default 32), then the tensor data; offsets are from there.
 
-``GGUFFile`` is the container (metadata + tensor table + raw views); ``read_model`` turns a
-Llama GGUF into an infeng ``Model`` (hyper-parameters, weights, tokenizer via gguf_tokenizer).
+``GGUFFile`` is the container (metadata + tensor table + raw views); ``read_llama`` turns a
+GGUF of any supported architecture (gguf_arch.py; the name is from when only Llama was) into a
+model's parts: config, native tensors, tokenizer (via gguf_tokenizer).
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from infeng.converters import gguf_arch
-from infeng.converters.gguf_types import GGML_TYPES
+from infeng import format as native
+from infeng.converters import gguf_arch, gguf_types
+from infeng.converters.gguf_tokenizer import build as build_tokenizer
+from infeng.converters.gguf_types import GGML_TYPES, NATIVE_COPY
 from infeng.errors import InfengError
 from infeng.format import map_readonly
+from infeng.format.config import ModelConfig
+from infeng.format.schema import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -238,7 +243,7 @@ class GGUFFile:
             self._mm.close()
 
 
-# ---- GGUF → infeng Model ---------------------------------------------------------------------
+# ---- GGUF → model parts ----------------------------------------------------------------------
 
 ARCHITECTURES = tuple(gguf_arch.FROM_GGUF)  # llama.cpp converts Llama, Mistral, TinyLlama, SmolLM2 as "llama"
 K_QUANT_DTYPE = "bf16"
@@ -275,8 +280,6 @@ def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.n
     native format has one, Q4_K / Q6_K blocks are dequantized with numpy and stored as ``dtype``
     (bf16 by default: half of f32's size, and its rounding, at most 2^-9 relative, is far below
     the 4–6-bit quantization step, so the stored weights are the GGUF's to within that)."""
-    from infeng.converters import gguf_types
-    from infeng.converters.hf import convert_dtype
     f = gguf_types.dequantize(t.type_name, raw, t.n_elements).reshape(t.shape)
     return dtype, convert_dtype(f, "f32", dtype)
 
@@ -284,7 +287,6 @@ def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.n
 def _config(g: GGUFFile, arch: str, where: str):
     """The model config from ``{arch}.*`` metadata (unknown keys refused by name) and the RoPE
     factor tensors; vocabulary size 0 when the file does not say (the tokenizer does)."""
-    from infeng.model.config import ModelConfig
     for key in g.metadata:
         short = key[len(arch) + 1:] if key.startswith(arch + ".") else None
         if short is None:
@@ -369,14 +371,10 @@ def _rope_scaling(g: GGUFFile, arch: str, hp, head_dim: int, where: str):
     raise InfengError(f"{where}: {arch}.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
 
 
-def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
-    """A Llama GGUF as an infeng Model (F32/F16/BF16/Q8_0/Q4_0/Q5_0 tensors are views of the file,
-    norms become f32, Q4_K/Q6_K go through ``store_k_quant``). Returns (model, summary dict)."""
-    from infeng import format as native
-    from infeng.converters.gguf_tokenizer import build as build_tokenizer
-    from infeng.converters.gguf_types import NATIVE_COPY
-    from infeng.converters.hf import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
-    from infeng.model.loader import Model
+def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
+    """A GGUF's parts (F32/F16/BF16/Q8_0/Q4_0/Q5_0 tensors are views of the file, norms
+    become f32, Q4_K/Q6_K go through ``store_k_quant``): (config, {native name: (dtype, array)},
+    tokenizer dict, summary dict)."""
 
     k_dtype = k_quant_dtype or K_QUANT_DTYPE
     if k_dtype not in STORE_DTYPES:
@@ -424,7 +422,7 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
     tensors, converted = {}, {}
     for nn, shape in shapes.items():
         if nn not in by_native:
-            raise InfengError(f"{where}: missing tensor {gguf_name_of(nn, arch)!r}")
+            raise InfengError(f"{where}: missing tensor {gguf_name(nn, arch)!r}")
         t, r0, r1 = by_native[nn]
         if not r1 and t.shape != shape:
             raise InfengError(f"{where}: tensor {t.name!r} has shape {list(t.shape)} (numpy order), the "
@@ -453,18 +451,25 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
             arr = unpermute_rope(arr, cfg.n_kv_heads)
         tensors[nn] = (dt, arr)
     name = g.get("general.name", "str", "")
-    model = Model(cfg, tensors, tok, {}, source=str(g.path))
     types: dict[str, int] = {}
     for t in g.tensors.values():
         types[t.type_name] = types.get(t.type_name, 0) + 1
     summary = {"gguf_version": g.version, "name": name, "types": types, "k_quant_dtype": k_dtype if converted else None,
                "dequantized": converted}
-    return model, summary
+    return cfg, tensors, tok, summary
 
 
-def gguf_name_of(native: str, arch: str = "llama") -> str:
-    from infeng.converters.gguf_write import gguf_name
-    return gguf_name(native, arch)
+def gguf_name(name: str, arch: str = "llama") -> str:
+    """native tensor name → GGUF tensor name (the inverse of ``native_name``; a part of a fused
+    tensor: the fused tensor's name)."""
+    glob = {native: g for g, native in gguf_arch.GLOBAL.items()}
+    if name in glob:
+        return glob[name]
+    _, i, w = name.split(".")
+    for fused, parts in gguf_arch.FUSED.get(gguf_arch.TO_GGUF.get(arch, arch), {}).items():
+        if w in parts:
+            return f"blk.{i}.{fused}"
+    return f"blk.{i}.{next(g for g, n in gguf_arch.LAYER.items() if n == w)}"
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

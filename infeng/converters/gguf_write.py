@@ -16,15 +16,19 @@ goes out as llama.cpp's ``rope_freqs`` tensor (a divisor per frequency).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from infeng import format as native
 from infeng.converters import gguf_arch
+from infeng.converters.gguf_read import GGUFFile, gguf_name
+from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
 from infeng.errors import InfengError
+from infeng.format.schema import expected_shapes
+from infeng.telemetry import atomic_path
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -34,19 +38,7 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q5_0": 8, "bf16": 32}   
 # metadata value types
 U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
 
-NAMES = {native: g for g, native in gguf_arch.LAYER.items()}          # wq → attn_q.weight, q_bias → attn_q.bias
-
-
-def gguf_name(name: str, arch: str = "llama") -> str:
-    """The GGUF tensor name of a native tensor (a part of a fused one: the fused tensor's)."""
-    glob = {native: g for g, native in gguf_arch.GLOBAL.items()}
-    if name in glob:
-        return glob[name]
-    _, i, w = name.split(".")
-    for fused, parts in gguf_arch.FUSED.get(gguf_arch.TO_GGUF.get(arch, arch), {}).items():
-        if w in parts:
-            return f"blk.{i}.{fused}"
-    return f"blk.{i}.{NAMES[w]}"
+NAMES = {native: gguf for gguf, native in gguf_arch.LAYER.items()}   # per-layer native → GGUF name (wq → attn_q.weight)
 
 
 def _check_exportable(c) -> None:
@@ -128,7 +120,6 @@ def _vocab(model) -> list[bytes]:
     if not byte_level:
         return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
                 _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
-    from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
     merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
     pre_tok = tok.get("pre_tokenizer") or {}
     steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
@@ -186,8 +177,6 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
     if c.eos_ids:
         kvs.append(_kv("tokenizer.ggml.eos_token_id", U32, int(c.eos_ids[0])))
 
-    from infeng import format as native
-    from infeng.converters.hf import expected_shapes
     entries: dict[str, list[tuple[str, np.ndarray]]] = {}    # GGUF name → (dtype, rows) parts, in order
     for n in expected_shapes(c):
         dt, arr = model.tensors[n]
@@ -220,43 +209,41 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
                      + struct.pack("<IQ", GGML_TYPE[dt], off))
         datas.append(arr)
         off += -(-arr.nbytes // ALIGN) * ALIGN
-    names = list(entries)
-    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return write_file(path, kvs, infos, datas)
+
+
+def write_file(path: str | Path, kvs: list[bytes], infos: list[bytes], datas: list[np.ndarray]) -> Path:
+    """A GGUF file from its encoded metadata and tensor infos and the tensors' data, each padded
+    to ALIGN (temporary name, then rename)."""
+    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(datas), len(kvs)) + b"".join(kvs) + b"".join(infos)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(header)
             f.write(b"\0" * (-len(header) % ALIGN))
             for arr in datas:
                 mv = memoryview(np.ascontiguousarray(arr)).cast("B")
                 f.write(mv)
                 f.write(b"\0" * (-len(mv) % ALIGN))
-        os.replace(tmp, path)
     except OSError as e:
         raise InfengError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
     """(metadata, tensors) of a GGUF file, through the validating reader: tensors map name →
     (ggml type, dims, absolute offset). Enough to check what ``write_gguf`` wrote."""
-    from infeng.converters.gguf_read import GGUFFile
     g = GGUFFile(path)
     meta = dict(g.metadata, version=g.version)
     return meta, {n: (t.type_id, list(t.dims), t.offset) for n, t in g.tensors.items()}
 
 
-def export_cached(model, source: str | Path | None = None) -> Path:
-    """The model as GGUF in the synthetic-model cache (written once, reused while the source
-    file is older than it)."""
-    from infeng.bench.synthetic import cache_dir
+def export_cached(model, cache: Path, source: str | Path | None = None) -> Path:
+    """The model as GGUF in the folder ``cache`` (written once, reused while the source file is
+    older than it)."""
     src = Path(source or model.source or "model")
     stem = src.name.replace(".infeng", "") or "model"
-    out = cache_dir().parent / "gguf" / f"{stem}-{model.weight_dtype}.gguf"
+    out = Path(cache) / f"{stem}-{model.weight_dtype}.gguf"
     if out.exists() and (not src.exists() or out.stat().st_mtime >= src.stat().st_mtime):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The config.json keys each architecture may carry, and the values some must have.
 
-A key in neither INFO_KEYS nor the architecture's own list is refused by name (model/config.py):
+A key in neither INFO_KEYS nor the architecture's own list is refused by name (hf_config.py):
 when transformers moves or adds a field, the engine says so instead of computing something else.
 Lists taken from the transformers 4.x and 5.x configuration classes and from shipped checkpoints.
 """
@@ -57,19 +57,3 @@ FIXED = {
 DEFAULT_THETA = {"llama": 10000.0, "mistral": 10000.0, "qwen2": 10000.0, "qwen3": 10000.0, "phi3": 10000.0,
                  "smollm3": 2000000.0}
 DEFAULT_TIE = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "phi3": False, "smollm3": True}
-
-# RoPE types and the parameters each may carry (besides rope_type / rope_theta)
-ROPE_KEYS = {
-    "default": frozenset(),
-    "linear": frozenset({"factor"}),
-    "dynamic": frozenset({"factor"}),
-    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
-    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
-                       "mscale", "mscale_all_dim", "truncate"}),
-    "longrope": frozenset({"short_factor", "long_factor", "factor", "original_max_position_embeddings",
-                           "attention_factor"}),
-    # not a transformers type: a GGUF's rope_freqs tensor (llama.cpp's Llama 3 scaling), each
-    # frequency divided by its factor; refused in a config.json
-    "freq_factors": frozenset({"factors"}),
-}
-GGUF_ONLY_ROPE = ("freq_factors",)
