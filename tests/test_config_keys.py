@@ -71,6 +71,14 @@ def test_both_layouts_of_each_fixture_agree(name):
     ({"architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 1, 1]}, "no_rope_layers must list 4 flags"),
     ({"architectures": ["MistralForCausalLM"], "layer_types": ["full_attention"] * 4},
      "key 'layer_types' is not understood for MistralForCausalLM"),
+    # found by random mutation of the fixtures' configs (each was a TypeError / ZeroDivisionError /
+    # a per-layer list of 10^30 entries)
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": ["x"]}}, "rope_type must be a string"),
+    ({"architectures": ["Phi3ForCausalLM"], "original_max_position_embeddings": 1, "rope_parameters": {
+        "rope_theta": 1e4, "rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}},
+     "original_max_position_embeddings must be at least 2"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4, "num_hidden_layers": 10**30}, "not a plausible model"),
+    ({"rope_theta": 1e-300}, "rope_theta must be greater than 1"),
 ])
 def test_refused_by_name(change, message):
     with pytest.raises(InfengError, match=message):

@@ -308,6 +308,8 @@ def _config(g: GGUFFile, arch: str, where: str):
         raise InfengError(f"{where}: {arch}.rope.dimension_count {hp('rope.dimension_count')} != head size "
                           f"{head_dim}: partial rotary embedding is not supported")
     n_layers, max_pos = hp("block_count"), hp("context_length")
+    if n_layers > 4096 or dim > 1 << 20:      # before per-layer lists are built from them
+        raise InfengError(f"{where}: {n_layers} layers of width {dim} is not a plausible model")
     window = hp("attention.sliding_window", default=0)
     if window and arch != "phi3":
         raise InfengError(f"{where}: {arch}.attention.sliding_window={window} is not supported for {arch!r}")
@@ -348,6 +350,8 @@ def _rope_scaling(g: GGUFFile, arch: str, hp, head_dim: int, where: str):
                 raise InfengError(f"{where}: rope_factors_{which}.weight must be F32 [{head_dim // 2}]")
             factors[which] = g.raw(t.name).view("<f4").astype(float).tolist()
         orig = hp("rope.scaling.original_context_length", default=hp("context_length"))
+        if orig < 2:
+            raise InfengError(f"{where}: {arch}.rope.scaling.original_context_length must be at least 2, got {orig}")
         rs = {"rope_type": "longrope", "short_factor": factors["short"], "long_factor": factors["long"],
               "original_max_position_embeddings": orig,
               "factor": hp("context_length") / orig}

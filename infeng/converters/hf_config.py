@@ -45,11 +45,15 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     dim = need("hidden_size")
     n_heads = need("num_attention_heads")
     n_layers = need("num_hidden_layers")
+    if isinstance(n_layers, int) and n_layers > 1 << 16:      # per-layer lists below would be absurd
+        raise InfengError(f"{where}: num_hidden_layers {n_layers} is not a plausible model")
     head_dim = hf.get("head_dim") or (dim // n_heads if isinstance(dim, int) and isinstance(n_heads, int) and n_heads else 0)
     max_pos = hf.get("max_position_embeddings", 2048)
     theta, rs = _rope(hf, arch, where)
     if rs is not None:
         kind = rs["rope_type"]
+        if not isinstance(kind, str):
+            raise InfengError(f"{where}: rope_type must be a string, got {kind!r}")
         if kind in GGUF_ONLY_ROPE:
             raise InfengError(f"{where}: rope_scaling type {kind!r} is not supported (supported: "
                               f"{', '.join(t for t in ROPE_TYPES if t not in GGUF_ONLY_ROPE)})")
@@ -58,7 +62,8 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         if kind in ("llama3", "yarn", "longrope"):          # as transformers' standardize_rope_params
             if "original_max_position_embeddings" in hf:
                 rs["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
-            rs.setdefault("original_max_position_embeddings", max_pos)
+            if rs.get("original_max_position_embeddings") is None:
+                rs["original_max_position_embeddings"] = max_pos
         if kind in ("yarn", "longrope") and rs.get("factor") is None and is_number(max_pos) \
                 and is_number(rs["original_max_position_embeddings"]) and rs["original_max_position_embeddings"] > 0:
             rs["factor"] = max_pos / rs["original_max_position_embeddings"]

@@ -108,6 +108,8 @@ class ModelConfig:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
                 raise InfengError(f"{where}: rms_norm_eps and rope_theta must be positive numbers, got {k}={v!r}")
+        if self.rope_theta <= 1:
+            raise InfengError(f"{where}: rope_theta must be greater than 1, got {self.rope_theta!r}")
         if self.arch not in ARCHS:
             raise InfengError(f"{where}: architecture {self.arch!r} is not supported (supported: {', '.join(ARCHS)})")
         if self.rope_scaling is not None:        # a native manifest's is checked here too: inv_freq() reads it
@@ -218,7 +220,7 @@ def is_number(v: Any) -> bool:
 def check_rope(rs: Any, head_dim: int, where: str) -> None:
     """A normalised rope_scaling dict: a known type, only its own keys, numbers where numbers go."""
     kind = rs.get("rope_type") if isinstance(rs, dict) else None
-    if kind not in ROPE_KEYS or kind == "default":
+    if not isinstance(kind, str) or kind not in ROPE_KEYS or kind == "default":
         raise InfengError(f"{where}: rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     for k, v in rs.items():
         if k == "rope_type":
@@ -234,6 +236,8 @@ def check_rope(rs: Any, head_dim: int, where: str) -> None:
                 raise InfengError(f"{where}: rope_scaling.truncate must be true or false")
         elif v is not None and not (is_number(v) and v > 0):
             raise InfengError(f"{where}: rope_scaling.{k} must be a positive number, got {v!r}")
+        elif k == "original_max_position_embeddings" and v is not None and v < 2:
+            raise InfengError(f"{where}: rope_scaling.original_max_position_embeddings must be at least 2, got {v!r}")
     if rs.get("factor") is None and kind not in ("longrope", "freq_factors"):
         raise InfengError(f"{where}: rope_scaling type {kind!r} needs a positive factor")
     need = {"longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
