@@ -38,7 +38,7 @@ from infeng.model.llama import LlamaC
 from infeng.model.loader import Model, load_model
 from infeng.runtime.adapters import AdapterManager, LoadedAdapter, lora_scratch
 from infeng.runtime.kv import KVCache
-from infeng.runtime.sampler import Sampler, SamplingParams
+from infeng.runtime.sampler import Sampler, SamplingParams, token_logprobs
 from infeng.runtime.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -93,6 +93,7 @@ class TokenEvent:
     id: str
     token_id: int
     text: str          # the text this token completed ("" while held back)
+    logprobs: tuple | None = None   # (log p of the token, [(id, log p)...]) when params.logprobs is set
 
 
 @dataclass
@@ -255,6 +256,11 @@ class Engine:
         self._cancel.add(request_id)
 
     @property
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting, sequences running), for a front end's gauges."""
+        return len(self._waiting), len(self._running)
+
+    @property
     def busy(self) -> bool:
         return bool(self._waiting or self._running or self._outbox)
 
@@ -336,7 +342,11 @@ class Engine:
                 kv.register_full(s.slot, s.ids, s.n_fed, s.salt)
         # sample, stream, finish
         for i, s in enumerate(outs):
+            p = s.req.params
+            if p.logits_processor is not None:
+                p.logits_processor(s.result.token_ids, net.logits[i])
             tok = s.sampler(net.logit_rows[i])
+            lp = token_logprobs(net.logits[i], tok, p.logprobs) if p.logprobs is not None else None
             now = self.clock()
             s.ids.append(tok)
             r = s.result
@@ -347,7 +357,7 @@ class Engine:
             reason = self._stop_reason(s, tok)
             if reason and s.decoder is not None and not s.stop_hit:
                 s.text += s.decoder.flush()
-            events.append(TokenEvent(r.id, tok, self._text_delta(s, final=reason is not None)))
+            events.append(TokenEvent(r.id, tok, self._text_delta(s, final=reason is not None), lp))
             if reason:
                 self._finish(s, reason, now, events)
         dt = self.clock() - t0
