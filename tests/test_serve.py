@@ -375,3 +375,23 @@ def test_serve_bad_options(tmp_path, model_file, capsys):
     assert main(["serve", str(model), "--api-key-file", str(tmp_path / "keys")]) == 1
     assert "no keys" in capsys.readouterr().err
     assert main(["serve", str(model), "--port", "70000"]) == 1
+
+
+def test_echo_logprobs_score_the_prompt(server, model_file):
+    """echo + logprobs (lm-evaluation-harness's loglikelihood request): the prompt's own log-probs,
+    equal to those the same tokens got when they were generated."""
+    c = server.client()
+    gen = c.completions.create(model=ADAPTERS[2], prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2)
+    e = Engine(load_model(model_file[0]), threads=1, max_batch=1)
+    e.load_adapter(model_file[1] / f"{ADAPTERS[2]}.infeng-lora", ADAPTERS[2])
+    r = next(e.generate([Request(id="x", prompt="Once upon a time", params=SamplingParams(max_tokens=6, temperature=0),
+                                 adapter=ADAPTERS[2])]))
+    ids = r.prompt_ids + r.token_ids
+    sc = c.completions.create(model=ADAPTERS[2], prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = sc.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[-6:] == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert sc.usage.completion_tokens == 0 and sc.usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        c.completions.create(model="story", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)

@@ -23,6 +23,7 @@ from infeng.runtime.sampler import SamplingParams
 from infeng.serve.gate import Gate, error_response, read_json
 from infeng.serve.loop import EngineLoop
 from infeng.serve.metrics import Metrics
+from infeng.serve.scoring import PromptScorer
 from infeng.serve.protocol import (FINISH, ApiError, Call, Limits, Pieces, bad, chat_logprobs,
                                    completion_logprobs, envelope, now, parse, usage)
 
@@ -68,6 +69,7 @@ class Server:
         self.unloading: set[str] = set()
         self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
         self.pieces = Pieces(self.tok)
+        self.prompt_scorer = PromptScorer()
         self.loop: EngineLoop | None = None
         self.draining = False
         self.created = now()
@@ -283,11 +285,16 @@ class _Run:
         if self.error is not None:
             raise self.error
         out = []
+        scored = {}
+        if self.call.echo and self.call.top_logprobs is not None:   # the prompts' own log-probs
+            for i, ids in enumerate(self.call.prompts):
+                scored[i] = await self.srv.loop.call(
+                    lambda e, ids=ids: self.srv.prompt_scorer(e, ids, self.call.top_logprobs, self.call.adapter))
         for c in self.choices:
             text = "".join(c.text)
             if self.call.echo:
                 text = self.srv.tok.decode(self.call.prompts[c.index // self.call.n]) + text
-            lp = self._logprobs(c, c.entries)
+            lp = self._logprobs(c, scored.get(c.index // self.call.n, []) + c.entries)
             if self.kind == "chat":
                 out.append({"index": c.index, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": c.finish})

@@ -119,8 +119,8 @@ def parse(kind: str, body: Any, tok: Tokenizer, defaults: SamplingParams, ctx: i
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise bad("echo must be true or false", "echo")
-        if echo and top is not None:
-            raise bad("echo with logprobs (the prompt's log-probs) is not supported yet", "echo")
+        if echo and top is not None and stream:
+            raise bad("echo with logprobs is supported without stream only", "echo")
         prompts = _completion_prompts(body.get("prompt"), tok, limits)
     else:
         lp = body.get("logprobs", False)
@@ -211,17 +211,18 @@ class Pieces:
         return " " + s if raw.startswith("\u2581") and not s.startswith(" ") else s
 
 
-def completion_logprobs(pieces: Pieces, entries: list[tuple[int, tuple]], offset: int) -> dict[str, Any]:
-    """The completions API's logprobs object for (token id, (logprob, top)) entries."""
+def completion_logprobs(pieces: Pieces, entries: list[tuple[int, tuple | None]], offset: int) -> dict[str, Any]:
+    """The completions API's logprobs object for (token id, (logprob, top)) entries; an entry
+    without log-probs (an echoed prompt's first token) has null ones."""
     tokens, lps, tops, offs = [], [], [], []
-    for tid, (lp, top) in entries:
+    for tid, lp in entries:
         t = pieces.text(tid)
         offs.append(offset)
         offset += len(t)
         tokens.append(t)
-        lps.append(lp)
-        d: dict[str, float] = {}
-        for i, v in top:
+        lps.append(None if lp is None else lp[0])
+        d: dict[str, float] | None = None if lp is None else {}
+        for i, v in lp[1] if lp is not None else ():
             d.setdefault(pieces.text(i), v)
         tops.append(d)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
