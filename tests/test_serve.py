@@ -2,6 +2,7 @@
 driven with the official OpenAI client and plain HTTP; every wait is bounded."""
 import http.client
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -395,3 +396,49 @@ def test_echo_logprobs_score_the_prompt(server, model_file):
     assert sc.usage.completion_tokens == 0 and sc.usage.prompt_tokens == len(ids)
     with pytest.raises(openai.BadRequestError, match="echo"):
         c.completions.create(model="story", prompt="x", max_tokens=1, echo=True, logprobs=1, stream=True)
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "mood": {"enum": ["happy", "sad", "sleepy"]},
+    "friends": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2}},
+    "required": ["name", "age", "mood", "friends"], "additionalProperties": False}
+
+
+def test_structured_output_validates(server):
+    """JSON schema, regex and json_object outputs, sampled and greedy, with an adapter, mixed in
+    one batch with unconstrained requests: every constrained output parses and validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    c = server.client()
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+
+    def person(seed):
+        r = c.chat.completions.create(model=ADAPTERS[seed % len(ADAPTERS)], max_tokens=120, temperature=1.0, seed=seed,
+                                      messages=[{"role": "user", "content": "Who is Lily?"}], response_format=rf)
+        return r.choices[0]
+
+    def free(seed):
+        return c.completions.create(model="story", prompt="Lily", max_tokens=40, temperature=1.0, seed=seed).choices[0]
+    with ThreadPoolExecutor(6) as ex:
+        people = list(ex.map(person, range(6)))
+        others = list(ex.map(free, range(3)))
+    for ch in people:
+        assert ch.finish_reason == "stop", ch
+        jsonschema.validate(json.loads(ch.message.content), PERSON)
+    assert len({ch.message.content for ch in people}) > 1
+    assert all(o.text for o in others)
+    r = c.completions.create(model="story", prompt="Tom is", max_tokens=30, temperature=0.8, seed=3,
+                             extra_body={"guided_regex": r" [0-9]{1,2} years old\."})
+    assert re.fullmatch(r" [0-9]{1,2} years old\.", r.choices[0].text), r.choices[0].text
+    obj = c.chat.completions.create(model="story", max_tokens=200, temperature=0, response_format={"type": "json_object"},
+                                    messages=[{"role": "user", "content": "A story as JSON"}]).choices[0]
+    if obj.finish_reason == "stop":
+        assert isinstance(json.loads(obj.message.content), dict)
+    else:   # cut by max_tokens: still a prefix of a JSON object
+        assert obj.message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        c.chat.completions.create(model="story", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+                                  response_format={"type": "yaml"})
+    with pytest.raises(openai.BadRequestError, match="guided_regex"):
+        c.completions.create(model="story", prompt="x", max_tokens=5, extra_body={"guided_regex": "(unclosed"})

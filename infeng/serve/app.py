@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from infeng.errors import InfengError
 from infeng.runtime.engine import Engine, FinishEvent, Request
 from infeng.runtime.sampler import SamplingParams
+from infeng.serve.grammar import Grammars
 from infeng.serve.gate import Gate, error_response, read_json
 from infeng.serve.loop import EngineLoop
 from infeng.serve.metrics import Metrics
@@ -70,6 +71,7 @@ class Server:
         self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
         self.pieces = Pieces(self.tok)
         self.prompt_scorer = PromptScorer()
+        self.grammars = Grammars(engine.model.tokenizer["json"], engine.cfg.vocab_size, self.tok.eos_ids)
         self.loop: EngineLoop | None = None
         self.draining = False
         self.created = now()
@@ -150,12 +152,17 @@ class Choice:
     cached: int = 0
 
 
-def _choices(srv: Server, call: Call, rid: str) -> list[Choice]:
+async def _choices(srv: Server, call: Call, rid: str) -> list[Choice]:
+    proc = None
+    if call.constraint is not None:     # one matcher per choice, copies of one compile
+        proc = await srv.grammars.processor(*call.constraint)
     out = []
     for pi, ids in enumerate(call.prompts):
         for j in range(call.n):
             i = pi * call.n + j
             params = call.params if j == 0 else replace(call.params, seed=(call.params.seed + j) % 2**32)
+            if proc is not None:
+                params = replace(params, logits_processor=proc if i == 0 else proc.copy())
             r = Request(id=f"{rid}#{i}", prompt_ids=ids, params=params, priority=call.priority,
                         deadline_s=srv.cfg.request_timeout_s, adapter=call.adapter)
             out.append(Choice(i, r, len(ids)))
@@ -174,7 +181,7 @@ async def _generate(srv: Server, kind: str, http: HttpRequest):
     log = http.scope.setdefault("state", {}).setdefault("log", {})
     log["model"] = call.model
     rid = http.scope["state"]["request_id"]
-    choices = _choices(srv, call, rid)
+    choices = await _choices(srv, call, rid)
     prompt_tokens = sum(c.n_prompt for c in choices)
     why = srv.admission.admit(len(choices), prompt_tokens)
     if why is not None:

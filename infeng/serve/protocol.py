@@ -6,6 +6,7 @@ silently ignored. Sampling defaults come from the model's generation config, as 
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -51,7 +52,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "stream_options", "user", "priority", "ignore_eos", "logprobs"}
 NOOP = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}),
         "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
-        "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "response_format": (None, {"type": "text"})}
+        "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0)}
+COMMON |= {"response_format", "guided_regex", "guided_grammar", "guided_json"}   # see grammar.py
 COMPLETION = COMMON | {"prompt", "echo", "best_of"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 
@@ -69,6 +71,7 @@ class Call:
     top_logprobs: int | None      # None: no log-probs
     echo: bool
     priority: int
+    constraint: tuple | None = None   # (format, spec, field) of structured output, see grammar.py
 
 
 def _int(body: dict, name: str, lo: int, hi: int | None = None, default=None):
@@ -165,8 +168,53 @@ def parse(kind: str, body: Any, tok: Tokenizer, defaults: SamplingParams, ctx: i
         params = replace(defaults, **over).validated()
     except InfengError as e:
         raise bad(str(e), str(e).split(" ", 1)[0]) from None
+    con = constraint(kind, body)
+    if con is not None and params.ignore_eos:
+        raise bad("ignore_eos cannot be used with structured output (the grammar ends with EOS)", "ignore_eos")
     return Call(kind, model, None if model == base_name else model, prompts, params, n, stream, include_usage,
-                top, echo, priority)
+                top, echo, priority, con)
+
+
+def constraint(kind: str, body: dict) -> tuple[str, Any, str] | None:
+    """The request's constraint as (format, spec, field), None if it has none; 400 for a bad one."""
+    rf = body.get("response_format")
+    given = [k for k in ("guided_regex", "guided_grammar", "guided_json") if body.get(k) is not None]
+    if rf not in (None, {"type": "text"}):
+        given.append("response_format")
+    if len(given) > 1:
+        raise bad(f"give one of {', '.join(given)}, not several", given[1])
+    if not given:
+        return None
+    k = given[0]
+    if k == "guided_regex":
+        if not isinstance(body[k], str):
+            raise bad("guided_regex must be a string", k)
+        return "regex", body[k], k
+    if k == "guided_grammar":
+        if not isinstance(body[k], str):
+            raise bad("guided_grammar must be a Lark grammar (a string)", k)
+        return "lark", body[k], k
+    if k == "guided_json":
+        return "json", _schema(body[k], k), k
+    if not isinstance(rf, dict) or rf.get("type") not in ("json_object", "json_schema"):
+        raise bad("response_format type must be text, json_object or json_schema", "response_format")
+    if rf["type"] == "json_object":
+        return "json", {"type": "object"}, "response_format"
+    js = rf.get("json_schema")
+    if not isinstance(js, dict) or "schema" not in js:
+        raise bad("response_format json_schema needs {\"name\", \"schema\"}", "response_format")
+    return "json", _schema(js["schema"], "response_format"), "response_format"
+
+
+def _schema(s: Any, param: str) -> dict:
+    if isinstance(s, str):
+        try:
+            s = json.loads(s)
+        except json.JSONDecodeError:
+            raise bad("the JSON schema is not valid JSON", param) from None
+    if not isinstance(s, dict):
+        raise bad("the JSON schema must be an object", param)
+    return s
 
 
 def _completion_prompts(p: Any, tok: Tokenizer, limits: Limits) -> list[list[int]]:
