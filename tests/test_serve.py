@@ -442,3 +442,38 @@ def test_structured_output_validates(server):
                                   response_format={"type": "yaml"})
     with pytest.raises(openai.BadRequestError, match="guided_regex"):
         c.completions.create(model="story", prompt="x", max_tokens=5, extra_body={"guided_regex": "(unclosed"})
+
+
+def test_priority_and_timeout(model_file):
+    """One sequence at a time: a higher-priority request overtakes one queued before it; a
+    request that cannot finish within --request-timeout gets a 408."""
+    model, _ = model_file
+    s = ServerProc([str(model), "--threads", "1", "--max-batch", "1", "--request-timeout", "1.5"])
+    try:
+        c = s.client(key="unused-key")
+        done = []
+
+        def run(name, prio, n):
+            c.completions.create(model="story", prompt="Once upon a time", max_tokens=n, temperature=0,
+                                 extra_body={"ignore_eos": True, "priority": prio})
+            done.append(name)
+        first = threading.Thread(target=run, args=("a", 0, 300))
+        first.start()
+        deadline = time.time() + 10
+        while time.time() < deadline and s.metric("infeng_running_sequences") == 0:
+            time.sleep(0.005)
+        low = threading.Thread(target=run, args=("low", 0, 40))
+        low.start()
+        while time.time() < deadline and s.metric("infeng_queue_depth") == 0:
+            time.sleep(0.005)
+        run("high", 5, 40)
+        for t in (first, low):
+            t.join(30)
+        assert done.index("high") < done.index("low"), done
+        with pytest.raises(openai.APIStatusError, match="timeout") as e:
+            c.completions.create(model="story", prompt="Once upon a time", max_tokens=500, n=8, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert e.value.status_code == 408
+        assert s.metric("infeng_running_sequences") == 0 and s.metric("infeng_kv_blocks_used") == 0
+    finally:
+        assert s.stop() == 0
