@@ -46,7 +46,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, cfg: ServeConfig, host: str, port: int, grace_s: float, log_level: str = "info") -> None:
+def serve(engine: Engine, cfg: ServeConfig, host: str, port: int, grace_s: float, log_level: str = "info",
+          switch_interval_s: float = 0.0005) -> None:
     defaults = SamplingParams.with_model_defaults(engine.model.generation)
     srv = Server(engine, cfg, defaults)
     app = create_app(srv)
@@ -57,6 +58,9 @@ def serve(engine: Engine, cfg: ServeConfig, host: str, port: int, grace_s: float
         lg.handlers[:] = [handler]
         lg.setLevel(log_level.upper())
         lg.propagate = False
+    # the engine thread holds the GIL between its C calls; a shorter switch interval lets the
+    # event loop answer (a 429, the next chunk) without waiting out the default 5 ms slices
+    sys.setswitchinterval(switch_interval_s)
     sock = bind(host, port)
     shown = sock.getsockname()
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=grace_s,
