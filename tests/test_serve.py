@@ -294,6 +294,19 @@ def test_disconnect_cancels_and_frees_kv(server):
         time.sleep(0.05)
     assert server.metric("infeng_kv_blocks_used") == 0 and server.metric("infeng_running_sequences") == 0
     assert server.metric("infeng_cancelled_total") >= 1
+    # a client waiting for a whole (non-streamed) answer that goes away is cancelled too
+    before = server.metric("infeng_cancelled_total")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": False, "n": 4}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.time() + 10
+    while time.time() < deadline and server.metric("infeng_running_sequences") == 0:
+        time.sleep(0.005)
+    conn.sock.shutdown(2)
+    conn.close()
+    while time.time() < deadline and server.metric("infeng_cancelled_total") < before + 4:
+        time.sleep(0.02)
+    assert server.metric("infeng_cancelled_total") == before + 4
 
 
 def test_load_and_unload_adapter(server, model_file):
@@ -448,7 +461,7 @@ def test_priority_and_timeout(model_file):
     """One sequence at a time: a higher-priority request overtakes one queued before it; a
     request that cannot finish within --request-timeout gets a 408."""
     model, _ = model_file
-    s = ServerProc([str(model), "--threads", "1", "--max-batch", "1", "--request-timeout", "1.5"])
+    s = ServerProc([str(model), "--threads", "1", "--max-batch", "1", "--request-timeout", "3", "--max-n", "64"])
     try:
         c = s.client(key="unused-key")
         done = []
@@ -471,8 +484,8 @@ def test_priority_and_timeout(model_file):
             t.join(30)
         assert done.index("high") < done.index("low"), done
         with pytest.raises(openai.APIStatusError, match="timeout") as e:
-            c.completions.create(model="story", prompt="Once upon a time", max_tokens=500, n=8, temperature=0,
-                                 extra_body={"ignore_eos": True})
+            c.completions.create(model="story", prompt="Once upon a time", max_tokens=500, n=64, temperature=0,
+                                 extra_body={"ignore_eos": True})      # 32000 tokens: far more than 3 s
         assert e.value.status_code == 408
         assert s.metric("infeng_running_sequences") == 0 and s.metric("infeng_kv_blocks_used") == 0
     finally:

@@ -1,6 +1,6 @@
 """Load benchmark of `infeng serve`: N concurrent streaming clients over a Zipf mix of adapters.
 
-    python -m infeng.bench.serve_load bench/serve.yaml [--json out.json]
+    python -m infeng.bench.serve_load bench/serve/load.yaml [--json out.json]
 
 The config names the model (a synthetic architecture or a model path), its adapters (random
 rank-r ones for a synthetic base, or a directory of .infeng-lora files), the server's settings and
@@ -10,7 +10,10 @@ lengths are exact, with ignore_eos). The server is started on 127.0.0.1 on a fre
 concurrency level, that many closed-loop clients work through the trace. Reported per level:
 aggregate generated tokens/s, TTFT and inter-token latency p50/p99, 429s and their latency p99,
 errors, and whether every accepted request got exactly one complete response (one finish per
-choice, one [DONE], the usage's token count equal to the length asked for).
+choice, one [DONE], the usage's token count equal to the length asked for). Then the server's
+overhead: one client's tokens/s through HTTP streaming over the engine's own, in turns.
+Inter-token gaps are measured at the client, per chunk received (chunks that arrive together
+count as 0).
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def one(port: int, req: dict) -> Outcome:
         r = conn.getresponse()
         out.status = r.status
         if r.status != 200:
-            r.read()
+            out.error = f"HTTP {r.status}: {r.read()[:300].decode(errors='replace')}"
             return out
         last, finishes, done, usage = None, 0, 0, None
         for raw in r:
@@ -130,7 +133,28 @@ def run_level(port: int, reqs: list[dict], concurrency: int) -> dict[str, Any]:
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
-            "429_ms_p99": percentile([o.latency_s * 1e3 for o in limited], 99)}
+            "429_ms_p99": percentile([o.latency_s * 1e3 for o in limited], 99),
+            "first_error": next((o.error or f"HTTP {o.status}" for o in outs if o.status not in (200, 429) or o.error), None)}
+
+
+def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 3, n_out: int = 256) -> dict[str, float]:
+    """Single-client tokens/s (a short prompt, ``n_out`` tokens: mostly decode; request sent to
+    last token received) through HTTP streaming over the engine's driven in this process (what
+    `infeng generate` does), same prompt, alternating A B A B; medians."""
+    from infeng.model.loader import load_model
+    from infeng.runtime.engine import Engine, Request
+    from infeng.runtime.sampler import SamplingParams
+    eng = Engine(load_model(model, verify=False), threads=cfg["threads"], max_batch=1, max_seq_len=cfg["ctx"])
+    prompt = list(range(3, 35))
+    direct, http = [], []
+    for _ in range(repeats):
+        r = next(eng.generate([Request(id="x", prompt_ids=prompt, params=SamplingParams(
+            max_tokens=n_out, temperature=0, ignore_eos=True))]))
+        direct.append(len(r.token_ids) / (r.t_done - r.t_submit))
+        o = one(port, {"model": name, "prompt": prompt, "max_tokens": n_out})
+        http.append(o.tokens / o.latency_s if o.complete else float("nan"))
+    d, h = float(np.median(direct)), float(np.median(http))
+    return {"engine_tok_s": d, "http_stream_tok_s": h, "ratio": h / d}
 
 
 def prepare(cfg: dict) -> tuple[Path, Path | None, list[str]]:
@@ -170,7 +194,9 @@ def main(argv=None) -> int:
         print(f"infeng: error: {e}", file=sys.stderr)
         return 1
     from infeng.model.loader import load_model
-    vocab = load_model(model, verify=False).config.vocab_size
+    from infeng.runtime.tokenizer import Tokenizer
+    m = load_model(model, verify=False)
+    vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)
     cmd = [sys.executable, "-m", "infeng.cli.main", "serve", str(model), "--port", "0", "--threads", str(cfg["threads"]),
            "--max-batch", str(cfg["max_batch"]), "--max-queue", str(cfg["max_queue"]), "--ctx", str(cfg["ctx"]),
@@ -190,6 +216,7 @@ def main(argv=None) -> int:
         threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
         time.sleep(0.5)
         rows = [run_level(port, reqs, c) for c in cfg["concurrency"]]
+        over = overhead(port, model, model.stem, cfg)
     finally:
         p.terminate()
         p.wait(60)
@@ -199,8 +226,13 @@ def main(argv=None) -> int:
     print(" ".join(f"{c:>13}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>13.1f}" if isinstance(r[c], float) else f"{r[c]!s:>13}" for c in cols))
+    print(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
+          f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
+    for r in rows:
+        if r["first_error"]:
+            print(f"concurrency {r['concurrency']}: first error: {r['first_error']}")
     if a.json:
-        a.json.write_text(json.dumps({"config": cfg, "results": rows}, indent=1, default=str))
+        a.json.write_text(json.dumps({"config": cfg, "results": rows, "overhead": over}, indent=1, default=str))
     return 0 if all(r["all_complete"] and not r["errors"] for r in rows) else 1
 
 

@@ -66,6 +66,8 @@ class Server:
         self.engine, self.cfg, self.defaults = engine, cfg, defaults
         self.tok = engine.tokenizer
         self.metrics = Metrics()
+        self.metrics.loads = len(engine.adapters.loaded)      # those loaded at start count too
+        self.metrics.adapter_loads.set(self.metrics.loads)
         self.models = {cfg.base_name} | set(engine.adapters.loaded)
         self.unloading: set[str] = set()
         self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
@@ -181,13 +183,18 @@ async def _generate(srv: Server, kind: str, http: HttpRequest):
     log = http.scope.setdefault("state", {}).setdefault("log", {})
     log["model"] = call.model
     rid = http.scope["state"]["request_id"]
-    choices = await _choices(srv, call, rid)
-    prompt_tokens = sum(c.n_prompt for c in choices)
-    why = srv.admission.admit(len(choices), prompt_tokens)
+    n_seqs, n_tokens = call.n * len(call.prompts), call.n * sum(map(len, call.prompts))
+    why = srv.admission.admit(n_seqs, n_tokens)
     if why is not None:
         srv.metrics.rejected.labels("queue").inc()
         raise ApiError(429, f"{why}; retry later", code="rate_limit_exceeded",
                        headers={"Retry-After": str(srv.cfg.retry_after_s)})
+    try:    # engine ids are the server's own: a client-sent request id may repeat
+        choices = await _choices(srv, call, srv.request_id())
+    except BaseException:
+        srv.admission.requests -= n_seqs
+        srv.admission.tokens -= n_tokens
+        raise
     q: asyncio.Queue = asyncio.Queue()
     for c in choices:
         srv.loop.submit(c.req, q)
