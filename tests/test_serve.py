@@ -229,6 +229,9 @@ def test_errors_have_openai_shape(server, model_file):
         c.completions.create(model="story", prompt="x", max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="messages"):
         c.chat.completions.create(model="story", messages=[], max_tokens=2)
+    r = server.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    assert server.get("/v1/completions").status_code == 405
     r = server.post("/v1/completions", raw=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = server.post("/v1/completions", raw=b"x" * (2 << 20))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from infeng.errors import InfengError
@@ -27,6 +29,8 @@ from infeng.serve.metrics import Metrics
 from infeng.serve.scoring import PromptScorer
 from infeng.serve.protocol import (FINISH, ApiError, Call, Limits, Pieces, bad, chat_logprobs,
                                    completion_logprobs, envelope, now, parse, usage)
+
+log = logging.getLogger("infeng.serve")
 
 
 @dataclass
@@ -96,6 +100,15 @@ def create_app(srv: Server) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):
         return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, e: StarletteHTTPException):      # unknown path, wrong method
+        return error_response(ApiError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _bug(_req, e: Exception):
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error ({type(e).__name__})"))
 
     @app.get("/health")
     async def health():

@@ -22,6 +22,7 @@ from infeng.serve.protocol import ApiError, bad
 access = logging.getLogger("infeng.serve.access")
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OPEN_PATHS = {"/health"}
+COUNTED = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -84,7 +85,7 @@ class Gate:
                     "status": status[0] or 499, "ms": round((time.perf_counter() - t0) * 1e3, 2),
                     "client": (scope.get("client") or ("", 0))[0], **state.get("log", {})}
             access.info(json.dumps(line))
-            if scope["path"].startswith("/v1/") and status[0]:
+            if scope["path"] in COUNTED and status[0]:     # known paths only: labels stay bounded
                 model = state.get("log", {}).get("model", "")
                 self.srv.metrics.requests.labels(scope["path"], model, str(status[0])).inc()
 
