@@ -325,8 +325,30 @@ def test_load_and_unload_adapter(server, model_file):
         r = server.post("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": bad_path})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
     assert server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing.bin"}).status_code == 404
-    r = server.post("/v1/unload_lora_adapter", {"lora_name": "tenant-9"})
-    assert r.status_code == 200
+    # unload while a stream uses the adapter: new requests get 404 at once, the stream finishes in
+    # full, and only then does the unload answer
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": "tenant-9", "prompt": "Tom", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True,
+         "stream_options": {"include_usage": True}}),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+    unloaded = {}
+    t = threading.Thread(target=lambda: unloaded.update(r=server.post("/v1/unload_lora_adapter", {"lora_name": "tenant-9"}),
+                                                        t=time.perf_counter()))
+    t.start()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if server.post("/v1/completions", {"model": "tenant-9", "prompt": "x", "max_tokens": 1}).status_code == 404:
+            break
+        time.sleep(0.01)
+    rest = [x for x in stream.read().decode().splitlines() if x.startswith("data: ")]
+    t_stream_end = time.perf_counter()
+    conn.close()
+    t.join(30)
+    assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 400
+    assert unloaded["r"].status_code == 200 and unloaded["t"] >= t_stream_end - 0.1   # not before the stream ended
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="tenant-9", prompt="Tom", max_tokens=2)
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "tenant-9"}).status_code == 404
