@@ -280,7 +280,7 @@ def test_logprobs_n_seed_stop(server):
 
 
 def test_disconnect_cancels_and_frees_kv(server):
-    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0,
             "ignore_eos": True, "stream": True}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(body),
@@ -495,7 +495,7 @@ def test_priority_and_timeout(model_file):
             c.completions.create(model="story", prompt="Once upon a time", max_tokens=n, temperature=0,
                                  extra_body={"ignore_eos": True, "priority": prio})
             done.append(name)
-        first = threading.Thread(target=run, args=("a", 0, 300))
+        first = threading.Thread(target=run, args=("a", 0, 500))
         first.start()
         deadline = time.time() + 10
         while time.time() < deadline and s.metric("infeng_running_sequences") == 0:
