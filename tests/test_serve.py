@@ -515,3 +515,17 @@ def test_priority_and_timeout(model_file):
         assert s.metric("infeng_running_sequences") == 0 and s.metric("infeng_kv_blocks_used") == 0
     finally:
         assert s.stop() == 0
+
+
+def test_missing_extra_is_named(model_file, monkeypatch, capsys):
+    import builtins
+    real = builtins.__import__
+
+    def fake(mod, *a, **k):
+        if mod == "uvicorn" or mod.startswith("uvicorn."):
+            raise ImportError("No module named 'uvicorn'")
+        return real(mod, *a, **k)
+    monkeypatch.delitem(sys.modules, "uvicorn", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    assert main(["serve", str(model_file[0])]) == 1
+    assert "pip install 'infeng[serve]'" in capsys.readouterr().err
