@@ -137,14 +137,14 @@ def run_level(port: int, reqs: list[dict], concurrency: int) -> dict[str, Any]:
             "first_error": next((o.error or f"HTTP {o.status}" for o in outs if o.status not in (200, 429) or o.error), None)}
 
 
-def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 3, n_out: int = 256) -> dict[str, float]:
+def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 5, n_out: int = 256) -> dict[str, float]:
     """Single-client tokens/s (a short prompt, ``n_out`` tokens: mostly decode; request sent to
     last token received) through HTTP streaming over the engine's driven in this process (what
     `infeng generate` does), same prompt, alternating A B A B; medians."""
     from infeng.model.loader import load_model
     from infeng.runtime.engine import Engine, Request
     from infeng.runtime.sampler import SamplingParams
-    eng = Engine(load_model(model, verify=False), threads=cfg["threads"], max_batch=1, max_seq_len=cfg["ctx"])
+    eng = Engine(load_model(model, verify=False), threads=cfg["threads"], max_batch=cfg["max_batch"], max_seq_len=cfg["ctx"])
     prompt = list(range(3, 35))
     direct, http = [], []
     for _ in range(repeats):
