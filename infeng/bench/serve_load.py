@@ -32,7 +32,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from infeng.bench import synthetic
 from infeng.errors import InfengError
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
 from infeng.telemetry import percentile
 
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
@@ -141,9 +146,6 @@ def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 5, n_o
     """Single-client tokens/s (a short prompt, ``n_out`` tokens: mostly decode; request sent to
     last token received) through HTTP streaming over the engine's driven in this process (what
     `infeng generate` does), same prompt, alternating A B A B; medians."""
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
     eng = Engine(load_model(model, verify=False), threads=cfg["threads"], max_batch=cfg["max_batch"], max_seq_len=cfg["ctx"])
     prompt = list(range(3, 35))
     direct, http = [], []
@@ -159,7 +161,6 @@ def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 5, n_o
 
 def prepare(cfg: dict) -> tuple[Path, Path | None, list[str]]:
     """The model file, an adapters directory and the served names (base first)."""
-    from infeng.bench import synthetic
     m = Path(cfg["model"])
     if m.exists():
         model = m
@@ -193,8 +194,6 @@ def main(argv=None) -> int:
     except InfengError as e:
         print(f"infeng: error: {e}", file=sys.stderr)
         return 1
-    from infeng.model.loader import load_model
-    from infeng.runtime.tokenizer import Tokenizer
     m = load_model(model, verify=False)
     vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)

@@ -8,6 +8,12 @@ from typing import Optional
 import typer
 
 from infeng.errors import InfengError
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine
+from infeng.serve import require
+from infeng.serve.app import ServeConfig
+from infeng.serve.protocol import Limits
+from infeng.serve.server import serve as run
 
 
 def serve(
@@ -34,14 +40,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="debug|info|warning|error"),
 ):
     """Serve the model (and its adapters) over an OpenAI-compatible HTTP API."""
-    from infeng.serve import require
     require()
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine
-    from infeng.serve.app import ServeConfig
-    from infeng.serve.protocol import Limits
-    from infeng.serve.server import serve as run
-
     for opt, v, lo in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                        ("--max-tokens-limit", max_tokens, 1), ("--max-n", max_n, 1), ("--max-messages", max_messages, 1),
                        ("--max-body-kb", max_body_kb, 1)):

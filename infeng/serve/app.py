@@ -15,9 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request as HttpRequest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+try:    # the serve extra; infeng.serve.require() names it when missing
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:
+    pass
 
 from infeng.errors import InfengError
 from infeng.runtime.engine import Engine, FinishEvent, Request

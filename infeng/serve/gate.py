@@ -14,8 +14,11 @@ import re
 import time
 from typing import Any
 
-from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse
+try:    # the serve extra; infeng.serve.require() names it when missing
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse
+except ImportError:
+    pass
 
 from infeng.serve.protocol import ApiError, bad
 

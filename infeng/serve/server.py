@@ -11,7 +11,10 @@ import logging
 import socket
 import sys
 
-import uvicorn
+try:    # the serve extra; infeng.serve.require() names it when missing
+    import uvicorn
+except ImportError:
+    uvicorn = None
 
 from infeng.errors import InfengError
 from infeng.runtime.engine import Engine
@@ -19,17 +22,16 @@ from infeng.runtime.sampler import SamplingParams
 from infeng.serve.app import Server, ServeConfig, create_app
 
 
-class _Uvicorn(uvicorn.Server):
-    def __init__(self, config, srv: Server):
-        super().__init__(config)
-        self.srv = srv
-
-    def handle_exit(self, sig, frame):
-        self.srv.draining = True
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after its graceful shutdown (death by SIGTERM); a stop that
-        # was asked for and drained cleanly exits 0 instead
-        getattr(self, "_captured_signals", []).clear()
+def _uvicorn(config, srv: Server):
+    """uvicorn's server, which marks the app draining on SIGTERM / SIGINT."""
+    class Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            srv.draining = True
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its graceful shutdown (death by SIGTERM); a
+            # stop that was asked for and drained cleanly exits 0 instead
+            getattr(self, "_captured_signals", []).clear()
+    return Draining(config)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -65,7 +67,7 @@ def serve(engine: Engine, cfg: ServeConfig, host: str, port: int, grace_s: float
     shown = sock.getsockname()
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=grace_s,
                             log_level=log_level, lifespan="on", timeout_keep_alive=5)
-    server = _Uvicorn(config, srv)
+    server = _uvicorn(config, srv)
     print(f"infeng serve: listening on http://{host}:{shown[1]} (model {cfg.base_name!r}, "
           f"{len(engine.adapters.loaded)} adapter(s))", file=sys.stderr, flush=True)
     server.run(sockets=[sock])
