@@ -33,7 +33,7 @@ from infeng.model.loader import Model, load_model
 from infeng.runtime.adapters import AdapterManager, LoadedAdapter
 from infeng.runtime.hooks import Hooks
 from infeng.runtime.packer import BatchPacker
-from infeng.runtime.sampler import Sampler, SamplingParams
+from infeng.runtime.sampler import Sampler, SamplingParams, token_logprobs
 from infeng.runtime.scheduler import Scheduler, Seq
 from infeng.runtime.session import ForwardSession
 from infeng.runtime.textstream import TextStream
@@ -131,6 +131,11 @@ class Engine:
         self._cancel.add(request_id)
 
     @property
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting, sequences running), for a front end's gauges."""
+        return len(self.sched.waiting), len(self.sched.running)
+
+    @property
     def busy(self) -> bool:
         return bool(self.sched.waiting or self.sched.running or self._outbox)
 
@@ -208,14 +213,18 @@ class Engine:
             for s in sched.running:
                 self.kv.drop_before(s.slot, s.n_fed + 1 - self.kv.window)
         # sample, stream, finish
-        rows = self.net.logit_rows
+        rows, logits = self.net.logit_rows, self.net.logits
         for i, s in enumerate(b.outs):
+            p = s.req.params
+            if p.logits_processor is not None:
+                p.logits_processor(s.result.token_ids, logits[i])
             if h:
                 h.emit("sample", "begin")
                 tok = s.sampler(rows[i])
                 h.emit("sample", "end")
             else:
                 tok = s.sampler(rows[i])
+            lp = token_logprobs(logits[i], tok, p.logprobs) if p.logprobs is not None else None
             now = self.clock()
             s.ids.append(tok)
             r = s.result
@@ -229,7 +238,7 @@ class Engine:
                 if reason:
                     s.text.flush()
                 text = s.text.delta(final=reason is not None)
-            events.append(TokenEvent(r.id, tok, text))
+            events.append(TokenEvent(r.id, tok, text, lp))
             if reason:
                 self._finish(s, reason, now, events)
         dt = self.clock() - t0

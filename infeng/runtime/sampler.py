@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,6 +19,10 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()           # stop strings: the completion ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the completion
+    logprobs: int | None = None          # record each sampled token's log-prob and this many top alternatives
+    # called as logits_processor(token_ids_so_far, logits_row) before sampling; edits the row in
+    # place (e.g. a grammar's mask: -inf for tokens it forbids)
+    logits_processor: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def with_model_defaults(cls, generation: dict, **given) -> "SamplingParams":
@@ -59,8 +63,25 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.stop_token_ids):
             bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
         return replace(self, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids),
                        seed=self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little"))
+
+
+MAX_LOGPROBS = 20
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under the raw logits (before temperature or truncation) and the ``top`` most
+    likely (token, log p), most likely first."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    best = np.argpartition(-x, top - 1)[:top] if 0 < top < len(x) else np.arange(len(x) if top else 0)
+    best = best[np.argsort(-x[best], kind="stable")]
+    return float(x[token] - lse), [(int(t), float(x[t] - lse)) for t in best]
 
 
 class Sampler:

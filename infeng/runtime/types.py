@@ -55,6 +55,7 @@ class TokenEvent:
     id: str
     token_id: int
     text: str          # the text this token completed ("" while held back)
+    logprobs: tuple | None = None   # (log p of the token, [(id, log p)...]) when params.logprobs is set
 
 
 @dataclass

@@ -1,0 +1,239 @@
+"""Load benchmark of `infeng serve`: N concurrent streaming clients over a Zipf mix of adapters.
+
+    python -m infeng.bench.serve_load bench/serve/load.yaml [--json out.json]
+
+The config names the model (a synthetic architecture or a model path), its adapters (random
+rank-r ones for a synthetic base, or a directory of .infeng-lora files), the server's settings and
+a seeded trace: per request an adapter drawn by Zipf(α) over the adapters (rank 1 most popular),
+prompt and output lengths drawn uniformly from their ranges (prompts are random token ids; output
+lengths are exact, with ignore_eos). The server is started on 127.0.0.1 on a free port; for each
+concurrency level, that many closed-loop clients work through the trace. Reported per level:
+aggregate generated tokens/s, TTFT and inter-token latency p50/p99, 429s and their latency p99,
+errors, and whether every accepted request got exactly one complete response (one finish per
+choice, one [DONE], the usage's token count equal to the length asked for). Then the server's
+overhead: one client's tokens/s through HTTP streaming over the engine's own, in turns.
+Inter-token gaps are measured at the client, per chunk received (chunks that arrive together
+count as 0).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from infeng.bench import synthetic
+from infeng.errors import InfengError
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
+from infeng.telemetry import percentile
+
+DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
+            "adapters": 8, "rank": 16, "adapters_dir": None, "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
+            "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512}
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list = field(default_factory=list)
+    tokens: int = 0
+    complete: bool = False
+    error: str | None = None
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InfengError(f"{path}: cannot read the benchmark config ({e})") from None
+    unknown = set(d) - set(DEFAULTS)
+    if unknown:
+        raise InfengError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
+    return {**DEFAULTS, **d}
+
+
+def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
+    """The seeded request list: adapter by Zipf rank, prompt ids, output length."""
+    rng = np.random.default_rng(cfg["seed"])
+    w = 1.0 / np.arange(1, len(names) + 1) ** cfg["zipf_alpha"]
+    picks = rng.choice(len(names), cfg["requests"], p=w / w.sum())
+    (p0, p1), (o0, o1) = cfg["prompt_tokens"], cfg["output_tokens"]
+    return [{"model": names[k], "prompt": rng.integers(3, vocab, rng.integers(p0, p1 + 1)).tolist(),
+             "max_tokens": int(rng.integers(o0, o1 + 1))} for k in picks]
+
+
+def one(port: int, req: dict) -> Outcome:
+    """One streaming completion, timed; checks it is one complete response."""
+    out = Outcome()
+    body = dict(req, stream=True, temperature=0, ignore_eos=True, stream_options={"include_usage": True})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out.status = r.status
+        if r.status != 200:
+            out.error = f"HTTP {r.status}: {r.read()[:300].decode(errors='replace')}"
+            return out
+        last, finishes, done, usage = None, 0, 0, None
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done += 1
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                out.error = ev["error"].get("message")
+                continue
+            now = time.perf_counter()
+            for ch in ev.get("choices") or []:
+                if ch.get("text"):
+                    if out.ttft_s is None:
+                        out.ttft_s = now - t0
+                    elif last is not None:
+                        out.itl_s.append(now - last)
+                    last = now
+                if ch.get("finish_reason"):
+                    finishes += 1
+            usage = ev.get("usage") or usage
+        out.tokens = usage["completion_tokens"] if usage else 0
+        out.complete = finishes == 1 and done == 1 and out.tokens == req["max_tokens"] and out.error is None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        out.error = str(e)
+    finally:
+        out.latency_s = time.perf_counter() - t0
+        conn.close()
+    return out
+
+
+def run_level(port: int, reqs: list[dict], concurrency: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        outs = list(ex.map(lambda r: one(port, r), reqs))
+    wall = time.perf_counter() - t0
+    ok = [o for o in outs if o.status == 200]
+    limited = [o for o in outs if o.status == 429]
+    ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
+    itl = [x * 1e3 for o in ok for x in o.itl_s]
+    return {"concurrency": concurrency, "requests": len(outs), "accepted": len(ok), "rejected_429": len(limited),
+            "errors": sum(1 for o in outs if o.status not in (200, 429) or o.error),
+            "all_complete": all(o.complete for o in ok), "wall_s": wall,
+            "tok_s": sum(o.tokens for o in ok) / wall,
+            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+            "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
+            "429_ms_p99": percentile([o.latency_s * 1e3 for o in limited], 99),
+            "first_error": next((o.error or f"HTTP {o.status}" for o in outs if o.status not in (200, 429) or o.error), None)}
+
+
+def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 5, n_out: int = 256) -> dict[str, float]:
+    """Single-client tokens/s (a short prompt, ``n_out`` tokens: mostly decode; request sent to
+    last token received) through HTTP streaming over the engine's driven in this process (what
+    `infeng generate` does), same prompt, alternating A B A B; medians."""
+    eng = Engine(load_model(model, verify=False), threads=cfg["threads"], max_batch=cfg["max_batch"], max_seq_len=cfg["ctx"])
+    prompt = list(range(3, 35))
+    direct, http = [], []
+    for _ in range(repeats):
+        r = next(eng.generate([Request(id="x", prompt_ids=prompt, params=SamplingParams(
+            max_tokens=n_out, temperature=0, ignore_eos=True))]))
+        direct.append(len(r.token_ids) / (r.t_done - r.t_submit))
+        o = one(port, {"model": name, "prompt": prompt, "max_tokens": n_out})
+        http.append(o.tokens / o.latency_s if o.complete else float("nan"))
+    d, h = float(np.median(direct)), float(np.median(http))
+    return {"engine_tok_s": d, "http_stream_tok_s": h, "ratio": h / d}
+
+
+def prepare(cfg: dict) -> tuple[Path, Path | None, list[str]]:
+    """The model file, an adapters directory and the served names (base first)."""
+    m = Path(cfg["model"])
+    if m.exists():
+        model = m
+    elif cfg["model"] in synthetic.ARCHS:
+        model = synthetic.make(cfg["model"], cfg["dtype"])
+    else:
+        raise InfengError(f"model {cfg['model']!r} is neither a file nor a synthetic architecture ({', '.join(sorted(synthetic.ARCHS))})")
+    if cfg["adapters_dir"]:
+        d = Path(cfg["adapters_dir"])
+        if not d.is_dir():
+            raise InfengError(f"{d}: no such directory (adapters_dir)")
+    else:
+        d = synthetic.cache_dir() / f"{model.stem}.serve-r{cfg['rank']}-x{cfg['adapters']}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg["adapters"]):
+            f = d / f"tenant-{i}.infeng-lora"
+            if not f.exists():
+                f.symlink_to(synthetic.make_adapter(model, cfg["rank"], seed=100 + i))
+    names = sorted(p.name[:-len(".infeng-lora")] for p in d.glob("*.infeng-lora"))
+    return model, d, names
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+        model, adir, names = prepare(cfg)
+    except InfengError as e:
+        print(f"infeng: error: {e}", file=sys.stderr)
+        return 1
+    m = load_model(model, verify=False)
+    vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
+    reqs = trace(cfg, names or [model.stem], vocab)
+    cmd = [sys.executable, "-m", "infeng.cli.main", "serve", str(model), "--port", "0", "--threads", str(cfg["threads"]),
+           "--max-batch", str(cfg["max_batch"]), "--max-queue", str(cfg["max_queue"]), "--ctx", str(cfg["ctx"]),
+           "--log-level", "warning", "--served-model-name", model.stem, "--no-verify"]
+    if adir is not None:
+        cmd += ["--adapters-dir", str(adir)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in p.stderr:
+            if "listening on http://127.0.0.1:" in line:
+                port = int(line.split("127.0.0.1:")[1].split()[0])
+                break
+        if port is None:
+            print(f"infeng: error: the server did not start (exit {p.wait()})", file=sys.stderr)
+            return 1
+        threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+        time.sleep(0.5)
+        rows = [run_level(port, reqs, c) for c in cfg["concurrency"]]
+        over = overhead(port, model, model.stem, cfg)
+    finally:
+        p.terminate()
+        p.wait(60)
+    cols = ["concurrency", "accepted", "rejected_429", "errors", "all_complete", "tok_s", "ttft_ms_p50",
+            "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "429_ms_p99"]
+    print(f"model {model.name}, {len(names)} adapters, Zipf α={cfg['zipf_alpha']}, {cfg['requests']} requests per level")
+    print(" ".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>13.1f}" if isinstance(r[c], float) else f"{r[c]!s:>13}" for c in cols))
+    print(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
+          f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
+    for r in rows:
+        if r["first_error"]:
+            print(f"concurrency {r['concurrency']}: first error: {r['first_error']}")
+    if a.json:
+        a.json.write_text(json.dumps({"config": cfg, "results": rows, "overhead": over}, indent=1, default=str))
+    return 0 if all(r["all_complete"] and not r["errors"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

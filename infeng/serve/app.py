@@ -1,0 +1,453 @@
+"""The FastAPI application: OpenAI routes over one EngineLoop.
+
+Handlers parse and check a body (protocol.py), admit it or answer 429, submit one engine request
+per choice and turn the engine's events into a JSON body or a server-sent event stream. A client
+that goes away has its sequences cancelled at once (their KV blocks are freed at the next step).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+try:    # the serve extra; infeng.serve.require() names it when missing
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:
+    pass
+
+from infeng.errors import InfengError
+from infeng.runtime.engine import Engine, FinishEvent, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.serve.grammar import Grammars
+from infeng.serve.gate import Gate, error_response, read_json
+from infeng.serve.loop import EngineLoop
+from infeng.serve.metrics import Metrics
+from infeng.serve.scoring import PromptScorer
+from infeng.serve.protocol import (FINISH, ApiError, Call, Limits, Pieces, bad, chat_logprobs,
+                                   completion_logprobs, envelope, now, parse, usage)
+
+log = logging.getLogger("infeng.serve")
+
+
+@dataclass
+class ServeConfig:
+    base_name: str
+    adapters_dir: Path | None = None
+    api_keys: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    max_queue: int = 64                 # requests admitted beyond the running batch
+    max_queued_tokens: int | None = None
+    retry_after_s: int = 1
+    request_timeout_s: float | None = None
+
+
+class Admission:
+    """Bounded queue in front of the engine: requests (choices) outstanding and prompt tokens not
+    yet prefilled. Past either bound a request is refused (429) at once instead of waiting."""
+
+    def __init__(self, max_requests: int, max_tokens: int | None):
+        self.max_requests, self.max_tokens = max_requests, max_tokens
+        self.requests = self.tokens = 0
+
+    def admit(self, n: int, tokens: int) -> str | None:
+        if self.requests + n > self.max_requests:
+            return f"the server is at its limit of {self.max_requests} outstanding requests"
+        if self.max_tokens is not None and self.tokens + tokens > self.max_tokens:
+            return f"the server's queue is at its limit of {self.max_tokens} prompt tokens"
+        self.requests += n
+        self.tokens += tokens
+        return None
+
+
+class Server:
+    """State shared by the handlers (all on the asyncio thread)."""
+
+    def __init__(self, engine: Engine, cfg: ServeConfig, defaults: SamplingParams):
+        self.engine, self.cfg, self.defaults = engine, cfg, defaults
+        self.tok = engine.tokenizer
+        self.metrics = Metrics()
+        self.metrics.loads = len(engine.adapters.loaded)      # those loaded at start count too
+        self.metrics.adapter_loads.set(self.metrics.loads)
+        self.models = {cfg.base_name} | set(engine.adapters.loaded)
+        self.unloading: set[str] = set()
+        self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
+        self.pieces = Pieces(self.tok)
+        self.prompt_scorer = PromptScorer()
+        self.grammars = Grammars(engine.model.tokenizer["json"], engine.cfg.vocab_size, self.tok.eos_ids)
+        self.loop: EngineLoop | None = None
+        self.draining = False
+        self.created = now()
+        self._n = 0
+
+    def request_id(self) -> str:
+        self._n += 1
+        return f"{self._n}-{uuid.uuid4().hex[:12]}"
+
+
+def create_app(srv: Server) -> FastAPI:
+    async def lifespan(app):
+        srv.loop = EngineLoop(srv.engine, asyncio.get_running_loop(), srv.metrics.engine_step)
+        srv.loop.start()
+        yield
+        srv.loop.stop()
+
+    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, e: StarletteHTTPException):      # unknown path, wrong method
+        return error_response(ApiError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _bug(_req, e: Exception):
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error ({type(e).__name__})"))
+
+    @app.get("/health")
+    async def health():
+        ok = srv.loop is not None and srv.loop.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/ready")
+    async def ready():
+        if srv.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        ok = srv.loop is not None and srv.loop.alive
+        return JSONResponse({"status": "ready" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(srv.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": srv.cfg.base_name, "object": "model", "created": srv.created, "owned_by": "infeng",
+                 "root": srv.cfg.base_name, "parent": None}]
+        data += [{"id": a, "object": "model", "created": srv.created, "owned_by": "infeng", "root": a,
+                  "parent": srv.cfg.base_name} for a in sorted(srv.models - {srv.cfg.base_name})]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(req: HttpRequest):
+        return await _generate(srv, "completions", req)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: HttpRequest):
+        return await _generate(srv, "chat", req)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(req: HttpRequest):
+        return await _load_adapter(srv, await read_json(req, srv.cfg.limits.max_body_bytes))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(req: HttpRequest):
+        return await _unload_adapter(srv, await read_json(req, srv.cfg.limits.max_body_bytes))
+
+    return Gate(app, srv)
+
+
+# ---- generation ------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    index: int
+    req: Request
+    n_prompt: int
+    entries: list = field(default_factory=list)   # (token id, logprobs) when log-probs are asked
+    text: list = field(default_factory=list)
+    tokens: int = 0
+    t_last: float | None = None
+    finish: str | None = None
+    cached: int = 0
+
+
+async def _choices(srv: Server, call: Call, rid: str) -> list[Choice]:
+    proc = None
+    if call.constraint is not None:     # one matcher per choice, copies of one compile
+        proc = await srv.grammars.processor(*call.constraint)
+    out = []
+    for pi, ids in enumerate(call.prompts):
+        for j in range(call.n):
+            i = pi * call.n + j
+            params = call.params if j == 0 else replace(call.params, seed=(call.params.seed + j) % 2**32)
+            if proc is not None:
+                params = replace(params, logits_processor=proc if i == 0 else proc.copy())
+            r = Request(id=f"{rid}#{i}", prompt_ids=ids, params=params, priority=call.priority,
+                        deadline_s=srv.cfg.request_timeout_s, adapter=call.adapter)
+            out.append(Choice(i, r, len(ids)))
+    return out
+
+
+async def _generate(srv: Server, kind: str, http: HttpRequest):
+    t0 = time.perf_counter()
+    if srv.draining:
+        raise ApiError(503, "the server is shutting down")
+    if srv.loop is None or not srv.loop.alive:
+        raise ApiError(503, "the engine has stopped")
+    body = await read_json(http, srv.cfg.limits.max_body_bytes)
+    call = parse(kind, body, srv.tok, srv.defaults, srv.engine.max_seq_len, srv.cfg.limits,
+                 srv.models - srv.unloading, srv.cfg.base_name)
+    log = http.scope.setdefault("state", {}).setdefault("log", {})
+    log["model"] = call.model
+    rid = http.scope["state"]["request_id"]
+    n_seqs, n_tokens = call.n * len(call.prompts), call.n * sum(map(len, call.prompts))
+    why = srv.admission.admit(n_seqs, n_tokens)
+    if why is not None:
+        srv.metrics.rejected.labels("queue").inc()
+        raise ApiError(429, f"{why}; retry later", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(srv.cfg.retry_after_s)})
+    try:    # engine ids are the server's own: a client-sent request id may repeat
+        choices = await _choices(srv, call, srv.request_id())
+    except BaseException:
+        srv.admission.requests -= n_seqs
+        srv.admission.tokens -= n_tokens
+        raise
+    q: asyncio.Queue = asyncio.Queue()
+    for c in choices:
+        srv.loop.submit(c.req, q)
+    run = _Run(srv, call, choices, q, t0, kind, rid)
+    if call.stream:
+        return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await run.whole(http)
+
+
+class _Run:
+    """One HTTP request's choices in flight: events in, response out; cleans up however it ends."""
+
+    def __init__(self, srv: Server, call: Call, choices: list[Choice], q: asyncio.Queue, t0: float, kind: str, rid: str):
+        self.srv, self.call, self.choices, self.q, self.t0, self.kind = srv, call, choices, q, t0, kind
+        self.by_id = {c.req.id: c for c in choices}
+        self.open = set(self.by_id)
+        self.unstarted = set(self.by_id)     # counted in the admission's queued tokens
+        self.rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + rid
+        self.created = now()
+        self.error: ApiError | None = None
+
+    async def next_event(self):
+        ev = await self.q.get()
+        if ev is None:
+            raise ApiError(503, "the engine has stopped")
+        c = self.by_id[ev.id]
+        m = self.srv.metrics
+        t = time.perf_counter()
+        if c.req.id in self.unstarted:
+            self.unstarted.discard(c.req.id)
+            self.srv.admission.tokens -= c.n_prompt
+        if isinstance(ev, FinishEvent):
+            self._finished(c, ev.result)
+            return c, ev
+        if c.t_last is None:
+            m.ttft.labels(self.call.model).observe(t - self.t0)
+        else:
+            m.itl.labels(self.call.model).observe(t - c.t_last)
+        c.t_last = t
+        c.tokens += 1
+        c.text.append(ev.text)
+        if ev.logprobs is not None:
+            c.entries.append((ev.token_id, ev.logprobs))
+        return c, ev
+
+    def _finished(self, c: Choice, r) -> None:
+        self.open.discard(c.req.id)
+        self.srv.admission.requests -= 1
+        c.cached = r.cached_tokens
+        m = self.srv.metrics
+        if r.finish_reason == "rejected":
+            msg = r.error or "rejected"
+            self.error = self.error or (ApiError(404, msg, "model", "model_not_found") if "is not loaded" in msg
+                                        else bad(msg))
+            return
+        if r.finish_reason == "deadline":
+            self.error = self.error or ApiError(408, f"the request took longer than the server's timeout of "
+                                                     f"{self.srv.cfg.request_timeout_s} s", code="timeout")
+        c.finish = FINISH.get(r.finish_reason, r.finish_reason)
+        m.prompt_tokens.labels(self.call.model).inc(len(r.prompt_ids))
+        m.generation_tokens.labels(self.call.model).inc(len(r.token_ids))
+        m.e2e.labels(self.call.model).observe(time.perf_counter() - self.t0)
+
+    def cancel_open(self) -> None:
+        """The client is gone: end whatever still runs (the engine frees its KV next step)."""
+        loop = self.srv.loop
+        for rid in self.open:
+            loop.cancel(rid)
+            loop.forget(rid)
+            self.srv.admission.requests -= 1
+            self.srv.metrics.cancelled.inc()
+        for rid in self.unstarted:
+            self.srv.admission.tokens -= self.by_id[rid].n_prompt
+        self.open.clear()
+        self.unstarted.clear()
+
+    def usage(self) -> dict[str, Any]:
+        p = sum(len(ids) for ids in self.call.prompts)
+        return usage(p, sum(c.tokens for c in self.choices), sum(c.cached for c in self.choices[::self.call.n]))
+
+    def _logprobs(self, c: Choice, entries) -> dict | None:
+        if self.call.top_logprobs is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(self.srv.pieces, entries)
+        return completion_logprobs(self.srv.pieces, entries, 0)
+
+    async def whole(self, http: HttpRequest) -> JSONResponse:
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            while self.open:
+                nxt = asyncio.ensure_future(self.next_event())
+                done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    return JSONResponse({}, status_code=499)    # nobody is listening any more
+                nxt.result()
+        finally:
+            gone.cancel()
+            self.cancel_open()
+        if self.error is not None:
+            raise self.error
+        out = []
+        scored = {}
+        if self.call.echo and self.call.top_logprobs is not None:   # the prompts' own log-probs
+            for i, ids in enumerate(self.call.prompts):
+                scored[i] = await self.srv.loop.call(
+                    lambda e, ids=ids: self.srv.prompt_scorer(e, ids, self.call.top_logprobs, self.call.adapter))
+        for c in self.choices:
+            text = "".join(c.text)
+            if self.call.echo:
+                text = self.srv.tok.decode(self.call.prompts[c.index // self.call.n]) + text
+            lp = self._logprobs(c, scored.get(c.index // self.call.n, []) + c.entries)
+            if self.kind == "chat":
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "logprobs": lp, "finish_reason": c.finish})
+            else:
+                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish})
+        body = envelope(self.kind, self.rid, self.call.model, self.created, False)
+        body.update(choices=out, usage=self.usage())
+        _log_usage(http, body["usage"])
+        return JSONResponse(body)
+
+    async def sse(self) -> AsyncIterator[str]:
+        head = envelope(self.kind, self.rid, self.call.model, self.created, True)
+        u = {"usage": None} if self.call.include_usage else {}
+
+        def chunk(choice: dict) -> str:
+            return "data: " + json.dumps({**head, "choices": [choice], **u}, ensure_ascii=False) + "\n\n"
+        try:
+            for c in self.choices:
+                if self.kind == "chat":
+                    yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None})
+                elif self.call.echo:
+                    yield chunk({"index": c.index, "text": self.srv.tok.decode(self.call.prompts[c.index // self.call.n]),
+                                 "logprobs": None, "finish_reason": None})
+            while self.open:
+                c, ev = await self.next_event()
+                if isinstance(ev, FinishEvent):
+                    if self.error is not None:
+                        yield "data: " + json.dumps(self.error.body()) + "\n\n"
+                        break
+                    yield chunk(self._delta(c, "", None, c.finish))
+                elif ev.text or ev.logprobs is not None:
+                    lp = self._logprobs(c, [(ev.token_id, ev.logprobs)]) if ev.logprobs is not None else None
+                    yield chunk(self._delta(c, ev.text, lp, None))
+            if self.call.include_usage and self.error is None:
+                yield "data: " + json.dumps({**head, "choices": [], "usage": self.usage()}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel_open()
+
+    def _delta(self, c: Choice, text: str, lp, finish) -> dict:
+        if self.kind == "chat":
+            return {"index": c.index, "delta": {"content": text} if finish is None else {},
+                    "logprobs": lp, "finish_reason": finish}
+        return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client closes the connection."""
+    while True:
+        msg = await http.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def _log_usage(http: HttpRequest, u: dict) -> None:
+    log = http.scope.setdefault("state", {}).setdefault("log", {})
+    log["prompt_tokens"], log["completion_tokens"] = u["prompt_tokens"], u["completion_tokens"]
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+def _adapter_path(srv: Server, body: dict) -> Path:
+    """The file a load request names, which must lie in the adapters directory (a request never
+    reaches any other part of the filesystem)."""
+    d = srv.cfg.adapters_dir
+    if d is None:
+        raise bad("the server was started without --adapters-dir, so adapters cannot be loaded", "lora_path")
+    p = body.get("lora_path", f"{body.get('lora_name')}.infeng-lora")
+    if not isinstance(p, str) or not p or Path(p).is_absolute() or "\x00" in p:
+        raise bad("lora_path must be a file name inside the server's adapters directory", "lora_path")
+    root = d.resolve()
+    f = (root / p).resolve()
+    if root not in f.parents:
+        raise bad("lora_path must be a file name inside the server's adapters directory", "lora_path")
+    if not f.is_file():
+        raise ApiError(404, f"no adapter file {p!r} in the adapters directory", "lora_path", "adapter_not_found")
+    return f
+
+
+def _name(body: dict) -> str:
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise bad("lora_name must be a non-empty string", "lora_name")
+    return name
+
+
+async def _load_adapter(srv: Server, body: Any):
+    if not isinstance(body, dict) or set(body) - {"lora_name", "lora_path"}:
+        raise bad("the body takes lora_name and lora_path (a file in the adapters directory)")
+    name = _name(body)
+    if name == srv.cfg.base_name:
+        raise bad(f"{name!r} is the base model's name", "lora_name")
+    path = _adapter_path(srv, body)
+    try:
+        await srv.loop.call(lambda e: e.load_adapter(path, name))
+    except InfengError as e:
+        raise bad(str(e), "lora_path") from None
+    srv.models.add(name)
+    srv.unloading.discard(name)
+    srv.metrics.loads += 1
+    srv.metrics.adapter_loads.set(srv.metrics.loads)
+    return {"object": "adapter", "id": name, "status": "loaded"}
+
+
+async def _unload_adapter(srv: Server, body: Any):
+    if not isinstance(body, dict) or set(body) - {"lora_name", "lora_int_id"}:
+        raise bad("the body takes lora_name")
+    name = _name(body)
+    if name not in srv.models or name == srv.cfg.base_name:
+        raise ApiError(404, f"no adapter {name!r} is loaded", "lora_name", "model_not_found")
+    srv.unloading.add(name)      # new requests get a 404 from here on; running ones finish
+
+    def try_unload(e: Engine) -> bool:
+        la = e.adapters.loaded.get(name)
+        if la is None:
+            return True
+        if la.in_use:
+            return False
+        e.unload_adapter(name)
+        return True
+    while not await srv.loop.call(try_unload):
+        await asyncio.sleep(0.05)
+    srv.models.discard(name)
+    srv.unloading.discard(name)
+    return {"object": "adapter", "id": name, "status": "unloaded"}
+
