@@ -28,12 +28,14 @@
 /* IFG_Q8_0X16 / IFG_Q4_0X16: the same blocks repacked 16 rows at a time for the kernels (quant.h). */
 /* IFG_Q4_K / IFG_FP8: GGUF Q4_K 256-super-blocks (144 bytes), E4M3 32-blocks with a bf16 scale
  * (34 bytes), matmul weights only (quant_k.h). IFG_Q4_KX16: q4_k repacked 16 rows at a time (quant_k.h). */
-/* IFG_Q4_1 / IFG_Q5_1: GGUF 32-blocks with a scale and a minimum (20 / 24 bytes); IFG_Q6_K: GGUF
- * Q6_K 256-super-blocks (210 bytes); matmul weights and embedding tables (quant_gguf.h). */
+/* IFG_Q4_1 / IFG_Q5_1: GGUF 32-blocks with a scale and a minimum (20 / 24 bytes); IFG_Q6_K /
+ * IFG_Q5_K: GGUF Q6_K / Q5_K 256-super-blocks (210 / 176 bytes); matmul weights and embedding
+ * tables (quant_gguf.h).
+ * IFG_Q4_1X16: q4_1 repacked 16 rows at a time for the kernels (quant_gguf.h). */
 enum ifg_dtype { IFG_F32 = 0, IFG_BF16 = 1, IFG_F16 = 2, IFG_Q8_0 = 3, IFG_Q4_0 = 4,
                  IFG_Q8_0X16 = 5, IFG_Q4_0X16 = 6, IFG_Q4_K = 7, IFG_FP8 = 8, IFG_Q4_KX16 = 9,
                  IFG_Q5_0 = 10, IFG_Q4_1 = 11, IFG_Q5_1 = 12,
-                 IFG_Q6_K = 13 };
+                 IFG_Q6_K = 13, IFG_Q4_1X16 = 14, IFG_Q5_K = 15 };
 
 /* Which variant this library is: "scalar", "avx2" or "avx512". */
 const char *ifg_isa(void);

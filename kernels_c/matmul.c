@@ -430,7 +430,7 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
 #endif
 
 int ifg_matmul_row_align(int wtype) {
-    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) ? 16 : MM_ALIGN; /* x16: whole row groups */
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant_gguf_x16(wtype) ? 16 : MM_ALIGN; /* x16: whole row groups */
 }
 
 int ifg_matmul_token_block(int wtype) {

@@ -35,8 +35,8 @@ static inline void af_levels_scalar(const uint8_t *blk, int wtype, uint8_t *u) {
 }
 
 void ifg_qg_dequant_row(float *o, const uint8_t *row, int dtype, int n) {
-    if (dtype == IFG_Q6_K) {
-        ifg_q6k_dequant_row(o, row, n);
+    if (dtype == IFG_Q6_K || dtype == IFG_Q5_K) {
+        (dtype == IFG_Q6_K ? ifg_q6k_dequant_row : ifg_q5k_dequant_row)(o, row, n);
         return;
     }
     const size_t bb = af_block_bytes(dtype);
@@ -221,9 +221,12 @@ static void af_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w
     }
 }
 
-/* The one entry of every quant_gguf.h type (q6_k's kernel is in quant_q6k.c). */
+/* The one entry of every quant_gguf.h type (q6_k's kernel is in quant_q6k.c, q5_k's in
+ * quant_q5k.c, q4_1x16's in quant_affine_x16.c). */
 void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                     int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq) {
     if (wtype == IFG_Q6_K) ifg_q6k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+    else if (wtype == IFG_Q5_K) ifg_q5k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+    else if (wtype == IFG_Q4_1X16) ifg_q4_1x16_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
     else af_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
 }

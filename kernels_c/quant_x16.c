@@ -21,6 +21,7 @@
  * count. */
 #include "quant.h"
 #include "quant_k.h"
+#include "quant_gguf.h"
 
 #define XB_T 64                 /* tokens per x tile */
 #define XB_K 1024               /* k per x tile (multiple of 32); tt tokens take all of K if tt·K <= XB_Q */
@@ -364,6 +365,10 @@ void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
     if (dtype == IFG_Q4_K) {
         ifg_q4_k_interleave(dst, src, N, K, n_threads);
+        return;
+    }
+    if (dtype == IFG_Q4_1) {
+        ifg_q4_1_interleave(dst, src, N, K, n_threads);
         return;
     }
     const int nb = K / IFG_QK, G = N / 16;

@@ -1,4 +1,4 @@
-"""q4_1, q5_1 and q6_k in a whole model: a small random Llama whose every matrix, the embedding
+"""q4_1, q5_1, q6_k and q5_k in a whole model: a small random Llama whose every matrix, the embedding
 table and the output head included, is of the type, run by the C forward pass (prefill GEMM,
 decode GEMV, the quantized embedding lookup) against the numpy reference with int8 activations;
 native → GGUF → native keeps the bytes (the GGUF reader copies these blocks). The byte layouts and
@@ -10,11 +10,11 @@ from conftest import check_c_forward_vs_int8_reference
 from infeng import format as native
 from infeng.cli.main import main
 
-GGUF_NAME = {"q4_1": "Q4_1", "q5_1": "Q5_1", "q6_k": "Q6_K"}
+GGUF_NAME = {"q4_1": "Q4_1", "q5_1": "Q5_1", "q6_k": "Q6_K", "q5_k": "Q5_K"}
 
 
 def _small_model(path, data_dir, width):
-    """A random untied Llama; width 64 / hidden 96 for the 32-block types, 256 / 512 for q6_k."""
+    """A random untied Llama; width 64 / hidden 96 for the 32-block types, 256 / 512 for q6_k / q5_k."""
     from infeng.converters.hf import expected_shapes, is_norm
     from infeng.model.config import ModelConfig
     dim, hidden = (64, 96) if width == 32 else (256, 512)
@@ -37,7 +37,7 @@ def _small_model(path, data_dir, width):
 
 def _quantized(tmp_path, data_dir, qtype):
     src, out = tmp_path / "f32.infeng", tmp_path / "q.infeng"
-    _small_model(src, data_dir, 256 if qtype == "q6_k" else 32)
+    _small_model(src, data_dir, 256 if qtype.endswith("_k") else 32)
     (tmp_path / "p.yaml").write_text(f"tensors: {{output: {qtype}}}\n")      # the head too (default q8_0)
     assert main(["quantize", str(src), "-o", str(out), "--type", qtype, "--policy", str(tmp_path / "p.yaml")]) == 0
     return out

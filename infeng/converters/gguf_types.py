@@ -36,7 +36,7 @@ BY_NAME = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
 
 # GGML types whose bytes are exactly a native dtype's storage: a copy.
 NATIVE_COPY = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0",
-               "Q4_1": "q4_1", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+               "Q4_1": "q4_1", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
