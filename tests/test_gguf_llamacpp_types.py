@@ -12,12 +12,12 @@ pytest.importorskip("llama_cpp")
 
 def _compare(tmp_path, f32, qtype, ftype, n_mats, heads=("tok_embeddings",)):
     from infeng.bench.llamacpp_kld import quantize_gguf
-    from infeng.converters import gguf_read, gguf_write
-    from infeng.model.loader import load_model
+    from infeng.converters import gguf_write
+    from infeng.model.loader import load_gguf, load_model
     ours = tmp_path / f"{qtype}.infeng"
     (tmp_path / "p.yaml").write_text("tensors: {" + ", ".join(f"{h}: {qtype}" for h in heads) + "}\n")
     assert main(["quantize", str(f32), "-o", str(ours), "--type", qtype, "--policy", str(tmp_path / "p.yaml")]) == 0
-    theirs, _ = gguf_read.read_model(quantize_gguf(gguf_write.write_gguf(load_model(f32), tmp_path / "f32.gguf"), ftype, 1))
+    theirs, _ = load_gguf(quantize_gguf(gguf_write.write_gguf(load_model(f32), tmp_path / "f32.gguf"), ftype, 1))
     mats = [(n, a) for n, (d, a) in load_model(ours).tensors.items() if d == qtype]
     compared = 0
     for name, a in mats:

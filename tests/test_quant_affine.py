@@ -9,7 +9,7 @@ import pytest
 
 from conftest import P
 from infeng import quant
-from infeng.model.llama import CDTYPE
+from infeng.kernels.abi import DTYPE
 from infeng.quant import affine
 
 TYPES = ("q4_1", "q5_1")
@@ -89,7 +89,7 @@ def test_qmatmul_matches_numpy(kern, qtype, N, K):
             ldy = N + 2
             y = np.full((T, ldy), -7.0, np.float32)
             acc = int(T % 2 == 1 and nth == 2)
-            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), CDTYPE[qtype],
+            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE[qtype],
                                 T, N, K, acc, nth)
             xs = np.ascontiguousarray(x[:, :K])
             want, mag = _ref(raw, qtype, xs)
@@ -113,12 +113,12 @@ def test_qmatmul_deterministic_across_threads(kern, qtype):
     outs = []
     for nth in (1, 2, 3):
         y = np.zeros((T, N), np.float32)
-        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), CDTYPE[qtype], T, N, K, 0, nth)
+        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), DTYPE[qtype], T, N, K, 0, nth)
         outs.append(y)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     y1 = np.zeros((1, N), np.float32)
-    kern.lib.ifg_matmul(P(kern, y1), N, P(kern, x), K, P(kern, raw, "void *"), CDTYPE[qtype], 1, N, K, 0, 2)
+    kern.lib.ifg_matmul(P(kern, y1), N, P(kern, x), K, P(kern, raw, "void *"), DTYPE[qtype], 1, N, K, 0, 2)
     np.testing.assert_array_equal(y1[0], outs[0][0])
 
 
@@ -132,7 +132,7 @@ def test_embedding_lookup_is_dequantize(kern, qtype):
         tokens = rng.integers(0, vocab, size=T).astype(np.int32)
         tokens[-1] = vocab - 1
         out = np.full((T + 1, dim), np.nan, np.float32)
-        kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), CDTYPE[qtype], P(kern, tokens, "int32_t *"), T, dim, nth)
+        kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), DTYPE[qtype], P(kern, tokens, "int32_t *"), T, dim, nth)
         np.testing.assert_array_equal(out[:T], want[tokens])
         assert np.isnan(out[T]).all()
 
@@ -178,7 +178,7 @@ def test_q4_1x16_matmul_matches_numpy(kern, N, K):
             ldy = N + 5
             y = np.full((T, ldy), -7.0, np.float32)
             acc = int(T % 2 == 1 and nth == 2)
-            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), CDTYPE["q4_1x16"],
+            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE["q4_1x16"],
                                 T, N, K, acc, nth)
             assert np.all(np.abs(y[:, :N] - (want - 7.0 if acc else want)) <= 1e-5 * mag + 1e-6), (T, nth)
             assert np.all(y[:, N:] == -7.0)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import P
 from infeng import quant
-from infeng.model.llama import CDTYPE
+from infeng.kernels.abi import DTYPE
 from infeng.quant import q5_k
 
 NK = [(1, 256), (3, 512), (17, 256), (33, 768), (64, 2304), (7, 4352)]
@@ -94,7 +94,7 @@ def test_qmatmul_matches_numpy(kern, N, K):
             ldy = N + 2
             y = np.full((T, ldy), -7.0, np.float32)
             acc = int(T % 2 == 1 and nth == 2)
-            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), CDTYPE["q5_k"],
+            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE["q5_k"],
                                 T, N, K, acc, nth)
             want, mag = _ref(raw, np.ascontiguousarray(x[:, :K]))
             want = want - (7.0 if acc else 0.0)
@@ -110,13 +110,13 @@ def test_qmatmul_deterministic_and_embedding(kern):
     outs = []
     for nth in (1, 2, 3):
         y = np.zeros((T, N), np.float32)
-        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), CDTYPE["q5_k"], T, N, K, 0, nth)
+        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), DTYPE["q5_k"], T, N, K, 0, nth)
         outs.append(y)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     want = quant.dequantize(raw, "q5_k")
     tokens = np.array([0, 7, N - 1], np.int32)
     out = np.full((4, K), np.nan, np.float32)
-    kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), CDTYPE["q5_k"], P(kern, tokens, "int32_t *"), 3, K, 2)
+    kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), DTYPE["q5_k"], P(kern, tokens, "int32_t *"), 3, K, 2)
     np.testing.assert_array_equal(out[:3], want[tokens])
     assert np.isnan(out[3]).all()

@@ -8,7 +8,7 @@ import pytest
 from conftest import P
 from infeng import quant
 from infeng.converters import gguf_types
-from infeng.model.llama import CDTYPE
+from infeng.kernels.abi import DTYPE
 from infeng.quant import q6_k
 
 NK = [(1, 256), (3, 512), (17, 256), (33, 768), (64, 2304), (7, 4352)]
@@ -95,7 +95,7 @@ def test_qmatmul_matches_numpy(kern, N, K):
             ldy = N + 2
             y = np.full((T, ldy), -7.0, np.float32)
             acc = int(T % 2 == 1 and nth == 2)
-            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), CDTYPE["q6_k"],
+            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE["q6_k"],
                                 T, N, K, acc, nth)
             want, mag = _ref(raw, np.ascontiguousarray(x[:, :K]))
             want = want - (7.0 if acc else 0.0)
@@ -111,12 +111,12 @@ def test_qmatmul_deterministic_across_threads(kern):
     outs = []
     for nth in (1, 2, 3):
         y = np.zeros((T, N), np.float32)
-        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), CDTYPE["q6_k"], T, N, K, 0, nth)
+        kern.lib.ifg_matmul(P(kern, y), N, P(kern, x), K, P(kern, raw, "void *"), DTYPE["q6_k"], T, N, K, 0, nth)
         outs.append(y)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
     y1 = np.zeros((1, N), np.float32)
-    kern.lib.ifg_matmul(P(kern, y1), N, P(kern, x), K, P(kern, raw, "void *"), CDTYPE["q6_k"], 1, N, K, 0, 2)
+    kern.lib.ifg_matmul(P(kern, y1), N, P(kern, x), K, P(kern, raw, "void *"), DTYPE["q6_k"], 1, N, K, 0, 2)
     np.testing.assert_array_equal(y1[0], outs[0][0])
 
 
@@ -129,6 +129,6 @@ def test_embedding_lookup_is_dequantize(kern):
         tokens = rng.integers(0, vocab, size=T).astype(np.int32)
         tokens[-1] = vocab - 1
         out = np.full((T + 1, dim), np.nan, np.float32)
-        kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), CDTYPE["q6_k"], P(kern, tokens, "int32_t *"), T, dim, nth)
+        kern.lib.ifg_embed(P(kern, out), P(kern, raw, "void *"), DTYPE["q6_k"], P(kern, tokens, "int32_t *"), T, dim, nth)
         np.testing.assert_array_equal(out[:T], want[tokens])
         assert np.isnan(out[T]).all()
