@@ -30,6 +30,7 @@ import numpy as np
 
 from infeng.errors import InfengError
 from infeng.quant.q4_k import pack_scales, unpack_scales
+from infeng.quant.q6_k import _ordered_sum as _osum
 
 QK_K = 256
 BLOCK_BYTES = 176
@@ -41,11 +42,6 @@ def _check(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] % QK_K:
         raise InfengError(f"cannot quantize shape {list(x.shape)} to q5_k: rows must be a multiple of {QK_K}")
     return x
-
-
-def _osum(t: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in f32, left to right (as a C loop does)."""
-    return np.cumsum(t, axis=-1, dtype=np.float32)[..., -1]
 
 
 def _fit(x: np.ndarray, w: np.ndarray, nmax: int = 31) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
