@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from infeng.errors import InfengError
+
 BYTES = {"q4_1": 20, "q5_1": 24}
 LEVELS = {"q4_1": 15, "q5_1": 31}
 
 
 def _quantize(x: np.ndarray, qtype: str) -> np.ndarray:
-    from infeng.quant import _blocks
-    b = _blocks(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % 32:
+        raise InfengError(f"cannot quantize shape {list(x.shape)} to {qtype}: rows must be a multiple of 32")
+    b = x.reshape(x.shape[0], x.shape[1] // 32, 32)
     N, nb, _ = b.shape
     lo, hi = b.min(-1), b.max(-1)
     d = ((hi - lo) / np.float32(LEVELS[qtype])).astype(np.float32)

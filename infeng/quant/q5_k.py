@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from infeng import kernels
 from infeng.errors import InfengError
 from infeng.quant.q4_k import pack_scales, unpack_scales
 from infeng.quant.q6_k import _ordered_sum as _osum
@@ -128,7 +129,6 @@ def quantize_q5_k_ref(x: np.ndarray) -> np.ndarray:
 def quantize_q5_k(x: np.ndarray, threads: int = 0) -> np.ndarray:
     """f32 [N][K] → uint8 [N][K/256*176] (GGUF Q5_K blocks), in the C library
     (ifg_quantize_q5_k, ``threads`` = 0: all), byte for byte ``quantize_q5_k_ref``."""
-    from infeng import kernels
     x = _check(x)
     N, K = x.shape
     out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)
