@@ -15,6 +15,7 @@
  * results are bitwise identical for any thread count and tile. */
 #include "quant_gguf.h"
 #include "quant.h"
+#include "simd.h"
 
 #define AF_KB 2048 /* k chunk of x quantized at a time (multiple of 32) */
 #define AF_TB 16   /* tokens quantized at a time */
@@ -56,7 +57,7 @@ void ifg_qg_dequant_row(float *o, const uint8_t *row, int dtype, int n) {
  * d / s[i*ldd + b] (k, b relative to the chunk). */
 struct af_x { const int8_t *q; const float *d; const int32_t *s; int ldq, ldd; };
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+#ifndef IFG_SIMD
 /* ---- scalar reference ---- */
 static void af_tiles(float *y, int ldy, const struct af_x *xr, const uint8_t *w, int wtype, int t, int tt,
                      int n0, int n1, int K, int k0, int k1, int add) {
@@ -81,7 +82,6 @@ static void af_tiles(float *y, int ldy, const struct af_x *xr, const uint8_t *w,
 }
 #else
 /* ---- SIMD: 256-bit integer blocks, f32 accumulators ---- */
-#define AF_AI static inline __attribute__((always_inline))
 #define AF_TT 4
 #if defined(IFG_AVX512)
 #define AF_NT 4
@@ -90,7 +90,7 @@ static void af_tiles(float *y, int ldy, const struct af_x *xr, const uint8_t *w,
 #endif
 
 /* q5_1's qh as 32 bytes: byte j = 0x10 where bit j is set. */
-AF_AI __m256i af_high_bits(const uint8_t *blk) {
+IFG_AI __m256i af_high_bits(const uint8_t *blk) {
     const uint32_t qh = af_qh(blk);
 #if defined(IFG_AVX512)
     return _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
@@ -102,27 +102,27 @@ AF_AI __m256i af_high_bits(const uint8_t *blk) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(by, bit), bit), _mm256_set1_epi8(0x10));
 #endif
 }
-AF_AI __m256i af_levels(const uint8_t *blk, int wtype) {
+IFG_AI __m256i af_levels(const uint8_t *blk, int wtype) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + af_block_bytes(wtype) - 16));
     const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
     return wtype == IFG_Q5_1 ? _mm256_or_si256(v, af_high_bits(blk)) : v;
 }
 /* int32 lanes of sum(u * x), u unsigned levels, x int8. */
-AF_AI __m256i af_dot(__m256i u, __m256i x) {
+IFG_AI __m256i af_dot(__m256i u, __m256i x) {
 #if defined(IFG_AVX512)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 #endif
 }
-AF_AI float af_hsum(__m256 a) {
+IFG_AI float af_hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* TT tokens (rows i0.. of the tile's quantized x; outputs t + i0 + i) × NT rows from n. */
-AF_AI void af_tile(float *y, int ldy, const struct af_x *xr, const uint8_t *w, int wtype, size_t rb, int t,
+IFG_AI void af_tile(float *y, int ldy, const struct af_x *xr, const uint8_t *w, int wtype, size_t rb, int t,
                    int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     __m256 acc[AF_TT][AF_NT], accm[AF_TT];
     const size_t bb = af_block_bytes(wtype);

@@ -15,6 +15,7 @@
  * order depends only on K, never on the thread or tile: bitwise the same for any thread count. */
 #include "quant_gguf.h"
 #include "quant.h"
+#include "simd.h"
 
 #define AX_KB 2048 /* k chunk of x quantized at a time (multiple of 32) */
 #define AX_TB 16   /* tokens quantized at a time */
@@ -47,7 +48,7 @@ void ifg_q4_1_interleave(void *dst, const void *src, int N, int K, int n_threads
 /* Quantized x of the tile: token i's int8 at q[i*ldq + k], block b's scale and sum at d / s[i*ldd + b]. */
 struct ax_x { const int8_t *q; const float *d; const int32_t *s; int ldq, ldd; };
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+#ifndef IFG_SIMD
 /* ---- scalar reference ---- */
 static void ax_tiles(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, size_t gstride, int t, int tt,
                      int n0, int n1, int b0, int nb, int add) {
@@ -77,13 +78,12 @@ static void ax_tiles(float *y, int ldy, const struct ax_x *xr, const uint8_t *w,
     }
 }
 #else
-#define AX_AI static inline __attribute__((always_inline))
-AX_AI int32_t ax_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+IFG_AI int32_t ax_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 #if defined(IFG_AVX512)
 #define AX_TT 4 /* tokens per register tile */
 #define AX_G 2  /* groups per register tile (prefill) */
 #define AX_G1 4 /* groups per register tile (one token: more independent weight streams) */
-AX_AI void ax_tile(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, size_t gstride, int t, int i0,
+IFG_AI void ax_tile(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, size_t gstride, int t, int i0,
                    int n, int b0, int nb, int add, const int TT, const int G) {
     __m512 acc[AX_TT][AX_G1];
     const int ldq = xr->ldq, ldd = xr->ldd;
@@ -144,7 +144,7 @@ AX_AI void ax_tile(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, s
 #define AX_TT 2
 #define AX_G 1
 #define AX_G1 2
-AX_AI void ax_tile(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, size_t gstride, int t, int i0,
+IFG_AI void ax_tile(float *y, int ldy, const struct ax_x *xr, const uint8_t *w, size_t gstride, int t, int i0,
                    int n, int b0, int nb, int add, const int TT, const int G) {
     __m256 acc[AX_TT][2 * AX_G1]; /* [token][8-row half] */
     const int ldq = xr->ldq, ldd = xr->ldd, H = 2 * G;

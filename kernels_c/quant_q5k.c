@@ -12,6 +12,7 @@
  * Each output's summation order depends only on K: bitwise the same for any thread count. */
 #include "quant_gguf.h"
 #include "quant.h"
+#include "simd.h"
 
 #define Q5_KB 2048 /* k chunk of x quantized at a time (multiple of 256) */
 #define Q5_TB 16   /* tokens quantized at a time */
@@ -50,7 +51,7 @@ void ifg_q5k_dequant_row(float *o, const uint8_t *row, int n) {
     }
 }
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+#ifndef IFG_SIMD
 /* ---- scalar reference ---- */
 static void q5_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
                      int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
@@ -79,7 +80,6 @@ static void q5_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 }
 #else
 /* ---- SIMD ---- */
-#define Q5_AI static inline __attribute__((always_inline))
 #define Q5_TT 4
 #if defined(IFG_AVX512)
 #define Q5_NT 4
@@ -88,7 +88,7 @@ static void q5_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 #endif
 
 /* Levels of sub-block c (0..7): nibble run and bit c of qh, as 32 unsigned bytes. */
-Q5_AI __m256i q5_levels(const uint8_t *blk, int c) {
+IFG_AI __m256i q5_levels(const uint8_t *blk, int c) {
     __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * (c >> 1)));
     if (c & 1) lo = _mm256_srli_epi16(lo, 4);
     __m256i hi = _mm256_loadu_si256((const __m256i *)(blk + 16));
@@ -97,20 +97,20 @@ Q5_AI __m256i q5_levels(const uint8_t *blk, int c) {
     else if (c > 4) hi = _mm256_srli_epi16(hi, c - 4);
     return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x0F)), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
 }
-Q5_AI __m256i q5_dot(__m256i u, __m256i x) {
+IFG_AI __m256i q5_dot(__m256i u, __m256i x) {
 #if defined(IFG_AVX512)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 #endif
 }
-Q5_AI float q5_hsum(__m256 a) {
+IFG_AI float q5_hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-Q5_AI void q5_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
+IFG_AI void q5_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
                    size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     __m256 acc[Q5_TT][Q5_NT];
 #pragma GCC unroll 16

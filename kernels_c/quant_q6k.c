@@ -14,6 +14,7 @@
  * Each output's summation order depends only on K: bitwise the same for any thread count. */
 #include "quant_gguf.h"
 #include "quant.h"
+#include "simd.h"
 
 #define Q6_KB 2048 /* k chunk of x quantized at a time (multiple of 256) */
 #define Q6_TB 16   /* tokens quantized at a time */
@@ -56,7 +57,7 @@ static void q6_quantize_x(int8_t *q, float *d, int16_t *o, const float *x, int l
         }
 }
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
+#ifndef IFG_SIMD
 /* ---- scalar reference ---- */
 static void q6_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const int16_t *xo, const uint8_t *w,
                      int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
@@ -84,7 +85,6 @@ static void q6_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 }
 #else
 /* ---- SIMD ---- */
-#define Q6_AI static inline __attribute__((always_inline))
 #define Q6_TT 4
 #if defined(IFG_AVX512)
 #define Q6_NT 4
@@ -93,7 +93,7 @@ static void q6_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 #endif
 
 /* Levels of 32-block c (0..7) of a block: ql nibble run and qh bit pair, as 32 unsigned bytes. */
-Q6_AI __m256i q6_levels(const uint8_t *blk, int c) {
+IFG_AI __m256i q6_levels(const uint8_t *blk, int c) {
     const int h = c >> 2, qq = c & 3;
     __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (qq & 1)));
     if (qq >> 1) lo = _mm256_srli_epi16(lo, 4);
@@ -105,21 +105,21 @@ Q6_AI __m256i q6_levels(const uint8_t *blk, int c) {
     return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x0F)), _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
 }
 /* int32 lanes of o + sum(u * x) (4 bytes per lane). */
-Q6_AI __m256i q6_dot(__m256i o, __m256i u, __m256i x) {
+IFG_AI __m256i q6_dot(__m256i o, __m256i u, __m256i x) {
 #if defined(IFG_AVX512)
     return _mm256_dpbusd_epi32(o, u, x);
 #else
     return _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
 #endif
 }
-Q6_AI float q6_hsum(__m256 a) {
+IFG_AI float q6_hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* TT tokens (rows i0.. of the quantized x chunk; outputs t + i0 + i) × NT rows from n, k in [k0, k1). */
-Q6_AI void q6_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int16_t *xo, const uint8_t *w,
+IFG_AI void q6_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int16_t *xo, const uint8_t *w,
                    size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     __m256 acc[Q6_TT][Q6_NT];
 #pragma GCC unroll 16
