@@ -33,6 +33,7 @@
 #include "matmul.h"
 #include "quant.h"
 #include "quant_k.h"
+#include "quant_gguf.h"
 #include "simd.h"
 
 static inline int mm_team(void) {
@@ -340,12 +341,13 @@ static void mm_rows_ref(float *y, int ldy, const float *x, int ldx, const void *
 #endif
 
 int ifg_matmul_row_align(int wtype) {
-    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) ? 16 : MM_ALIGN; /* x16: whole row groups */
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant_gguf_x16(wtype) ? 16 : MM_ALIGN; /* x16: whole row groups */
 }
 
 int ifg_matmul_token_block(int wtype) {
 #ifdef IFG_SIMD
-    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ? 64 : MM_TB;
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ||
+           ifg_is_quant_gguf(wtype) ? 64 : MM_TB;
 #else
     (void)wtype;
     return 64;
@@ -372,6 +374,8 @@ void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *
         ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     } else if (ifg_is_quant_k(wtype)) {
         ifg_qk_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    } else if (ifg_is_quant_gguf(wtype)) {
+        ifg_qg_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
     } else {
         mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     }

@@ -83,8 +83,8 @@ def test_type_table_matches_gguf_py():
 
 
 def test_unsupported_type_named():
-    with pytest.raises(Exception, match="Q5_K cannot be converted"):
-        T.dequantize("Q5_K", np.zeros(176, np.uint8), 256)
+    with pytest.raises(Exception, match="IQ2_XXS cannot be converted"):
+        T.dequantize("IQ2_XXS", np.zeros(66, np.uint8), 256)
 
 
 class _Meta:

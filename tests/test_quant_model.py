@@ -165,7 +165,7 @@ def test_bad_policy_writes_nothing(capsys, tmp_path, data_dir, policy, message):
 
 def test_bad_type_and_source(capsys, tmp_path, data_dir, qfiles):
     out = tmp_path / "o.infeng"
-    _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q5_k"], "unknown type 'q5_k'")
+    _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q3_k"], "unknown type 'q3_k'")
     _fails(capsys, ["quantize", str(qfiles["q8_0"]), "-o", str(out), "--type", "q4_0"], "already quantized (q8_0)")
     _fails(capsys, ["quantize", str(tmp_path / "nope.infeng"), "-o", str(out), "--type", "q8_0"], "no such file")
     _fails(capsys, ["quantize", str(data_dir / "stories260K-f32"), "-o", str(out), "--type", "q8_0",

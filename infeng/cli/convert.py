@@ -20,7 +20,7 @@ def convert(
                                          "a .gguf file, or (with --to gguf) a native .infeng file"),
     output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng, or .infeng-lora with --adapter)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="store matrices as f32, bf16 or f16 (default: as in the checkpoint; "
-                                        "GGUF Q4_K/Q6_K tensors: the type they are dequantized to, default bf16); adapters: f32, bf16 (default) or int8"),
+                                        "GGUF tensors of a type with no native dtype: the type they are dequantized to, default bf16); adapters: f32, bf16 (default) or int8"),
     to: str = typer.Option("infeng", "--to", help="output format: infeng (native) or gguf (from a native file)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT LoRA/DoRA folder to convert (needs --base)"),
     base: Optional[Path] = typer.Option(None, "--base", help="the base model the adapter was trained on"),
@@ -80,7 +80,7 @@ def convert(
 
 
 def _to_gguf(src: Path, output: Path, dtype: Optional[str], run: Run, telemetry: Optional[Path], t0: float) -> None:
-    """Native file → GGUF (tensors keep their type: f32, f16, bf16, q8_0, q4_0, q5_0)."""
+    """Native file → GGUF (tensors keep their type: f32, f16, bf16, q8_0, q4_0, q5_0, q4_1, q5_1)."""
     if dtype is not None:
         raise InfengError("--dtype does not apply to --to gguf (tensors keep their type; use `infeng quantize` first)")
     if not native.is_native(src):

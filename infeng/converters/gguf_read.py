@@ -276,10 +276,9 @@ def unpermute_rope(arr: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
-    """Where a native k-quant dtype would plug in (a byte copy, as Q8_0/Q4_0 are): until the
-    native format has one, Q4_K / Q6_K blocks are dequantized with numpy and stored as ``dtype``
-    (bf16 by default: half of f32's size, and its rounding, at most 2^-9 relative, is far below
-    the 4–6-bit quantization step, so the stored weights are the GGUF's to within that)."""
+    """A GGML type the native format has no dtype for (gguf_types.DEQUANTIZE minus NATIVE_COPY):
+    dequantized with numpy and stored as ``dtype`` (bf16 by default: its rounding, at most 2^-9
+    relative, is far below a 4–6-bit quantization step). Every type in DEQUANTIZE is a copy today."""
     f = gguf_types.dequantize(t.type_name, raw, t.n_elements).reshape(t.shape)
     return dtype, convert_dtype(f, "f32", dtype)
 
@@ -376,8 +375,9 @@ def _rope_scaling(g: GGUFFile, arch: str, hp, head_dim: int, where: str):
 
 
 def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
-    """A GGUF's parts (F32/F16/BF16/Q8_0/Q4_0/Q5_0 tensors are views of the file, norms
-    become f32, Q4_K/Q6_K go through ``store_k_quant``): (config, {native name: (dtype, array)},
+    """A GGUF's parts (tensors of gguf_types.NATIVE_COPY types — F32/F16/BF16,
+    Q8_0/Q4_0/Q5_0/Q4_1/Q5_1, Q4_K/Q5_K/Q6_K — are views of the file, norms become f32, other
+    dequantizable types go through ``store_k_quant``): (config, {native name: (dtype, array)},
     tokenizer dict, summary dict)."""
 
     k_dtype = k_quant_dtype or K_QUANT_DTYPE
@@ -443,12 +443,12 @@ def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
                 if dt not in STORE_DTYPES:
                     raise InfengError(f"{where}: tensor {t.name!r} is {t.type_name}; norms must be F32/F16/BF16")
                 dt, arr = "f32", convert_dtype(arr, dt, "f32")
-        elif t.type_name in ("Q4_K", "Q6_K") and len(shape) == 2:
+        elif t.type_name in gguf_types.DEQUANTIZE and len(shape) == 2:
             dt, arr = store_k_quant(t, raw, k_dtype)
             converted[t.type_name] = converted.get(t.type_name, 0) + 1
         else:
             raise InfengError(f"{where}: tensor {t.name!r} has type {t.type_name}, which cannot be converted "
-                              "(F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)")
+                              f"({', '.join(dict.fromkeys(list(NATIVE_COPY) + list(gguf_types.DEQUANTIZE)))})")
         if arch in gguf_arch.PERMUTED and nn.endswith(".wq"):
             arr = unpermute_rope(arr, cfg.n_heads)
         elif arch in gguf_arch.PERMUTED and nn.endswith(".wk"):

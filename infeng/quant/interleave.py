@@ -1,5 +1,6 @@
-"""Row-interleaved copies of q8_0 / q4_0 / q4_k matrices for the C kernels (dtypes ``q8_0x16`` /
-``q4_0x16`` / ``q4_kx16``; the byte layouts are documented in kernels_c/quant.h and quant_k.h).
+"""Row-interleaved copies of q8_0 / q4_0 / q4_k / q4_1 matrices for the C kernels (dtypes ``q8_0x16`` /
+``q4_0x16`` / ``q4_kx16`` / ``q4_1x16``; the byte layouts are documented in kernels_c/quant.h,
+quant_k.h and quant_gguf.h).
 
 Files keep the GGUF block order (GGUF import/export is a byte copy); the loader repacks a matrix
 whose row count is a multiple of 16 into these layouts once, when the C model is built. A group
@@ -7,7 +8,8 @@ of 16 rows keeps, per 32-block of k, the 16 fp16 scales then the weights as 64-b
 16 rows × 4 consecutive k (q8_0: ``w + 128`` as unsigned bytes; q4_0: the nibbles, low = k
 ``8v + j``, high = k ``8v + 4 + j``), so one vpdpbusd against x's 4 int8 broadcast advances 16 rows. q4_k keeps per super-block the
 16 rows' d, dmin and 6-bit sub-block scales and mins (rearranged so that 16 bytes give one
-sub-block's 16 scales), then each sub-block's nibbles as q4_0x16 lays out a block's.
+sub-block's 16 scales), then each sub-block's nibbles as q4_0x16 lays out a block's. q4_1 keeps
+per 32-block the 16 rows' d, then their m, then the nibbles as q4_0x16.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from infeng.kernels.abi import DTYPE
 from infeng.quant.q4_k import pack_scales, unpack_scales
 
 GROUP = 16
-INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16"}
+INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16", "q4_1": "q4_1x16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
-_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144}
-_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256}
+_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q4_1": 20}
+_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q4_1": 32}
+_SCALES = {"q8_0": 1, "q4_0": 1, "q4_1": 2}   # fp16 values before the levels: d (q4_1: d, m)
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
@@ -39,16 +42,18 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "q4_k":
         return _interleave_q4_k(b).reshape(G, nb * GROUP * bb)
     out = np.empty((G, nb, GROUP * bb), np.uint8)
-    out[..., :2 * GROUP] = b[..., :2].transpose(0, 2, 1, 3).reshape(G, nb, 2 * GROUP)
+    hb = 2 * _SCALES[qtype]                                                     # header bytes per row
+    for h in range(_SCALES[qtype]):
+        out[..., 2 * GROUP * h:2 * GROUP * (h + 1)] = b[..., 2 * h:2 * h + 2].transpose(0, 2, 1, 3).reshape(G, nb, 2 * GROUP)
     if qtype == "q8_0":
         q = b[..., 2:].reshape(G, GROUP, nb, 8, 4).transpose(0, 2, 3, 1, 4)     # [G, nb, c, r, 4]
         np.bitwise_xor(q.reshape(G, nb, 512), np.uint8(0x80), out=out[..., 2 * GROUP:])
     else:
-        nib = b[..., 2:]
+        nib = b[..., hb:]
         lo, hi = nib & np.uint8(0x0F), nib >> np.uint8(4)                        # k = j, k = 16 + j
         q = np.concatenate([lo, hi], axis=-1).reshape(G, GROUP, nb, 4, 2, 4)    # k = 8v + 4h + j
         q = q.transpose(0, 2, 3, 1, 5, 4)                                       # [G, nb, v, r, j, h]
-        out[..., 2 * GROUP:] = (q[..., 0] | (q[..., 1] << np.uint8(4))).reshape(G, nb, 256)
+        out[..., hb * GROUP:] = (q[..., 0] | (q[..., 1] << np.uint8(4))).reshape(G, nb, 256)
     return out.reshape(G, nb * GROUP * bb)
 
 
@@ -112,13 +117,15 @@ def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "q4_k":
         return _deinterleave_q4_k(p).reshape(G * GROUP, nb * bb)
     out = np.empty((G, GROUP, nb, bb), np.uint8)
-    out[..., :2] = p[..., :2 * GROUP].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
+    hb = 2 * _SCALES[qtype]
+    for h in range(_SCALES[qtype]):
+        out[..., 2 * h:2 * h + 2] = p[..., 2 * GROUP * h:2 * GROUP * (h + 1)].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
     if qtype == "q8_0":
         q = (p[..., 2 * GROUP:] ^ np.uint8(0x80)).reshape(G, nb, 8, GROUP, 4)
         out[..., 2:] = q.transpose(0, 3, 1, 2, 4).reshape(G, GROUP, nb, 32)
     else:
-        by = p[..., 2 * GROUP:].reshape(G, nb, 4, GROUP, 4)                     # [G, nb, v, r, j]
+        by = p[..., hb * GROUP:].reshape(G, nb, 4, GROUP, 4)                    # [G, nb, v, r, j]
         q = np.stack([by & np.uint8(0x0F), by >> np.uint8(4)], axis=-2)       # [G, nb, v, r, h, j]
         q = q.transpose(0, 3, 1, 2, 4, 5).reshape(G, GROUP, nb, 32)            # k = 8v + 4h + j
-        out[..., 2:] = q[..., :16] | (q[..., 16:] << np.uint8(4))
+        out[..., hb:] = q[..., :16] | (q[..., 16:] << np.uint8(4))
     return out.reshape(G * GROUP, nb * bb)
