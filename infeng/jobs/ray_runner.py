@@ -174,7 +174,8 @@ class WorkerPool:
                 break
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             a, shard = inflight.pop(ref)
-            load[id(a)] -= 1
+            if id(a) in load:                # (not when its actor was already found lost)
+                load[id(a)] -= 1
             try:
                 records, counts = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
