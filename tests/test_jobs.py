@@ -83,6 +83,15 @@ def test_journal_refuses_other_settings_lock_and_foreign_file(tmp_path):
         Journal(out, {"model": "m"})
 
 
+def test_torn_header_alone_starts_afresh(tmp_path):
+    out = tmp_path / "o.jsonl"
+    journal_path(out).write_bytes(encode({"journal": "infeng.journal/1", "settings": {}})[:20])
+    j = Journal(out, {"model": "m"}, seed=4)
+    assert (j.resumed, j.seed) == (0, 4)
+    j.close()
+    assert decode(journal_path(out).read_bytes())["settings"] == {"model": "m"}
+
+
 def test_line_key_is_id_and_text():
     a = '{"id": "a", "prompt": "x"}'
     assert line_key(1, a) == line_key(9, a)                       # moved: same request
@@ -189,3 +198,44 @@ def _wait_for_records(path: Path, n: int, stop=None, timeout: float = 120) -> No
             pass
         time.sleep(0.01)
     raise AssertionError(f"{path}: fewer than {n} records after {timeout} s")
+
+
+def test_several_inputs_into_a_directory(model, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    for name, n in (("a.jsonl", 3), ("b.jsonl", 5)):
+        (tmp_path / "in" / name).write_text("\n".join(requests(n)) + "\n")
+    assert main(["generate", str(model), "--batch", str(tmp_path / "in" / "*.jsonl"), "-o", str(tmp_path / "out"),
+                 "--seed", "3"]) == 0
+    assert [len((tmp_path / "out" / f).read_text().splitlines()) for f in ("a.jsonl", "b.jsonl")] == [3, 5]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "{d}/none.jsonl", "-o", "{d}/o.jsonl"], "none.jsonl: no such file"),
+    (["--batch", "{d}/*.nothing", "-o", "{d}/o"], "no file matches"),
+    (["--batch", "s3://bucket/x.jsonl", "-o", "{d}/o.jsonl"], "mount the bucket"),
+    (["--batch", "{d}/r*.jsonl", "-o", "{d}/missing/"], "must be an existing directory"),
+    (["--batch", "{d}/r1.jsonl", "-o", "{d}/r1.jsonl"], "is the input file itself"),
+    (["--batch", "{d}/r1.jsonl", "-o", "{d}/o.jsonl", "--window", "0"], "--window must be >= 1"),
+    (["--batch", "{d}/r1.jsonl", "-o", "{d}/o.jsonl", "--shard-size", "4"], "go with --ray"),
+    (["-p", "x", "--restart"], "go with --batch"),
+    (["--batch", "{d}/r1.jsonl", "-o", "{d}/o.jsonl", "--ray", "auto", "--threads", "2"], "--threads is for local runs"),
+])
+def test_bad_job_options_one_line(model, tmp_path, capsys, args, message):
+    for name in ("r1.jsonl", "r2.jsonl"):
+        (tmp_path / name).write_text(requests(1)[0] + "\n")
+    args = [a.format(d=tmp_path) for a in args]
+    if "--ray" in args:
+        pytest.importorskip("ray")
+    assert main(["generate", str(model), *args]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.glob("*.journal"))
+
+
+def test_ray_without_the_extra_names_it(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)          # as if not installed
+    (tmp_path / "r.jsonl").write_text(requests(1)[0] + "\n")
+    assert main(["generate", str(model), "--batch", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                 "--ray", "auto"]) == 1
+    assert "pip install 'infeng[ray]'" in capsys.readouterr().err

@@ -45,7 +45,9 @@ class JobStats:
         """The batch metrics of infeng.runtime.batch on the sample, with the exact totals."""
         from infeng.runtime.batch import metrics
         m = metrics(engine, self.sample, wall_s) if engine is not None else {}
+        from infeng.telemetry import peak_rss_mb
         m.update(requests=self.done, prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
+                 wall_s=wall_s, peak_rss_mb=peak_rss_mb(),
                  aggregate_tok_s=self.generated_tokens / wall_s if wall_s else float("nan"),
                  failed_requests=self.failed, skipped_requests=self.skipped,
                  latency_sample_requests=len(self.sample))

@@ -1,0 +1,122 @@
+"""Batch-job throughput against workers, measured and projected.
+
+    python -m infeng.bench.scale_out MODEL [--requests 3000] [--repeats 2] [--json out.json]
+
+Measured, side by side in rounds (A B C, A B C, ...): a local job on 1 thread, and the same job
+on a local Ray cluster (127.0.0.1, 2 CPUs) with 1 and with 2 single-core workers. Throughput is
+generated tokens over the job's wall time after its engines are up (start-up is reported apart).
+
+Projected: one worker's steady throughput comes from the engine simulator (the engine's own
+scheduler on a cost model fitted to real steps of this model, on requests of the job's shape);
+N workers give N times that until the driver, which reads every line and journals every result
+alone, saturates — its rate is measured here too (lines keyed and checked + records journaled
+per second). Needs the `ray` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from infeng.bench.job_memory import write_requests
+
+
+def measure(model_path: Path, req: Path, d: Path, variant: str) -> dict:
+    from infeng.jobs import BatchJob, run_batch_job
+    from infeng.runtime.sampler import SamplingParams
+    out = d / f"{variant}.jsonl"
+    kw = dict(threads=1) if variant == "local-1t" else dict(ray="auto", ray_cpus=1,
+                                                            ray_workers=int(variant.split("-")[1][0]))
+    job = BatchJob(model_path, str(req), out, SamplingParams(temperature=0.0, seed=1).validated(), max_batch=8,
+                   progress=False, shard_size=250, **kw)
+    meta, m = run_batch_job(job)
+    out.unlink()
+    return {"variant": variant, "tok_s": m["aggregate_tok_s"], "wall_s": m["wall_s"], "startup_s": m["load_s"]}
+
+
+def driver_rate(d: Path, n: int = 50000) -> float:
+    """Lines per second the driver alone can key, look up and journal (no engine)."""
+    from infeng.jobs.journal import Journal, line_key
+    from infeng.jobs.reader import iter_lines
+    req = d / "driver.jsonl"
+    write_requests(req, n, 8)
+    j = Journal(d / "driver-out.jsonl", {"bench": 1}, seed=1)
+    rec = {"id": "q", "text": " she was very happy and", "token_ids": list(range(8)), "finish_reason": "length",
+           "seed": 1, "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}}
+    t0 = time.perf_counter()
+    for ln, line, _ in iter_lines(req):
+        k = line_key(ln, line)
+        if not j.done(k):
+            j.append(k, rec)
+    j.sync()
+    dt = time.perf_counter() - t0
+    j.remove()
+    return n / dt
+
+
+def simulated_worker_tok_s(model_path: Path, n: int, tokens: int) -> tuple[float, dict]:
+    """One single-thread engine's throughput on n requests of the bench's shape, simulated."""
+    from infeng.model.loader import load_model
+    from infeng.runtime.engine import Engine
+    from infeng.runtime.sim import CostModel, make_trace, replay, sim_engine, trace_requests
+    model = load_model(model_path, verify=False)
+    real = Engine(model, threads=1, max_batch=8, detokenize=False)
+    calib = make_trace(400, 0, (3, 6), (tokens, tokens), seed=1)
+    real.step_log = []
+    replay(real, calib, trace_requests(calib, model.config.vocab_size, 1))
+    cost = CostModel.fit(real.step_log)
+    trace = make_trace(n, 0, (3, 6), (tokens, tokens), seed=2)
+    rep = replay(sim_engine(model, cost, max_batch=8), trace, trace_requests(trace, model.config.vocab_size))
+    return rep.throughput_tok_s, cost.to_dict()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    if not a.model.exists() or a.requests < 1 or a.repeats < 1 or a.max_tokens < 1:
+        print("scale_out: give an existing MODEL and positive --requests/--repeats/--max-tokens", file=sys.stderr)
+        return 2
+    try:
+        import ray
+    except ImportError:
+        print("scale_out: needs Ray: pip install 'infeng[ray]'", file=sys.stderr)
+        return 2
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td)
+        req = d / "r.jsonl"
+        write_requests(req, a.requests, a.max_tokens)
+        for r in range(a.repeats):
+            for v in ("local-1t", "ray-1w", "ray-2w"):
+                rows.append({"round": r, **measure(a.model, req, d, v)})
+                print(json.dumps(rows[-1]), flush=True)
+        drv = driver_rate(d)
+    ray.shutdown()
+    med = {v: statistics.median(x["tok_s"] for x in rows if x["variant"] == v) for v in ("local-1t", "ray-1w", "ray-2w")}
+    sim_tok_s, cost = simulated_worker_tok_s(a.model, 2000, a.max_tokens)
+    lines_s_per_worker = sim_tok_s / a.max_tokens
+    report = {"median_tok_s": med, "ray2_over_local1": med["ray-2w"] / med["local-1t"],
+              "ray2_over_ray1": med["ray-2w"] / med["ray-1w"], "driver_lines_s": drv,
+              "sim_worker_tok_s": sim_tok_s, "cost_model": cost,
+              "driver_bound_workers": drv / lines_s_per_worker,
+              "projection": {n: min(n * sim_tok_s, drv * a.max_tokens) for n in (1, 2, 8, 16, 32, 64)},
+              "rows": rows}
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
