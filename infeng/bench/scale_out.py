@@ -38,8 +38,10 @@ def measure(model_path: Path, req: Path, d: Path, variant: str) -> dict:
     return {"variant": variant, "tok_s": m["aggregate_tok_s"], "wall_s": m["wall_s"], "startup_s": m["load_s"]}
 
 
-def driver_rate(d: Path, n: int = 50000) -> float:
-    """Lines per second the driver alone can key, look up and journal (no engine)."""
+def driver_rate(d: Path, n: int = 50000) -> tuple[float, float]:
+    """Lines per second the driver alone can key, look up and journal (no engine), and lines per
+    second of the final assembly (input reread, each record fetched from the journal)."""
+    from infeng.jobs.job import JobFile, assemble
     from infeng.jobs.journal import Journal, line_key
     from infeng.jobs.reader import iter_lines
     req = d / "driver.jsonl"
@@ -54,8 +56,11 @@ def driver_rate(d: Path, n: int = 50000) -> float:
             j.append(k, rec)
     j.sync()
     dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assemble(JobFile(req, d / "driver-out.jsonl"), j)
+    da = time.perf_counter() - t0
     j.remove()
-    return n / dt
+    return n / dt, n / da
 
 
 def simulated_worker_tok_s(model_path: Path, n: int, tokens: int) -> tuple[float, dict]:
@@ -101,13 +106,13 @@ def main(argv=None) -> int:
             for v in ("local-1t", "ray-1w", "ray-2w"):
                 rows.append({"round": r, **measure(a.model, req, d, v)})
                 print(json.dumps(rows[-1]), flush=True)
-        drv = driver_rate(d)
+        drv, asm = driver_rate(d)
     ray.shutdown()
     med = {v: statistics.median(x["tok_s"] for x in rows if x["variant"] == v) for v in ("local-1t", "ray-1w", "ray-2w")}
     sim_tok_s, cost = simulated_worker_tok_s(a.model, 2000, a.max_tokens)
     lines_s_per_worker = sim_tok_s / a.max_tokens
     report = {"median_tok_s": med, "ray2_over_local1": med["ray-2w"] / med["local-1t"],
-              "ray2_over_ray1": med["ray-2w"] / med["ray-1w"], "driver_lines_s": drv,
+              "ray2_over_ray1": med["ray-2w"] / med["ray-1w"], "driver_lines_s": drv, "assembly_lines_s": asm,
               "sim_worker_tok_s": sim_tok_s, "cost_model": cost,
               "driver_bound_workers": drv / lines_s_per_worker,
               "projection": {n: min(n * sim_tok_s, drv * a.max_tokens) for n in (1, 2, 8, 16, 32, 64)},
