@@ -49,10 +49,11 @@ def _ray_args(model, req, out, *extra):
             "--ray-workers", "2", "--shard-size", "16", *extra]
 
 
-def test_ray_output_equals_local(cluster, model, job, tmp_path):
+@pytest.mark.parametrize("ship", [False, True])
+def test_ray_output_equals_local(cluster, model, job, tmp_path, ship):
     req, local = job
     out, tel = tmp_path / "ray.jsonl", tmp_path / "t.json"
-    assert main(_ray_args(model, req, out, "--telemetry", str(tel))) == 0
+    assert main(_ray_args(model, req, out, "--telemetry", str(tel), *(["--ray-ship"] if ship else []))) == 0
     assert out.read_text() == local.read_text()
     m = json.loads(tel.read_text())
     assert m["meta"]["workers"] == 2 and m["metrics"]["requests"] == 159 and m["metrics"]["failed_requests"] == 1

@@ -32,6 +32,7 @@ def generate(
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="engine actors on Ray [default: the cluster's CPUs / --ray-cpus]"),
     ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="CPUs (= engine threads) each Ray worker owns [default: 1]"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="lines handed to a Ray worker at a time [default: 256]"),
+    ray_ship: bool = typer.Option(False, "--ray-ship", help="send the model and adapters to the Ray workers (no shared path)"),
     max_batch: int = typer.Option(8, "--max-batch", help="sequences run together in one forward pass"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="context length per sequence [default: the model's, at most 4096]"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
@@ -62,8 +63,8 @@ def generate(
         raise InfengError(f"{telemetry.parent}: no such directory (for {telemetry.name})")
     if batch is None and (restart or window is not None or ray is not None):
         raise InfengError("--restart, --window and --ray go with --batch")
-    if ray is None and (ray_workers is not None or ray_cpus is not None or shard_size is not None):
-        raise InfengError("--ray-workers, --ray-cpus and --shard-size go with --ray")
+    if ray is None and (ray_workers is not None or ray_cpus is not None or shard_size is not None or ray_ship):
+        raise InfengError("--ray-workers, --ray-cpus, --shard-size and --ray-ship go with --ray")
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory")
     t_load = time.perf_counter()
@@ -77,7 +78,8 @@ def generate(
         job = BatchJob(model_path, batch, output, defaults if seed is not None else replace(defaults, seed=None),
                        threads=threads, max_batch=max_batch, ctx=ctx, verify=not no_verify, adapter=adapter,
                        adapters_dir=adapters_dir, restart=restart, window=window, ray=ray,
-                       ray_workers=ray_workers, ray_cpus=ray_cpus or 1, shard_size=shard_size or 256, model=model)
+                       ray_workers=ray_workers, ray_cpus=ray_cpus or 1, shard_size=shard_size or 256, ray_ship=ray_ship,
+                       model=model)
         try:
             meta, figures = run_batch_job(job)
         except Interrupted as e:

@@ -8,7 +8,8 @@ worker lost mid-shard leaves nothing of it behind and the shard is simply run ag
 The output is assembled from the journal as for a local run: same format, same order, and a
 journal from either kind of run resumes on the other.
 
-The model and adapter files are read from the same path on every node (a shared file system).
+The model and adapter files are read from the same path on every node (a shared file system),
+or, with ``--ray-ship``, sent through Ray's object store and written to each worker's temp dir.
 """
 from __future__ import annotations
 
@@ -39,11 +40,17 @@ def import_ray():
 class EngineWorker:
     """One Engine on one Ray worker (made a Ray actor by ``actor_class``)."""
 
-    def __init__(self, model_path: str, threads: int, max_batch: int, ctx: int | None, verify: bool,
-                 adapters: dict[str, str], model_name: str):
+    def __init__(self, model_path, threads: int, max_batch: int, ctx: int | None, verify: bool,
+                 adapters: dict, model_name: str):
+        """``model_path`` and each adapter are a path every node reads, or (file name, object
+        ref of its bytes) when shipped: written to a temporary directory here, then mapped."""
+        import tempfile
         from infeng.model.loader import load_model
         from infeng.runtime.engine import Engine
         from infeng.runtime.tokenizer import Tokenizer
+        self._tmp = tempfile.TemporaryDirectory(prefix="infeng-worker-")
+        model_path = _materialize(model_path, Path(self._tmp.name))
+        adapters = {n: _materialize(f, Path(self._tmp.name)) for n, f in adapters.items()}
         self.model = load_model(model_path, verify=verify)
         self.tok = Tokenizer(self.model.tokenizer, self.model.config.bos_id, self.model.config.eos_ids)
         self.engine = Engine(self.model, threads=threads, max_batch=max_batch, max_seq_len=ctx,
@@ -68,6 +75,22 @@ class EngineWorker:
         run_local(self.engine, (parse(*ln) for ln in lines), sink, st, self.model_name, window)
         return sink.records, {"done": st.done, "failed": st.failed, "prompt_tokens": st.prompt_tokens,
                               "generated_tokens": st.generated_tokens}
+
+
+def _materialize(spec, d: Path) -> str:
+    if isinstance(spec, str):
+        return spec
+    import ray
+    name, ref = spec
+    (d / name).write_bytes(ray.get(ref))
+    return str(d / name)
+
+
+def _ship(ray, path: Path):
+    """(file name, object ref of its bytes): a file sent through Ray's object store."""
+    if not path.is_file():
+        raise InfengError(f"--ray-ship: {path} is a folder; convert it to one .infeng file to ship it")
+    return path.name, ray.put(path.read_bytes())
 
 
 def connect(ray, address: str) -> None:
@@ -101,8 +124,11 @@ def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], 
     n_workers = job.ray_workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // job.ray_cpus)
     if n_workers < 1:
         raise InfengError(f"--ray-workers must be >= 1, got {n_workers}")
-    pool = WorkerPool(ray, job, model.identity(), ctx, {n: str(Path(p).resolve()) for n, p in adapters.items()},
-                      n_workers)
+    if job.ray_ship:
+        files = _ship(ray, Path(job.model_path)), {n: _ship(ray, Path(p)) for n, p in adapters.items()}
+    else:
+        files = str(Path(job.model_path).resolve()), {n: str(Path(p).resolve()) for n, p in adapters.items()}
+    pool = WorkerPool(ray, job, model.identity(), ctx, files, n_workers)
     load_s = time.perf_counter() - t_load
     stats = JobStats()
     try:
@@ -127,13 +153,13 @@ def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], 
 class WorkerPool:
     """The engine actors, replaced when one is lost, fed shards two at a time."""
 
-    def __init__(self, ray, job, identity: str, ctx: int, adapters: dict[str, str], n: int):
+    def __init__(self, ray, job, identity: str, ctx: int, files: tuple, n: int):
         self.ray, self.job, self.identity = ray, job, identity
         self.lost = self.rerun = 0
         self.budget = MAX_REPLACEMENTS * n
         self.cls = ray.remote(num_cpus=job.ray_cpus, max_restarts=0, max_task_retries=0)(EngineWorker)
-        self.args = (str(Path(job.model_path).resolve()), job.ray_cpus, job.max_batch, ctx, job.verify, adapters,
-                     job.model_path.name)
+        self.args = (files[0], job.ray_cpus, job.max_batch, ctx, job.verify, files[1], job.model_path.name)
+        self.where = job.model_path
         self.actors = [self._start() for _ in range(n)]
         self._check_ready(self.actors)
 
@@ -147,10 +173,11 @@ class WorkerPool:
             try:
                 ident, _ = self.ray.get(a.ready.remote())
             except self.ray.exceptions.RayError as e:
-                raise InfengError(f"a Ray worker could not load {self.args[0]}: {_cause(e)}") from None
+                raise InfengError(f"a Ray worker could not load {self.where}: {_cause(e)} (no shared path? "
+                                  f"--ray-ship sends the files)") from None
             if ident != self.identity:
-                raise InfengError(f"a Ray worker reads a different model at {self.args[0]} (identity "
-                                  f"{ident[:12]}…, the driver's {self.identity[:12]}…); use a shared path")
+                raise InfengError(f"a Ray worker reads a different model at {self.where} (identity "
+                                  f"{ident[:12]}…, the driver's {self.identity[:12]}…); use a shared path or --ray-ship")
 
     def run_file(self, pair: JobFile, journal: Journal, st: JobStats, defaults: dict, default_adapter: str | None,
                  window: int, on_done) -> None:

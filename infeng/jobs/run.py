@@ -32,6 +32,7 @@ class BatchJob:
     ray_workers: int | None = None
     ray_cpus: int = 1               # CPUs (= engine threads) per Ray worker
     shard_size: int = 256           # lines a Ray worker is handed at a time
+    ray_ship: bool = False          # send model and adapters through Ray instead of a shared path
     progress: bool = True
     model: Any = None               # the loaded model, when the caller has it already
 
