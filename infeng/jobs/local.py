@@ -34,7 +34,7 @@ class LineParser:
     adapters: frozenset = frozenset()       # loaded adapter names (an OpenAI body's model may name one)
     default_adapter: str | None = None      # --adapter: for lines that name none
 
-    def __call__(self, lineno: int, line: str, error: str | None = None) -> Todo:
+    def __call__(self, lineno: int, line: str, error: str | None = None, k: bytes | None = None) -> Todo:
         if error is not None:
             item = BatchItem(lineno, "infeng", f"line-{lineno}", error=error)
         else:
@@ -45,18 +45,19 @@ class LineParser:
                 req.adapter = self.default_adapter
             elif item.kind != "infeng" and item.model in self.adapters:
                 req.adapter = item.model
-        return Todo(line_key(lineno, line), item)
+        return Todo(k if k is not None else line_key(lineno, line), item)
 
 
 def pending(path: Path, parse: LineParser, journal: Journal, stats: JobStats,
             on_skip: Callable[[], None] = lambda: None) -> Iterator[Todo]:
     """The requests of ``path`` not yet in the journal, in input order, parsed one at a time."""
     for n, line, err in iter_lines(path):
-        if journal.done(line_key(n, line)):
+        k = line_key(n, line)
+        if journal.done(k):
             stats.skipped += 1
             on_skip()
             continue
-        yield parse(n, line, err)
+        yield parse(n, line, err, k)
 
 
 class Collect:
