@@ -71,10 +71,11 @@ class EngineWorker:
         params = SamplingParams(**{**defaults, "stop": tuple(defaults["stop"]),
                                    "stop_token_ids": tuple(defaults["stop_token_ids"])})
         parse = LineParser(where, params, self.tok, frozenset(self.engine.adapters.loaded), default_adapter)
-        sink, st = Collect(), JobStats()
+        import time
+        sink, st, cpu0 = Collect(), JobStats(), time.process_time()
         run_local(self.engine, (parse(*ln) for ln in lines), sink, st, self.model_name, window)
         return sink.records, {"done": st.done, "failed": st.failed, "prompt_tokens": st.prompt_tokens,
-                              "generated_tokens": st.generated_tokens}
+                              "generated_tokens": st.generated_tokens, "cpu_s": time.process_time() - cpu0}
 
 
 def _materialize(spec, d: Path) -> str:
@@ -222,6 +223,7 @@ class WorkerPool:
             st.failed += counts["failed"]
             st.prompt_tokens += counts["prompt_tokens"]
             st.generated_tokens += counts["generated_tokens"]
+            st.worker_cpu_s += counts["cpu_s"]
             journal.tick()
 
     def _replace(self, dead, load: dict, err) -> None:

@@ -17,6 +17,8 @@ SAMPLE = 2048
 class JobStats:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+        self.worker_cpu_s = 0.0     # CPU time of the Ray workers (reported with their shards)
         self.done = 0               # requests that ran (results journaled this run)
         self.failed = 0             # lines answered with an error
         self.skipped = 0            # found in the journal
@@ -47,7 +49,8 @@ class JobStats:
         m = metrics(engine, self.sample, wall_s) if engine is not None else {}
         from infeng.telemetry import peak_rss_mb
         m.update(requests=self.done, prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-                 wall_s=wall_s, peak_rss_mb=peak_rss_mb(),
+                 wall_s=wall_s, peak_rss_mb=peak_rss_mb(), cpu_s=time.process_time() - self.cpu0,
+                 worker_cpu_s=self.worker_cpu_s,
                  aggregate_tok_s=self.generated_tokens / wall_s if wall_s else float("nan"),
                  failed_requests=self.failed, skipped_requests=self.skipped,
                  latency_sample_requests=len(self.sample))
