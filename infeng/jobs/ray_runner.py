@@ -133,11 +133,11 @@ def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], 
     load_s = time.perf_counter() - t_load
     stats = JobStats()
     try:
-        from infeng.jobs.run import progress_bar
+        from infeng.jobs.run import ProgressBar
         for pair in pairs:
             journal, defaults = open_journal(pair, setup, job.defaults, job.restart, stderr_log)
             d = asdict(defaults)
-            with progress_bar(job.progress, pair.input.name, count_lines(pair.input)) as advance:
+            with ProgressBar(job.progress, pair.input.name, count_lines(pair.input)) as advance:
                 def run(st: JobStats) -> None:
                     pool.run_file(pair, journal, st, d, default_adapter, window, lambda: advance(st))
                 run_file(pair, journal, stats, run, stderr_log)

@@ -86,7 +86,7 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     for pair, total in zip(pairs, totals):
         journal, defaults = open_journal(pair, setup, job.defaults, job.restart, stderr_log)
         parse = LineParser(str(pair.input), defaults, tok, frozenset(adapters), default_adapter)
-        with progress_bar(job.progress, pair.input.name, total) as advance:
+        with ProgressBar(job.progress, pair.input.name, total) as advance:
             def run(st: JobStats) -> None:
                 run_local(engine, pending(pair.input, parse, journal, st, lambda: advance(st)), journal, st,
                           job.model_path.name, window, lambda: advance(st))
@@ -100,7 +100,7 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     return meta, metrics
 
 
-class progress_bar:  # noqa: N801  (used as a function: with progress_bar(...) as advance)
+class ProgressBar:
     """The progress bar (requests done of the file's total, elapsed, ETA, tokens/s) or nothing."""
 
     def __init__(self, show: bool, label: str, total: int):
