@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
-from infeng.model.llama import LlamaC
 from infeng.errors import InfengError
 from infeng.model.adapter import convert_peft, reference_with_adapter
 from infeng.model.loader import load_model
@@ -83,8 +82,8 @@ def test_decode_rows_grouped_by_adapter(base, files):
         eng.submit(Request(id=str(i), prompt="Once upon a time", params=_greedy(8), adapter=a))
     eng.step()                                                   # all six prompts prefill together
     eng.step()                                                   # six decode rows
-    names = [a.name if a else None for a in eng._seg_ad]
-    assert eng._n_seg == 3 and sorted(names, key=str) == sorted([NAMES[0], NAMES[1], None], key=str)
+    names = [a.name if a else None for a in eng.packer.seg_ad]
+    assert len(names) == 3 and sorted(names, key=str) == sorted([NAMES[0], NAMES[1], None], key=str)
     list(eng.stream())
 
 
@@ -231,23 +230,21 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
         assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
     # the forward pass rounds each projection input to int8 once (ifg_scratch.xq), shared by the x16
     # GEMMs and the int8 adapters' shrink; without it each rounds x itself: the same bits
-    from infeng.runtime.adapters import lora_batch, lora_scratch
-    from infeng.runtime.kv import KVCache
+    from infeng.runtime.session import ForwardSession
     la = eng.adapters.get("i8")
     T = 6
     logits = []
     for shared in (True, False):
-        net = LlamaC(eng.kern, qbase, max_tokens=T, max_out=T, threads=2)
+        fs = ForwardSession(eng.kern, qbase, max_tokens=T, max_out=T, threads=2, n_slots=2, max_seq_len=16,
+                            block_size=4)
         if not shared:
-            net.s.xq = eng.kern.ffi.NULL
-        kv = KVCache(eng.kern, qbase.config, n_slots=2, max_seq_len=16, block_size=4)
-        assert kv.ensure(0, 8) and kv.ensure(1, 8)
-        seg = np.array([0, 3, T], np.int32)                      # rows 0-2 adapter i8, rows 3-5 none
-        h, tmp = lora_scratch(eng.kern, qbase.config, T, la.kernel_rank), np.zeros((T, qbase.config.dim), np.float32)
-        lb, keep = lora_batch(eng.kern, seg, [la.table, eng.kern.ffi.NULL], h, tmp)
-        net.tokens[:T], net.pos[:T], net.seq[:T], net.out_rows[:T] = [1, 5, 9, 1, 7, 3], [0, 1, 2, 0, 1, 2], [0] * 3 + [1] * 3, range(T)
-        net.step(kv, T, T, lb)
-        logits.append(net.logits[:T].copy())
+            fs.net.structs.set(fs.net.s, xq=None)
+        assert fs.kv.ensure(0, 8) and fs.kv.ensure(1, 8)
+        fs.lora.reserve(la.kernel_rank)
+        lb = fs.lora_segments([la.table, None], [0, 3], T)                # rows 0-2 adapter i8, rows 3-5 none
+        fs.tokens[:T], fs.pos[:T], fs.seq[:T], fs.out_rows[:T] = [1, 5, 9, 1, 7, 3], [0, 1, 2, 0, 1, 2], [0] * 3 + [1] * 3, range(T)
+        fs.run(T, T, lb)
+        logits.append(fs.logits[:T].copy())
     np.testing.assert_array_equal(logits[0], logits[1])
     # the overhead benchmark's paired steps run on this base too (a tiny run: its shape, not its numbers)
     from infeng.bench.lora_scenarios import overhead

@@ -18,9 +18,10 @@ from infeng import format as native
 from infeng import quant
 from infeng.cli.main import main
 from infeng.errors import InfengError
+from infeng.kernels.abi import DTYPE
 from infeng.quant import q4_k
 
-Q4_K = 7
+Q4_K = DTYPE["q4_k"]
 TS = (1, 3, 17, 50)
 NK = [(37, 256), (80, 768), (37, 5632)]
 
@@ -324,7 +325,7 @@ def test_c_forward_interleaved_equals_plain_layout(kern, tmp_path, data_dir, mon
     stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
     net, fast = logits(model)
     L = net.layers[0]
-    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (9,) * 4
+    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (DTYPE["q4_kx16"],) * 4
     assert net.m.tok_embeddings.dtype == Q4_K and (L.wq.rows, L.wq.cols) == (256, 256)
     for n, (d, a) in model.tensors.items():
         np.testing.assert_array_equal(a, stored[n])

@@ -25,11 +25,9 @@ from pathlib import Path
 from infeng.bench.synthetic import make_adapter
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
-from infeng.kernels import ptr
-from infeng.runtime.adapters import lora_batch, lora_scratch
 from infeng.runtime.engine import Engine, Request, StepStats
-from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.session import ForwardSession
 from infeng.telemetry import Run
 
 
@@ -61,39 +59,34 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
                  chunk: int = 32) -> dict:
     """C forward time of one batch with and without its adapters, step for step: each prefill
     step (``chunk`` prompt tokens of every row, as a chunked prefill) and each decode step runs
-    once bare and once with the adapters, back to back in alternating order, on two KV caches.
+    once bare and once with the adapters, back to back in alternating order, in two forward
+    sessions (sharing the engine's weights, each with its own KV cache).
     The machine's slow drifts (this one's speed wanders by ±20 % over seconds) then hit both
     sides of every pair alike. ``adapters``: one per row (None: none), rows already grouped by
     adapter as the engine's scheduler groups them."""
     kern, cfg, net = eng.kern, eng.cfg, eng.net
     B, P = len(adapters), prompt_len
     rng = np.random.default_rng(seed)
-    kvs = [KVCache(kern, cfg, B, P + n_decode + 1) for _ in range(2)]
-    starts, tables = [0], []
+    bare, mixed = (ForwardSession(kern, eng.model, max_tokens=B * P, max_out=B, threads=eng.threads, n_slots=B,
+                                  max_seq_len=P + n_decode + 1, net=net) for _ in range(2))
+    starts, tables = [], []
     for i, a in enumerate(adapters):            # one segment per run of equal adapters
         if i == 0 or a is not adapters[i - 1]:
-            if i:
-                starts.append(i)
-            tables.append(a.table if a is not None else kern.ffi.NULL)
-    starts.append(B)
-    r = max(a.kernel_rank for a in adapters if a is not None)
-    h, tmp = lora_scratch(kern, cfg, B * P, r), np.zeros((B * P, cfg.dim), np.float32)
-    seg_dec = np.array(starts, np.int32)
-    seg_pre = {c: seg_dec * c for c in {min(chunk, P - c0) for c0 in range(0, P, chunk)}}  # rows per chunk size
-    lb_pre, keep_pre = lora_batch(kern, seg_pre[min(chunk, P)], tables, h, tmp)
-    lb_dec, keep_dec = lora_batch(kern, seg_dec, tables, h, tmp)
+            starts.append(i)
+            tables.append(a.table if a is not None else None)
+    mixed.lora.reserve(max(a.kernel_rank for a in adapters if a is not None))
     times = {"prefill": ([], []), "decode": ([], [])}    # (bare, adapted) seconds per step
 
-    def step(which, kv, T, n_out, lb):
+    def step(which, fs, T, n_out, lb):
         t0 = time.perf_counter()
-        net.step(kv, T, n_out, lb)
+        fs.run(T, n_out, lb)
         times[which][lb is not None].append(time.perf_counter() - t0)
 
     for rep in range(repeats):
-        for kv in kvs:
+        for fs in (bare, mixed):
             for slot in range(B):
-                kv.release(slot)
-                kv.ensure(slot, P + n_decode)
+                fs.kv.release(slot)
+                fs.kv.ensure(slot, P + n_decode)
         for c0 in range(0, P, chunk):             # prefill: every prompt, a chunk of each per step
             c = min(chunk, P - c0)
             T = B * c
@@ -101,19 +94,17 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
             net.pos[:T] = np.tile(np.arange(c0, c0 + c), B)
             net.seq[:T] = np.repeat(np.arange(B), c)
             net.out_rows[:B] = np.arange(B) * c + c - 1
-            lb_pre.seg_start = ptr(kern, seg_pre[c], "int32_t *")
-            pair = [(kvs[0], None), (kvs[1], lb_pre)]
-            for kv, lb in (pair if (rep + c0 // chunk) % 2 == 0 else pair[::-1]):
-                step("prefill", kv, T, B, lb)
+            pair = [(bare, None), (mixed, mixed.lora_segments(tables, [s * c for s in starts], T))]
+            for fs, lb in (pair if (rep + c0 // chunk) % 2 == 0 else pair[::-1]):
+                step("prefill", fs, T, B, lb)
         for d in range(n_decode):                # decode: one token per row
             net.tokens[:B] = rng.integers(3, cfg.vocab_size, B)
             net.pos[:B] = P + d
             net.seq[:B] = np.arange(B)
             net.out_rows[:B] = np.arange(B)
-            pair = [(kvs[0], None), (kvs[1], lb_dec)]
-            for kv, lb in (pair if (rep + d) % 2 == 0 else pair[::-1]):
-                step("decode", kv, B, B, lb)
-    del keep_pre, keep_dec, seg_pre
+            pair = [(bare, None), (mixed, mixed.lora_segments(tables, starts, B))]
+            for fs, lb in (pair if (rep + d) % 2 == 0 else pair[::-1]):
+                step("decode", fs, B, B, lb)
     out = {}
     for which, (bare, mixed) in times.items():
         n_tok = B * min(chunk, P) if which == "prefill" else B

@@ -15,10 +15,10 @@ import numpy as np
 from infeng.errors import InfengError
 from infeng.kernels import ptr
 
-from infeng.model.llama import CDTYPE as _MODEL_CDTYPE
+from infeng.kernels.abi import DTYPE
 
-# the C dtype codes, from the one table the forward pass uses (fp8 has no micro-benchmark case)
-CDTYPE = {k: v for k, v in _MODEL_CDTYPE.items() if k != "fp8"}
+# the C dtype codes (fp8 has no micro-benchmark case)
+CDTYPE = {k: v for k, v in DTYPE.items() if k != "fp8"}
 
 
 @dataclass

@@ -3,8 +3,9 @@ the numpy reference.
 
 ``profile_run`` drives the Engine on one prompt with the C forward pass's timing buffer switched
 on (``struct ifg_scratch.op_times``: thread 0 stamps the end of every op of every layer) and
-times the Python stages around it: tokenize (submit), schedule (admission), the forward C call,
-sampling, and the rest of a step (Python overhead between C calls). ``chrome_trace`` turns that
+times the Python stages around it through the engine's hooks: tokenize (submit), schedule
+(admission), the forward C call, sampling, and the rest of a step (Python overhead between C
+calls). ``chrome_trace`` turns that
 into a trace JSON for Perfetto / chrome://tracing.
 
 ``dump_activations`` runs one forward call over a prompt with the trace buffer switched on
@@ -18,19 +19,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infeng import kernels
 from infeng.errors import InfengError
-from infeng.kernels import ptr
+from infeng.kernels import default_threads
+from infeng.kernels.abi import OPS     # op names in ifg_op order (kernels_c/forward.h)
+from infeng.runtime.engine import Engine, FinishEvent, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.session import ForwardSession
 
-# op names in ifg_op order (kernels_c/forward.h), and the kernel family of each
-OPS = ("embed", "attn_norm", "wq", "wk", "wv", "rope", "kv_store", "attention", "wo", "ffn_norm",
-       "w_gate", "w_up", "silu_mul", "w_down", "final_norm", "output")
+# the kernel family of each op
 FAMILY = {"embed": "embed", "attn_norm": "norm", "ffn_norm": "norm", "final_norm": "norm",
           "rope": "rope", "kv_store": "attention", "attention": "attention", "silu_mul": "act",
           **{m: "matmul" for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")}}
@@ -153,80 +156,56 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
-@contextmanager
-def _timed_sampler(acc: list[float]):
-    """Time every Sampler call made by the engine (the class is swapped back afterwards)."""
-    import infeng.runtime.engine as eng_mod
-    base = eng_mod.Sampler
+class StepTimer:
+    """An engine hooks subscriber: wall and CPU time of each step's phases, one StepRecord per
+    step that ran the forward pass (with a copy of the C op clock ``op_times``)."""
 
-    class TimedSampler(base):
-        def __call__(self, logits_ptr):
-            t0 = time.perf_counter()
-            try:
-                return super().__call__(logits_ptr)
-            finally:
-                acc[0] += time.perf_counter() - t0
-    eng_mod.Sampler = TimedSampler
-    try:
-        yield
-    finally:
-        eng_mod.Sampler = base
+    def __init__(self, op_times: np.ndarray):
+        self.op_times, self.steps = op_times, []
+        self.cur: dict[str, Any] = {}
+
+    def __call__(self, phase: str, edge: str, info: dict) -> None:
+        t, cpu, cur = time.perf_counter(), time.process_time(), self.cur
+        if phase == "step":
+            if edge == "begin":
+                cur.clear()
+                cur.update(t0=t, cpu0=cpu, sched=0.0, sched_cpu=0.0, sample=0.0)
+            elif "t_c0" in cur:
+                self.steps.append(StepRecord(cur["t0"], cur["t_c0"], cur["t_c1"], t, cpu - cur["cpu0"],
+                                             cur["cpu_c1"] - cur["cpu_c0"], cur["T"], cur["n_out"], cur["sched"],
+                                             cur["sample"], cur["ops"], cur["sched_cpu"]))
+        elif phase == "schedule":
+            sign = -1 if edge == "begin" else 1
+            cur["sched"] += sign * t
+            cur["sched_cpu"] += sign * cpu
+        elif phase == "forward":
+            if edge == "begin":
+                cur["t_c0"], cur["cpu_c0"] = t, cpu
+            else:
+                cur["t_c1"], cur["cpu_c1"] = t, cpu
+                cur["T"], cur["n_out"] = info["T"], info["n_out"]
+                cur["ops"] = self.op_times.copy()
+        elif phase == "sample":
+            cur["sample"] += -t if edge == "begin" else t
 
 
 def profile_run(model, prompt: str, n: int, threads: int | None = None, isa: str | None = None,
                 label: str = "", on_token=None) -> Profile:
     """Generate ``n`` greedy tokens after ``prompt`` through the Engine, with every stage timed."""
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
     eng = Engine(model, threads=threads, max_batch=1, isa=isa, prefix_cache=False)
     check_ops(eng.kern)
-    net = eng.net
     c = model.config
-    buf = np.zeros(1 + (c.n_layers + 1) * len(OPS), np.float64)
-    net.s.op_times = eng.kern.ffi.cast("double *", eng.kern.ffi.from_buffer(buf))
-    net._profile_buf = buf                            # keep it alive with the struct
-    steps: list[StepRecord] = []
-    cur: dict[str, Any] = {}
-    sample_acc = [0.0]
-
-    orig_step, orig_admit, orig_engine_step = net.step, eng._admit, eng.step
-
-    def c_step(kv, T, n_out, *rest):      # rest: whatever else the engine passes (adapters)
-        cur["t_c0"], cur["cpu_c0"] = time.perf_counter(), time.process_time()
-        orig_step(kv, T, n_out, *rest)
-        cur["t_c1"], cur["cpu_c1"] = time.perf_counter(), time.process_time()
-        cur["T"], cur["n_out"] = T, n_out
-        cur["ops"] = buf.copy()
-
-    def admit(now):
-        t0, c0 = time.perf_counter(), time.process_time()
-        orig_admit(now)
-        cur["sched"] = cur.get("sched", 0.0) + time.perf_counter() - t0
-        cur["sched_cpu"] = cur.get("sched_cpu", 0.0) + time.process_time() - c0
-
-    def engine_step():
-        cur.clear()
-        sample_acc[0] = 0.0
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        ev = orig_engine_step()
-        t1, cpu1 = time.perf_counter(), time.process_time()
-        if "t_c0" in cur:
-            steps.append(StepRecord(t0, cur["t_c0"], cur["t_c1"], t1, cpu1 - cpu0, cur["cpu_c1"] - cur["cpu_c0"],
-                                    cur["T"], cur["n_out"], cur.get("sched", 0.0), sample_acc[0], cur["ops"],
-                                    cur.get("sched_cpu", 0.0)))
-        return ev
-
-    net.step, eng._admit, eng.step = c_step, admit, engine_step
+    timer = StepTimer(eng.net.record_op_times())
+    unsubscribe = eng.hooks.subscribe(timer)
     req = Request(id="profile", prompt=prompt, params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     thr0 = _thread_cpu()
-    with _timed_sampler(sample_acc):
+    try:
         t0, cpu0 = time.perf_counter(), time.process_time()
         t_tok = time.perf_counter()
         ids = eng.tokenizer.encode(prompt)
         tok_s, tok_cpu = time.perf_counter() - t_tok, time.process_time() - cpu0
         req.prompt_ids = ids
         text, result = [], None
-        from infeng.runtime.engine import FinishEvent
         for ev in eng.stream([req]):
             if isinstance(ev, FinishEvent):
                 result = ev.result
@@ -235,6 +214,9 @@ def profile_run(model, prompt: str, n: int, threads: int | None = None, isa: str
                 if on_token:
                     on_token()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        unsubscribe()
+    steps = timer.steps
     thr1 = _thread_cpu()
     if result is None or result.finish_reason == "rejected":
         raise InfengError(f"profile run failed: {result.error if result else 'no result'}")
@@ -323,29 +305,24 @@ class Activations:
 
 def dump_activations(model, ids: list[int], threads: int | None = None, isa: str | None = None) -> Activations:
     """One forward call of the C pass over ``ids`` (positions 0..T-1) with the trace buffer on."""
-    from infeng import kernels
-    from infeng.model.llama import LlamaC
-    from infeng.runtime.engine import default_threads
-    from infeng.runtime.kv import KVCache
     kern = kernels.load(isa) if isa else kernels.active()
     check_ops(kern)
     c = model.config
     T = len(ids)
     if T < 1 or T > c.max_seq_len:
         raise InfengError(f"the prompt has {T} tokens; the model takes 1..{c.max_seq_len}")
-    net = LlamaC(kern, model, T, 1, threads or default_threads())
-    kv = KVCache(kern, c, 1, T, 16)
-    if not kv.ensure(0, T):  # pragma: no cover - the pool is sized for it
+    fs = ForwardSession(kern, model, max_tokens=T, max_out=1, threads=threads or default_threads(), n_slots=1,
+                        max_seq_len=T)
+    if not fs.kv.ensure(0, T):  # pragma: no cover - the pool is sized for it
         raise InfengError("no KV blocks for the prompt")
-    per_tok = kern.lib.ifg_trace_floats_per_token(net.m)
-    trace = np.zeros(c.n_layers * T * per_tok, np.float32)
-    net.s.trace = ptr(kern, trace)
-    net.tokens[:T] = ids
-    net.pos[:T] = np.arange(T)
-    net.seq[:T] = 0
-    net.out_rows[0] = T - 1
-    net.step(kv, T, 1)
-    net.s.trace = kern.ffi.NULL
+    per_tok = kern.lib.ifg_trace_floats_per_token(fs.net.m)
+    trace = fs.net.record_trace(T)
+    fs.tokens[:T] = ids
+    fs.pos[:T] = np.arange(T)
+    fs.seq[:T] = 0
+    fs.out_rows[0] = T - 1
+    fs.run(T, 1)
+    fs.net.record_trace(0)
     w = widths(c)
     layers = []
     for l in range(c.n_layers):
@@ -355,7 +332,7 @@ def dump_activations(model, ids: list[int], threads: int | None = None, isa: str
             ops[op] = block[off * T:(off + w[op]) * T].reshape(T, w[op]).copy()
             off += w[op]
         layers.append(ops)
-    return Activations(list(ids), layers, net.logits[0].copy())
+    return Activations(list(ids), layers, fs.logits[0].copy())
 
 
 @dataclass

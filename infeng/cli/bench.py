@@ -30,7 +30,7 @@ def bench(
     from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 
     from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
-    from infeng.runtime.engine import default_threads
+    from infeng.kernels import default_threads
     from infeng.telemetry import progress, stderr_console
 
     if (suite_path is None) == (kernel is None):

@@ -14,9 +14,10 @@ from infeng.jobs.journal import Journal, line_key
 from infeng.jobs.reader import iter_lines
 from infeng.jobs.stats import JobStats
 from infeng.runtime.batch import BatchItem, parse_line, record
-from infeng.runtime.engine import Engine, FinishEvent
+from infeng.runtime.engine import Engine
 from infeng.runtime.sampler import SamplingParams
 from infeng.runtime.tokenizer import Tokenizer
+from infeng.runtime.types import FinishEvent
 
 
 @dataclass

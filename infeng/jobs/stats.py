@@ -9,7 +9,7 @@ import random
 import time
 from typing import Any
 
-from infeng.runtime.engine import Result
+from infeng.runtime.types import Result
 
 SAMPLE = 2048
 

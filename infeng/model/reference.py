@@ -1,8 +1,10 @@
 """The numpy reference forward pass: op for op what the C forward pass does, in plain numpy.
 
 It is validated against logits recorded from Hugging Face transformers (reference.json), and the C
-path is validated against it. Compute is f32 (matmuls accumulate in f64 via numpy's BLAS-free
-paths only where noted) — clarity over speed.
+path is validated against it. Compute is f32, except that matmuls accumulate in f64 and round
+once: an f32 BLAS product's summation order depends on the machine's BLAS kernel, and with int8
+activations one ulp can round a value to the other int8, so an f32 reference would agree with the
+C kernels on one machine and not on the next.
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ class ReferenceModel:
         if name in self.qin:
             q, d = quantize_activations(x)
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
-        y = x @ self.w[name].T
+        y = x.astype(np.float64) @ self.w[name].T.astype(np.float64)
         if name in self.low_rank:
             from infeng.model.adapter import int8_lora_product
             qa, qbt, hs, dora = self.low_rank[name]

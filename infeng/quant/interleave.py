@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.kernels.abi import DTYPE
 
 GROUP = 16
 INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
 _BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144}
 _ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256}
-_CODE = {"q8_0": 3, "q4_0": 4, "q4_k": 7}
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
@@ -100,7 +100,7 @@ def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndar
     out = np.empty((N // GROUP, raw.shape[1] * GROUP), np.uint8)
     ffi = kern.ffi
     kern.lib.ifg_quant_interleave(ffi.cast("void *", ffi.from_buffer(out)), ffi.cast("void *", ffi.from_buffer(src)),
-                                  _CODE[qtype], N, raw.shape[1] // bb * _ELEMS[qtype], threads)
+                                  DTYPE[qtype], N, raw.shape[1] // bb * _ELEMS[qtype], threads)
     return out
 
 
