@@ -1,7 +1,6 @@
 """Batch jobs: the journal (torn and corrupt records, settings), resume, --restart, Ctrl-C, and
 SIGKILL at random points: every request in the output exactly once, as an uninterrupted run."""
 import json
-import os
 import random
 import signal
 import subprocess

@@ -2,7 +2,7 @@
 assembled in input order and renamed into place, journal removed.
 
 Ctrl-C or SIGTERM (a preempted VM) stops it cleanly: what is done is synced to the journal and
-the same command continues later. A SIGKILL loses at most the last unsynced group.
+the same command continues later. A SIGKILL loses at most the group not yet written.
 """
 from __future__ import annotations
 
@@ -23,9 +23,6 @@ from infeng.runtime.sampler import SamplingParams
 
 class Interrupted(Exception):
     """The job was stopped by Ctrl-C / SIGTERM after saving its journal."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
 
 
 @dataclass
