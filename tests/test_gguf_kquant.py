@@ -9,9 +9,9 @@ import pytest
 from infeng.cli.main import main
 from infeng.converters import gguf_read, gguf_types
 from infeng.converters.gguf_write import write_gguf
-from infeng.converters.hf import convert_dtype, expected_shapes, is_norm
-from infeng.model.config import ModelConfig
-from infeng.model.loader import Model, load_model
+from infeng.format.schema import convert_dtype, expected_shapes, is_norm
+from infeng.format.config import ModelConfig
+from infeng.model.loader import Model, load_gguf, load_model
 
 from gguf_build import rewrite
 
@@ -50,7 +50,7 @@ def _tiny_256(tmp_path):
 @pytest.mark.parametrize("dtype", [None, "f32"])
 def test_k_quants_dequantized(tmp_path, dtype):
     cfg, mixed, blocks = _tiny_256(tmp_path)
-    m, info = gguf_read.read_model(mixed, k_quant_dtype=dtype)
+    m, info = load_gguf(mixed, k_quant_dtype=dtype)
     want_dt = dtype or "bf16"
     assert info["dequantized"] == {"Q4_K": 1, "Q6_K": 1} and info["k_quant_dtype"] == want_dt
     wq = gguf_read.unpermute_rope(gguf_types.dequantize_q4_k(blocks["blk.0.attn_q.weight"], 256 * 256)

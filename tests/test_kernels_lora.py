@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
-from infeng.model.adapter import int8_lora_product
 from infeng.kernels.abi import DTYPE, LORA_I8
+from infeng.model.reference import int8_lora_product
 from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
 
 DT = {"f32": DTYPE["f32"], "bf16": DTYPE["bf16"], "int8": LORA_I8}

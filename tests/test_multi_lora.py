@@ -197,13 +197,12 @@ def test_peft_peer_skips_cleanly_without_torch(monkeypatch, capsys, tmp_path):
     """The PEFT peer is optional: with torch / transformers / peft missing it says so in one line
     and exits 0, before touching the model."""
     import sys
-    from infeng.bench import peft_peer
     for mod in ("torch", "transformers", "peft"):
         monkeypatch.setitem(sys.modules, mod, None)          # import raises ImportError
-    assert peft_peer.main([str(tmp_path / "no-such-model.infeng")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("peft peer skipped: PEFT peer needs torch==2.13.0")
-    assert "torch is missing" in out[0]
+    suite = Path(__file__).resolve().parents[1] / "bench" / "peft_lora.yaml"
+    assert main(["bench", "--suite", str(suite), "--model", str(tmp_path / "no-such-model.infeng")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: peft peer skipped: PEFT peer needs torch==2.13.0" in err and "torch is missing" in err
 
 
 def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
@@ -263,11 +262,15 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
 
 def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):
     import sys
-    from infeng.bench import llamacpp_lora
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    assert llamacpp_lora.main([str(tmp_path / "no-such-model.infeng")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python")
+    suite = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_lora.yaml"
+    out = tmp_path / "peer.json"
+    assert main(["bench", "--suite", str(suite), "--model", str(tmp_path / "no-such-model.infeng"),
+                 "--json", str(out)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python" in err
+    doc = json.loads(out.read_text())
+    assert doc["records"] == [] and doc["meta"]["suite"] == "llamacpp_lora"
 
 
 def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
@@ -294,17 +297,20 @@ def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
 
 
 def test_lora_bench_bad_input_is_one_line(tmp_path, capsys):
-    """The overhead benchmark and the peers check what they are given before minutes of work:
-    one line naming the option or file, a non-zero exit, no traceback, no telemetry file."""
-    from infeng.bench import lora_scenarios, llamacpp_lora
+    """The overhead benchmark and the peers (`infeng bench` suite kinds) check what they are given
+    before minutes of work: one line naming the option or file, a non-zero exit, no traceback, no
+    telemetry file."""
     missing = str(tmp_path / "no-such-model.infeng")
-    for argv, rc, msg in (([missing, "--json", str(tmp_path / "t.jsonl")], 2, "suffix must be .json or .csv"),
-                          ([missing, "--ranks", "16,x"], 2, "--ranks '16,x'"),
-                          ([missing, "--ranks", "4", "--json", str(tmp_path / "t.json")], 1, "no such file")):
-        assert lora_scenarios.main(argv) == rc
+    suite = tmp_path / "lora.yaml"
+    for body, extra, msg in (("ranks: [4]", ["--json", str(tmp_path / "t.jsonl")], "suffix must be .json"),
+                             ("ranks: [16, x]", [], "`ranks` must be a list of positive integers"),
+                             ("ranks: [4]", ["--json", str(tmp_path / "t.json")], "no such file")):
+        suite.write_text(f"kind: lora_overhead\n{body}\n")
+        assert main(["bench", "--suite", str(suite), "--model", missing] + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("lora_scenarios: error:") and msg in err[0]
+        assert len(err) == 1 and err[0].startswith("infeng: error:") and msg in err[0]
     assert not (tmp_path / "t.json").exists()
-    if llamacpp_lora.main([missing]) == 1:           # 0: llama-cpp-python is not installed (skipped)
+    peer = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_lora.yaml"
+    if main(["bench", "--suite", str(peer), "--model", missing]) == 1:   # 0: llama-cpp-python is not installed (skipped)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no such file" in err[0]

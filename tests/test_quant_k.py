@@ -264,8 +264,8 @@ def test_stories260k_q4_k_falls_back_and_generates_recorded(tmp_path, data_dir, 
 
 def _small_model(path, data_dir):
     """A random Llama whose matrices all have rows of 256 or 512 (q4_k applies everywhere)."""
-    from infeng.converters.hf import expected_shapes, is_norm
-    from infeng.model.config import ModelConfig
+    from infeng.format.schema import expected_shapes, is_norm
+    from infeng.format.config import ModelConfig
     cfg = ModelConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
                       vocab_size=512, max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0,
                       tie_embeddings=False, bos_id=1, eos_ids=(2,))
