@@ -1,22 +1,23 @@
 """Peak memory of a batch job against its input's length.
 
-    python -m infeng.bench.job_memory MODEL --sizes 10000,100000 [--whole-file]
+    infeng bench --suite bench/job_memory.yaml --model MODEL     (kind: job_memory)
 
 Writes N short requests (a few prompt tokens, ``--max-tokens`` each), runs
 ``infeng generate --batch`` on them in a fresh process per size (so each peak RSS is its own)
 and prints wall time, tokens/s and peak RSS per size, and the largest size's RSS over the
-smallest's. ``--whole-file`` runs the same requests through the pre-job path (the file read into
+smallest's. ``whole_file: true`` runs the same requests through the pre-job path (the file read into
 memory, every result kept to the end: infeng.runtime.batch.run_batch) beside it, for contrast.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from infeng.errors import InfengError
 
 PROMPTS = ["Once upon a time", "Lily", "The little dog", "Tom and Sue", "One day", "The sun was"]
 
@@ -33,7 +34,7 @@ def run_job(model: str, req: Path, out: Path, tel: Path, max_batch: int) -> dict
            "--max-batch", str(max_batch), "--threads", "1", "--seed", "1", "--telemetry", str(tel)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"job_memory: {' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise InfengError(f"job_memory: {' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(tel.read_text())["metrics"]
 
 
@@ -64,56 +65,37 @@ def run_whole_file(model: str, req: Path, out: Path, max_batch: int) -> dict:
     r = subprocess.run([sys.executable, "-c", WHOLE_FILE, model, str(req), str(out), str(max_batch)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"job_memory: whole-file run failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise InfengError(f"job_memory: whole-file run failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("--sizes", default="10000,1000000", help="request counts, comma separated")
-    ap.add_argument("--max-tokens", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--whole-file", action="store_true", help="also run the pre-job whole-file path")
-    ap.add_argument("--json", help="write the rows here")
-    a = ap.parse_args(argv)
-    try:
-        sizes = [int(x) for x in a.sizes.split(",")]
-    except ValueError:
-        print(f"job_memory: --sizes {a.sizes!r}: give request counts like 10000,100000", file=sys.stderr)
-        return 2
-    if not Path(a.model).exists() or any(n < 1 for n in sizes) or a.max_tokens < 1:
-        print("job_memory: give an existing MODEL, sizes >= 1 and --max-tokens >= 1", file=sys.stderr)
-        return 2
+def run(model: str, sizes: list[int], max_tokens: int, max_batch: int, whole_file: bool,
+        log=print) -> list[dict]:
+    """One record per size (and per path with ``whole_file``), then each path's RSS ratio."""
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for n in sizes:
             req = Path(d) / f"r{n}.jsonl"
-            write_requests(req, n, a.max_tokens)
+            write_requests(req, n, max_tokens)
             t0 = time.perf_counter()
-            m = run_job(a.model, req, Path(d) / "o.jsonl", Path(d) / "t.json", a.max_batch)
+            m = run_job(model, req, Path(d) / "o.jsonl", Path(d) / "t.json", max_batch)
             rows.append({"path": "job", "requests": n, "wall_s": time.perf_counter() - t0,
                          "aggregate_tok_s": m["aggregate_tok_s"], "peak_rss_mb": m["peak_rss_mb"]})
-            print(_fmt(rows[-1]), flush=True)
-            if a.whole_file:
-                m = run_whole_file(a.model, req, Path(d) / "o.jsonl", a.max_batch)
+            log(_fmt(rows[-1]))
+            if whole_file:
+                m = run_whole_file(model, req, Path(d) / "o.jsonl", max_batch)
                 rows.append({"path": "whole-file", "requests": n, **m})
-                print(_fmt(rows[-1]), flush=True)
+                log(_fmt(rows[-1]))
             req.unlink()
     for path in ("job", "whole-file"):
         rs = [r for r in rows if r["path"] == path]
         if len(rs) > 1:
-            print(f"{path}: peak RSS at {rs[-1]['requests']} requests / at {rs[0]['requests']}: "
-                  f"{rs[-1]['peak_rss_mb'] / rs[0]['peak_rss_mb']:.3f}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
+            rows.append({"path": path, "rss_ratio": rs[-1]["peak_rss_mb"] / rs[0]["peak_rss_mb"],
+                         "requests": rs[-1]["requests"], "over_requests": rs[0]["requests"]})
+            log(f"{path}: peak RSS at {rs[-1]['requests']} requests / at {rs[0]['requests']}: {rows[-1]['rss_ratio']:.3f}")
+    return rows
 
 
 def _fmt(r: dict) -> str:
     return (f"{r['path']:>10}  {r['requests']:>8} requests  {r['wall_s']:8.1f} s  {r['aggregate_tok_s']:8.0f} tok/s  "
             f"peak RSS {r['peak_rss_mb']:7.1f} MB")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """What a kill costs a batch job: an uninterrupted run against one killed (SIGKILL) part way and
 rerun with the same command.
 
-    python -m infeng.bench.job_resume MODEL [--requests 20000] [--kill-at 0.5]
+    infeng bench --suite bench/job_resume.yaml --model MODEL     (kind: job_resume)
 
 Reports the uninterrupted wall time, the killed run's time until the kill, the rerun's time, and
 the time lost in the kill: the part of the killed run whose results were not yet journaled
@@ -9,7 +9,6 @@ the time lost in the kill: the part of the killed run whose results were not yet
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from infeng.bench.job_memory import write_requests
+from infeng.errors import InfengError
 from infeng.jobs.journal import journal_path
 
 
@@ -26,41 +26,32 @@ def command(model: str, req: Path, out: Path) -> list[str]:
             "--max-batch", "32", "--threads", "1", "--seed", "1"]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("--requests", type=int, default=20000)
-    ap.add_argument("--max-tokens", type=int, default=4)
-    ap.add_argument("--kill-at", type=float, default=0.5, help="fraction of the uninterrupted wall time")
-    a = ap.parse_args(argv)
-    if not Path(a.model).exists() or a.requests < 1 or not 0 < a.kill_at < 1:
-        print("job_resume: give an existing MODEL, --requests >= 1, --kill-at in (0, 1)", file=sys.stderr)
-        return 2
+def run(model: str, requests: int, max_tokens: int, kill_at: float, log=print) -> list[dict]:
+    if not 0 < kill_at < 1:
+        raise InfengError(f"job_resume: `kill_at` must be in (0, 1), got {kill_at}")
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
         req, ref, out = d / "r.jsonl", d / "ref.jsonl", d / "o.jsonl"
-        write_requests(req, a.requests, a.max_tokens)
+        write_requests(req, requests, max_tokens)
         t0 = time.perf_counter()
-        subprocess.run(command(a.model, req, ref), check=True, capture_output=True)
+        subprocess.run(command(model, req, ref), check=True, capture_output=True)
         full = time.perf_counter() - t0
         t0 = time.perf_counter()
-        p = subprocess.Popen(command(a.model, req, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(full * a.kill_at)
+        p = subprocess.Popen(command(model, req, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(full * kill_at)
         p.send_signal(signal.SIGKILL)
         p.wait()
         killed = time.perf_counter() - t0
-        journaled = max(0, journal_path(out).read_bytes().count(b"\n") - 1)
+        journaled = max(0, journal_path(out).read_bytes().count(b"\n") - 1) if journal_path(out).exists() else 0
         t0 = time.perf_counter()
-        subprocess.run(command(a.model, req, out), check=True, capture_output=True)
+        subprocess.run(command(model, req, out), check=True, capture_output=True)
         rerun = time.perf_counter() - t0
         same = out.read_bytes() == ref.read_bytes()
-    lost = killed - full * journaled / a.requests
-    print(f"uninterrupted {full:.2f} s; killed after {killed:.2f} s with {journaled} of {a.requests} journaled; "
-          f"rerun {rerun:.2f} s; lost in the kill {lost:.2f} s")
-    print(f"killed + rerun = {killed + rerun:.2f} s  vs  full x 1.05 + lost = {full * 1.05 + lost:.2f} s  "
-          f"({'within' if killed + rerun <= full * 1.05 + lost else 'OVER'}); output identical: {same}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    lost = killed - full * journaled / requests
+    rec = {"requests": requests, "full_s": full, "killed_s": killed, "journaled": journaled, "rerun_s": rerun,
+           "lost_s": lost, "killed_plus_rerun_s": killed + rerun, "target_s": full * 1.05 + lost,
+           "within_target": killed + rerun <= full * 1.05 + lost, "identical_output": same}
+    log(f"uninterrupted {full:.2f} s; killed after {killed:.2f} s with {journaled} of {requests} journaled; "
+        f"rerun {rerun:.2f} s; lost in the kill {lost:.2f} s; killed + rerun {killed + rerun:.2f} s against "
+        f"full x 1.05 + lost {full * 1.05 + lost:.2f} s; output identical: {same}")
+    return [rec]

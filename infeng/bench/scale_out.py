@@ -1,6 +1,6 @@
 """Batch-job throughput against workers, measured and projected.
 
-    python -m infeng.bench.scale_out MODEL [--requests 3000] [--repeats 2] [--json out.json]
+    infeng bench --suite bench/scale_out.yaml --model MODEL     (kind: scale_out)
 
 Measured, side by side in rounds (A B C, A B C, ...): a local job on 1 thread, and the same job
 on a local Ray cluster (127.0.0.1, 2 CPUs) with 1 and with 2 single-core workers. Throughput is
@@ -17,20 +17,25 @@ per second). Needs the `ray` extra.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from infeng.bench.job_memory import write_requests
+from infeng.errors import InfengError
+from infeng.jobs import BatchJob, run_batch_job
+from infeng.jobs.job import JobFile, assemble
+from infeng.jobs.journal import Journal, line_key
+from infeng.jobs.reader import iter_lines
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.sim import CostModel, make_trace, replay, sim_engine, trace_requests
 
 
 def measure(model_path: Path, req: Path, d: Path, variant: str) -> dict:
-    from infeng.jobs import BatchJob, run_batch_job
-    from infeng.runtime.sampler import SamplingParams
     out = d / f"{variant}.jsonl"
     kw = dict(threads=1) if variant == "local-1t" else dict(ray="auto", ray_cpus=1,
                                                             ray_workers=int(variant.split("-")[1][0]))
@@ -46,9 +51,6 @@ def measure(model_path: Path, req: Path, d: Path, variant: str) -> dict:
 def driver_rate(d: Path, n: int = 50000) -> tuple[float, float]:
     """Lines per second the driver alone can key, look up and journal (no engine), and lines per
     second of the final assembly (input reread, each record fetched from the journal)."""
-    from infeng.jobs.job import JobFile, assemble
-    from infeng.jobs.journal import Journal, line_key
-    from infeng.jobs.reader import iter_lines
     req = d / "driver.jsonl"
     write_requests(req, n, 8)
     j = Journal(d / "driver-out.jsonl", {"bench": 1}, seed=1)
@@ -70,9 +72,6 @@ def driver_rate(d: Path, n: int = 50000) -> tuple[float, float]:
 
 def simulated_worker_tok_s(model_path: Path, n: int, tokens: int) -> tuple[float, dict]:
     """One single-thread engine's throughput on n requests of the bench's shape, simulated."""
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine
-    from infeng.runtime.sim import CostModel, make_trace, replay, sim_engine, trace_requests
     model = load_model(model_path, verify=False)
     real = Engine(model, threads=1, max_batch=8, detokenize=False)
     calib = make_trace(400, 0, (3, 6), (tokens, tokens), seed=1)
@@ -84,52 +83,40 @@ def simulated_worker_tok_s(model_path: Path, n: int, tokens: int) -> tuple[float
     return rep.throughput_tok_s, cost.to_dict()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path)
-    ap.add_argument("--requests", type=int, default=3000)
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args(argv)
-    if not a.model.exists() or a.requests < 1 or a.repeats < 1 or a.max_tokens < 1:
-        print("scale_out: give an existing MODEL and positive --requests/--repeats/--max-tokens", file=sys.stderr)
-        return 2
+def run(model: Path, requests: int, max_tokens: int, repeats: int, log=print) -> list[dict]:
+    """One record per run, then a summary record (medians, ratios, driver rates, projection)."""
     try:
         import ray
     except ImportError:
-        print("scale_out: needs Ray: pip install 'infeng[ray]'", file=sys.stderr)
-        return 2
+        raise InfengError("scale_out needs Ray: pip install 'infeng[ray]'") from None
+    model = Path(model)
+    if ray.is_initialized():
+        raise InfengError("scale_out starts its own 2-CPU Ray cluster; this process already has one")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     rows = []
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
         req = d / "r.jsonl"
-        write_requests(req, a.requests, a.max_tokens)
-        for r in range(a.repeats):
+        write_requests(req, requests, max_tokens)
+        for r in range(repeats):
             for v in ("local-1t", "ray-1w", "ray-2w"):
-                rows.append({"round": r, **measure(a.model, req, d, v)})
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append({"round": r, **measure(model, req, d, v)})
+                log(json.dumps(rows[-1]))
         drv, asm = driver_rate(d)
     ray.shutdown()
     variants = ("local-1t", "ray-1w", "ray-2w")
     med = {v: statistics.median(x["tok_s"] for x in rows if x["variant"] == v) for v in variants}
     # on a shared machine wall-clock shares follow process counts; CPU time says what a core yields
     eff = {v: statistics.median(x["tok_per_cpu_s"] for x in rows if x["variant"] == v) for v in variants}
-    sim_tok_s, cost = simulated_worker_tok_s(a.model, 2000, a.max_tokens)
-    lines_s_per_worker = sim_tok_s / a.max_tokens
+    sim_tok_s, cost = simulated_worker_tok_s(model, 2000, max_tokens)
+    lines_s_per_worker = sim_tok_s / max_tokens
     report = {"median_tok_s": med, "median_tok_per_cpu_s": eff, "ray2_over_local1": med["ray-2w"] / med["local-1t"],
               "ray2_over_ray1": med["ray-2w"] / med["ray-1w"], "driver_lines_s": drv, "assembly_lines_s": asm,
               "sim_worker_tok_s": sim_tok_s, "cost_model": cost,
               "driver_bound_workers": drv / lines_s_per_worker,
-              "projection": {n: min(n * sim_tok_s, drv * a.max_tokens) for n in (1, 2, 8, 16, 32, 64)},
+              "projection": {n: min(n * sim_tok_s, drv * max_tokens) for n in (1, 2, 8, 16, 32, 64)},
               "rows": rows}
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    summary = {k: v for k, v in report.items() if k != "rows"}
+    log(json.dumps(summary, indent=1))
+    return rows + [{"summary": json.dumps(summary)}]

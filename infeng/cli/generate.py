@@ -10,6 +10,13 @@ from typing import Optional
 import typer
 
 from infeng.errors import InfengError
+from infeng.jobs import BatchJob, Interrupted, run_batch_job
+from infeng.model.loader import load_model
+from infeng.runtime.batch import metrics
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
+from infeng.runtime.types import FinishEvent
 from infeng.telemetry import Run
 
 
@@ -41,11 +48,6 @@ def generate(
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
 ):
     """Generate text from a prompt, or run a batch of requests."""
-    from infeng.model.loader import load_model
-    from infeng.runtime.batch import metrics
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
-    from infeng.runtime.tokenizer import Tokenizer
 
     if batch is None and prompt is None:
         raise InfengError("give --prompt TEXT or --batch FILE.jsonl")
@@ -73,7 +75,6 @@ def generate(
                  ignore_eos=ignore_eos)
     defaults = SamplingParams.with_model_defaults(model.generation, **given).validated(names=OPTION_NAMES)
     if batch is not None:
-        from infeng.jobs import BatchJob, Interrupted, run_batch_job
         # the job picks the seed of unseeded lines: a resumed job keeps the interrupted one's
         job = BatchJob(model_path, batch, output, defaults if seed is not None else replace(defaults, seed=None),
                        threads=threads, max_batch=max_batch, ctx=ctx, verify=not no_verify, adapter=adapter,
@@ -119,8 +120,6 @@ OPTION_NAMES = {"max_tokens": "--max-tokens", "temperature": "--temperature", "t
 
 def _single(engine, req, prompt: str, echo: bool):
     """Stream the prompt (as given) and the completion to stdout as tokens arrive."""
-    from infeng.errors import InfengError
-    from infeng.runtime.engine import FinishEvent
     out = sys.stdout
     if echo:
         out.write(prompt)

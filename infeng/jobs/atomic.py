@@ -1,8 +1,6 @@
-"""A file that appears whole or not at all: written under a temporary name beside its final
-path, fsync'd, renamed into place, and the directory fsync'd so the rename survives a crash.
-
-(The project's shared atomic-write helper, telemetry.write_text_atomic, takes the whole text at
-once; a batch output is streamed line by line, so it needs an open file instead.)
+"""A batch output that appears whole or not at all, and stays once it has: streamed line by line
+into telemetry.atomic_path's temporary name, fsync'd before the rename and the directory after
+it, since the job deletes its journal (the only other copy of the results) right after.
 """
 from __future__ import annotations
 
@@ -10,6 +8,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from infeng.telemetry import atomic_path
 
 
 def fsync_dir(path: Path) -> None:
@@ -23,15 +23,9 @@ def fsync_dir(path: Path) -> None:
 @contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Yield a binary file; on a clean exit it replaces ``path``, on an exception it is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    fsync_dir(Path(path).parent)

@@ -18,6 +18,7 @@ from infeng.jobs.atomic import atomic_output
 from infeng.jobs.journal import Journal, line_key
 from infeng.jobs.reader import iter_lines
 from infeng.jobs.stats import JobStats
+from infeng.model.adapter import load_adapter
 from infeng.runtime.sampler import SamplingParams
 
 
@@ -39,6 +40,21 @@ def settings(model, defaults: SamplingParams, max_seq_len: int, adapters: dict[s
     return {"model": model.identity(), "defaults": d, "context": max_seq_len,
             "adapters": {n: _file_id(p) for n, p in sorted(adapters.items())},
             "default_adapter": default_adapter}
+
+
+def adapter_files(job, model) -> tuple[dict[str, Path], str | None]:
+    """{name: file} of the adapters the job loads (``--adapters-dir`` by file name, ``--adapter``
+    by its own name, which also answers lines that name none) and that default name."""
+    files: dict[str, Path] = {}
+    if job.adapters_dir is not None:
+        if not job.adapters_dir.is_dir():
+            raise InfengError(f"{job.adapters_dir}: no such directory")
+        files = {f.name[:-len(".infeng-lora")]: f for f in sorted(job.adapters_dir.glob("*.infeng-lora"))}
+    default = None
+    if job.adapter is not None:
+        default = load_adapter(job.adapter, model, verify=job.verify).name
+        files[default] = job.adapter
+    return files, default
 
 
 def _file_id(p: Path) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infeng.errors import InfengError
+from infeng.jobs.atomic import fsync_dir
 
 FORMAT = "infeng.journal/1"
 WRITE_RECORDS = 64       # records handed to the OS together ...
@@ -113,7 +114,6 @@ class Journal:
                 self.settings = dict(settings)
                 self._append_raw(encode({"journal": FORMAT, "settings": settings, "seed": self.seed}))
                 self.sync()
-                from infeng.jobs.atomic import fsync_dir
                 fsync_dir(self.path.parent)
             else:
                 self._check(header, settings, seed)

@@ -20,16 +20,16 @@ import numpy as np
 
 from infeng.jobs.local import Collect, LineParser, run_local
 from infeng.jobs.stats import JobStats
+from infeng.model.loader import load_model
 from infeng.runtime.batch import REQUEST_FIELDS
+from infeng.runtime.engine import Engine
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
 
 
 class InfengPredictor:
     def __init__(self, model_path: str, threads: int = 1, max_batch: int = 8, ctx: int | None = None,
                  adapters: dict[str, str] | None = None, **defaults: Any):
-        from infeng.model.loader import load_model
-        from infeng.runtime.engine import Engine
-        from infeng.runtime.sampler import SamplingParams
-        from infeng.runtime.tokenizer import Tokenizer
         model = load_model(model_path)
         tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
         self.engine = Engine(model, threads=threads, max_batch=max_batch, max_seq_len=ctx, tokenizer=tok,

@@ -13,6 +13,8 @@ or, with ``--ray-ship``, sent through Ray's object store and written to each wor
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict
@@ -20,11 +22,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from infeng.errors import InfengError
-from infeng.jobs.job import JobFile, open_journal, run_file, settings, stderr_log
-from infeng.jobs.local import Collect, LineParser, run_local
+from infeng.jobs.job import JobFile, adapter_files, open_journal, run_file, settings, stderr_log
 from infeng.jobs.journal import Journal, line_key
+from infeng.jobs.local import Collect, LineParser, run_local
+from infeng.jobs.progress import ProgressBar
 from infeng.jobs.reader import count_lines, iter_lines
 from infeng.jobs.stats import JobStats
+from infeng.model.loader import load_model
+from infeng.runtime.engine import DEFAULT_CONTEXT, Engine
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
 
 MAX_REPLACEMENTS = 3        # per worker slot: more lost actors than that and the job stops (resumable)
 
@@ -44,10 +51,6 @@ class EngineWorker:
                  adapters: dict, model_name: str):
         """``model_path`` and each adapter are a path every node reads, or (file name, object
         ref of its bytes) when shipped: written to a temporary directory here, then mapped."""
-        import tempfile
-        from infeng.model.loader import load_model
-        from infeng.runtime.engine import Engine
-        from infeng.runtime.tokenizer import Tokenizer
         self._tmp = tempfile.TemporaryDirectory(prefix="infeng-worker-")
         model_path = _materialize(model_path, Path(self._tmp.name))
         adapters = {n: _materialize(f, Path(self._tmp.name)) for n, f in adapters.items()}
@@ -61,17 +64,14 @@ class EngineWorker:
 
     def ready(self) -> tuple[str, int]:
         """(model identity, pid): the driver checks every worker has the same model."""
-        import os
         return self.model.identity(), os.getpid()
 
     def run(self, where: str, defaults: dict, default_adapter: str | None, window: int,
             lines: list[tuple[int, str, str | None]]) -> tuple[list[tuple[bytes, dict]], dict[str, int]]:
         """A shard's lines → their (key, record) pairs, and the shard's counts."""
-        from infeng.runtime.sampler import SamplingParams
         params = SamplingParams(**{**defaults, "stop": tuple(defaults["stop"]),
                                    "stop_token_ids": tuple(defaults["stop_token_ids"])})
         parse = LineParser(where, params, self.tok, frozenset(self.engine.adapters.loaded), default_adapter)
-        import time
         sink, st, cpu0 = Collect(), JobStats(), time.process_time()
         run_local(self.engine, (parse(*ln) for ln in lines), sink, st, self.model_name, window)
         return sink.records, {"done": st.done, "failed": st.failed, "prompt_tokens": st.prompt_tokens,
@@ -105,9 +105,6 @@ def connect(ray, address: str) -> None:
 
 def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], dict[str, float]]:
     ray = import_ray()
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import DEFAULT_CONTEXT
-    from infeng.jobs.run import adapter_files
     if job.threads is not None:
         raise InfengError("--threads is for local runs; on Ray each worker runs --ray-cpus threads")
     if job.ray_cpus < 1:
@@ -133,7 +130,6 @@ def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], 
     load_s = time.perf_counter() - t_load
     stats = JobStats()
     try:
-        from infeng.jobs.run import ProgressBar
         for pair in pairs:
             journal, defaults = open_journal(pair, setup, job.defaults, job.restart, stderr_log)
             d = asdict(defaults)

@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from infeng.errors import InfengError
-from infeng.jobs.job import JobFile, open_journal, run_file, settings, stderr_log
+from infeng.jobs.job import JobFile, adapter_files, open_journal, run_file, settings, stderr_log
 from infeng.jobs.local import LineParser, pending, run_local
+from infeng.jobs.progress import ProgressBar
+from infeng.jobs.ray_runner import run_on_ray
 from infeng.jobs.reader import count_lines, expand_inputs, plan_outputs
 from infeng.jobs.stats import JobStats
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine
 from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
 
 
 @dataclass
@@ -44,32 +49,12 @@ def window_of(job: BatchJob) -> int:
     return w
 
 
-def adapter_files(job: BatchJob, model) -> tuple[dict[str, Path], str | None]:
-    """{name: file} of the adapters the job loads (``--adapters-dir`` by file name, ``--adapter``
-    by its own name, which also answers lines that name none) and that default name."""
-    from infeng.model.adapter import load_adapter
-    files: dict[str, Path] = {}
-    if job.adapters_dir is not None:
-        if not job.adapters_dir.is_dir():
-            raise InfengError(f"{job.adapters_dir}: no such directory")
-        files = {f.name[:-len(".infeng-lora")]: f for f in sorted(job.adapters_dir.glob("*.infeng-lora"))}
-    default = None
-    if job.adapter is not None:
-        default = load_adapter(job.adapter, model, verify=job.verify).name
-        files[default] = job.adapter
-    return files, default
-
-
 def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     """Run every input of ``job``; returns (meta, metrics) for the telemetry."""
     pairs = [JobFile(i, o) for i, o in plan_outputs(expand_inputs(job.batch), job.output)]
     window = window_of(job)
     if job.ray is not None:
-        from infeng.jobs.ray_runner import run_on_ray
         return run_on_ray(job, pairs, window)
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine
-    from infeng.runtime.tokenizer import Tokenizer
 
     t_load = time.perf_counter()
     model = job.model or load_model(job.model_path, verify=job.verify)
@@ -98,26 +83,3 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     metrics = stats.metrics(engine, wall)
     metrics["load_s"] = load_s
     return meta, metrics
-
-
-class ProgressBar:
-    """The progress bar (requests done of the file's total, elapsed, ETA, tokens/s) or nothing."""
-
-    def __init__(self, show: bool, label: str, total: int):
-        self.show, self.label, self.total = show, label, total
-
-    def __enter__(self):
-        if not self.show:
-            return lambda st: None
-        from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from infeng.telemetry import progress
-        self.bar = progress(self.label, MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), TextColumn("{task.fields[tok_s]:.0f} tok/s"))
-        self.bar.__enter__()
-        task = self.bar.add_task("batch", total=self.total, tok_s=0.0)
-        return lambda st: self.bar.update(task, advance=1, tok_s=st.tok_s())
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.bar.__exit__(*exc)
-        return False

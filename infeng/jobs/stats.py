@@ -9,7 +9,9 @@ import random
 import time
 from typing import Any
 
+from infeng.runtime.batch import metrics
 from infeng.runtime.types import Result
+from infeng.telemetry import peak_rss_mb
 
 SAMPLE = 2048
 
@@ -45,9 +47,7 @@ class JobStats:
 
     def metrics(self, engine, wall_s: float) -> dict[str, Any]:
         """The batch metrics of infeng.runtime.batch on the sample, with the exact totals."""
-        from infeng.runtime.batch import metrics
         m = metrics(engine, self.sample, wall_s) if engine is not None else {}
-        from infeng.telemetry import peak_rss_mb
         m.update(requests=self.done, prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
                  wall_s=wall_s, peak_rss_mb=peak_rss_mb(), cpu_s=time.process_time() - self.cpu0,
                  worker_cpu_s=self.worker_cpu_s,
