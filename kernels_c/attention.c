@@ -158,10 +158,11 @@ static inline void attn_prefetch(const float *const *k, const float *const *v, i
         }
 }
 
-/* One (token, kv head) item for G (<= ATTN_GMAX) query heads stored contiguously at q / out;
- * kc / vc already point at this kv head's slice of row 0 of block 0; rs is the cache row stride. */
+/* One (token, kv head) item for G (<= ATTN_GMAX) query heads stored contiguously at q / out,
+ * over positions first..first+npos-1; kc / vc already point at this kv head's slice of row 0 of
+ * block 0; rs is the cache row stride. */
 static void attn_group(float *out, const float *q, const float *kc, const float *vc, const int32_t *bt,
-                       int bs, size_t rs, int npos, int hd, int G, float scale) {
+                       int bs, size_t rs, int first, int npos, int hd, int G, float scale) {
     float S[ATTN_GMAX][ATTN_TILE] __attribute__((aligned(64)));
     float acc[ATTN_GMAX][IFG_ATTN_MAX_HEAD_DIM] __attribute__((aligned(64)));
     float m[ATTN_GMAX], l[ATTN_GMAX];
@@ -172,7 +173,7 @@ static void attn_group(float *out, const float *q, const float *kc, const float 
         memset(acc[g], 0, (size_t)hd * sizeof(float));
     }
     const float *nkr[ATTN_TILE], *nvr[ATTN_TILE];
-    int bi = 0, br = 0; /* block index and row of the next position */
+    int bi = first / bs, br = first % bs; /* block index and row of the next position */
     int nn = attn_rows(kc, vc, bt, bs, rs, npos, &bi, &br, nkr, nvr);
     for (int p0 = 0; p0 < npos; p0 += ATTN_TILE) {
         /* this tile's rows were resolved (and prefetched) during the previous tile: a kv head's
@@ -213,6 +214,14 @@ void ifg_attention_part(float *out, int ldo, const float *q, int ldq, const floa
                         const int32_t *block_table, int max_blocks, int block_size,
                         const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
                         float scale) {
+    ifg_attention_window_part(out, ldo, q, ldq, k_cache, v_cache, block_table, max_blocks, block_size, seq, pos, T,
+                              n_heads, n_kv_heads, head_dim, scale, 0);
+}
+
+void ifg_attention_window_part(float *out, int ldo, const float *q, int ldq, const float *k_cache,
+                               const float *v_cache, const int32_t *block_table, int max_blocks, int block_size,
+                               const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads,
+                               int head_dim, float scale, int window) {
     if (head_dim <= 0 || head_dim > IFG_ATTN_MAX_HEAD_DIM || n_kv_heads <= 0 || n_heads % n_kv_heads) return;
     int G = n_heads / n_kv_heads;
     size_t rs = (size_t)n_kv_heads * head_dim;
@@ -221,12 +230,13 @@ void ifg_attention_part(float *out, int ldo, const float *q, int ldq, const floa
     for (long it = 0; it < items; it++) {
         int t = (int)(it / n_kv_heads), kvh = (int)(it % n_kv_heads);
         const int32_t *bt = block_table + (size_t)seq[t] * max_blocks;
+        int first = window > 0 && pos[t] + 1 > window ? pos[t] + 1 - window : 0;
         for (int g0 = 0; g0 < G; g0 += ATTN_GMAX) {
             int gc = G - g0 < ATTN_GMAX ? G - g0 : ATTN_GMAX;
             size_t h0 = (size_t)kvh * G + g0;
             attn_group(out + (size_t)t * ldo + h0 * head_dim, q + (size_t)t * ldq + h0 * head_dim,
                        k_cache + (size_t)kvh * head_dim, v_cache + (size_t)kvh * head_dim, bt, block_size, rs,
-                       pos[t] + 1, head_dim, gc, scale);
+                       first, pos[t] + 1 - first, head_dim, gc, scale);
         }
     }
 }
@@ -235,9 +245,17 @@ void ifg_attention(float *out, int ldo, const float *q, int ldq, const float *k_
                    const int32_t *block_table, int max_blocks, int block_size,
                    const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
                    float scale, int n_threads) {
+    ifg_attention_window(out, ldo, q, ldq, k_cache, v_cache, block_table, max_blocks, block_size, seq, pos, T,
+                         n_heads, n_kv_heads, head_dim, scale, 0, n_threads);
+}
+
+void ifg_attention_window(float *out, int ldo, const float *q, int ldq, const float *k_cache, const float *v_cache,
+                          const int32_t *block_table, int max_blocks, int block_size,
+                          const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
+                          float scale, int window, int n_threads) {
     IFG_PARALLEL(n_threads) {
-        ifg_attention_part(out, ldo, q, ldq, k_cache, v_cache, block_table, max_blocks, block_size, seq, pos, T,
-                           n_heads, n_kv_heads, head_dim, scale);
+        ifg_attention_window_part(out, ldo, q, ldq, k_cache, v_cache, block_table, max_blocks, block_size, seq, pos,
+                                  T, n_heads, n_kv_heads, head_dim, scale, window);
     }
 }
 

@@ -19,6 +19,12 @@ void ifg_attention(float *out, int ldo, const float *q, int ldq, const float *k_
                    const int32_t *block_table, int max_blocks, int block_size,
                    const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
                    float scale, int n_threads);
+/* The same with a sliding window: token t attends to positions max(0, pos[t]-window+1)..pos[t]
+   (window <= 0: all of them), as Mistral's and Phi-3's sliding-window layers. */
+void ifg_attention_window(float *out, int ldo, const float *q, int ldq, const float *k_cache, const float *v_cache,
+                          const int32_t *block_table, int max_blocks, int block_size,
+                          const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
+                          float scale, int window, int n_threads);
 // cdef-end
 
 #define IFG_ATTN_MAX_HEAD_DIM 256
@@ -31,5 +37,9 @@ void ifg_attention_part(float *out, int ldo, const float *q, int ldq, const floa
                         const int32_t *block_table, int max_blocks, int block_size,
                         const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
                         float scale);
+void ifg_attention_window_part(float *out, int ldo, const float *q, int ldq, const float *k_cache,
+                               const float *v_cache, const int32_t *block_table, int max_blocks, int block_size,
+                               const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads,
+                               int head_dim, float scale, int window);
 
 #endif

@@ -109,6 +109,15 @@ static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_we
                              lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp, xq);
 }
 
+/* y[t][0..n) += b for T rows at stride ld. */
+static void add_bias_part(float *y, int ld, const float *b, int T, int n) {
+    IFG_FOR
+    for (int t = 0; t < T; t++) {
+        float *yr = y + (size_t)t * ld;
+        for (int i = 0; i < n; i++) yr[i] += b[i];
+    }
+}
+
 int ifg_forward(const struct ifg_model *m, struct ifg_scratch *s, struct ifg_kv_cache *kv,
                 const int32_t *tokens, const int32_t *pos, const int32_t *seq, int T,
                 const int32_t *out_rows, int n_out, float *logits, int n_threads) {
@@ -122,7 +131,7 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
     const int dim = m->dim, hidden = m->hidden_dim, hd = m->head_dim;
     const int q_dim = m->n_heads * hd, kv_dim = m->n_kv_heads * hd;
     const size_t layer_kv = (size_t)kv->n_blocks * kv->block_size * kv_dim;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float default_scale = 1.0f / sqrtf((float)hd);
     const int NL = m->n_layers;
     size_t toff[IFG_OP_COUNT], tw;
     trace_layout(m, toff, &tw);
@@ -146,14 +155,22 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             TIME(l, IFG_OP_WK); TRACE(l, IFG_OP_WK, s->k, kv_dim);
             proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, xq);
             TIME(l, IFG_OP_WV); TRACE(l, IFG_OP_WV, s->v, kv_dim);
-            ifg_rope_part(s->q, q_dim, pos, m->inv_freq, T, m->n_heads, hd);
-            ifg_rope_part(s->k, kv_dim, pos, m->inv_freq, T, m->n_kv_heads, hd);
+            if (L->q_bias) add_bias_part(s->q, q_dim, L->q_bias, T, q_dim);
+            if (L->k_bias) add_bias_part(s->k, kv_dim, L->k_bias, T, kv_dim);
+            if (L->v_bias) add_bias_part(s->v, kv_dim, L->v_bias, T, kv_dim);
+            if (L->q_norm) ifg_rmsnorm_part(s->q, s->q, L->q_norm, T * m->n_heads, hd, m->norm_eps);
+            if (L->k_norm) ifg_rmsnorm_part(s->k, s->k, L->k_norm, T * m->n_kv_heads, hd, m->norm_eps);
+            if (!L->no_rope) {
+                ifg_rope_part(s->q, q_dim, pos, m->inv_freq, T, m->n_heads, hd);
+                ifg_rope_part(s->k, kv_dim, pos, m->inv_freq, T, m->n_kv_heads, hd);
+            }
             TIME(l, IFG_OP_ROPE);
             ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,
                               kv->block_size, seq, pos, T, m->n_kv_heads, hd);
             TIME(l, IFG_OP_KV_STORE);
-            ifg_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
-                               kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd, scale);
+            ifg_attention_window_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
+                                      kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd,
+                                      L->attn_scale > 0.0f ? L->attn_scale : default_scale, L->window);
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
             proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);

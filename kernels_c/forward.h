@@ -18,6 +18,12 @@ struct ifg_layer {
     const float *ffn_norm;             /* [dim] */
     struct ifg_weight w_gate, w_up;    /* [hidden][dim] */
     struct ifg_weight w_down;          /* [dim][hidden] */
+    /* Per-architecture parts; zero / NULL is plain Llama. */
+    const float *q_bias, *k_bias, *v_bias; /* [q_dim], [kv_dim] x2 added after the projection (Qwen2) */
+    const float *q_norm, *k_norm;      /* [head_dim] per-head RMSNorm of q and k before RoPE (Qwen3) */
+    int window;                        /* attend to the last `window` positions only; 0 = all */
+    int no_rope;                       /* 1: this layer skips RoPE (SmolLM3's NoPE layers) */
+    float attn_scale;                  /* score scale; 0 = 1/sqrt(head_dim) */
 };
 
 struct ifg_model {

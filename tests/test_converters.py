@@ -54,10 +54,10 @@ BASE = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"architectures": ["Qwen2ForCausalLM"]}, "architecture Qwen2ForCausalLM is not supported"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"architectures": ["GemmaForCausalLM"]}, "architecture GemmaForCausalLM is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"attention_bias": True}, "attention_bias=true is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope2", "factor": 4.0}}, "rope_scaling type 'longrope2' is not supported"),
     ({"num_key_value_heads": 3}, "not a multiple of"),
     ({"hidden_size": None}, "hidden_size must be a positive integer"),
 ])

@@ -155,7 +155,9 @@ def _model_file(tmp_path, native_models, mutate):
     ("vocab mismatch", "llama.vocab_size 600 != 512"),
     ("bos out of range", "bos_token_id 9999 is outside the vocabulary"),
     ("heads", "must be a positive integer"),
-    ("rope scaling", "rope.scaling.type 'yarn' is not supported"),
+    ("rope scaling", "rope.scaling.type 'su' is not supported"),
+    ("unknown key", "metadata key 'llama.attention.logit_softcapping' is not understood for architecture 'llama'"),
+    ("experts", "llama.expert_count=8 is not supported"),
     ("q5_1 tensor", "has type Q5_1, which cannot be converted"),
     ("absurd piece", "is a 5000-character normal piece"),
     ("gpt2 bad merge", "tokenizer.ggml.merges[0] 'nospace' is not two tokens"),
@@ -177,7 +179,11 @@ def test_model_level_errors(capsys, tmp_path, native_models, case, message):
         elif case == "heads":
             meta["llama.attention.head_count_kv"] = (U32, 0)
         elif case == "rope scaling":
-            meta["llama.rope.scaling.type"] = (STR, "yarn")
+            meta["llama.rope.scaling.type"] = (STR, "su")
+        elif case == "unknown key":
+            meta["llama.attention.logit_softcapping"] = (U32, 30)
+        elif case == "experts":
+            meta["llama.expert_count"] = (U32, 8)
         elif case == "absurd piece":
             del meta["tokenizer.huggingface.json"]
             meta["tokenizer.ggml.tokens"][1][300] = "a" * 5000

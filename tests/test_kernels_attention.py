@@ -206,3 +206,35 @@ def test_store_then_attend_decode_steps(kern):
     for seq, pos, q, out in steps:
         ref = attention_ref(pool, q.reshape(len(seq), n_heads, hd), seq, pos, n_heads, scale)
         check(out, ref, pool, n_heads, n_heads * hd)
+
+
+@pytest.mark.parametrize("window", [1, 5, 33, 100])
+def test_sliding_window_reads_only_the_window(kern, window):
+    """ifg_attention_window: token t attends to positions pos-window+1..pos; every row before the
+    window is NaN, so a read outside it shows; window >= pos+1 is plain causal attention."""
+    rng = np.random.default_rng(window)
+    lengths, n_heads, n_kv, hd = [90, 41], 4, 2, 24
+    pool = Pool(lengths, 7, n_kv, hd, rng)
+    pool.fill(rng)
+    seq = np.array([0, 0, 0, 1, 1], np.int32)
+    pos = np.array([50, 70, 89, 30, 40], np.int32)
+    want = np.zeros((len(seq), n_heads, hd))
+    q = rng.standard_normal((len(seq), n_heads * hd)).astype(np.float32)
+    for t in range(len(seq)):
+        first = max(0, pos[t] + 1 - window)
+        b, r = pool.rows(seq[t], pos[t] + 1)
+        K, V = pool.k[b, r][first:].astype(np.float64), pool.v[b, r][first:].astype(np.float64)
+        for h in range(n_heads):
+            s = K[:, h // (n_heads // n_kv)] @ q[t].reshape(n_heads, hd)[h].astype(np.float64) * 0.2
+            w = np.exp(s - s.max())
+            want[t, h] = (w / w.sum()) @ V[:, h // (n_heads // n_kv)]
+    for s in (0, 1):                           # rows before every window of the sequence: never read
+        b, r = pool.rows(s, max(0, min(pos[seq == s]) + 1 - window))
+        pool.k[b, r] = np.nan
+        pool.v[b, r] = np.nan
+    out = np.full((len(seq), n_heads * hd), -7.0, np.float32)
+    kern.lib.ifg_attention_window(P(kern, out), n_heads * hd, P(kern, q), n_heads * hd, P(kern, pool.k),
+                                  P(kern, pool.v), P(kern, pool.table, I32), pool.max_blocks, pool.bs,
+                                  P(kern, seq, I32), P(kern, pos, I32), len(seq), n_heads, n_kv, hd, 0.2,
+                                  window, 2)
+    np.testing.assert_allclose(out.reshape(want.shape), want, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,10 @@ it needs torch, so it runs in a separate reference venv, never in infeng's:
     /tmp/gguf/ref/bin/pip install -e /tmp/gguf/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
     python tools/record_gguf_fixtures.py --llama-cpp /tmp/gguf/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp \\
         --python /tmp/gguf/ref/bin/python --data ../shared/data
+
+It also converts every tiny architecture checkpoint of tests/fixtures/arch/ (written by
+tools/record_arch_fixtures.py) to q8_0: tests/fixtures/gguf/arch/<name>-q8_0.gguf. (infeng's venv
+with the `ref` extra can serve as the reference python, with PYTHONPATH=<llama.cpp>/gguf-py.)
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gguf"
+ARCH = OUT.parent / "arch"
 TYPES = ("q8_0",)   # an f32 GGUF would be a plain copy of the shared weights: not committed
 
 
@@ -43,6 +48,14 @@ def main() -> int:
         subprocess.run([args.python, str(script), str(src), "--outtype", t, "--outfile", str(out)], check=True)
         record["files"][out.name] = {"outtype": t, "bytes": out.stat().st_size,
                                      "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+    arch_out = OUT / "arch"
+    arch_out.mkdir(exist_ok=True)
+    for src in sorted(p for p in ARCH.iterdir() if (p / "config.json").is_file()):
+        out = arch_out / f"{src.name}-q8_0.gguf"
+        subprocess.run([args.python, str(script), str(src), "--outtype", "q8_0", "--outfile", str(out)], check=True)
+        record["files"][f"arch/{out.name}"] = {"outtype": "q8_0", "source": f"tests/fixtures/arch/{src.name}",
+                                               "bytes": out.stat().st_size,
+                                               "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
     (OUT / "SOURCES.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return 0

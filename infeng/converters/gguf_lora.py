@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infeng.converters.gguf_write import ALIGN, F32, GGML_TYPE, NAMES, STR, U32, _kv, _permute_rope, _str, write_file
+from infeng.converters import gguf_arch
+from infeng.converters.gguf_read import gguf_name
+from infeng.converters.gguf_write import ALIGN, F32, GGML_TYPE, STR, U32, _kv, _permute_rope, _str, write_file
 from infeng.errors import InfengError
 
 
@@ -29,7 +31,11 @@ def write_gguf_lora(adapter, base, path: str | Path, name: str | None = None) ->
     if adapter.use_dora:
         raise InfengError(f"GGUF LoRA export: adapter {adapter.name!r} is DoRA, which llama.cpp adapters cannot express")
     c = base.config
-    kvs = [_kv("general.architecture", STR, "llama"), _kv("general.type", STR, "adapter"),
+    arch = gguf_arch.TO_GGUF[c.arch]
+    if arch in gguf_arch.FUSED:
+        raise InfengError(f"GGUF LoRA export: {c.arch}'s projections are fused in GGUF (attn_qkv, ffn_up); "
+                          "a LoRA on one part has no llama.cpp form")
+    kvs = [_kv("general.architecture", STR, arch), _kv("general.type", STR, "adapter"),
            _kv("general.name", STR, name or adapter.name), _kv("general.alignment", U32, ALIGN),
            _kv("adapter.type", STR, "lora"), _kv("adapter.lora.alpha", F32, float(adapter.scale * adapter.rank))]
     infos, datas, off = [], [], 0
@@ -37,13 +43,13 @@ def write_gguf_lora(adapter, base, path: str | Path, name: str | None = None) ->
         _, layer, proj = t.split(".")
         a = np.ascontiguousarray(adapter.f32(f"{t}.lora_a"), np.float32)         # [r, in]
         b = np.ascontiguousarray(adapter.f32(f"{t}.lora_b"), np.float32)         # [out, r]
-        if proj == "wq":
+        if proj == "wq" and arch in gguf_arch.PERMUTED:
             b = _permute_rope(b, c.n_heads)
-        elif proj == "wk":
+        elif proj == "wk" and arch in gguf_arch.PERMUTED:
             b = _permute_rope(b, c.n_kv_heads)
         for suffix, arr in (("lora_a", a), ("lora_b", b)):
             dims = list(reversed(arr.shape))                 # GGML ne[0] is the row length
-            infos.append(_str(f"blk.{layer}.{NAMES[proj]}.weight.{suffix}") + struct.pack("<I", len(dims))
+            infos.append(_str(f"{gguf_name(t, c.arch)}.{suffix}") + struct.pack("<I", len(dims))
                          + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", GGML_TYPE["f32"], off))
             datas.append(arr)
             off += -(-arr.nbytes // ALIGN) * ALIGN

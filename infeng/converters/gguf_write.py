@@ -1,28 +1,33 @@
-"""GGUF (v3) writer for Llama models: ``infeng convert X.infeng --to gguf`` and the bench's
-llama.cpp peer (``infeng bench --peer llama.cpp``) run the same weights as infeng.
+"""GGUF (v3) writer for the supported architectures (llama.cpp's names, gguf_arch.py):
+``infeng convert X.infeng --to gguf`` and the bench's llama.cpp peer (``infeng bench --peer
+llama.cpp``) run the same weights as infeng. What llama.cpp's architecture would compute
+differently (a sliding window it does not apply, other NoPE layers) is refused.
 
 Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 / q5_0 whose 32-blocks are byte-compatible
 with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
-GGML's interleaved one (as llama.cpp's own converter does; gguf_read.unpermute_rope undoes it).
+GGML's interleaved one for llama/smollm3 (as llama.cpp's own converter does; gguf_read.unpermute_rope
+undoes it); Phi-3's wq/wk/wv and w_gate/w_up are written fused, as its attn_qkv / ffn_up.
 The vocabulary is written as a SentencePiece-style ("llama") vocabulary from the model's
 tokenizer.json: token text by id, score from the merge rank, types normal / unknown / control / byte; the
 tokenizer.json itself goes along as ``tokenizer.huggingface.json`` (a GGUF standard key), so
 reading the file back gives the identical tokenizer, normalizer included. Llama-3 RoPE scaling
-is not exported (the ``rope_freqs`` tensor): such a model runs in llama.cpp with plain RoPE —
-fine for speed, not for its numbers.
+goes out as llama.cpp's ``rope_freqs`` tensor (a divisor per frequency).
 """
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from infeng import format as native
-from infeng.converters.gguf_read import GGUFFile, LAYER_NAMES, gguf_name
+from infeng.converters import gguf_arch
+from infeng.converters.gguf_read import GGUFFile, gguf_name
 from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
 from infeng.errors import InfengError
+from infeng.format.schema import expected_shapes
 from infeng.telemetry import atomic_path
 
 GGUF_MAGIC = b"GGUF"
@@ -33,7 +38,23 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q5_0": 8, "bf16": 32}   
 # metadata value types
 U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
 
-NAMES = {native: gguf for gguf, native in LAYER_NAMES.items()}     # per-layer native → GGUF name part
+NAMES = {native: gguf for gguf, native in gguf_arch.LAYER.items()}   # per-layer native → GGUF name (wq → attn_q.weight)
+
+
+def _check_exportable(c) -> None:
+    """What llama.cpp's architecture would compute differently is refused, not written."""
+    arch = gguf_arch.TO_GGUF[c.arch]
+    if c.swa_layers and not (arch == "phi3" and len(c.swa_layers) == c.n_layers):
+        raise InfengError(f"GGUF export: {c.arch}'s sliding window on layers {list(c.swa_layers)} has no "
+                          f"llama.cpp {arch!r} equivalent")
+    every = gguf_arch.NOPE_EVERY.get(arch)
+    want = tuple(i for i in range(c.n_layers) if every and (i + 1) % every == 0)
+    if c.nope_layers != want:
+        raise InfengError(f"GGUF export: RoPE skipped on layers {list(c.nope_layers)}, llama.cpp's {arch!r} "
+                          f"skips it on {list(want)}")
+    kind = c.rope_scaling["rope_type"] if c.rope_scaling else "default"
+    if kind not in ("default", "linear", "llama3", "freq_factors", "yarn") and not (kind == "longrope" and arch == "phi3"):
+        raise InfengError(f"GGUF export: rope_type {kind!r} is not exported for {arch!r}")
 
 
 def _str(s: str) -> bytes:
@@ -115,52 +136,76 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
     dtype = model.weight_dtype
     if dtype not in FILE_TYPE:
         raise InfengError(f"GGUF export: weight dtype {dtype} has no GGUF equivalent")
+    _check_exportable(c)
+    a = gguf_arch.TO_GGUF[c.arch]
     kvs = [
-        _kv("general.architecture", STR, "llama"),
+        _kv("general.architecture", STR, a),
         _kv("general.name", STR, name),
         _kv("general.alignment", U32, ALIGN),
         _kv("general.file_type", U32, FILE_TYPE[dtype]),
-        _kv("llama.context_length", U32, c.max_seq_len),
-        _kv("llama.embedding_length", U32, c.dim),
-        _kv("llama.block_count", U32, c.n_layers),
-        _kv("llama.feed_forward_length", U32, c.hidden_dim),
-        _kv("llama.rope.dimension_count", U32, c.head_dim),
-        _kv("llama.attention.head_count", U32, c.n_heads),
-        _kv("llama.attention.head_count_kv", U32, c.n_kv_heads),
-        _kv("llama.attention.key_length", U32, c.head_dim),
-        _kv("llama.attention.value_length", U32, c.head_dim),
-        _kv("llama.attention.layer_norm_rms_epsilon", F32, float(c.norm_eps)),
-        _kv("llama.rope.freq_base", F32, float(c.rope_theta)),
-        _kv("llama.vocab_size", U32, c.vocab_size),
+        _kv(f"{a}.context_length", U32, c.max_seq_len),
+        _kv(f"{a}.embedding_length", U32, c.dim),
+        _kv(f"{a}.block_count", U32, c.n_layers),
+        _kv(f"{a}.feed_forward_length", U32, c.hidden_dim),
+        _kv(f"{a}.rope.dimension_count", U32, c.head_dim),
+        _kv(f"{a}.attention.head_count", U32, c.n_heads),
+        _kv(f"{a}.attention.head_count_kv", U32, c.n_kv_heads),
+        _kv(f"{a}.attention.key_length", U32, c.head_dim),
+        _kv(f"{a}.attention.value_length", U32, c.head_dim),
+        _kv(f"{a}.attention.layer_norm_rms_epsilon", F32, float(c.norm_eps)),
+        _kv(f"{a}.rope.freq_base", F32, float(c.rope_theta)),
+        _kv(f"{a}.vocab_size", U32, c.vocab_size),
         *_vocab(model),
         _kv("tokenizer.ggml.add_bos_token", BOOL, bool(model.tokenizer.get("add_bos", True))),
         _kv("tokenizer.huggingface.json", STR, model.tokenizer["json"]),
     ]
     if model.tokenizer.get("chat_template"):
         kvs.append(_kv("tokenizer.chat_template", STR, model.tokenizer["chat_template"]))
-    if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "linear":
-        kvs += [_kv("llama.rope.scaling.type", STR, "linear"),
-                _kv("llama.rope.scaling.factor", F32, float(c.rope_scaling["factor"]))]
+    rs = c.rope_scaling or {}
+    if rs.get("rope_type") == "linear":
+        kvs += [_kv(f"{a}.rope.scaling.type", STR, "linear"), _kv(f"{a}.rope.scaling.factor", F32, float(rs["factor"]))]
+    elif rs.get("rope_type") == "yarn":
+        kvs += [_kv(f"{a}.rope.scaling.type", STR, "yarn"), _kv(f"{a}.rope.scaling.factor", F32, float(rs["factor"])),
+                _kv(f"{a}.rope.scaling.original_context_length", U32, int(rs["original_max_position_embeddings"]))]
+    elif rs.get("rope_type") == "longrope":
+        kvs += [_kv(f"{a}.rope.scaling.original_context_length", U32, int(rs["original_max_position_embeddings"])),
+                _kv(f"{a}.rope.scaling.attn_factor", F32, float(c.attn_factor()))]
+    if c.swa_layers:
+        kvs.append(_kv(f"{a}.attention.sliding_window", U32, c.sliding_window))
     if c.bos_id is not None:
         kvs.append(_kv("tokenizer.ggml.bos_token_id", U32, int(c.bos_id)))
     if c.eos_ids:
         kvs.append(_kv("tokenizer.ggml.eos_token_id", U32, int(c.eos_ids[0])))
 
-    names = ["tok_embeddings", "norm"] + ([] if model.output_name == "tok_embeddings" else ["output"])
-    for i in range(c.n_layers):
-        names += [f"layers.{i}.{w}" for w in NAMES]
-    infos, datas, off = [], [], 0
-    for n in names:
+    entries: dict[str, list[tuple[str, np.ndarray]]] = {}    # GGUF name → (dtype, rows) parts, in order
+    for n in expected_shapes(c):
         dt, arr = model.tensors[n]
         if dt not in GGML_TYPE:
             raise InfengError(f"GGUF export: tensor {n} has dtype {dt} with no GGUF equivalent")
-        shape = native.logical_shape(dt, arr.shape)
-        if n.endswith(".wq"):
+        if a in gguf_arch.PERMUTED and n.endswith(".wq"):
             arr = _permute_rope(arr, c.n_heads)
-        elif n.endswith(".wk"):
+        elif a in gguf_arch.PERMUTED and n.endswith(".wk"):
             arr = _permute_rope(arr, c.n_kv_heads)
+        entries.setdefault(gguf_name(n, c.arch), []).append((dt, arr))
+    if rs.get("rope_type") in ("llama3", "freq_factors"):      # llama.cpp divides each frequency by these
+        if rs["rope_type"] == "freq_factors":
+            factors = np.asarray(rs["factors"], np.float32)
+        else:
+            factors = (replace(c, rope_scaling=None).inv_freq().astype(np.float64) / c.inv_freq()).astype(np.float32)
+        entries["rope_freqs.weight"] = [("f32", factors)]
+    if rs.get("rope_type") == "longrope":
+        for which in ("short", "long"):
+            entries[f"rope_factors_{which}.weight"] = [("f32", np.asarray(rs[f"{which}_factor"], np.float32))]
+    infos, datas, off = [], [], 0
+    for gname, parts in entries.items():
+        dts = {dt for dt, _ in parts}
+        if len(dts) > 1:
+            raise InfengError(f"GGUF export: the parts of fused {gname} have different dtypes {sorted(dts)}")
+        dt = parts[0][0]
+        arr = parts[0][1] if len(parts) == 1 else np.concatenate([p for _, p in parts])
+        shape = native.logical_shape(dt, arr.shape)
         dims = list(reversed(shape))                     # GGML: ne[0] is the innermost (row) length
-        infos.append(_str(gguf_name(n)) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        infos.append(_str(gname) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
                      + struct.pack("<IQ", GGML_TYPE[dt], off))
         datas.append(arr)
         off += -(-arr.nbytes // ALIGN) * ALIGN

@@ -1,4 +1,5 @@
-"""Hugging Face Llama checkpoint folder → native tensors (no copy unless a dtype changes).
+"""Hugging Face checkpoint folder (Llama, Mistral, Qwen2/3, Phi-3, SmolLM3) → native tensors (no
+copy unless a dtype changes).
 
 Reads config.json (refusing what the engine does not implement), model.safetensors or the shards
 named by model.safetensors.index.json, tokenizer.json (+ tokenizer_config.json,
@@ -32,25 +33,47 @@ def read_json(path: Path, required: bool = True) -> Any:
         raise InfengError(f"{path}: not valid JSON ({e})") from None
 
 
-def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
-    """native name → HF name."""
-    m = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+# per-layer native name → HF name under model.layers.{i}. (the Llama layout every architecture shares)
+_LAYER = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+          "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+          "ffn_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
+          "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+          "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+          "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+
+
+def hf_sources(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """native name → (HF tensor name, first row, end row); Phi-3's fused qkv_proj / gate_up_proj
+    are split by rows into wq/wk/wv and w_gate/w_up (views, no copy). end = 0: the whole tensor."""
+    shapes = expected_shapes(cfg)
+    m = {"tok_embeddings": ("model.embed_tokens.weight", 0, 0), "norm": ("model.norm.weight", 0, 0)}
     if not cfg.tie_embeddings:
-        m["output"] = "lm_head.weight"
+        m["output"] = ("lm_head.weight", 0, 0)
+    q, kv, hid = cfg.q_dim, cfg.kv_dim, cfg.hidden_dim
+    fused = {"wq": ("self_attn.qkv_proj.weight", 0, q), "wk": ("self_attn.qkv_proj.weight", q, q + kv),
+             "wv": ("self_attn.qkv_proj.weight", q + kv, q + 2 * kv),
+             "w_gate": ("mlp.gate_up_proj.weight", 0, hid), "w_up": ("mlp.gate_up_proj.weight", hid, 2 * hid)}
     for i in range(cfg.n_layers):
         h = f"model.layers.{i}."
-        m.update({
-            f"layers.{i}.attn_norm": h + "input_layernorm.weight",
-            f"layers.{i}.wq": h + "self_attn.q_proj.weight",
-            f"layers.{i}.wk": h + "self_attn.k_proj.weight",
-            f"layers.{i}.wv": h + "self_attn.v_proj.weight",
-            f"layers.{i}.wo": h + "self_attn.o_proj.weight",
-            f"layers.{i}.ffn_norm": h + "post_attention_layernorm.weight",
-            f"layers.{i}.w_gate": h + "mlp.gate_proj.weight",
-            f"layers.{i}.w_up": h + "mlp.up_proj.weight",
-            f"layers.{i}.w_down": h + "mlp.down_proj.weight",
-        })
+        for short, name in _LAYER.items():
+            native = f"layers.{i}.{short}"
+            if native not in shapes:
+                continue
+            if cfg.arch == "phi3" and short in fused:
+                src, a, b = fused[short]
+                m[native] = (h + src, a, b)
+            else:
+                m[native] = (h + name, 0, 0)
     return m
+
+
+def fused_rows(cfg: ModelConfig, hf_name: str) -> int | None:
+    """Rows of a fused HF tensor (Phi-3), or None."""
+    if hf_name.endswith("qkv_proj.weight"):
+        return cfg.q_dim + 2 * cfg.kv_dim
+    if hf_name.endswith("gate_up_proj.weight"):
+        return 2 * cfg.hidden_dim
+    return None
 
 
 def _open_shards(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -94,10 +117,21 @@ def load_folder(folder: str | Path, dtype: str | None = None):
     raw = _open_shards(folder)
     shapes = expected_shapes(cfg)
     out: dict[str, tuple[str, np.ndarray]] = {}
-    for native, hf in hf_name_map(cfg).items():
+    sources = hf_sources(cfg)
+    used = {hf for hf, _, _ in sources.values()}
+    for name in raw:
+        # transformers ignores a stored inv_freq buffer, and lm_head when the embeddings are tied
+        if name not in used and not name.endswith("rotary_emb.inv_freq") and not (cfg.tie_embeddings and name == "lm_head.weight"):
+            raise InfengError(f"{folder}: tensor {name!r} is not part of a {cfg.arch} model this engine runs")
+    for native, (hf, a, b) in sources.items():
         if hf not in raw:
             raise InfengError(f"{folder}: checkpoint has no tensor {hf!r}")
         label, arr = raw[hf]
+        if b:
+            want_shape = (fused_rows(cfg, hf), shapes[native][1])
+            if tuple(arr.shape) != want_shape:
+                raise InfengError(f"{folder}: tensor {hf!r} has shape {list(arr.shape)}, config says {list(want_shape)}")
+            arr = arr[a:b]
         if tuple(arr.shape) != shapes[native]:
             raise InfengError(f"{folder}: tensor {hf!r} has shape {list(arr.shape)}, config says {list(shapes[native])}")
         want = "f32" if is_norm(native) else (dtype or label)

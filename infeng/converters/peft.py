@@ -25,6 +25,9 @@ from infeng.format.schema import to_f32
 TARGETS = {"q_proj": ("wq", "self_attn"), "k_proj": ("wk", "self_attn"), "v_proj": ("wv", "self_attn"),
            "o_proj": ("wo", "self_attn"), "gate_proj": ("w_gate", "mlp"), "up_proj": ("w_up", "mlp"),
            "down_proj": ("w_down", "mlp")}
+# Phi-3's fused projections: one LoRA on them is a LoRA per part, A shared, B's (and DoRA's
+# magnitude's) rows split (both act row by row on the output)
+FUSED = {"qkv_proj": (("wq", "wk", "wv"), "self_attn"), "gate_up_proj": (("w_gate", "w_up"), "mlp")}
 KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                  r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
 
@@ -66,17 +69,26 @@ def read_peft(folder: str | Path, cfg: ModelConfig) -> tuple[dict[str, Any], dic
         if not m:
             raise InfengError(f"{folder}: tensor {key!r} is not a LoRA weight of a Llama projection this engine applies")
         layer, parent, module, kind = int(m[1]), m[2], m[3], m[4]
-        if module not in TARGETS or TARGETS[module][1] != parent:
+        fused = FUSED.get(module) if cfg.arch == "phi3" else None
+        if fused is None and (module not in TARGETS or TARGETS[module][1] != parent):
+            raise InfengError(f"{folder}: tensor {key!r}: target module {module!r} is not supported")
+        if fused is not None and fused[1] != parent:
             raise InfengError(f"{folder}: tensor {key!r}: target module {module!r} is not supported")
         if layer >= cfg.n_layers:
             raise InfengError(f"{folder}: tensor {key!r}: layer {layer} but the base model has {cfg.n_layers}")
-        proj = TARGETS[module][0]
-        n_out, n_in = projection_shape(cfg, proj)
+        projs = fused[0] if fused else (TARGETS[module][0],)
+        outs = [projection_shape(cfg, p)[0] for p in projs]
+        n_out, n_in = sum(outs), projection_shape(cfg, projs[0])[1]
         name, want = {"lora_A.weight": ("lora_a", (r, n_in)), "lora_B.weight": ("lora_b", (n_out, r))}.get(
             kind, ("dora_m", (n_out,)))
         if tuple(arr.shape) != want:
             raise InfengError(f"{folder}: tensor {key!r} has shape {list(arr.shape)}, the base model needs {list(want)}")
-        out[f"layers.{layer}.{proj}.{name}"] = np.ascontiguousarray(to_f32(arr, dtype), dtype=np.float32)
+        f = np.ascontiguousarray(to_f32(arr, dtype), dtype=np.float32)
+        row = 0
+        for proj, n in zip(projs, outs):
+            part = f if name == "lora_a" else f[row:row + n]
+            out[f"layers.{layer}.{proj}.{name}"] = np.ascontiguousarray(part)
+            row += n
     targets = sorted({n.rsplit(".", 1)[0] for n in out})
     for t in targets:
         for part in ("lora_a", "lora_b") + (("dora_m",) if dora else ()):

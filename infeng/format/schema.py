@@ -23,11 +23,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"layers.{i}.w_gate": (cfg.hidden_dim, cfg.dim), f"layers.{i}.w_up": (cfg.hidden_dim, cfg.dim),
             f"layers.{i}.w_down": (cfg.dim, cfg.hidden_dim),
         })
+        if cfg.qkv_bias:
+            s.update({f"layers.{i}.q_bias": (cfg.q_dim,), f"layers.{i}.k_bias": (cfg.kv_dim,),
+                      f"layers.{i}.v_bias": (cfg.kv_dim,)})
+        if cfg.qk_norm:
+            s.update({f"layers.{i}.q_norm": (cfg.head_dim,), f"layers.{i}.k_norm": (cfg.head_dim,)})
     return s
 
 
 def is_norm(name: str) -> bool:
-    return name == "norm" or name.endswith("_norm")
+    """The 1-D tensors (norm weights and biases): stored f32, never quantized."""
+    return name == "norm" or name.endswith(("_norm", "_bias"))
 
 
 def convert_dtype(arr: np.ndarray, src: str, dst: str) -> np.ndarray:

@@ -145,16 +145,8 @@ def op_errors(acts: Activations, ref, l: int) -> dict[str, float]:
     e["attn_norm"] = rel_err(A["attn_norm"], R.rmsnorm(x_in, w[L + "attn_norm"], c.norm_eps))
     for m in ("wq", "wk", "wv"):
         e[m] = rel_err(A[m], ref.mm(A["attn_norm"], L + m))
-    q = R.rope(A["wq"].reshape(T, c.n_heads, c.head_dim), pos, ref.inv_freq)
-    k = R.rope(A["wk"].reshape(T, c.n_kv_heads, c.head_dim), pos, ref.inv_freq)
-    v = A["wv"].reshape(T, c.n_kv_heads, c.head_dim)
-    g = c.n_heads // c.n_kv_heads
-    K, V = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    att = np.einsum("thd,shd->hts", q, K) / np.sqrt(c.head_dim)
-    att = np.where((np.arange(T)[None, :] > pos[:, None])[None], -np.inf, att)
-    att = np.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
-    e["attention"] = rel_err(A["attention"], np.einsum("hts,shd->thd", att, V).reshape(T, c.q_dim))
+    q, k, v, scale = ref.qkv(l, A["wq"], A["wk"], A["wv"], pos)     # biases, q/k norms, RoPE as the layer has them
+    e["attention"] = rel_err(A["attention"], R.attend(q, k, v, pos, scale, c.layer_window(l)))
     e["wo"] = rel_err(A["wo"], x_in + ref.mm(A["attention"], L + "wo"))
     e["ffn_norm"] = rel_err(A["ffn_norm"], R.rmsnorm(A["wo"], w[L + "ffn_norm"], c.norm_eps))
     for m in ("w_gate", "w_up"):

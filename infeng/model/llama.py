@@ -9,6 +9,13 @@ from infeng.kernels.structs import Structs, Weight
 from infeng.model.loader import MATRICES, Model
 
 
+def attn_scale(cfg, layer: int) -> float:
+    """The attention score scale of a layer: 1/sqrt(head_dim), times YaRN's / LongRoPE's factor
+    squared on RoPE layers (it multiplies cos and sin, so both q and k). 0 = the C default."""
+    f = cfg.attn_factor() if cfg.layer_rope(layer) else 1.0
+    return 0.0 if f == 1.0 else float(np.float32(f * f / np.sqrt(cfg.head_dim)))
+
+
 class LlamaC:
     """Holds the C view of a model's weights and the step buffers for up to ``max_tokens`` tokens
     and ``max_out`` logits rows. ``step`` runs one forward call over what the caller put in
@@ -36,7 +43,12 @@ class LlamaC:
             inv_freq=c.inv_freq(), tok_embeddings=weight("tok_embeddings", kernel_layout=False),  # rows looked up as stored
             final_norm=f32("norm"), output=weight(model.output_name),
             layers=[{"attn_norm": f32(f"layers.{i}.attn_norm"), "ffn_norm": f32(f"layers.{i}.ffn_norm"),
-                     **{w: weight(f"layers.{i}.{w}") for w in MATRICES}} for i in range(c.n_layers)])
+                     **{w: weight(f"layers.{i}.{w}") for w in MATRICES},
+                     # per-architecture parts (NULL / 0 where the model has none)
+                     **{v: f32(f"layers.{i}.{v}") if f"layers.{i}.{v}" in model.tensors else None
+                        for v in ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm")},
+                     "window": c.layer_window(i), "no_rope": 0 if c.layer_rope(i) else 1,
+                     "attn_scale": attn_scale(c, i)} for i in range(c.n_layers)])
 
         T = self.max_tokens = max_tokens
         self.bufs = {n: np.zeros((T, d), np.float32) for n, d in (

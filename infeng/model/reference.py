@@ -29,6 +29,22 @@ def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(np.float32)
 
 
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale, window: int = 0) -> np.ndarray:
+    """Causal attention of q [T, heads, hd] at positions pos over the cached k, v [S, kv_heads, hd]
+    (positions 0..S-1), GQA by repeating kv heads; window > 0: only the last `window` positions."""
+    group = q.shape[1] // k.shape[1]
+    K, V = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    S = K.shape[0]
+    att = np.einsum("thd,shd->hts", q, K) * scale               # [heads, T, S]
+    mask = np.arange(S)[None, :] > pos[:, None]
+    if window:
+        mask |= np.arange(S)[None, :] <= pos[:, None] - window
+    att = np.where(mask[None], -np.inf, att)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", att, V).reshape(len(pos), -1).astype(np.float32)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 
@@ -44,6 +60,7 @@ class ReferenceModel:
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
         self.inv_freq = self.cfg.inv_freq()
+        self.attn_factor = self.cfg.attn_factor()   # YaRN / LongRoPE scale cos and sin: q·k by its square
         # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
         # beside the base product as the kernels compute it (int8_lora_product below)
         self.low_rank: dict = {}
@@ -64,26 +81,13 @@ class ReferenceModel:
         T = len(tokens)
         pos = np.arange(self.pos, self.pos + T)
         x = w["tok_embeddings"][tokens].astype(np.float32)
-        group = c.n_heads // c.n_kv_heads
-        scale = np.float32(1.0 / np.sqrt(c.head_dim))
         for i in range(c.n_layers):
             L = f"layers.{i}."
             h = rmsnorm(x, w[L + "attn_norm"], c.norm_eps)
-            q = (self.mm(h, L + "wq")).reshape(T, c.n_heads, c.head_dim)
-            k = (self.mm(h, L + "wk")).reshape(T, c.n_kv_heads, c.head_dim)
-            v = (self.mm(h, L + "wv")).reshape(T, c.n_kv_heads, c.head_dim)
-            q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+            q, k, v, scale = self.qkv(i, *(self.mm(h, L + p) for p in ("wq", "wk", "wv")), pos)
             self.k[i] = np.concatenate([self.k[i], k])
             self.v[i] = np.concatenate([self.v[i], v])
-            K = np.repeat(self.k[i], group, axis=1)            # [S, heads, hd]
-            V = np.repeat(self.v[i], group, axis=1)
-            S = K.shape[0]
-            att = np.einsum("thd,shd->hts", q, K) * scale      # [heads, T, S]
-            mask = np.arange(S)[None, :] > pos[:, None]          # causal
-            att = np.where(mask[None], -np.inf, att)
-            att = np.exp(att - att.max(-1, keepdims=True))
-            att /= att.sum(-1, keepdims=True)
-            o = np.einsum("hts,shd->thd", att, V).reshape(T, c.q_dim).astype(np.float32)
+            o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
             x = x + self.mm(o, L + "wo")
             h = rmsnorm(x, w[L + "ffn_norm"], c.norm_eps)
             g = silu(self.mm(h, L + "w_gate")) * (self.mm(h, L + "w_up"))
@@ -92,6 +96,23 @@ class ReferenceModel:
                 trace.append(x.copy())
         x = rmsnorm(x, w["norm"], c.norm_eps)
         return (self.mm(x, self.m.output_name)).astype(np.float32)
+
+    def qkv(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
+        """Layer i's projections [T, width] → the per-head q, k, v attention reads, and its
+        score scale: biases (Qwen2), per-head q/k RMSNorm (Qwen3), RoPE unless a NoPE layer
+        (SmolLM3), whose YaRN / LongRoPE factor scales the scores by its square."""
+        c, w, L, T = self.cfg, self.w, f"layers.{i}.", len(pos)
+        if c.qkv_bias:
+            q, k, v = q + w[L + "q_bias"], k + w[L + "k_bias"], v + w[L + "v_bias"]
+        q = q.reshape(T, c.n_heads, c.head_dim)
+        k = k.reshape(T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = rmsnorm(q, w[L + "q_norm"], c.norm_eps), rmsnorm(k, w[L + "k_norm"], c.norm_eps)
+        if not c.layer_rope(i):
+            return q, k, v, np.float32(1.0 / np.sqrt(c.head_dim))
+        q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+        return q, k, v, np.float32(self.attn_factor ** 2 / np.sqrt(c.head_dim))
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations)."""

@@ -153,6 +153,8 @@ def fold(w: dict[str, np.ndarray], L: str, name: str, s: np.ndarray, cfg, group:
     elif name == "o_in":
         s_kv = s.reshape(cfg.n_kv_heads, group, cfg.head_dim)[:, 0, :].reshape(-1)
         w[L + "wv"] = (w[L + "wv"] / s_kv[:, None]).astype(np.float32)
+        if L + "v_bias" in w:      # Qwen2: v = wv·x + b, so the bias is scaled with wv's rows
+            w[L + "v_bias"] = (w[L + "v_bias"] / s_kv).astype(np.float32)
 
 
 def apply(model, items, cal: Calibration, grid: int = GRID, progress: Callable[[int, str], None] | None = None):
@@ -161,7 +163,8 @@ def apply(model, items, cal: Calibration, grid: int = GRID, progress: Callable[[
     dtype_of = {it.name: it.dtype for it in items}.__getitem__
     cfg = model.config
     names = [f"layers.{l}.{m}" for l in range(cfg.n_layers)
-             for m in ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+             for m in ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "v_bias")
+             if f"layers.{l}.{m}" in model.tensors]
     w, choices, importance = transform({n: model.f32(n) for n in names}, dtype_of, cal, cfg, grid, progress)
     tensors = dict(model.tensors)
     for n in names:

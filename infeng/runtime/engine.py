@@ -204,6 +204,9 @@ class Engine:
         if self.prefix_cache:
             for s in sched.running:
                 self.kv.register_full(s.slot, s.ids, s.n_fed, s.salt)
+        if self.kv.window:          # the next token at n_fed reads positions n_fed+1-window on
+            for s in sched.running:
+                self.kv.drop_before(s.slot, s.n_fed + 1 - self.kv.window)
         # sample, stream, finish
         rows = self.net.logit_rows
         for i, s in enumerate(b.outs):

@@ -24,6 +24,10 @@ class KVCache:
                  block_size: int = 16, budget_mb: float | None = None):
         self.block_size = block_size
         self.max_blocks = -(-max_seq_len // block_size)          # blocks per sequence at most
+        # a model whose every layer attends to the last `window` positions only: past its prompt,
+        # a sequence holds the blocks of its window (drop_before gives the older ones back, and
+        # reused blocks keep the pool's touched memory at that size), not its whole context
+        self.window = cfg.sliding_window if cfg.swa_layers and len(cfg.swa_layers) == cfg.n_layers else 0
         self.block_bytes = 2 * cfg.n_layers * block_size * cfg.kv_dim * 4
         n_blocks = n_slots * self.max_blocks
         if budget_mb is not None:
@@ -99,7 +103,7 @@ class KVCache:
             h = hash((h, tuple(ids[j * bs:(j + 1) * bs])))
             self.hashes[slot].append(h)
             b = self.owned[slot][j]
-            if h not in self.by_hash and b not in self.hash_of:
+            if b >= 0 and h not in self.by_hash and b not in self.hash_of:
                 self.by_hash[h] = b
                 self.hash_of[b] = h
 
@@ -121,15 +125,29 @@ class KVCache:
 
     def release(self, slot: int) -> None:
         for b in self.owned[slot]:
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                h = self.hash_of.get(b)
-                if h is not None:
-                    self.cached[h] = b          # keep its content for a later prefix hit
-                else:
-                    self.free.append(b)
+            self._unref(b)
         self.owned[slot] = []
         self.hashes[slot] = []
+
+    def drop_before(self, slot: int, first: int) -> None:
+        """Give back the slot's blocks wholly before position ``first`` (sliding-window models:
+        attention never reads them again). Their table entries go stale; ``owned`` keeps -1."""
+        own, bs = self.owned[slot], self.block_size
+        for j in range(min(len(own), max(first, 0) // bs)):
+            if own[j] >= 0:
+                self._unref(own[j])
+                own[j] = -1
+
+    def _unref(self, b: int) -> None:
+        if b < 0:                               # dropped already (drop_before)
+            return
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            h = self.hash_of.get(b)
+            if h is not None:
+                self.cached[h] = b              # keep its content for a later prefix hit
+            else:
+                self.free.append(b)
 
     def _take(self, b: int) -> None:
         if self.ref[b] == 0:
