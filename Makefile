@@ -6,7 +6,7 @@ DATA   ?= $(abspath $(or $(INFENG_TEST_DATA),../shared/data))
 STAMP  := $(VENV)/.installed
 OUT    := out
 
-.PHONY: setup demo test kernels bench fuzz clean
+.PHONY: setup demo test test-ray kernels bench fuzz clean
 
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
@@ -33,6 +33,11 @@ demo: setup
 
 test: setup
 	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
+
+# the Ray tests (skipped by `make test` when Ray is absent): a local 2-CPU cluster on 127.0.0.1
+test-ray: setup
+	$(BIN)/pip install -q -e '.[ray]' 2>&1 | grep -v '^WARNING: Location' || true
+	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest tests/test_jobs_ray.py
 
 # llama.cpp is built for this CPU (native flags) but without AMX: CPUs here advertise AMX tiles
 # that the kernel does not enable, and llama.cpp's AMX path then dies with SIGILL.

@@ -1,6 +1,6 @@
 """Suite kinds beyond the scenario table: comparisons whose records have shapes of their own (LoRA
 overhead, multi-LoRA against PEFT or llama.cpp, llama.cpp's quantizations by KL-divergence, the
-engine's scheduling scenarios). A suite file names one with ``kind:`` and sets its parameters:
+engine's scheduling scenarios, batch jobs' memory, kills and scale-out). A suite file names one with ``kind:`` and sets its parameters:
 
     kind: llamacpp_kld
     base: out/stories-f32.infeng
@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infeng.bench import engine_scenarios, lora_scenarios, llamacpp_kld, llamacpp_lora, peft_peer
+from infeng.bench import engine_scenarios, job_memory, job_resume, lora_scenarios, llamacpp_kld, llamacpp_lora, \
+    peft_peer, scale_out
 from infeng.bench.peers import PeerSkip
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
@@ -155,6 +156,38 @@ class EngineScenarios(Comparison):
         return recs, []
 
 
+class JobMemory(Comparison):
+    """Peak RSS of `generate --batch` against its input's length (and the whole-file path's)."""
+    name, model_param, required = "job_memory", "model", ("model",)
+    defaults = {"sizes": [10000, 100000], "max_tokens": 2, "max_batch": 32, "whole_file": False}
+
+    def run(self, p, log):
+        _positive_ints(p["sizes"], "sizes", self.name)
+        return job_memory.run(p["model"], p["sizes"], p["max_tokens"], p["max_batch"], p["whole_file"], log), []
+
+    def metrics(self, records):
+        return {f"{r['path']}.rss_ratio": r["rss_ratio"] for r in records if "rss_ratio" in r}
+
+
+class JobResume(Comparison):
+    """A batch job killed part way and rerun, against the uninterrupted run."""
+    name, model_param, required = "job_resume", "model", ("model",)
+    defaults = {"requests": 20000, "max_tokens": 4, "kill_at": 0.5}
+
+    def run(self, p, log):
+        return job_resume.run(p["model"], p["requests"], p["max_tokens"], float(p["kill_at"]), log), []
+
+
+class ScaleOut(Comparison):
+    """A batch job locally on 1 thread and on Ray with 1 and 2 single-core workers; driver rates
+    and the simulator's projection to more workers (needs the `ray` extra)."""
+    name, model_param, required = "scale_out", "model", ("model",)
+    defaults = {"requests": 3000, "max_tokens": 8, "repeats": 2}
+
+    def run(self, p, log):
+        return scale_out.run(p["model"], p["requests"], p["max_tokens"], p["repeats"], log), []
+
+
 def _adapter_dtype(p: dict[str, Any]) -> None:
     if p["adapter_dtype"] not in ("bf16", "f32", "int8"):
         raise InfengError(f"`adapter_dtype` {p['adapter_dtype']!r}: one of bf16, f32, int8")
@@ -162,7 +195,8 @@ def _adapter_dtype(p: dict[str, Any]) -> None:
 
 COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
     LoraOverhead(), LoraPeer("peft_lora", "peft", peft_peer.compare),
-    LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios())}
+    LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios(),
+    JobMemory(), JobResume(), ScaleOut())}
 
 
 @dataclass

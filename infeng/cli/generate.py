@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from infeng.errors import InfengError
-from infeng.telemetry import Run, progress, write_text_atomic
+from infeng.jobs import BatchJob, Interrupted, run_batch_job
+from infeng.model.loader import load_model
+from infeng.runtime.batch import metrics
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.tokenizer import Tokenizer
+from infeng.runtime.types import FinishEvent
+from infeng.telemetry import Run
 
 
 def generate(
@@ -23,8 +31,15 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", help="compute threads [default: physical cores]"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past end-of-sequence (benchmarks)"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt before the completion"),
-    batch: Optional[Path] = typer.Option(None, "--batch", help="JSONL file of requests"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL results file (with --batch)"),
+    batch: Optional[str] = typer.Option(None, "--batch", help="JSONL file of requests (or a glob pattern of several)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL results file (a directory for several inputs)"),
+    restart: bool = typer.Option(False, "--restart", help="ignore the journal of an interrupted run and start over"),
+    window: Optional[int] = typer.Option(None, "--window", help="requests read and queued at once [default: 8 x --max-batch, at least 64]"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run on a Ray cluster: its ADDRESS, or 'auto' (extra infeng[ray])"),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="engine actors on Ray [default: the cluster's CPUs / --ray-cpus]"),
+    ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="CPUs (= engine threads) each Ray worker owns [default: 1]"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="lines handed to a Ray worker at a time [default: 256]"),
+    ray_ship: bool = typer.Option(False, "--ray-ship", help="send the model and adapters to the Ray workers (no shared path)"),
     max_batch: int = typer.Option(8, "--max-batch", help="sequences run together in one forward pass"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="context length per sequence [default: the model's, at most 4096]"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
@@ -33,11 +48,6 @@ def generate(
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
 ):
     """Generate text from a prompt, or run a batch of requests."""
-    from infeng.model.loader import load_model
-    from infeng.runtime.batch import metrics, read_requests, run_batch
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
-    from infeng.runtime.tokenizer import Tokenizer
 
     if batch is None and prompt is None:
         raise InfengError("give --prompt TEXT or --batch FILE.jsonl")
@@ -51,51 +61,52 @@ def generate(
         raise InfengError(f"--max-batch must be >= 1, got {max_batch}")
     if telemetry is not None and telemetry.suffix.lower() not in (".json", ".csv"):
         raise InfengError(f"--telemetry {telemetry}: suffix must be .json or .csv")
-    for out in (output, telemetry):
-        if out is not None and not out.parent.is_dir():
-            raise InfengError(f"{out.parent}: no such directory (for {out.name})")
-
+    if telemetry is not None and not telemetry.parent.is_dir():
+        raise InfengError(f"{telemetry.parent}: no such directory (for {telemetry.name})")
+    if batch is None and (restart or window is not None or ray is not None):
+        raise InfengError("--restart, --window and --ray go with --batch")
+    if ray is None and (ray_workers is not None or ray_cpus is not None or shard_size is not None or ray_ship):
+        raise InfengError("--ray-workers, --ray-cpus, --shard-size and --ray-ship go with --ray")
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory")
     t_load = time.perf_counter()
     model = load_model(model_path, verify=not no_verify)
-    defaults = SamplingParams.with_model_defaults(
-        model.generation, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, ignore_eos=ignore_eos).validated(names=OPTION_NAMES)
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                 ignore_eos=ignore_eos)
+    defaults = SamplingParams.with_model_defaults(model.generation, **given).validated(names=OPTION_NAMES)
+    if batch is not None:
+        # the job picks the seed of unseeded lines: a resumed job keeps the interrupted one's
+        job = BatchJob(model_path, batch, output, defaults if seed is not None else replace(defaults, seed=None),
+                       threads=threads, max_batch=max_batch, ctx=ctx, verify=not no_verify, adapter=adapter,
+                       adapters_dir=adapters_dir, restart=restart, window=window, ray=ray,
+                       ray_workers=ray_workers, ray_cpus=ray_cpus or 1, shard_size=shard_size or 256, ray_ship=ray_ship,
+                       model=model)
+        try:
+            meta, figures = run_batch_job(job)
+        except Interrupted as e:
+            print(f"infeng: {e}", file=sys.stderr)
+            raise typer.Exit(130) from None
+        run = Run("generate", meta=meta, metrics=figures)
+        run.print_summary()
+        if telemetry:
+            run.write(telemetry)
+        return
     tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
-    items = read_requests(batch, defaults, tok) if batch is not None else None
-    n_req = len(items) if items is not None else 1
-    # a batch needs each completion's text once, at the end; only a streamed prompt needs it per token
-    engine = Engine(model, threads=threads, max_batch=min(max_batch, max(n_req, 1)), max_seq_len=ctx,
-                    tokenizer=tok, detokenize=batch is None)
+    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx, tokenizer=tok)
     default_adapter = None
     for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
         engine.load_adapter(f, f.name[:-len(".infeng-lora")])
     if adapter is not None:
         default_adapter = engine.load_adapter(adapter).name
-        for it in items or []:
-            if it.request is not None and it.request.adapter is None:
-                it.request.adapter = default_adapter
     load_s = time.perf_counter() - t_load
     run = Run("generate", meta={"model": str(model_path), "isa": engine.isa, "threads": engine.threads,
                                 "weight_dtype": model.weight_dtype, "max_batch": engine.max_batch})
     t0 = time.perf_counter()
-    if batch is None:
-        results = _single(engine, Request(id="prompt", prompt=prompt, params=defaults, adapter=default_adapter),
-                          prompt, echo)
-        if results and results[0].finish_reason:
-            run.records.append({"id": "prompt", "finish_reason": results[0].finish_reason,
-                                "completion_tokens": len(results[0].token_ids), "seed": results[0].seed})
-    else:
-        import json
-        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
-        with progress("generating", MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-            task = bar.add_task("batch", total=len(items))
-            records, results = run_batch(engine, items, model_path.name, on_done=lambda: bar.advance(task))
-        write_text_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        run.records.extend({"line": it.lineno, "id": it.key, "failed": bool(r.get("error"))}
-                           for it, r in zip(items, records))
-        run.metrics["failed_requests"] = sum(1 for r in records if r.get("error"))
+    results = _single(engine, Request(id="prompt", prompt=prompt, params=defaults, adapter=default_adapter),
+                      prompt, echo)
+    if results and results[0].finish_reason:
+        run.records.append({"id": "prompt", "finish_reason": results[0].finish_reason,
+                            "completion_tokens": len(results[0].token_ids), "seed": results[0].seed})
     run.metrics.update(metrics(engine, results, time.perf_counter() - t0))
     run.metrics["load_s"] = load_s
     run.print_summary()
@@ -109,8 +120,6 @@ OPTION_NAMES = {"max_tokens": "--max-tokens", "temperature": "--temperature", "t
 
 def _single(engine, req, prompt: str, echo: bool):
     """Stream the prompt (as given) and the completion to stdout as tokens arrive."""
-    from infeng.errors import InfengError
-    from infeng.runtime.engine import FinishEvent
     out = sys.stdout
     if echo:
         out.write(prompt)
