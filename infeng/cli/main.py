@@ -24,6 +24,7 @@ from infeng.cli import eval as _eval  # noqa: E402
 from infeng.cli import quantize as _quantize  # noqa: E402
 from infeng.cli import bench as _bench, profile as _profile  # noqa: E402
 from infeng.cli import calibrate as _calibrate  # noqa: E402
+from infeng.cli import chat as _chat  # noqa: E402
 
 _convert.register(app)
 _generate.register(app)
@@ -32,6 +33,7 @@ _quantize.register(app)
 _bench.register(app)
 _profile.register(app)
 _calibrate.register(app)
+_chat.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,12 +108,9 @@ def _vocab(model) -> list[bytes]:
     if not byte_level:
         return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
                 _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
-    from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
+    from infeng.converters.gguf_tokenizer import pre_name
     merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
-    pre_tok = tok.get("pre_tokenizer") or {}
-    steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
-    splits = [(x.get("pattern") or {}).get("Regex") for x in steps if isinstance(x, dict) and x.get("type") == "Split"]
-    pre = "llama-bpe" if LLAMA3_SPLIT in splits else "default"
+    pre = pre_name(tok.get("pre_tokenizer"))
     return [_kv("tokenizer.ggml.model", STR, "gpt2"), _kv("tokenizer.ggml.pre", STR, pre),
             _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)), _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
             _kv("tokenizer.ggml.merges", ARR, (STR, merges))]
