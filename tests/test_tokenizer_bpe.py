@@ -102,6 +102,13 @@ def test_end_of_turn_comes_from_the_template_and_eot_keys():
     assert t.end_of_turn_ids == ()                     # no template, nothing more
 
 
+def test_end_of_turn_probe_tolerates_a_picky_template():
+    picky = "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('last turn must be the user') }}{% endif %}" + CHATML
+    t = tok_for("smollm", **{"tokenizer.chat_template": picky})
+    assert t.end_of_turn_ids == () and t.chat_stop_ids == (0,)
+    assert t.render_chat([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
+
+
 def test_gguf_export_names_the_split(tmp_path):
     """A tokenizer.json with SmolLM's / Qwen2's pre-tokenizer exports with llama.cpp's pre name."""
     for pre, name in (("smollm", "smollm"), ("qwen2", "qwen2"), ("llama-bpe", "llama-bpe"), ("gpt2", "default")):

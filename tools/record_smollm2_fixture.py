@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures" / "smollm2" / "llamacpp.json"
 N_GREEDY = 32
@@ -29,16 +27,6 @@ TEXTS = [
     "https://example.com/path?q=1&r=2", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "a<|endoftext|>b", "",
 ]
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "user", "content": "Explain photosynthesis in one sentence."}],
-    [{"role": "user", "content": "List three primary colors."}],
-    [{"role": "user", "content": "What is 12 times 7?"}],
-    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Say hello."}],
-]
-PLAIN = ["The quick brown fox", "Once upon a time, in a small village,", "def fibonacci(n):\n",
-         "The three laws of thermodynamics are"]
 
 
 def main(argv: list[str]) -> int:
@@ -46,24 +34,14 @@ def main(argv: list[str]) -> int:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import SMOLLM2
+
+    from infeng.bench.llamacpp_agreement import CHATS, PLAIN, llamacpp_greedy
     gguf = Path(argv[0]) if argv else SMOLLM2
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=2, logits_all=False,
                           verbose=False)
-    n_vocab = llm.n_vocab()
 
     def tokenize(text: str) -> list[int]:
         return llm.tokenize(text.encode(), add_bos=True, special=True) if text else []
-
-    def greedy(ids: list[int]) -> list[int]:
-        llm.reset()
-        llm.eval(ids)
-        out = []
-        for _ in range(N_GREEDY):
-            row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-            tok = int(np.argmax(np.ctypeslib.as_array(row, (n_vocab,))))
-            out.append(tok)
-            llm.eval([tok])
-        return out
 
     md = llm.metadata
     fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=llm._model.token_get_text(llm.token_eos()),
@@ -71,7 +49,7 @@ def main(argv: list[str]) -> int:
     prompts = [{"messages": m, "text": fmt(messages=m).prompt} for m in CHATS] + [{"text": t} for t in PLAIN]
     for p in prompts:
         p["prompt_ids"] = tokenize(p["text"])
-        p["greedy"] = greedy(p["prompt_ids"])
+        (p["greedy"],) = llamacpp_greedy(llm, llama_cpp, [p["prompt_ids"]], N_GREEDY)
         print(repr(p["text"][-40:]), "→", repr(llm.detokenize(p["greedy"]).decode(errors="replace")[:80]))
     rec = {"llama_cpp_python": llama_cpp.__version__,
            "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "n_greedy": N_GREEDY,

@@ -97,8 +97,11 @@ class Tokenizer:
             self._eot = ()
             if self.chat_template:
                 probe = "infeng-probe-4d1c"
-                text = self.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                        "chat template", add_generation_prompt=False)
+                try:
+                    text = self.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                            "chat template", add_generation_prompt=False)
+                except InfengError:     # a template that wants other turns: EOS alone ends replies
+                    text = ""
                 if probe in text:
                     after = self.encode_plain(text[text.rindex(probe) + len(probe):])
                     if after and after[0] in self.special_ids:
