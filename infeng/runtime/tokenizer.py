@@ -30,7 +30,7 @@ class Tokenizer:
         self._compiled = None       # the chat template, compiled on first use
         self._eot: tuple[int, ...] | None = None
         self.special = {name: self.tk.id_to_token(i) or "" for name, i in
-                        (("bos", bos_id), ("eos", min(eos_ids) if eos_ids else None)) if i is not None}
+                        (("bos", bos_id), ("eos", tuple(eos_ids)[0] if eos_ids else None)) if i is not None}
 
     def encode(self, text: str) -> list[int]:
         """Prompt → ids, BOS first when the model wants one (an empty prompt is BOS alone).
