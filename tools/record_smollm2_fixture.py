@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
 
     from infeng.bench.llamacpp_agreement import CHATS, PLAIN, llamacpp_greedy
     gguf = Path(argv[0]) if argv else SMOLLM2
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=2, logits_all=False,
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=1, logits_all=False,
                           verbose=False)
 
     def tokenize(text: str) -> list[int]:
