@@ -28,9 +28,12 @@
 /* IFG_Q8_0X16 / IFG_Q4_0X16: the same blocks repacked 16 rows at a time for the kernels (quant.h). */
 /* IFG_Q4_K / IFG_FP8: GGUF Q4_K 256-super-blocks (144 bytes), E4M3 32-blocks with a bf16 scale
  * (34 bytes), matmul weights only (quant_k.h). IFG_Q4_KX16: q4_k repacked 16 rows at a time (quant_k.h). */
+/* IFG_Q4_1 / IFG_Q5_1: GGUF 32-blocks with a scale and a minimum (20 / 24 bytes); IFG_Q6_K: GGUF
+ * Q6_K 256-super-blocks (210 bytes); matmul weights and embedding tables (quant_gguf.h). */
 enum ifg_dtype { IFG_F32 = 0, IFG_BF16 = 1, IFG_F16 = 2, IFG_Q8_0 = 3, IFG_Q4_0 = 4,
                  IFG_Q8_0X16 = 5, IFG_Q4_0X16 = 6, IFG_Q4_K = 7, IFG_FP8 = 8, IFG_Q4_KX16 = 9,
-                 IFG_Q5_0 = 10 };
+                 IFG_Q5_0 = 10, IFG_Q4_1 = 11, IFG_Q5_1 = 12,
+                 IFG_Q6_K = 13 };
 
 /* Which variant this library is: "scalar", "avx2" or "avx512". */
 const char *ifg_isa(void);
@@ -99,6 +102,27 @@ static inline float ifg_f16_to_f32(uint16_t h) {
         u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
     }
     float f; memcpy(&f, &u, 4); return f;
+}
+/* double → IEEE half, round to nearest even (overflow → inf; never NaN here); of an f32, the
+ * same as numpy's float32 → float16 (one rounding from the exact value). For the quantizers. */
+static inline uint16_t ifg_f64_to_f16(double v) {
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    const uint16_t sign = (uint16_t)((u >> 48) & 0x8000u);
+    const uint64_t a = u & 0x7fffffffffffffffull;
+    if (a >= 0x7ff0000000000000ull) return sign | 0x7c00u | (a > 0x7ff0000000000000ull ? 0x200u : 0u);
+    if (a < 0x0010000000000000ull) return sign; /* zero or a double subnormal: far below half's range */
+    const int e = (int)(a >> 52) - 1023;
+    if (e > 15) return sign | 0x7c00u;
+    const uint64_t m = (a & 0x000fffffffffffffull) | 0x0010000000000000ull; /* 53 significant bits */
+    const int shift = e >= -14 ? 42 : 28 - e;                                  /* bits dropped */
+    if (shift > 63) return sign;
+    uint64_t q = m >> shift;
+    const uint64_t rem = m & ((1ull << shift) - 1), half = 1ull << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    if (e >= -14) /* q in [1024, 2048]: 2048 carries into the exponent (up to inf), as it should */
+        return sign | (uint16_t)(((uint32_t)(e + 15) << 10) + (uint32_t)(q - 1024));
+    return sign | (uint16_t)q; /* subnormal (q == 1024 is the smallest normal, also right) */
 }
 /* Load one weight element of any dtype as f32 (scalar paths only). */
 static inline float ifg_load_f32(const void *w, int dtype, size_t i) {

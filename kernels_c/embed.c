@@ -3,6 +3,7 @@
 #include "embed.h"
 #include "quant.h"
 #include "quant_k.h"
+#include "quant_gguf.h"
 
 static void embed_bf16_row(float *o, const uint16_t *h, int n) {
     int i = 0;
@@ -46,6 +47,10 @@ void ifg_embed_part(float *out, const void *table, int dtype, const int32_t *tok
         }
         if (ifg_is_quant_k(dtype)) { /* q4_k / fp8 table */
             ifg_qk_dequant_row(o, (const uint8_t *)table + (size_t)tokens[t] * ifg_quant_k_row_bytes(dtype, dim), dtype, dim);
+            continue;
+        }
+        if (ifg_is_quant_gguf(dtype)) { /* q4_1 / q5_1 table */
+            ifg_qg_dequant_row(o, (const uint8_t *)table + (size_t)tokens[t] * ifg_quant_gguf_row_bytes(dtype, dim), dtype, dim);
             continue;
         }
         switch (dtype) {

@@ -6,7 +6,8 @@
 
 // cdef-begin
 /* out[t][:] = table[tokens[t]][:] converted to f32; table is [vocab][dim] of dtype (IFG_F32/BF16/F16,
-   or IFG_Q8_0/Q4_0/Q5_0 with dim a multiple of 32, IFG_Q4_K with dim a multiple of 256, IFG_FP8).
+   or IFG_Q8_0/Q4_0/Q5_0 with dim a multiple of 32, IFG_Q4_K with dim a multiple of 256, IFG_FP8,
+   IFG_Q4_1/Q5_1 with dim a multiple of 32).
    Token ids are validated by the caller. */
 void ifg_embed(float *out, const void *table, int dtype, const int32_t *tokens, int T, int dim, int n_threads);
 // cdef-end

@@ -33,6 +33,7 @@
 #include "matmul.h"
 #include "quant.h"
 #include "quant_k.h"
+#include "quant_gguf.h"
 
 #define MM_AI static inline __attribute__((always_inline))
 
@@ -434,7 +435,8 @@ int ifg_matmul_row_align(int wtype) {
 
 int ifg_matmul_token_block(int wtype) {
 #if defined(IFG_AVX512) || defined(IFG_AVX2)
-    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ? 64 : MM_TB;
+    return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ||
+           ifg_is_quant_gguf(wtype) ? 64 : MM_TB;
 #else
     (void)wtype;
     return 64;
@@ -461,6 +463,8 @@ void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *
         ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     } else if (ifg_is_quant_k(wtype)) {
         ifg_qk_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+    } else if (ifg_is_quant_gguf(wtype)) {
+        ifg_qg_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
     } else {
         mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     }

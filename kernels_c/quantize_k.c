@@ -35,27 +35,6 @@ static inline double qz_max(const double *a, int n) {
     return m;
 }
 
-/* double → IEEE half, round to nearest even (overflow → inf; never NaN here). */
-static uint16_t qz_f64_to_f16(double v) {
-    uint64_t u;
-    memcpy(&u, &v, 8);
-    const uint16_t sign = (uint16_t)((u >> 48) & 0x8000u);
-    const uint64_t a = u & 0x7fffffffffffffffull;
-    if (a >= 0x7ff0000000000000ull) return sign | 0x7c00u | (a > 0x7ff0000000000000ull ? 0x200u : 0u);
-    if (a < 0x0010000000000000ull) return sign; /* zero or a double subnormal: far below half's range */
-    const int e = (int)(a >> 52) - 1023;
-    if (e > 15) return sign | 0x7c00u;
-    const uint64_t m = (a & 0x000fffffffffffffull) | 0x0010000000000000ull; /* 53 significant bits */
-    const int shift = e >= -14 ? 42 : 28 - e;                                  /* bits dropped */
-    if (shift > 63) return sign;
-    uint64_t q = m >> shift;
-    const uint64_t rem = m & ((1ull << shift) - 1), half = 1ull << (shift - 1);
-    if (rem > half || (rem == half && (q & 1))) q++;
-    if (e >= -14) /* q in [1024, 2048]: 2048 carries into the exponent (up to inf), as it should */
-        return sign | (uint16_t)(((uint32_t)(e + 15) << 10) + (uint32_t)(q - 1024));
-    return sign | (uint16_t)q; /* subnormal (q == 1024 is the smallest normal, also right) */
-}
-
 /* The weights of the least-squares fit of one sub-block (infeng.quant.q4_k._fit_weights). */
 static void qz_fit_weights(double *w, const double *x, const double *imp) {
     double xx[QZ_SUB];
@@ -133,7 +112,7 @@ static void qz_block(uint8_t *out, const float *xf, const double *imp) {
         mins[s] = -off;
     }
     /* 6-bit scales and mins against the super-block maxima, as stored (fp16) */
-    const uint16_t dh = qz_f64_to_f16(qz_max(scale, 8) / 63.0), mh = qz_f64_to_f16(qz_max(mins, 8) / 63.0);
+    const uint16_t dh = ifg_f64_to_f16(qz_max(scale, 8) / 63.0), mh = ifg_f64_to_f16(qz_max(mins, 8) / 63.0);
     const double df = (double)ifg_f16_to_f32(dh), dmf = (double)ifg_f16_to_f32(mh);
     uint8_t sc[8], mq[8];
     for (int s = 0; s < 8; s++) {

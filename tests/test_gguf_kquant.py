@@ -1,6 +1,7 @@
 """A Q4_K_M-style GGUF (Q4_K and Q6_K matrices beside F32 ones) converts to a native model whose
-k-quant matrices are the dequantized blocks (bf16 by default, f32 with --dtype f32), Q/K rows
-un-permuted, and the summary says so."""
+k-quant matrices are the file's blocks, copied (native q4_k / q6_k), Q/K rows un-permuted; they
+compute what ggml's layout says (gguf_types' independent dequantizers), and export back to GGUF
+byte for byte."""
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from infeng.cli.main import main
 from infeng.converters import gguf_read, gguf_types
 from infeng.converters.gguf_write import write_gguf
-from infeng.converters.hf import convert_dtype, expected_shapes, is_norm
+from infeng.converters.hf import expected_shapes, is_norm
 from infeng.model.config import ModelConfig
 from infeng.model.loader import Model, load_model
 
@@ -47,27 +48,34 @@ def _tiny_256(tmp_path):
     return cfg, mixed, blocks
 
 
-@pytest.mark.parametrize("dtype", [None, "f32"])
-def test_k_quants_dequantized(tmp_path, dtype):
+def test_k_quants_copied(tmp_path):
     cfg, mixed, blocks = _tiny_256(tmp_path)
-    m, info = gguf_read.read_model(mixed, k_quant_dtype=dtype)
-    want_dt = dtype or "bf16"
-    assert info["dequantized"] == {"Q4_K": 1, "Q6_K": 1} and info["k_quant_dtype"] == want_dt
+    m, info = gguf_read.read_model(mixed)
+    assert info["dequantized"] == {} and info["types"]["Q4_K"] == 1 and info["types"]["Q6_K"] == 1
+    wq_rows = gguf_read.unpermute_rope(blocks["blk.0.attn_q.weight"].reshape(256, -1), cfg.n_heads)
+    for name, dt, want in (("layers.0.wq", "q4_k", wq_rows), ("layers.0.w_down", "q6_k", blocks["blk.0.ffn_down.weight"])):
+        got_dt, arr = m.tensors[name]
+        assert got_dt == dt
+        np.testing.assert_array_equal(arr, want.reshape(arr.shape))
+    # the native dequantizers (what the kernels compute) agree with ggml's layout
     wq = gguf_read.unpermute_rope(gguf_types.dequantize_q4_k(blocks["blk.0.attn_q.weight"], 256 * 256)
                                   .reshape(256, 256), cfg.n_heads)
     down = gguf_types.dequantize_q6_k(blocks["blk.0.ffn_down.weight"], 256 * 256).reshape(256, 256)
-    for name, want in (("layers.0.wq", wq), ("layers.0.w_down", down)):
-        dt, arr = m.tensors[name]
-        assert dt == want_dt
-        np.testing.assert_array_equal(arr, convert_dtype(want, "f32", want_dt))
+    np.testing.assert_allclose(m.f32("layers.0.wq"), wq, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(m.f32("layers.0.w_down"), down)
     assert m.tensors["layers.0.wk"][0] == "f32"
 
 
-def test_cli_summary_names_the_conversion(capsys, tmp_path):
-    _, mixed, _ = _tiny_256(tmp_path)
-    out = tmp_path / "m.infeng"
+def test_cli_converts_and_exports_back(capsys, tmp_path):
+    _, mixed, blocks = _tiny_256(tmp_path)
+    out, back = tmp_path / "m.infeng", tmp_path / "back.gguf"
     assert main(["convert", str(mixed), "-o", str(out)]) == 0
     cap = capsys.readouterr()
     text = " ".join((cap.out + cap.err).split())
-    assert "Q4_K/Q6_K dequantized to bf16" in text and "1×Q4_K" in text
-    assert load_model(out).tensors["layers.0.wq"][0] == "bf16"
+    assert "1×Q4_K" in text and "1×Q6_K" in text and "dequantized" not in text
+    assert load_model(out).tensors["layers.0.wq"][0] == "q4_k"
+    assert main(["convert", str(out), "--to", "gguf", "-o", str(back)]) == 0
+    g = gguf_read.GGUFFile(back)
+    for name in blocks:
+        assert g.tensors[name].type_name == {"blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K"}[name]
+        np.testing.assert_array_equal(g.raw(name), blocks[name].ravel())

@@ -156,7 +156,7 @@ def _model_file(tmp_path, native_models, mutate):
     ("bos out of range", "bos_token_id 9999 is outside the vocabulary"),
     ("heads", "must be a positive integer"),
     ("rope scaling", "rope.scaling.type 'yarn' is not supported"),
-    ("q5_1 tensor", "has type Q5_1, which cannot be converted"),
+    ("q8_1 tensor", "has type Q8_1, which cannot be converted"),
     ("absurd piece", "is a 5000-character normal piece"),
     ("gpt2 bad merge", "tokenizer.ggml.merges[0] 'nospace' is not two tokens"),
     ("unknown pre", "tokenizer.ggml.pre 'mystery' is not supported"),
@@ -187,10 +187,10 @@ def test_model_level_errors(capsys, tmp_path, native_models, case, message):
             meta["tokenizer.ggml.merges"] = (ARR, ["nospace"] if case == "gpt2 bad merge" else ["a b"])
             if case == "unknown pre":
                 meta["tokenizer.ggml.pre"] = (STR, "mystery")
-        elif case == "q5_1 tensor":           # (Q5_0 is a copy now)
+        elif case == "q8_1 tensor":           # (Q5_0, Q4_1, Q5_1 are copies now; Q8_1 is ggml's activation type)
             i = next(i for i, t in enumerate(tensors) if t[0] == "blk.0.ffn_up.weight")
             n, dims, t, raw = tensors[i]
-            tensors[i] = (n, dims, 7, raw[:dims[0] * dims[1] // 32 * 24])
+            tensors[i] = (n, dims, 9, raw[:dims[0] * dims[1] // 32 * 36])
     bad = _model_file(tmp_path, native_models, mutate)
     capsys.readouterr()
     out = tmp_path / "out.infeng"

@@ -134,11 +134,13 @@ def _base_weight(kind, N, K, rng):
     raw = quant.quantize(w, kind.removesuffix("x16"))
     if kind.endswith("x16"):
         return {"q8_0x16": 5, "q4_0x16": 6}[kind], interleave(raw, kind.removesuffix("x16"))
-    return {"q8_0": 3, "q4_0": 4}[kind], raw
+    from infeng.model.llama import CDTYPE
+    return CDTYPE[kind], raw
 
 
 @pytest.mark.parametrize("kind,N,K", [("f32", 53, 40), ("bf16", 200, 33), ("q8_0", 70, 64),
-                                      ("q8_0x16", 96, 128), ("q4_0x16", 48, 96)])
+                                      ("q8_0x16", 96, 128), ("q4_0x16", 48, 96), ("q4_1", 70, 64),
+                                      ("q5_1", 35, 96), ("q6_k", 40, 256)])
 @pytest.mark.parametrize("T", [1, 6, 131, 300])
 @pytest.mark.parametrize("acc", [0, 1])
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

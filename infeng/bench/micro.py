@@ -47,8 +47,8 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     the row-interleaved kernel layouts, n a multiple of 16)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
-    if dtype in ("q8_0", "q4_0", "q5_0", "q4_k", "q8_0x16", "q4_0x16", "q4_kx16"):
-        block = 256 if dtype.startswith("q4_k") else 32
+    if dtype in ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q6_k", "q8_0x16", "q4_0x16", "q4_kx16"):
+        block = 256 if dtype.startswith(("q4_k", "q6_k")) else 32
         if k % block:
             raise InfengError(f"{dtype} needs a row width that is a multiple of {block}, got {k}")
         from infeng.quant import quantize

@@ -80,7 +80,7 @@ def convert(
 
 
 def _to_gguf(src: Path, output: Path, dtype: Optional[str], run: Run, telemetry: Optional[Path], t0: float) -> None:
-    """Native file → GGUF (tensors keep their type: f32, f16, bf16, q8_0, q4_0, q5_0)."""
+    """Native file → GGUF (tensors keep their type: f32, f16, bf16, q8_0, q4_0, q5_0, q4_1, q5_1)."""
     if dtype is not None:
         raise InfengError("--dtype does not apply to --to gguf (tensors keep their type; use `infeng quantize` first)")
     if not native.is_native(src):

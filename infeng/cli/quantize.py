@@ -18,7 +18,7 @@ from infeng.telemetry import Run, progress, stderr_console
 def quantize(
     src: Path = typer.Argument(..., help="model to quantize (.infeng file or Hugging Face folder), f32/bf16/f16"),
     output: Path = typer.Option(..., "-o", "--output", help="native file to write (.infeng)"),
-    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q5_0, q4_k, fp8 (or bf16, f16, f32)"),
+    qtype: str = typer.Option(..., "--type", help="type of the matrices: q8_0, q4_0, q5_0, q4_1, q5_1, q4_k, fp8 (or bf16, f16, f32)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="YAML: per-tensor-pattern types and the fallback type"),
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="statistics from `infeng calibrate` of this model: calibrated rounding (GPTQ) or scaling (AWQ)"),

@@ -267,10 +267,9 @@ def unpermute_rope(arr: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
-    """Where a native k-quant dtype would plug in (a byte copy, as Q8_0/Q4_0 are): until the
-    native format has one, Q4_K / Q6_K blocks are dequantized with numpy and stored as ``dtype``
-    (bf16 by default: half of f32's size, and its rounding, at most 2^-9 relative, is far below
-    the 4–6-bit quantization step, so the stored weights are the GGUF's to within that)."""
+    """A GGML type the native format has no dtype for (gguf_types.DEQUANTIZE minus NATIVE_COPY):
+    dequantized with numpy and stored as ``dtype`` (bf16 by default: its rounding, at most 2^-9
+    relative, is far below a 4–6-bit quantization step). Every type in DEQUANTIZE is a copy today."""
     from infeng.converters import gguf_types
     from infeng.converters.hf import convert_dtype
     f = gguf_types.dequantize(t.type_name, raw, t.n_elements).reshape(t.shape)
@@ -278,10 +277,12 @@ def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.n
 
 
 def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
-    """A Llama GGUF as an infeng Model (F32/F16/BF16/Q8_0/Q4_0/Q5_0 tensors are views of the file,
-    norms become f32, Q4_K/Q6_K go through ``store_k_quant``). Returns (model, summary dict)."""
+    """A Llama GGUF as an infeng Model (tensors of gguf_types.NATIVE_COPY types — F32/F16/BF16,
+    Q8_0/Q4_0/Q5_0/Q4_1/Q5_1, Q4_K/Q6_K — are views of the file, norms become f32, other
+    dequantizable types go through ``store_k_quant``). Returns (model, summary dict)."""
     from infeng import format as native
     from infeng.converters.gguf_tokenizer import build as build_tokenizer
+    from infeng.converters import gguf_types
     from infeng.converters.gguf_types import NATIVE_COPY
     from infeng.converters.hf import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
     from infeng.model.config import ModelConfig
@@ -355,12 +356,12 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
                 if dt not in STORE_DTYPES:
                     raise InfengError(f"{where}: tensor {t.name!r} is {t.type_name}; norms must be F32/F16/BF16")
                 dt, arr = "f32", convert_dtype(arr, dt, "f32")
-        elif t.type_name in ("Q4_K", "Q6_K") and len(shape) == 2:
+        elif t.type_name in gguf_types.DEQUANTIZE and len(shape) == 2:
             dt, arr = store_k_quant(t, raw, k_dtype)
             converted[t.type_name] = converted.get(t.type_name, 0) + 1
         else:
             raise InfengError(f"{where}: tensor {t.name!r} has type {t.type_name}, which cannot be converted "
-                              "(F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)")
+                              f"({', '.join(dict.fromkeys(list(NATIVE_COPY) + list(gguf_types.DEQUANTIZE)))})")
         if nn.endswith(".wq"):
             arr = unpermute_rope(arr, cfg.n_heads)
         elif nn.endswith(".wk"):

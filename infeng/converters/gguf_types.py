@@ -1,5 +1,6 @@
-"""GGML tensor types: block geometry of every type a GGUF file may name, and numpy dequantizers
-for the k-quants the native format has no dtype for (Q4_K, Q6_K — what Q4_K_M files mix).
+"""GGML tensor types: block geometry of every type a GGUF file may name, and numpy dequantizers of
+Q4_K / Q6_K written from ggml's block layout (an independent check of infeng.quant's q4_k / q6_k,
+which the reader now copies; and the way in for types the native format has no dtype for).
 
 Block layouts (ggml-common.h), 256 weights per super-block ("QK_K"):
 
@@ -34,7 +35,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 BY_NAME = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
 
 # GGML types whose bytes are exactly a native dtype's storage: a copy.
-NATIVE_COPY = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0"}
+NATIVE_COPY = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0",
+               "Q4_1": "q4_1", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -82,5 +84,5 @@ DEQUANTIZE = {"Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
 def dequantize(type_name: str, raw: np.ndarray, n: int) -> np.ndarray:
     if type_name not in DEQUANTIZE:
         raise InfengError(f"GGML type {type_name} cannot be converted (supported: "
-                          f"{', '.join(list(NATIVE_COPY) + list(DEQUANTIZE))})")
+                          f"{', '.join(dict.fromkeys(list(NATIVE_COPY) + list(DEQUANTIZE)))})")
     return DEQUANTIZE[type_name](raw, n)

@@ -1,7 +1,7 @@
 """GGUF (v3) writer for Llama models: ``infeng convert X.infeng --to gguf`` and the bench's
 llama.cpp peer (``infeng bench --peer llama.cpp``) run the same weights as infeng.
 
-Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 / q5_0 whose 32-blocks are byte-compatible
+Tensors keep their dtype: f32, f16, bf16, and q8_0 / q4_0 / q5_0 / q4_1 / q5_1 / q4_k / q6_k whose blocks are byte-compatible
 with GGML's (a copy). wq and wk rows are permuted from Hugging Face's rotate-half RoPE layout to
 GGML's interleaved one (as llama.cpp's own converter does; gguf_read.unpermute_rope undoes it).
 The vocabulary is written as a SentencePiece-style ("llama") vocabulary from the model's
@@ -25,8 +25,10 @@ from infeng.errors import InfengError
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 ALIGN = 32
-GGML_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "bf16": 30}
-FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q5_0": 8, "bf16": 32}   # llama_ftype MOSTLY_*
+GGML_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q6_k": 14,
+             "bf16": 30}
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q6_k": 18,
+             "bf16": 32}   # llama_ftype MOSTLY_* (q4_k: Q4_K_M, the usual q4_k mix)
 # metadata value types
 U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
 

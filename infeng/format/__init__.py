@@ -46,12 +46,16 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "q4_0": (np.dtype("u1"), 1),
     "q5_0": (np.dtype("u1"), 1),
     "q4_k": (np.dtype("u1"), 1),
+    "q4_1": (np.dtype("u1"), 1),
+    "q5_1": (np.dtype("u1"), 1),
+    "q6_k": (np.dtype("u1"), 1),
     "fp8": (np.dtype("u1"), 1),
 }
 # Block-quantized dtypes (infeng.quant, GGUF-compatible): label → (weights per block, bytes per
 # block). The manifest's "shape" is the logical [..., K] (K a multiple of the block); the data is
 # uint8 [..., K / block * bytes] and "nbytes" is exactly that many bytes.
-BLOCKS: dict[str, tuple[int, int]] = {"q8_0": (32, 34), "q4_0": (32, 18), "q5_0": (32, 22), "q4_k": (256, 144), "fp8": (32, 34)}
+BLOCKS: dict[str, tuple[int, int]] = {"q8_0": (32, 34), "q4_0": (32, 18), "q5_0": (32, 22), "q4_k": (256, 144), "fp8": (32, 34),
+                                    "q4_1": (32, 20), "q5_1": (32, 24), "q6_k": (256, 210)}
 
 
 def storage_shape(dtype: str, shape) -> tuple[int, ...] | None:

@@ -8,7 +8,7 @@ from infeng.kernels import ptr
 from infeng.model.loader import MATRICES, Model
 
 CDTYPE = {"f32": 0, "bf16": 1, "f16": 2, "q8_0": 3, "q4_0": 4, "q8_0x16": 5, "q4_0x16": 6, "q4_k": 7, "fp8": 8,
-          "q4_kx16": 9, "q5_0": 10}
+          "q4_kx16": 9, "q5_0": 10, "q4_1": 11, "q5_1": 12, "q6_k": 13}
 
 
 class LlamaC:

@@ -1,6 +1,6 @@
 """Quantized weight formats: numpy pack/unpack reference (the C kernels are checked against it).
 
-q8_0, q4_0, q5_0 and q4_k are byte-compatible with GGUF, so GGUF interop is a copy of the blocks
+q8_0, q4_0, q5_0, q4_1, q5_1 and q4_k are byte-compatible with GGUF, so GGUF interop is a copy of the blocks
 (q4_k: 256-weight super-blocks, see ``infeng.quant.q4_k``; fp8: E4M3 with a bf16 scale per
 32-block, ``infeng.quant.fp8``, not a GGUF type):
 
@@ -16,6 +16,8 @@ q8_0, q4_0, q5_0 and q4_k are byte-compatible with GGUF, so GGUF interop is a co
   ``q = min(31, trunc(x / d + 16.5))`` (x / d >= -16, so trunc rounds to nearest, halves up);
   value = ``(q - 16) * d``. 5.5 bits/weight: what llama.cpp's Q4_K_M stores where rows are not a
   multiple of 256, so q4_k falls back to it (``infeng.quant.policy``).
+- ``q4_1`` / ``q5_1``: 20 / 24-byte 32-blocks with a scale and a minimum (``infeng.quant.affine``).
+- ``q6_k``: 210-byte 256-super-blocks, 6-bit levels with an int8 scale per 16 (``infeng.quant.q6_k``).
 
 A [N][K] matrix is stored row-major as uint8 [N][K/32 * bytes_per_block]; the manifest records
 the logical shape [N, K] (see ``infeng.format.BLOCKS``). K must be a multiple of the block (32;
@@ -29,7 +31,7 @@ from infeng.format import BLOCKS
 from infeng.errors import InfengError
 
 QK = 32
-QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0", "q5_0", "q4_k", "fp8")
+QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0", "q5_0", "q4_k", "fp8", "q4_1", "q5_1", "q6_k")
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -133,12 +135,16 @@ def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
 
 from infeng.quant.q4_k import dequantize_q4_k, quantize_q4_k  # noqa: E402
 from infeng.quant.fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
+from infeng.quant.affine import dequantize_q4_1, dequantize_q5_1, quantize_q4_1, quantize_q5_1  # noqa: E402
+from infeng.quant.q6_k import dequantize_q6_k, quantize_q6_k  # noqa: E402
 
-QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q5_0": quantize_q5_0, "q4_k": quantize_q4_k, "fp8": quantize_fp8}
-DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q5_0": dequantize_q5_0, "q4_k": dequantize_q4_k, "fp8": dequantize_fp8}
+QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q5_0": quantize_q5_0, "q4_k": quantize_q4_k, "fp8": quantize_fp8,
+            "q4_1": quantize_q4_1, "q5_1": quantize_q5_1, "q6_k": quantize_q6_k}
+DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q5_0": dequantize_q5_0, "q4_k": dequantize_q4_k, "fp8": dequantize_fp8,
+              "q4_1": dequantize_q4_1, "q5_1": dequantize_q5_1, "q6_k": dequantize_q6_k}
 # Types whose kernels round the activations to int8 per 32-block (quantize_activations) before
 # integer dot products; fp8 multiplies f32 activations by the decoded weights.
-INT8_ACTIVATIONS = ("q8_0", "q4_0", "q5_0", "q4_k")
+INT8_ACTIVATIONS = ("q8_0", "q4_0", "q5_0", "q4_k", "q4_1", "q5_1", "q6_k")
 # Types whose quantizer accepts per-column importance weights (calibration).
 WEIGHTED = ("q4_k",)
 

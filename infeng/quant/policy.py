@@ -8,7 +8,7 @@ Policy file (all keys optional)::
       output: bf16
       "layers.*.w_down": q8_0
 
-Types: ``f32``, ``bf16``, ``f16``, ``q8_0``, ``q4_0``, ``q5_0``, ``q4_k``, ``fp8``. Norms always stay f32. A
+Types: ``f32``, ``bf16``, ``f16``, ``q8_0``, ``q4_0``, ``q5_0``, ``q4_1``, ``q5_1``, ``q4_k``, ``fp8``. Norms always stay f32. A
 tensor whose row length is not a multiple of its type's block (32; 256 for q4_k) cannot be stored
 in that type: a q4_k tensor whose rows are a multiple of 32 falls back to q5_0 (as llama.cpp's
 Q4_K_M stores such rows: the 32-block type one size class up, 5.5 bits/weight — on stories260K,
@@ -38,15 +38,16 @@ Tensors = dict[str, tuple[str, np.ndarray]]   # native name → (dtype label, st
 TYPES = ("f32", "bf16", "f16") + QTYPES
 FALLBACKS = ("f32", "bf16", "f16")
 BITS = {"f32": 32.0, "bf16": 16.0, "f16": 16.0, "q8_0": 34 * 8 / 32, "q4_0": 18 * 8 / 32,
-        "q5_0": 22 * 8 / 32, "q4_k": 144 * 8 / 256, "fp8": 34 * 8 / 32}
+        "q5_0": 22 * 8 / 32, "q4_k": 144 * 8 / 256, "fp8": 34 * 8 / 32,
+        "q4_1": 20 * 8 / 32, "q5_1": 24 * 8 / 32, "q6_k": 210 * 8 / 256}
 # A block type whose block does not divide a tensor's rows tries these next (then the policy's
 # fallback).
-BLOCK_FALLBACK = {"q4_k": "q5_0"}
+BLOCK_FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}   # q6_k: as llama.cpp's Q6_K files
 # The output head under a 4-bit --type, unless a policy rule names it: its rounding error reaches
 # the logits directly and it is ~6% of a 1B model's weights. llama.cpp's Q4_0/Q4_K_M files keep it
 # in Q6_K (Q8_0 where rows are not a multiple of 256); measured on stories260K, an int4 head alone
 # took q4_0's mean KLD from 0.066 to 0.10. llama.cpp's Q5_0 files keep it in Q6_K too.
-HEAD_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q4_k": "q8_0"}
+HEAD_TYPE = {"q4_0": "q8_0", "q5_0": "q8_0", "q4_k": "q8_0", "q4_1": "q8_0", "q5_1": "q8_0"}
 
 
 def fits(dtype: str, shape) -> bool:

@@ -1,0 +1,55 @@
+/* quant_gguf.h — matrix products against the GGUF block types that have a minimum or 16-weight
+ * sub-block scales: q4_1 / q5_1 (quant_affine.c), q6_k (quant_q6k.c). Layouts:
+ * infeng/quant/affine.py, infeng/quant/q6_k.py.
+ *
+ * q4_1 / q5_1: W is [N][K], K a multiple of 32, each row K/32 blocks: fp16 d, fp16 m, (q5_1: 4
+ *   bytes qh, bit j = bit 4 of element j), 16 bytes of low nibbles (element j low, j + 16 high
+ *   nibble of byte j). value = q * d + m with q unsigned (0..15 / 0..31). x is quantized per
+ *   token and 32-block to int8 as for q8_0 (ifg_quantize_x: d_x, q_x and the block sum s_x), and
+ *   each block adds (d * d_x) * sum(q * q_x) + m * (d_x * s_x), the dot product in integers.
+ * q6_k: W is [N][K], K a multiple of 256, each row K/256 blocks of 210 bytes (6-bit levels q,
+ *   an int8 scale per 16 weights, fp16 d; value = d * sc * (q - 32)). x is quantized as above;
+ *   per 32-block, the integer dot products of 4 consecutive weights with x start from
+ *   -32 * (the sum of those 4 q_x), so that they sum (q - 32) * q_x, and each 16-weight half is
+ *   scaled by d * sc * d_x.
+ * Reached through ifg_matmul / ifg_matmul_part and ifg_embed (wtype IFG_Q4_1 / IFG_Q5_1 /
+ * IFG_Q6_K). */
+#ifndef IFG_QUANT_GGUF_H
+#define IFG_QUANT_GGUF_H
+
+#include "core.h"
+
+struct ifg_xq;
+
+static inline int ifg_is_quant_affine(int dtype) { return dtype == IFG_Q4_1 || dtype == IFG_Q5_1; }
+static inline int ifg_is_quant_gguf(int dtype) { return ifg_is_quant_affine(dtype) || dtype == IFG_Q6_K; }
+
+#define IFG_Q6_K_BLOCK 210
+/* Bytes of one row of n weights (n a multiple of the type's block). */
+static inline size_t ifg_quant_gguf_row_bytes(int dtype, int n) {
+    if (dtype == IFG_Q6_K) return (size_t)(n / 256) * IFG_Q6_K_BLOCK;
+    return (size_t)(n / 32) * (dtype == IFG_Q4_1 ? 20u : 24u);
+}
+
+// cdef-begin
+/* o[0..n) = the dequantized row of a q4_1 / q5_1 / q6_k matrix, in f32 exactly as
+ * infeng.quant.dequantize gives it (q4_1 / q5_1: q * d + m, not fused; q6_k: (d * sc) * (q - 32)). */
+void ifg_qg_dequant_row(float *o, const uint8_t *row, int dtype, int n);
+/* dst (N rows of K/256 q6_k blocks) = x (f32 [N][K], K a multiple of 256) quantized as ggml's
+ * quantize_row_q6_K_ref, byte for byte infeng.quant.q6_k.quantize_q6_k_ref (quantize_q6k.c).
+ * Rows split over threads; allocates nothing. */
+void ifg_quantize_q6_k(uint8_t *dst, const float *x, int N, int K, int n_threads);
+// cdef-end
+
+/* Rows [r0, r1) of y (=|+=) x · Wᵀ. Allocates nothing: x is quantized into a fixed stack buffer
+ * of ~40 KiB per thread (16 tokens × 2048 k at a time; partial sums of longer K go through y),
+ * unless xq (x already quantized for all tokens, quant.h) is given. Each output's summation
+ * order depends only on K: results are bitwise the same for any thread count. */
+void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                    int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq);
+/* q6_k's product and row lookup (quant_q6k.c; ifg_qg_* dispatch to them). */
+void ifg_q6k_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                     int K, int accumulate);
+void ifg_q6k_dequant_row(float *o, const uint8_t *row, int n);
+
+#endif
