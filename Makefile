@@ -34,6 +34,10 @@ demo: setup
 	  '{"id": "c", "prompt": "The little dog", "max_tokens": 40, "temperature": 1.0, "top_k": 20, "seed": 1}' > $(OUT)/requests.jsonl
 	$(BIN)/infeng generate $(OUT)/stories260K.infeng --batch $(OUT)/requests.jsonl --output $(OUT)/results.jsonl --telemetry $(OUT)/run.json
 	@cat $(OUT)/results.jsonl
+	@# the real model (fetched once into $(MODELS)) answers a question in its chat template
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null
+	$(BIN)/infeng convert $(SMOLLM) -o $(OUT)/smollm2.infeng
+	printf '%s\n' 'What is the capital of Germany?' | $(BIN)/infeng chat $(OUT)/smollm2.infeng -t 0 -n 64
 
 model: setup  ## fetch the real model into $(MODELS) (once)
 	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null

@@ -6,7 +6,10 @@ tests/fixtures/smollm2/llamacpp.json, so the default test run needs no llama.cpp
   and plain text — with their token ids and llama.cpp's first 32 greedy tokens (end-of-turn
   tokens do not stop it: 32 tokens each, so every position is compared).
 
-    .venv/bin/python tools/record_smollm2_fixture.py [GGUF]     # needs the `peers` extra
+    .venv/bin/python tools/record_smollm2_fixture.py [--reference-only] [GGUF]    # the `peers` extra
+
+and, as the yardstick for infeng's agreement, how well llama.cpp itself agrees with those tokens
+when it keeps K/V in f32 as infeng does (teacher-forced and free-running).
 """
 from __future__ import annotations
 
@@ -29,6 +32,26 @@ TEXTS = [
 ]
 
 
+def self_reference(gguf: Path, prompts: list[dict]) -> dict:
+    """How well llama.cpp agrees with its own recorded tokens when it keeps K/V in f32 (as infeng
+    does; its default is f16): the noise floor infeng's agreement is judged against."""
+    import llama_cpp
+
+    from infeng.bench.llamacpp_agreement import agreement, llamacpp_greedy
+    from infeng.bench.llamacpp_kld import LlamaCppScorer
+    sc = LlamaCppScorer(gguf, 512, 1)
+    exact, gaps = 0, []
+    for p in prompts:
+        n = len(p["prompt_ids"])
+        for row, want in zip(sc.logits(p["prompt_ids"] + p["greedy"][:-1])[n - 1:], p["greedy"]):
+            exact += int(row.argmax()) == want
+            gaps.append(float(row.max() - row[want]))
+    free = agreement(llamacpp_greedy(sc.llm, llama_cpp, [p["prompt_ids"] for p in prompts], N_GREEDY),
+                     [p["greedy"] for p in prompts])
+    sc.close()
+    return {"teacher_forced_equal": exact, "max_gap": max(gaps), "free_running": free}
+
+
 def main(argv: list[str]) -> int:
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -36,7 +59,13 @@ def main(argv: list[str]) -> int:
     from conftest import SMOLLM2
 
     from infeng.bench.llamacpp_agreement import CHATS, PLAIN, llamacpp_greedy
-    gguf = Path(argv[0]) if argv else SMOLLM2
+    gguf = Path(argv[-1]) if argv and argv[-1] != "--reference-only" else SMOLLM2
+    if "--reference-only" in argv:      # recompute only the f32-K/V self-agreement of an existing fixture
+        rec = json.loads(OUT.read_text())
+        rec["llamacpp_f32_kv"] = self_reference(gguf, rec["prompts"])
+        OUT.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
+        print(rec["llamacpp_f32_kv"])
+        return 0
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=1, logits_all=False,
                           verbose=False)
 
@@ -51,9 +80,11 @@ def main(argv: list[str]) -> int:
         p["prompt_ids"] = tokenize(p["text"])
         (p["greedy"],) = llamacpp_greedy(llm, llama_cpp, [p["prompt_ids"]], N_GREEDY)
         print(repr(p["text"][-40:]), "→", repr(llm.detokenize(p["greedy"]).decode(errors="replace")[:80]))
+    llm.close()
     rec = {"llama_cpp_python": llama_cpp.__version__,
            "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "n_greedy": N_GREEDY,
            "tokenize": [{"text": t, "ids": tokenize(t)} for t in TEXTS], "prompts": prompts}
+    rec["llamacpp_f32_kv"] = self_reference(gguf, prompts)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
     print(f"wrote {OUT}")
