@@ -78,7 +78,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "positions": total}
 
 
-def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=print) -> dict:
+def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=print, greedy: bool = True) -> dict:
     from infeng.bench.llamacpp_kld import LlamaCppScorer
     from infeng.bench.peers import _import
     from infeng.converters.gguf_read import read_model
@@ -87,23 +87,26 @@ def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=
     from infeng.runtime.scorer import Scorer
     lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
     model, _ = read_model(gguf)
-    engine = Engine(model, threads=threads, max_batch=len(CHATS) + len(PLAIN), max_seq_len=ctx)
-    prompts = prompt_ids(engine.tokenizer)
-    t0 = time.perf_counter()
-    ours = infeng_greedy(engine, prompts, n)
-    log(f"infeng greedy: {time.perf_counter() - t0:.1f} s")
-    llm = lc.Llama(model_path=str(gguf), n_ctx=ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                   logits_all=False, verbose=False)
-    try:
-        theirs = llamacpp_greedy(llm, lc, prompts, n)
-    finally:
-        llm.close() if hasattr(llm, "close") else None
-    greedy = agreement(ours, theirs)
-    log(f"greedy: {greedy['identical_prompts']}/{greedy['prompts']} prompts identical over {n} tokens; "
-        f"{greedy['positions_equal']}/{greedy['positions']} positions equal; leading equal {greedy['leading_equal']}")
+    ours = theirs = agree = None
+    if greedy:
+        engine = Engine(model, threads=threads, max_batch=len(CHATS) + len(PLAIN), max_seq_len=ctx)
+        prompts = prompt_ids(engine.tokenizer)
+        t0 = time.perf_counter()
+        ours = infeng_greedy(engine, prompts, n)
+        log(f"infeng greedy: {time.perf_counter() - t0:.1f} s")
+        llm = lc.Llama(model_path=str(gguf), n_ctx=ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                       logits_all=False, verbose=False)
+        try:
+            theirs = llamacpp_greedy(llm, lc, prompts, n)
+        finally:
+            llm.close() if hasattr(llm, "close") else None
+        agree = agreement(ours, theirs)
+        log(f"greedy: {agree['identical_prompts']}/{agree['prompts']} prompts identical over {n} tokens; "
+            f"{agree['positions_equal']}/{agree['positions']} positions equal; leading equal {agree['leading_equal']}")
     sc = Scorer(model, threads=threads, ctx=ctx)
     docs = P.tokenize_documents(sc, P.read_documents(text))
     lsc = LlamaCppScorer(gguf, ctx, threads)
+    lsc.cfg = sc.cfg            # the same model: compute_base reads the vocabulary size there
     try:
         base = P.compute_base(lsc, docs, top_k, None, {"model": str(gguf), "text": str(text), "runner": "llama.cpp"})
     finally:
@@ -113,7 +116,7 @@ def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=
         f"median {kld['kld_median']:.3g} p99 {kld['kld_p99']:.3g} max {kld['kld_max']:.3g}; top-1 agreement "
         f"{kld['top1_agreement']:.4f}; PPL infeng {kld['ppl']:.4f} llama.cpp {kld['base_ppl']:.4f}")
     return {"gguf": str(gguf), "text": str(text), "threads": threads, "ctx": ctx, "n_greedy": n,
-            "llama_cpp_python": getattr(lc, "__version__", "?"), "greedy": greedy, "kld": kld,
+            "llama_cpp_python": getattr(lc, "__version__", "?"), "greedy": agree, "kld": kld,
             "infeng_tokens": ours, "llamacpp_tokens": theirs}
 
 
@@ -126,11 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--top-k", type=int, default=128, help="baseline log-probs kept per position")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--no-greedy", action="store_true", help="the KLD only")
     a = ap.parse_args(argv)
     try:
         if not a.gguf.is_file():
             raise InfengError(f"{a.gguf}: no such file")
-        rec = run(a.gguf, a.text, a.threads, a.ctx, a.n, a.top_k)
+        rec = run(a.gguf, a.text, a.threads, a.ctx, a.n, a.top_k, greedy=not a.no_greedy)
     except (InfengError, PeerSkip) as e:
         print(f"llamacpp_agreement: error: {e}", file=sys.stderr)
         return 1
