@@ -55,7 +55,7 @@ def gguf(data: bytes) -> None:
     """The GGUF container reader and the Llama model conversion (hyper-parameters, tokenizer)."""
     from infeng.converters import gguf_read
     try:
-        gguf_read.read_model(_file(data, "m.gguf"))
+        gguf_read.read_llama(_file(data, "m.gguf"))
     except InfengError:
         pass
 
@@ -64,13 +64,14 @@ _BASE_CFG = None
 
 
 def config_json(data: bytes) -> None:
-    """The same bytes as an HF config.json (model/config.py from_hf), as a native manifest config
+    """The same bytes as an HF config.json (converters/hf_config.py from_hf), as a native manifest config
     (ModelConfig.from_dict), and as a PEFT adapter_config.json (converters/peft.py read_peft,
     with a real adapter's weights beside it)."""
     global _BASE_CFG
     from infeng.converters.hf import read_json
     from infeng.converters.peft import read_peft
-    from infeng.model.config import ModelConfig, from_hf
+    from infeng.converters.hf_config import from_hf
+    from infeng.format.config import ModelConfig
     if _BASE_CFG is None:
         _BASE_CFG = from_hf(json.loads(CONFIG_SEED), "seed")
     p = _file(data, "config.json")

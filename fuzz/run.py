@@ -38,7 +38,8 @@ def run_atheris(target: str, seconds: int, timeout: int, corpus: Path, artifacts
         import infeng.converters.peft  # noqa: F401
         import infeng.converters.hf  # noqa: F401
         import infeng.format  # noqa: F401
-        import infeng.model.config  # noqa: F401
+        import infeng.converters.hf_config  # noqa: F401
+        import infeng.format.config  # noqa: F401
         import infeng.model.loader  # noqa: F401
     from fuzz.harness import TARGETS as FNS
     fn = FNS[target]

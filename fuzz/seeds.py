@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_model():
     """A valid 1-layer Llama of width 32 with an 8-token vocabulary (random weights)."""
-    from infeng.model.config import ModelConfig
+    from infeng.format.config import ModelConfig
     from infeng.model.loader import Model
-    from infeng.converters.hf import expected_shapes, is_norm
+    from infeng.format.schema import expected_shapes, is_norm
     cfg = ModelConfig(dim=32, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=8,
                       max_seq_len=64, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bos_id=1, eos_ids=(2,))
     rng = np.random.default_rng(0)

@@ -4,8 +4,9 @@
 #include "core.h"
 
 // cdef-begin
-/* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8. */
-enum ifg_lora_dtype { IFG_LORA_I8 = 8 };
+/* Adapter weights may also be int8 (lora kernels only): a_dtype / b_dtype = IFG_LORA_I8, a code
+ * outside enum ifg_dtype so that no weight dtype can be mistaken for it. */
+enum ifg_lora_dtype { IFG_LORA_I8 = 64 };
 /* The layouts the kernels stream (infeng.runtime.adapters.pack_lora_a / pack_lora_bt and their
  * _i8 forms make them at load): rank padded with zeros to a multiple of IFG_LORA_RG, Bᵀ in runs of IFG_LORA_VB. */
 enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };

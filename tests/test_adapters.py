@@ -81,7 +81,7 @@ def test_wrong_shape_names_the_tensor(tmp_path, data_dir, base):
     src = tmp_path / "bad"
     shutil.copytree(FIX / "lora_r4_qv", src)
     cfg = json.loads((src / "adapter_config.json").read_text())
-    from infeng.model.config import from_hf
+    from infeng.converters.hf_config import from_hf
     small = from_hf({**json.loads((data_dir / "stories260K-f32" / "config.json").read_text()), "num_key_value_heads": 8})
     with pytest.raises(InfengError, match=r"v_proj.lora_B.weight' has shape \[32, 4\], the base model needs \[64, 4\]"):
         from infeng.converters.peft import read_peft

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from infeng.bench import micro, peers, suite as S
+from infeng.bench.comparisons import COMPARISONS, ComparisonSuite
+from infeng.bench.kinds import KINDS
 from infeng.cli.main import main
 from infeng.errors import InfengError
 
@@ -126,7 +128,36 @@ def test_shipped_suites_parse():
     root = Path(__file__).resolve().parents[1] / "bench"
     for f in sorted(root.glob("*.yaml")):
         s = S.load_suite(f)
-        assert s.scenarios, f
+        assert (s.kind.name in COMPARISONS) if isinstance(s, ComparisonSuite) else s.scenarios, f
+
+
+def test_scenario_kinds_registry():
+    """One class per kind: its YAML name, unit, required parameters and label; a suite refuses an
+    unknown kind by listing the registered ones."""
+    params = {"shape": "64x128", "depth": 8, "tokens": 4, "batch": 2}
+    units = {k.unit for k in KINDS.values()}
+    assert units == {"GB/s", "GFLOP/s", "tok/s"}
+    for name, k in KINDS.items():
+        assert k.name == name and set(k.required) <= set(params) and k.label(params)
+        assert k.e2e == (k.unit == "tok/s")
+    assert [k.decode_shape(params) for k in KINDS.values() if k.e2e] == [None, (1, 10.0), (2, 18.0)]
+    assert S.Scenario("gemm", params).name == "gemm4 bf16 64x128"
+
+
+def test_comparison_suite_bad_input(tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text("kind: warp\n")
+    assert main(["bench", "--suite", str(y)]) == 1
+    y.write_text("kind: lora_overhead\nranks: [16, 0]\n")
+    assert main(["bench", "--suite", str(y), "--model", str(tmp_path / "m.infeng")]) == 1
+    y.write_text("kind: engine\n")
+    assert main(["bench", "--suite", str(y), "--peer", "torch"]) == 1
+    assert main(["bench", "--suite", str(y), "--repeats", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "`kind` 'warp': one of lora_overhead, peft_lora, llamacpp_lora, llamacpp_kld, engine" in err
+    assert "`ranks` must be a list of positive integers" in err
+    assert "--peer: not used by kind engine" in err and "kind engine takes no repeats" in err
+    assert "Traceback" not in err
 
 
 def _block_import(monkeypatch, name):

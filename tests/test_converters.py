@@ -9,7 +9,7 @@ import pytest
 from infeng.converters.hf import load_folder
 from infeng.converters.safetensors_io import SafetensorsFile
 from infeng.errors import InfengError
-from infeng.model.config import from_hf
+from infeng.converters.hf_config import from_hf
 
 
 def _st(path, header: dict, data: bytes = b"", hlen=None):

@@ -28,3 +28,21 @@ def test_priority_high_request_served_while_low_ones_continue(data_dir):
     assert r["all_finished"] and r["low_tokens_after_high_arrived"] > 0
     # every slot was busy: the high one took a slot by preempting a low one (recomputed later)
     assert r["preemptions"] >= 1
+
+
+def test_engine_suite_kind_through_the_cli(data_dir, tmp_path, capsys):
+    """`infeng bench --suite` with `kind: engine`: the scenarios run, one record each, printed as a
+    table and written in the telemetry schema."""
+    import json
+    from infeng.cli.main import main
+    suite, out = tmp_path / "engine.yaml", tmp_path / "engine.json"
+    suite.write_text("kind: engine\nthreads: 1\nrequests: 4\nmax_batch: 4\nonly: [mixed]\n")
+    assert main(["bench", "--suite", str(suite), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    [rec] = doc["records"]
+    assert doc["meta"]["suite"] == "engine" and doc["meta"]["model"] == str(data_dir / "stories260K")
+    assert rec["scenario"] == "mixed" and rec["requests"] == 4 and rec["batched_tok_s"] > 0
+    assert "batched_over_one_at_a_time" in capsys.readouterr().err
+    suite.write_text("kind: engine\nonly: [mixed, fastest]\n")
+    assert main(["bench", "--suite", str(suite), "--model", str(data_dir / "stories260K")]) == 1
+    assert "unknown scenario 'fastest'" in capsys.readouterr().err

@@ -10,9 +10,9 @@ import pytest
 from infeng.cli.main import main
 from infeng.converters import gguf_read, gguf_types
 from infeng.converters.gguf_write import write_gguf
-from infeng.converters.hf import expected_shapes, is_norm
-from infeng.model.config import ModelConfig
-from infeng.model.loader import Model, load_model
+from infeng.format.schema import expected_shapes, is_norm
+from infeng.format.config import ModelConfig
+from infeng.model.loader import Model, load_gguf, load_model
 
 from gguf_build import rewrite
 
@@ -50,7 +50,7 @@ def _tiny_256(tmp_path):
 
 def test_k_quants_copied(tmp_path):
     cfg, mixed, blocks = _tiny_256(tmp_path)
-    m, info = gguf_read.read_model(mixed)
+    m, info = load_gguf(mixed)
     assert info["dequantized"] == {} and info["types"]["Q4_K"] == 1 and info["types"]["Q6_K"] == 1
     wq_rows = gguf_read.unpermute_rope(blocks["blk.0.attn_q.weight"].reshape(256, -1), cfg.n_heads)
     for name, dt, want in (("layers.0.wq", "q4_k", wq_rows), ("layers.0.w_down", "q6_k", blocks["blk.0.ffn_down.weight"])):

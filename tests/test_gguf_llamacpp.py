@@ -9,7 +9,7 @@ import pytest
 
 from infeng.cli.main import main
 from infeng.converters import gguf_read
-from infeng.model.loader import load_model
+from infeng.model.loader import load_gguf, load_model
 from infeng.quant import quantize_q8_0
 from infeng.runtime.tokenizer import Tokenizer
 
@@ -23,7 +23,7 @@ def hf(data_dir):
 
 @pytest.mark.parametrize("kind", ["q8_0"])
 def test_tensors_match_the_hf_weights(hf, kind):
-    m, info = gguf_read.read_model(FIXTURES / f"stories260K-{kind}.gguf")
+    m, info = load_gguf(FIXTURES / f"stories260K-{kind}.gguf")
     for field in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
                   "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings", "bos_id", "eos_ids"):
         assert getattr(m.config, field) == getattr(hf.config, field), field
@@ -39,7 +39,7 @@ def test_tensors_match_the_hf_weights(hf, kind):
 
 
 def test_tokenizer_encodes_like_the_hf_folder(hf, data_dir):
-    m, _ = gguf_read.read_model(FIXTURES / "stories260K-q8_0.gguf")
+    m, _ = load_gguf(FIXTURES / "stories260K-q8_0.gguf")
     a = Tokenizer(hf.tokenizer, hf.config.bos_id, hf.config.eos_ids)
     b = Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids)
     text = (data_dir / "text" / "tinystories_sample.txt").read_text()

@@ -7,7 +7,7 @@ import pytest
 
 from infeng.cli.main import main
 from infeng.converters import gguf_read
-from infeng.model.loader import load_model
+from infeng.model.loader import load_gguf, load_model
 from infeng.runtime.tokenizer import Tokenizer
 
 from gguf_build import ARR, STR, U32, U64, gguf, kv, rewrite, tensor_info
@@ -206,8 +206,8 @@ def test_version_2_reads_the_same(capsys, tmp_path, native_models):
     assert main(["convert", str(native_models["q8_0"]), "--to", "gguf", "-o", str(g)]) == 0
     v2 = tmp_path / "v2.gguf"
     rewrite(g, v2, lambda meta, tensors: None, version=2)
-    a, _ = gguf_read.read_model(g)
-    b, info = gguf_read.read_model(v2)
+    a, _ = load_gguf(g)
+    b, info = load_gguf(v2)
     assert info["gguf_version"] == 2 and a.config == b.config and a.tokenizer == b.tokenizer
     for name, (dt, arr) in a.tensors.items():
         assert b.tensors[name][0] == dt and np.array_equal(b.tensors[name][1], arr), name

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
-from infeng.model.adapter import int8_lora_product
+from infeng.kernels.abi import DTYPE, LORA_I8
+from infeng.model.reference import int8_lora_product
 from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
 
-DT = {"f32": 0, "bf16": 1, "int8": 8}
+DT = {"f32": DTYPE["f32"], "bf16": DTYPE["bf16"], "int8": LORA_I8}
 
 
 def _int8_rows(m):
@@ -134,7 +135,7 @@ def _base_weight(kind, N, K, rng):
     raw = quant.quantize(w, kind.removesuffix("x16"))
     if kind.endswith("x16"):
         return {"q8_0x16": 5, "q4_0x16": 6}[kind], interleave(raw, kind.removesuffix("x16"))
-    from infeng.model.llama import CDTYPE
+    from infeng.kernels.abi import DTYPE as CDTYPE
     return CDTYPE[kind], raw
 
 

@@ -1,6 +1,7 @@
 """The llama.cpp KLD tool's plumbing, with llama_cpp stood in by infeng itself: a "llama.cpp"
 that computes the baseline's own logits must score KLD ~0 at every position (so windows and
 positions line up), the quantizer is called per type, and an absent llama_cpp is one note."""
+import json
 import shutil
 import sys
 import types
@@ -82,11 +83,45 @@ def test_absent_llama_cpp_is_a_note(files, monkeypatch, tmp_path):
     assert rows == [] and len(notes) == 1 and "not installed" in notes[0]
 
 
-def test_bad_input(files, capsys):
+def _suite(path, **kw) -> str:
+    path.write_text("kind: llamacpp_kld\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in kw.items()))
+    return str(path)
+
+
+def test_bad_input(files, capsys, tmp_path):
+    """Through `infeng bench --suite` (kind llamacpp_kld): one line naming what is wrong, exit 1."""
+    from infeng.cli.main import main
     d, text = files
-    assert K.main([str(d / "q8.infeng"), "--text", str(text)]) == 2
-    assert "must be unquantized" in capsys.readouterr().out
-    assert K.main([str(d / "f32.infeng"), "--text", str(text), "--compare", "nofile"]) == 2
-    assert "NAME=FILE" in capsys.readouterr().out
-    assert K.main([str(d / "f32.infeng"), "--text", str(text), "--types", "Q3_XS"]) == 2
-    assert "unknown llama.cpp type 'Q3_XS'" in capsys.readouterr().out
+    y = tmp_path / "kld.yaml"
+    assert main(["bench", "--suite", _suite(y, base=str(d / "q8.infeng"), text=str(text))]) == 1
+    assert "must be unquantized" in capsys.readouterr().err
+    assert main(["bench", "--suite", _suite(y, base=str(d / "f32.infeng"), text=str(text), compare={"a": "nofile"})]) == 1
+    assert "compare a: 'nofile' is not a file" in capsys.readouterr().err
+    assert main(["bench", "--suite", _suite(y, base=str(d / "f32.infeng"), text=str(text), types=["Q3_XS"])]) == 1
+    assert "unknown llama.cpp type 'Q3_XS'" in capsys.readouterr().err
+    assert main(["bench", "--suite", _suite(y, text=str(text), ctx="long")]) == 1
+    assert "`ctx` must be int" in capsys.readouterr().err
+    assert main(["bench", "--suite", _suite(y, text=str(text))]) == 1
+    assert "kind llamacpp_kld needs base" in capsys.readouterr().err
+    assert main(["bench", "--suite", _suite(y, text=str(text), colour="red")]) == 1
+    assert "unknown key(s) colour" in capsys.readouterr().err
+
+
+def test_absent_llama_cpp_through_the_cli(files, monkeypatch, tmp_path, capsys):
+    """The suite kind end to end: the baseline is scored, the llama.cpp rows are a note, the
+    telemetry file says so; --model sets the base."""
+    from infeng.cli.main import main
+    d, text = files
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    out = tmp_path / "kld.json"
+    assert main(["bench", "--suite", _suite(tmp_path / "k.yaml", text=str(text), ctx=64, threads=1,
+                                            compare={"q8": str(d / "q8.infeng")}),
+                 "--model", str(d / "f32.infeng"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["suite"] == "llamacpp_kld" and doc["meta"]["base"] == str(d / "f32.infeng")
+    assert "not installed" in doc["meta"]["notes"][0]
+    [row] = doc["records"]
+    assert row["runner"] == "infeng" and row["name"] == "q8" and 0 < row["kld_mean"] < 1e-2
+    assert doc["metrics"]["infeng_q8.kld_mean"] == row["kld_mean"]
+    assert "not installed" in capsys.readouterr().err

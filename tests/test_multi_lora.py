@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
-from infeng.model.llama import LlamaC
 from infeng.errors import InfengError
 from infeng.model.adapter import convert_peft, reference_with_adapter
 from infeng.model.loader import load_model
@@ -83,8 +82,8 @@ def test_decode_rows_grouped_by_adapter(base, files):
         eng.submit(Request(id=str(i), prompt="Once upon a time", params=_greedy(8), adapter=a))
     eng.step()                                                   # all six prompts prefill together
     eng.step()                                                   # six decode rows
-    names = [a.name if a else None for a in eng._seg_ad]
-    assert eng._n_seg == 3 and sorted(names, key=str) == sorted([NAMES[0], NAMES[1], None], key=str)
+    names = [a.name if a else None for a in eng.packer.seg_ad]
+    assert len(names) == 3 and sorted(names, key=str) == sorted([NAMES[0], NAMES[1], None], key=str)
     list(eng.stream())
 
 
@@ -198,13 +197,12 @@ def test_peft_peer_skips_cleanly_without_torch(monkeypatch, capsys, tmp_path):
     """The PEFT peer is optional: with torch / transformers / peft missing it says so in one line
     and exits 0, before touching the model."""
     import sys
-    from infeng.bench import peft_peer
     for mod in ("torch", "transformers", "peft"):
         monkeypatch.setitem(sys.modules, mod, None)          # import raises ImportError
-    assert peft_peer.main([str(tmp_path / "no-such-model.infeng")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("peft peer skipped: PEFT peer needs torch==2.13.0")
-    assert "torch is missing" in out[0]
+    suite = Path(__file__).resolve().parents[1] / "bench" / "peft_lora.yaml"
+    assert main(["bench", "--suite", str(suite), "--model", str(tmp_path / "no-such-model.infeng")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: peft peer skipped: PEFT peer needs torch==2.13.0" in err and "torch is missing" in err
 
 
 def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
@@ -231,23 +229,21 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
         assert next(e.generate([Request(id=p, prompt=p, params=_greedy(12), adapter=a)])).token_ids == got[p]
     # the forward pass rounds each projection input to int8 once (ifg_scratch.xq), shared by the x16
     # GEMMs and the int8 adapters' shrink; without it each rounds x itself: the same bits
-    from infeng.runtime.adapters import lora_batch, lora_scratch
-    from infeng.runtime.kv import KVCache
+    from infeng.runtime.session import ForwardSession
     la = eng.adapters.get("i8")
     T = 6
     logits = []
     for shared in (True, False):
-        net = LlamaC(eng.kern, qbase, max_tokens=T, max_out=T, threads=2)
+        fs = ForwardSession(eng.kern, qbase, max_tokens=T, max_out=T, threads=2, n_slots=2, max_seq_len=16,
+                            block_size=4)
         if not shared:
-            net.s.xq = eng.kern.ffi.NULL
-        kv = KVCache(eng.kern, qbase.config, n_slots=2, max_seq_len=16, block_size=4)
-        assert kv.ensure(0, 8) and kv.ensure(1, 8)
-        seg = np.array([0, 3, T], np.int32)                      # rows 0-2 adapter i8, rows 3-5 none
-        h, tmp = lora_scratch(eng.kern, qbase.config, T, la.kernel_rank), np.zeros((T, qbase.config.dim), np.float32)
-        lb, keep = lora_batch(eng.kern, seg, [la.table, eng.kern.ffi.NULL], h, tmp)
-        net.tokens[:T], net.pos[:T], net.seq[:T], net.out_rows[:T] = [1, 5, 9, 1, 7, 3], [0, 1, 2, 0, 1, 2], [0] * 3 + [1] * 3, range(T)
-        net.step(kv, T, T, lb)
-        logits.append(net.logits[:T].copy())
+            fs.net.structs.set(fs.net.s, xq=None)
+        assert fs.kv.ensure(0, 8) and fs.kv.ensure(1, 8)
+        fs.lora.reserve(la.kernel_rank)
+        lb = fs.lora_segments([la.table, None], [0, 3], T)                # rows 0-2 adapter i8, rows 3-5 none
+        fs.tokens[:T], fs.pos[:T], fs.seq[:T], fs.out_rows[:T] = [1, 5, 9, 1, 7, 3], [0, 1, 2, 0, 1, 2], [0] * 3 + [1] * 3, range(T)
+        fs.run(T, T, lb)
+        logits.append(fs.logits[:T].copy())
     np.testing.assert_array_equal(logits[0], logits[1])
     # the overhead benchmark's paired steps run on this base too (a tiny run: its shape, not its numbers)
     from infeng.bench.lora_scenarios import overhead
@@ -266,11 +262,15 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
 
 def test_llamacpp_lora_peer_skips_cleanly_without_llama_cpp(monkeypatch, capsys, tmp_path):
     import sys
-    from infeng.bench import llamacpp_lora
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    assert llamacpp_lora.main([str(tmp_path / "no-such-model.infeng")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python")
+    suite = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_lora.yaml"
+    out = tmp_path / "peer.json"
+    assert main(["bench", "--suite", str(suite), "--model", str(tmp_path / "no-such-model.infeng"),
+                 "--json", str(out)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: llama.cpp lora peer skipped: llama.cpp peer needs llama-cpp-python" in err
+    doc = json.loads(out.read_text())
+    assert doc["records"] == [] and doc["meta"]["suite"] == "llamacpp_lora"
 
 
 def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
@@ -297,17 +297,20 @@ def test_gguf_lora_runs_in_llama_cpp_like_infeng(base, files, tmp_path):
 
 
 def test_lora_bench_bad_input_is_one_line(tmp_path, capsys):
-    """The overhead benchmark and the peers check what they are given before minutes of work:
-    one line naming the option or file, a non-zero exit, no traceback, no telemetry file."""
-    from infeng.bench import lora_scenarios, llamacpp_lora
+    """The overhead benchmark and the peers (`infeng bench` suite kinds) check what they are given
+    before minutes of work: one line naming the option or file, a non-zero exit, no traceback, no
+    telemetry file."""
     missing = str(tmp_path / "no-such-model.infeng")
-    for argv, rc, msg in (([missing, "--json", str(tmp_path / "t.jsonl")], 2, "suffix must be .json or .csv"),
-                          ([missing, "--ranks", "16,x"], 2, "--ranks '16,x'"),
-                          ([missing, "--ranks", "4", "--json", str(tmp_path / "t.json")], 1, "no such file")):
-        assert lora_scenarios.main(argv) == rc
+    suite = tmp_path / "lora.yaml"
+    for body, extra, msg in (("ranks: [4]", ["--json", str(tmp_path / "t.jsonl")], "suffix must be .json"),
+                             ("ranks: [16, x]", [], "`ranks` must be a list of positive integers"),
+                             ("ranks: [4]", ["--json", str(tmp_path / "t.json")], "no such file")):
+        suite.write_text(f"kind: lora_overhead\n{body}\n")
+        assert main(["bench", "--suite", str(suite), "--model", missing] + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("lora_scenarios: error:") and msg in err[0]
+        assert len(err) == 1 and err[0].startswith("infeng: error:") and msg in err[0]
     assert not (tmp_path / "t.json").exists()
-    if llamacpp_lora.main([missing]) == 1:           # 0: llama-cpp-python is not installed (skipped)
+    peer = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_lora.yaml"
+    if main(["bench", "--suite", str(peer), "--model", missing]) == 1:   # 0: llama-cpp-python is not installed (skipped)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no such file" in err[0]

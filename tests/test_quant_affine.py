@@ -9,7 +9,7 @@ import pytest
 
 from conftest import P
 from infeng import quant
-from infeng.model.llama import CDTYPE
+from infeng.kernels.abi import DTYPE as CDTYPE
 from infeng.quant import affine
 
 TYPES = ("q4_1", "q5_1")

@@ -15,8 +15,8 @@ GGUF_NAME = {"q4_1": "Q4_1", "q5_1": "Q5_1", "q6_k": "Q6_K"}
 
 def _small_model(path, data_dir, width):
     """A random untied Llama; width 64 / hidden 96 for the 32-block types, 256 / 512 for q6_k."""
-    from infeng.converters.hf import expected_shapes, is_norm
-    from infeng.model.config import ModelConfig
+    from infeng.format.schema import expected_shapes, is_norm
+    from infeng.format.config import ModelConfig
     dim, hidden = (64, 96) if width == 32 else (256, 512)
     cfg = ModelConfig(dim=dim, hidden_dim=hidden, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=dim // 4,
                       vocab_size=512, max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0,

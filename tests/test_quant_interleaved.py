@@ -8,6 +8,7 @@ import pytest
 from conftest import P
 from infeng import quant
 from infeng.errors import InfengError
+from infeng.kernels.abi import DTYPE
 from infeng.quant.interleave import deinterleave, interleave, interleave_c
 from test_quant import _ref
 
@@ -214,7 +215,7 @@ def test_forward_shares_one_quantized_input(kern, data_dir, tmp_path):
         outs = []
         for shared in (True, False):
             net = LlamaC(kern, model, max_tokens=16, max_out=16, threads=2)
-            assert net.m.layers[0].wq.dtype in (5, 6)                 # the x16 layouts run
+            assert net.m.layers[0].wq.dtype in (DTYPE["q8_0x16"], DTYPE["q4_0x16"])                # the x16 layouts run
             if not shared:
                 net.s.xq = kern.ffi.NULL
             kv = KVCache(kern, model.config, n_slots=1, max_seq_len=32, block_size=4)

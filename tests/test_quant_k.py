@@ -18,9 +18,10 @@ from infeng import format as native
 from infeng import quant
 from infeng.cli.main import main
 from infeng.errors import InfengError
+from infeng.kernels.abi import DTYPE
 from infeng.quant import q4_k
 
-Q4_K = 7
+Q4_K = DTYPE["q4_k"]
 TS = (1, 3, 17, 50)
 NK = [(37, 256), (80, 768), (37, 5632)]
 
@@ -263,8 +264,8 @@ def test_stories260k_q4_k_falls_back_and_generates_recorded(tmp_path, data_dir, 
 
 def _small_model(path, data_dir):
     """A random Llama whose matrices all have rows of 256 or 512 (q4_k applies everywhere)."""
-    from infeng.converters.hf import expected_shapes, is_norm
-    from infeng.model.config import ModelConfig
+    from infeng.format.schema import expected_shapes, is_norm
+    from infeng.format.config import ModelConfig
     cfg = ModelConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
                       vocab_size=512, max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0,
                       tie_embeddings=False, bos_id=1, eos_ids=(2,))
@@ -324,7 +325,7 @@ def test_c_forward_interleaved_equals_plain_layout(kern, tmp_path, data_dir, mon
     stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
     net, fast = logits(model)
     L = net.layers[0]
-    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (9,) * 4
+    assert (L.wq.dtype, L.wk.dtype, L.w_down.dtype, net.m.output.dtype) == (DTYPE["q4_kx16"],) * 4
     assert net.m.tok_embeddings.dtype == Q4_K and (L.wq.rows, L.wq.cols) == (256, 256)
     for n, (d, a) in model.tensors.items():
         np.testing.assert_array_equal(a, stored[n])

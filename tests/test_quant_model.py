@@ -8,6 +8,7 @@ import pytest
 
 from infeng import format as native
 from infeng.cli.main import main
+from infeng.kernels.abi import DTYPE
 from infeng.model.llama import LlamaC
 from infeng.model.loader import load_model
 from infeng.model.reference import ReferenceModel
@@ -219,11 +220,11 @@ def test_c_forward_interleaved_equals_plain_layout(kern, qfiles, qtype, monkeypa
     model = load_model(qfiles[qtype])
     stored = {n: a.copy() for n, (d, a) in model.tensors.items()}
     net, fast = logits(model)
-    code = {"q8_0": 5, "q4_0": 6}[qtype]
+    code = DTYPE[qtype + "x16"]
     L = net.layers[0]
     assert (L.wq.dtype, L.wk.dtype, L.wo.dtype) == (code,) * 3
-    assert net.m.output.dtype == 5                               # the head (tied table) is q8_0 either way
-    assert (L.w_gate.dtype, net.m.tok_embeddings.dtype) == (code - 2, 3)
+    assert net.m.output.dtype == DTYPE["q8_0x16"]                               # the head (tied table) is q8_0 either way
+    assert (L.w_gate.dtype, net.m.tok_embeddings.dtype) == (DTYPE[qtype], DTYPE["q8_0"])
     assert (L.wq.rows, L.wq.cols, net.m.output.rows) == (64, 64, 512)
     for n, (d, a) in model.tensors.items():
         np.testing.assert_array_equal(a, stored[n])

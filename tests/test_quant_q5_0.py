@@ -13,8 +13,8 @@ from infeng.cli.main import main
 
 def _small_model(path, data_dir):
     """A random untied Llama with dim 64, hidden 96 (q4_k would fall back to q5_0 everywhere)."""
-    from infeng.converters.hf import expected_shapes, is_norm
-    from infeng.model.config import ModelConfig
+    from infeng.format.schema import expected_shapes, is_norm
+    from infeng.format.config import ModelConfig
     cfg = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                       vocab_size=512, max_seq_len=256, norm_eps=1e-5, rope_theta=10000.0,
                       tie_embeddings=False, bos_id=1, eos_ids=(2,))
@@ -73,12 +73,12 @@ def test_quantizer_bytes_equal_llama_cpp_q5_0(tmp_path, data_dir):
     copies Q5_0 blocks and undoes the Q/K row permutation)."""
     pytest.importorskip("llama_cpp")
     from infeng.bench.llamacpp_kld import quantize_gguf
-    from infeng.converters import gguf_read, gguf_write
-    from infeng.model.loader import load_model
+    from infeng.converters import gguf_write
+    from infeng.model.loader import load_gguf, load_model
     f32, ours = tmp_path / "f32.infeng", tmp_path / "q5.infeng"
     assert main(["convert", str(data_dir / "stories260K-f32"), "-o", str(f32), "--dtype", "f32"]) == 0
     assert main(["quantize", str(f32), "-o", str(ours), "--type", "q5_0"]) == 0
-    theirs, _ = gguf_read.read_model(quantize_gguf(gguf_write.write_gguf(load_model(f32), tmp_path / "f32.gguf"), "Q5_0", 1))
+    theirs, _ = load_gguf(quantize_gguf(gguf_write.write_gguf(load_model(f32), tmp_path / "f32.gguf"), "Q5_0", 1))
     mats = [(n, a) for n, (d, a) in load_model(ours).tensors.items() if d == "q5_0"]
     assert len(mats) == 30
     for name, a in mats:

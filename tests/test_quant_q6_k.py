@@ -8,7 +8,7 @@ import pytest
 from conftest import P
 from infeng import quant
 from infeng.converters import gguf_types
-from infeng.model.llama import CDTYPE
+from infeng.kernels.abi import DTYPE as CDTYPE
 from infeng.quant import q6_k
 
 NK = [(1, 256), (3, 512), (17, 256), (33, 768), (64, 2304), (7, 4352)]

@@ -49,8 +49,8 @@ REF = FIX["llamacpp_f32_kv"]
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf):
-    from infeng.converters.gguf_read import read_model
-    m, _ = read_model(smollm2_gguf)
+    from infeng.model.loader import load_gguf
+    m, _ = load_gguf(smollm2_gguf)
     return m
 
 

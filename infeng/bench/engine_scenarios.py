@@ -1,23 +1,19 @@
 """Engine scenarios on one model: batching vs one at a time, prefix reuse, priority under load,
 and the simulator against the real engine on the same trace.
 
-    python -m infeng.bench.engine_scenarios MODEL --threads 2 --json engine.json
+    infeng bench --suite bench/engine.yaml --model MODEL --json engine.json     # kind: engine
 
 Figures are ratios measured in the same run (absolute times on shared machines are noise).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
 
-from infeng.model.loader import load_model
 from infeng.runtime.engine import Engine, FinishEvent, Request, TokenEvent
 from infeng.runtime.sampler import SamplingParams
 from infeng.runtime.sim import CostModel, make_trace, replay, sim_engine, trace_requests
-from infeng.telemetry import Run
 
 
 def mixed(model, threads, n, seed=0, max_batch=32):
@@ -124,30 +120,3 @@ def priority(model, threads, n_low=8, seed=2):
             "low_tokens_after_high_arrived": low_tokens_after,
             "preemptions": eng.stats.preemptions,
             "all_finished": all(r.finish_reason == "length" for r in res.values())}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--max-batch", type=int, default=32, help="requests running at once in the batched engine")
-    ap.add_argument("--only", default="mixed,prefix,priority")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    model = load_model(a.model, verify=False)
-    run = Run("bench", meta={"suite": "engine_scenarios", "model": a.model, "threads": a.threads})
-    for name in a.only.split(","):
-        fn = {"mixed": lambda: mixed(model, a.threads, a.requests, max_batch=a.max_batch), "prefix": lambda: prefix(model, a.threads),
-              "priority": lambda: priority(model, a.threads)}[name]
-        t0 = time.perf_counter()
-        res = fn()
-        res["scenario_s"] = time.perf_counter() - t0
-        print(name, json.dumps(res, default=float))
-        run.records.append({"scenario": name, **{k: v for k, v in res.items() if not isinstance(v, dict)}})
-    if a.json:
-        run.write(a.json)
-
-
-if __name__ == "__main__":
-    main()

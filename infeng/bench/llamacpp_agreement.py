@@ -81,12 +81,12 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=print, greedy: bool = True) -> dict:
     from infeng.bench.llamacpp_kld import LlamaCppScorer
     from infeng.bench.peers import _import
-    from infeng.converters.gguf_read import read_model
+    from infeng.model.loader import load_gguf
     from infeng.evals import perplexity as P
     from infeng.runtime.engine import Engine
     from infeng.runtime.scorer import Scorer
     lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
-    model, _ = read_model(gguf)
+    model, _ = load_gguf(gguf)
     ours = theirs = agree = None
     if greedy:
         engine = Engine(model, threads=threads, max_batch=len(CHATS) + len(PLAIN), max_seq_len=ctx)

@@ -1,15 +1,14 @@
 """llama.cpp's own quantizations, measured exactly as infeng's are: KL-divergence and perplexity
 against one f32 baseline, on the same token ids, reduced by the same code (infeng.evals.perplexity).
 
-    python -m infeng.bench.llamacpp_kld BASE.infeng --text FILE --types Q8_0,Q4_0,Q4_K_M \
-        --compare q8_0=ours-q8_0.infeng --compare q4_k=ours-q4_k.infeng --ctx 512 --json kld.json
+    infeng bench --suite kld.yaml --json kld.json     # kind: llamacpp_kld (bench/llamacpp_kld.yaml)
 
 BASE (a native f32 or bf16 file) is scored by infeng as the baseline (top-k log-probs + rest, as
 ``infeng eval --kld``), exported to GGUF (infeng.converters.gguf_write), and quantized by
 llama.cpp's own quantizer (``llama_model_quantize``, the code behind its llama-quantize tool,
 through llama-cpp-python; the files are cached beside the export). Each GGUF — the unquantized
 export too, which shows the floor two engines reach on identical weights — is scored by llama.cpp
-(logits of every position, the same windows as infeng's Scorer), and each ``--compare`` native file
+(logits of every position, the same windows as infeng's Scorer), and each ``compare`` native file
 by infeng. One table: bits per weight (file bytes × 8 ÷ parameters), file size, mean / p99 KLD,
 PPL and ΔPPL, top-1 agreement. Bits per weight count the tensors' bytes only (on a 260K-parameter
 model the tokenizer in the file would otherwise dominate).
@@ -20,18 +19,20 @@ skipped with a note.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from infeng.bench.peers import PeerSkip, _import
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters import gguf_write
+from infeng.converters.gguf_read import GGUFFile
 from infeng.errors import InfengError
 from infeng.evals import perplexity as P
+from infeng.model.loader import load_model
 from infeng.runtime.scorer import Scorer
+from infeng.telemetry import atomic_path
 
 # llama.cpp's file types (enum llama_ftype in llama.h); the names its llama-quantize tool takes
 FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
@@ -69,15 +70,10 @@ def quantize_gguf(src: Path, ftype: str, threads: int) -> Path:
     params = lc.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = threads
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise PeerSkip(f"llama.cpp could not quantize {src.name} to {ftype} (code {rc})")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -89,9 +85,6 @@ def _count(dtypes) -> str:
 
 def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, Path]], ctx: int,
         threads: int, top_k: int = 128, stride: int | None = None, log=print) -> tuple[list[dict], list[str]]:
-    from infeng.converters import gguf_write
-    from infeng.converters.gguf_read import GGUFFile
-    from infeng.model.loader import load_model
     bad = [t for t in types if t not in FTYPES]
     if bad:
         raise InfengError(f"--types: unknown llama.cpp type {bad[0]!r} (known: {', '.join(FTYPES)})")
@@ -123,7 +116,7 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
         nbytes = sum(a.nbytes for _, a in m.tensors.values())
         add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx), nbytes, _count(d for d, _ in m.tensors.values()))
     try:
-        gguf = gguf_write.export_cached(base_model, base_path)
+        gguf = gguf_write.export_cached(base_model, gguf_cache_dir(), base_path)
         for ft in ["F32" if base_model.weight_dtype == "f32" else base_model.weight_dtype.upper()] + types:
             path = gguf if ft.lower() == base_model.weight_dtype else quantize_gguf(gguf, ft, threads)
             g = GGUFFile(path)
@@ -138,44 +131,3 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
         notes.append(f"llama.cpp rows skipped: {e}")
         log(notes[-1])
     return rows, notes
-
-
-def main(argv=None) -> int:
-    from infeng.telemetry import Run
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base", type=Path, help="native f32/bf16 model: the baseline, and the source llama.cpp quantizes")
-    ap.add_argument("--text", type=Path, required=True)
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M", help="llama.cpp file types (comma-separated)")
-    ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
-                    help="an infeng native file (e.g. a quantized BASE) scored side by side")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--top-k", type=int, default=128)
-    ap.add_argument("--json")
-    a = ap.parse_args(argv)
-    compare = []
-    for c in a.compare:
-        name, sep, path = c.partition("=")
-        if not sep or not Path(path).is_file():
-            print(f"infeng: error: --compare {c!r}: expected NAME=FILE with an existing file")
-            return 2
-        compare.append((name, Path(path)))
-    try:
-        rows, notes = run(a.base, a.text, [t for t in a.types.split(",") if t], compare, a.ctx, a.threads, a.top_k)
-    except InfengError as e:
-        print(f"infeng: error: {e}")
-        return 2
-    if a.json:
-        r = Run("bench", meta={"suite": "llamacpp_kld", "base": str(a.base), "text": str(a.text), "ctx": a.ctx,
-                               "threads": a.threads, "notes": notes})
-        r.records.extend(rows)
-        for row in rows:
-            key = f"{row['runner']}_{row['name']}".replace(".", "_")
-            r.metrics[f"{key}.kld_mean"] = row["kld_mean"]
-        r.write(a.json)
-    print(json.dumps(rows, default=float, indent=None))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

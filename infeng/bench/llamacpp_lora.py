@@ -1,7 +1,7 @@
 """llama.cpp as the multi-LoRA peer: the same mixed load (8 rows over 4 adapters) through
 llama-cpp-python's low-level API, against infeng's fused batch, in one run.
 
-    python -m infeng.bench.llamacpp_lora BASE.infeng --rank 16 --threads 2
+    infeng bench --suite bench/llamacpp_lora.yaml --model BASE.infeng     # kind: llamacpp_lora
 
 llama.cpp applies one adapter set per context at a time, so its mixed load is one batch per
 adapter configuration: for each adapter, its rows (2 of 8) prefill together in one llama_decode
@@ -9,7 +9,7 @@ and decode together, the next adapter's rows after. Aggregate tok/s = all rows' 
 summed time. The base is the native file exported by infeng.converters.gguf_write; the adapters
 are the same native adapter files infeng loads, exported by infeng.converters.gguf_lora. The
 same rows with no adapter (one batch of 8) are reported too, to separate base speed from LoRA.
-llama_cpp is imported only here; when missing the run prints one line and exits 0.
+llama_cpp is imported only here; when missing the run is a note (skipped).
 """
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ import time
 
 import numpy as np
 
-from infeng.bench.peers import LlamaCppSeqs, PeerSkip, lora_peer_main, _import
+from infeng.bench.lora_scenarios import adapter_file
+from infeng.bench.peers import LlamaCppSeqs, PeerSkip, _import
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters.gguf_lora import write_gguf_lora
+from infeng.converters.gguf_write import export_cached
+from infeng.model.adapter import load_adapter
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
 
 
 class LlamaCppLora:
@@ -79,13 +87,6 @@ class LlamaCppLora:
 def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128, n_out=32, repeats=2,
             adapter_dtype="bf16", seed=0):
     _import("llama_cpp", "llama.cpp peer needs llama-cpp-python (pip install -e '.[peers]')")
-    from infeng.bench.lora_scenarios import adapter_file
-    from infeng.converters.gguf_lora import write_gguf_lora
-    from infeng.converters.gguf_write import export_cached
-    from infeng.model.adapter import load_adapter
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine, Request, StepStats
-    from infeng.runtime.sampler import SamplingParams
     model = load_model(base_path, verify=False)
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, model.config.vocab_size, prompt_len - 1).tolist() for _ in range(batch)]
@@ -99,7 +100,8 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
         ggufs[n] = g
     names = list(paths)
     mixed = [names[i % n_adapters] for i in range(batch)]
-    peer = LlamaCppLora(export_cached(model, base_path), ggufs, threads, n_ctx=batch * (prompt_len + n_out) + 64,
+    peer = LlamaCppLora(export_cached(model, gguf_cache_dir(), base_path), ggufs, threads,
+                        n_ctx=batch * (prompt_len + n_out) + 64,
                         n_batch=batch * prompt_len)
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)
@@ -134,11 +136,3 @@ def compare(base_path, rank=16, threads=2, batch=8, n_adapters=4, prompt_len=128
         rec[f"{label}_first_token_agree"] = f"{sum(a[0] == b[0] for a, b in zip(o[0][0], t[0][0]))}/{batch}"
     peer.close()
     return rec
-
-
-def main(argv=None) -> int:
-    return lora_peer_main(compare, "llama.cpp lora", __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,9 @@
 """Multi-LoRA overhead: a batch whose rows use several adapters vs the same batch with none.
 
-    python -m infeng.bench.lora_scenarios BASE.infeng --ranks 16,32,64 --threads 2 --adapter-dtype int8
+    infeng bench --suite bench/lora_overhead.yaml --model BASE.infeng     # kind: lora_overhead
 
 BASE may be any native model (bf16, q8_0, ...). Per rank: a batch of 8 rows split over 4 different
-adapters on all 7 projections, stored as --adapter-dtype (bf16, f32 or int8). The overhead is the
+adapters on all 7 projections, stored as ``adapter_dtype`` (bf16, f32 or int8). The overhead is the
 C forward time of that batch with its adapters over the same batch bare, measured step for step
 in alternating pairs (``paired_steps``; this machine's speed drifts too much between whole runs
 for a 5 % effect), for the prefill step (all prompts at once) and every decode step; then one
@@ -13,24 +13,20 @@ reads, output head and K/V cache included (``floor_step_bytes_ratio``).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
 import numpy as np
 
 from pathlib import Path
 
+from infeng import format as native
 from infeng.bench.synthetic import make_adapter
-from infeng.errors import InfengError
 from infeng.model.loader import load_model
-from infeng.kernels import ptr
-from infeng.runtime.adapters import lora_batch, lora_scratch
+from infeng.model.adapter import requantize
 from infeng.runtime.engine import Engine, Request, StepStats
-from infeng.runtime.kv import KVCache
 from infeng.runtime.sampler import SamplingParams
-from infeng.telemetry import Run
+from infeng.runtime.session import ForwardSession
+from infeng.runtime.sim import make_trace, replay
 
 
 def run_once(eng: Engine, prompts, adapters, n_out: int) -> tuple[float, float]:
@@ -48,8 +44,6 @@ def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
     (int8: the f32 adapter rounded as ``infeng convert --dtype int8`` does; cached beside it)."""
     if dtype != "int8":
         return make_adapter(base_path, rank, dtype=dtype, seed=seed)
-    from infeng import format as native
-    from infeng.model.adapter import requantize
     src = make_adapter(base_path, rank, dtype="f32", seed=seed)
     out = src.with_name(src.name.replace("-f32-", "-int8-"))
     if not (out.exists() and native.is_native(out)):
@@ -61,39 +55,34 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
                  chunk: int = 32) -> dict:
     """C forward time of one batch with and without its adapters, step for step: each prefill
     step (``chunk`` prompt tokens of every row, as a chunked prefill) and each decode step runs
-    once bare and once with the adapters, back to back in alternating order, on two KV caches.
+    once bare and once with the adapters, back to back in alternating order, in two forward
+    sessions (sharing the engine's weights, each with its own KV cache).
     The machine's slow drifts (this one's speed wanders by ±20 % over seconds) then hit both
     sides of every pair alike. ``adapters``: one per row (None: none), rows already grouped by
     adapter as the engine's scheduler groups them."""
     kern, cfg, net = eng.kern, eng.cfg, eng.net
     B, P = len(adapters), prompt_len
     rng = np.random.default_rng(seed)
-    kvs = [KVCache(kern, cfg, B, P + n_decode + 1) for _ in range(2)]
-    starts, tables = [0], []
+    bare, mixed = (ForwardSession(kern, eng.model, max_tokens=B * P, max_out=B, threads=eng.threads, n_slots=B,
+                                  max_seq_len=P + n_decode + 1, net=net) for _ in range(2))
+    starts, tables = [], []
     for i, a in enumerate(adapters):            # one segment per run of equal adapters
         if i == 0 or a is not adapters[i - 1]:
-            if i:
-                starts.append(i)
-            tables.append(a.table if a is not None else kern.ffi.NULL)
-    starts.append(B)
-    r = max(a.kernel_rank for a in adapters if a is not None)
-    h, tmp = lora_scratch(kern, cfg, B * P, r), np.zeros((B * P, cfg.dim), np.float32)
-    seg_dec = np.array(starts, np.int32)
-    seg_pre = {c: seg_dec * c for c in {min(chunk, P - c0) for c0 in range(0, P, chunk)}}  # rows per chunk size
-    lb_pre, keep_pre = lora_batch(kern, seg_pre[min(chunk, P)], tables, h, tmp)
-    lb_dec, keep_dec = lora_batch(kern, seg_dec, tables, h, tmp)
+            starts.append(i)
+            tables.append(a.table if a is not None else None)
+    mixed.lora.reserve(max(a.kernel_rank for a in adapters if a is not None))
     times = {"prefill": ([], []), "decode": ([], [])}    # (bare, adapted) seconds per step
 
-    def step(which, kv, T, n_out, lb):
+    def step(which, fs, T, n_out, lb):
         t0 = time.perf_counter()
-        net.step(kv, T, n_out, lb)
+        fs.run(T, n_out, lb)
         times[which][lb is not None].append(time.perf_counter() - t0)
 
     for rep in range(repeats):
-        for kv in kvs:
+        for fs in (bare, mixed):
             for slot in range(B):
-                kv.release(slot)
-                kv.ensure(slot, P + n_decode)
+                fs.kv.release(slot)
+                fs.kv.ensure(slot, P + n_decode)
         for c0 in range(0, P, chunk):             # prefill: every prompt, a chunk of each per step
             c = min(chunk, P - c0)
             T = B * c
@@ -101,19 +90,17 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
             net.pos[:T] = np.tile(np.arange(c0, c0 + c), B)
             net.seq[:T] = np.repeat(np.arange(B), c)
             net.out_rows[:B] = np.arange(B) * c + c - 1
-            lb_pre.seg_start = ptr(kern, seg_pre[c], "int32_t *")
-            pair = [(kvs[0], None), (kvs[1], lb_pre)]
-            for kv, lb in (pair if (rep + c0 // chunk) % 2 == 0 else pair[::-1]):
-                step("prefill", kv, T, B, lb)
+            pair = [(bare, None), (mixed, mixed.lora_segments(tables, [s * c for s in starts], T))]
+            for fs, lb in (pair if (rep + c0 // chunk) % 2 == 0 else pair[::-1]):
+                step("prefill", fs, T, B, lb)
         for d in range(n_decode):                # decode: one token per row
             net.tokens[:B] = rng.integers(3, cfg.vocab_size, B)
             net.pos[:B] = P + d
             net.seq[:B] = np.arange(B)
             net.out_rows[:B] = np.arange(B)
-            pair = [(kvs[0], None), (kvs[1], lb_dec)]
-            for kv, lb in (pair if (rep + d) % 2 == 0 else pair[::-1]):
-                step("decode", kv, B, B, lb)
-    del keep_pre, keep_dec, seg_pre
+            pair = [(bare, None), (mixed, mixed.lora_segments(tables, starts, B))]
+            for fs, lb in (pair if (rep + d) % 2 == 0 else pair[::-1]):
+                step("decode", fs, B, B, lb)
     out = {}
     for which, (bare, mixed) in times.items():
         n_tok = B * min(chunk, P) if which == "prefill" else B
@@ -168,7 +155,6 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
     over the configurations, every other pass in reverse order (single, α..., α..., single), and
     each figure is the mean over passes, so a drift of the machine's speed hits all alike. Also
     the time to first use of an adapter hot-loaded while the engine runs."""
-    from infeng.runtime.sim import make_trace, replay
     model = load_model(base_path, verify=False)
     cfg = model.config
     paths = [adapter_file(base_path, model, rank, dtype, seed=10_000 + k) for k in range(n_adapters)]
@@ -221,47 +207,3 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
     out.append({"hot_load_s": t_loaded - t0, "hot_time_to_first_token_s": first - t0,
                 "adapter_load_s_median": float(np.median(t_load)), "adapter_mb": eng.adapters.get("a0").nbytes / 2**20})
     return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("base")
-    ap.add_argument("--ranks", default="16,32,64")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--adapter-dtype", "--dtype", dest="dtype", default="bf16", choices=["bf16", "f32", "int8"],
-                    help="how the adapters are stored")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--n-out", type=int, default=32)
-    ap.add_argument("--zipf", action="store_true", help="also the Zipf adapter-popularity scenario")
-    ap.add_argument("--json", help="telemetry file (.json or .csv)")
-    a = ap.parse_args(argv)
-    try:    # bad input: one line before minutes of work, not a traceback after them
-        ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
-        if any(r < 1 for r in ranks):
-            raise ValueError
-    except ValueError:
-        print(f"lora_scenarios: error: --ranks {a.ranks!r}: a comma-separated list of positive integers", file=sys.stderr)
-        return 2
-    if a.json and Path(a.json).suffix.lower() not in (".json", ".csv"):
-        print(f"lora_scenarios: error: --json {a.json}: suffix must be .json or .csv", file=sys.stderr)
-        return 2
-    run = Run("bench", meta={"suite": "lora_overhead", "base": a.base, "threads": a.threads, "adapter_dtype": a.dtype})
-    t0 = time.perf_counter()
-    try:
-        recs = overhead(a.base, ranks, a.threads, repeats=a.repeats, dtype=a.dtype, prompt_len=a.prompt_len,
-                        n_out=a.n_out)
-        for rec in recs + (zipf(a.base, a.threads, dtype=a.dtype) if a.zipf else []):
-            print(json.dumps(rec, default=float))
-            run.records.append({k: float(v) if isinstance(v, np.floating) else v for k, v in rec.items()})
-    except InfengError as e:
-        print(f"lora_scenarios: error: {e}", file=sys.stderr)
-        return 1
-    run.metrics["seconds"] = time.perf_counter() - t0
-    if a.json:
-        run.write(a.json)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,12 +13,15 @@ from typing import Callable
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.format.schema import convert_dtype
 from infeng.kernels import ptr
 
-from infeng.model.llama import CDTYPE as _MODEL_CDTYPE
+from infeng.kernels.abi import DTYPE
+from infeng.quant import quantize
+from infeng.quant.interleave import INTERLEAVED, PLAIN, can_interleave, interleave
 
-# the C dtype codes, from the one table the forward pass uses (fp8 has no micro-benchmark case)
-CDTYPE = {k: v for k, v in _MODEL_CDTYPE.items() if k != "fp8"}
+# the C dtype codes (fp8 has no micro-benchmark case)
+CDTYPE = {k: v for k, v in DTYPE.items() if k != "fp8"}
 
 
 @dataclass
@@ -51,8 +54,6 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
         block = 256 if dtype.startswith(("q4_k", "q6_k")) else 32
         if k % block:
             raise InfengError(f"{dtype} needs a row width that is a multiple of {block}, got {k}")
-        from infeng.quant import quantize
-        from infeng.quant.interleave import PLAIN, interleave
         if dtype in PLAIN:
             if n % 16:
                 raise InfengError(f"{dtype} needs a row count that is a multiple of 16, got {n}")
@@ -60,7 +61,6 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
         return np.ascontiguousarray(quantize(w, dtype))
     if dtype not in CDTYPE:
         raise InfengError(f"dtype {dtype!r} is not one of {', '.join(CDTYPE)}")
-    from infeng.converters.hf import convert_dtype
     return np.ascontiguousarray(convert_dtype(w, "f32", dtype))
 
 
@@ -68,7 +68,6 @@ def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0)
     """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM).
     q8_0 / q4_0 / q4_k run in the layout a loaded model uses: row-interleaved when n % 16 == 0."""
     n, k = parse_shape(shape)
-    from infeng.quant.interleave import INTERLEAVED, can_interleave
     if can_interleave(dtype, n):
         dtype = INTERLEAVED[dtype]
     w = random_weight(dtype, n, k)

@@ -13,13 +13,14 @@ The engine never imports these packages; only this module does, lazily.
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from infeng.bench.synthetic import gguf_cache_dir
+from infeng.converters import gguf_write
 from infeng.errors import InfengError
 
 
@@ -158,10 +159,8 @@ class LlamaCppPeer:
             self.name = f"llama.cpp:fa={int(flash_attn)}"
         llama_cpp = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
         if not gguf:
-            from infeng.converters import gguf_write
-            from infeng.errors import InfengError
             try:
-                gguf = gguf_write.export_cached(model, source)
+                gguf = gguf_write.export_cached(model, gguf_cache_dir(), source)
             except InfengError as e:
                 raise PeerSkip(f"llama.cpp needs the model as GGUF and the export failed: {e}") from None
         if not Path(gguf).is_file():
@@ -285,30 +284,3 @@ def make_peer(name: str, model, threads: int, max_ctx: int, gguf=None, source=No
         fa = None if name == "llama.cpp" else name.endswith("1")
         return LlamaCppPeer(model, threads, max_ctx, gguf, source, flash_attn=fa)
     return PEERS[name](model, threads, max_ctx)
-
-
-def lora_peer_main(compare, peer: str, description: str, argv=None) -> int:
-    """The command line both multi-LoRA peers share (peft_peer, llamacpp_lora): the same mixed
-    batch on infeng and on the peer; a missing peer prints a note and exits 0."""
-    import argparse
-    import json
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("base")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--n-out", type=int, default=32)
-    ap.add_argument("--adapter-dtype", default="bf16", choices=["bf16", "f32", "int8"])
-    a = ap.parse_args(argv)
-    try:
-        rec = compare(a.base, a.rank, a.threads, repeats=a.repeats, prompt_len=a.prompt_len, n_out=a.n_out,
-                      adapter_dtype=a.adapter_dtype)
-    except PeerSkip as e:
-        print(f"{peer} peer skipped: {e}")
-        return 0
-    except InfengError as e:
-        print(f"{peer} peer: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(rec, default=float))
-    return 0

@@ -2,7 +2,7 @@
 projections) through transformers' LlamaForCausalLM with PEFT's per-row ``adapter_names``, against
 infeng's fused batch, in one run.
 
-    python -m infeng.bench.peft_peer BASE.infeng --rank 16 --threads 2 [--adapter-dtype bf16]
+    infeng bench --suite bench/peft_lora.yaml --model BASE.infeng     # kind: peft_lora
 
 How the weights reach torch: the base is the native file's own tensors, viewed as f32 and handed
 to LlamaForCausalLM as an in-memory HF state dict (built on the meta device, then assigned; no
@@ -10,8 +10,8 @@ checkpoint is written), so torch runs f32 on exactly the weights infeng runs. Th
 native adapter files infeng loads, dequantized to f32 and given to PEFT with
 ``set_peft_model_state_dict`` (LoraConfig with the adapter's rank and its scale as alpha / r).
 
-torch, transformers and peft are imported only here, lazily; when one is missing the run prints
-one line saying so and exits 0 (skipped), like the other optional peers.
+torch, transformers and peft are imported only here, lazily; when one is missing the run is a
+note saying so (skipped), like the other optional peers.
 """
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ import time
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip, lora_peer_main, _import
+from infeng.bench.lora_scenarios import adapter_file
+from infeng.bench.peers import PeerSkip, _import
 from infeng.converters.peft import TARGETS
-from infeng.model.loader import MATRICES, load_model
+from infeng.model.adapter import load_adapter
+from infeng.format.schema import MATRICES
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
 
 PEFT_MODULE = {native: (module, parent) for module, (native, parent) in TARGETS.items()}
 
@@ -130,10 +135,6 @@ class PeftPeer:
 def compare(base_path, rank: int = 16, threads: int = 2, batch: int = 8, n_adapters: int = 4,
             prompt_len: int = 128, n_out: int = 32, repeats: int = 2, adapter_dtype: str = "bf16", seed: int = 0):
     """infeng's fused mixed batch vs PEFT's mixed batch, same prompts, adapters and threads."""
-    from infeng.bench.lora_scenarios import adapter_file
-    from infeng.model.adapter import load_adapter
-    from infeng.runtime.engine import Engine, Request, StepStats
-    from infeng.runtime.sampler import SamplingParams
     require()                                       # skip before loading anything
     model = load_model(base_path, verify=False)
     cfg = model.config
@@ -173,11 +174,3 @@ def compare(base_path, rank: int = 16, threads: int = 2, batch: int = 8, n_adapt
             "infeng_decode_tok_s": o_dec, "peft_decode_tok_s": t_dec,
             "prefill_ratio": o_pre / t_pre, "decode_ratio": o_dec / t_dec,
             "first_token_agree": f"{same_first}/{batch}", "all_tokens_agree": f"{same_all}/{batch}"}
-
-
-def main(argv=None) -> int:
-    return lora_peer_main(compare, "peft", __doc__.splitlines()[0], argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,48 +3,41 @@ the numpy reference.
 
 ``profile_run`` drives the Engine on one prompt with the C forward pass's timing buffer switched
 on (``struct ifg_scratch.op_times``: thread 0 stamps the end of every op of every layer) and
-times the Python stages around it: tokenize (submit), schedule (admission), the forward C call,
-sampling, and the rest of a step (Python overhead between C calls). ``chrome_trace`` turns that
+times the Python stages around it through the engine's hooks: tokenize (submit), schedule
+(admission), the forward C call, sampling, and the rest of a step (Python overhead between C
+calls). ``chrome_trace`` turns that
 into a trace JSON for Perfetto / chrome://tracing.
 
-``dump_activations`` runs one forward call over a prompt with the trace buffer switched on
-(``struct ifg_scratch.trace``: every layer's op outputs); ``diff_reference`` compares them with
-the numpy reference model: per layer (the residual after the layer, ReferenceModel's ``trace``)
-and, in the first layer that departs, op by op, each op recomputed in numpy from the C pass's
-own inputs to that op, so the first op that disagrees is the one that is wrong.
+``dump_activations`` sets up a C forward pass for one prompt and records every layer's op
+outputs (``infeng.model.activations``, which also holds the diff against the numpy reference).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infeng import kernels
 from infeng.errors import InfengError
-from infeng.kernels import ptr
+from infeng.kernels import default_threads
+from infeng.kernels.abi import OPS     # op names in ifg_op order (kernels_c/forward.h)
+from infeng.model.activations import Activations, trace_forward
+from infeng.runtime.engine import Engine, FinishEvent, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.session import ForwardSession
+from infeng.telemetry import write_text_atomic
 
-# op names in ifg_op order (kernels_c/forward.h), and the kernel family of each
-OPS = ("embed", "attn_norm", "wq", "wk", "wv", "rope", "kv_store", "attention", "wo", "ffn_norm",
-       "w_gate", "w_up", "silu_mul", "w_down", "final_norm", "output")
+# the kernel family of each op
 FAMILY = {"embed": "embed", "attn_norm": "norm", "ffn_norm": "norm", "final_norm": "norm",
           "rope": "rope", "kv_store": "attention", "attention": "attention", "silu_mul": "act",
           **{m: "matmul" for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")}}
 LAYER_OPS = OPS[1:14]
 GLOBAL_OPS = ("embed", "final_norm", "output")
-# ops whose outputs the trace buffer holds, with the buffer each copies
-TRACED = ("attn_norm", "wq", "wk", "wv", "attention", "wo", "ffn_norm", "w_gate", "w_up", "silu_mul", "w_down")
-
-
-def check_ops(kern) -> None:
-    """The C library's op names must be the ones this module lays out."""
-    names = tuple(kern.ffi.string(kern.lib.ifg_op_name(i)).decode() for i in range(kern.lib.IFG_OP_COUNT))
-    if names != OPS:  # pragma: no cover - a C/Python mismatch is a build bug
-        raise InfengError(f"kernel op table {names} does not match infeng.bench.profile.OPS")
 
 
 # ---- timing a run -------------------------------------------------------------------------------
@@ -153,80 +146,55 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
-@contextmanager
-def _timed_sampler(acc: list[float]):
-    """Time every Sampler call made by the engine (the class is swapped back afterwards)."""
-    import infeng.runtime.engine as eng_mod
-    base = eng_mod.Sampler
+class StepTimer:
+    """An engine hooks subscriber: wall and CPU time of each step's phases, one StepRecord per
+    step that ran the forward pass (with a copy of the C op clock ``op_times``)."""
 
-    class TimedSampler(base):
-        def __call__(self, logits_ptr):
-            t0 = time.perf_counter()
-            try:
-                return super().__call__(logits_ptr)
-            finally:
-                acc[0] += time.perf_counter() - t0
-    eng_mod.Sampler = TimedSampler
-    try:
-        yield
-    finally:
-        eng_mod.Sampler = base
+    def __init__(self, op_times: np.ndarray):
+        self.op_times, self.steps = op_times, []
+        self.cur: dict[str, Any] = {}
+
+    def __call__(self, phase: str, edge: str, info: dict) -> None:
+        t, cpu, cur = time.perf_counter(), time.process_time(), self.cur
+        if phase == "step":
+            if edge == "begin":
+                cur.clear()
+                cur.update(t0=t, cpu0=cpu, sched=0.0, sched_cpu=0.0, sample=0.0)
+            elif "t_c0" in cur:
+                self.steps.append(StepRecord(cur["t0"], cur["t_c0"], cur["t_c1"], t, cpu - cur["cpu0"],
+                                             cur["cpu_c1"] - cur["cpu_c0"], cur["T"], cur["n_out"], cur["sched"],
+                                             cur["sample"], cur["ops"], cur["sched_cpu"]))
+        elif phase == "schedule":
+            sign = -1 if edge == "begin" else 1
+            cur["sched"] += sign * t
+            cur["sched_cpu"] += sign * cpu
+        elif phase == "forward":
+            if edge == "begin":
+                cur["t_c0"], cur["cpu_c0"] = t, cpu
+            else:
+                cur["t_c1"], cur["cpu_c1"] = t, cpu
+                cur["T"], cur["n_out"] = info["T"], info["n_out"]
+                cur["ops"] = self.op_times.copy()
+        elif phase == "sample":
+            cur["sample"] += -t if edge == "begin" else t
 
 
 def profile_run(model, prompt: str, n: int, threads: int | None = None, isa: str | None = None,
                 label: str = "", on_token=None) -> Profile:
     """Generate ``n`` greedy tokens after ``prompt`` through the Engine, with every stage timed."""
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
     eng = Engine(model, threads=threads, max_batch=1, isa=isa, prefix_cache=False)
-    check_ops(eng.kern)
-    net = eng.net
     c = model.config
-    buf = np.zeros(1 + (c.n_layers + 1) * len(OPS), np.float64)
-    net.s.op_times = eng.kern.ffi.cast("double *", eng.kern.ffi.from_buffer(buf))
-    net._profile_buf = buf                            # keep it alive with the struct
-    steps: list[StepRecord] = []
-    cur: dict[str, Any] = {}
-    sample_acc = [0.0]
-
-    orig_step, orig_admit, orig_engine_step = net.step, eng._admit, eng.step
-
-    def c_step(kv, T, n_out, *rest):      # rest: whatever else the engine passes (adapters)
-        cur["t_c0"], cur["cpu_c0"] = time.perf_counter(), time.process_time()
-        orig_step(kv, T, n_out, *rest)
-        cur["t_c1"], cur["cpu_c1"] = time.perf_counter(), time.process_time()
-        cur["T"], cur["n_out"] = T, n_out
-        cur["ops"] = buf.copy()
-
-    def admit(now):
-        t0, c0 = time.perf_counter(), time.process_time()
-        orig_admit(now)
-        cur["sched"] = cur.get("sched", 0.0) + time.perf_counter() - t0
-        cur["sched_cpu"] = cur.get("sched_cpu", 0.0) + time.process_time() - c0
-
-    def engine_step():
-        cur.clear()
-        sample_acc[0] = 0.0
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        ev = orig_engine_step()
-        t1, cpu1 = time.perf_counter(), time.process_time()
-        if "t_c0" in cur:
-            steps.append(StepRecord(t0, cur["t_c0"], cur["t_c1"], t1, cpu1 - cpu0, cur["cpu_c1"] - cur["cpu_c0"],
-                                    cur["T"], cur["n_out"], cur.get("sched", 0.0), sample_acc[0], cur["ops"],
-                                    cur.get("sched_cpu", 0.0)))
-        return ev
-
-    net.step, eng._admit, eng.step = c_step, admit, engine_step
+    timer = StepTimer(eng.net.record_op_times())
+    unsubscribe = eng.hooks.subscribe(timer)
     req = Request(id="profile", prompt=prompt, params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     thr0 = _thread_cpu()
-    with _timed_sampler(sample_acc):
+    try:
         t0, cpu0 = time.perf_counter(), time.process_time()
         t_tok = time.perf_counter()
         ids = eng.tokenizer.encode(prompt)
         tok_s, tok_cpu = time.perf_counter() - t_tok, time.process_time() - cpu0
         req.prompt_ids = ids
         text, result = [], None
-        from infeng.runtime.engine import FinishEvent
         for ev in eng.stream([req]):
             if isinstance(ev, FinishEvent):
                 result = ev.result
@@ -235,6 +203,9 @@ def profile_run(model, prompt: str, n: int, threads: int | None = None, isa: str
                 if on_token:
                     on_token()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        unsubscribe()
+    steps = timer.steps
     thr1 = _thread_cpu()
     if result is None or result.finish_reason == "rejected":
         raise InfengError(f"profile run failed: {result.error if result else 'no result'}")
@@ -278,163 +249,19 @@ def chrome_trace(prof: Profile) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    from infeng.telemetry import write_text_atomic
     write_text_atomic(Path(path), json.dumps(obj) + "\n")
 
 
-# ---- activations ----------------------------------------------------------------------------------
-def widths(cfg) -> dict[str, int]:
-    return {"attn_norm": cfg.dim, "wq": cfg.q_dim, "wk": cfg.kv_dim, "wv": cfg.kv_dim, "attention": cfg.q_dim,
-            "wo": cfg.dim, "ffn_norm": cfg.dim, "w_gate": cfg.hidden_dim, "w_up": cfg.hidden_dim,
-            "silu_mul": cfg.hidden_dim, "w_down": cfg.dim}
-
-
-@dataclass
-class Activations:
-    tokens: list[int]
-    layers: list[dict[str, np.ndarray]]     # per layer: op → [T, width] (op outputs as the C pass left them)
-    logits: np.ndarray                       # [vocab] of the last token
-
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """One .npy per layer and op (``layer03.w_up.npy``), ``tokens.npy``, ``logits.npy`` and an
-        ``index.json`` saying what each holds. No pickle."""
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        written = []
-
-        def put(name, arr):
-            p = d / name
-            tmp = d / f".{name}.tmp.npy"
-            np.save(tmp, np.ascontiguousarray(arr), allow_pickle=False)
-            os.replace(tmp, p)
-            written.append(p)
-        put("tokens.npy", np.asarray(self.tokens, np.int32))
-        for l, ops in enumerate(self.layers):
-            for op, a in ops.items():
-                put(f"layer{l:02d}.{op}.npy", a)
-        put("logits.npy", self.logits)
-        index = {"tokens": len(self.tokens), "layers": len(self.layers), "ops": list(TRACED),
-                 "files": "layerNN.OP.npy: [tokens, width] f32, the output of OP in layer NN "
-                          "(wq/wk before RoPE; wo and w_down: the residual stream after the add)"}
-        from infeng.telemetry import write_text_atomic
-        write_text_atomic(d / "index.json", json.dumps(index, indent=1) + "\n")
-        return written
-
-
+# ---- activations of a model (the dump and the diff are model/activations.py) -----------------------
 def dump_activations(model, ids: list[int], threads: int | None = None, isa: str | None = None) -> Activations:
-    """One forward call of the C pass over ``ids`` (positions 0..T-1) with the trace buffer on."""
-    from infeng import kernels
-    from infeng.model.llama import LlamaC
-    from infeng.runtime.engine import default_threads
-    from infeng.runtime.kv import KVCache
+    """One traced forward call of the C pass over ``ids`` (positions 0..T-1)."""
     kern = kernels.load(isa) if isa else kernels.active()
-    check_ops(kern)
     c = model.config
     T = len(ids)
     if T < 1 or T > c.max_seq_len:
         raise InfengError(f"the prompt has {T} tokens; the model takes 1..{c.max_seq_len}")
-    net = LlamaC(kern, model, T, 1, threads or default_threads())
-    kv = KVCache(kern, c, 1, T, 16)
-    if not kv.ensure(0, T):  # pragma: no cover - the pool is sized for it
+    fs = ForwardSession(kern, model, max_tokens=T, max_out=1, threads=threads or default_threads(), n_slots=1,
+                        max_seq_len=T)
+    if not fs.kv.ensure(0, T):  # pragma: no cover - the pool is sized for it
         raise InfengError("no KV blocks for the prompt")
-    per_tok = kern.lib.ifg_trace_floats_per_token(net.m)
-    trace = np.zeros(c.n_layers * T * per_tok, np.float32)
-    net.s.trace = ptr(kern, trace)
-    net.tokens[:T] = ids
-    net.pos[:T] = np.arange(T)
-    net.seq[:T] = 0
-    net.out_rows[0] = T - 1
-    net.step(kv, T, 1)
-    net.s.trace = kern.ffi.NULL
-    w = widths(c)
-    layers = []
-    for l in range(c.n_layers):
-        block = trace[l * per_tok * T:(l + 1) * per_tok * T]
-        off, ops = 0, {}
-        for op in TRACED:
-            ops[op] = block[off * T:(off + w[op]) * T].reshape(T, w[op]).copy()
-            off += w[op]
-        layers.append(ops)
-    return Activations(list(ids), layers, net.logits[0].copy())
-
-
-@dataclass
-class Diff:
-    tol: float
-    layers: list[dict[str, float]]            # per layer: rel error of the residual vs the reference
-    first_layer: int | None                   # first layer beyond tol (None: agreement)
-    first_op: str | None                      # the op in that layer that departs first
-    ops: dict[str, float]                     # that layer's per-op errors (each op from C's own inputs)
-    logits_err: float
-
-    @property
-    def agree(self) -> bool:
-        return self.first_layer is None and self.logits_err <= self.tol
-
-    def message(self) -> str:
-        if self.agree:
-            worst = max((d["rel_err"] for d in self.layers), default=0.0)
-            return (f"C forward pass and numpy reference agree: {len(self.layers)} layers, worst residual "
-                    f"error {worst:.2e}, logits {self.logits_err:.2e} (tolerance {self.tol:g})")
-        if self.first_layer is None:
-            return f"the layers agree but the logits part: error {self.logits_err:.2e} > {self.tol:g} (final norm / output)"
-        e = self.layers[self.first_layer]["rel_err"]
-        where = f"op {self.first_op}" if self.first_op else "no single op (accumulated drift)"
-        return (f"first disagreement: layer {self.first_layer}, {where} "
-                f"(residual error {e:.2e} > {self.tol:g}; op error {self.ops.get(self.first_op, float('nan')):.2e})")
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| relative to the reference's largest magnitude."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if b.size else 0.0
-
-
-def diff_reference(acts: Activations, ref_model, tol: float = 1e-3) -> Diff:
-    """Compare a C activation dump with the numpy reference on the same tokens. ``ref_model``
-    is the Model the reference runs (normally the same one the C pass ran)."""
-    from infeng.model import reference as R
-    ref = R.ReferenceModel(ref_model)
-    trace: list[np.ndarray] = []
-    logits = ref.forward(acts.tokens, trace=trace)
-    layers = [{"layer": l, "rel_err": rel_err(acts.layers[l]["w_down"], trace[l])} for l in range(len(trace))]
-    first = next((d["layer"] for d in layers if d["rel_err"] > tol), None)
-    ops: dict[str, float] = {}
-    first_op = None
-    if first is not None:
-        ops = op_errors(acts, ref, first)
-        first_op = next((op for op in TRACED if ops.get(op, 0.0) > tol), None)
-    return Diff(tol, layers, first, first_op, ops, rel_err(acts.logits, logits[-1]))
-
-
-def op_errors(acts: Activations, ref, l: int) -> dict[str, float]:
-    """Each op of layer l recomputed in numpy (the reference's functions and weights) from the C
-    pass's own inputs to that op; error of the C output against it."""
-    from infeng.model import reference as R
-    c, w = ref.cfg, ref.w
-    L = f"layers.{l}."
-    A = acts.layers[l]
-    T = len(acts.tokens)
-    x_in = acts.layers[l - 1]["w_down"] if l > 0 else w["tok_embeddings"][np.asarray(acts.tokens)].astype(np.float32)
-    pos = np.arange(T)
-    e = {}
-    e["attn_norm"] = rel_err(A["attn_norm"], R.rmsnorm(x_in, w[L + "attn_norm"], c.norm_eps))
-    for m in ("wq", "wk", "wv"):
-        e[m] = rel_err(A[m], ref.mm(A["attn_norm"], L + m))
-    q = R.rope(A["wq"].reshape(T, c.n_heads, c.head_dim), pos, ref.inv_freq)
-    k = R.rope(A["wk"].reshape(T, c.n_kv_heads, c.head_dim), pos, ref.inv_freq)
-    v = A["wv"].reshape(T, c.n_kv_heads, c.head_dim)
-    g = c.n_heads // c.n_kv_heads
-    K, V = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    att = np.einsum("thd,shd->hts", q, K) / np.sqrt(c.head_dim)
-    att = np.where((np.arange(T)[None, :] > pos[:, None])[None], -np.inf, att)
-    att = np.exp(att - att.max(-1, keepdims=True))
-    att /= att.sum(-1, keepdims=True)
-    e["attention"] = rel_err(A["attention"], np.einsum("hts,shd->thd", att, V).reshape(T, c.q_dim))
-    e["wo"] = rel_err(A["wo"], x_in + ref.mm(A["attention"], L + "wo"))
-    e["ffn_norm"] = rel_err(A["ffn_norm"], R.rmsnorm(A["wo"], w[L + "ffn_norm"], c.norm_eps))
-    for m in ("w_gate", "w_up"):
-        e[m] = rel_err(A[m], ref.mm(A["ffn_norm"], L + m))
-    e["silu_mul"] = rel_err(A["silu_mul"], R.silu(A["w_gate"]) * A["w_up"])
-    e["w_down"] = rel_err(A["w_down"], A["wo"] + ref.mm(A["silu_mul"], L + "w_down"))
-    return e
+    return trace_forward(fs.net, fs.kv, ids)

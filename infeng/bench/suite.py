@@ -16,6 +16,9 @@ A suite file:
       - {kind: decode, tokens: 128, depth: 1024}       # tg128 after a 1024-token prompt (tok/s)
       - {kind: batch_decode, batch: 8, tokens: 32}     # aggregate tok/s of 8 sequences
 
+Each kind is a class in ``infeng.bench.kinds`` (unit, required parameters, label, how it runs); a
+file with a top-level ``kind`` instead runs one comparison of ``infeng.bench.comparisons``.
+
 Every repeat runs infeng, then each peer, then infeng again (A B A B): drift on a shared machine
 hits all runners alike. Decode figures are also given as a percentage of the bandwidth roofline:
 bytes read per step (weights + the KV cache at the mean depth) ÷ step time ÷ the read bandwidth
@@ -29,15 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import yaml
 
-from infeng.bench import micro
+from infeng import kernels
+from infeng.bench import micro, synthetic
+from infeng.bench.comparisons import ComparisonSuite, load_comparison
+from infeng.bench.kinds import DEFAULT_BW_MB, KINDS, Bandwidth, Kind
 from infeng.bench.peers import PeerSkip, make_peer
 from infeng.errors import InfengError
-
-KINDS = ("bandwidth", "gemv", "gemm", "attention", "prefill", "decode", "batch_decode")
-E2E = ("prefill", "decode", "batch_decode")
-DEFAULT_BW_MB = 256
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request, StepStats
+from infeng.runtime.sampler import SamplingParams
+from infeng.telemetry import Run, atomic_path
 
 
 @dataclass
@@ -46,25 +52,24 @@ class Scenario:
     params: dict[str, Any]
 
     @property
+    def spec(self) -> Kind:
+        return KINDS[self.kind]
+
+    @property
     def name(self) -> str:
-        p = self.params
-        if self.kind == "prefill":
-            return f"pp{p['tokens']}"
-        if self.kind == "decode":
-            return f"tg{p['tokens']}@d{p.get('depth', 0)}"
-        if self.kind == "batch_decode":
-            return f"batch{p['batch']} tg{p['tokens']}"
-        if self.kind in ("gemv", "gemm"):
-            t = "" if self.kind == "gemv" else str(p.get("tokens", 128))
-            return f"{self.kind}{t} {p.get('dtype', 'bf16')} {p['shape']}"
-        if self.kind == "attention":
-            return f"attention@d{p['depth']}"
-        return f"bandwidth {float(p.get('mb', DEFAULT_BW_MB)):g}MiB"
+        return self.spec.label(self.params)
 
     @property
     def unit(self) -> str:
-        return "GB/s" if self.kind in ("bandwidth", "gemv", "attention") else \
-               "GFLOP/s" if self.kind == "gemm" else "tok/s"
+        return self.spec.unit
+
+    @property
+    def e2e(self) -> bool:
+        return self.spec.e2e
+
+    @property
+    def decodes(self) -> bool:
+        return self.e2e and self.spec.decode_shape(self.params) is not None
 
 
 @dataclass
@@ -78,12 +83,8 @@ class Suite:
     scenarios: list[Scenario] = field(default_factory=list)
 
 
-REQUIRED = {"gemv": ("shape",), "gemm": ("shape",), "attention": ("depth",), "prefill": ("tokens",),
-            "decode": ("tokens",), "batch_decode": ("batch", "tokens"), "bandwidth": ()}
-
-
-def load_suite(path: str | Path) -> Suite:
-    import yaml
+def load_suite(path: str | Path) -> Suite | ComparisonSuite:
+    """A scenario suite, or a comparison suite (a file with a top-level ``kind``)."""
     p = Path(path)
     if not p.is_file():
         raise InfengError(f"{p}: no such suite file")
@@ -91,6 +92,8 @@ def load_suite(path: str | Path) -> Suite:
         d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise InfengError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(d, dict) and "kind" in d:
+        return load_comparison(d, p)
     if not isinstance(d, dict) or not isinstance(d.get("scenarios"), list):
         raise InfengError(f"{p}: a suite is a mapping with a `scenarios` list")
     known = {"model", "dtype", "threads", "repeats", "peers", "gguf", "scenarios", "name"}
@@ -104,7 +107,7 @@ def load_suite(path: str | Path) -> Suite:
             raise InfengError(f"{p}: scenario {i + 1}: `kind` must be one of {', '.join(KINDS)}")
         kind = sc["kind"]
         params = {k: v for k, v in sc.items() if k != "kind"}
-        missing = [k for k in REQUIRED[kind] if k not in params]
+        missing = [k for k in KINDS[kind].required if k not in params]
         if missing:
             raise InfengError(f"{p}: scenario {i + 1} ({kind}) needs {', '.join(missing)}")
         s.scenarios.append(Scenario(kind, params))
@@ -113,8 +116,6 @@ def load_suite(path: str | Path) -> Suite:
 
 def resolve_model(model: str, dtype: str):
     """A synthetic architecture name → its cached file; anything else is a path."""
-    from infeng.bench import synthetic
-    from infeng.model.loader import load_model
     if model in synthetic.ARCHS:
         path = synthetic.make(model, dtype)
         return load_model(path, verify=False), f"synthetic:{model}:{dtype}", path
@@ -137,7 +138,6 @@ class InfengRunner:
         self.last_overhead_us: float | None = None
 
     def engine(self, batch: int, ctx: int):
-        from infeng.runtime.engine import Engine
         ctx = min(self.model.config.max_seq_len, max(16, -(-ctx // 16) * 16))
         key = (batch, ctx)
         if key not in self._engines:
@@ -148,8 +148,6 @@ class InfengRunner:
         return self._engines[key]
 
     def _run(self, prompts, n):
-        from infeng.runtime.engine import Request, StepStats
-        from infeng.runtime.sampler import SamplingParams
         eng = self.engine(len(prompts), max(len(p) for p in prompts) + n)
         eng.stats = StepStats()
         reqs = [Request(id=str(i), prompt_ids=list(p),
@@ -212,31 +210,21 @@ class Result:
         return statistics.median(self.values) if self.values else float("nan")
 
 
-def _prompt(vocab: int, n: int, seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [1] + rng.integers(3, vocab, max(n, 1) - 1).tolist()
-
-
 def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], None] | None = None,
               notes: list[str] | None = None, peer_factory=make_peer) -> tuple[list[Result], dict[str, Any]]:
     """Run every scenario ``suite.repeats`` times per runner, alternating runners. Returns the
     results and meta (model, threads, ISA, bandwidth, notes)."""
-    from infeng import kernels
     notes = notes if notes is not None else []
     kern = kernels.load(isa) if isa else kernels.active()
     isa_name = kern.ffi.string(kern.lib.ifg_isa()).decode()
     threads = suite.threads
-    e2e = [s for s in suite.scenarios if s.kind in E2E]
+    e2e = [s for s in suite.scenarios if s.e2e]
     model, model_label, model_path = (resolve_model(suite.model, suite.dtype) if e2e else (None, "-", None))
-    scenarios = list(suite.scenarios)
-    if any(s.kind in ("decode", "batch_decode") for s in scenarios) and not any(s.kind == "bandwidth" for s in scenarios):
-        scenarios.insert(0, Scenario("bandwidth", {"mb": DEFAULT_BW_MB}))
+    scenarios = with_bandwidth(suite.scenarios)
     vocab = model.config.vocab_size if model is not None else 0
     max_ctx = 0
     for s in e2e:
-        p = s.params
-        need = (p.get("depth", 0) + p["tokens"]) if s.kind == "decode" else \
-               (16 + p["tokens"]) if s.kind == "batch_decode" else p["tokens"]
+        need = s.spec.positions(s.params)
         if need > model.config.max_seq_len:
             raise InfengError(f"scenario {s.name} needs {need} positions; the model has {model.config.max_seq_len}")
         max_ctx = max(max_ctx, need + 1)
@@ -255,14 +243,14 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
     results: list[Result] = []
     for s in scenarios:
         p = s.params
-        if s.kind not in E2E:
+        if not s.e2e:
             r = Result(s, "infeng")
-            case = _micro_case(kern, s, threads)
+            case = s.spec.case(kern, p, threads)
             for _ in range(suite.repeats):
                 dt = micro.time_once(case, min_time=float(p.get("min_time", 0.2)))
                 r.seconds.append(dt)
-                r.values.append((case.flops if s.kind == "gemm" else case.bytes) / dt / 1e9)
-                if s.kind in ("gemv", "attention"):
+                r.values.append(s.spec.figure(case, dt))
+                if s.spec.gflops:
                     r.extra.setdefault("gflop_s", []).append(case.flops / dt / 1e9)
                 if on_step:
                     on_step(s.name)
@@ -277,7 +265,7 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
                     continue
                 try:
                     w0, c0 = time.perf_counter(), time.process_time()
-                    tokens, dt = _e2e(x, s, vocab, seed=rep)
+                    tokens, dt = s.spec.run(x, p, vocab, seed=rep)
                     res.extra.setdefault("cpu_utilisation", []).append(
                         (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9) / threads)
                 except PeerSkip as e:
@@ -286,7 +274,7 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
                     continue
                 res.values.append(tokens / dt)
                 res.seconds.append(dt)
-                if x.name == "infeng" and s.kind != "prefill" and x.last_overhead_us is not None:
+                if x.name == "infeng" and s.decodes and x.last_overhead_us is not None:
                     res.extra.setdefault("py_overhead_us_per_tok", []).append(x.last_overhead_us)
                 if on_step:
                     on_step(s.name)
@@ -301,13 +289,11 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
         notes.append(f"CPU utilisation was {min(r.extra['cpu_utilisation'] for r in busy):.0%} of {threads} threads "
                      f"in {', '.join(r.scenario.name for r in busy)}: the cores are shared with other work, "
                      f"so absolute figures are noise (ratios of the same run less so)")
-    bw = next((r.median for r in results if r.scenario.kind == "bandwidth"), None)
+    bw = next((r.median for r in results if r.scenario.kind == Bandwidth.name), None)
     if model is not None and bw:
         for r in results:
-            if r.scenario.kind in ("decode", "batch_decode") and r.values:
-                p = r.scenario.params
-                batch = p.get("batch", 1)
-                mean_ctx = (p.get("depth", 0) if r.scenario.kind == "decode" else 16) + p["tokens"] / 2
+            if r.scenario.decodes and r.values:
+                batch, mean_ctx = r.scenario.spec.decode_shape(r.scenario.params)
                 step_s = batch / r.median
                 r.extra["roofline_pct"] = 100.0 * decode_step_bytes(model, batch, mean_ctx) / step_s / (bw * 1e9)
     meta = {"model": model_label, "threads": threads, "isa": isa_name, "repeats": suite.repeats,
@@ -322,39 +308,22 @@ def steps_total(suite: Suite) -> int:
     """Progress-bar length: runs per scenario (peers counted as if they all run)."""
     n = 0
     e2e_runners = 1 + len(suite.peers)
-    for s in suite.scenarios:
-        n += suite.repeats * (e2e_runners if s.kind in E2E else 1)
-    if any(s.kind in ("decode", "batch_decode") for s in suite.scenarios) and \
-            not any(s.kind == "bandwidth" for s in suite.scenarios):
-        n += suite.repeats
+    for s in with_bandwidth(suite.scenarios):
+        n += suite.repeats * (e2e_runners if s.e2e else 1)
     return n
 
 
-def _micro_case(kern, s: Scenario, threads: int) -> micro.Case:
-    p = s.params
-    if s.kind == "bandwidth":
-        return micro.bandwidth_case(kern, float(p.get("mb", DEFAULT_BW_MB)), threads)
-    if s.kind in ("gemv", "gemm"):
-        return micro.matmul_case(kern, p.get("dtype", "bf16"), p["shape"],
-                                 1 if s.kind == "gemv" else int(p.get("tokens", 128)), threads)
-    return micro.attention_case(kern, int(p["depth"]), int(p.get("n_heads", 32)), int(p.get("n_kv_heads", 4)),
-                                int(p.get("head_dim", 64)), threads=threads)
-
-
-def _e2e(runner, s: Scenario, vocab: int, seed: int):
-    p = s.params
-    if s.kind == "prefill":
-        return runner.prefill(_prompt(vocab, p["tokens"], seed))
-    if s.kind == "decode":
-        return runner.decode(_prompt(vocab, max(1, p.get("depth", 0)), seed), p["tokens"])
-    prompts = [_prompt(vocab, 16, 100 * seed + i) for i in range(p["batch"])]
-    return runner.batch_decode(prompts, p["tokens"])
+def with_bandwidth(scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios, with a bandwidth one first when some decode and none measures it (the
+    roofline's denominator)."""
+    if any(s.decodes for s in scenarios) and not any(s.kind == Bandwidth.name for s in scenarios):
+        return [Scenario(Bandwidth.name, {"mb": DEFAULT_BW_MB})] + list(scenarios)
+    return list(scenarios)
 
 
 # ---- reporting ----------------------------------------------------------------------------------------
 def to_run(results: list[Result], meta: dict[str, Any], command: str = "bench"):
     """The results in the telemetry schema: one record per (scenario, runner), metrics by name."""
-    from infeng.telemetry import Run
     run = Run(command, meta=dict(meta))
     base = {r.scenario.name: r.median for r in results if r.runner == "infeng"}
     for r in results:
@@ -449,9 +418,7 @@ def plot(results: list[Result], path: str | Path) -> str | None:
     ax.set_ylabel("tok/s")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    import os
-    os.replace(tmp, path)
     return None

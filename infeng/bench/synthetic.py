@@ -1,21 +1,23 @@
 """Synthetic models: exact shapes of named architectures, random weights, deterministic.
 
 Speed does not depend on the weights' values, so these stand in for checkpoints that cannot be
-downloaded here. Files are cached (by architecture, dtype and seed) and reused.
-
-    python -m infeng.bench.synthetic tinyllama-1.1b --dtype bf16 -o /tmp/tinyllama.infeng
+downloaded here. Files are cached (by architecture, dtype and seed) and reused; a bench suite
+names one by architecture (``model: tinyllama-1.1b``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 
 from infeng import format as native
-from infeng.converters.hf import convert_dtype, expected_shapes, is_norm
-from infeng.model.config import ModelConfig
+from infeng.converters.peft import projection_shape
+from infeng.format.config import ModelConfig
+from infeng.format.schema import convert_dtype, expected_shapes, is_norm
+from infeng.model.adapter import model_identity
+from infeng.model.loader import load_model
+from infeng.quant import policy as q
 
 # name → config fields (shapes from the models' published config.json files)
 ARCHS: dict[str, dict] = {
@@ -42,6 +44,11 @@ DEFAULT_TOKENIZER = Path(os.environ.get("INFENG_TEST_DATA", Path(__file__).resol
 
 def cache_dir() -> Path:
     return Path(os.environ.get("INFENG_CACHE", Path.home() / ".cache" / "infeng")) / "synthetic"
+
+
+def gguf_cache_dir() -> Path:
+    """Where models exported as GGUF for the llama.cpp peers are kept."""
+    return cache_dir().parent / "gguf"
 
 
 def make(arch: str, dtype: str = "bf16", path: Path | None = None, seed: int = 0,
@@ -77,8 +84,6 @@ QUANTIZED = ("q8_0", "q4_0", "q5_0", "q4_k", "fp8")
 def _quantized(src: Path, dtype: str, path: Path) -> Path:
     """The bf16 synthetic model quantized to ``dtype`` with the default policy (what
     ``infeng quantize SRC --type DTYPE`` writes)."""
-    from infeng.model.loader import load_model
-    from infeng.quant import policy as q
     model = load_model(src, verify=False)
     items = q.plan(model.tensors, dtype, q.Policy(), source=str(src))
     out = model.derived(q.quantize_tensors(model.tensors, items))
@@ -87,26 +92,9 @@ def _quantized(src: Path, dtype: str, path: Path) -> Path:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("arch", choices=sorted(ARCHS))
-    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16", *QUANTIZED])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-o", "--output", type=Path)
-    a = ap.parse_args()
-    print(make(a.arch, a.dtype, a.output, a.seed))
-
-
-if __name__ == "__main__":
-    main()
-
-
 def make_adapter(base_path: Path, rank: int, targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"),
                  dtype: str = "bf16", seed: int = 0, path: Path | None = None, dora: bool = False) -> Path:
     """A random LoRA (or DoRA) adapter for a synthetic base, as a native adapter file (cached)."""
-    from infeng.converters.peft import projection_shape
-    from infeng.model.adapter import model_identity
-    from infeng.model.loader import load_model
     base_path = Path(base_path)
     kind = "dora" if dora else "lora"
     path = Path(path) if path else cache_dir() / f"{base_path.stem}.{kind}-r{rank}-{'-'.join(targets)}-{dtype}-seed{seed}.infeng-lora"

@@ -5,8 +5,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
+from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from infeng.bench.comparisons import ComparisonSuite
+from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
 from infeng.errors import InfengError
+from infeng.kernels import default_threads
+from infeng.telemetry import progress, stderr_console
 
 
 def bench(
@@ -26,13 +33,9 @@ def bench(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write results (telemetry schema) as CSV"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of tok/s per scenario and runner"),
 ):
-    """Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth roofline."""
-    from rich.progress import MofNCompleteColumn, TimeElapsedColumn
-
-    from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
-    from infeng.runtime.engine import default_threads
-    from infeng.telemetry import progress, stderr_console
-
+    """Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth roofline.
+    A suite file with a top-level `kind` runs one of the comparisons instead (lora_overhead,
+    peft_lora, llamacpp_lora, llamacpp_kld, engine)."""
     if (suite_path is None) == (kernel is None):
         raise InfengError("give --suite FILE.yaml or --kernel NAME (one of them)")
     for flag, out, sfx in (("--json", json_out, ".json"), ("--csv", csv_out, ".csv"), ("--plot", plot_out, ".png")):
@@ -48,6 +51,13 @@ def bench(
 
     if suite_path is not None:
         suite = load_suite(suite_path)
+        if isinstance(suite, ComparisonSuite):
+            given = [f for f, v in (("--kernel", kernel), ("--dtype", dtype), ("--peer", peer), ("--gguf", gguf),
+                                    ("--plot", plot_out)) if v]
+            if given:
+                raise InfengError(f"{', '.join(given)}: not used by kind {suite.kind.name} ({suite_path})")
+            suite.override(model, threads, repeats)
+            return _comparison(suite, json_out, csv_out)
     else:
         kd = dtype or "bf16"
         kinds = {"gemv": {"dtype": kd, "shape": shape}, "gemm": {"dtype": kd, "shape": shape, "tokens": tokens},
@@ -75,7 +85,6 @@ def bench(
     with progress("benchmarking", MofNCompleteColumn(), TextColumnSafe(), TimeElapsedColumn()) as bar:
         task = bar.add_task("bench", total=steps_total(suite), what="")
         results, meta = run_suite(suite, notes=notes, on_step=lambda name: bar.update(task, advance=1, what=name))
-    from rich.markup import escape
     for n in notes:
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(table(results, meta))
@@ -89,8 +98,36 @@ def bench(
             run.write(out)
 
 
+def _comparison(suite: ComparisonSuite, json_out: Optional[Path], csv_out: Optional[Path]) -> None:
+    console = stderr_console()
+    with console.status(f"running {suite.kind.name}"):
+        records, notes = suite.run(log=lambda line: console.print(escape(line), highlight=False))
+    for n in notes:
+        console.print(f"[yellow]note:[/] {escape(n)}")
+    if records:
+        console.print(records_table(suite.kind.name, records))
+    run = suite.to_run(records, notes)
+    for out in (json_out, csv_out):
+        if out is not None:
+            run.write(out)
+
+
+def records_table(title: str, records: list[dict]) -> Table:
+    """One column per record (they are wide: one row per field), numbers to 4 significant digits."""
+    t = Table(title=title, header_style="bold")
+    t.add_column("field")
+    for i in range(len(records)):
+        t.add_column(str(i + 1), justify="right")
+    for key in dict.fromkeys(k for r in records for k in r):
+        t.add_row(key, *(_cell(r.get(key, "")) for r in records))
+    return t
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else escape(str(v))
+
+
 def TextColumnSafe():
-    from rich.progress import TextColumn
     return TextColumn("{task.fields[what]}")
 
 

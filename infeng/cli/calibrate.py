@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from infeng.bench.profile import dump_activations
 from infeng.errors import InfengError
+from infeng.evals.perplexity import read_documents
+from infeng.model.activations import widths
+from infeng.model.loader import load_model
+from infeng.quant import calibrate as C
+from infeng.runtime.tokenizer import Tokenizer
+from infeng.telemetry import Run, progress, stderr_console
 
 
 def calibrate(
@@ -22,14 +30,6 @@ def calibrate(
     telemetry: Optional[Path] = typer.Option(None, "--telemetry", help="write telemetry (.json or .csv)"),
 ):
     """Record per-channel activation statistics of every linear layer's input (for calibrated quantization)."""
-    from infeng.bench.profile import check_ops, widths
-    from infeng import kernels
-    from infeng.evals.perplexity import read_documents
-    from infeng.model.loader import load_model
-    from infeng.quant import calibrate as C
-    from infeng.runtime.tokenizer import Tokenizer
-    from infeng.telemetry import Run, progress, stderr_console
-
     for name, v, lo in (("--max-tokens", max_tokens, 1), ("--ctx", ctx, 1), ("--threads", threads, 1),
                         ("--samples", samples, 1)):
         if v is not None and v < lo:
@@ -50,13 +50,12 @@ def calibrate(
     c = model.config
     tok = Tokenizer(model.tokenizer, c.bos_id, c.eos_ids)
     docs_ids = [tok.encode(d) for d in docs]
-    check_ops(kernels.active())
     window = ctx if ctx is not None else C.default_ctx(c, sum(widths(c).values()))
     n_tok = min(sum(map(len, docs_ids)), max_tokens or 1 << 62)
     with progress("calibrating") as bar, run.span("forward"):
         task = bar.add_task("calibrate", total=n_tok)
-        stats, smp, n_win = C.collect(model, docs_ids, window, max_tokens, samples, threads,
-                                      progress=lambda n: bar.advance(task, n))
+        stats, smp, n_win = C.collect(model, docs_ids, window, lambda ids: dump_activations(model, ids, threads=threads),
+                                      max_tokens, samples, progress=lambda n: bar.advance(task, n))
     doc = C.build(model, stats, n_win, {"path": str(text), "sha256": C.sha256_file(text),
                                         "documents": len(docs), "separator": separator}, window)
     with run.span("write"):
@@ -75,8 +74,6 @@ def calibrate(
 
 
 def _print(run, output: Path, npz: Path) -> None:
-    from rich.table import Table
-    from infeng.telemetry import stderr_console
     t = Table(title=f"activation statistics → {output}", header_style="bold")
     for col in ("input", "layers", "max |x|", "p99.9 |x|", "max channel / median channel"):
         t.add_column(col, justify="left" if col == "input" else "right")
@@ -91,91 +88,6 @@ def _print(run, output: Path, npz: Path) -> None:
     m = run.metrics
     con.print(f"{m['tokens']:,} tokens in {m['windows']} windows of {run.meta['ctx']}, "
               f"{m['sample_rows']} sampled rows per input → {npz.name}, {m['seconds']:.1f} s")
-
-
-METHODS = ("auto", "gptq", "awq")
-
-
-def calibrated_tensors(path: Path, model, items, qtype: str, pol, src: Path, method: str, run):
-    """For `infeng quantize --calibration`: the model's tensors transformed by the calibrated
-    method (then stored by the ordinary quantizer), their storage plan, the per-matrix importance
-    (for quantizers that take it), and the lineage entry. ``auto``: gptq when every block type in
-    use has a gptq grid (q4_0, q5_0, q8_0), else awq (format-agnostic)."""
-    from infeng.quant import awq, calibrate as C, gptq as G, policy as q
-    from infeng.telemetry import progress
-
-    if method not in METHODS:
-        raise InfengError(f"--calibration-method: unknown method {method!r} (one of {', '.join(METHODS)})")
-    cal = C.load(path)
-    C.check_model(cal, model, str(src))
-    block = {it.dtype for it in items if awq.is_block(it.dtype)}
-    if not block:
-        raise InfengError(f"--calibration: no matrix is stored in a block type with --type {qtype} "
-                          f"and this policy; calibration only helps block-quantized matrices")
-    if method == "auto":
-        method = "gptq" if block <= set(G.GRIDS) else "awq"
-    if method == "gptq" and not block <= set(G.GRIDS):
-        raise InfengError(f"--calibration-method gptq: no gptq grid for {', '.join(sorted(block - set(G.GRIDS)))} "
-                          f"(use awq)")
-    run.meta.update({"calibration": str(path), "calibration_sha256": cal.sha256, "calibration_method": method})
-    importance: dict = {}
-    if method == "gptq":
-        todo = G.targets(model, items)
-        with progress("gptq") as bar, run.span("calibrate"):
-            task = bar.add_task("gptq", total=len(todo))
-            tensors, errors = G.apply(model, items, cal, progress=lambda name: bar.advance(task, 1))
-        params = {"damp": G.DAMP, "rel_error": {n: [round(a, 6), round(b, 6)] for n, (a, b) in errors.items()}}
-        _print_gptq(errors)
-        run.metrics.update({"calibrated_matrices": len(errors),
-                            "calib_rel_error_rtn": float(sum(a for a, _ in errors.values()) / len(errors)),
-                            "calib_rel_error": float(sum(b for _, b in errors.values()) / len(errors))})
-    else:
-        n = model.config.n_layers * len(awq.ORDER)
-        with progress("scale search") as bar, run.span("calibrate"):
-            task = bar.add_task("search", total=n)
-            tensors, choices, importance = awq.apply(model, items, cal, progress=lambda l, name: bar.advance(task, 1))
-        params = awq.lineage_params(choices)
-        _print_awq(choices, cal)
-        done = [c for c in choices if c.alpha is not None]
-        run.metrics.update({"calibrated_inputs": len(done), "skipped_inputs": len(choices) - len(done),
-                            "calib_loss_rtn": sum(c.loss_rtn for c in done), "calib_loss": sum(c.loss for c in done)})
-        run.meta["calibration_choices"] = [{"layer": c.layer, "input": c.input, "alpha": c.alpha, "loss_rtn": c.loss_rtn,
-                                            "loss": c.loss, "note": c.note} for c in choices]
-    items = q.plan(tensors, qtype, pol, source=str(src))
-    return tensors, items, importance, C.lineage_entry(cal, method, params)
-
-
-def _print_gptq(errors: dict[str, tuple[float, float]]) -> None:
-    from rich.table import Table
-    from infeng.telemetry import stderr_console
-    t = Table(title="gptq: relative output error on the calibration sample", header_style="bold")
-    for col in ("matrices", "round-to-nearest", "gptq", "ratio"):
-        t.add_column(col, justify="left" if col == "matrices" else "right")
-    by: dict[str, list[tuple[float, float]]] = {}
-    for name, e in errors.items():
-        by.setdefault(name.split(".")[-1], []).append(e)
-    for m, es in by.items():
-        a, b = sum(e[0] for e in es) / len(es), sum(e[1] for e in es) / len(es)
-        t.add_row(m, f"{a:.3e}", f"{b:.3e}", f"{b / a:.3f}" if a else "-")
-    stderr_console().print(t)
-
-
-def _print_awq(choices, cal) -> None:
-    from rich.table import Table
-    from infeng.quant import awq
-    from infeng.telemetry import stderr_console
-    t = Table(title=f"activation-aware scales ({awq.METHOD}, {cal.path.name})", header_style="bold")
-    for col in ("input", "α per layer", "output error vs round-to-nearest"):
-        t.add_column(col, justify="left")
-    for name in awq.ORDER:
-        cs = [c for c in choices if c.input == name]
-        if all(c.alpha is None for c in cs):
-            t.add_row(name, "skipped", cs[0].note)
-            continue
-        a = " ".join("-" if c.alpha is None else f"{c.alpha:.2f}" for c in cs)
-        l0, l1 = sum(c.loss_rtn for c in cs), sum(c.loss for c in cs)
-        t.add_row(name, a, f"{l1 / l0:.3f}×" if l0 > 0 else "-")
-    stderr_console().print(t)
 
 
 def register(app: typer.Typer) -> None:

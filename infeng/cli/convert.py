@@ -10,7 +10,8 @@ import typer
 from infeng import format as native
 from infeng.converters import gguf_read, gguf_write
 from infeng.errors import InfengError
-from infeng.model.loader import load_model
+from infeng.model.adapter import convert_peft, load_adapter
+from infeng.model.loader import load_gguf, load_model
 from infeng.telemetry import Run, progress
 
 
@@ -36,7 +37,6 @@ def convert(
     if adapter is not None:
         if src is not None or base is None:
             raise InfengError("--adapter takes no model folder argument and needs --base MODEL")
-        from infeng.model.adapter import convert_peft, load_adapter
         with run.span("convert"):
             base_model = load_model(base)
             a = load_adapter(convert_peft(adapter, output, base_model, dtype or "bf16"), base_model)
@@ -56,7 +56,7 @@ def convert(
     summary = ""
     if src.is_file() and (src.suffix.lower() == ".gguf" or gguf_read.is_gguf(src)):
         with run.span("read"):
-            model, info = gguf_read.read_model(src, k_quant_dtype=dtype)
+            model, info = load_gguf(src, k_quant_dtype=dtype)
         summary = gguf_read.describe(info)
         run.meta.update(gguf={k: v for k, v in info.items()})
     elif not src.is_dir():

@@ -6,8 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from infeng.bench import profile as P
 from infeng.errors import InfengError
+from infeng.model.activations import diff_reference
+from infeng.model.loader import load_model
+from infeng.runtime.tokenizer import Tokenizer
+from infeng.telemetry import Run, stderr_console
 
 
 def profile(
@@ -24,12 +30,6 @@ def profile(
 ):
     """Where the time of a run goes (stages, ops per layer, CPU use), and where the C forward pass
     first departs from the numpy reference (exit 3 when it does)."""
-    from rich.table import Table
-
-    from infeng.bench import profile as P
-    from infeng.model.loader import load_model
-    from infeng.telemetry import Run, stderr_console
-
     if max_tokens < 1:
         raise InfengError(f"--max-tokens must be >= 1, got {max_tokens}")
     if threads is not None and threads < 1:
@@ -75,7 +75,6 @@ def profile(
         console.print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
 
     if dump is not None or diff_ref:
-        from infeng.runtime.tokenizer import Tokenizer
         ids = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids).encode(prompt)
         acts = P.dump_activations(model, ids, threads=threads)
         if dump is not None:
@@ -83,7 +82,7 @@ def profile(
             console.print(f"activations: {len(files)} files in {dump}")
             run.meta["activations_dir"] = str(dump)
         if diff_ref:
-            d = P.diff_reference(acts, model, tol)
+            d = diff_reference(acts, model, tol)
             console.print(("[green]" if d.agree else "[red]") + d.message())
             run.metrics["diff_max_layer_rel_err"] = max((x["rel_err"] for x in d.layers), default=0.0)
             run.metrics["diff_logits_rel_err"] = d.logits_err

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from infeng import format as native
 from infeng.errors import InfengError
 from infeng.model.loader import Model, load_model
-from infeng.quant import policy as q
+from infeng.quant import awq, policy as q
+from infeng.quant.calibrated import calibrated_tensors
 from infeng.telemetry import Run, progress, stderr_console
 
 
@@ -43,16 +45,18 @@ def quantize(
     items = q.plan(model.tensors, qtype, pol, source=str(src))
     total = sum(math.prod(it.shape) for it in items)
     if calibration:
-        from infeng.cli.calibrate import calibrated_tensors
-        src_tensors, items, importance, entry = calibrated_tensors(calibration, model, items, qtype, pol, src,
-                                                                   calibration_method, run)
+        cal = calibrated_tensors(calibration, model, items, qtype, pol, src, calibration_method, run)
+        src_tensors, items, importance, entry = cal.tensors, cal.items, cal.importance, cal.lineage
+        if cal.errors is not None:
+            _print_gptq(cal.errors)
+        else:
+            _print_awq(cal.choices, cal.calibration)
     else:
         src_tensors, importance, entry = model.tensors, {}, None
     with progress("quantizing") as bar, run.span("quantize"):
         task = bar.add_task("quantize", total=total)
         if calibration:
-            from infeng.quant.awq import quantize_tensors
-            tensors = quantize_tensors(src_tensors, items, importance, progress=lambda name, n: bar.advance(task, n))
+            tensors = awq.quantize_tensors(src_tensors, items, importance, progress=lambda name, n: bar.advance(task, n))
         else:
             tensors = q.quantize_tensors(model.tensors, items, progress=lambda name, n: bar.advance(task, n))
     out = model.derived(tensors) if entry is None else Model(
@@ -81,7 +85,6 @@ def _size_mb(p: Path) -> float:
 
 
 def _print(rows, items, run: Run, src: Path, output: Path, pol: q.Policy) -> None:
-    from rich.table import Table
     t = Table(title=f"quantized {src} → {output}", header_style="bold")
     for c in ("type", "tensors", "params", "bits/weight", "fallbacks"):
         t.add_column(c, justify="left" if c == "type" else "right")
@@ -103,6 +106,34 @@ def _print(rows, items, run: Run, src: Path, output: Path, pol: q.Policy) -> Non
                   f"these have {k}): {shown}")
     con.print(f"file {m['file_mb']:.2f} MiB (source {m['source_mb']:.2f} MiB), "
               f"{m['bits_per_weight_matrices']:.2f} bits/weight over the matrices, {m['seconds']:.1f} s")
+
+
+def _print_gptq(errors: dict[str, tuple[float, float]]) -> None:
+    t = Table(title="gptq: relative output error on the calibration sample", header_style="bold")
+    for col in ("matrices", "round-to-nearest", "gptq", "ratio"):
+        t.add_column(col, justify="left" if col == "matrices" else "right")
+    by: dict[str, list[tuple[float, float]]] = {}
+    for name, e in errors.items():
+        by.setdefault(name.split(".")[-1], []).append(e)
+    for m, es in by.items():
+        a, b = sum(e[0] for e in es) / len(es), sum(e[1] for e in es) / len(es)
+        t.add_row(m, f"{a:.3e}", f"{b:.3e}", f"{b / a:.3f}" if a else "-")
+    stderr_console().print(t)
+
+
+def _print_awq(choices, cal) -> None:
+    t = Table(title=f"activation-aware scales ({awq.METHOD}, {cal.path.name})", header_style="bold")
+    for col in ("input", "α per layer", "output error vs round-to-nearest"):
+        t.add_column(col, justify="left")
+    for name in awq.ORDER:
+        cs = [c for c in choices if c.input == name]
+        if all(c.alpha is None for c in cs):
+            t.add_row(name, "skipped", cs[0].note)
+            continue
+        a = " ".join("-" if c.alpha is None else f"{c.alpha:.2f}" for c in cs)
+        l0, l1 = sum(c.loss_rtn for c in cs), sum(c.loss for c in cs)
+        t.add_row(name, a, f"{l1 / l0:.3f}×" if l0 > 0 else "-")
+    stderr_console().print(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,14 +14,12 @@ the values infeng computes with.
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from infeng.converters.gguf_write import ALIGN, F32, GGML_TYPE, GGUF_MAGIC, GGUF_VERSION, NAMES, STR, U32, \
-    _kv, _permute_rope, _str
+from infeng.converters.gguf_write import ALIGN, F32, GGML_TYPE, NAMES, STR, U32, _kv, _permute_rope, _str, write_file
 from infeng.errors import InfengError
 
 
@@ -49,19 +47,4 @@ def write_gguf_lora(adapter, base, path: str | Path, name: str | None = None) ->
                          + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", GGML_TYPE["f32"], off))
             datas.append(arr)
             off += -(-arr.nbytes // ALIGN) * ALIGN
-    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(datas), len(kvs)) + b"".join(kvs) + b"".join(infos)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(b"\0" * (-len(header) % ALIGN))
-            for arr in datas:
-                mv = memoryview(arr).cast("B")
-                f.write(mv)
-                f.write(b"\0" * (-len(mv) % ALIGN))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_file(path, kvs, infos, datas)

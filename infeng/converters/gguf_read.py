@@ -9,8 +9,8 @@ Layout (little-endian)::
     n_tensors × (string name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset)
     padding to general.alignment (default 32), then the tensor data; offsets are from there.
 
-``GGUFFile`` is the container (metadata + tensor table + raw views); ``read_model`` turns a
-Llama GGUF into an infeng ``Model`` (hyper-parameters, weights, tokenizer via gguf_tokenizer).
+``GGUFFile`` is the container (metadata + tensor table + raw views); ``read_llama`` turns a
+Llama GGUF into a model's parts: config, native tensors, tokenizer (via gguf_tokenizer).
 """
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from infeng.converters.gguf_types import GGML_TYPES
+from infeng import format as native
+from infeng.converters import gguf_types
+from infeng.converters.gguf_tokenizer import build as build_tokenizer
+from infeng.converters.gguf_types import GGML_TYPES, NATIVE_COPY
 from infeng.errors import InfengError
 from infeng.format import map_readonly
+from infeng.format.config import ModelConfig
+from infeng.format.schema import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -237,7 +242,7 @@ class GGUFFile:
             self._mm.close()
 
 
-# ---- Llama GGUF → infeng Model ----------------------------------------------------------------
+# ---- Llama GGUF → model parts -----------------------------------------------------------------
 
 ARCHITECTURES = ("llama",)         # llama.cpp converts Llama, Mistral, TinyLlama, SmolLM as "llama"
 LAYER_NAMES = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "wq", "attn_k": "wk",
@@ -270,23 +275,15 @@ def store_k_quant(t: GGUFTensor, raw: np.ndarray, dtype: str) -> tuple[str, np.n
     """A GGML type the native format has no dtype for (gguf_types.DEQUANTIZE minus NATIVE_COPY):
     dequantized with numpy and stored as ``dtype`` (bf16 by default: its rounding, at most 2^-9
     relative, is far below a 4–6-bit quantization step). Every type in DEQUANTIZE is a copy today."""
-    from infeng.converters import gguf_types
-    from infeng.converters.hf import convert_dtype
     f = gguf_types.dequantize(t.type_name, raw, t.n_elements).reshape(t.shape)
     return dtype, convert_dtype(f, "f32", dtype)
 
 
-def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
-    """A Llama GGUF as an infeng Model (tensors of gguf_types.NATIVE_COPY types — F32/F16/BF16,
+def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
+    """A Llama GGUF's parts (tensors of gguf_types.NATIVE_COPY types — F32/F16/BF16,
     Q8_0/Q4_0/Q5_0/Q4_1/Q5_1, Q4_K/Q6_K — are views of the file, norms become f32, other
-    dequantizable types go through ``store_k_quant``). Returns (model, summary dict)."""
-    from infeng import format as native
-    from infeng.converters.gguf_tokenizer import build as build_tokenizer
-    from infeng.converters import gguf_types
-    from infeng.converters.gguf_types import NATIVE_COPY
-    from infeng.converters.hf import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
-    from infeng.model.config import ModelConfig
-    from infeng.model.loader import Model
+    dequantizable types go through ``store_k_quant``): (config, {native name: (dtype, array)},
+    tokenizer dict, summary dict)."""
 
     k_dtype = k_quant_dtype or K_QUANT_DTYPE
     if k_dtype not in STORE_DTYPES:
@@ -343,7 +340,7 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
     tensors, converted = {}, {}
     for nn, shape in shapes.items():
         if nn not in by_native:
-            raise InfengError(f"{where}: missing tensor {gguf_name_of(nn)!r}")
+            raise InfengError(f"{where}: missing tensor {gguf_name(nn)!r}")
         t = by_native[nn]
         if t.shape != shape:
             raise InfengError(f"{where}: tensor {t.name!r} has shape {list(t.shape)} (numpy order), the "
@@ -368,18 +365,21 @@ def read_model(path: str | os.PathLike, k_quant_dtype: str | None = None):
             arr = unpermute_rope(arr, cfg.n_kv_heads)
         tensors[nn] = (dt, arr)
     name = g.get("general.name", "str", "")
-    model = Model(cfg, tensors, tok, {}, source=str(g.path))
     types: dict[str, int] = {}
     for t in g.tensors.values():
         types[t.type_name] = types.get(t.type_name, 0) + 1
     summary = {"gguf_version": g.version, "name": name, "types": types, "k_quant_dtype": k_dtype if converted else None,
                "dequantized": converted}
-    return model, summary
+    return cfg, tensors, tok, summary
 
 
-def gguf_name_of(native: str) -> str:
-    from infeng.converters.gguf_write import gguf_name
-    return gguf_name(native)
+def gguf_name(name: str) -> str:
+    """native tensor name → GGUF tensor name (the inverse of ``native_name``)."""
+    glob = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
+    if name in glob:
+        return glob[name]
+    _, i, w = name.split(".")
+    return f"blk.{i}.{next(g for g, n in LAYER_NAMES.items() if n == w)}.weight"
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -14,13 +14,16 @@ fine for speed, not for its numbers.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from infeng import format as native
+from infeng.converters.gguf_read import GGUFFile, LAYER_NAMES, gguf_name
+from infeng.converters.gguf_tokenizer import pre_name
 from infeng.errors import InfengError
+from infeng.telemetry import atomic_path
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -32,19 +35,7 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5
 # metadata value types
 U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
 
-NAMES = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
-         "wo": "attn_output", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
-
-
-def gguf_name(name: str) -> str:
-    if name == "tok_embeddings":
-        return "token_embd.weight"
-    if name == "norm":
-        return "output_norm.weight"
-    if name == "output":
-        return "output.weight"
-    _, i, w = name.split(".")
-    return f"blk.{i}.{NAMES[w]}.weight"
+NAMES = {native: gguf for gguf, native in LAYER_NAMES.items()}     # per-layer native → GGUF name part
 
 
 def _str(s: str) -> bytes:
@@ -110,7 +101,6 @@ def _vocab(model) -> list[bytes]:
     if not byte_level:
         return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
                 _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
-    from infeng.converters.gguf_tokenizer import pre_name
     merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
     pre = pre_name(tok.get("pre_tokenizer"))
     return [_kv("tokenizer.ggml.model", STR, "gpt2"), _kv("tokenizer.ggml.pre", STR, pre),
@@ -158,7 +148,6 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
     names = ["tok_embeddings", "norm"] + ([] if model.output_name == "tok_embeddings" else ["output"])
     for i in range(c.n_layers):
         names += [f"layers.{i}.{w}" for w in NAMES]
-    from infeng import format as native
     infos, datas, off = [], [], 0
     for n in names:
         dt, arr = model.tensors[n]
@@ -174,42 +163,41 @@ def write_gguf(model, path: str | Path, name: str = "infeng-export") -> Path:
                      + struct.pack("<IQ", GGML_TYPE[dt], off))
         datas.append(arr)
         off += -(-arr.nbytes // ALIGN) * ALIGN
-    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return write_file(path, kvs, infos, datas)
+
+
+def write_file(path: str | Path, kvs: list[bytes], infos: list[bytes], datas: list[np.ndarray]) -> Path:
+    """A GGUF file from its encoded metadata and tensor infos and the tensors' data, each padded
+    to ALIGN (temporary name, then rename)."""
+    header = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(datas), len(kvs)) + b"".join(kvs) + b"".join(infos)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(header)
             f.write(b"\0" * (-len(header) % ALIGN))
             for arr in datas:
                 mv = memoryview(np.ascontiguousarray(arr)).cast("B")
                 f.write(mv)
                 f.write(b"\0" * (-len(mv) % ALIGN))
-        os.replace(tmp, path)
     except OSError as e:
         raise InfengError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
     """(metadata, tensors) of a GGUF file, through the validating reader: tensors map name →
     (ggml type, dims, absolute offset). Enough to check what ``write_gguf`` wrote."""
-    from infeng.converters.gguf_read import GGUFFile
     g = GGUFFile(path)
     meta = dict(g.metadata, version=g.version)
     return meta, {n: (t.type_id, list(t.dims), t.offset) for n, t in g.tensors.items()}
 
 
-def export_cached(model, source: str | Path | None = None) -> Path:
-    """The model as GGUF in the synthetic-model cache (written once, reused while the source
-    file is older than it)."""
-    from infeng.bench.synthetic import cache_dir
+def export_cached(model, cache: Path, source: str | Path | None = None) -> Path:
+    """The model as GGUF in the folder ``cache`` (written once, reused while the source file is
+    older than it)."""
     src = Path(source or model.source or "model")
     stem = src.name.replace(".infeng", "") or "model"
-    out = cache_dir().parent / "gguf" / f"{stem}-{model.weight_dtype}.gguf"
+    out = Path(cache) / f"{stem}-{model.weight_dtype}.gguf"
     if out.exists() and (not src.exists() or out.stat().st_mtime >= src.stat().st_mtime):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,18 @@ checked against the config.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infeng.converters.hf_config import from_hf
 from infeng.converters.hf_tokenizer import load_tokenizer_files
 from infeng.converters.safetensors_io import SafetensorsFile
 from infeng.errors import InfengError
-from infeng.model.config import ModelConfig, from_hf
-
-STORE_DTYPES = ("f32", "bf16", "f16")
+from infeng.format.config import ModelConfig
+from infeng.format.schema import STORE_DTYPES, convert_dtype, expected_shapes, is_norm
 
 
 def read_json(path: Path, required: bool = True) -> Any:
@@ -51,52 +52,6 @@ def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
             f"layers.{i}.w_down": h + "mlp.down_proj.weight",
         })
     return m
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    s = {"tok_embeddings": (cfg.vocab_size, cfg.dim), "norm": (cfg.dim,)}
-    if not cfg.tie_embeddings:
-        s["output"] = (cfg.vocab_size, cfg.dim)
-    for i in range(cfg.n_layers):
-        s.update({
-            f"layers.{i}.attn_norm": (cfg.dim,), f"layers.{i}.ffn_norm": (cfg.dim,),
-            f"layers.{i}.wq": (cfg.q_dim, cfg.dim), f"layers.{i}.wk": (cfg.kv_dim, cfg.dim),
-            f"layers.{i}.wv": (cfg.kv_dim, cfg.dim), f"layers.{i}.wo": (cfg.dim, cfg.q_dim),
-            f"layers.{i}.w_gate": (cfg.hidden_dim, cfg.dim), f"layers.{i}.w_up": (cfg.hidden_dim, cfg.dim),
-            f"layers.{i}.w_down": (cfg.dim, cfg.hidden_dim),
-        })
-    return s
-
-
-def is_norm(name: str) -> bool:
-    return name == "norm" or name.endswith("_norm")
-
-
-def convert_dtype(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Storage array of dtype label src → label dst (round to nearest even)."""
-    if src == dst:
-        return arr
-    f = to_f32(arr, src)
-    if dst == "f32":
-        return np.ascontiguousarray(f)
-    if dst == "f16":
-        return f.astype(np.float16)
-    if dst == "bf16":
-        u = f.view(np.uint32).astype(np.uint64)
-        nan = (u & 0x7FFFFFFF) > 0x7F800000
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-        return np.where(nan, ((u >> 16) | 0x40).astype(np.uint16), r)
-    raise InfengError(f"unknown dtype {dst!r}")
-
-
-def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "f32":
-        return arr
-    if dtype == "bf16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    if dtype == "f16":
-        return arr.astype(np.float32)
-    raise InfengError(f"cannot read dtype {dtype!r} as f32")
 
 
 def _open_shards(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -152,5 +107,4 @@ def load_folder(folder: str | Path, dtype: str | None = None):
 
 
 def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
-    from dataclasses import replace
     return replace(cfg, **kw)

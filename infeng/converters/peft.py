@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from infeng.converters.hf import read_json, to_f32
+from infeng.converters.hf import read_json
 from infeng.converters.safetensors_io import SafetensorsFile
 from infeng.errors import InfengError
-from infeng.model.config import ModelConfig
+from infeng.format.config import ModelConfig
+from infeng.format.schema import to_f32
 
 # PEFT module name → (native projection name, HF parent)
 TARGETS = {"q_proj": ("wq", "self_attn"), "k_proj": ("wk", "self_attn"), "v_proj": ("wv", "self_attn"),

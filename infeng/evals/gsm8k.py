@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from infeng.errors import InfengError
+from infeng.runtime.engine import Request
+from infeng.runtime.sampler import SamplingParams
 
 EXEMPLARS: list[tuple[str, str]] = [
     ("A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 30 of them. How many muffins are left?",
@@ -121,8 +123,6 @@ def load_items(path: Path) -> list[Item]:
 
 def run(engine, items: list[Item], shots: int, max_tokens: int, seed: int,
         on_done: Callable[[], None] | None = None, adapter: str | None = None) -> tuple[dict, list[dict]]:
-    from infeng.runtime.engine import Request
-    from infeng.runtime.sampler import SamplingParams
     reqs = [Request(id=str(i), prompt=prompt(it.question, shots),
                     params=SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed + i, stop=STOP[:1]),
                     adapter=adapter)

@@ -17,6 +17,8 @@ import numpy as np
 
 from infeng.errors import InfengError
 from infeng.evals.sandbox import Limits, Outcome, run_many
+from infeng.runtime.engine import Request
+from infeng.runtime.sampler import SamplingParams
 
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#", "\n@", "\nimport ", "\nfrom ")
 FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
@@ -128,8 +130,6 @@ def generate_completions(engine, problems: list[Problem], samples: int, max_toke
     """Completions per problem (``samples`` each) through the Engine's batches; a prompt that does
     not fit the context gets an empty completion (and fails), noted in the second list; the
     third is generation figures (tokens, seconds, tokens/s)."""
-    from infeng.runtime.engine import Request
-    from infeng.runtime.sampler import SamplingParams
     reqs, notes = [], ["" for _ in problems]
     for i, p in enumerate(problems):
         for j in range(samples):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from infeng.errors import InfengError
 from infeng.runtime.scorer import Scorer, log_softmax
+from infeng.telemetry import atomic_path
 
 DEFAULT_SEPARATOR = "<|endoftext|>"
 BASE_FORMAT = "infeng.kld-base/1"
@@ -166,13 +166,8 @@ def save_base(base: BaseLogits, path: Path) -> None:
     np.savez(buf, topk_idx=base.topk_idx, topk_logp=base.topk_logp, rest=base.rest, nll=base.nll,
              tokens=base.tokens, doc_offsets=base.doc_offsets,
              meta=np.frombuffer(json.dumps(base.meta, sort_keys=True).encode(), np.uint8))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def is_base_file(path: Path) -> bool:

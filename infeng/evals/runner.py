@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infeng.errors import InfengError
+from infeng.evals import gsm8k as G, humaneval as H, perplexity as P
+from infeng.evals.sandbox import Limits, net_isolation
 from infeng.model.loader import Model, load_model
+from infeng.runtime.engine import Engine
+from infeng.runtime.scorer import Scorer
+from infeng.telemetry import progress
 
 # options each task accepts (suite YAML keys and their command-line twins)
 TASK_OPTIONS: dict[str, set[str]] = {
@@ -68,14 +73,12 @@ class EvalContext:
             import contextlib
             return contextlib.nullcontext(), (lambda n=1: None)
         from rich.progress import MofNCompleteColumn, TimeElapsedColumn
-        from infeng.telemetry import progress
         p = progress(label, MofNCompleteColumn(), TimeElapsedColumn())
         t = p.add_task(label, total=total)
         return p, (lambda n=1: p.advance(t, n))
 
 
 def _scorer(ec: EvalContext, model: Model, ctx: int | None):
-    from infeng.runtime.scorer import Scorer
     sc = Scorer(model, threads=ec.threads, ctx=ctx, adapter=ec.adapter if model is ec.model else None)
     ec.meta.update(isa=sc.isa, threads=sc.threads)
     return sc
@@ -91,7 +94,6 @@ def _int(opts: dict, name: str, lo: int, default=None):
 
 
 def run_perplexity(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
-    from infeng.evals import perplexity as P
     text = _need_path(opts, "text")
     docs = P.read_documents(text, opts.get("separator") or P.DEFAULT_SEPARATOR)
     sc = _scorer(ec, ec.model, _int(opts, "ctx", 2))
@@ -107,7 +109,6 @@ def run_perplexity(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
 
 
 def run_kld(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
-    from infeng.evals import perplexity as P
     text = _need_path(opts, "text")
     docs = P.read_documents(text, opts.get("separator") or P.DEFAULT_SEPARATOR)
     sc = _scorer(ec, ec.model, _int(opts, "ctx", 2))
@@ -159,7 +160,6 @@ def run_kld(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
 
 def save_own_logits(ec: EvalContext, opts: dict) -> dict:
     """``--save-logits`` without ``--kld``: store this model's logits as a future baseline."""
-    from infeng.evals import perplexity as P
     text = _need_path(opts, "text")
     save = Path(opts["save_logits"])
     if save.suffix != ".npz":
@@ -197,7 +197,6 @@ def default_data(rel: str) -> Path:
 
 
 def _engine(ec: EvalContext, opts: dict, n_requests: int):
-    from infeng.runtime.engine import Engine
     mb = _int(opts, "max_batch", 1, 8)
     eng = Engine(ec.model, threads=ec.threads, max_batch=max(1, min(mb, n_requests)), max_seq_len=_int(opts, "ctx", 2))
     ec.meta.update(isa=eng.isa, threads=eng.threads)
@@ -217,8 +216,6 @@ def _float(opts: dict, name: str, lo: float, default: float) -> float:
 
 
 def run_humaneval(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
-    from infeng.evals import humaneval as H
-    from infeng.evals.sandbox import Limits, net_isolation
     path = Path(opts["file"]) if opts.get("file") else default_data("evals/HumanEval.jsonl.gz")
     probs = H.select(H.load_problems(path), _int(opts, "limit", 1), Path(opts["subset"]) if opts.get("subset") else None)
     samples = _int(opts, "samples", 1, 1)
@@ -255,7 +252,6 @@ def run_humaneval(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
 
 
 def run_gsm8k(ec: EvalContext, opts: dict) -> tuple[dict, list[dict]]:
-    from infeng.evals import gsm8k as G
     path = Path(opts["file"]) if opts.get("file") else default_data("evals/gsm8k_test.jsonl")
     items = G.load_items(path)
     lim = _int(opts, "limit", 1)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from infeng.errors import InfengError
+from infeng.evals.runner import TASK_OPTIONS
 
 LOWER_IS_BETTER = {"ppl", "mean_nll", "ppl_ratio", "delta_ppl", "kld_mean", "kld_median", "kld_p99", "kld_max"}
 HIGHER_IS_BETTER = {"top1_agreement", "pass@1", "pass@10", "pass@100", "accuracy"}
@@ -103,7 +104,6 @@ def parse_tolerance(metric: str, spec: Any, where: str) -> Tolerance:
 
 
 def load_suite(path: Path) -> Suite:
-    from infeng.evals.runner import TASK_OPTIONS
     import yaml
     p = Path(path)
     try:

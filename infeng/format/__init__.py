@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.telemetry import atomic_path
 
 MAGIC = b"INFENG\0\0"
 VERSION = 1
@@ -138,9 +139,8 @@ def write(path: str | os.PathLike, manifest: dict[str, Any], tensors: Iterable[T
     blob = json.dumps(full, separators=(",", ":")).encode()
     data_start = align(HEADER.size + len(blob))
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, 0, len(blob)))
             f.write(blob)
             for entry, t in zip(table, tensors):
@@ -157,12 +157,8 @@ def write(path: str | os.PathLike, manifest: dict[str, Any], tensors: Iterable[T
             f.write(patched)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         raise InfengError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -70,3 +70,18 @@ def active():
 def ptr(mod, arr, ctype: str = "float *"):
     """A C pointer to a numpy array's buffer (no copy; read-only buffers are accepted)."""
     return mod.ffi.cast(ctype, mod.ffi.from_buffer(arr))
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (hyperthreads share the FMA units)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        n = os.cpu_count() or 1
+    try:
+        siblings = open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read().strip()
+        per_core = len([x for part in siblings.split(",") for x in
+                        (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))])
+        return max(1, n // max(per_core, 1))
+    except (OSError, ValueError):
+        return max(1, n)

@@ -19,7 +19,7 @@ DoRA magnitudes ``.dora_m`` [out] are f32 in both.
 
 The C kernels multiply an int8 Bᵀ in integers, so there the rank-space activations h = x·Aᵀ (times
 the folded scales) are rounded to int8 too, per token over its ranks, as x is for a q8_0 base
-(``int8_lora_product`` is that arithmetic in numpy).
+(``infeng.model.reference.int8_lora_product`` is that arithmetic in numpy).
 """
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from infeng import format as native
-from infeng.converters.hf import convert_dtype, to_f32
 from infeng.converters.peft import projection_shape, read_peft
 from infeng.errors import InfengError
+from infeng.format.schema import convert_dtype, to_f32
 from infeng.model.loader import Model
+from infeng.model.reference import ReferenceModel
 
 ADAPTER_DTYPES = ("f32", "bf16", "int8")
 STORAGE = {"float": 1, "int8": 1}      # storage kind → the version this code reads
@@ -124,8 +125,6 @@ def requantize(src: str | Path, out: str | Path, base: Model, dtype: str) -> Pat
     return native.write(out, adapter_manifest(meta, base, str(src)), stored_tensors(tensors, dtype))
 
 
-
-
 def load_adapter(path: str | Path, base: Model, name: str | None = None, verify: bool = True) -> Adapter:
     """Map an adapter file and check it belongs to ``base`` and fits its shapes."""
     p = Path(path)
@@ -193,38 +192,10 @@ def manifest_summary(a: Adapter) -> dict[str, Any]:
     return {"name": a.name, "rank": a.rank, "scale": a.scale, "use_dora": a.use_dora, "targets": len(a.targets)}
 
 
-def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: np.ndarray,
-                      rounded: list | None = None) -> np.ndarray:
-    """The low-rank term y = h·Bᵀ of an int8 adapter as the C kernels compute it (lora.h), for
-    x [T, K] f32, qa [r, K] and qbt [r, N] int8 and h_scale [r] (the LoRA scale times both int8
-    scales): x rounded per row and 32-block as q8_0 activations are (zero-padded to a whole
-    block), h = Σ_blocks d_x · (q_x·qaᵀ) · h_scale in f32, rounded to int8 per row with
-    d = max|h| / 127 (ties away from zero), then y = d · (q_h·qbt), the products exact in
-    integers. Returns [T, N] float64; ``rounded``, if given, gets h / d (the values that were
-    rounded)."""
-    from infeng.quant import _round_away, quantize_activations
-    T, K = x.shape
-    kp = -(-K // 32) * 32
-    xp = np.zeros((T, kp), np.float32)
-    xp[:, :K] = x
-    qx, dx = quantize_activations(xp)                                         # [T, kp], [T, kp/32]
-    qap = np.zeros((qa.shape[0], kp), np.int64)
-    qap[:, :K] = qa
-    blocks = np.einsum("tbk,rbk->tbr", qx.reshape(T, -1, 32).astype(np.int64), qap.reshape(len(qap), -1, 32))
-    h = ((blocks * dx[:, :, None].astype(np.float64)).sum(1) * h_scale).astype(np.float32)
-    dh = (np.abs(h).max(1) / np.float32(127)).astype(np.float32)
-    inv = np.where(dh != 0, np.float32(1) / np.where(dh != 0, dh, 1), np.float32(0)).astype(np.float32)
-    if rounded is not None:
-        rounded.append(h * inv[:, None])
-    hq = _round_away(h * inv[:, None]).astype(np.int64)
-    return (hq @ qbt.astype(np.int64)).astype(np.float64) * dh[:, None].astype(np.float64)
-
-
 def reference_with_adapter(base: Model, adapter: Adapter | None, kernel_rounding: bool = False):
     """The numpy reference model computing with ``adapter``'s effective weights. With
     ``kernel_rounding``, an int8 adapter's low-rank term is computed as the C kernels do
     (``int8_lora_product``: h rounded to int8) beside the base projection instead."""
-    from infeng.model.reference import ReferenceModel
     ref = ReferenceModel(base)
     if adapter is None:
         return ref

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from infeng import format as native
-from infeng.converters import hf
+from infeng.converters import gguf_read, hf
 from infeng.errors import InfengError
-from infeng.model.config import ModelConfig
-from infeng.quant import QTYPES, dequantize
+from infeng.format.config import ModelConfig
+# MATRICES: model/llama.py and runtime/adapters.py import it from here
+from infeng.format.schema import MATRICES, STORE_DTYPES, convert_dtype, expected_shapes, is_norm  # noqa: F401
+from infeng.quant import QTYPES, to_f32
 from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
-
-MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @dataclass
@@ -109,9 +109,10 @@ def release_pages(arr: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage array → f32 (quantized dtypes through the numpy dequantizer)."""
-    return dequantize(arr, dtype) if dtype in QTYPES else hf.to_f32(arr, dtype)
+def load_gguf(path: str | Path, k_quant_dtype: str | None = None) -> tuple[Model, dict[str, Any]]:
+    """A Llama GGUF as a Model (see ``gguf_read.read_llama``) and the converter's summary."""
+    cfg, tensors, tok, summary = gguf_read.read_llama(path, k_quant_dtype)
+    return Model(cfg, tensors, tok, {}, source=str(Path(path))), summary
 
 
 def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) -> Model:
@@ -129,7 +130,7 @@ def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) 
     if not isinstance(man.get("config"), dict) or not isinstance(man.get("tokenizer"), dict):
         raise InfengError(f"{where} lacks config or tokenizer")
     cfg = ModelConfig.from_dict(man["config"], where)
-    shapes = hf.expected_shapes(cfg)
+    shapes = expected_shapes(cfg)
     tensors = {}
     for name, shape in shapes.items():
         if name not in f.tensors:
@@ -138,13 +139,13 @@ def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) 
         if f.shapes[name] != shape:
             raise InfengError(f"{p}: tensor {name!r} has shape {list(f.shapes[name])}, config says {list(shape)}")
         d = f.dtypes[name]
-        if hf.is_norm(name) and d != "f32":
+        if is_norm(name) and d != "f32":
             raise InfengError(f"{p}: norm tensor {name!r} must be f32, is {d}")
-        if d not in hf.STORE_DTYPES and not (d in QTYPES and len(shape) == 2):
+        if d not in STORE_DTYPES and not (d in QTYPES and len(shape) == 2):
             raise InfengError(f"{p}: tensor {name!r} has dtype {d}, which the model cannot use")
         tensors[name] = (d, arr)
     if dtype is not None:
-        tensors = {n: ((dtype, hf.convert_dtype(to_f32(a, d), "f32", dtype)) if not hf.is_norm(n) else (d, a))
+        tensors = {n: ((dtype, convert_dtype(to_f32(a, d), "f32", dtype)) if not is_norm(n) else (d, a))
                    for n, (d, a) in tensors.items()}
     lineage = man.get("lineage") or []
     if not isinstance(lineage, list) or not all(isinstance(x, str) for x in lineage):

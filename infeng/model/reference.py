@@ -1,15 +1,18 @@
 """The numpy reference forward pass: op for op what the C forward pass does, in plain numpy.
 
 It is validated against logits recorded from Hugging Face transformers (reference.json), and the C
-path is validated against it. Compute is f32 (matmuls accumulate in f64 via numpy's BLAS-free
-paths only where noted) — clarity over speed.
+path is validated against it. Compute is f32, except that matmuls accumulate in f64 and round
+once: an f32 BLAS product's summation order depends on the machine's BLAS kernel, and with int8
+activations one ulp can round a value to the other int8, so an f32 reference would agree with the
+C kernels on one machine and not on the next.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from infeng.model.loader import MATRICES, Model
-from infeng.quant import INT8_ACTIVATIONS, quantize_activations
+from infeng.format.schema import MATRICES
+from infeng.model.loader import Model
+from infeng.quant import INT8_ACTIVATIONS, _round_away, quantize_activations
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -42,7 +45,7 @@ class ReferenceModel:
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
         self.inv_freq = self.cfg.inv_freq()
         # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
-        # beside the base product as the kernels compute it (infeng.model.adapter.int8_lora_product)
+        # beside the base product as the kernels compute it (int8_lora_product below)
         self.low_rank: dict = {}
         self.reset()
 
@@ -96,9 +99,8 @@ class ReferenceModel:
         if name in self.qin:
             q, d = quantize_activations(x)
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
-        y = x @ self.w[name].T
+        y = x.astype(np.float64) @ self.w[name].T.astype(np.float64)
         if name in self.low_rank:
-            from infeng.model.adapter import int8_lora_product
             qa, qbt, hs, dora = self.low_rank[name]
             y = y + int8_lora_product(x_in, qa, qbt, hs)
             if dora is not None:
@@ -114,6 +116,32 @@ class ReferenceModel:
             out.append(t)
             logits = self.forward([t])
         return out
+
+
+def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: np.ndarray,
+                      rounded: list | None = None) -> np.ndarray:
+    """The low-rank term y = h·Bᵀ of an int8 adapter as the C kernels compute it (lora.h), for
+    x [T, K] f32, qa [r, K] and qbt [r, N] int8 and h_scale [r] (the LoRA scale times both int8
+    scales): x rounded per row and 32-block as q8_0 activations are (zero-padded to a whole
+    block), h = Σ_blocks d_x · (q_x·qaᵀ) · h_scale in f32, rounded to int8 per row with
+    d = max|h| / 127 (ties away from zero), then y = d · (q_h·qbt), the products exact in
+    integers. Returns [T, N] float64; ``rounded``, if given, gets h / d (the values that were
+    rounded)."""
+    T, K = x.shape
+    kp = -(-K // 32) * 32
+    xp = np.zeros((T, kp), np.float32)
+    xp[:, :K] = x
+    qx, dx = quantize_activations(xp)                                         # [T, kp], [T, kp/32]
+    qap = np.zeros((qa.shape[0], kp), np.int64)
+    qap[:, :K] = qa
+    blocks = np.einsum("tbk,rbk->tbr", qx.reshape(T, -1, 32).astype(np.int64), qap.reshape(len(qap), -1, 32))
+    h = ((blocks * dx[:, :, None].astype(np.float64)).sum(1) * h_scale).astype(np.float32)
+    dh = (np.abs(h).max(1) / np.float32(127)).astype(np.float32)
+    inv = np.where(dh != 0, np.float32(1) / np.where(dh != 0, dh, 1), np.float32(0)).astype(np.float32)
+    if rounded is not None:
+        rounded.append(h * inv[:, None])
+    hq = _round_away(h * inv[:, None]).astype(np.int64)
+    return (hq @ qbt.astype(np.int64)).astype(np.float64) * dh[:, None].astype(np.float64)
 
 
 __all__ = ["ReferenceModel", "MATRICES"]

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from infeng.format import BLOCKS
 from infeng.errors import InfengError
+from infeng.format import BLOCKS, schema
 
 QK = 32
 QTYPES = tuple(BLOCKS)  # ("q8_0", "q4_0", "q5_0", "q4_k", "fp8", "q4_1", "q5_1", "q6_k")
@@ -157,6 +157,11 @@ def quantize(x: np.ndarray, qtype: str, weights: np.ndarray | None = None) -> np
 
 def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     return DEQUANTIZE[qtype](raw)
+
+
+def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage array of any stored dtype → f32 (quantized ones through the numpy dequantizer)."""
+    return dequantize(arr, dtype) if dtype in QTYPES else schema.to_f32(arr, dtype)
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from infeng.quant import QTYPES, dequantize, quantize, quantize_activations
+from infeng.quant import QTYPES, dequantize, policy as q, quantize, quantize_activations
 from infeng.quant.calibrate import Calibration
 
 METHOD = "awq"
@@ -180,7 +180,6 @@ def lineage_params(choices: list[Choice], grid: int = GRID) -> dict:
 
 def quantize_tensors(tensors, items, importance: dict[str, np.ndarray], progress=None):
     """``policy.quantize_tensors``, except that importance-aware quantizers get ``weights=``."""
-    from infeng.quant import policy as q
     out = {}
     for it in items:
         if it.dtype in WEIGHTED_QUANTIZERS and it.name in importance:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.telemetry import atomic_path
 
 FORMAT = "infeng.calibration/1"
 # input name → (op whose output it is, in the C trace; the matrices that consume it)
@@ -154,13 +154,12 @@ def windows(docs_ids: list[list[int]], ctx: int, max_tokens: int | None) -> list
     return [stream[i:i + ctx] for i in range(0, len(stream), ctx)]
 
 
-def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None = None,
-            n_samples: int = 512, threads: int | None = None,
+def collect(model, docs_ids: list[list[int]], ctx: int, dump: Callable[[list[int]], Any],
+            max_tokens: int | None = None, n_samples: int = 512,
             progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, InputStats]], dict[str, np.ndarray], int]:
-    """Run the windows through the C forward pass; per layer the InputStats of each input (then
-    one more entry: {OUTPUT_INPUT: stats}), the sampled rows of each input, and the number of
-    windows."""
-    from infeng.bench.profile import dump_activations
+    """Run the windows through ``dump`` (token ids → the C forward pass's activations, as
+    ``infeng.model.activations``); per layer the InputStats of each input (then one more entry:
+    {OUTPUT_INPUT: stats}), the sampled rows of each input, and the number of windows."""
     c = model.config
     if ctx < 1 or ctx > c.max_seq_len:
         raise InfengError(f"--ctx must be in 1..{c.max_seq_len} (the model's context), got {ctx}")
@@ -180,7 +179,7 @@ def collect(model, docs_ids: list[list[int]], ctx: int, max_tokens: int | None =
     norm = model.f32("norm")
     start = 0
     for w in wins:
-        acts = dump_activations(model, w, threads=threads)
+        acts = dump(w)
         rows = picked[(picked >= start) & (picked < start + len(w))] - start
         positions.append(rows.astype(np.int32))
         for l, ops in enumerate(acts.layers):
@@ -237,20 +236,13 @@ def write(doc: dict[str, Any], samples: dict[str, np.ndarray], path: Path) -> Pa
     name and a rename, so a reader never sees a JSON without its samples or a half file."""
     path = Path(path)
     npz = samples_path(path)
-    tmp = npz.with_name(f".{npz.name}.tmp-{os.getpid()}.npz")
-    tmpj = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    # the inner block ends first: the samples are in place before the JSON naming them
+    with atomic_path(path) as tmpj, atomic_path(npz, ".npz") as tmp:
         np.savez(tmp, **samples)
         digest = sha256_file(tmp)
         doc = {**doc, "samples": {"file": npz.name, "sha256": digest,
                                   "rows": int(samples["positions"].shape[0]) if samples else 0}}
         tmpj.write_text(json.dumps(doc) + "\n")
-        os.replace(tmp, npz)
-        os.replace(tmpj, path)
-    finally:
-        for t in (tmp, tmpj):
-            if t.exists():
-                t.unlink()
     return npz
 
 

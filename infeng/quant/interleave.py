@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.kernels.abi import DTYPE
+from infeng.quant.q4_k import pack_scales, unpack_scales
 
 GROUP = 16
 INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
 _BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144}
 _ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256}
-_CODE = {"q8_0": 3, "q4_0": 4, "q4_k": 7}
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
@@ -53,7 +54,6 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
 
 def _interleave_q4_k(b: np.ndarray) -> np.ndarray:
     """[G, 16, nb, 144] GGUF blocks → [G, nb, 2304] (layout in kernels_c/quant_k.h)."""
-    from infeng.quant.q4_k import unpack_scales
     G, _, nb, _ = b.shape
     out = np.empty((G, nb, GROUP * 144), np.uint8)
     out[..., 0:32] = b[..., 0:2].transpose(0, 2, 1, 3).reshape(G, nb, 32)
@@ -72,7 +72,6 @@ def _interleave_q4_k(b: np.ndarray) -> np.ndarray:
 
 def _deinterleave_q4_k(p: np.ndarray) -> np.ndarray:
     """[G, nb, 2304] → [G, 16, nb, 144] (inverse of ``_interleave_q4_k``)."""
-    from infeng.quant.q4_k import pack_scales
     G, nb, _ = p.shape
     out = np.empty((G, GROUP, nb, 144), np.uint8)
     out[..., 0:2] = p[..., 0:32].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
@@ -100,7 +99,7 @@ def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndar
     out = np.empty((N // GROUP, raw.shape[1] * GROUP), np.uint8)
     ffi = kern.ffi
     kern.lib.ifg_quant_interleave(ffi.cast("void *", ffi.from_buffer(out)), ffi.cast("void *", ffi.from_buffer(src)),
-                                  _CODE[qtype], N, raw.shape[1] // bb * _ELEMS[qtype], threads)
+                                  DTYPE[qtype], N, raw.shape[1] // bb * _ELEMS[qtype], threads)
     return out
 
 

@@ -29,9 +29,9 @@ import numpy as np
 import yaml
 
 from infeng import format as native
-from infeng.converters.hf import convert_dtype, is_norm, to_f32 as plain_f32
 from infeng.errors import InfengError
-from infeng.quant import QTYPES, dequantize, quantize
+from infeng.format.schema import convert_dtype, is_norm
+from infeng.quant import QTYPES, quantize, to_f32
 
 Tensors = dict[str, tuple[str, np.ndarray]]   # native name → (dtype label, storage array)
 
@@ -109,10 +109,6 @@ class Item:
     dtype: str       # type stored
     rule: str        # "--type", "pattern ...", "norm"
     fallback: bool = False
-
-
-def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    return dequantize(arr, dtype) if dtype in QTYPES else plain_f32(arr, dtype)
 
 
 def plan(tensors: Tensors, qtype: str, policy: Policy | None = None, source: str = "model") -> list[Item]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from infeng import kernels
 from infeng.errors import InfengError
 
 QK_K = 256
@@ -110,7 +111,6 @@ def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None, threads: int
     """f32 [N][K] → uint8 [N][K/256*144] (GGUF Q4_K blocks). ``weights``: optional per-column
     importances [K] (non-negative; e.g. calibration's mean x² per input column). Runs in the C
     library (ifg_quantize_q4_k, ``threads`` = 0: all), byte for byte ``quantize_q4_k_ref``."""
-    from infeng import kernels
     x = _check(x)
     N, K = x.shape
     imp = _importance(weights, K)

@@ -22,17 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from infeng.errors import InfengError
-from infeng.kernels import ptr
+from infeng.kernels.abi import LORA_I8, LORA_RG, LORA_VB, dtype_code
+from infeng.kernels.structs import Structs
 from infeng.model.adapter import Adapter, load_adapter
-from infeng.model.llama import CDTYPE
 from infeng.model.loader import MATRICES, Model
 
 
-LORA_RG, LORA_VB = 4, 16      # lora.h: ranks padded to a multiple of IFG_LORA_RG, Bᵀ runs of IFG_LORA_VB
-
-
 def kernel_rank(rank: int) -> int:
-    """The rank the kernels see: padded with zero ranks to a multiple of 4."""
+    """The rank the kernels see: padded with zero ranks to a multiple of LORA_RG."""
     return -(-rank // LORA_RG) * LORA_RG
 
 
@@ -71,24 +68,6 @@ def pack_lora_bt_i8(bt: np.ndarray) -> np.ndarray:
     rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
     b = _padded(bt.astype(np.int8), rp, np_).reshape(rp // 4, 4, np_ // LORA_VB, LORA_VB)   # [i/4, i%4, n/16, n%16]
     return np.ascontiguousarray(b.transpose(2, 0, 3, 1)).view(np.uint8) ^ np.uint8(0x80)
-
-
-def lora_scratch(kern, cfg, max_tokens: int, rank: int) -> np.ndarray:
-    """The kernels' h scratch (lora.h) for steps of up to max_tokens rows and adapters up to
-    ``rank`` (kernel rank): the shrink's partial sums per k-chunk of the widest projection input."""
-    widest = max(cfg.dim, cfg.hidden_dim, cfg.q_dim)
-    return np.zeros((kern.lib.ifg_lora_h_rows(max_tokens, widest), max(rank, 16)), np.float32)
-
-
-def lora_batch(kern, seg_start: np.ndarray, tables, h: np.ndarray, tmp: np.ndarray):
-    """A ``struct ifg_lora_batch`` over fixed segments: rows seg_start[i]..seg_start[i+1] use the
-    adapter table tables[i] (NULL: none); h from lora_scratch, tmp [max_tokens][dim]. Returns the
-    struct and what it points into (keep both alive)."""
-    seg = kern.ffi.new("struct ifg_lora **[]", tables)
-    L = kern.ffi.new("struct ifg_lora_batch *")
-    L.n_seg, L.seg_start, L.seg = len(tables), ptr(kern, seg_start, "int32_t *"), seg
-    L.h, L.max_rank, L.tmp = ptr(kern, h), h.shape[1], ptr(kern, tmp)
-    return L, (seg, seg_start, h, tmp)
 
 
 @dataclass
@@ -200,38 +179,33 @@ class AdapterManager:
             raise InfengError(f"adapter budget of {self.budget_mb} MB is full of pinned or busy adapters")
 
     def _build(self, a: Adapter, path: Path, pinned: bool) -> LoadedAdapter:
-        ffi, cfg = self.kern.ffi, self.base.config
-        table = ffi.new("struct ifg_lora *[]", cfg.n_layers * len(MATRICES))
-        keep, nbytes = [], 0
+        cfg = self.base.config
+        S = Structs(self.kern)
+        table = S.lora_table(cfg.n_layers * len(MATRICES))
+        nbytes = 0
         for t in a.targets:
             _, layer, proj = t.split(".")
-            s = ffi.new("struct ifg_lora *")
-            if a.storage == "int8":     # int8 A and Bᵀ; their scales and s fold into h
+            int8 = a.storage == "int8"
+            if int8:                    # int8 A and Bᵀ; their scales and s fold into h
                 _, A = a.tensors[f"{t}.lora_a"]
                 _, Bt = a.tensors[f"{t}.lora_bt"]
                 hs = a.tensors[f"{t}.lora_a_scale"][1] * a.tensors[f"{t}.lora_bt_scale"][1] * np.float32(a.scale)
-                s.a_dtype = s.b_dtype = self.kern.lib.IFG_LORA_I8
+                a_code = b_code = LORA_I8
             else:                       # float files store B [out, r]
                 la_dtype, A = a.tensors[f"{t}.lora_a"]
                 lb_dtype, B = a.tensors[f"{t}.lora_b"]
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
-                s.a_dtype, s.b_dtype = CDTYPE[la_dtype], CDTYPE[lb_dtype]
-            int8 = a.storage == "int8"
+                a_code, b_code = dtype_code(la_dtype), dtype_code(lb_dtype)
             A, Bt = (pack_lora_a_i8 if int8 else pack_lora_a)(A), (pack_lora_bt_i8 if int8 else pack_lora_bt)(Bt)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
-            s.a, s.b = ffi.cast("void *", ffi.from_buffer(A)), ffi.cast("void *", ffi.from_buffer(Bt))
-            s.h_scale = ptr(self.kern, hs)
-            s.rank = kernel_rank(a.rank)
-            keep += [A, Bt, hs, s]
+            dora = None
             if a.use_dora:
                 w = self.base.f32(f"layers.{layer}.{proj}") + a.delta(t)
                 dora = np.ascontiguousarray(a.f32(f"{t}.dora_m") / np.linalg.norm(w, axis=1), dtype=np.float32)
-                s.dora = ptr(self.kern, dora)
-                keep.append(dora)
                 nbytes += dora.nbytes
-            else:
-                s.dora = ffi.NULL
-            table[int(layer) * len(MATRICES) + MATRICES.index(proj)] = s
+            table[int(layer) * len(MATRICES) + MATRICES.index(proj)] = S.lora(
+                A, a_code, Bt, b_code, hs, kernel_rank(a.rank), dora)
             nbytes += A.nbytes + Bt.nbytes + hs.nbytes
-        return LoadedAdapter(a.name, a, table, nbytes, 0.0, str(path), os.stat(path).st_mtime, pinned, keep=keep)
+        return LoadedAdapter(a.name, a, table, nbytes, 0.0, str(path), os.stat(path).st_mtime, pinned,
+                             keep=S.keep)

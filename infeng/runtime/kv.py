@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from infeng.errors import InfengError
-from infeng.kernels import ptr
+from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
 
 
@@ -43,10 +43,8 @@ class KVCache:
         self.by_hash: dict[int, int] = {}                            # hash → block, any ref
         self.hash_of: dict[int, int] = {}                            # block → hash
         self.hits = self.lookups = 0                                  # prefix tokens reused / asked
-        c = self.struct = kern.ffi.new("struct ifg_kv_cache *")
-        c.k, c.v = ptr(kern, self.k), ptr(kern, self.v)
-        c.n_blocks, c.block_size, c.max_blocks = n_blocks, block_size, self.max_blocks
-        c.block_table = ptr(kern, self.table, "int32_t *")
+        self._structs = Structs(kern)
+        self.struct = self._structs.kv_cache(self.k, self.v, self.table)
 
     @property
     def bytes(self) -> int:

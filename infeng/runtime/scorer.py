@@ -1,7 +1,7 @@
 """Scorer: logits for every position of a token sequence (perplexity, KL-divergence).
 
-Built on the same C forward pass as the Engine (``LlamaC``) with one KV slot and ``out_rows`` =
-every position. A sequence that fits the context is run in chunks of ``max_tokens`` positions
+A forward session (the Engine's C forward pass) with one KV slot and ``out_rows`` = every
+position. A sequence that fits the context is run in chunks of ``max_tokens`` positions
 (the KV cache carries the earlier chunks); a longer one is scored with a sliding window of the
 context length that moves by ``stride`` tokens, each window scoring only the targets the previous
 windows did not (the Hugging Face "strided perplexity" recipe). A window that starts past 0 sees
@@ -15,16 +15,16 @@ import numpy as np
 
 from infeng import kernels
 from infeng.errors import InfengError
-from infeng.model.llama import LlamaC
+from infeng.kernels import default_threads
 from infeng.model.loader import Model
-from infeng.runtime.kv import KVCache
+from infeng.runtime.adapters import AdapterManager
+from infeng.runtime.session import ForwardSession
 from infeng.runtime.tokenizer import Tokenizer
 
 
 class Scorer:
     def __init__(self, model: Model, threads: int | None = None, ctx: int | None = None,
                  max_tokens: int = 256, isa: str | None = None, adapter=None):
-        from infeng.runtime.engine import default_threads
         self.model, self.cfg = model, model.config
         self.kern = kernels.load(isa) if isa else kernels.active()
         self.isa = self.kern.ffi.string(self.kern.lib.ifg_isa()).decode()
@@ -34,24 +34,22 @@ class Scorer:
         self.ctx = ctx or min(self.cfg.max_seq_len, 4096)
         self.max_tokens = max(1, min(max_tokens, self.ctx))
         self.tokenizer = Tokenizer(model.tokenizer, self.cfg.bos_id, self.cfg.eos_ids)
-        self.net = LlamaC(self.kern, model, self.max_tokens, self.max_tokens, self.threads)
-        self.kv = KVCache(self.kern, self.cfg, 1, self.ctx)
+        self.session = ForwardSession(self.kern, model, max_tokens=self.max_tokens, max_out=self.max_tokens,
+                                      threads=self.threads, n_slots=1, max_seq_len=self.ctx, max_segments=1)
+        self.net, self.kv = self.session.net, self.session.kv
         self.net.seq[:] = 0
         self.forward_tokens = 0
         self.adapter = None
-        self._lora = None
+        self._table = None
         if adapter is not None:
             self._attach(adapter)
 
     def _attach(self, path) -> None:
         """Every position computes with one LoRA/DoRA adapter: one adapter segment over all rows."""
-        from infeng.runtime.adapters import AdapterManager, lora_batch, lora_scratch
         self.adapters = AdapterManager(self.kern, self.model)
         la = self.adapter = self.adapters.load(path, "eval", pinned=True)
-        self._seg_start = np.zeros(2, np.int32)
-        self._lora, self._lora_keep = lora_batch(
-            self.kern, self._seg_start, [la.table], lora_scratch(self.kern, self.cfg, self.max_tokens, la.kernel_rank),
-            np.zeros((self.max_tokens, self.cfg.dim), np.float32))
+        self.session.lora.reserve(la.kernel_rank)
+        self._table = la.table
 
     def logits(self, ids, out: np.ndarray | None = None) -> np.ndarray:
         """f32 logits (len(ids), vocab) of a sequence that fits the context, scored from position 0."""
@@ -72,11 +70,8 @@ class Scorer:
             net.tokens[:m] = ids[s:s + m]
             net.pos[:m] = np.arange(s, s + m, dtype=np.int32)
             net.out_rows[:m] = np.arange(m, dtype=np.int32)
-            if self._lora is not None:
-                self._seg_start[1] = m
-                net.step(kv, m, m, lora=self._lora)
-            else:
-                net.step(kv, m, m)
+            lora = self.session.lora_segments([self._table], [0], m) if self._table is not None else None
+            self.session.run(m, m, lora)
             out[s:s + m] = net.logits[:m]
         kv.release(0)
         self.forward_tokens += n

@@ -148,13 +148,21 @@ def _jsonable(o: Any):
     return str(o)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to ``path.tmp-PID`` in the same directory, then rename: never a half-written file."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """A temporary name beside ``path`` (``.NAME.tmp-PID`` + ``suffix``, for writers that insist
+    on one) to write to; renamed onto ``path`` when the block ends cleanly, removed otherwise,
+    so nobody ever sees a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
