@@ -4,43 +4,26 @@
 
 #define ACT_CHUNK 4096 /* elements per work item (a multiple of every vector width) */
 
-static inline float act_silu_mul1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
+#ifdef IFG_SIMD
 static void act_silu_mul_span(float *g, const float *u, size_t n) {
+    const ifg_vf one = ifg_vset1(1.0f);
     size_t i = 0;
-#if defined(IFG_AVX512)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_loadu_ps(g + i);
-        __m512 e = ifg_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    for (; i + IFG_VW <= n; i += IFG_VW) {
+        const ifg_vf x = ifg_vload(g + i), e = ifg_vexp(ifg_vsub(ifg_vzero(), x));
+        ifg_vstore(g + i, ifg_vmul(ifg_vdiv(x, ifg_vadd(one, e)), ifg_vload(u + i)));
     }
     if (i < n) {
-        __mmask16 m = ifg_tailmask16((int)(n - i));
-        __m512 x = _mm512_maskz_loadu_ps(m, g + i);
-        __m512 e = ifg_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)),
-                                                      _mm512_maskz_loadu_ps(m, u + i)));
-        i = n;
+        const int r = (int)(n - i);
+        const ifg_vf x = ifg_vload_n(g + i, r), e = ifg_vexp(ifg_vsub(ifg_vzero(), x));
+        ifg_vstore_n(g + i, ifg_vmul(ifg_vdiv(x, ifg_vadd(one, e)), ifg_vload_n(u + i, r)), r);
     }
-#elif defined(IFG_AVX2)
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(g + i);
-        __m256 e = ifg_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-    }
-    if (i < n) {
-        __m256i m = ifg_tailmask8((int)(n - i));
-        __m256 x = _mm256_maskload_ps(g + i, m);
-        __m256 e = ifg_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        _mm256_maskstore_ps(g + i, m, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
-                                                    _mm256_maskload_ps(u + i, m)));
-        i = n;
-    }
-#endif
-    for (; i < n; i++) g[i] = act_silu_mul1(g[i], u[i]);
 }
+#else
+static void act_silu_mul_span_ref(float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+#define act_silu_mul_span act_silu_mul_span_ref
+#endif
 
 void ifg_silu_mul_part(float *gate, const float *up, size_t n) {
     long nchunks = (long)((n + ACT_CHUNK - 1) / ACT_CHUNK);

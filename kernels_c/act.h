@@ -3,6 +3,7 @@
 #define IFG_ACT_H
 
 #include "core.h"
+#include "simd.h"
 
 // cdef-begin
 /* gate[i] = silu(gate[i]) * up[i] for i < n, silu(g) = g / (1 + exp(-g)). f32. */
@@ -86,6 +87,13 @@ static inline __m256i ifg_tailmask8(int rem) {
 static inline __mmask16 ifg_tailmask16(int rem) {
     return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u);
 }
+#endif
+
+/* simd.h's vocabulary: ifg_vexp, the exp of every lane of an ifg_vf. */
+#if defined(IFG_AVX512)
+IFG_AI ifg_vf ifg_vexp(ifg_vf x) { return ifg_exp16(x); }
+#elif defined(IFG_AVX2)
+IFG_AI ifg_vf ifg_vexp(ifg_vf x) { return ifg_exp8(x); }
 #endif
 
 #endif

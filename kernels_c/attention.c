@@ -17,173 +17,86 @@
 #define ATTN_GMAX 16
 
 /* ---- kernels over head_dim: s[0..4) = scale * (q . k_j); acc *= c; acc += sum_j p[j] v_j ---- */
-#if defined(IFG_AVX512)
+#ifdef IFG_SIMD
+/* SIMD (simd.h's vocabulary), written once for AVX2 and AVX-512. */
 static inline void attn_qk4(const float *q, const float *const *k, int hd, float scale, float *s) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    ifg_vf a0 = ifg_vzero(), a1 = ifg_vzero(), a2 = ifg_vzero(), a3 = ifg_vzero();
     const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
     int d = 0;
-    for (; d + 16 <= hd; d += 16) {
-        __m512 qv = _mm512_loadu_ps(q + d);
-        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + d), a0);
-        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + d), a1);
-        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + d), a2);
-        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + d), a3);
+    for (; d + IFG_VW <= hd; d += IFG_VW) {
+        const ifg_vf qv = ifg_vload(q + d);
+        a0 = ifg_vfma(qv, ifg_vload(k0 + d), a0);
+        a1 = ifg_vfma(qv, ifg_vload(k1 + d), a1);
+        a2 = ifg_vfma(qv, ifg_vload(k2 + d), a2);
+        a3 = ifg_vfma(qv, ifg_vload(k3 + d), a3);
     }
     if (d < hd) {
-        __mmask16 m = ifg_tailmask16(hd - d);
-        __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-        a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
-        a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + d), a1);
-        a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + d), a2);
-        a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + d), a3);
+        const int r = hd - d;
+        const ifg_vf qv = ifg_vload_n(q + d, r);
+        a0 = ifg_vfma(qv, ifg_vload_n(k0 + d, r), a0);
+        a1 = ifg_vfma(qv, ifg_vload_n(k1 + d, r), a1);
+        a2 = ifg_vfma(qv, ifg_vload_n(k2 + d, r), a2);
+        a3 = ifg_vfma(qv, ifg_vload_n(k3 + d, r), a3);
     }
-    /* fold four vectors into one __m128 of their sums */
-    __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    __m512d u01 = _mm512_castps_pd(t01), u23 = _mm512_castps_pd(t23);
-    __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(u01, u23)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(u01, u23)));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    _mm_storeu_ps(s, _mm_mul_ps(r, _mm_set1_ps(scale)));
+    _mm_storeu_ps(s, _mm_mul_ps(ifg_vsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
 }
 
 static inline float attn_tile_max(const float *s, int nt) {
     (void)nt; /* rows past nt hold -inf */
-    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16)));
+    ifg_vf m = ifg_vmax(ifg_vload(s), ifg_vload(s + IFG_VW));
+    for (int j = 2 * IFG_VW; j < ATTN_TILE; j += 2 * IFG_VW)
+        m = ifg_vmax(m, ifg_vmax(ifg_vload(s + j), ifg_vload(s + j + IFG_VW)));
+    return ifg_vhmax(m);
 }
 
 static inline float attn_tile_exp(float *s, int nt, float m) {
     (void)nt;
-    __m512 mv = _mm512_set1_ps(m);
-    __m512 e0 = ifg_exp16(_mm512_sub_ps(_mm512_loadu_ps(s), mv));
-    __m512 e1 = ifg_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + 16), mv));
-    _mm512_storeu_ps(s, e0);
-    _mm512_storeu_ps(s + 16, e1);
-    return _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+    const ifg_vf mv = ifg_vset1(m);
+    ifg_vf sum = ifg_vzero();
+    for (int j = 0; j < ATTN_TILE; j += IFG_VW) {
+        const ifg_vf e = ifg_vexp(ifg_vsub(ifg_vload(s + j), mv));
+        ifg_vstore(s + j, e);
+        sum = ifg_vadd(sum, e);
+    }
+    return ifg_vhsum(sum);
 }
 
 static inline void attn_scale(float *a, float c, int hd) {
-    __m512 cv = _mm512_set1_ps(c);
-    for (int d = 0; d < hd; d += 16) {
-        __mmask16 m = ifg_tailmask16(hd - d);
-        _mm512_mask_storeu_ps(a + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + d), cv));
-    }
+    const ifg_vf cv = ifg_vset1(c);
+    int d = 0;
+    for (; d + IFG_VW <= hd; d += IFG_VW) ifg_vstore(a + d, ifg_vmul(ifg_vload(a + d), cv));
+    if (d < hd) ifg_vstore_n(a + d, ifg_vmul(ifg_vload_n(a + d, hd - d), cv), hd - d);
 }
 
 static inline void attn_pv(float *acc, const float *const *v, const float *p, int nt, int hd) {
     int d = 0;
-    for (; d + 64 <= hd; d += 64) {
-        __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
-        __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
+    for (; d + 4 * IFG_VW <= hd; d += 4 * IFG_VW) {
+        ifg_vf a0 = ifg_vload(acc + d), a1 = ifg_vload(acc + d + IFG_VW);
+        ifg_vf a2 = ifg_vload(acc + d + 2 * IFG_VW), a3 = ifg_vload(acc + d + 3 * IFG_VW);
         for (int j = 0; j < nt; j++) {
-            __m512 pj = _mm512_set1_ps(p[j]);
+            const ifg_vf pj = ifg_vset1(p[j]);
             const float *vj = v[j] + d;
-            a0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj), a0);
-            a1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16), a1);
-            a2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 32), a2);
-            a3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 48), a3);
+            a0 = ifg_vfma(pj, ifg_vload(vj), a0);
+            a1 = ifg_vfma(pj, ifg_vload(vj + IFG_VW), a1);
+            a2 = ifg_vfma(pj, ifg_vload(vj + 2 * IFG_VW), a2);
+            a3 = ifg_vfma(pj, ifg_vload(vj + 3 * IFG_VW), a3);
         }
-        _mm512_storeu_ps(acc + d, a0);
-        _mm512_storeu_ps(acc + d + 16, a1);
-        _mm512_storeu_ps(acc + d + 32, a2);
-        _mm512_storeu_ps(acc + d + 48, a3);
+        ifg_vstore(acc + d, a0);
+        ifg_vstore(acc + d + IFG_VW, a1);
+        ifg_vstore(acc + d + 2 * IFG_VW, a2);
+        ifg_vstore(acc + d + 3 * IFG_VW, a3);
     }
-    for (; d < hd; d += 16) {
-        __mmask16 m = ifg_tailmask16(hd - d);
-        __m512 a = _mm512_maskz_loadu_ps(m, acc + d);
-        for (int j = 0; j < nt; j++)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v[j] + d), a);
-        _mm512_mask_storeu_ps(acc + d, m, a);
-    }
-}
-
-#elif defined(IFG_AVX2)
-static inline void attn_qk4(const float *q, const float *const *k, int hd, float scale, float *s) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
-    int d = 0;
-    for (; d + 8 <= hd; d += 8) {
-        __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
-    }
-    if (d < hd) {
-        __m256i m = ifg_tailmask8(hd - d);
-        __m256 qv = _mm256_maskload_ps(q + d, m);
-        a0 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + d, m), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k1 + d, m), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + d, m), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + d, m), a3);
-    }
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    _mm_storeu_ps(s, _mm_mul_ps(r, _mm_set1_ps(scale)));
-}
-
-static inline float attn_tile_max(const float *s, int nt) {
-    (void)nt;
-    __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8)),
-                             _mm256_max_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
-
-static inline float attn_tile_exp(float *s, int nt, float m) {
-    (void)nt;
-    __m256 mv = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
-    for (int j = 0; j < ATTN_TILE; j += 8) {
-        __m256 e = ifg_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-        _mm256_storeu_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
-
-static inline void attn_scale(float *a, float c, int hd) {
-    __m256 cv = _mm256_set1_ps(c);
-    int d = 0;
-    for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), cv));
-    for (; d < hd; d++) a[d] *= c;
-}
-
-static inline void attn_pv(float *acc, const float *const *v, const float *p, int nt, int hd) {
-    int d = 0;
-    for (; d + 32 <= hd; d += 32) {
-        __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
-        __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
-        for (int j = 0; j < nt; j++) {
-            __m256 pj = _mm256_broadcast_ss(p + j);
-            const float *vj = v[j] + d;
-            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), a0);
-            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), a1);
-            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), a2);
-            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), a3);
-        }
-        _mm256_storeu_ps(acc + d, a0);
-        _mm256_storeu_ps(acc + d + 8, a1);
-        _mm256_storeu_ps(acc + d + 16, a2);
-        _mm256_storeu_ps(acc + d + 24, a3);
-    }
-    for (; d < hd; d += 8) {
-        __m256i m = ifg_tailmask8(hd - d < 8 ? hd - d : 8);
-        __m256 a = _mm256_maskload_ps(acc + d, m);
-        for (int j = 0; j < nt; j++)
-            a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_maskload_ps(v[j] + d, m), a);
-        _mm256_maskstore_ps(acc + d, m, a);
+    for (; d < hd; d += IFG_VW) {
+        const int r = hd - d < IFG_VW ? hd - d : IFG_VW;
+        ifg_vf a = ifg_vload_n(acc + d, r);
+        for (int j = 0; j < nt; j++) a = ifg_vfma(ifg_vset1(p[j]), ifg_vload_n(v[j] + d, r), a);
+        ifg_vstore_n(acc + d, a, r);
     }
 }
 
-#else /* scalar reference */
-static inline void attn_qk4(const float *q, const float *const *k, int hd, float scale, float *s) {
+#else
+/* Scalar reference (the scalar build). */
+static inline void attn_qk4_ref(const float *q, const float *const *k, int hd, float scale, float *s) {
     for (int r = 0; r < 4; r++) {
         const float *kr = k[r];
         float a = 0.0f;
@@ -192,30 +105,35 @@ static inline void attn_qk4(const float *q, const float *const *k, int hd, float
     }
 }
 
-static inline float attn_tile_max(const float *s, int nt) {
+static inline float attn_tile_max_ref(const float *s, int nt) {
     float m = s[0];
     for (int j = 1; j < nt; j++) if (s[j] > m) m = s[j];
     return m;
 }
 
-static inline float attn_tile_exp(float *s, int nt, float m) {
+static inline float attn_tile_exp_ref(float *s, int nt, float m) {
     float sum = 0.0f;
     for (int j = 0; j < nt; j++) { s[j] = expf(s[j] - m); sum += s[j]; }
     for (int j = nt; j < ATTN_TILE; j++) s[j] = 0.0f;
     return sum;
 }
 
-static inline void attn_scale(float *a, float c, int hd) {
+static inline void attn_scale_ref(float *a, float c, int hd) {
     for (int d = 0; d < hd; d++) a[d] *= c;
 }
 
-static inline void attn_pv(float *acc, const float *const *v, const float *p, int nt, int hd) {
+static inline void attn_pv_ref(float *acc, const float *const *v, const float *p, int nt, int hd) {
     for (int j = 0; j < nt; j++) {
         const float *vj = v[j];
         float pj = p[j];
         for (int d = 0; d < hd; d++) acc[d] += pj * vj[d];
     }
 }
+#define attn_qk4 attn_qk4_ref
+#define attn_tile_max attn_tile_max_ref
+#define attn_tile_exp attn_tile_exp_ref
+#define attn_scale attn_scale_ref
+#define attn_pv attn_pv_ref
 #endif
 
 /* Resolve the next min(left, ATTN_TILE) positions to K/V row pointers. */

@@ -4,36 +4,17 @@
 #include "quant.h"
 #include "quant_k.h"
 #include "quant_gguf.h"
+#include "simd.h"
 
-static void embed_bf16_row(float *o, const uint16_t *h, int n) {
+/* A bf16 / f16 row to f32 (both exact). */
+static void embed_half_row(float *o, const uint16_t *h, int dtype, int n) {
     int i = 0;
-#if defined(IFG_AVX512)
-    for (; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, h + i));
-        _mm512_mask_storeu_ps(o + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-    }
-#elif defined(IFG_AVX2)
-    for (; i + 8 <= n; i += 8) {
-        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i)));
-        _mm256_storeu_ps(o + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-    }
+#ifdef IFG_SIMD
+    for (; i + IFG_VW <= n; i += IFG_VW) ifg_vstore(o + i, ifg_vload_w(h, dtype, (size_t)i));
+    if (i < n) ifg_vstore_n(o + i, ifg_vload_w_n(h, dtype, (size_t)i, n - i), n - i);
+#else
+    for (; i < n; i++) o[i] = dtype == IFG_BF16 ? ifg_bf16_to_f32(h[i]) : ifg_f16_to_f32(h[i]);
 #endif
-    for (; i < n; i++) o[i] = ifg_bf16_to_f32(h[i]);
-}
-
-static void embed_f16_row(float *o, const uint16_t *h, int n) {
-    int i = 0;
-#if defined(IFG_AVX512)
-    for (; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-        _mm512_mask_storeu_ps(o + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
-    }
-#elif defined(IFG_AVX2)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-#endif
-    for (; i < n; i++) o[i] = ifg_f16_to_f32(h[i]);
 }
 
 void ifg_embed_part(float *out, const void *table, int dtype, const int32_t *tokens, int T, int dim) {
@@ -54,8 +35,8 @@ void ifg_embed_part(float *out, const void *table, int dtype, const int32_t *tok
             continue;
         }
         switch (dtype) {
-        case IFG_BF16: embed_bf16_row(o, (const uint16_t *)table + row, dim); break;
-        case IFG_F16:  embed_f16_row(o, (const uint16_t *)table + row, dim); break;
+        case IFG_BF16:
+        case IFG_F16:  embed_half_row(o, (const uint16_t *)table + row, dtype, dim); break;
         default:       memcpy(o, (const float *)table + row, (size_t)dim * sizeof(float)); break;
         }
     }

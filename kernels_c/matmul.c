@@ -34,8 +34,7 @@
 #include "quant.h"
 #include "quant_k.h"
 #include "quant_gguf.h"
-
-#define MM_AI static inline __attribute__((always_inline))
+#include "simd.h"
 
 static inline int mm_team(void) {
 #ifdef _OPENMP
@@ -45,74 +44,18 @@ static inline int mm_team(void) {
 #endif
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* Scalar reference: plain loops, f32 accumulation in k order.                               */
-/* ---------------------------------------------------------------------------------------- */
-static void mm_ref_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
-                        int T, int n0, int n1, int K, int accumulate) {
-    for (int n = n0; n < n1; n++) {
-        const size_t wb = (size_t)n * K;
-        for (int t = 0; t < T; t++) {
-            const float *xt = x + (size_t)t * ldx;
-            float acc = 0.0f;
-            for (int k = 0; k < K; k++) acc += xt[k] * ifg_load_f32(w, wtype, wb + k);
-            float *yo = y + (size_t)t * ldy + n;
-            *yo = accumulate ? *yo + acc : acc;
-        }
-    }
-}
-
-#if defined(IFG_AVX512) || defined(IFG_AVX2)
-/* ---------------------------------------------------------------------------------------- */
-/* SIMD: one vector abstraction per ISA; the kernels below are written once.                 */
-/* ---------------------------------------------------------------------------------------- */
+#ifdef IFG_SIMD
+/* ---- SIMD (simd.h's vocabulary): written once for AVX2 and AVX-512 ---- */
+#define MM_W IFG_VW
+/* ---- per-ISA: register tile sizes, and AVX-512's transposed GEMM reduction ---- */
 #if defined(IFG_AVX512)
-#define MM_W 16
-typedef __m512 mm_v;
 #ifndef MM_TT
 #define MM_TT 6 /* GEMM register tile: 6 tokens × 4 rows = 24 zmm accumulators + 4 weights */
 #endif
 #ifndef MM_NT
 #define MM_NT 4
 #endif
-MM_AI mm_v mm_zero(void) { return _mm512_setzero_ps(); }
-MM_AI mm_v mm_fma(mm_v a, mm_v b, mm_v c) { return _mm512_fmadd_ps(a, b, c); }
-MM_AI mm_v mm_add(mm_v a, mm_v b) { return _mm512_add_ps(a, b); }
-MM_AI mm_v mm_ldx(const float *p) { return _mm512_loadu_ps(p); }
-MM_AI mm_v mm_ldxa(const float *p) { return _mm512_load_ps(p); }
-MM_AI void mm_stxa(float *p, mm_v v) { _mm512_store_ps(p, v); }
-MM_AI mm_v mm_ldx_tail(const float *p, int r) { /* 0 < r < 16 */
-    return _mm512_maskz_loadu_ps((__mmask16)((1u << r) - 1u), p);
-}
-MM_AI mm_v mm_bf16x16(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-/* 16 weights w[i..i+16) as f32. */
-MM_AI mm_v mm_ldw(const void *w, int wtype, size_t i) {
-    const __m256i *p = (const __m256i *)((const uint16_t *)w + i);
-    switch (wtype) {
-    case IFG_BF16: return mm_bf16x16(_mm256_loadu_si256(p));
-    case IFG_F16: return _mm512_cvtph_ps(_mm256_loadu_si256(p));
-    default: return _mm512_loadu_ps((const float *)w + i);
-    }
-}
-MM_AI mm_v mm_ldw_tail(const void *w, int wtype, size_t i, int r) { /* 0 < r < 16 */
-    const __mmask16 m = (__mmask16)((1u << r) - 1u);
-    const void *p = (const uint16_t *)w + i;
-    switch (wtype) {
-    case IFG_BF16: return mm_bf16x16(_mm256_maskz_loadu_epi16(m, p));
-    case IFG_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-    default: return _mm512_maskz_loadu_ps(m, (const float *)w + i);
-    }
-}
-/* 16 lanes → 4 (lane j = (a[j] + a[j+8]) + (a[j+4] + a[j+12])). */
-MM_AI __m128 mm_fold(mm_v a) {
-    __m256 lo = _mm512_castps512_ps256(a);
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-    __m256 h = _mm256_add_ps(lo, hi);
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-MM_AI __m128 mm_chunk128(mm_v v, int c) {
+IFG_AI __m128 mm_chunk128(ifg_vf v, int c) {
     switch (c & 3) {
     case 0: return _mm512_castps512_ps128(v);
     case 1: return _mm512_extractf32x4_ps(v, 1);
@@ -123,59 +66,25 @@ MM_AI __m128 mm_chunk128(mm_v v, int c) {
 /* GEMM reduction, transposed (shuffles are on the FMA ports here, so they are kept few):
  * tokens a0..a3 of one row → 128-bit chunk i holds 4 partial lanes of token i, each the
  * sum of lanes {l, l+4, l+8, l+12} as (l + l+8) + (l+4 + l+12). */
-MM_AI mm_v mm_red_tokens(mm_v a0, mm_v a1, mm_v a2, mm_v a3) {
-    const mm_v p01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
-    const mm_v p23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xee));
+IFG_AI ifg_vf mm_red_tokens(ifg_vf a0, ifg_vf a1, ifg_vf a2, ifg_vf a3) {
+    const ifg_vf p01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+    const ifg_vf p23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xee));
     return _mm512_add_ps(_mm512_shuffle_f32x4(p01, p23, 0x88), _mm512_shuffle_f32x4(p01, p23, 0xdd));
 }
 /* Rows v0..v3 of mm_red_tokens → chunk i, lane j = full sum of (token i, row j), the four
  * partial lanes added as (l0 + l2) + (l1 + l3). */
-MM_AI mm_v mm_red_rows(mm_v v0, mm_v v1, mm_v v2, mm_v v3) {
+IFG_AI ifg_vf mm_red_rows(ifg_vf v0, ifg_vf v1, ifg_vf v2, ifg_vf v3) {
     const __m512d u = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1)));
     const __m512d w = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3)));
     return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(u, w)), _mm512_castpd_ps(_mm512_unpackhi_pd(u, w)));
 }
-#else /* AVX2 + FMA + F16C */
-#define MM_W 8
-typedef __m256 mm_v;
+#else /* AVX2 */
 #ifndef MM_TT
 #define MM_TT 4 /* 4 tokens × 3 rows = 12 ymm accumulators + 3 weights + 1 x */
 #endif
 #ifndef MM_NT
 #define MM_NT 3
 #endif
-MM_AI mm_v mm_zero(void) { return _mm256_setzero_ps(); }
-MM_AI mm_v mm_fma(mm_v a, mm_v b, mm_v c) { return _mm256_fmadd_ps(a, b, c); }
-MM_AI mm_v mm_add(mm_v a, mm_v b) { return _mm256_add_ps(a, b); }
-MM_AI mm_v mm_ldx(const float *p) { return _mm256_loadu_ps(p); }
-MM_AI mm_v mm_ldxa(const float *p) { return _mm256_load_ps(p); }
-MM_AI void mm_stxa(float *p, mm_v v) { _mm256_store_ps(p, v); }
-MM_AI __m256i mm_tailmask(int r) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-MM_AI mm_v mm_ldx_tail(const float *p, int r) { return _mm256_maskload_ps(p, mm_tailmask(r)); }
-MM_AI mm_v mm_bf16x8(__m128i h) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-MM_AI mm_v mm_ldw(const void *w, int wtype, size_t i) {
-    const __m128i *p = (const __m128i *)((const uint16_t *)w + i);
-    switch (wtype) {
-    case IFG_BF16: return mm_bf16x8(_mm_loadu_si128(p));
-    case IFG_F16: return _mm256_cvtph_ps(_mm_loadu_si128(p));
-    default: return _mm256_loadu_ps((const float *)w + i);
-    }
-}
-MM_AI mm_v mm_ldw_tail(const void *w, int wtype, size_t i, int r) { /* 0 < r < 8 */
-    if (wtype != IFG_BF16 && wtype != IFG_F16)
-        return _mm256_maskload_ps((const float *)w + i, mm_tailmask(r));
-    uint16_t raw[8] = {0}; /* the raw tail bits (AVX2 has no 16-bit masked load) */
-    memcpy(raw, (const uint16_t *)w + i, (size_t)r * 2);
-    __m128i h = _mm_loadu_si128((const __m128i *)raw);
-    return wtype == IFG_BF16 ? mm_bf16x8(h) : _mm256_cvtph_ps(h);
-}
-MM_AI __m128 mm_fold(mm_v a) {
-    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-}
 #endif
 
 #ifndef MM_TB
@@ -193,57 +102,48 @@ MM_AI __m128 mm_fold(mm_v a) {
 #define MM_ALIGN (4 * MM_NT) /* rows per thread are a multiple of this (except the last) */
 #define MM_GR 4              /* GEMV rows per step */
 
-/* Horizontal sums with one fixed tree: hsum4(a,b,c,d)[j] and hsum1 give identical sums. */
-MM_AI __m128 mm_hsum4(__m128 a, __m128 b, __m128 c, __m128 d) {
-    return _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d));
-}
-MM_AI float mm_hsum1(__m128 a) {
-    __m128 h = _mm_hadd_ps(a, a);
-    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
-
 /* ---- GEMV: R (= MM_GR or 1) rows starting at n, two accumulators per row. ---- */
-MM_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int n, int K,
+IFG_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int n, int K,
                         int accumulate, const int R) {
-    mm_v a[MM_GR], b[MM_GR];
+    ifg_vf a[MM_GR], b[MM_GR];
     const size_t wb = (size_t)n * K;
 #pragma GCC unroll 16
-    for (int j = 0; j < R; j++) a[j] = b[j] = mm_zero();
+    for (int j = 0; j < R; j++) a[j] = b[j] = ifg_vzero();
     int k = 0;
     for (; k + 2 * MM_W <= K; k += 2 * MM_W) {
-        const mm_v x0 = mm_ldx(x + k), x1 = mm_ldx(x + k + MM_W);
+        const ifg_vf x0 = ifg_vload(x + k), x1 = ifg_vload(x + k + MM_W);
 #pragma GCC unroll 16
         for (int j = 0; j < R; j++) {
-            a[j] = mm_fma(mm_ldw(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
-            b[j] = mm_fma(mm_ldw(w, wtype, wb + (size_t)j * K + k + MM_W), x1, b[j]);
+            a[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
+            b[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k + MM_W), x1, b[j]);
         }
     }
     if (k + MM_W <= K) {
-        const mm_v x0 = mm_ldx(x + k);
+        const ifg_vf x0 = ifg_vload(x + k);
 #pragma GCC unroll 16
-        for (int j = 0; j < R; j++) a[j] = mm_fma(mm_ldw(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
+        for (int j = 0; j < R; j++) a[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
         k += MM_W;
     }
     if (k < K) {
         const int r = K - k;
-        const mm_v x1 = mm_ldx_tail(x + k, r);
+        const ifg_vf x1 = ifg_vload_n(x + k, r);
 #pragma GCC unroll 16
         for (int j = 0; j < R; j++)
-            b[j] = mm_fma(mm_ldw_tail(w, wtype, wb + (size_t)j * K + k, r), x1, b[j]);
+            b[j] = ifg_vfma(ifg_vload_w_n(w, wtype, wb + (size_t)j * K + k, r), x1, b[j]);
     }
     float s[MM_GR];
     if (R == 4) {
-        _mm_storeu_ps(s, mm_hsum4(mm_fold(mm_add(a[0], b[0])), mm_fold(mm_add(a[1], b[1])),
-                                  mm_fold(mm_add(a[2], b[2])), mm_fold(mm_add(a[3], b[3]))));
+        _mm_storeu_ps(s, ifg_hadd4(ifg_vfold(ifg_vadd(a[0], b[0])), ifg_vfold(ifg_vadd(a[1], b[1])),
+                                  ifg_vfold(ifg_vadd(a[2], b[2])), ifg_vfold(ifg_vadd(a[3], b[3]))));
     } else {
 #pragma GCC unroll 16
-        for (int j = 0; j < R; j++) s[j] = mm_hsum1(mm_fold(mm_add(a[j], b[j])));
+        for (int j = 0; j < R; j++) s[j] = ifg_hadd1(ifg_vfold(ifg_vadd(a[j], b[j])));
     }
 #pragma GCC unroll 16
     for (int j = 0; j < R; j++) y[n + j] = accumulate ? y[n + j] + s[j] : s[j];
 }
 
-MM_AI void mm_gemv_rows_t(float *y, const float *x, const void *w, int wtype, int n0, int n1,
+IFG_AI void mm_gemv_rows_t(float *y, const float *x, const void *w, int wtype, int n0, int n1,
                           int K, int accumulate) {
     int n = n0;
     for (; n + MM_GR <= n1; n += MM_GR) mm_gemv_tile(y, x, w, wtype, n, K, accumulate, MM_GR);
@@ -268,8 +168,8 @@ static void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0,
         const float *xr = x + (size_t)(t + i) * ldx + k0;
         float *d = xp + (size_t)i * MM_XS;
         int k = 0;
-        for (; k + MM_W <= kl; k += MM_W) mm_stxa(d + k, mm_ldx(xr + k));
-        if (k < kl) mm_stxa(d + k, mm_ldx_tail(xr + k, kl - k));
+        for (; k + MM_W <= kl; k += MM_W) ifg_vstorea(d + k, ifg_vload(xr + k));
+        if (k < kl) ifg_vstorea(d + k, ifg_vload_n(xr + k, kl - k));
     }
 }
 
@@ -278,15 +178,15 @@ static void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0,
  * 4 tokens × 4 rows, absent ones as zeros, so every output has the same reduction tree. */
 #define MM_STORE_TILE(acc)                                                                      \
     _Pragma("GCC unroll 4") for (int g = 0; g < TT; g += 4) {                                    \
-        mm_v v_[4];                                                                               \
+        ifg_vf v_[4];                                                                               \
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                     \
             v_[j] = j < NT ? mm_red_tokens(acc[g][j % NT],                                        \
-                                           g + 1 < TT ? acc[(g + 1) % TT][j % NT] : mm_zero(),    \
-                                           g + 2 < TT ? acc[(g + 2) % TT][j % NT] : mm_zero(),    \
-                                           g + 3 < TT ? acc[(g + 3) % TT][j % NT] : mm_zero())    \
-                           : mm_zero();                                                           \
+                                           g + 1 < TT ? acc[(g + 1) % TT][j % NT] : ifg_vzero(),    \
+                                           g + 2 < TT ? acc[(g + 2) % TT][j % NT] : ifg_vzero(),    \
+                                           g + 3 < TT ? acc[(g + 3) % TT][j % NT] : ifg_vzero())    \
+                           : ifg_vzero();                                                           \
         }                                                                                         \
-        const mm_v s_ = mm_red_rows(v_[0], v_[1], v_[2], v_[3]);                                  \
+        const ifg_vf s_ = mm_red_rows(v_[0], v_[1], v_[2], v_[3]);                                  \
         _Pragma("GCC unroll 4") for (int c_ = 0; c_ < 4; c_++) {                                  \
             if (g + c_ >= TT) break;                                                              \
             float *yo = y + (size_t)(t + g + c_) * ldy + n;                                       \
@@ -307,44 +207,44 @@ static void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0,
         float s_[MM_NT], *yo = y + (size_t)(t + i) * ldy + n;                                     \
         int j = 0;                                                                                \
         _Pragma("GCC unroll 16") for (; j + 4 <= NT; j += 4)                                      \
-            _mm_storeu_ps(s_ + j, mm_hsum4(mm_fold(acc[i][j]), mm_fold(acc[i][j + 1]),            \
-                                           mm_fold(acc[i][j + 2]), mm_fold(acc[i][j + 3])));      \
-        _Pragma("GCC unroll 16") for (; j < NT; j++) s_[j] = mm_hsum1(mm_fold(acc[i][j]));        \
+            _mm_storeu_ps(s_ + j, ifg_hadd4(ifg_vfold(acc[i][j]), ifg_vfold(acc[i][j + 1]),            \
+                                           ifg_vfold(acc[i][j + 2]), ifg_vfold(acc[i][j + 3])));      \
+        _Pragma("GCC unroll 16") for (; j < NT; j++) s_[j] = ifg_hadd1(ifg_vfold(acc[i][j]));        \
         _Pragma("GCC unroll 16") for (j = 0; j < NT; j++) yo[j] = add ? yo[j] + s_[j] : s_[j];    \
     }
 #endif
 
 /* Register tile: TT tokens (from t; x packed in xp) × NT rows (from n), k in [k0, k1). */
-MM_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int wtype, int t,
+IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int wtype, int t,
                         int n, int K, int k0, int k1, int add, const int TT, const int NT) {
-    mm_v acc[MM_TT][MM_NT];
+    ifg_vf acc[MM_TT][MM_NT];
     const size_t wb = (size_t)n * K;
 #pragma GCC unroll 16
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 16
-        for (int j = 0; j < NT; j++) acc[i][j] = mm_zero();
+        for (int j = 0; j < NT; j++) acc[i][j] = ifg_vzero();
     int k = k0;
     for (; k + MM_W <= k1; k += MM_W) {
-        mm_v wv[MM_NT];
+        ifg_vf wv[MM_NT];
 #pragma GCC unroll 16
-        for (int j = 0; j < NT; j++) wv[j] = mm_ldw(w, wtype, wb + (size_t)j * K + k);
+        for (int j = 0; j < NT; j++) wv[j] = ifg_vload_w(w, wtype, wb + (size_t)j * K + k);
 #pragma GCC unroll 16
         for (int i = 0; i < TT; i++) {
-            const mm_v xv = mm_ldxa(xp + (size_t)i * MM_XS + (k - k0));
+            const ifg_vf xv = ifg_vloada(xp + (size_t)i * MM_XS + (k - k0));
 #pragma GCC unroll 16
-            for (int j = 0; j < NT; j++) acc[i][j] = mm_fma(wv[j], xv, acc[i][j]);
+            for (int j = 0; j < NT; j++) acc[i][j] = ifg_vfma(wv[j], xv, acc[i][j]);
         }
     }
     if (k < k1) { /* weights masked; x is zero-padded in xp */
         const int r = k1 - k;
-        mm_v wv[MM_NT];
+        ifg_vf wv[MM_NT];
 #pragma GCC unroll 16
-        for (int j = 0; j < NT; j++) wv[j] = mm_ldw_tail(w, wtype, wb + (size_t)j * K + k, r);
+        for (int j = 0; j < NT; j++) wv[j] = ifg_vload_w_n(w, wtype, wb + (size_t)j * K + k, r);
 #pragma GCC unroll 16
         for (int i = 0; i < TT; i++) {
-            const mm_v xv = mm_ldxa(xp + (size_t)i * MM_XS + (k - k0));
+            const ifg_vf xv = ifg_vloada(xp + (size_t)i * MM_XS + (k - k0));
 #pragma GCC unroll 16
-            for (int j = 0; j < NT; j++) acc[i][j] = mm_fma(wv[j], xv, acc[i][j]);
+            for (int j = 0; j < NT; j++) acc[i][j] = ifg_vfma(wv[j], xv, acc[i][j]);
         }
     }
     MM_STORE_TILE(acc)
@@ -374,7 +274,7 @@ MM_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int w
 #error "tile sizes: MM_TT <= 8, MM_NT <= 4, MM_KB and MM_XS multiples of MM_W"
 #endif
 
-MM_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                           int T, int r0, int r1, int K, int accumulate) {
     _Alignas(64) float xp[MM_TT * MM_XS]; /* x tile of one k-block (L1-resident) */
     for (int t0 = 0; t0 < T; t0 += MM_TB) {
@@ -421,12 +321,23 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
     default: mm_gemm_rows_f32(y, ldy, x, ldx, w, T, r0, r1, K, accumulate); break;
     }
 }
-#else /* scalar build */
+#else
+/* ---- scalar reference (the scalar build): plain loops, f32 accumulation in k order ---- */
 #define MM_ALIGN 16
-static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T,
-                    int r0, int r1, int K, int accumulate) {
-    mm_ref_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
+static void mm_rows_ref(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                        int T, int n0, int n1, int K, int accumulate) {
+    for (int n = n0; n < n1; n++) {
+        const size_t wb = (size_t)n * K;
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * ldx;
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) acc += xt[k] * ifg_load_f32(w, wtype, wb + k);
+            float *yo = y + (size_t)t * ldy + n;
+            *yo = accumulate ? *yo + acc : acc;
+        }
+    }
 }
+#define mm_rows mm_rows_ref
 #endif
 
 int ifg_matmul_row_align(int wtype) {
@@ -434,7 +345,7 @@ int ifg_matmul_row_align(int wtype) {
 }
 
 int ifg_matmul_token_block(int wtype) {
-#if defined(IFG_AVX512) || defined(IFG_AVX2)
+#ifdef IFG_SIMD
     return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ||
            ifg_is_quant_gguf(wtype) ? 64 : MM_TB;
 #else

@@ -104,8 +104,8 @@ static inline float q_scale(const uint8_t *blk) {
     uint16_t h; memcpy(&h, blk, 2); return ifg_f16_to_f32(h);
 }
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
-/* ---- scalar reference ---- */
+#ifndef IFG_SIMD
+/* ---- scalar reference (the scalar build) ---- */
 static inline int32_t q_dot_block(const uint8_t *blk, int wtype, const int8_t *xq) {
     int32_t s = 0;
     if (wtype == IFG_Q8_0) {
@@ -128,8 +128,8 @@ static inline int32_t q_dot_block(const uint8_t *blk, int wtype, const int8_t *x
     return s;
 }
 
-static void qx_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
-                     int wtype, int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
+static void qx_tiles_ref(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
+                         int wtype, int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
     const size_t rb = (size_t)(K / IFG_QK) * q_block_bytes(wtype), bb = q_block_bytes(wtype);
     (void)xs;
     for (int n = n0; n < n1; n++) {
@@ -145,9 +145,9 @@ static void qx_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
         }
     }
 }
+#define qx_tiles qx_tiles_ref
 #else
-/* ---- SIMD: 256-bit integer blocks, f32 accumulators ---- */
-#define QA static inline __attribute__((always_inline))
+/* ---- SIMD: 256-bit integer blocks, f32 accumulators; per-ISA dot products ---- */
 #if defined(IFG_AVX512)
 #define QX_TT 4
 #define QX_NT 4
@@ -157,7 +157,7 @@ static void qx_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const
 #endif
 
 /* q5_0's qh as 32 bytes: byte j = 0x10 where bit j is set. */
-QA __m256i q5_high_bits(const uint8_t *blk) {
+IFG_AI __m256i q5_high_bits(const uint8_t *blk) {
     const uint32_t qh = q5_qh(blk);
 #if defined(IFG_AVX512)
     return _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
@@ -170,28 +170,18 @@ QA __m256i q5_high_bits(const uint8_t *blk) {
 #endif
 }
 /* The unsigned levels of a q4_0 (0..15) or q5_0 (0..31) block, element order. */
-QA __m256i q_levels(const uint8_t *blk, int wtype) {
+IFG_AI __m256i q_levels(const uint8_t *blk, int wtype) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + q_nib_off(wtype)));
     const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
     return wtype == IFG_Q5_0 ? _mm256_or_si256(v, q5_high_bits(blk)) : v;
 }
 /* One weight block as 32 signed int8. */
-QA __m256i q_load_w(const uint8_t *blk, int wtype) {
+IFG_AI __m256i q_load_w(const uint8_t *blk, int wtype) {
     if (wtype == IFG_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
     return _mm256_sub_epi8(q_levels(blk, wtype), _mm256_set1_epi8(wtype == IFG_Q5_0 ? 16 : 8));
 }
-QA float q_scale_v(const uint8_t *blk) {
+IFG_AI float q_scale_v(const uint8_t *blk) {
     uint16_t h; memcpy(&h, blk, 2); return _cvtsh_ss(h);
-}
-/* int32 lanes of sum(w * x), given aw = |w| (as unsigned) and the signed w. */
-QA __m256i q_dot(__m256i aw, __m256i w, __m256i x) { /* AVX2 */
-    const __m256i sx = _mm256_sign_epi8(x, w);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
-}
-QA float q_hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
 /* TT tokens (from t; quantized x at xq/xd, row i of the tile = token t + i) × NT rows (from n). */
@@ -201,12 +191,12 @@ QA float q_hsum(__m256 a) {
  * vpdpbusd(u, x) takes them directly: sum(u * x) = sum(w * x) + off * sum(x), and the
  * accumulator starts at -off * sum(x) (lane 0; exact in int32). The NT rows' fp16 scales are
  * converted in one vector and times d_x per token; lane j is broadcast with vpermps. */
-QA __m256i q_load_u(const uint8_t *blk, int wtype) {
+IFG_AI __m256i q_load_u(const uint8_t *blk, int wtype) {
     if (wtype == IFG_Q8_0)
         return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)), _mm256_set1_epi8((char)0x80));
     return q_levels(blk, wtype);
 }
-QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
+IFG_AI void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
                int wtype, size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     __m256 acc[QX_TT][QX_NT];
     const size_t bb = q_block_bytes(wtype);
@@ -244,12 +234,12 @@ QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++) {
             float *yo = y + (size_t)(t + i0 + i) * ldy + n + j;
-            const float s = q_hsum(acc[i][j]);
+            const float s = ifg_hsum256(acc[i][j]);
             *yo = add ? *yo + s : s;
         }
 }
 #else
-QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
+IFG_AI void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32_t *xs, const uint8_t *w,
                int wtype, size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
     (void)xs;
     __m256 acc[QX_TT][QX_NT];
@@ -274,7 +264,7 @@ QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32
             const float dx = xd[(i0 + i) * QX_NBK + b];
 #pragma GCC unroll 16
             for (int j = 0; j < NT; j++)
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q_dot(aw[j], wv[j], xv)),
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ifg_dot_s8(aw[j], wv[j], xv)),
                                             _mm256_set1_ps(dw[j] * dx), acc[i][j]);
         }
     }
@@ -283,7 +273,7 @@ QA void q_tile(float *y, int ldy, const int8_t *xq, const float *xd, const int32
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++) {
             float *yo = y + (size_t)(t + i0 + i) * ldy + n + j;
-            const float s = q_hsum(acc[i][j]);
+            const float s = ifg_hsum256(acc[i][j]);
             *yo = add ? *yo + s : s;
         }
 }

@@ -13,6 +13,7 @@
 #define IFG_QUANT_H
 
 #include "core.h"
+#include "simd.h"
 
 #define IFG_QK 32
 
@@ -57,23 +58,6 @@ void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, in
  * infeng.quant.interleave.interleave. */
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
 // cdef-end
-/* roundf (halves away from zero) of every lane, as int32: trunc(v) plus v's sign where
- * |v - trunc(v)| >= 0.5 (the difference is exact). */
-#if defined(IFG_AVX512)
-static inline __m512i ifg_round_i32(__m512 v) {
-    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
-    return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
-}
-#elif defined(IFG_AVX2)
-static inline __m256i ifg_round_i32(__m256 v) {
-    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), sign = _mm256_set1_ps(-0.0f);
-    const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign));
-    return _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
-}
-#endif
 static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
 /* x quantized per token and 32-block once (ifg_quantize_x's rounding), for several GEMMs over
  * the same input and every thread to share: row t's k-th int8 at q[t*ldq + k], block b's scale
@@ -85,7 +69,7 @@ struct ifg_xq {
 /* Rows [0, T) of x over K (a multiple of 32) into xq (worksharing loop, ends in a barrier). */
 void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T, int K);
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing
- * (a ~75 KiB stack buffer per thread holds a tile of quantized x). epi (NULL: none) is called for
+ * (a ~90 KiB stack buffer per thread holds a tile of quantized x). epi (NULL: none) is called for
  * every group pair's rows of every token tile once they are final. xq: x already quantized (or
  * NULL: each call quantizes x into its own stack tile). */
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,

@@ -26,6 +26,7 @@
  * Each output's summation order depends only on K (fixed block, lane and reduction order), so
  * results are bitwise identical for any thread count, tile or T. */
 #include "quant_k.h"
+#include "simd.h"
 
 #define QK_KB 2048 /* k chunk of x quantized at a time (multiple of 256) */
 #define QK_TB 16   /* tokens quantized at a time */
@@ -95,11 +96,9 @@ static void qk_quantize_x(int8_t *q, float *d, float *ds, const float *x, int ld
     }
 }
 
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
-/* ---------------------------------------------------------------------------------------- */
-/* Scalar reference                                                                          */
-/* ---------------------------------------------------------------------------------------- */
-static void qk4_tiles(float *y, int ldy, const int8_t *xq, const float *xd, const float *xds, const uint8_t *w,
+#ifndef IFG_SIMD
+/* ---- scalar reference (the scalar build) ---- */
+static void qk4_tiles_ref(float *y, int ldy, const int8_t *xq, const float *xd, const float *xds, const uint8_t *w,
                       int t, int tt, int n0, int n1, int K, int k0, int k1, int add) {
     const size_t rb = (size_t)(K / IFG_QK_K) * IFG_Q4_K_BLOCK;
     for (int n = n0; n < n1; n++)
@@ -126,8 +125,8 @@ static void qk4_tiles(float *y, int ldy, const int8_t *xq, const float *xd, cons
         }
 }
 
-static void fp8_rows(float *y, int ldy, const float *x, int ldx, const uint8_t *w, int T, int r0, int r1,
-                     int K, int accumulate) {
+static void fp8_rows_ref(float *y, int ldy, const float *x, int ldx, const uint8_t *w, int T, int r0, int r1,
+                         int K, int accumulate) {
     const size_t rb = ifg_quant_k_row_bytes(IFG_FP8, K);
     for (int n = r0; n < r1; n++)
         for (int t = 0; t < T; t++) {
@@ -142,11 +141,10 @@ static void fp8_rows(float *y, int ldy, const float *x, int ldx, const uint8_t *
             *yo = accumulate ? *yo + acc : acc;
         }
 }
+#define qk4_tiles qk4_tiles_ref
+#define fp8_rows fp8_rows_ref
 #else
-/* ---------------------------------------------------------------------------------------- */
-/* SIMD                                                                                      */
-/* ---------------------------------------------------------------------------------------- */
-#define QKA static inline __attribute__((always_inline))
+/* ---- SIMD: per-ISA int8 dot products (VNNI against AVX2), the fp8 tile written once ---- */
 #define QK_TT 4
 #if defined(IFG_AVX512)
 #define QK_NT 4
@@ -155,7 +153,7 @@ static void fp8_rows(float *y, int ldy, const float *x, int ldx, const uint8_t *
 #endif
 
 /* ds = d * sc (8 lanes), dm = dmin * m of one q4_k block. */
-QKA void qk4_block_scales(const uint8_t *blk, __m256 *ds, __m256 *dm) {
+IFG_AI void qk4_block_scales(const uint8_t *blk, __m256 *ds, __m256 *dm) {
     uint64_t sc, mn;
     qk_unpack_scales(blk + 4, &sc, &mn);
     uint32_t hh;
@@ -167,34 +165,23 @@ QKA void qk4_block_scales(const uint8_t *blk, __m256 *ds, __m256 *dm) {
 }
 
 #if defined(IFG_AVX512)
-typedef __m512 qk_acc;
-QKA qk_acc qk_acc_zero(void) { return _mm512_setzero_ps(); }
-QKA float qk_acc_sum(qk_acc a) { return _mm512_reduce_add_ps(a); }
 /* 64 weights of chunk c of a block (sub-blocks 2c | 2c+1) as 64 unsigned levels. */
-QKA __m512i qk4_levels(const uint8_t *blk, int c) {
+IFG_AI __m512i qk4_levels(const uint8_t *blk, int c) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
     return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
-}
-#else
-typedef __m256 qk_acc;
-QKA qk_acc qk_acc_zero(void) { return _mm256_setzero_ps(); }
-QKA float qk_acc_sum(qk_acc a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
 
 /* q4_k register tile: TT tokens (rows i0.. of the quantized x chunk; outputs t + i0 + i) ×
  * NT weight rows from n, k in [k0, k1). */
-QKA void qk4_tile(float *y, int ldy, const int8_t *xq, const float *xd, const float *xds, const uint8_t *w,
+IFG_AI void qk4_tile(float *y, int ldy, const int8_t *xq, const float *xd, const float *xds, const uint8_t *w,
                   size_t rb, int t, int i0, int n, int k0, int k1, int add, const int TT, const int NT) {
-    qk_acc acc[QK_TT][QK_NT];
+    ifg_vf acc[QK_TT][QK_NT];
 #pragma GCC unroll 16
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 16
-        for (int j = 0; j < NT; j++) acc[i][j] = qk_acc_zero();
+        for (int j = 0; j < NT; j++) acc[i][j] = ifg_vzero();
     for (int k = k0; k < k1; k += IFG_QK_K) {
         const int b0 = (k - k0) / 32; /* first x block of this super-block */
         const uint8_t *blk[QK_NT];
@@ -274,7 +261,7 @@ QKA void qk4_tile(float *y, int ldy, const int8_t *xq, const float *xd, const fl
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++) {
             float *yo = y + (size_t)(t + i0 + i) * ldy + n + j;
-            const float s = qk_acc_sum(acc[i][j]);
+            const float s = ifg_vhsum(acc[i][j]);
             *yo = add ? *yo + s : s;
         }
 }
@@ -300,57 +287,45 @@ static void qk4_tiles(float *y, int ldy, const int8_t *xq, const float *xd, cons
 }
 
 /* ---- fp8 ---- */
+/* IFG_VW E4M3 codes → f32 (value / 256): the code shifted into an f16's bits. */
 #if defined(IFG_AVX512)
-#define FP8_W 16
-typedef __m512 fp8_v;
-/* 16 E4M3 codes → f32 (value / 256). */
-QKA fp8_v fp8_dec(const uint8_t *p) {
+IFG_AI ifg_vf fp8_dec(const uint8_t *p) {
     __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     h = _mm256_srai_epi16(_mm256_slli_epi16(h, 8), 1);
     return _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16((short)0xBFFF)));
 }
-QKA fp8_v fp8_set1(float a) { return _mm512_set1_ps(a); }
-QKA fp8_v fp8_mul(fp8_v a, fp8_v b) { return _mm512_mul_ps(a, b); }
-QKA fp8_v fp8_fma(fp8_v a, fp8_v b, fp8_v c) { return _mm512_fmadd_ps(a, b, c); }
-QKA fp8_v fp8_ldx(const float *p) { return _mm512_loadu_ps(p); }
 #else
-#define FP8_W 8
-typedef __m256 fp8_v;
-QKA fp8_v fp8_dec(const uint8_t *p) {
+IFG_AI ifg_vf fp8_dec(const uint8_t *p) {
     __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
     h = _mm_srai_epi16(_mm_slli_epi16(h, 8), 1);
     return _mm256_cvtph_ps(_mm_and_si128(h, _mm_set1_epi16((short)0xBFFF)));
 }
-QKA fp8_v fp8_set1(float a) { return _mm256_set1_ps(a); }
-QKA fp8_v fp8_mul(fp8_v a, fp8_v b) { return _mm256_mul_ps(a, b); }
-QKA fp8_v fp8_fma(fp8_v a, fp8_v b, fp8_v c) { return _mm256_fmadd_ps(a, b, c); }
-QKA fp8_v fp8_ldx(const float *p) { return _mm256_loadu_ps(p); }
 #endif
 
 /* fp8 register tile: TT tokens from t × NT rows from n, over all of K. */
-QKA void fp8_tile(float *y, int ldy, const float *x, int ldx, const uint8_t *w, size_t rb, int t, int n,
+IFG_AI void fp8_tile(float *y, int ldy, const float *x, int ldx, const uint8_t *w, size_t rb, int t, int n,
                   int K, int add, const int TT, const int NT) {
-    fp8_v acc[QK_TT][QK_NT];
+    ifg_vf acc[QK_TT][QK_NT];
 #pragma GCC unroll 16
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 16
-        for (int j = 0; j < NT; j++) acc[i][j] = qk_acc_zero();
+        for (int j = 0; j < NT; j++) acc[i][j] = ifg_vzero();
     for (int b = 0; b < K / 32; b++) {
-        fp8_v sc[QK_NT];
+        ifg_vf sc[QK_NT];
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++)
-            sc[j] = fp8_set1(qk_bf(w + (size_t)(n + j) * rb + (size_t)b * IFG_FP8_BLOCK) * 256.0f);
+            sc[j] = ifg_vset1(qk_bf(w + (size_t)(n + j) * rb + (size_t)b * IFG_FP8_BLOCK) * 256.0f);
 #pragma GCC unroll 4
-        for (int s = 0; s < 32; s += FP8_W) {
-            fp8_v wv[QK_NT];
+        for (int s = 0; s < 32; s += IFG_VW) {
+            ifg_vf wv[QK_NT];
 #pragma GCC unroll 16
             for (int j = 0; j < NT; j++)
-                wv[j] = fp8_mul(fp8_dec(w + (size_t)(n + j) * rb + (size_t)b * IFG_FP8_BLOCK + 2 + s), sc[j]);
+                wv[j] = ifg_vmul(fp8_dec(w + (size_t)(n + j) * rb + (size_t)b * IFG_FP8_BLOCK + 2 + s), sc[j]);
 #pragma GCC unroll 16
             for (int i = 0; i < TT; i++) {
-                const fp8_v xv = fp8_ldx(x + (size_t)(t + i) * ldx + b * 32 + s);
+                const ifg_vf xv = ifg_vload(x + (size_t)(t + i) * ldx + b * 32 + s);
 #pragma GCC unroll 16
-                for (int j = 0; j < NT; j++) acc[i][j] = fp8_fma(wv[j], xv, acc[i][j]);
+                for (int j = 0; j < NT; j++) acc[i][j] = ifg_vfma(wv[j], xv, acc[i][j]);
             }
         }
     }
@@ -359,7 +334,7 @@ QKA void fp8_tile(float *y, int ldy, const float *x, int ldx, const uint8_t *w, 
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++) {
             float *yo = y + (size_t)(t + i) * ldy + n + j;
-            const float s = qk_acc_sum(acc[i][j]);
+            const float s = ifg_vhsum(acc[i][j]);
             *yo = add ? *yo + s : s;
         }
 }

@@ -2,8 +2,8 @@
  * (IFG_Q4_KX16, layout in quant_k.h), and the repack into it from GGUF order.
  *
  * The same scheme as quant_x16.c (q4_0x16), with q4_k's two-level scales: x is quantized per
- * token and 32-block (ifg_quantize_x, as for every int8 kernel) into a stack tile of KX_T tokens
- * × KX_K k (decode, T == 1: the whole row, one pass over W). Per 16-row group and super-block,
+ * token and 32-block (ifg_quantize_x, as for every int8 kernel) into a stack tile of X16_T tokens
+ * × X16_K k (decode, T == 1: the whole row, one pass over W). Per 16-row group and super-block,
  * one 64-byte load gives the 16 rows' d and dmin; per sub-block s, 16 + 16 bytes give the 16
  * rows' 6-bit scales and mins, turned into two 16-lane f32 vectors d*sc and dmin*m once for all
  * tokens of the tile. Then per token and sub-block:
@@ -18,29 +18,14 @@
  * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
  * summation order depends only on T == 1 or not and on K, never on the thread or tile: results
  * are bitwise identical for any thread count. */
-#include "quant.h"
 #include "quant_k.h"
+#include "quant_x16.h"
 
-#define KX_T 64   /* tokens per x tile */
-#define KX_K 1024 /* k per x tile (multiple of 256); tt tokens take all of K if tt·K <= KX_Q */
-#define KX_Q (KX_T * KX_K)
-#define KX_NB (KX_Q / IFG_QK)
-#define KX_PF 2048 /* bytes ahead of a weight stream to prefetch, rows whole */
 #define KX_GB (16 * IFG_Q4_K_BLOCK) /* one group-block: 16 rows × one super-block, 2304 bytes */
 
-/* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its 32-block b's scale at
- * d[i*ldd + b] and d * (sum of the block's q) at ds[i*ldd + b]. */
-struct kxtile {
-    _Alignas(64) int8_t q[KX_Q];
-    float d[KX_NB], ds[KX_NB];
-    int32_t s[KX_NB];
-    int ldq, ldd;
-    int pf; /* bytes ahead of each weight stream to prefetch (0: none) */
-};
-
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
-/* ---- scalar reference ---- */
-static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+#ifndef IFG_SIMD
+/* ---- scalar reference (the scalar build) ---- */
+static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                      int t, int tt, int n0, int n1, int nsb, int add) {
     for (int n = n0; n < n1; n++) {
         const int r = n % 16;
@@ -60,10 +45,7 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
                     const int8_t *xq = xt->q + (size_t)i * xt->ldq + 256 * b + 32 * s;
                     const uint8_t *qs = gb + 256 + 256 * s;
                     int32_t dot = 0;
-                    for (int k = 0; k < 32; k++) {
-                        const uint8_t by = qs[64 * (k / 8) + 4 * r + k % 4];
-                        dot += (int32_t)(k % 8 < 4 ? by & 15 : by >> 4) * xq[k];
-                    }
+                    for (int k = 0; k < 32; k++) dot += (int32_t)x16_nibble(qs, r, k) * xq[k];
                     const int xb = i * xt->ldd + 8 * b + s;
                     acc += (float)dot * ((d * (float)sc) * xt->d[xb]) - (dmin * (float)m) * xt->ds[xb];
                 }
@@ -73,18 +55,9 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
         }
     }
 }
+#define kx_tiles kx_tiles_ref
 #else
-#define KXA static inline __attribute__((always_inline))
-KXA int32_t kx_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-/* Software prefetch of each weight stream of a register tile, pf bytes ahead, as quant_x16.c's
- * XG_PREFETCH (the first token tile only; rows whole): the core alone keeps too few loads in
- * flight for a batch's arithmetic per byte. */
-#define KX_PREFETCH(off)                                                                          \
-    do {                                                                                          \
-        if (pf)                                                                                   \
-            for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)gb[g_] + (off) + pf, _MM_HINT_T0); \
-    } while (0)
+/* ---- SIMD: per-ISA register tiles (VNNI against AVX2's vpmaddubsw) ---- */
 
 #if defined(IFG_AVX512)
 #define KXT 8  /* tokens per register tile (prefill): the per-group scale work is shared by 8 */
@@ -92,7 +65,7 @@ KXA int32_t kx_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 #define KXG1 4 /* groups per register tile (one token: more independent weight streams) */
 /* The 6-bit scales and mins of sub-blocks 4h..4h+3 of a group-block, as bytes: sc[16s' + r],
  * mn[16s' + r] (s' = s - 4h). One pass over 64 + 32 bytes for 64 values each. */
-KXA void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
+IFG_AI void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
     const __m512i lo = _mm512_loadu_si512((const void *)(gb + 64 + 64 * h));
     const __m512i h2 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(gb + 192 + 32 * h)));
     /* 128-bit lane s' needs the high bits of pair s'/2, in its high nibbles when s' is odd */
@@ -105,7 +78,7 @@ KXA void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
                                                    _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(12)), 2)));
 }
 
-KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
     __m512 acc[KXT][KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
@@ -127,7 +100,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
             kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
         }
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j); /* the header; the levels as they are read */
+        for (int j = 0; j < 4; j++) X16_PREFETCH(gb, 64 * j); /* the header; the levels as they are read */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             __m512 ws[KXG1], wm[KXG1];
@@ -147,7 +120,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m512i lo[KXG1], hi[KXG1];
-                KX_PREFETCH(256 + 256 * s + 64 * v);
+                X16_PREFETCH(gb, 256 + 256 * s + 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
@@ -156,8 +129,8 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m512i xl = _mm512_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v));
-                    const __m512i xh = _mm512_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v + 4));
+                    const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m512i xh = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
 #pragma GCC unroll 8
                     for (int g = 0; g < G; g++)
                         ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
@@ -188,7 +161,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
  * the high nibbles go to vpdpbusd unshifted (16 × the level: a separate accumulator whose sum
  * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
  * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
-KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
+IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
                   int n, int nsb, int add, const int G, const int PF) {
     __m512 acc[KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
@@ -208,7 +181,7 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
             am[g] = _mm512_setzero_ps();
         }
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j);
+        for (int j = 0; j < 4; j++) X16_PREFETCH(gb, 64 * j);
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             const int8_t *xb = xt->q + 256 * b + 32 * s;
@@ -217,8 +190,8 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
             for (int g = 0; g < G; g++) il[g] = ih[g] = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
-                const __m512i xl = _mm512_set1_epi32(kx_x4(xb + 8 * v)), xh = _mm512_set1_epi32(kx_x4(xb + 8 * v + 4));
-                KX_PREFETCH(256 + 256 * s + 64 * v);
+                const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * v)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * v + 4));
+                X16_PREFETCH(gb, 256 + 256 * s + 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
@@ -254,7 +227,7 @@ KXA void kx_tile1(float *y, const struct kxtile *xt, const uint8_t *w, size_t gs
 #define KXG 1
 #define KXG1 2
 /* 8 rows' (half h of the group) scale and min of sub-block s as f32 lanes: 64-bit SWAR. */
-KXA void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
+IFG_AI void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
     uint64_t lo, hi;
     memcpy(&lo, gb + 64 + 16 * s + 8 * h, 8);
     memcpy(&hi, gb + 192 + 16 * (s / 2) + 8 * h, 8);
@@ -266,7 +239,7 @@ KXA void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
     *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
 }
 
-KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
     __m256 acc[KXT][2 * KXG1]; /* [token][8-row half] */
     const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
@@ -281,7 +254,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) KX_PREFETCH(64 * j); /* the header; the levels as they are read */
+        for (int j = 0; j < 4; j++) X16_PREFETCH(gb, 64 * j); /* the header; the levels as they are read */
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) { /* d, dmin of the half's 8 rows, once per super-block */
             dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
@@ -302,7 +275,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
              * to <= 30480, no overflow, so one vpmaddwd per sub-block widens them */
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
-                KX_PREFETCH(256 + 256 * s + 64 * v);
+                X16_PREFETCH(gb, 256 + 256 * s + 64 * v);
                 __m256i lo[2 * KXG1], hi[2 * KXG1];
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
@@ -312,8 +285,8 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m256i xl = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v));
-                    const __m256i xh = _mm256_set1_epi32(kx_x4(xb + (size_t)i * ldq + 8 * v + 4));
+                    const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m256i xh = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
 #pragma GCC unroll 8
                     for (int h = 0; h < H; h++) {
                         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
@@ -348,7 +321,7 @@ KXA void kx_tile(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, s
 #endif
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile. */
-KXA void kx_tiles_t(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                     int t, int tt, int n0, int n1, int nsb, int add, const int PF) {
     if (tt == 1) {
         int n = n0;
@@ -370,27 +343,14 @@ KXA void kx_tiles_t(float *y, int ldy, const struct kxtile *xt, const uint8_t *w
         if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG, PF); \
         else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1, PF);            \
     } while (0)
-            if (r >= KXT) KX_CASE(KXT);
-#if KXT > 7
-            else if (r == 7) KX_CASE(7);
-            else if (r == 6) KX_CASE(6);
-            else if (r == 5) KX_CASE(5);
-            else if (r == 4) KX_CASE(4);
-#endif
-#if KXT > 3
-            else if (r == 3) KX_CASE(3);
-#endif
-#if KXT > 2
-            else if (r == 2) KX_CASE(2);
-#endif
-            else KX_CASE(1);
+            X16_TSWITCH(r, KXT, KX_CASE);
 #undef KX_CASE
         }
         n += 16 * G;
     }
 }
 /* the prefetch a compile-time choice, as in quant_x16.c (a branch on it in the inner loop slows prefill) */
-static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *w, size_t gstride,
+static void kx_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                      int t, int tt, int n0, int n1, int nsb, int add) {
     if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1);
     else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0);
@@ -399,65 +359,53 @@ static void kx_tiles(float *y, int ldy, const struct kxtile *xt, const uint8_t *
 
 void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
                         int K, int accumulate) {
-    struct kxtile xt;
+    struct x16_tile xt;
     const size_t gstride = (size_t)(K / IFG_QK_K) * KX_GB;
-    /* whole rows in one tile when a tile of x fits (decode, small batches): one pass over W with
-     * no partial sums, W one sequential stream per thread, prefetched ahead (KX_PREFETCH) */
-    const int tb = T == 1 ? 1 : KX_T;
-    const int kw = (size_t)(T < tb ? T : tb) * K <= KX_Q ? K : KX_K;
-    xt.pf = kw == K ? KX_PF : 0;
-    xt.ldq = kw;
-    xt.ldd = kw / IFG_QK;
+    int tb, kw;
+    xt.pf = x16_plan(T, K, &tb, &kw);
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {
             const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0;
-            ifg_quantize_x(xt.q, xt.d, xt.s, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
+            x16_fill(&xt, NULL, x, ldx, t, tt, k0, k1, kw);
             for (int i = 0; i < tt; i++)
-                for (int b = 0; b < (k1 - k0) / IFG_QK; b++) xt.ds[i * xt.ldd + b] = xt.d[i * xt.ldd + b] * (float)xt.s[i * xt.ldd + b];
+                for (int b = 0; b < (k1 - k0) / IFG_QK; b++) xt.dsb[i * xt.ldd + b] = xt.d[i * xt.ldd + b] * (float)xt.s[i * xt.ldd + b];
+            xt.ds = xt.dsb;
             kx_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK_K) * KX_GB, gstride,
                      t, tt, r0, r1, (k1 - k0) / IFG_QK_K, add);
         }
     }
 }
 
-/* GGUF-order q4_k (N rows of K/256 blocks) → IFG_Q4_KX16; groups of rows split over threads. */
-void ifg_q4_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
-    const int nsb = K / IFG_QK_K, G = N / 16;
-    IFG_PARALLEL(n_threads) {
-        IFG_FOR
-        for (int g = 0; g < G; g++) {
-            for (int r = 0; r < 16; r++) { /* one source row at a time: sequential reads */
-                const uint8_t *row = (const uint8_t *)src + ((size_t)g * 16 + r) * nsb * IFG_Q4_K_BLOCK;
-                for (int b = 0; b < nsb; b++) {
-                    const uint8_t *s = row + (size_t)b * IFG_Q4_K_BLOCK;
-                    uint8_t *o = (uint8_t *)dst + ((size_t)g * nsb + b) * KX_GB;
-                    memcpy(o + 2 * r, s, 2);
-                    memcpy(o + 32 + 2 * r, s + 2, 2);
-                    uint8_t sc[8], m[8];
-                    for (int j = 0; j < 4; j++) {
-                        sc[j] = s[4 + j] & 63;
-                        m[j] = s[8 + j] & 63;
-                        sc[j + 4] = (uint8_t)((s[12 + j] & 15) | (s[4 + j] >> 6) << 4);
-                        m[j + 4] = (uint8_t)((s[12 + j] >> 4) | (s[8 + j] >> 6) << 4);
-                    }
-                    for (int p = 0; p < 4; p++)
-                        o[192 + 16 * p + r] = (uint8_t)((sc[2 * p] >> 4 | (m[2 * p] >> 4) << 2)
-                                                        | (sc[2 * p + 1] >> 4 | (m[2 * p + 1] >> 4) << 2) << 4);
-                    for (int sb = 0; sb < 8; sb++) {
-                        o[64 + 16 * sb + r] = (uint8_t)((sc[sb] & 15) | (m[sb] & 15) << 4);
-                        const uint8_t *q = s + 16 + 32 * (sb / 2); /* sub-block sb: nibble sb % 2 */
-                        for (int v = 0; v < 4; v++) {
-                            uint32_t a, a4, u; /* elements 8v..8v+3 and 8v+4..8v+7 of the sub-block */
-                            memcpy(&a, q + 8 * v, 4);
-                            memcpy(&a4, q + 8 * v + 4, 4);
-                            u = sb % 2 == 0 ? (a & 0x0F0F0F0Fu) | (a4 & 0x0F0F0F0Fu) << 4
-                                            : (a >> 4 & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
-                            memcpy(o + 256 + 256 * sb + 64 * v + 4 * r, &u, 4);
-                        }
-                    }
-                }
-            }
+/* Row r's GGUF q4_k super-block s into group-block o (layout in quant_k.h). */
+static void kx_put_q4_k(uint8_t *o, const uint8_t *s, int r) {
+    memcpy(o + 2 * r, s, 2);
+    memcpy(o + 32 + 2 * r, s + 2, 2);
+    uint8_t sc[8], m[8];
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[4 + j] & 63;
+        m[j] = s[8 + j] & 63;
+        sc[j + 4] = (uint8_t)((s[12 + j] & 15) | (s[4 + j] >> 6) << 4);
+        m[j + 4] = (uint8_t)((s[12 + j] >> 4) | (s[8 + j] >> 6) << 4);
+    }
+    for (int p = 0; p < 4; p++)
+        o[192 + 16 * p + r] = (uint8_t)((sc[2 * p] >> 4 | (m[2 * p] >> 4) << 2)
+                                        | (sc[2 * p + 1] >> 4 | (m[2 * p + 1] >> 4) << 2) << 4);
+    for (int sb = 0; sb < 8; sb++) {
+        o[64 + 16 * sb + r] = (uint8_t)((sc[sb] & 15) | (m[sb] & 15) << 4);
+        const uint8_t *q = s + 16 + 32 * (sb / 2); /* sub-block sb: nibble sb % 2 */
+        for (int v = 0; v < 4; v++) {
+            uint32_t a, a4, u; /* elements 8v..8v+3 and 8v+4..8v+7 of the sub-block */
+            memcpy(&a, q + 8 * v, 4);
+            memcpy(&a4, q + 8 * v + 4, 4);
+            u = sb % 2 == 0 ? (a & 0x0F0F0F0Fu) | (a4 & 0x0F0F0F0Fu) << 4
+                            : (a >> 4 & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
+            memcpy(o + 256 + 256 * sb + 64 * v + 4 * r, &u, 4);
         }
     }
+}
+
+/* GGUF-order q4_k (N rows of K/256 blocks) → IFG_Q4_KX16; groups of rows split over threads. */
+void ifg_q4_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
+    x16_interleave(dst, src, N, K / IFG_QK_K, IFG_Q4_K_BLOCK, kx_put_q4_k, n_threads);
 }

@@ -2,7 +2,7 @@
  * (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h).
  *
  * x is quantized per token and 32-block exactly as for the plain layouts (ifg_quantize_x) into
- * a stack tile of XB_T tokens × XB_K k (decode, T == 1: the whole row at once, so a GEMV makes
+ * a stack tile of X16_T tokens × X16_K k (decode, T == 1: the whole row at once, so a GEMV makes
  * one pass over W). Then for each run of XG 16-row groups (outer: its weights stay in L1/L2)
  * and XT tokens (inner), a register tile of XT × XG accumulators does per group-block:
  *  - AVX-512 (VNNI): the int32 accumulator (16 rows in one zmm) starts at -off * sum(x block)
@@ -19,37 +19,17 @@
  * summation order depends only on T == 1 or not and on K (blocks in order, k-tiles through y),
  * never on the thread or tile that computes it: results are bitwise identical for any thread
  * count. */
-#include "quant.h"
 #include "quant_k.h"
+#include "quant_x16.h"
 
-#define XB_T 64                 /* tokens per x tile */
-#define XB_K 1024               /* k per x tile (multiple of 32); tt tokens take all of K if tt·K <= XB_Q */
-#define XB_Q (XB_T * XB_K)
-#define XB_NB (XB_Q / IFG_QK)
-#define XG_PF 2048              /* bytes ahead of a weight stream to prefetch, rows whole (2 KiB >= 4, 8 KiB) */
 #define XG_EPI 128              /* rows per epilogue call: a token tile's y rows stay in L1/L2 */
 
 static inline size_t xg_block_bytes(int wtype) { return wtype == IFG_Q8_0X16 ? 544 : 288; }
 
-/* One tile of quantized x: token i's k-th int8 at q[i*ldq + k], its block b's scale at
- * d[i*ldd + b] and the block's sum of q at s[i*ldd + b] (the accumulator starts at -off · s).
- * q/d/s point into the tile's own buffers, or into an x quantized once by the caller (ifg_xq). */
-struct xtile {
-    _Alignas(64) int8_t qb[XB_Q];
-    float db[XB_NB];
-    int32_t sb[XB_NB];
-    const int8_t *q;
-    const float *d;
-    const int32_t *s;
-    int ldq, ldd;
-    int pf; /* bytes ahead of each weight stream to prefetch (0: none) */
-};
-
-#if !defined(IFG_AVX2) && !defined(IFG_AVX512)
-/* ---- scalar reference ---- */
-#define XG_OFF(wtype) 0
-static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
-                     int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
+#ifndef IFG_SIMD
+/* ---- scalar reference (the scalar build) ---- */
+static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, int wtype, size_t gstride,
+                         int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
     const size_t bb = xg_block_bytes(wtype);
     for (int n = n0; n < n1; n++) {
         const int r = n % 16;
@@ -63,13 +43,8 @@ static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w
                 memcpy(&h, blk + 2 * r, 2);
                 int32_t s = 0;
                 for (int k = 0; k < IFG_QK; k++) {
-                    int wv;
-                    if (wtype == IFG_Q8_0X16) {
-                        wv = (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128;
-                    } else {
-                        const uint8_t by = blk[32 + 64 * (k / 8) + 4 * r + k % 4];
-                        wv = (int)(k % 8 < 4 ? by & 0x0F : by >> 4) - 8;
-                    }
+                    const int wv = wtype == IFG_Q8_0X16 ? (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128
+                                                        : x16_nibble(blk + 32, r, k) - 8;
                     s += wv * xq[k];
                 }
                 acc += (float)s * (ifg_f16_to_f32(h) * xt->d[i * xt->ldd + b]);
@@ -80,27 +55,16 @@ static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w
     }
     if (epi && n0 < n1) epi->fn(epi, y, ldy, t, t + tt, n0, n1);
 }
+#define xg_tiles xg_tiles_ref
 #else
-#define XA static inline __attribute__((always_inline))
-XA int32_t xg_x4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-/* Software prefetch of each weight stream of a register tile, pf bytes ahead (xtile.pf; the
- * first token tile only: the others find the weights in cache). A batch's GEMM does so much
- * arithmetic per weight byte that the core keeps few loads in flight, and the hardware
- * prefetcher alone does not run far enough ahead: reading W and computing on it took turns
- * (TinyLlama's w_gate at batch 8: 0.57 ms with W in L3, 1.0 ms from DRAM). */
-#define XG_PREFETCH(off)                                                                          \
-    do {                                                                                          \
-        if (pf)                                                                                   \
-            for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)blk[g_] + (off) + pf, _MM_HINT_T0); \
-    } while (0)
+/* ---- SIMD: per-ISA register tiles (the int8 dot products differ: VNNI against AVX2) ---- */
 
 #if defined(IFG_AVX512)
 #define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 128 : 8)
 #define XT 4 /* tokens per register tile */
 #define XG 2 /* groups per register tile (prefill) */
 #define XG1 4 /* groups per register tile (one token: more independent weight streams) */
-XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
+IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m512 acc[XT][XG1];
     const size_t bb = xg_block_bytes(wtype);
@@ -114,7 +78,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
         __m512i ia[XT][XG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
-        XG_PREFETCH(bb - 1); /* the block's last line; the loads below prefetch the rest */
+        X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
 #pragma GCC unroll 8
         for (int i = 0; i < TT; i++) {
             const __m512i o = _mm512_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
@@ -128,10 +92,10 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
                 __m512i u[XG1];
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * c));
-                XG_PREFETCH(64 * c);
+                X16_PREFETCH(blk, 64 * c);
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m512i xv = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 4 * c));
+                    const __m512i xv = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
 #pragma GCC unroll 8
                     for (int g = 0; g < G; g++) ia[i][g] = _mm512_dpbusd_epi32(ia[i][g], u[g], xv);
                 }
@@ -141,7 +105,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m512i lo[XG1], hi[XG1];
-                XG_PREFETCH(64 * v);
+                X16_PREFETCH(blk, 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * v));
@@ -150,8 +114,8 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m512i xl = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v));
-                    const __m512i xh = _mm512_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+                    const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m512i xh = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
 #pragma GCC unroll 8
                     for (int g = 0; g < G; g++)
                         ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
@@ -180,7 +144,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 #define XT 2
 #define XG 1
 #define XG1 2
-XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, size_t gstride, int wtype,
+IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m256 acc[XT][2 * XG1]; /* [token][8-row half] */
     const size_t bb = xg_block_bytes(wtype);
@@ -195,7 +159,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
         __m256i ia[XT][2 * XG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
-        XG_PREFETCH(bb - 1); /* the block's last line; the loads below prefetch the rest */
+        X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
 #pragma GCC unroll 8
         for (int i = 0; i < TT; i++) {
             const __m256i o = _mm256_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
@@ -206,7 +170,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
         if (wtype == IFG_Q8_0X16) {
             for (int c = 0; c < 8; c++) {
                 __m256i ws[2 * XG1], aw[2 * XG1];
-                XG_PREFETCH(64 * c);
+                X16_PREFETCH(blk, 64 * c);
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
                     const __m256i u = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * c + 32 * (h % 2)));
@@ -215,7 +179,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m256i xv = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 4 * c));
+                    const __m256i xv = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
 #pragma GCC unroll 8
                     for (int h = 0; h < H; h++)
                         ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(
@@ -226,7 +190,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
             const __m256i m = _mm256_set1_epi8(0x0F);
             for (int v = 0; v < 4; v++) {
                 __m256i lo[2 * XG1], hi[2 * XG1];
-                XG_PREFETCH(64 * v);
+                X16_PREFETCH(blk, 64 * v);
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * v + 32 * (h % 2)));
@@ -235,8 +199,8 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const __m256i xl = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v));
-                    const __m256i xh = _mm256_set1_epi32(xg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+                    const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m256i xh = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
 #pragma GCC unroll 8
                     for (int h = 0; h < H; h++)
                         ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(_mm256_add_epi16(
@@ -264,7 +228,7 @@ XA void xg_tile(float *y, int ldy, const struct xtile *xt, const uint8_t *w, siz
 #endif
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile; wtype a constant after inlining. */
-XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
+IFG_AI void xg_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, int wtype, size_t gstride,
                    int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi, const int PF) {
     int ne = n0; /* rows not yet handed to the epilogue: it gets XG_EPI rows at a time */
 #define XG_EPI_AFTER(n_done)                                                                      \
@@ -295,14 +259,7 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
         if (G == XG) xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, XG, PF);      \
         else xg_tile(y, ldy, xt, w, gstride, wtype, t, i0, n, nb, add, TTC, 1, PF);               \
     } while (0)
-            if (r >= XT) XG_CASE(XT);
-#if XT > 3
-            else if (r == 3) XG_CASE(3);
-#endif
-#if XT > 2
-            else if (r == 2) XG_CASE(2);
-#endif
-            else XG_CASE(1);
+            X16_TSWITCH(r, XT, XG_CASE);
 #undef XG_CASE
         }
         XG_EPI_AFTER(n + 16 * G); /* these rows are final, still in cache */
@@ -310,7 +267,7 @@ XA void xg_tiles_t(float *y, int ldy, const struct xtile *xt, const uint8_t *w, 
     }
 #undef XG_EPI_AFTER
 }
-static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w, int wtype, size_t gstride,
+static void xg_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, int wtype, size_t gstride,
                      int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
     /* the prefetch a compile-time choice: a branch on it in the inner loop cost prefill 1.5x */
     if (wtype == IFG_Q8_0X16 && xt->pf) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi, 1);
@@ -323,32 +280,15 @@ static void xg_tiles(float *y, int ldy, const struct xtile *xt, const uint8_t *w
 void ifg_qmm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                       int T, int r0, int r1, int K, int accumulate, const struct ifg_mm_epilogue *epi,
                       const struct ifg_xq *xq) {
-    struct xtile xt;
+    struct x16_tile xt;
     const size_t bb = xg_block_bytes(wtype), gstride = (size_t)(K / IFG_QK) * bb;
-    /* whole rows in one tile when a tile of x fits (decode, small batches): one pass over W with
-     * no partial sums, W one sequential stream per thread, prefetched ahead (XG_PREFETCH) across
-     * its groups (+24 % batch-8 GEMM from DRAM); larger batches go XB_K at a time */
-    const int tb = T == 1 ? 1 : XB_T;
-    const int kw = (size_t)(T < tb ? T : tb) * K <= XB_Q ? K : XB_K;
-    xt.pf = kw == K ? XG_PF : 0;
+    int tb, kw;
+    xt.pf = x16_plan(T, K, &tb, &kw);
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {
             const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0, nb = (k1 - k0) / IFG_QK;
-            if (xq) { /* quantized once by the caller */
-                xt.q = xq->q + (size_t)t * xq->ldq + k0;
-                xt.d = xq->d + (size_t)t * xq->ldd + k0 / IFG_QK;
-                xt.s = xq->s + (size_t)t * xq->ldd + k0 / IFG_QK;
-                xt.ldq = xq->ldq;
-                xt.ldd = xq->ldd;
-            } else {
-                xt.ldq = kw;
-                xt.ldd = kw / IFG_QK;
-                ifg_quantize_x(xt.qb, xt.db, xt.sb, x, ldx, t, tt, k0, k1, xt.ldq, xt.ldd);
-                xt.q = xt.qb;
-                xt.d = xt.db;
-                xt.s = xt.sb;
-            }
+            x16_fill(&xt, xq, x, ldx, t, tt, k0, k1, kw);
             xg_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK) * bb, wtype, gstride,
                      t, tt, r0, r1, nb, add, k1 == K ? epi : NULL);
         }
@@ -361,39 +301,31 @@ void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T
                                                xq->s + (size_t)t * xq->ldd, x, ldx, t, 1, 0, K, xq->ldq, xq->ldd);
 }
 
+/* Row r's GGUF block s into group-block o (layouts in quant.h), 4 bytes at a time. */
+static void xg_put_q8_0(uint8_t *o, const uint8_t *s, int r) {
+    o[2 * r] = s[0];
+    o[2 * r + 1] = s[1];
+    for (int c = 0; c < 8; c++) { /* row r's 4 bytes of chunk c, made unsigned */
+        uint32_t a;
+        memcpy(&a, s + 2 + 4 * c, 4);
+        a ^= 0x80808080u;
+        memcpy(o + 32 + 64 * c + 4 * r, &a, 4);
+    }
+}
+static void xg_put_q4_0(uint8_t *o, const uint8_t *s, int r) {
+    o[2 * r] = s[0];
+    o[2 * r + 1] = s[1];
+    for (int v = 0; v < 4; v++) { /* low nibbles hold k 0..15, high k 16..31 */
+        uint32_t a, a4, u; /* a: bytes j..j+3, a4: bytes j+4..j+7 */
+        memcpy(&a, s + 2 + 8 * (v % 2), 4);
+        memcpy(&a4, s + 6 + 8 * (v % 2), 4);
+        u = v < 2 ? (a & 0x0F0F0F0Fu) | ((a4 & 0x0F0F0F0Fu) << 4) : ((a >> 4) & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
+        memcpy(o + 32 + 64 * v + 4 * r, &u, 4);
+    }
+}
+
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
-    if (dtype == IFG_Q4_K) {
-        ifg_q4_k_interleave(dst, src, N, K, n_threads);
-        return;
-    }
-    const int nb = K / IFG_QK, G = N / 16;
-    const size_t sb = dtype == IFG_Q8_0 ? 34 : 18, gb = 16 * sb;
-    IFG_PARALLEL(n_threads) {
-        IFG_FOR
-        for (int g = 0; g < G; g++) {
-            for (int r = 0; r < 16; r++) { /* one source row at a time: sequential reads */
-                const uint8_t *row = (const uint8_t *)src + ((size_t)g * 16 + r) * nb * sb;
-                for (int b = 0; b < nb; b++) {
-                    const uint8_t *s = row + (size_t)b * sb;
-                    uint8_t *o = (uint8_t *)dst + ((size_t)g * nb + b) * gb;
-                    o[2 * r] = s[0];
-                    o[2 * r + 1] = s[1];
-                    /* 4 bytes at a time: row r's 4 bytes of chunk c / v */
-                    for (int c = 0; c < (dtype == IFG_Q8_0 ? 8 : 4); c++) {
-                        uint32_t a, a4, u; /* a: bytes j..j+3, a4: bytes j+4..j+7 */
-                        if (dtype == IFG_Q8_0) {
-                            memcpy(&a, s + 2 + 4 * c, 4);
-                            u = a ^ 0x80808080u;
-                        } else { /* low nibbles hold k 0..15, high k 16..31 */
-                            memcpy(&a, s + 2 + 8 * (c % 2), 4);
-                            memcpy(&a4, s + 6 + 8 * (c % 2), 4);
-                            u = c < 2 ? (a & 0x0F0F0F0Fu) | ((a4 & 0x0F0F0F0Fu) << 4)
-                                      : ((a >> 4) & 0x0F0F0F0Fu) | (a4 & 0xF0F0F0F0u);
-                        }
-                        memcpy(o + 32 + 64 * c + 4 * r, &u, 4);
-                    }
-                }
-            }
-        }
-    }
+    if (dtype == IFG_Q4_K) ifg_q4_k_interleave(dst, src, N, K, n_threads);
+    else if (dtype == IFG_Q8_0) x16_interleave(dst, src, N, K / IFG_QK, 34, xg_put_q8_0, n_threads);
+    else x16_interleave(dst, src, N, K / IFG_QK, 18, xg_put_q4_0, n_threads);
 }

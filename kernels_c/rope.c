@@ -2,28 +2,31 @@
  * computes it) is built once, in chunks of ROPE_CHUNK frequencies, and applied to every head
  * with the rotation vectorised over i. */
 #include "rope.h"
+#include "simd.h"
 
 #define ROPE_CHUNK 128
 
+/* x1' = x1·c - x2·s, x2' = x2·c + x1·s for i < n: vectors (AVX-512 masks its tail), then scalar. */
 static void rope_rotate(float *x1p, float *x2p, const float *c, const float *s, int n) {
     int i = 0;
-#if defined(IFG_AVX512)
-    for (; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-        __m512 x1 = _mm512_maskz_loadu_ps(m, x1p + i), x2 = _mm512_maskz_loadu_ps(m, x2p + i);
-        __m512 cv = _mm512_maskz_loadu_ps(m, c + i), sv = _mm512_maskz_loadu_ps(m, s + i);
-        _mm512_mask_storeu_ps(x1p + i, m, _mm512_fmsub_ps(x1, cv, _mm512_mul_ps(x2, sv)));
-        _mm512_mask_storeu_ps(x2p + i, m, _mm512_fmadd_ps(x2, cv, _mm512_mul_ps(x1, sv)));
+#ifdef IFG_SIMD
+    for (; i + IFG_VW <= n; i += IFG_VW) {
+        const ifg_vf x1 = ifg_vload(x1p + i), x2 = ifg_vload(x2p + i), cv = ifg_vload(c + i), sv = ifg_vload(s + i);
+        ifg_vstore(x1p + i, ifg_vfms(x1, cv, ifg_vmul(x2, sv)));
+        ifg_vstore(x2p + i, ifg_vfma(x2, cv, ifg_vmul(x1, sv)));
     }
-#elif defined(IFG_AVX2)
-    for (; i + 8 <= n; i += 8) {
-        __m256 x1 = _mm256_loadu_ps(x1p + i), x2 = _mm256_loadu_ps(x2p + i);
-        __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-        _mm256_storeu_ps(x1p + i, _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sv)));
-        _mm256_storeu_ps(x2p + i, _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sv)));
+#if defined(IFG_AVX512)
+    if (i < n) {
+        const int r = n - i;
+        const ifg_vf x1 = ifg_vload_n(x1p + i, r), x2 = ifg_vload_n(x2p + i, r);
+        const ifg_vf cv = ifg_vload_n(c + i, r), sv = ifg_vload_n(s + i, r);
+        ifg_vstore_n(x1p + i, ifg_vfms(x1, cv, ifg_vmul(x2, sv)), r);
+        ifg_vstore_n(x2p + i, ifg_vfma(x2, cv, ifg_vmul(x1, sv)), r);
+        i = n;
     }
 #endif
-    for (; i < n; i++) {
+#endif
+    for (; i < n; i++) { /* the scalar reference (and AVX2's tail) */
         float a = x1p[i], b = x2p[i];
         x1p[i] = a * c[i] - b * s[i];
         x2p[i] = b * c[i] + a * s[i];

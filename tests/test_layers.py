@@ -23,7 +23,6 @@ BASE = {"telemetry", "errors"}
 # files whose function-level infeng imports are other engineers' to move (issue 16 parts 1, 2
 # and the `generate --batch` rework); everything else imports at the top
 FUNCTION_IMPORTS_PENDING = {
-    "runtime/engine.py", "runtime/scorer.py", "runtime/batch.py", "runtime/sim.py",
     "cli/generate.py",
 }
 

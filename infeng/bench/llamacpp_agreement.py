@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from infeng.bench.peers import PeerSkip
+from infeng.bench.llamacpp_kld import LlamaCppScorer
+from infeng.bench.peers import PeerSkip, _import
 from infeng.errors import InfengError
+from infeng.evals import perplexity as P
+from infeng.model.loader import load_gguf
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.scorer import Scorer
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -42,8 +48,6 @@ def prompt_ids(tok) -> list[list[int]]:
 
 
 def infeng_greedy(engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    from infeng.runtime.engine import Request
-    from infeng.runtime.sampler import SamplingParams
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, seed=0)
     got = {r.id: r.token_ids for r in engine.generate(
         [Request(id=str(i), prompt_ids=p, params=params) for i, p in enumerate(prompts)])}
@@ -79,12 +83,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=print, greedy: bool = True) -> dict:
-    from infeng.bench.llamacpp_kld import LlamaCppScorer
-    from infeng.bench.peers import _import
-    from infeng.model.loader import load_gguf
-    from infeng.evals import perplexity as P
-    from infeng.runtime.engine import Engine
-    from infeng.runtime.scorer import Scorer
     lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
     model, _ = load_gguf(gguf)
     ours = theirs = agree = None

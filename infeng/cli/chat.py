@@ -7,6 +7,13 @@ from typing import Optional
 import typer
 
 from infeng.errors import InfengError
+from infeng.model.loader import load_model
+from infeng.runtime.chat import ChatSession, run_chat
+from infeng.runtime.engine import Engine
+from infeng.runtime.sampler import SamplingParams
+
+OPTION_NAMES = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                "top_p": "--top-p", "seed": "--seed"}
 
 
 def chat(
@@ -23,12 +30,6 @@ def chat(
     no_verify: bool = typer.Option(False, "--no-verify", help="skip checksum verification at load"),
 ):
     """Chat with a model: type a message, read the streamed reply; /reset, /system TEXT, /quit."""
-    from infeng.cli.generate import OPTION_NAMES
-    from infeng.model.loader import load_model
-    from infeng.runtime.chat import ChatSession, run_chat
-    from infeng.runtime.engine import Engine
-    from infeng.runtime.sampler import SamplingParams
-
     if threads is not None and threads < 1:
         raise InfengError(f"--threads must be >= 1, got {threads}")
     if adapter is not None and not adapter.is_file():

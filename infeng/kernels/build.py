@@ -22,7 +22,7 @@ ISA_FLAGS = {
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq", "-mavx512bf16", "-mavx512vnni"],
 }
-BASE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
+BASE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-fno-math-errno", "-Wall",
               "-Wno-unknown-pragmas"]
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from infeng.quant import _blocks  # defined before quant/__init__ imports this module
+
 BYTES = {"q4_1": 20, "q5_1": 24}
 LEVELS = {"q4_1": 15, "q5_1": 31}
 
 
 def _quantize(x: np.ndarray, qtype: str) -> np.ndarray:
-    from infeng.quant import _blocks
     b = _blocks(x)
     N, nb, _ = b.shape
     lo, hi = b.min(-1), b.max(-1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from infeng import kernels
 from infeng.errors import InfengError
 
 QK_K = 256
@@ -115,7 +116,6 @@ def quantize_q6_k_ref(x: np.ndarray) -> np.ndarray:
 def quantize_q6_k(x: np.ndarray, threads: int = 0) -> np.ndarray:
     """f32 [N][K] → uint8 [N][K/256*210] (GGUF Q6_K blocks), in the C library
     (ifg_quantize_q6_k, ``threads`` = 0: all), byte for byte ``quantize_q6_k_ref``."""
-    from infeng import kernels
     x = _check(x)
     N, K = x.shape
     out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)

@@ -24,7 +24,7 @@ from infeng.errors import InfengError
 from infeng.runtime.engine import Engine, Request, Result
 from infeng.runtime.sampler import SamplingParams
 from infeng.runtime.tokenizer import Tokenizer
-from infeng.telemetry import percentile
+from infeng.telemetry import peak_rss_mb, percentile
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop")
 REQUEST_FIELDS = {"id", "prompt", "priority", "adapter", *SAMPLING_FIELDS}
@@ -213,7 +213,6 @@ def metrics(engine: Engine, results: list[Result], wall_s: float) -> dict[str, f
     queue = [r.queue_s * 1e3 for r in results if r.queue_s is not None]
     itl = [(b - a) * 1e3 for r in results for a, b in zip(r.token_times, r.token_times[1:])]
     gen = sum(len(r.token_ids) for r in results)
-    from infeng.telemetry import peak_rss_mb
     nan = float("nan")
     return {
         "requests": len(results),

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from infeng import kernels
 from infeng.kernels import ptr
 from infeng.model.loader import Model, load_model
 from infeng.runtime.engine import Engine, FinishEvent, Request, Result
@@ -125,7 +126,6 @@ class _SimTokenizer:
 
 def sim_engine(model: Model, cost: CostModel, **engine_kw) -> Engine:
     """An Engine on virtual time whose forward pass is the cost model."""
-    from infeng import kernels
     clock = VirtualClock()
     kw = dict(max_batch=8, max_batch_tokens=512)
     kw.update(engine_kw)
