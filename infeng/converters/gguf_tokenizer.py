@@ -8,7 +8,11 @@ Two GGUF tokenizer models:
   into two normal pieces, ranked by the joined piece's score. Byte fallback on; a ``▁`` is
   prepended when ``tokenizer.ggml.add_space_prefix`` (default true) and spaces become ``▁``.
 - ``gpt2``: byte-level BPE with an explicit merge list ("a b" strings); the pre-tokenizer split
-  follows ``tokenizer.ggml.pre`` (GPT-2's regex or Llama 3's).
+  follows ``tokenizer.ggml.pre``: GPT-2's regex, SmolLM's (GPT-2's with every digit on its own),
+  Llama 3's, or Qwen2's (one digit per piece, text NFC-normalized first as Qwen's own tokenizer
+  does). A ``pre`` not listed is refused by name: another split would give other tokens silently.
+  BOS is added only when ``tokenizer.ggml.add_bos_token`` says so (llama.cpp's default: only the
+  Llama 3 split adds it); generation stops at EOS and at the end-of-turn / end-of-message tokens.
 
 A file that carries ``tokenizer.huggingface.json`` (infeng's own exports do) uses that verbatim,
 after checking it loads and has the same vocabulary size.
@@ -23,9 +27,17 @@ from infeng.errors import InfengError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre → the split regex (None: GPT-2's own, inside the ByteLevel pre-tokenizer)
-PRE_SPLITS = {"default": None, "gpt-2": None, "gpt2": None, "smollm": None,
-              "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT}
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre → how text is split before BPE: "gpt2" (GPT-2's regex, inside the ByteLevel
+# pre-tokenizer), "digits" (each digit alone, then GPT-2's), "llama3", "qwen2"
+PRE_SPLITS = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2",
+              "smollm": "digits", "starcoder": "digits", "refact": "digits",
+              "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "smaug-bpe": "llama3",
+              "dbrx": "llama3",
+              "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2"}
+ADDS_BOS = {"llama3"}          # split kinds whose models add BOS unless the file says otherwise
+END_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 MAX_PIECE = 1024    # characters; SentencePiece trains pieces of at most 16 by default
@@ -84,24 +96,54 @@ def llama_tokenizer(tokens, scores, types, unk_id: int | None, add_space_prefix:
                       "merges": sentencepiece_merges(tokens, scores, types, where)}}
 
 
+def _pre_tokenizer(kind: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(normalizer, pre-tokenizer) of a byte-level BPE split kind, as tokenizer.json writes them."""
+    def byte_level(regex: bool):
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": regex}
+
+    def split(pattern: str):
+        return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    if kind == "gpt2":
+        return None, byte_level(True)
+    if kind == "digits":
+        return None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                            byte_level(True)]}
+    if kind == "llama3":
+        return None, {"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(False)]}
+    return {"type": "NFC"}, {"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(False)]}
+
+
+def pre_name(pre_tok: Any) -> str:
+    """The tokenizer.ggml.pre name of a tokenizer.json pre-tokenizer (for GGUF export): its split
+    regex or a Digits step decides; anything else is GPT-2's ("default")."""
+    steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
+    steps = [x for x in steps if isinstance(x, dict)]
+    splits = [(x.get("pattern") or {}).get("Regex") for x in steps if x.get("type") == "Split"]
+    if LLAMA3_SPLIT in splits:
+        return "llama-bpe"
+    if QWEN2_SPLIT in splits:
+        return "qwen2"
+    if any(x.get("type") == "Digits" and x.get("individual_digits") for x in steps):
+        return "smollm"
+    return "default"
+
+
 def gpt2_tokenizer(tokens, merges: list[str], pre: str, where: str) -> dict[str, Any]:
     if pre not in PRE_SPLITS:
         raise InfengError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported ({', '.join(PRE_SPLITS)})")
-    split = PRE_SPLITS[pre]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": split is None}
-    pre_tok = byte_level if split is None else {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False}, byte_level]}
+    kind = PRE_SPLITS[pre]
+    normalizer, pre_tok = _pre_tokenizer(kind)
     pairs = []
     for i, m in enumerate(merges):
         parts = m.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise InfengError(f"{where}: tokenizer.ggml.merges[{i}] {m[:40]!r} is not two tokens separated by a space")
         pairs.append(parts)
-    return {"normalizer": None, "pre_tokenizer": pre_tok,
+    return {"normalizer": normalizer, "pre_tokenizer": pre_tok,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": pre in ("llama-bpe", "llama3"),
+                      "ignore_merges": kind == "llama3",
                       "vocab": {t: i for i, t in enumerate(tokens)}, "merges": pairs}}
 
 
@@ -119,11 +161,14 @@ def build(g, where: str) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
         if v is not None and not 0 <= v < n:
             raise InfengError(f"{where}: {key} {v} is outside the vocabulary (0..{n - 1})")
         return v
-    bos_id, eos_id = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    bos_id = token_id("tokenizer.ggml.bos_token_id")
     unk_id = token_id("tokenizer.ggml.unknown_token_id")
-    add_bos = g.get("tokenizer.ggml.add_bos_token", "bool", bos_id is not None)
+    kind = g.get("tokenizer.ggml.model", "str", required=True)
+    pre = g.get("tokenizer.ggml.pre", "str", "default")
+    default_bos = bos_id is not None and (kind != "gpt2" or PRE_SPLITS.get(pre) in ADDS_BOS)
+    add_bos = g.get("tokenizer.ggml.add_bos_token", "bool", default_bos)
     template = g.get("tokenizer.chat_template", "str")
-    eos = (eos_id,) if eos_id is not None else ()
+    eos = tuple(dict.fromkeys(i for i in map(token_id, END_KEYS) if i is not None))
     hf = g.get("tokenizer.huggingface.json", "str")
     if hf is not None:
         return {"json": _checked(hf, n, where), "add_bos": add_bos, "chat_template": template}, bos_id, eos
@@ -131,7 +176,6 @@ def build(g, where: str) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
     types = g.get("tokenizer.ggml.token_type", "list", [NORMAL] * n)
     if len(types) != n or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
         raise InfengError(f"{where}: tokenizer.ggml.token_type must list {n} integers")
-    kind = g.get("tokenizer.ggml.model", "str", required=True)
     if kind == "llama":
         scores = g.get("tokenizer.ggml.scores", "list", required=True)
         if len(scores) != n or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
@@ -143,7 +187,7 @@ def build(g, where: str) -> tuple[dict[str, Any], int | None, tuple[int, ...]]:
         merges = g.get("tokenizer.ggml.merges", "list", required=True)
         if not all(isinstance(m, str) for m in merges):
             raise InfengError(f"{where}: tokenizer.ggml.merges must be a list of strings")
-        spec = gpt2_tokenizer(tokens, merges, g.get("tokenizer.ggml.pre", "str", "default"), where)
+        spec = gpt2_tokenizer(tokens, merges, pre, where)
     else:
         raise InfengError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (llama, gpt2)")
     full = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added(tokens, types),

@@ -25,7 +25,7 @@ import numpy as np
 from infeng import format as native
 from infeng.converters import gguf_arch
 from infeng.converters.gguf_read import GGUFFile, gguf_name
-from infeng.converters.gguf_tokenizer import LLAMA3_SPLIT
+from infeng.converters.gguf_tokenizer import pre_name
 from infeng.errors import InfengError
 from infeng.format.schema import expected_shapes
 from infeng.telemetry import atomic_path
@@ -123,10 +123,7 @@ def _vocab(model) -> list[bytes]:
         return [_kv("tokenizer.ggml.model", STR, "llama"), _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)),
                 _kv("tokenizer.ggml.scores", ARR, (F32, scores)), _kv("tokenizer.ggml.token_type", ARR, (I32, types))]
     merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]
-    pre_tok = tok.get("pre_tokenizer") or {}
-    steps = pre_tok.get("pretokenizers", [pre_tok]) if isinstance(pre_tok, dict) else []
-    splits = [(x.get("pattern") or {}).get("Regex") for x in steps if isinstance(x, dict) and x.get("type") == "Split"]
-    pre = "llama-bpe" if LLAMA3_SPLIT in splits else "default"
+    pre = pre_name(tok.get("pre_tokenizer"))
     return [_kv("tokenizer.ggml.model", STR, "gpt2"), _kv("tokenizer.ggml.pre", STR, pre),
             _kv("tokenizer.ggml.tokens", ARR, (STR, tokens)), _kv("tokenizer.ggml.token_type", ARR, (I32, types)),
             _kv("tokenizer.ggml.merges", ARR, (STR, merges))]

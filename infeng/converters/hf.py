@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from infeng.converters.hf_config import from_hf
+from infeng.converters.hf_tokenizer import load_tokenizer_files
 from infeng.converters.safetensors_io import SafetensorsFile
 from infeng.errors import InfengError
 from infeng.format.config import ModelConfig
@@ -141,17 +142,3 @@ def load_folder(folder: str | Path, dtype: str | None = None):
 
 def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
     return replace(cfg, **kw)
-
-
-def load_tokenizer_files(folder: Path) -> dict[str, Any]:
-    tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        raise InfengError(f"{folder}: no tokenizer.json (the engine tokenizes with the `tokenizers` library)")
-    text = tj.read_text()
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InfengError(f"{tj}: not valid JSON ({e})") from None
-    tc = read_json(folder / "tokenizer_config.json", required=False) or {}
-    return {"json": text, "add_bos": bool(tc.get("add_bos_token", True)),
-            "chat_template": tc.get("chat_template")}

@@ -124,7 +124,8 @@ def _parse_openai(d, item: BatchItem, loc: str, defaults: SamplingParams, tok: T
     params = _params(defaults, over, loc)
     if item.kind == "chat":
         ids = tok.chat_ids(body.get("messages"), loc)
-        item.request = Request(id=item.key, prompt_ids=ids, params=params)
+        stop = tuple(sorted(set(params.stop_token_ids) | set(tok.chat_stop_ids)))   # the template's end of turn
+        item.request = Request(id=item.key, prompt_ids=ids, params=replace(params, stop_token_ids=stop))
     else:
         prompt = body.get("prompt", "")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

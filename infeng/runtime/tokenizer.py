@@ -26,12 +26,17 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = frozenset(eos_ids)
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in self.tk.get_added_tokens_decoder().items() if t.special)
+        self._compiled = None       # the chat template, compiled on first use
+        self._eot: tuple[int, ...] | None = None
         self.special = {name: self.tk.id_to_token(i) or "" for name, i in
-                        (("bos", bos_id), ("eos", min(eos_ids) if eos_ids else None)) if i is not None}
+                        (("bos", bos_id), ("eos", tuple(eos_ids)[0] if eos_ids else None)) if i is not None}
 
     def encode(self, text: str) -> list[int]:
-        """Prompt → ids, BOS first when the model wants one (an empty prompt is BOS alone)."""
-        ids = self.tk.encode(text, add_special_tokens=True).ids if text else []
+        """Prompt → ids, BOS first when the model wants one (an empty prompt is BOS alone).
+        ``add_bos`` alone decides (the loaders read it from the model's files), not the
+        tokenizer.json post-processor: transformers too drops that BOS when add_bos_token is false."""
+        ids = self.encode_plain(text) if text else []
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
@@ -40,9 +45,10 @@ class Tokenizer:
         """Ids of ``text`` with no special tokens added (for text that already has them)."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def render_chat(self, messages: list[dict[str, Any]], where: str = "") -> str:
-        """The model's chat template applied to ``messages`` with a generation prompt, in a
-        sandboxed Jinja environment (templates come from model files: never trusted code)."""
+    def render_chat(self, messages: list[dict[str, Any]], where: str = "", add_generation_prompt: bool = True) -> str:
+        """The model's chat template applied to ``messages`` (with the assistant's generation
+        prompt unless told otherwise), in a sandboxed Jinja environment (templates come from
+        model files: never trusted code)."""
         pre = f"{where}: " if where else ""
         if not self.chat_template:
             raise InfengError(f"{pre}this model has no chat template, so chat requests cannot run (use a completion prompt)")
@@ -51,32 +57,71 @@ class Tokenizer:
                 for m in messages):
             raise InfengError(f"{pre}messages must be a non-empty list of {{role, content}} objects with string values")
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise TemplateError(msg)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.special.get("bos", ""),
-                eos_token=self.special.get("eos", ""))
+            return self._template().render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.special.get("bos", ""), eos_token=self.special.get("eos", ""))
         except TemplateError as e:
             raise InfengError(f"{pre}chat template failed: {e}") from None
+
+    def _template(self):
+        if self._compiled is None:
+            import time
+
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise TemplateError(msg)
+            # the environment transformers renders templates in: what templates may call
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+            try:
+                self._compiled = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise InfengError(f"chat template does not parse: {e}") from None
+        return self._compiled
 
     def chat_ids(self, messages: list[dict[str, Any]], where: str = "") -> list[int]:
         """Prompt ids for a chat: the rendered template, tokenized as is (it carries its own BOS)."""
         return self.encode_plain(self.render_chat(messages, where))
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=True)
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """The special token the chat template writes right after an assistant message (ChatML's
+        ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``): a chat reply stops there
+        even when the model's EOS is another token. Found by rendering a probe conversation; ()
+        when the model has no template or the template ends a turn with plain text."""
+        if self._eot is None:
+            self._eot = ()
+            if self.chat_template:
+                probe = "infeng-probe-4d1c"
+                try:
+                    text = self.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                            "chat template", add_generation_prompt=False)
+                except InfengError:     # a template that wants other turns: EOS alone ends replies
+                    text = ""
+                if probe in text:
+                    after = self.encode_plain(text[text.rindex(probe) + len(probe):])
+                    if after and after[0] in self.special_ids:
+                        self._eot = (after[0],)
+        return self._eot
 
-    def completion_text(self, context: list[int], ids: list[int]) -> str:
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a chat reply: EOS and the template's end of turn."""
+        return tuple(sorted(self.eos_ids | set(self.end_of_turn_ids)))
+
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        return self.tk.decode(ids, skip_special_tokens=not keep_special)
+
+    def completion_text(self, context: list[int], ids: list[int], keep_special: bool = False) -> str:
         """The text ``ids`` add after ``context`` (keeps the leading space a lone decode drops):
         two decodes, the same text the stream decoder hands out piece by piece."""
         ctx = context[-StreamDecoder.CONTEXT:]
-        before = self.decode(ctx)
-        full = self.decode(ctx + list(ids))
+        before = self.decode(ctx, keep_special)
+        full = self.decode(ctx + list(ids), keep_special)
         if full.startswith(before):
             return full[len(before):]
         n = 0
