@@ -10,7 +10,7 @@ OUT    := out
 MODELS ?= $(or $(INFENG_MODELS),$(HOME)/.cache/infeng/models)
 SMOLLM := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup demo test test-ray kernels bench fuzz clean model
+.PHONY: setup demo test kernels bench fuzz clean model
 
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
@@ -45,11 +45,6 @@ model: setup  ## fetch the real model into $(MODELS) (once)
 test: setup  ## the suite; the real model is fetched first (without it those tests skip, saying why)
 	@$(BIN)/python tools/fetch_model.py --dir $(MODELS) >/dev/null || echo "note: the tests that need the real model will skip"
 	INFENG_MODELS=$(MODELS) INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest
-
-# the Ray tests (skipped by `make test` when Ray is absent): a local 2-CPU cluster on 127.0.0.1
-test-ray: setup
-	$(BIN)/pip install -q -e '.[ray]' 2>&1 | grep -v '^WARNING: Location' || true
-	INFENG_TEST_DATA=$(DATA) $(BIN)/python -m pytest tests/test_jobs_ray.py
 
 # llama.cpp is built for this CPU (native flags) but without AMX: CPUs here advertise AMX tiles
 # that the kernel does not enable, and llama.cpp's AMX path then dies with SIGILL.
