@@ -126,7 +126,7 @@ def test_bench_bad_input(tmp_path, capsys):
 def test_shipped_suites_parse():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "bench"
-    for f in sorted(root.glob("*.yaml")):
+    for f in sorted(root.glob("**/*.yaml")):          # bench/serve/load.yaml too
         s = S.load_suite(f)
         assert (s.kind.name in COMPARISONS) if isinstance(s, ComparisonSuite) else s.scenarios, f
 
@@ -158,6 +158,62 @@ def test_comparison_suite_bad_input(tmp_path, capsys):
     assert "`ranks` must be a list of positive integers" in err
     assert "--peer: not used by kind engine" in err and "kind engine takes no repeats" in err
     assert "Traceback" not in err
+
+
+def test_sim_kind_end_to_end(data_dir, tmp_path):
+    """kind sim: the engine and the simulator on one small trace; bad ranges refused by name."""
+    y = tmp_path / "sim.yaml"
+    y.write_text("kind: sim\nrequests: 4\nprompt: [4, 8]\noutput: [2, 4]\nthreads: 1\nmax_batch: 4\n")
+    out = tmp_path / "sim.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert [r["runner"] for r in run["records"]] == ["engine", "simulator", "cost_model"]
+    assert run["records"][1]["requests"] == 4 and "throughput_ratio" in run["metrics"]
+
+
+def test_serve_load_kind_end_to_end(data_dir, tmp_path, monkeypatch):
+    """kind serve_load: a server on stories260K with two random adapters, two concurrency levels."""
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "load.yaml"
+    y.write_text("kind: serve_load\nthreads: 1\nmax_batch: 4\nadapters: 2\nrank: 2\nconcurrency: [1, 2]\n"
+                 "requests: 4\nprompt_tokens: [4, 8]\noutput_tokens: [2, 4]\n")
+    out = tmp_path / "load.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [r["concurrency"] for r in recs] == [1, 2, "overhead"]
+    assert all(r["all_complete"] and r["errors"] == 0 and r["accepted"] == 4 for r in recs[:2])
+
+
+def test_new_kinds_refuse_bad_parameters(tmp_path, capsys, data_dir):
+    y = tmp_path / "c.yaml"
+    bad = [("kind: sim\nprompt: [8, 4]\n", ["--model", "m"]),
+           ("kind: sim\nseed: -1\n", ["--model", "m"]),
+           ("kind: serve_load\nconcurrency: [1, 0]\n", []),
+           ("kind: serve_load\nbogus: 1\n", []),
+           ("kind: grammar_mask\ntokens: 64\n", []),
+           ("kind: grammar_mask\n", ["--threads", "2"]),
+           ("kind: llamacpp_agreement\ntext: t.txt\n", []),
+           ("kind: llamacpp_agreement\ntext: t.txt\n", ["--model", str(tmp_path / "no.gguf")])]
+    for text, args in bad:
+        y.write_text(text)
+        assert main(["bench", "--suite", str(y), *args]) == 1, text
+    err = capsys.readouterr().err
+    for want in ("`prompt` must be [LOW, HIGH]", "`seed` must be >= 0", "`concurrency` must be a list of positive",
+                 "unknown key(s) bogus for kind serve_load", "`tokenizers` must be a list of tokenizer.json",
+                 "kind grammar_mask takes no threads", "kind llamacpp_agreement needs gguf", "no.gguf: no such file"):
+        assert want in err, want
+    assert "Traceback" not in err
+
+
+def test_grammar_mask_kind_notes_missing_libraries(data_dir, tmp_path, monkeypatch, capsys):
+    """--model names one tokenizer; a library not installed is a note, not an error."""
+    for lib in ("llguidance", "outlines_core"):
+        _block_import(monkeypatch, lib)
+    y = tmp_path / "g.yaml"
+    y.write_text("kind: grammar_mask\ntokens: 8\n")
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K" / "tokenizer.json")]) == 0
+    err = capsys.readouterr().err
+    assert "llguidance not installed" in err and "outlines-core not installed" in err
 
 
 def _block_import(monkeypatch, name):

@@ -1,6 +1,7 @@
 """Suite kinds beyond the scenario table: comparisons whose records have shapes of their own (LoRA
 overhead, multi-LoRA against PEFT or llama.cpp, llama.cpp's quantizations by KL-divergence, the
-engine's scheduling scenarios, batch jobs' memory, kills and scale-out). A suite file names one with ``kind:`` and sets its parameters:
+engine's scheduling scenarios, batch jobs' memory, kills and scale-out, the simulator against the
+engine, `infeng serve` under load, grammar masks' per-token cost, agreement with llama.cpp). A suite file names one with ``kind:`` and sets its parameters:
 
     kind: llamacpp_kld
     base: out/stories-f32.infeng
@@ -13,6 +14,7 @@ engine's scheduling scenarios, batch jobs' memory, kills and scale-out). A suite
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infeng.bench import engine_scenarios, job_memory, job_resume, lora_scenarios, llamacpp_kld, llamacpp_lora, \
-    peft_peer, scale_out
+from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, lora_scenarios, \
+    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, sim_compare
 from infeng.bench.peers import PeerSkip
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
@@ -35,6 +37,7 @@ class Comparison:
     model_param = "base"                 # the parameter `--model` sets
     required: tuple[str, ...] = ()
     defaults: dict[str, Any] = {}
+    may_be_zero: tuple[str, ...] = ()    # integers where 0 means something (seeds)
 
     def params(self, given: dict[str, Any], where: str, complete: bool = True) -> dict[str, Any]:
         """The defaults updated with ``given``, each checked against its default's type (and,
@@ -55,8 +58,8 @@ class Comparison:
             # a YAML `true` is an int to Python: a bool only where the default is one
             if not isinstance(v, type(d)) or isinstance(v, bool) != isinstance(d, bool):
                 raise InfengError(f"{where}: `{k}` must be {type(d).__name__}, got {v!r}")
-            if isinstance(d, int) and not isinstance(d, bool) and v < 1:
-                raise InfengError(f"{where}: `{k}` must be >= 1, got {v}")
+            if isinstance(d, int) and not isinstance(d, bool) and v < (0 if k in self.may_be_zero else 1):
+                raise InfengError(f"{where}: `{k}` must be >= {0 if k in self.may_be_zero else 1}, got {v}")
         return p
 
     def run(self, p: dict[str, Any], log: Log) -> tuple[list[dict[str, Any]], list[str]]:
@@ -188,6 +191,79 @@ class ScaleOut(Comparison):
         return scale_out.run(p["model"], p["requests"], p["max_tokens"], p["repeats"], log), []
 
 
+class SimCompare(Comparison):
+    """The engine simulator against the real engine on one synthetic trace (rate 0: all at once)."""
+    name, model_param, required, may_be_zero = "sim", "model", ("model",), ("seed",)
+    defaults = {"requests": 32, "rate": 0.0, "prompt": [64, 1024], "output": [16, 256], "threads": 2,
+                "max_batch": 8, "kv_budget_mb": 0.0, "seed": 0}
+
+    def run(self, p, log):
+        prompt, output = (_range(p[k], k, self.name) for k in ("prompt", "output"))
+        if p["rate"] < 0 or p["kv_budget_mb"] < 0:
+            raise InfengError(f"{self.name}: `rate` and `kv_budget_mb` must be >= 0")
+        return sim_compare.run(p["model"], p["requests"], p["rate"], prompt, output, p["threads"], p["max_batch"],
+                               p["kv_budget_mb"] or None, p["seed"], log), []
+
+    def metrics(self, records):
+        return {k: records[1][k] for k in ("throughput_ratio", "ttft_p99_ratio")}
+
+
+class ServeLoad(Comparison):
+    """`infeng serve` under N concurrent streaming clients over a Zipf mix of adapters."""
+    name, model_param, may_be_zero = "serve_load", "model", ("seed", "adapters")
+    defaults = serve_load.DEFAULTS
+
+    def run(self, p, log):
+        _positive_ints(p["concurrency"], "concurrency", self.name)
+        for k in ("prompt_tokens", "output_tokens"):
+            _range(p[k], k, self.name)
+        return serve_load.run(p, log)
+
+
+class GrammarMask(Comparison):
+    """Per-token cost of llguidance's and outlines-core's token masks (each optional) on vocabularies."""
+    name, model_param = "grammar_mask", "tokenizers"
+    defaults = {"tokenizers": [], "tokens": 64}
+
+    def run(self, p, log):
+        t = p["tokenizers"]
+        if not t or not all(isinstance(x, str) and Path(x).is_file() for x in t):
+            raise InfengError(f"{self.name}: `tokenizers` must be a list of tokenizer.json files, got {t!r}")
+        return grammar_mask.run(t, p["tokens"], log)
+
+
+class LlamaCppAgreement(Comparison):
+    """infeng against llama.cpp on one GGUF file: greedy agreement and KL-divergence on a text."""
+    name, model_param, required = "llamacpp_agreement", "gguf", ("gguf", "text")
+    defaults = {"threads": 2, "ctx": 512, "n": 32, "top_k": 128, "greedy": True}
+
+    def run(self, p, log):
+        for k in self.required:
+            if not Path(p[k]).is_file():
+                raise InfengError(f"{self.name}: {k} {p[k]}: no such file")
+        try:
+            rec = llamacpp_agreement.run(Path(p["gguf"]), Path(p["text"]), p["threads"], p["ctx"], p["n"],
+                                         p["top_k"], log=log, greedy=p["greedy"])
+        except PeerSkip as e:
+            return [], [f"llama.cpp peer skipped: {e}"]
+        # one flat record: nested figures prefixed, lists as JSON text (CSV cells)
+        flat = {k: v for k, v in rec.items() if not isinstance(v, (dict, list)) and v is not None}
+        for part in ("greedy", "kld"):
+            flat.update({f"{part}_{k}": json.dumps(v) if isinstance(v, list) else v
+                         for k, v in (rec[part] or {}).items()})
+        return [flat], []
+
+    def metrics(self, records):
+        return {"kld_mean": records[0]["kld_kld_mean"]} if records else {}
+
+
+def _range(v, key: str, where: str) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and 1 <= v[0] <= v[1]):
+        raise InfengError(f"{where}: `{key}` must be [LOW, HIGH] with 1 <= LOW <= HIGH, got {v!r}")
+    return v[0], v[1]
+
+
 def _adapter_dtype(p: dict[str, Any]) -> None:
     if p["adapter_dtype"] not in ("bf16", "f32", "int8"):
         raise InfengError(f"`adapter_dtype` {p['adapter_dtype']!r}: one of bf16, f32, int8")
@@ -196,7 +272,7 @@ def _adapter_dtype(p: dict[str, Any]) -> None:
 COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
     LoraOverhead(), LoraPeer("peft_lora", "peft", peft_peer.compare),
     LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios(),
-    JobMemory(), JobResume(), ScaleOut())}
+    JobMemory(), JobResume(), ScaleOut(), SimCompare(), ServeLoad(), GrammarMask(), LlamaCppAgreement())}
 
 
 @dataclass
@@ -212,6 +288,8 @@ class ComparisonSuite:
                 continue
             if key not in self.kind.defaults and key not in self.kind.required:
                 raise InfengError(f"{self.where}: kind {self.kind.name} takes no {key}")
+            if isinstance(self.kind.defaults.get(key), list):
+                v = [v]         # --model names one of a list (grammar_mask's tokenizers)
             self.params[key] = v
 
     def run(self, log: Log) -> tuple[list[dict[str, Any]], list[str]]:

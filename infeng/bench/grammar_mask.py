@@ -1,7 +1,7 @@
 """Per-token cost of a grammar library's token mask on the engine's vocabularies: which library
 structured output uses, and whether constrained sequences slow a batch.
 
-    python -m infeng.bench.grammar_mask TOKENIZER.json [TOKENIZER.json ...] [--tokens 64]
+    infeng bench --suite bench/grammar_mask.yaml [--model TOKENIZER.json]      (kind: grammar_mask)
 
 For llguidance and outlines-core (each optional; a missing one is skipped with a note), and for a
 JSON schema and a regex: the once-per-server vocabulary setup, the per-grammar setup (compile /
@@ -11,7 +11,6 @@ xgrammar is not measured: it requires torch, which the engine never imports.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -103,27 +102,22 @@ def bench_outlines(tk: HFTokenizer, eos: int, vocab: int, n: int):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tokenizers", nargs="+", help="tokenizer.json files")
-    ap.add_argument("--tokens", type=int, default=64)
-    a = ap.parse_args(argv)
-    print(f"{'vocab':>7} {'library':>14} {'grammar':>7} {'vocab_ms':>9} {'grammar_ms':>10} {'tokens':>6} {'us/token':>9}")
-    for path in a.tokenizers:
+def run(tokenizers: list[str], tokens: int, log=print) -> tuple[list[dict], list[str]]:
+    """One record per (vocabulary, library, grammar); a note per library not installed."""
+    recs, notes = [], []
+    for path in tokenizers:
         text = open(path).read()
         tk = HFTokenizer.from_str(text)
         vocab, eos = tk.get_vocab_size(), eos_of(tk)
         rows = []
-        for name, fn in (("llguidance", lambda: bench_llguidance(text, eos, vocab, a.tokens)),
-                         ("outlines-core", lambda: bench_outlines(tk, eos, vocab, a.tokens))):
+        for name, fn in (("llguidance", lambda: bench_llguidance(text, eos, vocab, tokens)),
+                         ("outlines-core", lambda: bench_outlines(tk, eos, vocab, tokens))):
             try:
                 rows += fn()
             except ImportError:
-                print(f"  ({name} not installed: skipped)")
+                notes.append(f"{name} not installed: skipped ({path})")
         for lib, kind, once, setup, steps, per in rows:
-            print(f"{vocab:>7} {lib:>14} {kind:>7} {once * 1e3:>9.1f} {setup * 1e3:>10.1f} {steps:>6} {per * 1e6:>9.1f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            recs.append({"tokenizer": path, "vocab": vocab, "library": lib, "grammar": kind, "vocab_ms": once * 1e3,
+                         "grammar_ms": setup * 1e3, "tokens": steps, "us_per_token": per * 1e6})
+            log(f"{vocab:>7} {lib:>14} {kind:>7} {once * 1e3:>9.1f} {setup * 1e3:>10.1f} {steps:>6} {per * 1e6:>9.1f}")
+    return recs, notes

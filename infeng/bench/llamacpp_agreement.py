@@ -1,21 +1,18 @@
 """infeng against llama.cpp on the same GGUF file (a real model): greedy agreement on ten prompts
 and the KL-divergence of infeng's next-token distributions from llama.cpp's on a text.
 
-    python -m infeng.bench.llamacpp_agreement MODEL.gguf --text FILE --threads 2 [--ctx 512] [--json out.json]
+    infeng bench --suite bench/llamacpp_agreement.yaml --model MODEL.gguf [--json out.json]  (kind: llamacpp_agreement)
 
 Both engines read the very same file (infeng converts it in memory, weights copied byte for byte)
 and the same token ids: the prompts are rendered with the model's chat template and tokenized by
 infeng (tests/test_smollm2.py checks that llama.cpp's tokenizer gives the same ids). Greedy: each
-prompt continued ``--n`` tokens by both (end-of-turn tokens do not stop them), reported as the
+prompt continued ``n`` tokens by both (end-of-turn tokens do not stop them), reported as the
 tokens equal before the first divergence and the positions equal overall. KLD: llama.cpp's
 logits are the baseline (top-k log-probs + rest, as `infeng eval --kld`), reduced by
 infeng.evals.perplexity. llama_cpp is imported only here (the `peers` extra).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -116,30 +113,3 @@ def run(gguf: Path, text: Path, threads: int, ctx: int, n: int, top_k: int, log=
     return {"gguf": str(gguf), "text": str(text), "threads": threads, "ctx": ctx, "n_greedy": n,
             "llama_cpp_python": getattr(lc, "__version__", "?"), "greedy": agree, "kld": kld,
             "infeng_tokens": ours, "llamacpp_tokens": theirs}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m infeng.bench.llamacpp_agreement", description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", type=Path)
-    ap.add_argument("--text", type=Path, required=True, help="text for the KLD (documents split on <|endoftext|>)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--n", type=int, default=32, help="greedy tokens per prompt")
-    ap.add_argument("--top-k", type=int, default=128, help="baseline log-probs kept per position")
-    ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--no-greedy", action="store_true", help="the KLD only")
-    a = ap.parse_args(argv)
-    try:
-        if not a.gguf.is_file():
-            raise InfengError(f"{a.gguf}: no such file")
-        rec = run(a.gguf, a.text, a.threads, a.ctx, a.n, a.top_k, greedy=not a.no_greedy)
-    except (InfengError, PeerSkip) as e:
-        print(f"llamacpp_agreement: error: {e}", file=sys.stderr)
-        return 1
-    if a.json:
-        a.json.write_text(json.dumps(rec, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Load benchmark of `infeng serve`: N concurrent streaming clients over a Zipf mix of adapters.
 
-    python -m infeng.bench.serve_load bench/serve/load.yaml [--json out.json]
+    infeng bench --suite bench/serve/load.yaml [--model M --threads N] [--json out.json]   (kind: serve_load)
 
 The config names the model (a synthetic architecture or a model path), its adapters (random
 rank-r ones for a synthetic base, or a directory of .infeng-lora files), the server's settings and
@@ -17,7 +17,6 @@ count as 0).
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import subprocess
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from infeng.bench import synthetic
 from infeng.errors import InfengError
@@ -41,7 +39,7 @@ from infeng.runtime.tokenizer import Tokenizer
 from infeng.telemetry import percentile
 
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
-            "adapters": 8, "rank": 16, "adapters_dir": None, "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
+            "adapters": 8, "rank": 16, "adapters_dir": "", "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
             "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512}
 
 
@@ -54,17 +52,6 @@ class Outcome:
     tokens: int = 0
     complete: bool = False
     error: str | None = None
-
-
-def load_config(path: Path) -> dict[str, Any]:
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InfengError(f"{path}: cannot read the benchmark config ({e})") from None
-    unknown = set(d) - set(DEFAULTS)
-    if unknown:
-        raise InfengError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(DEFAULTS)})")
-    return {**DEFAULTS, **d}
 
 
 def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
@@ -183,17 +170,10 @@ def prepare(cfg: dict) -> tuple[Path, Path | None, list[str]]:
     return model, d, names
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", type=Path)
-    ap.add_argument("--json", type=Path, help="write the results here")
-    a = ap.parse_args(argv)
-    try:
-        cfg = load_config(a.config)
-        model, adir, names = prepare(cfg)
-    except InfengError as e:
-        print(f"infeng: error: {e}", file=sys.stderr)
-        return 1
+def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
+    """One record per concurrency level, then the overhead record; a note for each level whose
+    requests were not all complete and error-free."""
+    model, adir, names = prepare(cfg)
     m = load_model(model, verify=False)
     vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)
@@ -210,8 +190,7 @@ def main(argv=None) -> int:
                 port = int(line.split("127.0.0.1:")[1].split()[0])
                 break
         if port is None:
-            print(f"infeng: error: the server did not start (exit {p.wait()})", file=sys.stderr)
-            return 1
+            raise InfengError(f"serve_load: the server did not start (exit {p.wait()})")
         threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
         time.sleep(0.5)
         rows = [run_level(port, reqs, c) for c in cfg["concurrency"]]
@@ -219,21 +198,10 @@ def main(argv=None) -> int:
     finally:
         p.terminate()
         p.wait(60)
-    cols = ["concurrency", "accepted", "rejected_429", "errors", "all_complete", "tok_s", "ttft_ms_p50",
-            "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "429_ms_p99"]
-    print(f"model {model.name}, {len(names)} adapters, Zipf α={cfg['zipf_alpha']}, {cfg['requests']} requests per level")
-    print(" ".join(f"{c:>13}" for c in cols))
-    for r in rows:
-        print(" ".join(f"{r[c]:>13.1f}" if isinstance(r[c], float) else f"{r[c]!s:>13}" for c in cols))
-    print(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
-          f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
-    for r in rows:
-        if r["first_error"]:
-            print(f"concurrency {r['concurrency']}: first error: {r['first_error']}")
-    if a.json:
-        a.json.write_text(json.dumps({"config": cfg, "results": rows, "overhead": over}, indent=1, default=str))
-    return 0 if all(r["all_complete"] and not r["errors"] for r in rows) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    log(f"model {model.name}, {len(names)} adapters, Zipf α={cfg['zipf_alpha']}, {cfg['requests']} requests per level")
+    log(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
+        f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
+    notes = [f"concurrency {r['concurrency']}: not every request complete and error-free"
+             + (f" (first error: {r['first_error']})" if r["first_error"] else "")
+             for r in rows if not (r["all_complete"] and not r["errors"])]
+    return rows + [{"concurrency": "overhead", **over}], notes

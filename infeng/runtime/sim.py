@@ -7,11 +7,11 @@ by ``SimNet``: it charges each step the time the cost model predicts and advance
 clock. Everything else — admission, priorities and aging, chunked prefill, KV blocks, preemption,
 prefix sharing — is the engine's code, so policies can be compared in seconds.
 
-    python -m infeng.runtime.sim MODEL --requests 32 --rate 2 --compare   # real vs simulated
+Real against simulated on one trace: ``infeng bench --suite bench/sim.yaml --model MODEL`` (kind
+``sim``, infeng/bench/sim_compare.py; the runtime does not import bench).
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from infeng import kernels
 from infeng.kernels import ptr
-from infeng.model.loader import Model, load_model
+from infeng.model.loader import Model
 from infeng.runtime.engine import Engine, FinishEvent, Request, Result
 from infeng.runtime.sampler import SamplingParams
 from infeng.telemetry import percentile
@@ -186,42 +186,3 @@ def replay(engine: Engine, trace: list[TraceRequest], requests: list[Request], s
                 (sleep or time.sleep)(wait)
     # submit times are on the engine clock; make TTFT relative to the trace arrival
     return Report(results, clock() - start)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description="replay a synthetic trace against the engine and the simulator")
-    ap.add_argument("model")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0 = all at once)")
-    ap.add_argument("--prompt", default="64,1024")
-    ap.add_argument("--output", default="16,256")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--kv-budget-mb", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare", action="store_true", help="run the real engine too, fit the cost model from it")
-    a = ap.parse_args()
-    model = load_model(a.model, verify=False)
-    lo, hi = map(int, a.prompt.split(","))
-    olo, ohi = map(int, a.output.split(","))
-    trace = make_trace(a.requests, a.rate, (lo, hi), (olo, ohi), seed=a.seed)
-    kw = dict(max_batch=a.max_batch, kv_budget_mb=a.kv_budget_mb)
-    real = Engine(model, threads=a.threads, detokenize=False, **kw)
-    # calibrate on a different trace of the same kind (the fit is out of sample), then replay
-    calib = make_trace(max(8, a.requests // 2), 0, (lo, hi), (olo, ohi), seed=a.seed + 1)
-    replay(real, calib[:2], trace_requests(calib[:2], model.config.vocab_size, 2))   # page in
-    real.step_log = []
-    replay(real, calib, trace_requests(calib, model.config.vocab_size, 1))
-    cost = CostModel.fit(real.step_log)
-    rep_real = replay(real, trace, trace_requests(trace, model.config.vocab_size))
-    sim = sim_engine(model, cost, **kw)
-    rep_sim = replay(sim, trace, trace_requests(trace, model.config.vocab_size))
-    print("cost model:", {k: f"{v:.3g}" for k, v in cost.to_dict().items()})
-    for name, rep in (("engine", rep_real), ("simulator", rep_sim)):
-        print(name, {k: round(v, 3) for k, v in rep.summary().items()})
-    r, s = rep_real.summary(), rep_sim.summary()
-    print("sim/real: throughput %.3f  ttft_p99 %.3f" % (s["throughput_tok_s"] / r["throughput_tok_s"], s["ttft_s_p99"] / r["ttft_s_p99"]))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 llguidance computes each constrained sequence's token mask; the engine applies it through the
 sampler's per-request ``logits_processor`` hook, so unconstrained sequences in the same batch run
-as before. Chosen over outlines-core by `python -m infeng.bench.grammar_mask`: both cost a few
+as before. Chosen over outlines-core by the `grammar_mask` bench kind: both cost a few
 hundred µs per token on a 32k vocabulary, but llguidance compiles a grammar lazily in about a
 millisecond where outlines-core builds a whole index per schema (0.2-0.7 s at 32k, more with the
 vocabulary), and it takes Lark grammars too. xgrammar requires torch, which the engine never imports.
