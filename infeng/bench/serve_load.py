@@ -119,9 +119,9 @@ def run_level(port: int, reqs: list[dict], concurrency: int) -> dict[str, Any]:
     limited = [o for o in outs if o.status == 429]
     ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
+    errors = sum(1 for o in outs if o.status not in (200, 429) or o.error)
     return {"concurrency": concurrency, "requests": len(outs), "accepted": len(ok), "rejected_429": len(limited),
-            "errors": sum(1 for o in outs if o.status not in (200, 429) or o.error),
-            "all_complete": all(o.complete for o in ok), "wall_s": wall,
+            "errors": errors, "all_complete": errors == 0 and all(o.complete for o in ok), "wall_s": wall,
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),

@@ -111,6 +111,12 @@ def _comparison(suite: ComparisonSuite, json_out: Optional[Path], csv_out: Optio
     for out in (json_out, csv_out):
         if out is not None:
             run.write(out)
+    # a kind that checks its own run (serve_load: one complete response per accepted request)
+    # fails the command, after its figures are written, when the check did not hold
+    failed = [r for r in records if r.get("all_complete") is False]
+    if failed:
+        raise InfengError(f"{suite.kind.name}: {len(failed)} record(s) where not every request got one complete, "
+                          "error-free response (see the notes above)")
 
 
 def records_table(title: str, records: list[dict]) -> Table:
