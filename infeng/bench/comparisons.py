@@ -14,6 +14,8 @@ engine, `infeng serve` under load, grammar masks' per-token cost, agreement with
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from infeng.telemetry import Run
 Log = Callable[[str], None]
 
 
-class Comparison:
+class Comparison(ABC):
     name: str
     model_param = "base"                 # the parameter `--model` sets
     required: tuple[str, ...] = ()
@@ -62,9 +64,10 @@ class Comparison:
                 raise InfengError(f"{where}: `{k}` must be >= {0 if k in self.may_be_zero else 1}, got {v}")
         return p
 
+    @abstractmethod
     def run(self, p: dict[str, Any], log: Log) -> tuple[list[dict[str, Any]], list[str]]:
         """(records, notes)."""
-        raise NotImplementedError
+        ...
 
     def metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         return {}

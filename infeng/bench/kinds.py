@@ -6,6 +6,8 @@ the suite's model through a runner (infeng's Engine or a peer) and returns (toke
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Any
 
 import numpy as np
@@ -15,22 +17,24 @@ from infeng.bench import micro
 DEFAULT_BW_MB = 256
 
 
-class Kind:
+class Kind(ABC):
     name: str
     unit: str
     required: tuple[str, ...] = ()
     e2e = False                 # runs on the suite's model, once per runner
 
+    @abstractmethod
     def label(self, p: dict[str, Any]) -> str:
-        raise NotImplementedError
+        ...
 
 
 # ---- micro: one kernel call ---------------------------------------------------------------------
 class MicroKind(Kind):
     gflops = False              # also report GFLOP/s beside the unit
 
+    @abstractmethod
     def case(self, kern, p: dict[str, Any], threads: int) -> micro.Case:
-        raise NotImplementedError
+        ...
 
     def figure(self, case: micro.Case, seconds: float) -> float:
         """The call's rate in ``unit``."""
@@ -89,12 +93,14 @@ class Attention(MicroKind):
 class E2EKind(Kind):
     unit, e2e = "tok/s", True
 
+    @abstractmethod
     def positions(self, p: dict[str, Any]) -> int:
         """KV positions one sequence needs."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def run(self, runner, p: dict[str, Any], vocab: int, seed: int) -> tuple[int, float]:
-        raise NotImplementedError
+        ...
 
     def decode_shape(self, p: dict[str, Any]) -> tuple[int, float] | None:
         """(sequences, mean cached positions) of a decode step, for the bandwidth roofline; None
