@@ -32,7 +32,7 @@ DICTS = {"native": "json.dict", "safetensors": "json.dict", "gguf": "gguf.dict",
 def run_atheris(target: str, seconds: int, timeout: int, corpus: Path, artifacts: Path) -> int:
     import atheris
     with atheris.instrument_imports(include=["infeng"]):
-        import infeng.converters.gguf_read  # noqa: F401  (instrumented before the harness imports them)
+        import infeng.converters.gguf_file, infeng.converters.gguf_read  # noqa: F401  (instrumented before the harness imports them)
         import infeng.converters.gguf_tokenizer  # noqa: F401
         import infeng.converters.safetensors_io  # noqa: F401
         import infeng.converters.peft  # noqa: F401

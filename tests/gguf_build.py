@@ -40,7 +40,7 @@ def gguf(kvs: list[bytes], infos: list[bytes], data: bytes = b"", version: int =
 def rewrite(src, dst, mutate, version: int = 3) -> None:
     """Re-assemble the GGUF ``src`` into ``dst`` after ``mutate(meta, tensors)``: meta maps key →
     (value type, value) (arrays: (ARR, list)), tensors is a list of (name, dims, ggml type, bytes)."""
-    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_file import GGUFFile
     f = GGUFFile(src)
     meta = {k: (f.types[k], v) for k, v in f.metadata.items() if k != "general.alignment"}
     tensors = [(t.name, list(t.dims), t.type_id, bytes(f.raw(t.name))) for t in f.tensors.values()]

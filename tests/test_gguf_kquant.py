@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
-from infeng.converters import gguf_read, gguf_types
+from infeng.converters import gguf_file, gguf_read, gguf_types
 from infeng.converters.gguf_write import write_gguf
 from infeng.format.schema import expected_shapes, is_norm
 from infeng.format.config import ModelConfig
@@ -75,7 +75,7 @@ def test_cli_converts_and_exports_back(capsys, tmp_path):
     assert "1×Q4_K" in text and "1×Q6_K" in text and "dequantized" not in text
     assert load_model(out).tensors["layers.0.wq"][0] == "q4_k"
     assert main(["convert", str(out), "--to", "gguf", "-o", str(back)]) == 0
-    g = gguf_read.GGUFFile(back)
+    g = gguf_file.GGUFFile(back)
     for name in blocks:
         assert g.tensors[name].type_name == {"blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K"}[name]
         np.testing.assert_array_equal(g.raw(name), blocks[name].ravel())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
-from infeng.converters import gguf_read
+from infeng.converters import gguf_file
 from infeng.model.loader import load_gguf, load_model
 from infeng.quant import quantize_q8_0
 from infeng.runtime.tokenizer import Tokenizer
@@ -70,7 +70,7 @@ def test_container_matches_gguf_py(kind):
     """Our validating parser sees the same tensor table and metadata as llama.cpp's gguf-py."""
     gguf = pytest.importorskip("gguf")
     path = FIXTURES / f"stories260K-{kind}.gguf"
-    ours, ref = gguf_read.GGUFFile(path), gguf.GGUFReader(str(path))
+    ours, ref = gguf_file.GGUFFile(path), gguf.GGUFReader(str(path))
     assert [t.name for t in ref.tensors] == list(ours.tensors)
     for t in ref.tensors:
         o = ours.tensors[t.name]

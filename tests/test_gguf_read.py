@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from infeng.cli.main import main
-from infeng.converters import gguf_read
+from infeng.converters import gguf_file
 from infeng.model.loader import load_gguf, load_model
 from infeng.runtime.tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ def test_round_trip_native_gguf_native(capsys, tmp_path, native_models, data_dir
         assert dt == dt2 and arr.shape == arr2.shape and np.array_equal(arr, arr2), name
     assert _generate(capsys, src) == _generate(capsys, back)
     # the tokenizer built from tokenizer.ggml.* alone (no embedded tokenizer.json) encodes the same
-    meta = gguf_read.GGUFFile(g)
+    meta = gguf_file.GGUFFile(g)
     del meta.metadata["tokenizer.huggingface.json"]
     from infeng.converters.gguf_tokenizer import build
     spec, bos, eos = build(meta, str(g))

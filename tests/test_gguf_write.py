@@ -69,7 +69,7 @@ def test_byte_level_tokenizer_exported_as_gpt2_vocabulary(data_dir, tmp_path):
 
     from tokenizers import Tokenizer
 
-    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_file import GGUFFile
     from infeng.converters.gguf_tokenizer import build, gpt2_tokenizer
     from test_gguf_types import _byte_chars
     m = load_model(data_dir / "stories260K")
@@ -99,7 +99,7 @@ def test_llama2_vocabulary_scores_keep_the_merge_order(data_dir, tmp_path):
     from types import SimpleNamespace
 
     from gguf_build import gguf
-    from infeng.converters.gguf_read import GGUFFile
+    from infeng.converters.gguf_file import GGUFFile
     from infeng.converters.gguf_tokenizer import build
     from infeng.runtime.tokenizer import Tokenizer
     tj = (data_dir / "llama2-tokenizer" / "tokenizer.json").read_text()

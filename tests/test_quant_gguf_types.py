@@ -53,10 +53,10 @@ def test_c_forward_matches_reference(kern, tmp_path, data_dir, qtype):
 
 @pytest.mark.parametrize("qtype", list(GGUF_NAME))
 def test_gguf_round_trip_keeps_bytes(tmp_path, data_dir, qtype):
-    from infeng.converters import gguf_read
+    from infeng.converters import gguf_file
     out, gg, back = _quantized(tmp_path, data_dir, qtype), tmp_path / "m.gguf", tmp_path / "back.infeng"
     assert main(["convert", str(out), "--to", "gguf", "-o", str(gg)]) == 0
-    g = gguf_read.GGUFFile(gg)
+    g = gguf_file.GGUFFile(gg)
     assert {g.tensors[n].type_name for n in g.tensors if not n.endswith("norm.weight")} == {GGUF_NAME[qtype]}
     assert main(["convert", str(gg), "-o", str(back)]) == 0
     a, b = native.NativeFile(out), native.NativeFile(back)

@@ -55,10 +55,10 @@ def test_q4_k_falls_back_to_q5_0(tmp_path, data_dir, capsys):
 
 
 def test_gguf_round_trip_keeps_q5_0_bytes(tmp_path, data_dir):
-    from infeng.converters import gguf_read
+    from infeng.converters import gguf_file
     out, gg, back = _quantized(tmp_path, data_dir), tmp_path / "m.gguf", tmp_path / "back.infeng"
     assert main(["convert", str(out), "--to", "gguf", "-o", str(gg)]) == 0
-    g = gguf_read.GGUFFile(gg)
+    g = gguf_file.GGUFFile(gg)
     assert {g.tensors[n].type_name for n in g.tensors if not n.endswith("norm.weight")} == {"Q5_0"}
     assert main(["convert", str(gg), "-o", str(back)]) == 0
     a, b = native.NativeFile(out), native.NativeFile(back)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infeng.converters.gguf_read import GGUFFile
+from infeng.converters.gguf_file import GGUFFile
 from infeng.converters.gguf_tokenizer import build
 from infeng.runtime.tokenizer import Tokenizer
 

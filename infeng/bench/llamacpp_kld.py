@@ -27,7 +27,7 @@ import numpy as np
 from infeng.bench.peers import PeerSkip, _import
 from infeng.bench.synthetic import gguf_cache_dir
 from infeng.converters import gguf_write
-from infeng.converters.gguf_read import GGUFFile
+from infeng.converters.gguf_file import GGUFFile
 from infeng.errors import InfengError
 from infeng.evals import perplexity as P
 from infeng.model.loader import load_model

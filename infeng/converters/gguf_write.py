@@ -24,7 +24,8 @@ import numpy as np
 
 from infeng import format as native
 from infeng.converters import gguf_arch
-from infeng.converters.gguf_read import GGUFFile, gguf_name
+from infeng.converters.gguf_file import GGUFFile
+from infeng.converters.gguf_read import gguf_name
 from infeng.converters.gguf_tokenizer import pre_name
 from infeng.errors import InfengError
 from infeng.format.schema import expected_shapes
