@@ -63,10 +63,8 @@ void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
  * blocks by ifg_quant_interleave / infeng.quant.interleave). W is N/16 groups of 16 rows; a group
  * is K/32 group-blocks of 320 bytes (= 16 × 20): 0..31 the 16 rows' fp16 d (row r at 2r), 32..63
  * their fp16 m, 64..319 the nibbles as q4_0x16's: chunk v (64 bytes), row r, byte 4r + j: low
- * nibble level of k = 8v + j, high of k = 8v + 4 + j. quant_affine_x16.c. */
-void ifg_q4_1x16_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
-                         int K, int accumulate, const struct ifg_xq *xq);
-void ifg_q4_1_interleave(void *dst, const void *src, int N, int K, int n_threads);
+ * nibble level of k = 8v + j, high of k = 8v + 4 + j. Its product is q4_0x16's kernel
+ * (ifg_qmm_x16_rows, quant_x16.c) with the minimums' term added. */
 /* q6_k's product and row lookup (quant_q6k.c; ifg_qg_* dispatch to them). */
 void ifg_q6k_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
                      int K, int accumulate);

@@ -1,5 +1,5 @@
-/* quant_x16.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 weights in the 16-row interleaved layouts
- * (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h).
+/* quant_x16.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 / q4_1 weights in the 16-row interleaved
+ * layouts (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h; IFG_Q4_1X16, see quant_gguf.h).
  *
  * x is quantized per token and 32-block exactly as for the plain layouts (ifg_quantize_x) into
  * a stack tile of X16_T tokens × X16_K k (decode, T == 1: the whole row at once, so a GEMV makes
@@ -7,13 +7,14 @@
  * and XT tokens (inner), a register tile of XT × XG accumulators does per group-block:
  *  - AVX-512 (VNNI): the int32 accumulator (16 rows in one zmm) starts at -off * sum(x block)
  *    (off = 128 for q8_0x16's unsigned bytes, 8 for q4_0's nibbles: sum(u * x) = sum(w * x) +
- *    off * sum(x), exact in int32), then 8 vpdpbusd, each a 64-byte weight vector (16 rows ×
- *    4 k) against x's 4 int8 of those k broadcast: 16 rows × 32 k in 8 instructions, each
- *    weight vector loaded once for the XT tokens. Then one convert and one FMA with the 16
- *    row scales (one vcvtph2ps per group-block) times d_x.
+ *    off * sum(x), exact in int32; q4_1's nibbles need none), then 8 vpdpbusd, each a 64-byte
+ *    weight vector (16 rows × 4 k) against x's 4 int8 of those k broadcast: 16 rows × 32 k in
+ *    8 instructions, each weight vector loaded once for the XT tokens. Then one convert and one
+ *    FMA with the 16 row scales (one vcvtph2ps per group-block) times d_x; q4_1 adds one FMA
+ *    of its 16 row minimums times d_x * sum(x).
  *  - AVX2: the same layout as two 8-row halves; q8_0 via vpmaddubsw(|w|, sign(x, w)) on the
- *    signed weights (no offset); q4_0 via vpmaddubsw(nibbles, x) (<= 15 * 127 * 4 per int16
- *    lane for the low + high sum: no saturation) with the -8 * sum(x) start.
+ *    signed weights (no offset); q4_0 / q4_1 via vpmaddubsw(nibbles, x) (<= 15 * 127 * 4 per
+ *    int16 lane for the low + high sum: no saturation), q4_0 with the -8 * sum(x) start.
  *  - scalar: plain loops over the same layout.
  * A group's outputs are 16 consecutive floats of y: no horizontal sums. Each output's
  * summation order depends only on T == 1 or not and on K (blocks in order, k-tiles through y),
@@ -25,7 +26,11 @@
 
 #define XG_EPI 128              /* rows per epilogue call: a token tile's y rows stay in L1/L2 */
 
-static inline size_t xg_block_bytes(int wtype) { return wtype == IFG_Q8_0X16 ? 544 : 288; }
+static inline size_t xg_block_bytes(int wtype) {
+    return wtype == IFG_Q8_0X16 ? 544 : wtype == IFG_Q4_1X16 ? 320 : 288;
+}
+/* Where a group-block's weight bytes start: after the 16 fp16 d (and q4_1's 16 fp16 m). */
+#define XG_QOFF(wtype) ((wtype) == IFG_Q4_1X16 ? 64 : 32)
 
 #ifndef IFG_SIMD
 /* ---- scalar reference (the scalar build) ---- */
@@ -40,15 +45,21 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
             for (int b = 0; b < nb; b++) {
                 const uint8_t *blk = wg + (size_t)b * bb;
                 const int8_t *xq = xt->q + (size_t)i * xt->ldq + b * IFG_QK;
-                uint16_t h;
+                uint16_t h, hm;
                 memcpy(&h, blk + 2 * r, 2);
                 int32_t s = 0;
                 for (int k = 0; k < IFG_QK; k++) {
                     const int wv = wtype == IFG_Q8_0X16 ? (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128
+                                 : wtype == IFG_Q4_1X16 ? x16_nibble(blk + 64, r, k)
                                                         : x16_nibble(blk + 32, r, k) - 8;
                     s += wv * xq[k];
                 }
-                acc += (float)s * (ifg_f16_to_f32(h) * xt->d[i * xt->ldd + b]);
+                const float dx = xt->d[i * xt->ldd + b];
+                acc += (float)s * (ifg_f16_to_f32(h) * dx);
+                if (wtype == IFG_Q4_1X16) { /* + m * sum(x) */
+                    memcpy(&hm, blk + 32 + 2 * r, 2);
+                    acc += ifg_f16_to_f32(hm) * (dx * (float)xt->s[i * xt->ldd + b]);
+                }
             }
             float *yo = y + (size_t)(t + i) * ldy + n;
             *yo = add ? *yo + acc : acc;
@@ -61,7 +72,7 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
 /* ---- SIMD: per-ISA register tiles (the int8 dot products differ: VNNI against AVX2) ---- */
 
 #if defined(IFG_AVX512)
-#define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 128 : 8)
+#define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 128 : (wtype) == IFG_Q4_0X16 ? 8 : 0)
 #define XT 4 /* tokens per register tile */
 #define XG 2 /* groups per register tile (prefill) */
 #define XG1 4 /* groups per register tile (one token: more independent weight streams) */
@@ -109,7 +120,7 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                 X16_PREFETCH(blk, 64 * v);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
-                    const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * v));
+                    const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + XG_QOFF(wtype) + 64 * v));
                     lo[g] = _mm512_and_si512(raw, m);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
                 }
@@ -127,9 +138,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         for (int g = 0; g < G; g++) {
             const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk[g]));
 #pragma GCC unroll 8
-            for (int i = 0; i < TT; i++)
-                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]),
-                                            _mm512_mul_ps(dw, _mm512_set1_ps(xt->d[(i0 + i) * ldd + b])), acc[i][g]);
+            for (int i = 0; i < TT; i++) {
+                const float dx = xt->d[(i0 + i) * ldd + b];
+                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[i][g]);
+                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                    acc[i][g] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk[g] + 32))),
+                                                _mm512_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][g]);
+            }
         }
     }
 #pragma GCC unroll 8
@@ -141,7 +156,7 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         }
 }
 #else /* AVX2 */
-#define XG_OFF(wtype) ((wtype) == IFG_Q8_0X16 ? 0 : 8)
+#define XG_OFF(wtype) ((wtype) == IFG_Q4_0X16 ? 8 : 0)
 #define XT 2
 #define XG 1
 #define XG1 2
@@ -194,7 +209,7 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                 X16_PREFETCH(blk, 64 * v);
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * v + 32 * (h % 2)));
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + XG_QOFF(wtype) + 64 * v + 32 * (h % 2)));
                     lo[h] = _mm256_and_si256(raw, m);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
                 }
@@ -213,9 +228,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         for (int h = 0; h < H; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 16 * (h % 2))));
 #pragma GCC unroll 8
-            for (int i = 0; i < TT; i++)
-                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]),
-                                            _mm256_mul_ps(dw, _mm256_set1_ps(xt->d[(i0 + i) * ldd + b])), acc[i][h]);
+            for (int i = 0; i < TT; i++) {
+                const float dx = xt->d[(i0 + i) * ldd + b];
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[i][h]);
+                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 32 + 16 * (h % 2)))),
+                                                _mm256_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][h]);
+            }
         }
     }
 #pragma GCC unroll 8
@@ -270,11 +289,17 @@ IFG_AI void xg_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8
 }
 static void xg_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, int wtype, size_t gstride,
                      int t, int tt, int n0, int n1, int nb, int add, const struct ifg_mm_epilogue *epi) {
-    /* the prefetch a compile-time choice: a branch on it in the inner loop cost prefill 1.5x */
-    if (wtype == IFG_Q8_0X16 && xt->pf) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi, 1);
-    else if (wtype == IFG_Q8_0X16) xg_tiles_t(y, ldy, xt, w, IFG_Q8_0X16, gstride, t, tt, n0, n1, nb, add, epi, 0);
-    else if (xt->pf) xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi, 1);
-    else xg_tiles_t(y, ldy, xt, w, IFG_Q4_0X16, gstride, t, tt, n0, n1, nb, add, epi, 0);
+    /* the type and the prefetch compile-time choices: a branch on the prefetch in the inner loop
+     * cost prefill 1.5x */
+#define XG_TYPE(WT)                                                                               \
+    do {                                                                                          \
+        if (xt->pf) xg_tiles_t(y, ldy, xt, w, WT, gstride, t, tt, n0, n1, nb, add, epi, 1);       \
+        else xg_tiles_t(y, ldy, xt, w, WT, gstride, t, tt, n0, n1, nb, add, epi, 0);              \
+    } while (0)
+    if (wtype == IFG_Q8_0X16) XG_TYPE(IFG_Q8_0X16);
+    else if (wtype == IFG_Q4_1X16) XG_TYPE(IFG_Q4_1X16);
+    else XG_TYPE(IFG_Q4_0X16);
+#undef XG_TYPE
 }
 #endif
 
@@ -325,9 +350,17 @@ static void xg_put_q4_0(uint8_t *o, const uint8_t *s, int r) {
     }
 }
 
+/* q4_1's block (d, m, nibbles) from byte 2 on has q4_0's shape (an fp16, then the nibbles), and
+ * so has its group-block from byte 32 on (the 16 m, then q4_0x16's nibbles): put it as q4_0's,
+ * then d in front. */
+static void xg_put_q4_1(uint8_t *o, const uint8_t *s, int r) {
+    xg_put_q4_0(o + 32, s + 2, r);
+    memcpy(o + 2 * r, s, 2);
+}
+
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
     if (dtype == IFG_Q4_K) ifg_q4_k_interleave(dst, src, N, K, n_threads);
-    else if (dtype == IFG_Q4_1) ifg_q4_1_interleave(dst, src, N, K, n_threads);
+    else if (dtype == IFG_Q4_1) x16_interleave(dst, src, N, K / IFG_QK, 20, xg_put_q4_1, n_threads);
     else if (dtype == IFG_Q8_0) x16_interleave(dst, src, N, K / IFG_QK, 34, xg_put_q8_0, n_threads);
     else x16_interleave(dst, src, N, K / IFG_QK, 18, xg_put_q4_0, n_threads);
 }

@@ -1,5 +1,5 @@
-/* quant_x16.h — what the 16-row interleaved int8 kernels share (quant_x16.c: q8_0x16 / q4_0x16;
- * quant_kx16.c: q4_kx16): the tile of quantized x and how x is cut into tiles, the weight
+/* quant_x16.h — what the 16-row interleaved int8 kernels share (quant_x16.c: q8_0x16 / q4_0x16 /
+ * q4_1x16; quant_kx16.c: q4_kx16): the tile of quantized x and how x is cut into tiles, the weight
  * prefetch, the token-count dispatch to constant tile shapes, the nibble layout and the repack
  * loop. Internal: not part of the cffi ABI. */
 #ifndef IFG_QUANT_X16_H
