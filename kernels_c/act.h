@@ -1,4 +1,4 @@
-/* act.h — activations, and the vector math (exp, tail masks) that other families share. */
+/* act.h — activations, and the vector exp that other families share. */
 #ifndef IFG_ACT_H
 #define IFG_ACT_H
 
@@ -73,19 +73,6 @@ static inline __m256 ifg_exp8(__m256 x) {
     __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, b), 23));
     __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, b), 23));
     return _mm256_and_ps(keep, _mm256_mul_ps(_mm256_mul_ps(y, s1), s2));
-}
-
-/* Lane mask with the first rem (1..8) lanes set, for _mm256_maskload_ps / maskstore. */
-static inline __m256i ifg_tailmask8(int rem) {
-    static const int32_t tbl[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    return _mm256_loadu_si256((const __m256i *)(tbl + 8 - rem));
-}
-#endif
-
-#if defined(IFG_AVX512)
-/* Mask with the first rem lanes set (rem >= 16 → all). */
-static inline __mmask16 ifg_tailmask16(int rem) {
-    return rem >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rem) - 1u);
 }
 #endif
 

@@ -1,39 +1,39 @@
 /* bandwidth.c — read-bandwidth probe (see bandwidth.h). */
 #include "bandwidth.h"
+#include "simd.h"
 
+/* Four independent vector accumulators (enough loads in flight to saturate a core's memory
+ * path), their lanes added into f64 in order. */
+#ifdef IFG_SIMD
 static double sum_range(const float *x, size_t lo, size_t hi) {
     size_t i = lo;
+    ifg_vf a0 = ifg_vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 4 * IFG_VW <= hi; i += 4 * IFG_VW) {
+        a0 = ifg_vadd(a0, ifg_vload(x + i));
+        a1 = ifg_vadd(a1, ifg_vload(x + i + IFG_VW));
+        a2 = ifg_vadd(a2, ifg_vload(x + i + 2 * IFG_VW));
+        a3 = ifg_vadd(a3, ifg_vload(x + i + 3 * IFG_VW));
+    }
+    float lanes[IFG_VW];
+    ifg_vstore(lanes, ifg_vadd(ifg_vadd(a0, a1), ifg_vadd(a2, a3)));
     double total = 0.0;
-#if defined(IFG_AVX512)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= hi; i += 64) {
-        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(x + i));
-        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(x + i + 16));
-        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(x + i + 32));
-        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(x + i + 48));
-    }
-    total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif defined(IFG_AVX2)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= hi; i += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
-        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
-    }
-    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, s);
-    for (int j = 0; j < 8; j++) total += lanes[j];
-#else
-    float a[8] = {0};
-    for (; i + 8 <= hi; i += 8)
-        for (int j = 0; j < 8; j++) a[j] += x[i + j];
-    for (int j = 0; j < 8; j++) total += a[j];
-#endif
+    for (int j = 0; j < IFG_VW; j++) total += lanes[j];
     for (; i < hi; i++) total += x[i];
     return total;
 }
+#else
+static double sum_range_ref(const float *x, size_t lo, size_t hi) {
+    size_t i = lo;
+    float a[8] = {0};
+    for (; i + 8 <= hi; i += 8)
+        for (int j = 0; j < 8; j++) a[j] += x[i + j];
+    double total = 0.0;
+    for (int j = 0; j < 8; j++) total += a[j];
+    for (; i < hi; i++) total += x[i];
+    return total;
+}
+#define sum_range sum_range_ref
+#endif
 
 #define IFG_BW_MAX_THREADS 256
 

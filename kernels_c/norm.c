@@ -2,64 +2,43 @@
  * variant (HF does it in f32: this is the "or better"), then, as HF does in f32:
  * r = 1/sqrt(mean + eps), out = (x * r) * w. */
 #include "norm.h"
+#include "simd.h"
 
+/* The sum of squares in f64 (AVX2's tail in the scalar loop), and out = (x * r) * w: two
+ * rounded products, the same bits in a vector lane as in the scalar loop. */
+#ifdef IFG_SIMD
 static double norm_sumsq(const float *x, int n) {
+    ifg_vd lo = ifg_vdzero(), hi = ifg_vdzero();
     int i = 0;
-    double s = 0.0;
-#if defined(IFG_AVX512)
-    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(x + i);
-        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-        __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-        a0 = _mm512_fmadd_pd(lo, lo, a0);
-        a1 = _mm512_fmadd_pd(hi, hi, a1);
-    }
-    if (i < n) {
-        __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1u), x + i);
-        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-        __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-        a0 = _mm512_fmadd_pd(lo, lo, a0);
-        a1 = _mm512_fmadd_pd(hi, hi, a1);
+    for (; i + IFG_VW <= n; i += IFG_VW) ifg_vsq_f64(ifg_vload(x + i), &lo, &hi);
+    if (IFG_VTAIL_MASKED && i < n) {
+        ifg_vsq_f64(ifg_vload_n(x + i, n - i), &lo, &hi);
         i = n;
     }
-    s = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
-#elif defined(IFG_AVX2)
-    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-        __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        a0 = _mm256_fmadd_pd(lo, lo, a0);
-        a1 = _mm256_fmadd_pd(hi, hi, a1);
-    }
-    __m256d a = _mm256_add_pd(a0, a1);
-    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
-    s = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-#endif
+    double s = ifg_vdsum(lo, hi);
     for (; i < n; i++) s += (double)x[i] * (double)x[i];
     return s;
 }
 
 static void norm_scale_row(float *o, const float *x, const float *w, float r, int n) {
+    const ifg_vf rv = ifg_vset1(r);
     int i = 0;
-#if defined(IFG_AVX512)
-    __m512 rv = _mm512_set1_ps(r);
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv), _mm512_loadu_ps(w + i)));
-    if (i < n) {
-        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-        _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), rv),
-                                                      _mm512_maskz_loadu_ps(m, w + i)));
-        i = n;
-    }
-#elif defined(IFG_AVX2)
-    __m256 rv = _mm256_set1_ps(r);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(w + i)));
-#endif
-    for (; i < n; i++) o[i] = (x[i] * r) * w[i];
+    for (; i + IFG_VW <= n; i += IFG_VW) ifg_vstore(o + i, ifg_vmul(ifg_vmul(ifg_vload(x + i), rv), ifg_vload(w + i)));
+    if (i < n) ifg_vstore_n(o + i, ifg_vmul(ifg_vmul(ifg_vload_n(x + i, n - i), rv), ifg_vload_n(w + i, n - i)), n - i);
 }
+#else
+static double norm_sumsq_ref(const float *x, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
+    return s;
+}
+
+static void norm_scale_row_ref(float *o, const float *x, const float *w, float r, int n) {
+    for (int i = 0; i < n; i++) o[i] = (x[i] * r) * w[i];
+}
+#define norm_sumsq norm_sumsq_ref
+#define norm_scale_row norm_scale_row_ref
+#endif
 
 void ifg_rmsnorm_part(float *out, const float *x, const float *w, int T, int dim, float eps) {
     IFG_FOR

@@ -15,44 +15,34 @@
 #include "sample.h"
 #include "act.h"
 
-int ifg_argmax(const float *x, int n) {
-    int i = 0;
-#if defined(IFG_AVX512)
-    if (n >= 16) {
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(_mm512_loadu_ps(x + i), mv); /* NaN skipped */
-        float m = _mm512_reduce_max_ps(mv);
-        for (; i < n; i++) if (x[i] > m) m = x[i];
-        __m512 mb = _mm512_set1_ps(m);
-        for (i = 0; i + 16 <= n; i += 16) {
-            __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), mb, _CMP_EQ_OQ);
-            if (k) return i + __builtin_ctz((unsigned)k);
-        }
-        for (; i < n; i++) if (x[i] == m) return i;
-        return 0; /* all NaN */
-    }
-#elif defined(IFG_AVX2)
-    if (n >= 8) {
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + i), mv);
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-        float m = _mm_cvtss_f32(h);
-        for (; i < n; i++) if (x[i] > m) m = x[i];
-        __m256 mb = _mm256_set1_ps(m);
-        for (i = 0; i + 8 <= n; i += 8) {
-            int k = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mb, _CMP_EQ_OQ));
-            if (k) return i + __builtin_ctz((unsigned)k);
-        }
-        for (; i < n; i++) if (x[i] == m) return i;
-        return 0;
-    }
-#endif
+static int smp_argmax_ref(const float *x, int n) {
     int best = 0;
-    for (i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
     return best;
 }
+
+#ifdef IFG_SIMD
+/* The maximum (NaN skipped), then the first lane equal to it. */
+static int smp_argmax(const float *x, int n) {
+    if (n < IFG_VW) return smp_argmax_ref(x, n);
+    int i = 0;
+    ifg_vf mv = ifg_vset1(-INFINITY);
+    for (; i + IFG_VW <= n; i += IFG_VW) mv = ifg_vmax(ifg_vload(x + i), mv);
+    float m = ifg_vhmax(mv);
+    for (; i < n; i++) if (x[i] > m) m = x[i];
+    const ifg_vf mb = ifg_vset1(m);
+    for (i = 0; i + IFG_VW <= n; i += IFG_VW) {
+        const unsigned k = ifg_vmbits(ifg_vcmpeq(ifg_vload(x + i), mb));
+        if (k) return i + __builtin_ctz(k);
+    }
+    for (; i < n; i++) if (x[i] == m) return i;
+    return 0; /* all NaN */
+}
+#else
+#define smp_argmax smp_argmax_ref
+#endif
+
+int ifg_argmax(const float *x, int n) { return smp_argmax(x, n); }
 
 struct smp_ctx { const float *l; const float *e; float T; };
 
@@ -219,99 +209,104 @@ static inline int smp_bucket1(float l, float T, float m, float W) {
     float x = (m - l / T) * W;
     return x < (float)(SMP_B - 1) ? (int)x : SMP_B - 1;
 }
-#if defined(IFG_AVX512)
-static inline __m512i smp_bucket16(__m512 l, __m512 T, __m512 m, __m512 W) {
-    __m512 x = _mm512_mul_ps(_mm512_sub_ps(m, _mm512_div_ps(l, T)), W);
-    return _mm512_cvttps_epi32(_mm512_min_ps(x, _mm512_set1_ps((float)(SMP_B - 1)))); /* NaN → SMP_B-1 */
+
+/* The smallest of lo and the logits [i0, n) above -inf. */
+static float smp_min_finite_ref(const float *l, int i0, int n, float lo) {
+    for (int i = i0; i < n; i++) if (l[i] > -INFINITY && l[i] < lo) lo = l[i];
+    return lo;
 }
-#elif defined(IFG_AVX2)
-static inline __m256i smp_bucket8(__m256 l, __m256 T, __m256 m, __m256 W) {
-    __m256 x = _mm256_mul_ps(_mm256_sub_ps(m, _mm256_div_ps(l, T)), W);
-    return _mm256_cvttps_epi32(_mm256_min_ps(x, _mm256_set1_ps((float)(SMP_B - 1))));
+
+/* e[i] = exp(l[i]/T - m) (libm) for i in [i0, n), into the bucket histogram of the masses. */
+static void smp_exp_hist_ref(const float *l, int i0, int n, float T, float m, float W, float *e, struct smp_hist *h) {
+    for (int i = i0; i < n; i++) {
+        e[i] = expf(l[i] / T - m);
+        smp_hist_add(h, smp_slot(smp_bucket1(l[i], T, m, W), i), e[i]);
+    }
 }
-#endif
+
+/* The tokens of bucket b among [i0, n) with e in [elo, ehi], in index order (see smp_gather). */
+static int smp_gather_ref(const float *l, const float *e, int i0, int n, float T, float m, float W, int b,
+                          float elo, float ehi, int32_t *out) {
+    int c = 0;
+    for (int i = i0; i < n; i++)
+        if (e[i] >= elo && e[i] <= ehi && smp_bucket1(l[i], T, m, W) == b) out[c++] = i;
+    return c;
+}
+
+#ifdef IFG_SIMD
+/* smp_bucket1 of every lane (NaN → SMP_B - 1: min returns its second operand). */
+IFG_AI ifg_vi smp_bucketv(ifg_vf l, ifg_vf T, ifg_vf m, ifg_vf W) {
+    const ifg_vf x = ifg_vmul(ifg_vsub(m, ifg_vdiv(l, T)), W);
+    return ifg_vcvtt(ifg_vmin(x, ifg_vset1((float)(SMP_B - 1))));
+}
 
 /* Smallest logit above -inf (+inf if none). */
 static float smp_min_finite(const float *l, int n) {
     int i = 0;
-    float lo = INFINITY;
-#if defined(IFG_AVX512)
-    __m512 acc = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(l + i);
-        v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, ninf, _CMP_EQ_OQ), acc);
-        acc = _mm512_min_ps(v, acc); /* NaN skipped */
+    ifg_vf acc = ifg_vset1(INFINITY);
+    const ifg_vf ninf = ifg_vset1(-INFINITY);
+    for (; i + IFG_VW <= n; i += IFG_VW) {
+        const ifg_vf v = ifg_vload(l + i);
+        acc = ifg_vmin(ifg_vblend(ifg_vcmpeq(v, ninf), v, acc), acc); /* -inf and NaN skipped */
     }
-    lo = _mm512_reduce_min_ps(acc);
-#elif defined(IFG_AVX2)
-    __m256 acc = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(l + i);
-        v = _mm256_blendv_ps(v, acc, _mm256_cmp_ps(v, ninf, _CMP_EQ_OQ));
-        acc = _mm256_min_ps(v, acc);
-    }
-    __m128 h = _mm_min_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_min_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
-    lo = _mm_cvtss_f32(h);
-#endif
-    for (; i < n; i++) if (l[i] > -INFINITY && l[i] < lo) lo = l[i];
-    return lo;
+    return smp_min_finite_ref(l, i, n, ifg_vhmin(acc));
 }
 
-/* e[i] = exp(l[i]/T - m) and the bucket histogram of the masses. */
+/* e[i] = exp(l[i]/T - m) and the bucket histogram of the masses: the vector exp (act.h) in every
+ * lane, AVX2's tail in libm's, as the variants always did. */
 static void smp_exp_hist(const float *l, int n, float T, float m, float W, float *e, struct smp_hist *h) {
-    int i = 0;
-#if defined(IFG_AVX512)
-    __m512 tv = _mm512_set1_ps(T), mv = _mm512_set1_ps(m), wv = _mm512_set1_ps(W);
-    int32_t bk[16];
-    float ev[16];
+    const ifg_vf tv = ifg_vset1(T), mv = ifg_vset1(m), wv = ifg_vset1(W);
+    int32_t bk[IFG_VW];
+    float ev[IFG_VW];
     /* spare slots in the vector domain: smp_slot(b, lane) for the first and last buckets */
-    const __m512i lane7 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m512i lastoff = _mm512_add_epi32(lane7, _mm512_set1_epi32(1));
-    const __m512i firstoff = _mm512_add_epi32(lane7, _mm512_set1_epi32(SMP_B + 8));
-    for (; i < n; i += 16) {
-        __mmask16 k = ifg_tailmask16(n - i);
-        __m512 lv = _mm512_maskz_loadu_ps(k, l + i);
-        __m512 v = _mm512_maskz_mov_ps(k, ifg_exp16(_mm512_sub_ps(_mm512_div_ps(lv, tv), mv)));
-        _mm512_mask_storeu_ps(e + i, k, v);
-        _mm512_storeu_ps(ev, v);
-        __m512i b = smp_bucket16(lv, tv, mv, wv);
-        b = _mm512_mask_add_epi32(b, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(SMP_B - 1)), b, lastoff);
-        b = _mm512_mask_add_epi32(b, _mm512_cmpeq_epi32_mask(b, _mm512_setzero_si512()), b, firstoff);
-        _mm512_storeu_si512((void *)bk, b);
-        int nj = n - i < 16 ? n - i : 16;
-        for (int j = 0; j < nj; j++) smp_hist_add(h, bk[j], ev[j]);
+    const ifg_vi lane7 = ifg_viand(ifg_viota(), ifg_viset1(7));
+    const ifg_vi lastoff = ifg_viadd(lane7, ifg_viset1(1)), firstoff = ifg_viadd(lane7, ifg_viset1(SMP_B + 8));
+    const ifg_vi blast = ifg_viset1(SMP_B - 1), bfirst = ifg_viset1(0);
+    int i = 0;
+    const int vend = IFG_VTAIL_MASKED ? n : n - n % IFG_VW;
+    for (; i < vend; i += IFG_VW) {
+        const int r = n - i < IFG_VW ? n - i : IFG_VW;
+        const ifg_vf lv = r == IFG_VW ? ifg_vload(l + i) : ifg_vload_n(l + i, r);
+        const ifg_vf v = ifg_vexp(ifg_vsub(ifg_vdiv(lv, tv), mv));
+        if (r == IFG_VW) ifg_vstore(e + i, v); /* (AVX2's masked store is slow) */
+        else ifg_vstore_n(e + i, v, r);
+        ifg_vstore(ev, v);
+        ifg_vi b = smp_bucketv(lv, tv, mv, wv);
+        b = ifg_viadd_eq(b, blast, lastoff);
+        b = ifg_viadd_eq(b, bfirst, firstoff);
+        ifg_vistore(bk, b);
+        for (int j = 0; j < r; j++) smp_hist_add(h, bk[j], ev[j]);
     }
-#elif defined(IFG_AVX2)
-    __m256 tv = _mm256_set1_ps(T), mv = _mm256_set1_ps(m), wv = _mm256_set1_ps(W);
-    int32_t bk[8];
-    const __m256i lane7 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i lastoff = _mm256_add_epi32(lane7, _mm256_set1_epi32(1));
-    const __m256i firstoff = _mm256_add_epi32(lane7, _mm256_set1_epi32(SMP_B + 8));
-    for (; i + 8 <= n; i += 8) {
-        __m256 lv = _mm256_loadu_ps(l + i);
-        _mm256_storeu_ps(e + i, ifg_exp8(_mm256_sub_ps(_mm256_div_ps(lv, tv), mv)));
-        __m256i b = smp_bucket8(lv, tv, mv, wv);
-        b = _mm256_add_epi32(b, _mm256_and_si256(_mm256_cmpeq_epi32(b, _mm256_set1_epi32(SMP_B - 1)), lastoff));
-        b = _mm256_add_epi32(b, _mm256_and_si256(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()), firstoff));
-        _mm256_storeu_si256((__m256i *)bk, b);
-        for (int j = 0; j < 8; j++) smp_hist_add(h, bk[j], e[i + j]);
-    }
-#endif
-    for (; i < n; i++) {
-        e[i] = expf(l[i] / T - m);
-        smp_hist_add(h, smp_slot(smp_bucket1(l[i], T, m, W), i), e[i]);
-    }
-    smp_hist_fold(h);
+    smp_exp_hist_ref(l, i, n, T, m, W, e, h);
 }
+
+/* The cheap test on e for a vector at a time, the bucket only where it passes. */
+static int smp_gather_range(const float *l, const float *e, int n, float T, float m, float W, int b,
+                            float elo, float ehi, int32_t *out) {
+    const ifg_vf tv = ifg_vset1(T), mv = ifg_vset1(m), wv = ifg_vset1(W);
+    const ifg_vf lov = ifg_vset1(elo), hiv = ifg_vset1(ehi);
+    const ifg_vi bv = ifg_viset1(b);
+    int c = 0, i = 0;
+    for (; i + IFG_VW <= n; i += IFG_VW) {
+        const ifg_vf ev = ifg_vload(e + i);
+        unsigned k = ifg_vmbits(ifg_vmand(ifg_vcmpge(ev, lov), ifg_vcmple(ev, hiv)));
+        if (!k) continue;
+        k &= ifg_vieq_bits(smp_bucketv(ifg_vload(l + i), tv, mv, wv), bv);
+        while (k) { out[c++] = i + __builtin_ctz(k); k &= k - 1; }
+    }
+    return c + smp_gather_ref(l, e, i, n, T, m, W, b, elo, ehi, out + c);
+}
+#else
+#define smp_min_finite(l, n) smp_min_finite_ref(l, 0, n, INFINITY)
+#define smp_exp_hist(l, n, T, m, W, e, h) smp_exp_hist_ref(l, 0, n, T, m, W, e, h)
+#define smp_gather_range(l, e, n, T, m, W, b, elo, ehi, out) smp_gather_ref(l, e, 0, n, T, m, W, b, elo, ehi, out)
+#endif
 
 /* The tokens of bucket b, in index order, into out; returns how many. A token's mass e = exp(-d)
  * and its bucket floor(d * W) come from the same f32 d = m - s, so only tokens whose e lies in
  * the bucket's e-range (widened by 1e-4 in the exponent, far more than the rounding of d, of
  * d * W and of exp) can be in it: that cheap test on e skips the division for almost all. */
 static int smp_gather(const float *l, const float *e, int n, float T, float m, float W, int b, int32_t *out) {
-    int c = 0, i = 0;
     float elo = -1.0f, ehi = INFINITY;
     if (W > 0.0f) {
         double w = 1.0 / (double)W;
@@ -319,34 +314,7 @@ static int smp_gather(const float *l, const float *e, int n, float T, float m, f
         if (lo >= 1e-37) elo = (float)lo * (1.0f - 1e-6f); /* (tiny masses may have been flushed to 0) */
         if (b > 0) ehi = (float)exp(-b * w + 1e-4) * (1.0f + 1e-6f);
     }
-#if defined(IFG_AVX512)
-    __m512 tv = _mm512_set1_ps(T), mv = _mm512_set1_ps(m), wv = _mm512_set1_ps(W);
-    __m512 lov = _mm512_set1_ps(elo), hiv = _mm512_set1_ps(ehi);
-    __m512i bv = _mm512_set1_epi32(b), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (; i + 16 <= n; i += 16) {
-        __m512 ev = _mm512_loadu_ps(e + i);
-        __mmask16 k = _mm512_cmp_ps_mask(ev, lov, _CMP_GE_OQ) & _mm512_cmp_ps_mask(ev, hiv, _CMP_LE_OQ);
-        if (!k) continue;
-        k &= _mm512_cmpeq_epi32_mask(smp_bucket16(_mm512_loadu_ps(l + i), tv, mv, wv), bv);
-        _mm512_mask_compressstoreu_epi32(out + c, k, _mm512_add_epi32(iota, _mm512_set1_epi32(i)));
-        c += __builtin_popcount((unsigned)k);
-    }
-#elif defined(IFG_AVX2)
-    __m256 tv = _mm256_set1_ps(T), mv = _mm256_set1_ps(m), wv = _mm256_set1_ps(W);
-    __m256 lov = _mm256_set1_ps(elo), hiv = _mm256_set1_ps(ehi);
-    __m256i bv = _mm256_set1_epi32(b);
-    for (; i + 8 <= n; i += 8) {
-        __m256 ev = _mm256_loadu_ps(e + i);
-        __m256 in = _mm256_and_ps(_mm256_cmp_ps(ev, lov, _CMP_GE_OQ), _mm256_cmp_ps(ev, hiv, _CMP_LE_OQ));
-        if (_mm256_testz_ps(in, in)) continue;
-        unsigned k = (unsigned)_mm256_movemask_ps(_mm256_and_ps(in, _mm256_castsi256_ps(
-            _mm256_cmpeq_epi32(smp_bucket8(_mm256_loadu_ps(l + i), tv, mv, wv), bv))));
-        while (k) { out[c++] = i + __builtin_ctz(k); k &= k - 1; }
-    }
-#endif
-    for (; i < n; i++)
-        if (e[i] >= elo && e[i] <= ehi && smp_bucket1(l[i], T, m, W) == b) out[c++] = i;
-    return c;
+    return smp_gather_range(l, e, n, T, m, W, b, elo, ehi, out);
 }
 
 /* The kept set: every token of buckets [0, nb), then idx[p0 .. p0+pl) (kept tokens of bucket
@@ -408,6 +376,7 @@ int ifg_sample(const float *logits, int n, float temperature, int top_k, float t
     struct smp_hist h;
     memset(&h, 0, sizeof h);
     smp_exp_hist(logits, n, temperature, m, W, probs, &h);
+    smp_hist_fold(&h);
     double z = 0.0;
     for (int b = 0; b < SMP_B; b++) z += h.mass[b];
     if (!(z > 0.0) || !(z < INFINITY)) return am; /* NaN / inf logits */

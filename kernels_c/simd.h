@@ -7,7 +7,8 @@
  * named by their tree because kernels rely on a given output's sum order.
  *
  *   ifg_vf / ifg_vi      IFG_VW f32 / int32 lanes
- *   ifg_vzero, ifg_vset1, ifg_vadd, ifg_vsub, ifg_vmul, ifg_vdiv, ifg_vmax
+ *   ifg_vzero, ifg_vset1, ifg_vadd, ifg_vsub, ifg_vmul, ifg_vdiv, ifg_vmax, ifg_vmin
+ *                        (max / min return b where either lane is NaN: a NaN a is skipped)
  *   ifg_vfma(a, b, c) = a·b + c, ifg_vfms(a, b, c) = a·b - c (one rounding)
  *   ifg_vload / ifg_vloada / ifg_vstore / ifg_vstorea      unaligned / 64-byte aligned
  *   ifg_vload_n / ifg_vstore_n (p, r)                      the first r <= IFG_VW lanes, rest 0
@@ -15,7 +16,17 @@
  *   ifg_vfold(v) → __m128     lane j = Σ of lanes j, j+4, … (fixed tree)
  *   ifg_hadd4(a, b, c, d) / ifg_hadd1(a)                   4 × 4 lanes → 4 sums (hadd tree)
  *   ifg_vsum4(a0..a3) → __m128                             4 vectors → their 4 sums
- *   ifg_vhsum / ifg_vhmax                                  a vector → one float
+ *   ifg_vhsum / ifg_vhmax / ifg_vhmin                      a vector → one float
+ *   ifg_vm               a lane mask: ifg_vcmpeq / ifg_vcmpge / ifg_vcmple (ordered: NaN is
+ *                        false), ifg_vmand, ifg_vblend(m, a, b) = m ? b : a, ifg_vmbits(m) → bit
+ *                        j for lane j
+ *   ifg_vcvtt (f32 → int32, truncating), ifg_viota (0, 1, …), ifg_viand, ifg_vieq_bits(a, b),
+ *   ifg_viadd_eq(a, c, v) = a + v in the lanes where a == c
+ *   ifg_vd               IFG_VW / 2 f64 lanes: ifg_vdzero, ifg_vsq_f64(v, &lo, &hi) (the
+ *                        squares of v's low / high half, widened, added in), ifg_vdsum(lo, hi)
+ *   IFG_VTAIL_MASKED     1 where a masked tail (ifg_vload_n) costs what a full vector does
+ *                        (AVX-512): a kernel whose scalar tail computes differently (libm, f64)
+ *                        then keeps its tail in the vector path
  *   ifg_round_i32            roundf of every lane (halves away from zero) as int32
  *   ifg_x4(p)                4 int8 at p as one int32 (to broadcast against 4-byte lanes)
  *   IFG_PREFETCH(p)          prefetch p into every cache level (read)
@@ -106,6 +117,30 @@ IFG_AI __m512i ifg_round_i32(__m512 v) {
     const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
     return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
 }
+IFG_AI ifg_vf ifg_vmin(ifg_vf a, ifg_vf b) { return _mm512_min_ps(a, b); }
+IFG_AI float ifg_vhmin(ifg_vf a) { return _mm512_reduce_min_ps(a); }
+typedef __mmask16 ifg_vm;
+IFG_AI ifg_vm ifg_vcmpeq(ifg_vf a, ifg_vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+IFG_AI ifg_vm ifg_vcmpge(ifg_vf a, ifg_vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+IFG_AI ifg_vm ifg_vcmple(ifg_vf a, ifg_vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+IFG_AI ifg_vm ifg_vmand(ifg_vm a, ifg_vm b) { return a & b; }
+IFG_AI ifg_vf ifg_vblend(ifg_vm m, ifg_vf a, ifg_vf b) { return _mm512_mask_blend_ps(m, a, b); }
+IFG_AI unsigned ifg_vmbits(ifg_vm m) { return (unsigned)m; }
+IFG_AI ifg_vi ifg_vcvtt(ifg_vf v) { return _mm512_cvttps_epi32(v); }
+IFG_AI ifg_vi ifg_viota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+IFG_AI ifg_vi ifg_viand(ifg_vi a, ifg_vi b) { return _mm512_and_si512(a, b); }
+IFG_AI unsigned ifg_vieq_bits(ifg_vi a, ifg_vi b) { return (unsigned)_mm512_cmpeq_epi32_mask(a, b); }
+IFG_AI ifg_vi ifg_viadd_eq(ifg_vi a, ifg_vi c, ifg_vi v) { return _mm512_mask_add_epi32(a, _mm512_cmpeq_epi32_mask(a, c), a, v); }
+#define IFG_VTAIL_MASKED 1
+typedef __m512d ifg_vd;
+IFG_AI ifg_vd ifg_vdzero(void) { return _mm512_setzero_pd(); }
+IFG_AI void ifg_vsq_f64(ifg_vf v, ifg_vd *lo, ifg_vd *hi) {
+    const __m512d l = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d h = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    *lo = _mm512_fmadd_pd(l, l, *lo);
+    *hi = _mm512_fmadd_pd(h, h, *hi);
+}
+IFG_AI double ifg_vdsum(ifg_vd lo, ifg_vd hi) { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
 
 /* ---- AVX2 + FMA + F16C --------------------------------------------------------------------- */
 #elif defined(IFG_AVX2)
@@ -169,6 +204,41 @@ IFG_AI __m256i ifg_round_i32(__m256 v) {
     const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
     const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign));
     return _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
+}
+IFG_AI ifg_vf ifg_vmin(ifg_vf a, ifg_vf b) { return _mm256_min_ps(a, b); }
+IFG_AI float ifg_vhmin(ifg_vf a) {
+    __m128 h = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_min_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+typedef __m256 ifg_vm; /* all-ones lanes */
+IFG_AI ifg_vm ifg_vcmpeq(ifg_vf a, ifg_vf b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+IFG_AI ifg_vm ifg_vcmpge(ifg_vf a, ifg_vf b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+IFG_AI ifg_vm ifg_vcmple(ifg_vf a, ifg_vf b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+IFG_AI ifg_vm ifg_vmand(ifg_vm a, ifg_vm b) { return _mm256_and_ps(a, b); }
+IFG_AI ifg_vf ifg_vblend(ifg_vm m, ifg_vf a, ifg_vf b) { return _mm256_blendv_ps(a, b, m); }
+IFG_AI unsigned ifg_vmbits(ifg_vm m) { return (unsigned)_mm256_movemask_ps(m); }
+IFG_AI ifg_vi ifg_vcvtt(ifg_vf v) { return _mm256_cvttps_epi32(v); }
+IFG_AI ifg_vi ifg_viota(void) { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+IFG_AI ifg_vi ifg_viand(ifg_vi a, ifg_vi b) { return _mm256_and_si256(a, b); }
+IFG_AI unsigned ifg_vieq_bits(ifg_vi a, ifg_vi b) {
+    return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, b)));
+}
+IFG_AI ifg_vi ifg_viadd_eq(ifg_vi a, ifg_vi c, ifg_vi v) {
+    return _mm256_add_epi32(a, _mm256_and_si256(_mm256_cmpeq_epi32(a, c), v));
+}
+#define IFG_VTAIL_MASKED 0
+typedef __m256d ifg_vd;
+IFG_AI ifg_vd ifg_vdzero(void) { return _mm256_setzero_pd(); }
+IFG_AI void ifg_vsq_f64(ifg_vf v, ifg_vd *lo, ifg_vd *hi) {
+    const __m256d l = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), h = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    *lo = _mm256_fmadd_pd(l, l, *lo);
+    *hi = _mm256_fmadd_pd(h, h, *hi);
+}
+IFG_AI double ifg_vdsum(ifg_vd lo, ifg_vd hi) {
+    const __m256d a = _mm256_add_pd(lo, hi);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 #endif
 
