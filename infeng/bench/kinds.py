@@ -22,6 +22,7 @@ class Kind(ABC):
     unit: str
     required: tuple[str, ...] = ()
     e2e = False                 # runs on the suite's model, once per runner
+    bound = "memory"            # which of the run's probes its figure is normalised by (probes.py)
 
     @abstractmethod
     def label(self, p: dict[str, Any]) -> str:
@@ -68,7 +69,7 @@ class Gemv(MicroKind):
 
 class Gemm(Gemv):
     """A ``tokens``-row matrix product (prefill's shape)."""
-    name, unit, gflops = "gemm", "GFLOP/s", False
+    name, unit, gflops, bound = "gemm", "GFLOP/s", False, "compute"
 
     def tokens(self, p) -> str:
         return str(p.get("tokens", 128))
@@ -110,7 +111,7 @@ class E2EKind(Kind):
 
 class Prefill(E2EKind):
     """pp``tokens``: one prompt of ``tokens`` tokens."""
-    name, required = "prefill", ("tokens",)
+    name, required, bound = "prefill", ("tokens",), "compute"
 
     def label(self, p):
         return f"pp{p['tokens']}"

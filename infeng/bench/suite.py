@@ -36,6 +36,7 @@ import yaml
 
 from infeng import kernels
 from infeng.bench import micro, synthetic
+from infeng.bench.probes import make_probes
 from infeng.bench.comparisons import ComparisonSuite, load_comparison
 from infeng.bench.kinds import DEFAULT_BW_MB, KINDS, Bandwidth, Kind
 from infeng.bench.peers import PeerSkip, make_peer
@@ -241,31 +242,47 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
             if runners[-1].note:
                 notes.append(f"peer {name}: {runners[-1].note}")
     results: list[Result] = []
+    probes = make_probes(threads)
+    probed = {"memory": [], "compute": []}
+
+    def probe(kind: Kind) -> float:
+        """The probe of the kind's bound, timed now (the figure of this repeat is divided by it)."""
+        v = probes.gb_s() if kind.bound == "memory" else probes.gflop_s()
+        probed[kind.bound].append(v)
+        return v
+
     for s in scenarios:
         p = s.params
         if not s.e2e:
             r = Result(s, "infeng")
             case = s.spec.case(kern, p, threads)
+            yards, on_cpu = [], []
             for _ in range(suite.repeats):
-                dt = micro.time_once(case, min_time=float(p.get("min_time", 0.2)))
+                yards.append(probe(s.spec))
+                dt, cpu = micro.time_both(case, probes.clock, min_time=float(p.get("min_time", 0.2)))
                 r.seconds.append(dt)
                 r.values.append(s.spec.figure(case, dt))
+                on_cpu.append(s.spec.figure(case, cpu))
                 if s.spec.gflops:
                     r.extra.setdefault("gflop_s", []).append(case.flops / dt / 1e9)
                 if on_step:
                     on_step(s.name)
+            r.extra["norm"] = [normalised(on_cpu, yards)]
             r.extra = {k: statistics.median(v) for k, v in r.extra.items()}
             results.append(r)
             continue
         rs = {id(x): Result(s, x.name) for x in runners}
+        yards, on_cpu = [], []
         for rep in range(suite.repeats):
+            yards.append(probe(s.spec))
             for x in runners:
                 res = rs[id(x)]
                 if res.skipped:
                     continue
                 try:
-                    w0, c0 = time.perf_counter(), time.process_time()
+                    w0, c0, k0 = time.perf_counter(), time.process_time(), probes.clock()
                     tokens, dt = s.spec.run(x, p, vocab, seed=rep)
+                    cpu = probes.clock() - k0
                     res.extra.setdefault("cpu_utilisation", []).append(
                         (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9) / threads)
                 except PeerSkip as e:
@@ -274,12 +291,16 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
                     continue
                 res.values.append(tokens / dt)
                 res.seconds.append(dt)
+                if x.name == "infeng":   # tok per on-CPU second of the whole run call
+                    on_cpu.append(tokens / max(cpu, 1e-9))
                 if x.name == "infeng" and s.decodes and x.last_overhead_us is not None:
                     res.extra.setdefault("py_overhead_us_per_tok", []).append(x.last_overhead_us)
                 if on_step:
                     on_step(s.name)
         for x in runners:
             res = rs[id(x)]
+            if x.name == "infeng" and on_cpu:
+                res.extra["norm"] = [normalised(on_cpu, yards)]
             res.extra = {k: statistics.median(v) for k, v in res.extra.items()}
             results.append(res)
     for x in runners:
@@ -297,11 +318,20 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
                 step_s = batch / r.median
                 r.extra["roofline_pct"] = 100.0 * decode_step_bytes(model, batch, mean_ctx) / step_s / (bw * 1e9)
     meta = {"model": model_label, "threads": threads, "isa": isa_name, "repeats": suite.repeats,
-            "peers": [x.name for x in runners[1:]], "bandwidth_gb_s": bw, "notes": notes}
+            "peers": [x.name for x in runners[1:]], "bandwidth_gb_s": bw, "notes": notes,
+            "probe_gb_s": statistics.median(probed["memory"]) if probed["memory"] else None,
+            "probe_gflop_s": statistics.median(probed["compute"]) if probed["compute"] else None}
     if model is not None:
         meta["weight_dtype"] = model.weight_dtype
         meta["weight_bytes"] = weight_bytes(model)
     return results, meta
+
+
+def normalised(on_cpu: list[float], yards: list[float]) -> float:
+    """The scenario's best on-CPU rate over its repeats ÷ the best of its probe's: interference
+    from other work only ever lowers a rate, so the best of several is the steadiest estimate of
+    each (baseline.py compares these)."""
+    return max(on_cpu) / max(yards)
 
 
 def steps_total(suite: Suite) -> int:
@@ -344,6 +374,8 @@ def to_run(results: list[Result], meta: dict[str, Any], command: str = "bench"):
                 run.metrics[f"{key}.{_metric_key(r.runner)}_roofline_pct"] = r.extra["roofline_pct"]
             if "infeng_over_peer" in rec:
                 run.metrics[f"{key}.infeng_over_{_metric_key(r.runner)}"] = rec["infeng_over_peer"]
+            if "norm" in r.extra:   # the figure ÷ its probe (baseline.py)
+                run.metrics[f"{key}.infeng_norm"] = r.extra["norm"]
     if meta.get("bandwidth_gb_s"):
         run.metrics["read_bandwidth_gb_s"] = meta["bandwidth_gb_s"]
     return run
@@ -391,6 +423,29 @@ def table(results: list[Result], meta: dict[str, Any]):
             cells.append(f"{me.extra['py_overhead_us_per_tok']:.0f}" if me and "py_overhead_us_per_tok" in me.extra else "")
         t.add_row(*cells)
     return t
+
+
+def markdown(results: list[Result], meta: dict[str, Any]) -> str:
+    """The table of ``table`` as markdown (CI logs, as `llama-bench -o md`): one row per scenario,
+    infeng, each peer, infeng ÷ peer, and infeng's figure ÷ the run's probe."""
+    peers = list(meta.get("peers", []))
+    cols = ["scenario", "unit", "infeng"] + peers + [f"× {p}" for p in peers] + ["÷ probe"]
+    out = [f"infeng bench · {meta.get('model')} · {meta.get('threads')} threads · {meta.get('isa')}", "",
+           "| " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * (len(cols) - 2)]
+    by: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by.setdefault(r.scenario.name, {})[r.runner] = r
+    for name, row in by.items():
+        me = row.get("infeng")
+        unit = (me or next(iter(row.values()))).scenario.unit
+        ok = me is not None and bool(me.values)
+        cells = [name, unit, _f(me.median) if ok else "–"]
+        got = [row.get(p) for p in peers]
+        cells += [_f(pr.median) if pr is not None and pr.values else "–" for pr in got]
+        cells += [f"{me.median / pr.median:.2f}" if ok and pr is not None and pr.values else "–" for pr in got]
+        cells.append(f"{me.extra['norm']:.4g}" if ok and "norm" in me.extra else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _f(v: float) -> str:

@@ -9,8 +9,12 @@ from rich.markup import escape
 from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from infeng.bench.baseline import (DEFAULT_TOLERANCE_PCT, against_baseline, check_tolerance, load_bench_report,
+                                   rows_markdown)
 from infeng.bench.comparisons import ComparisonSuite
-from infeng.bench.suite import Scenario, Suite, load_suite, plot, run_suite, steps_total, table, to_run
+from infeng.bench.suite import (Scenario, Suite, load_suite, markdown, plot, run_suite, steps_total, table,
+                                to_run)
+from infeng.evals.suite import diff_table
 from infeng.errors import InfengError
 from infeng.kernels import default_threads
 from infeng.telemetry import progress, stderr_console
@@ -32,6 +36,9 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write results (telemetry schema) as JSON"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write results (telemetry schema) as CSV"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of tok/s per scenario and runner"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a stored --json report: exit 3 if a figure (ratio to a peer, or to the run's probe) falls more than --tolerance below it"),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE_PCT, "--tolerance", help="percent a figure may fall below --baseline's"),
+    md: bool = typer.Option(False, "--md", help="print the results (and the --baseline comparison) as markdown tables on stdout"),
 ):
     """Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth roofline.
     A suite file with a top-level `kind` runs one of the comparisons instead (lora_overhead,
@@ -49,12 +56,14 @@ def bench(
         raise InfengError(f"--threads must be >= 1, got {threads}")
     if repeats is not None and repeats < 1:
         raise InfengError(f"--repeats must be >= 1, got {repeats}")
+    check_tolerance(tolerance)
+    base = load_bench_report(baseline) if baseline is not None else None
 
     if suite_path is not None:
         suite = load_suite(suite_path)
         if isinstance(suite, ComparisonSuite):
             given = [f for f, v in (("--kernel", kernel), ("--dtype", dtype), ("--peer", peer), ("--gguf", gguf),
-                                    ("--plot", plot_out)) if v]
+                                    ("--plot", plot_out), ("--baseline", baseline), ("--md", md)) if v]
             if given:
                 raise InfengError(f"{', '.join(given)}: not used by kind {suite.kind.name} ({suite_path})")
             suite.override(model, threads, repeats)
@@ -90,6 +99,8 @@ def bench(
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(table(results, meta))
     run = to_run(results, meta)
+    if md:
+        typer.echo(markdown(results, meta))
     if plot_out is not None:
         msg = plot(results, plot_out)
         if msg:
@@ -97,6 +108,19 @@ def bench(
     for out in (json_out, csv_out):
         if out is not None:
             run.write(out)
+    if base is not None:
+        rows = against_baseline(run.metrics, base, tolerance)
+        console.print(diff_table(rows, f"vs baseline {baseline} (tolerance {tolerance:g} %)"))
+        if md:
+            typer.echo("\n" + rows_markdown(rows))
+        bad = [r for r in rows if r.regressed]
+        if bad:
+            console.print(f"[bold red]{len(bad)} figure(s) regressed beyond {tolerance:g} %[/]: "
+                          + ", ".join(r.metric for r in bad))
+            raise typer.Exit(REGRESSION_EXIT)
+
+
+REGRESSION_EXIT = 3  # as `infeng eval --baseline`
 
 
 def _comparison(suite: ComparisonSuite, json_out: Optional[Path], csv_out: Optional[Path]) -> None:

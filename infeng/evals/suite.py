@@ -177,7 +177,8 @@ class Row:
         return self.status in ("REGRESSED", "missing")
 
 
-def load_report(path: Path) -> dict:
+def read_report(path: Path, command: str) -> dict:
+    """A stored telemetry report of `infeng <command> --json`, with its metrics."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
@@ -185,11 +186,15 @@ def load_report(path: Path) -> dict:
         raise InfengError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InfengError(f"{p}: not a JSON report ({e})") from None
-    if not isinstance(d, dict) or d.get("schema") != "infeng.telemetry/1" or d.get("command") != "eval":
-        raise InfengError(f"{p}: not an infeng eval report (schema infeng.telemetry/1, command eval)")
+    if not isinstance(d, dict) or d.get("schema") != "infeng.telemetry/1" or d.get("command") != command:
+        raise InfengError(f"{p}: not an infeng {command} report (schema infeng.telemetry/1, command {command})")
     if not isinstance(d.get("metrics"), dict):
         raise InfengError(f"{p}: report has no metrics")
     return d
+
+
+def load_report(path: Path) -> dict:
+    return read_report(path, "eval")
 
 
 def compare(metrics: dict[str, float], baseline: dict[str, float],
