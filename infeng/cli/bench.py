@@ -19,6 +19,8 @@ from infeng.errors import InfengError
 from infeng.kernels import default_threads
 from infeng.telemetry import progress, stderr_console
 
+REGRESSION_EXIT = 3  # as `infeng eval --baseline`
+
 
 def bench(
     suite_path: Optional[Path] = typer.Option(None, "--suite", help="scenario suite (YAML), e.g. bench/decode.yaml"),
@@ -118,9 +120,6 @@ def bench(
             console.print(f"[bold red]{len(bad)} figure(s) regressed beyond {tolerance:g} %[/]: "
                           + ", ".join(r.metric for r in bad))
             raise typer.Exit(REGRESSION_EXIT)
-
-
-REGRESSION_EXIT = 3  # as `infeng eval --baseline`
 
 
 def _comparison(suite: ComparisonSuite, json_out: Optional[Path], csv_out: Optional[Path]) -> None:
