@@ -244,3 +244,69 @@ def test_bad_speculation_settings_are_refused(stories):
         Engine(stories, threads=1, speculate=SpecConfig("draft"))
     assert parse_speculate("auto").k is None and parse_speculate("3").k == 3
     assert isinstance(Engine(stories, threads=1, speculate=parse_speculate("lookup")).spec.drafter, LookupDrafter)
+
+
+@pytest.fixture(scope="module")
+def stories_q8(stories):
+    from infeng.quant.policy import plan, quantize_tensors
+    return stories.derived(quantize_tensors(stories.tensors, plan(stories.tensors, "q8_0")))
+
+
+def test_draft_model_exact_with_adapters_and_sampling(stories, stories_q8, tmp_path):
+    """A q8_0 copy drafts for the f32 model: same tokens as without speculation (greedy, sampled,
+    adapters verified with their adapter while the draft runs without), high acceptance."""
+    name = sorted(p.name for p in PEFT.iterdir())[0]
+    ads = [(name, convert_peft(PEFT / name, tmp_path / f"{name}.infeng-lora", stories, dtype="f32"))]
+    for temp in (0.0, 0.9):
+        reqs = [Request(str(i), p, params=_params(50, temperature=temp, seed=i), adapter=name if i % 3 == 1 else None)
+                for i, p in enumerate(PROMPTS)]
+        want, _ = _run(stories, reqs, adapters=ads, max_batch=3, block_size=4)
+        for k in (None, 4):
+            spec = SpecConfig("draft", k=k, draft_model=stories_q8)
+            got, eng = _run(stories, reqs, spec, adapters=ads, max_batch=3, block_size=4, max_batch_tokens=16)
+            st = eng.spec.stats
+            assert got == want, (temp, k)
+            assert st.accepted > (0.4 if temp == 0 else 0.25) * st.drafted, st   # adapters lower it
+            assert eng.spec.drafter.kv.blocks_used() == 0
+    reqs = [Request(str(i), p, params=_params(50)) for i, p in enumerate(PROMPTS)]
+    want, _ = _run(stories, reqs, max_batch=3)
+    got, eng = _run(stories, reqs, SpecConfig("draft", draft_model=stories_q8), max_batch=3)
+    assert got == want and eng.spec.stats.accepted > 0.9 * eng.spec.stats.drafted
+
+
+def test_draft_model_with_another_vocabulary_is_refused(stories):
+    other = load_model(ARCH / ARCHS[0])
+    with pytest.raises(InfengError, match=r"draft model .*: vocabulary of \d+ tokens, the target's has 512"):
+        Engine(stories, threads=1, speculate=SpecConfig("draft", draft_model=other))
+
+
+def test_cli_speculate_lookup_draft_and_batch(data_dir, tmp_path, capsys):
+    from infeng.cli.main import main
+    m, q = tmp_path / "s.infeng", tmp_path / "s-q8.infeng"
+    assert main(["convert", str(data_dir / "stories260K"), "-o", str(m)]) == 0
+    assert main(["quantize", str(m), "-o", str(q), "--type", "q8_0"]) == 0
+    base = ["generate", str(m), "-p", "Lily", "-n", "40", "-t", "0", "--no-echo"]
+    capsys.readouterr()
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    for extra in (["--speculate", "lookup"], ["--speculate", "3", "--draft", str(q)], ["--speculate", "auto"]):
+        tel = tmp_path / "t.json"
+        assert main(base + extra + ["--telemetry", str(tel)]) == 0
+        assert capsys.readouterr().out == want, extra
+        mets = json.loads(tel.read_text())["metrics"]
+        assert {"spec_drafted_tokens", "spec_accepted_tokens", "spec_acceptance_rate", "spec_draft_s",
+                "spec_verify_s"} <= set(mets)
+    req = tmp_path / "r.jsonl"
+    req.write_text("".join(json.dumps({"id": str(i), "prompt": p, "max_tokens": 30, "temperature": 0.8, "seed": i})
+                           + "\n" for i, p in enumerate(PROMPTS)))
+    outs = []
+    for extra in ([], ["--speculate", "auto", "--draft", str(q)]):
+        o = tmp_path / f"o{len(outs)}.jsonl"
+        assert main(["generate", str(m), "--batch", str(req), "-o", str(o), "--max-batch", "3"] + extra) == 0
+        outs.append(sorted(json.loads(x)["token_ids"] for x in o.read_text().splitlines()))
+    assert outs[0] == outs[1]
+    for args, msg in ((["--speculate", "lookup", "--draft", str(q)], "--speculate lookup drafts without a model"),
+                      (["--draft", str(q)], "--draft goes with --speculate"),
+                      (["--speculate", "0"], "draft length must be in 1..16")):
+        assert main(base + args) != 0
+        assert msg in capsys.readouterr().err
