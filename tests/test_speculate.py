@@ -310,3 +310,38 @@ def test_cli_speculate_lookup_draft_and_batch(data_dir, tmp_path, capsys):
                       (["--speculate", "0"], "draft length must be in 1..16")):
         assert main(base + args) != 0
         assert msg in capsys.readouterr().err
+
+
+def test_spec_bench_kind_end_to_end(data_dir, tmp_path, monkeypatch):
+    """kind spec on stories260K and the tiny synthetic shape: every part runs, the tokens match,
+    forced acceptance is what was asked, the break-even solves its equation; bad input refused."""
+    from infeng.bench import spec_bench
+    from infeng.cli.main import main
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    m = tmp_path / "s.infeng"
+    assert main(["convert", str(data_dir / "stories260K"), "-o", str(m)]) == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "kind": "grounded" if i % 2 else "free", "prompt": p}) + "\n"
+                               for i, p in enumerate(PROMPTS[:4])))
+    y = tmp_path / "spec.yaml"
+    y.write_text(f"kind: spec\nprompts: {prompts}\nthreads: 1\nrepeats: 1\nn: 24\nk: 3\nsynthetic: test-32k\n"
+                 f"alphas: [0.0, 0.5, 1.0]\ncost_tokens: 24\n")
+    out = tmp_path / "spec.json"
+    assert main(["bench", "--suite", str(y), "--model", str(m), "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    recs = run["records"]
+    assert all(r["same_tokens"] for r in recs if "same_tokens" in r)
+    assert {r["prompt"] for r in recs if r["scenario"] == "lookup"} >= {"all grounded", "all free"}
+    cost = {r["alpha"]: r for r in recs if r["scenario"] == "self_draft_cost"}
+    assert cost[0.0]["acceptance"] == 0 and cost[1.0]["acceptance"] == 1 and 0 < cost[0.5]["acceptance"] < 1
+    assert cost[1.0]["tokens_per_step"] == pytest.approx(4, abs=0.5)
+    be = cost["break_even"]
+    assert spec_bench.expected_tokens(be["break_even_alpha"], 3) == pytest.approx(be["step_cost_in_plain_steps"], rel=1e-6) \
+        or be["break_even_alpha"] in (0.0, 1.0)
+    assert "self_draft_grounded.acceptance" in run["metrics"]
+    assert spec_bench.break_even(1.0, 4) == 0.0 and spec_bench.break_even(9.0, 4) == 1.0
+    assert spec_bench.expected_tokens(spec_bench.break_even(2.0, 4), 4) == pytest.approx(2.0)
+    y.write_text("kind: spec\nalphas: [1.5]\n")
+    assert main(["bench", "--suite", str(y), "--model", str(m)]) == 1
+    y.write_text("kind: spec\nonly: [warp]\n")
+    assert main(["bench", "--suite", str(y), "--model", str(m)]) == 1
