@@ -70,9 +70,13 @@ def stories(data_dir):
     return load_model(data_dir / "stories260K-f32")
 
 
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("name", ARCHS)
-def test_greedy_exact_every_architecture(name):
+def test_greedy_exact_every_architecture(name, dtype):
     model = load_model(ARCH / name)
+    if dtype != "f32":      # quantized weights: the verify rows take the GEMM path, decode the GEMV one
+        from infeng.quant.policy import plan, quantize_tensors
+        model = model.derived(quantize_tensors(model.tensors, plan(model.tensors, dtype)))
     p = json.loads((ARCH / name / "reference.json").read_text())["prompt"]
     prompts = [p, p[:3], p + p[:5], p[2:]]
     reqs = [Request(str(i), prompt_ids=q, params=_params(24, ignore_eos=True)) for i, q in enumerate(prompts)]
