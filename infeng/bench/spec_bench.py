@@ -287,7 +287,9 @@ def llamacpp_lookup(gguf: str, prompts: list[dict], tokenizer_model: str, thread
         tt[2] += got["plain"][2]
     recs = [{"scenario": "llamacpp_lookup", "kind": kind, "decoded_tokens": t[2], "plain_tok_s": t[2] / t[0],
              "spec_tok_s": t[2] / t[1], "speedup": t[0] / t[1], "same_tokens": same} for kind, t in totals.items()]
-    notes = ["llama.cpp: llama-cpp-python's speculation is its high-level Llama.generate with a draft_model "
-             "(prompt lookup only, one sequence, greedy verification; no draft-model drafter and no batching "
-             "in the Python API)"]
+    notes = ["llama.cpp: llama-cpp-python exposes speculation only as Llama(draft_model=...) in its one-sequence "
+             "generate loop, and ships one drafter, LlamaPromptLookupDecoding (first earlier match of the last "
+             "1-2 tokens); it keeps every position's logits (logits_all) to verify. llama.cpp's own draft-model "
+             "speculation (llama-speculative, llama-server --model-draft) is not reachable from the Python API, "
+             "nor speculation in a batch of sequences"]
     return recs, notes
