@@ -25,7 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, lora_scenarios, \
-    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, sim_compare
+    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, sim_compare, spec_bench, \
+    synthetic
 from infeng.bench.peers import PeerSkip
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
@@ -270,7 +271,6 @@ class Speculation(Comparison):
                 "only": ["lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup"]}
 
     def run(self, p, log):
-        from infeng.bench import spec_bench, synthetic
         parts = ("lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup")
         bad = [x for x in p["only"] if x not in parts]
         if bad:

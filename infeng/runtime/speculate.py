@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infeng.errors import InfengError
+from infeng.runtime.draft_model import ModelDrafter
 from infeng.runtime.drafters import Drafter, LookupDrafter
 
 MAX_K = 16
@@ -183,6 +184,5 @@ def make_speculator(cfg: SpecConfig, session, target_model, max_seq_len: int, bu
     if cfg.drafter == "lookup":
         drafter: Drafter = LookupDrafter()
     else:
-        from infeng.runtime.draft_model import ModelDrafter
         drafter = ModelDrafter(cfg.draft_model, target_model, session, max_seq_len, budget, threads)
     return Speculator(cfg, session.kv, max_seq_len, budget, max_out, drafter, clock)
