@@ -15,6 +15,7 @@ from infeng.model.loader import load_model
 from infeng.runtime.batch import metrics
 from infeng.runtime.engine import Engine, Request
 from infeng.runtime.sampler import SamplingParams
+from infeng.runtime.speculate import parse_speculate
 from infeng.runtime.tokenizer import Tokenizer
 from infeng.runtime.types import FinishEvent
 from infeng.telemetry import Run
@@ -46,6 +47,8 @@ def generate(
     no_verify: bool = typer.Option(False, "--no-verify", help="skip checksum verification at load"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA/DoRA adapter file (.infeng-lora) for the prompt / every request"),
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="speculative decoding: lookup (prompt lookup), auto (adaptive; the --draft model if given) or a draft length N"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="a draft model with the same tokenizer (e.g. a lower-bit copy) for --speculate auto|N"),
 ):
     """Generate text from a prompt, or run a batch of requests."""
 
@@ -69,8 +72,13 @@ def generate(
         raise InfengError("--ray-workers, --ray-cpus, --shard-size and --ray-ship go with --ray")
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory")
+    if draft is not None and speculate is None:
+        raise InfengError("--draft goes with --speculate auto|N")
+    if speculate is not None and ray is not None:
+        raise InfengError("--speculate does not run on Ray workers (--ray): drop one of them")
     t_load = time.perf_counter()
     model = load_model(model_path, verify=not no_verify)
+    spec = parse_speculate(speculate, load_model(draft, verify=not no_verify) if draft else None) if speculate else None
     given = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                  ignore_eos=ignore_eos)
     defaults = SamplingParams.with_model_defaults(model.generation, **given).validated(names=OPTION_NAMES)
@@ -80,7 +88,7 @@ def generate(
                        threads=threads, max_batch=max_batch, ctx=ctx, verify=not no_verify, adapter=adapter,
                        adapters_dir=adapters_dir, restart=restart, window=window, ray=ray,
                        ray_workers=ray_workers, ray_cpus=ray_cpus or 1, shard_size=shard_size or 256, ray_ship=ray_ship,
-                       model=model)
+                       model=model, speculate=spec)
         try:
             meta, figures = run_batch_job(job)
         except Interrupted as e:
@@ -92,7 +100,7 @@ def generate(
             run.write(telemetry)
         return
     tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
-    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx, tokenizer=tok)
+    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx, tokenizer=tok, speculate=spec)
     default_adapter = None
     for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
         engine.load_adapter(f, f.name[:-len(".infeng-lora")])

@@ -40,6 +40,7 @@ class BatchJob:
     ray_ship: bool = False          # send model and adapters through Ray instead of a shared path
     progress: bool = True
     model: Any = None               # the loaded model, when the caller has it already
+    speculate: Any = None           # a runtime.speculate.SpecConfig, or None
 
 
 def window_of(job: BatchJob) -> int:
@@ -61,7 +62,7 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
     totals = [count_lines(p.input) for p in pairs]
     engine = Engine(model, threads=job.threads, max_batch=min(job.max_batch, max(1, max(totals))),
-                    max_seq_len=job.ctx, tokenizer=tok, detokenize=False, max_queue=window)
+                    max_seq_len=job.ctx, tokenizer=tok, detokenize=False, max_queue=window, speculate=job.speculate)
     adapters, default_adapter = adapter_files(job, model)
     for name, f in adapters.items():
         engine.load_adapter(f, name)

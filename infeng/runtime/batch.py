@@ -214,6 +214,7 @@ def metrics(engine: Engine, results: list[Result], wall_s: float) -> dict[str, f
     itl = [(b - a) * 1e3 for r in results for a, b in zip(r.token_times, r.token_times[1:])]
     gen = sum(len(r.token_ids) for r in results)
     nan = float("nan")
+    spec = engine.spec.stats.figures() if engine.spec else {}
     return {
         "requests": len(results),
         "prompt_tokens": sum(len(r.prompt_ids) for r in results),
@@ -241,4 +242,5 @@ def metrics(engine: Engine, results: list[Result], wall_s: float) -> dict[str, f
         "kv_contiguous_mb": engine.max_batch * engine.max_seq_len * kv.block_bytes / kv.block_size / 2**20,
         "kv_pool_mb": kv.bytes / 2**20,
         "peak_rss_mb": peak_rss_mb(),
+        **spec,
     }

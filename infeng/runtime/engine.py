@@ -12,7 +12,9 @@ text (textstream.py: stop strings, UTF-8 holdback). Sequences join and leave bet
 Admission control rejects (finish reason "rejected", with the reason) instead of queueing without
 bound. KV memory is a block pool bounded by ``kv_budget_mb``; prompts that share full blocks of
 tokens share their K/V (kv.py). ``engine.hooks`` reports the edges of each step's phases to
-subscribers (hooks.py; ``infeng profile`` uses them).
+subscribers (hooks.py; ``infeng profile`` uses them). With ``speculate`` (speculate.py), decoding
+sequences carry drafted tokens that the same forward pass verifies; a step may then give a
+sequence several tokens.
 
 Step buffers, the KV pool and sampler scratch are allocated once: the decode loop allocates no
 arrays. Prompts are tokenized in ``submit`` (the caller's thread), not inside a step.
@@ -36,6 +38,7 @@ from infeng.runtime.packer import BatchPacker
 from infeng.runtime.sampler import Sampler, SamplingParams, token_logprobs
 from infeng.runtime.scheduler import Scheduler, Seq
 from infeng.runtime.session import ForwardSession
+from infeng.runtime.speculate import SpecConfig, make_speculator
 from infeng.runtime.textstream import TextStream
 from infeng.runtime.tokenizer import Tokenizer
 from infeng.runtime.types import FinishEvent, Request, Result, StepStats, TokenEvent
@@ -52,7 +55,7 @@ class Engine:
                  kv_budget_mb: float | None = None, isa: str | None = None, max_queue: int = 4096,
                  max_queued_tokens: int | None = None, aging_s: float = 10.0, detokenize: bool = True,
                  tokenizer: Tokenizer | None = None, net=None, clock=None, prefix_cache: bool = True,
-                 adapter_budget_mb: float | None = None):
+                 adapter_budget_mb: float | None = None, speculate: SpecConfig | None = None):
         """``net`` and ``clock`` replace the C forward pass and the wall clock (the simulator
         drives this same scheduler with a cost model and virtual time)."""
         self.model, self.cfg = model, model.config
@@ -70,8 +73,10 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer or Tokenizer(model.tokenizer, self.cfg.bos_id, self.cfg.eos_ids)
         self.clock = clock or time.perf_counter
+        # logits rows: one per sequence, and one per drafted position when speculating
+        max_out = max_batch * (1 + speculate.validated().longest) if speculate else max_batch
         try:
-            self.session = ForwardSession(self.kern, model, max_tokens=self.max_batch_tokens, max_out=max_batch,
+            self.session = ForwardSession(self.kern, model, max_tokens=self.max_batch_tokens, max_out=max_out,
                                           threads=self.threads, n_slots=max_batch, max_seq_len=self.max_seq_len,
                                           block_size=block_size, kv_budget_mb=kv_budget_mb, net=net)
         except MemoryError:
@@ -92,6 +97,8 @@ class Engine:
                          for i in range(max_batch)]
         self.stats = StepStats()
         self.adapters = AdapterManager(self.kern, model, adapter_budget_mb)
+        self.spec = make_speculator(speculate, self.session, model, self.max_seq_len, self.max_batch_tokens,
+                                    max_out, self.clock, self.threads) if speculate else None
         self._arrivals = 0
         self._outbox: deque = deque()
         self._cancel: set[str] = set()
@@ -195,6 +202,8 @@ class Engine:
             if h:
                 h.emit("step", "end")
             return events
+        if self.spec:
+            self.spec.propose(sched.running)
         if h:
             h.emit("pack", "begin")
         b = self.packer.pack(sched.running)
@@ -203,31 +212,71 @@ class Engine:
             h.emit("forward", "begin")
         tc = self.clock()
         self.session.run(b.T, b.n_out, b.lora)
-        st.c_s += self.clock() - tc
+        dc = self.clock() - tc
+        st.c_s += dc
+        if b.drafted:
+            self.spec.stats.steps += 1
+            self.spec.stats.verify_s += dc
         if h:
             h.emit("forward", "end", {"T": b.T, "n_out": b.n_out})
+        # draw each sequence's token(s); speculation rolls back rejected positions here, so
+        # only blocks full of accepted tokens get published to the prefix cache below
+        drawn = [self._draw(s, b.first[i], h) if not s.draft else self.spec.verify(s, b.first[i], self._draw_one)
+                 for i, s in enumerate(b.outs)]
         if self.prefix_cache:
-            for s in sched.running:
-                self.kv.register_full(s.slot, s.ids, s.n_fed, s.salt)
+            more = {id(s): t for s, t in zip(b.outs, drawn) if len(t) > 1} if b.drafted else {}
+            for s in sched.running:     # accepted drafts are fed but not yet in s.ids
+                t = more.get(id(s))
+                self.kv.register_full(s.slot, s.ids if t is None else s.ids + [x for x, _ in t], s.n_fed, s.salt)
         if self.kv.window:          # the next token at n_fed reads positions n_fed+1-window on
             for s in sched.running:
                 self.kv.drop_before(s.slot, s.n_fed + 1 - self.kv.window)
-        # sample, stream, finish
-        rows, logits = self.net.logit_rows, self.net.logits
-        for i, s in enumerate(b.outs):
-            p = s.req.params
-            if p.logits_processor is not None:
-                p.logits_processor(s.result.token_ids, logits[i])
-            if h:
-                h.emit("sample", "begin")
-                tok = s.sampler(rows[i])
-                h.emit("sample", "end")
-            else:
-                tok = s.sampler(rows[i])
-            lp = token_logprobs(logits[i], tok, p.logprobs) if p.logprobs is not None else None
+        for s, toks in zip(b.outs, drawn):
+            self._emit(s, toks, events)
+        dt = self.clock() - t0
+        st.steps += 1
+        st.step_s += dt
+        if self.step_log is not None:
+            self.step_log.append((b.T, b.n_out, b.ctx, dt))
+        st.sampled += sum(len(t) for t in drawn)
+        st.batch_tokens += b.T
+        st.running += b.n_seqs
+        st.queued += len(sched.waiting)
+        st.prefill_tokens += b.prefill_tokens
+        st.max_running = max(st.max_running, len(sched.running))
+        st.max_queued = max(st.max_queued, len(sched.waiting))
+        st.max_kv_blocks = max(st.max_kv_blocks, self.kv.blocks_used())
+        if b.prefill_tokens:
+            st.prefill_s += dt
+        else:
+            st.decode_tokens += sum(len(t) for t in drawn)
+            st.decode_s += dt
+        if h:
+            h.emit("step", "end")
+        return events
+
+    def _draw(self, s: Seq, row: int, h) -> list:
+        if h:
+            h.emit("sample", "begin")
+            t = self._draw_one(s, row)
+            h.emit("sample", "end")
+            return [t]
+        return [self._draw_one(s, row)]
+
+    def _draw_one(self, s: Seq, row: int) -> tuple:
+        """The sequence's next token from logits row ``row``, and its log-probs if asked."""
+        p, logits = s.req.params, self.net.logits
+        if p.logits_processor is not None:
+            p.logits_processor(s.result.token_ids, logits[row])
+        tok = s.sampler(self.net.logit_rows[row])
+        return tok, token_logprobs(logits[row], tok, p.logprobs) if p.logprobs is not None else None
+
+    def _emit(self, s: Seq, toks: list, events: list) -> None:
+        """Append the drawn tokens, stream them, and finish the sequence at a stop."""
+        r = s.result
+        for tok, lp in toks:
             now = self.clock()
             s.ids.append(tok)
-            r = s.result
             r.token_ids.append(tok)
             r.token_times.append(now)
             if r.t_first is None:
@@ -241,27 +290,7 @@ class Engine:
             events.append(TokenEvent(r.id, tok, text, lp))
             if reason:
                 self._finish(s, reason, now, events)
-        dt = self.clock() - t0
-        st.steps += 1
-        st.step_s += dt
-        if self.step_log is not None:
-            self.step_log.append((b.T, b.n_out, b.ctx, dt))
-        st.sampled += len(b.outs)
-        st.batch_tokens += b.T
-        st.running += b.n_seqs
-        st.queued += len(sched.waiting)
-        st.prefill_tokens += b.prefill_tokens
-        st.max_running = max(st.max_running, len(sched.running))
-        st.max_queued = max(st.max_queued, len(sched.waiting))
-        st.max_kv_blocks = max(st.max_kv_blocks, self.kv.blocks_used())
-        if b.prefill_tokens:
-            st.prefill_s += dt
-        else:
-            st.decode_tokens += len(b.outs)
-            st.decode_s += dt
-        if h:
-            h.emit("step", "end")
-        return events
+                return
 
     def _admit(self, now: float) -> None:
         admitted, empty, preempted = self.sched.admit(now)
@@ -296,6 +325,8 @@ class Engine:
             toks = r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids
             r.text = self.tokenizer.completion_text(r.prompt_ids, toks)
         self.sched.remove(s)
+        if self.spec:
+            self.spec.drafter.forget(s)
         if s.adapter is not None:
             self.adapters.release(s.adapter)
             s.adapter = None

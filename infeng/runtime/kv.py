@@ -129,6 +129,18 @@ class KVCache:
         self.owned[slot] = []
         self.hashes[slot] = []
 
+    def truncate(self, slot: int, n_positions: int) -> None:
+        """Roll the slot back to its first ``n_positions`` positions (speculative tokens that were
+        rejected): blocks wholly past them are given back, and no block holding a position past
+        them stays published to the prefix cache. Positions past the end in the last kept block
+        are garbage until rewritten; attention never reads past a row's own position."""
+        bs = self.block_size
+        keep = -(-n_positions // bs)
+        own = self.owned[slot]
+        while len(own) > keep:
+            self._unref(own.pop())
+        del self.hashes[slot][n_positions // bs:]
+
     def drop_before(self, slot: int, first: int) -> None:
         """Give back the slot's blocks wholly before position ``first`` (sliding-window models:
         attention never reads them again). Their table entries go stale; ``owned`` keeps -1."""

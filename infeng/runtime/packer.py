@@ -1,6 +1,8 @@
 """One step's batch laid into the forward buffers.
 
-Rows are ragged: one decode token for each running sequence past its prompt, then prefill chunks
+Rows are ragged: one decode token for each running sequence past its prompt (followed by the
+tokens drafted for it, if any: speculative decoding verifies them as extra positions, each with
+its logits row), then prefill chunks
 of the others while the step's token budget lasts (chunked prefill), each row with its own
 position and KV slot. Within each part, the rows of one adapter sit side by side (in order of
 first appearance), so each adapter is one segment of the batch and its weights are read once per
@@ -18,6 +20,8 @@ class Batch:
     T: int = 0                  # rows (tokens) in the step
     n_out: int = 0              # rows whose logits are sampled
     outs: list[Seq] = field(default_factory=list)    # the sequences of those rows, in order
+    first: list[int] = field(default_factory=list)   # each one's first logits row (1 + its drafts)
+    drafted: int = 0            # draft tokens verified in this step
     n_seqs: int = 0             # sequences with rows in the step
     prefill_tokens: int = 0
     ctx: int = 0                # attention work: positions attended, summed over rows
@@ -48,10 +52,14 @@ class BatchPacker:
         for s in running:
             (prefill if s.prefilling else decode).append(s)
         for s in by_adapter(decode):
-            self._put(b, s, 1)
-            net.out_rows[b.n_out] = b.T - 1
-            b.n_out += 1
+            k = len(s.draft)
+            self._put(b, s, 1 + k)
             b.outs.append(s)
+            b.first.append(b.n_out)
+            for j in range(b.T - 1 - k, b.T):
+                net.out_rows[b.n_out] = j
+                b.n_out += 1
+            b.drafted += k
         for s in by_adapter(prefill):
             if b.T >= self.budget:
                 break
@@ -60,8 +68,9 @@ class BatchPacker:
             b.prefill_tokens += n
             if not s.prefilling:
                 net.out_rows[b.n_out] = b.T - 1
-                b.n_out += 1
                 b.outs.append(s)
+                b.first.append(b.n_out)
+                b.n_out += 1
         b.lora = self._lora(b.T)
         return b
 
@@ -71,8 +80,9 @@ class BatchPacker:
             self.seg_start[len(self.seg_ad)] = T
             self.seg_ad.append(s.adapter)
         b.ctx += n * start + n * (n + 1) // 2
+        ids, L = s.ids, len(s.ids)
         for j in range(n):
-            net.tokens[T + j] = s.ids[start + j]
+            net.tokens[T + j] = ids[start + j] if start + j < L else s.draft[start + j - L]
             net.pos[T + j] = start + j
             net.seq[T + j] = s.slot
         s.n_fed = start + n

@@ -8,7 +8,7 @@ only from something ranked below it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infeng.errors import InfengError
 from infeng.runtime.adapters import LoadedAdapter
@@ -30,6 +30,8 @@ class Seq:
     sampler: Sampler | None = None
     slot: int = -1
     n_fed: int = 0          # tokens through the forward pass (their K/V is cached)
+    draft: list[int] = field(default_factory=list)   # speculative tokens verified by this step
+    spec: object = None     # the speculator's per-sequence state (speculate.SeqSpec)
 
     @property
     def salt(self) -> str | None:
