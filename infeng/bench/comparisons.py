@@ -213,7 +213,7 @@ class SimCompare(Comparison):
 
 class ServeLoad(Comparison):
     """`infeng serve` under N concurrent streaming clients over a Zipf mix of adapters."""
-    name, model_param, may_be_zero = "serve_load", "model", ("seed", "adapters")
+    name, model_param, may_be_zero = "serve_load", "model", ("seed", "adapters", "overhead_repeats")
     defaults = serve_load.DEFAULTS
 
     def run(self, p, log):

@@ -41,7 +41,7 @@ from infeng.telemetry import percentile
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
             "adapters": 8, "rank": 16, "adapters_dir": "", "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
             "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512,
-            "overload": 0.0}
+            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256}
 INFENG_EXTRA = {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
@@ -309,9 +309,12 @@ def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
             log(f"{r['concurrency']}: {r['accepted']} accepted, {r['rejected_429']} refused (429 p99 "
                 f"{r['429_ms_p99']:.1f} ms; /health p99 {r['health_ms_p99']:.1f} ms), {r['lost']} lost, "
                 f"RSS {r['rss_mb_start']:.0f} → peak {r['rss_mb_peak']:.0f} MB")
-        over = overhead(srv.port, model, model.stem, cfg)
+        over = overhead(srv.port, model, model.stem, cfg, cfg["overhead_repeats"], cfg["overhead_tokens"]) \
+            if cfg["overhead_repeats"] else None
     log(f"model {model.name}, {len(names)} adapters, Zipf α={cfg['zipf_alpha']}, {cfg['requests']} requests per level")
-    log(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
+    if over is None:
+        return rows, incomplete_notes(rows)
+    log(f"single client, {cfg['overhead_tokens']} tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
         f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
     return rows + [{"concurrency": "overhead", **over}], incomplete_notes(rows)
 

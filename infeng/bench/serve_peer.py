@@ -31,7 +31,8 @@ from infeng.model.adapter import load_adapter
 from infeng.model.loader import load_model
 from infeng.runtime.tokenizer import Tokenizer
 
-DEFAULTS = {**{k: v for k, v in serve_load.DEFAULTS.items() if k != "overload"}, "concurrency": [32], "requests": 48}
+DEFAULTS = {**{k: v for k, v in serve_load.DEFAULTS.items() if not k.startswith("over")}, "concurrency": [32],
+            "requests": 48}
 EOS_BIAS = -1e4
 
 
