@@ -11,6 +11,7 @@ xgrammar is not measured: it requires torch, which the engine never imports.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -19,7 +20,10 @@ import time
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from infeng.serve.grammar import apply_bitmask
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.serve.grammar import Grammars, apply_bitmask
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer"}, "pets": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3}},
@@ -141,13 +145,6 @@ def step_cost(model_path: str, batch: int, constrained: int, n_out: int, threads
     of them under a JSON schema (llguidance, as `infeng serve` applies it), A B A B: the mean
     decode step (median; prefill steps left out), the mean time the masks took inside the mixed steps, and
     the slowdown every sequence of the mixed batch sees (they share each step)."""
-    import asyncio
-
-    from infeng.model.loader import load_model
-    from infeng.runtime.engine import Engine, Request
-    from infeng.runtime.sampler import SamplingParams
-    from infeng.serve.grammar import Grammars
-
     model = load_model(model_path, verify=False)
     eng = Engine(model, threads=threads, max_batch=batch, prefix_cache=False)
     gram = Grammars(model.tokenizer["json"], model.config.vocab_size, eng.tokenizer.eos_ids)
