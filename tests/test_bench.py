@@ -184,6 +184,48 @@ def test_serve_load_kind_end_to_end(data_dir, tmp_path, monkeypatch):
     assert all(r["all_complete"] and r["errors"] == 0 and r["accepted"] == 4 for r in recs[:2])
 
 
+def test_serve_load_overload_level(data_dir, tmp_path, monkeypatch):
+    """2x the server's capacity in closed-loop clients: every request ends as one complete
+    response or one 429, none lost; the 429s' and a /health probe's latencies are reported."""
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "load.yaml"
+    y.write_text("kind: serve_load\nthreads: 1\nmax_batch: 2\nmax_queue: 1\nadapters: 1\nrank: 2\nconcurrency: [1]\n"
+                 "requests: 2\nprompt_tokens: [4, 8]\noutput_tokens: [24, 32]\noverload: 2.0\n")
+    out = tmp_path / "load.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())["records"][1]
+    assert rec["concurrency"].startswith("overload 2x (6 clients, capacity 3)")
+    assert rec["lost"] == 0 and rec["all_complete"] and rec["accepted"] + rec["rejected_429"] == 18
+    assert rec["rejected_429"] > 0 and rec["429_ms_p99"] > 0 and rec["health_ms_p99"] > 0
+
+
+def test_grammar_step_kind(data_dir, tmp_path):
+    y = tmp_path / "g.yaml"
+    y.write_text("kind: grammar_step\nbatch: 4\nconstrained: 2\nn_out: 8\nthreads: 1\nrepeats: 1\n")
+    out = tmp_path / "g.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())["records"][0]
+    assert rec["constrained"] == 2 and rec["decode_steps"] > 0 and rec["mask_ms_per_step"] > 0
+    assert rec["step_ms_unconstrained"] > 0 and rec["step_ms_mixed"] > 0
+
+
+def test_serve_llamacpp_kind_end_to_end(data_dir, tmp_path, monkeypatch):
+    """kind serve_llamacpp: the same trace against infeng serve and llama.cpp's server (one alias
+    per adapter), on stories260K and two random adapters exported to GGUF."""
+    pytest.importorskip("llama_cpp.server.app", reason="llama.cpp's server is not installed (pip install -e '.[peers-server]')")
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "s.yaml"
+    y.write_text("kind: serve_llamacpp\nthreads: 1\nmax_batch: 4\nadapters: 2\nrank: 2\nconcurrency: [2]\n"
+                 "requests: 4\nprompt_tokens: [4, 8]\noutput_tokens: [2, 4]\n")
+    out = tmp_path / "s.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K-f32"), "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    recs = run["records"]
+    assert [r["server"] for r in recs] == ["infeng", "llama.cpp", "infeng/llama.cpp"]
+    assert all(r["all_complete"] and r["accepted"] == 4 and r["errors"] == 0 for r in recs[:2])
+    assert recs[2]["tok_s"] > 0 and "c2.tok_s_ratio" in run["metrics"]
+
+
 def test_new_kinds_refuse_bad_parameters(tmp_path, capsys, data_dir):
     y = tmp_path / "c.yaml"
     bad = [("kind: sim\nprompt: [8, 4]\n", ["--model", "m"]),
@@ -193,14 +235,17 @@ def test_new_kinds_refuse_bad_parameters(tmp_path, capsys, data_dir):
            ("kind: grammar_mask\ntokens: 64\n", []),
            ("kind: grammar_mask\n", ["--threads", "2"]),
            ("kind: llamacpp_agreement\ntext: t.txt\n", []),
-           ("kind: llamacpp_agreement\ntext: t.txt\n", ["--model", str(tmp_path / "no.gguf")])]
+           ("kind: llamacpp_agreement\ntext: t.txt\n", ["--model", str(tmp_path / "no.gguf")]),
+           ("kind: grammar_step\nbatch: 2\nconstrained: 3\n", ["--model", "m"]),
+           ("kind: serve_llamacpp\noverload: 1.0\n", [])]
     for text, args in bad:
         y.write_text(text)
         assert main(["bench", "--suite", str(y), *args]) == 1, text
     err = capsys.readouterr().err
     for want in ("`prompt` must be [LOW, HIGH]", "`seed` must be >= 0", "`concurrency` must be a list of positive",
                  "unknown key(s) bogus for kind serve_load", "`tokenizers` must be a list of tokenizer.json",
-                 "kind grammar_mask takes no threads", "kind llamacpp_agreement needs gguf", "no.gguf: no such file"):
+                 "kind grammar_mask takes no threads", "kind llamacpp_agreement needs gguf", "no.gguf: no such file",
+                 "`constrained` (3) must be <= `batch` (2)", "unknown key(s) overload for kind serve_llamacpp"):
         assert want in err, want
     assert "Traceback" not in err
 

@@ -81,13 +81,14 @@ class ServerProc:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.lines))
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:       # the socket is bound before uvicorn serves: wait for /health
+        deadline = time.time() + 60
+        while time.time() < deadline:       # the model loads while the socket listens: wait for /ready
             try:
-                if self.get("/health", key=None).status_code == 200:
+                if self.get("/ready").status_code == 200:
                     break
             except OSError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.05)
 
     def get(self, path, **kw) -> Reply:
         return call_http(self.port, "GET", path, **kw)
@@ -398,6 +399,15 @@ def test_overload_429_then_sigterm_drains(model_file):
         r = conn.getresponse()
         assert r.status == 200 and r.readline().startswith(b"data: ")
         s.p.send_signal(signal.SIGTERM)
+        # draining: still listening, so probes see it: not ready, alive, new work refused
+        deadline = time.time() + 10
+        while s.get("/ready").status_code == 200 and time.time() < deadline:
+            time.sleep(0.02)
+        ready = s.get("/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+        assert s.get("/health", key=None).status_code == 200
+        refused = s.post("/v1/completions", {"model": "story", "prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         rest = [x for x in r.read().decode().splitlines() if x.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 500
@@ -529,3 +539,74 @@ def test_missing_extra_is_named(model_file, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", fake)
     assert main(["serve", str(model_file[0])]) == 1
     assert "pip install 'infeng[serve]'" in capsys.readouterr().err
+
+
+def test_ready_is_503_while_the_model_loads(model_file):
+    """The server listens before the model has loaded: /health 200 "loading", /ready 503, other
+    paths 503; a load that fails stops the server and its error comes out of serve()."""
+    from infeng.errors import InfengError
+    from infeng.serve.app import ServeConfig
+    from infeng.serve.server import serve
+    import socket
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    release, failed = threading.Event(), []
+
+    def load():
+        release.wait(60)
+        raise InfengError("story.infeng: truncated tensor (a test's failing load)")
+
+    def run():
+        try:
+            serve(load, ServeConfig("story"), "127.0.0.1", port, 5.0, "warning")
+        except InfengError as e:
+            failed.append(str(e))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ready = call_http(port, "GET", "/ready", key=None)
+            break
+        except OSError:
+            time.sleep(0.05)
+    assert ready.status_code == 503 and ready.json() == {"status": "loading"}
+    health = call_http(port, "GET", "/health", key=None)
+    assert health.status_code == 200 and health.json() == {"status": "loading"}
+    for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("POST", "/tokenize")):
+        r = call_http(port, method, path, {"model": "story", "prompt": "x"}, key=None)
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"], path
+    release.set()
+    t.join(30)
+    assert not t.is_alive() and failed == ["story.infeng: truncated tensor (a test's failing load)"]
+
+
+def test_a_model_that_fails_to_load_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.infeng"
+    bad.write_bytes(b"not an infeng file at all" * 10)
+    assert main(["serve", str(bad), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.infeng" in err and "Traceback" not in err
+
+
+def test_tokenizer_endpoints(server, model_file):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, with the engine's own tokenizer."""
+    m = load_model(model_file[0])
+    from infeng.runtime.tokenizer import Tokenizer
+    tok = Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids)
+    r = server.post("/tokenize", {"prompt": "Once upon a time", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode_plain("Once upon a time") and r["count"] == len(r["tokens"])
+    assert server.post("/tokenize", {"prompt": "Once upon a time"}).json()["tokens"] == tok.encode("Once upon a time")
+    chat = server.post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+    assert chat == tok.encode_plain(tok.render_chat([{"role": "user", "content": "hi"}]))
+    assert server.post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "Once upon a time"}
+    info = server.get("/tokenizer_info").json()
+    assert info["bos_token"] == "<s>" and info["eos_token"] == "</s>" and info["model_max_length"] == 512
+    assert server.post("/tokenize", {"prompt": "<s>", "add_special_tokens": False}).json()["tokens"] == [m.config.bos_id]
+    for body, field in (({"prompt": 3}, "prompt"), ({"prompt": "a", "messages": []}, "prompt"),
+                        ({"prompt": "a", "bogus": 1}, "bogus"), ({"prompt": "a", "model": "nope"}, "model")):
+        e = server.post("/tokenize", body)
+        assert e.status_code in (400, 404) and e.json()["error"]["param"] == field, body
+    assert server.post("/detokenize", {"tokens": [10**6]}).status_code == 400
+    assert server.post("/tokenize", {"prompt": "a"}, key="wrong-key-12345").status_code == 401

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, lora_scenarios, \
-    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, sim_compare, spec_bench, \
-    synthetic
+    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare, \
+    spec_bench, synthetic
 from infeng.bench.peers import PeerSkip
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
@@ -214,7 +214,7 @@ class SimCompare(Comparison):
 
 class ServeLoad(Comparison):
     """`infeng serve` under N concurrent streaming clients over a Zipf mix of adapters."""
-    name, model_param, may_be_zero = "serve_load", "model", ("seed", "adapters")
+    name, model_param, may_be_zero = "serve_load", "model", ("seed", "adapters", "overhead_repeats")
     defaults = serve_load.DEFAULTS
 
     def run(self, p, log):
@@ -222,6 +222,25 @@ class ServeLoad(Comparison):
         for k in ("prompt_tokens", "output_tokens"):
             _range(p[k], k, self.name)
         return serve_load.run(p, log)
+
+
+class ServeLlamaCpp(Comparison):
+    """`infeng serve` and llama.cpp's server (llama-cpp-python) on one seeded Zipf-adapter trace."""
+    name, model_param, may_be_zero = "serve_llamacpp", "model", ("seed", "adapters")
+    defaults = serve_peer.DEFAULTS
+
+    def run(self, p, log):
+        _positive_ints(p["concurrency"], "concurrency", self.name)
+        for k in ("prompt_tokens", "output_tokens"):
+            _range(p[k], k, self.name)
+        try:
+            return serve_peer.run(p, log)
+        except PeerSkip as e:
+            return [], [f"llama.cpp server peer skipped: {e}"]
+
+    def metrics(self, records):
+        return {f"c{r['concurrency']}.{k}_ratio": r[k] for r in records if r["server"] == "infeng/llama.cpp"
+                for k in ("tok_s", "ttft_ms_p99")}
 
 
 class GrammarMask(Comparison):
@@ -234,6 +253,26 @@ class GrammarMask(Comparison):
         if not t or not all(isinstance(x, str) and Path(x).is_file() for x in t):
             raise InfengError(f"{self.name}: `tokenizers` must be a list of tokenizer.json files, got {t!r}")
         return grammar_mask.run(t, p["tokens"], log)
+
+
+class GrammarStep(Comparison):
+    """Grammar masks inside engine steps: a batch with some sequences under a JSON schema against
+    the same batch unconstrained (the unconstrained sequences share each step's time)."""
+    name, model_param, required = "grammar_step", "model", ("model",)
+    defaults = {"batch": 8, "constrained": 4, "n_out": 32, "threads": 2, "repeats": 3}
+
+    def run(self, p, log):
+        if p["constrained"] > p["batch"]:
+            raise InfengError(f"{self.name}: `constrained` ({p['constrained']}) must be <= `batch` ({p['batch']})")
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return [], ["llguidance not installed (pip install -e '.[serve]'): skipped"]
+        return grammar_mask.step_cost(p["model"], p["batch"], p["constrained"], p["n_out"], p["threads"],
+                                      p["repeats"], log), []
+
+    def metrics(self, records):
+        return {"mixed_slowdown": records[0]["mixed_slowdown"]} if records else {}
 
 
 class LlamaCppAgreement(Comparison):
@@ -332,7 +371,8 @@ def _adapter_dtype(p: dict[str, Any]) -> None:
 COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
     LoraOverhead(), LoraPeer("peft_lora", "peft", peft_peer.compare),
     LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios(),
-    JobMemory(), JobResume(), ScaleOut(), SimCompare(), ServeLoad(), GrammarMask(), LlamaCppAgreement(), Speculation())}
+    JobMemory(), JobResume(), ScaleOut(), SimCompare(), ServeLoad(), ServeLlamaCpp(), GrammarMask(),
+    GrammarStep(), LlamaCppAgreement(), Speculation())}
 
 
 @dataclass

@@ -11,6 +11,7 @@ xgrammar is not measured: it requires torch, which the engine never imports.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -19,7 +20,10 @@ import time
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from infeng.serve.grammar import apply_bitmask
+from infeng.model.loader import load_model
+from infeng.runtime.engine import Engine, Request
+from infeng.runtime.sampler import SamplingParams
+from infeng.serve.grammar import Grammars, apply_bitmask
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer"}, "pets": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3}},
@@ -121,3 +125,60 @@ def run(tokenizers: list[str], tokens: int, log=print) -> tuple[list[dict], list
                          "grammar_ms": setup * 1e3, "tokens": steps, "us_per_token": per * 1e6})
             log(f"{vocab:>7} {lib:>14} {kind:>7} {once * 1e3:>9.1f} {setup * 1e3:>10.1f} {steps:>6} {per * 1e6:>9.1f}")
     return recs, notes
+
+
+class _Timed:
+    """A logits processor whose calls are timed (seconds, summed until read)."""
+
+    def __init__(self, proc, clock: list):
+        self.proc, self.clock = proc, clock
+
+    def __call__(self, token_ids, logits):
+        t0 = time.perf_counter()
+        self.proc(token_ids, logits)
+        self.clock[0] += time.perf_counter() - t0
+
+
+def step_cost(model_path: str, batch: int, constrained: int, n_out: int, threads: int, repeats: int,
+              log=print) -> list[dict]:
+    """Engine decode steps of ``batch`` sequences with none constrained, then with ``constrained``
+    of them under a JSON schema (llguidance, as `infeng serve` applies it), A B A B: the mean
+    decode step (median; prefill steps left out), the mean time the masks took inside the mixed steps, and
+    the slowdown every sequence of the mixed batch sees (they share each step)."""
+    model = load_model(model_path, verify=False)
+    eng = Engine(model, threads=threads, max_batch=batch, prefix_cache=False)
+    gram = Grammars(model.tokenizer["json"], model.config.vocab_size, eng.tokenizer.eos_ids)
+    proc = asyncio.run(gram.processor("json", SCHEMA, "bench"))
+    rng = np.random.default_rng(0)
+    vocab = min(model.config.vocab_size, eng.tokenizer.vocab_size)
+    prompts = [rng.integers(3, vocab, 32).tolist() for _ in range(batch)]
+
+    def once(k: int) -> tuple[float, float, int]:
+        clock = [0.0]
+        reqs = []
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True)
+            if i < k:
+                params = SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True,
+                                        logits_processor=_Timed(proc.copy(), clock))
+            reqs.append(Request(id=str(i), prompt_ids=p, params=params))
+        eng.step_log = []
+        list(eng.generate(reqs))
+        dec = [dt for T, n, _, dt in eng.step_log if T == n == batch]    # full decode steps only
+        eng.step_log = None
+        return float(np.median(dec)), clock[0] / max(len(dec), 1), len(dec)
+
+    runs = {0: [], constrained: []}
+    for _ in range(repeats):
+        for k in runs:
+            runs[k].append(once(k))
+    bare, mixed = (np.median([r[0] for r in runs[k]]) for k in (0, constrained))
+    mask = float(np.median([r[1] for r in runs[constrained]]))
+    rec = {"model": str(model_path), "vocab": model.config.vocab_size, "batch": batch, "constrained": constrained,
+           "threads": threads, "decode_steps": runs[0][0][2], "step_ms_unconstrained": bare * 1e3,
+           "step_ms_mixed": mixed * 1e3, "mask_ms_per_step": mask * 1e3,
+           "mask_us_per_constrained_token": mask / constrained * 1e6, "mixed_slowdown": mixed / bare - 1,
+           "mask_share_of_mixed_step": mask / mixed}
+    log(f"batch {batch}, {constrained} constrained: decode step {bare * 1e3:.1f} ms bare, {mixed * 1e3:.1f} ms mixed "
+        f"({rec['mixed_slowdown']:+.1%}); masks {mask * 1e3:.2f} ms per step ({rec['mask_share_of_mixed_step']:.1%})")
+    return [rec]

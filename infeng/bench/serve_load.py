@@ -40,7 +40,9 @@ from infeng.telemetry import percentile
 
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
             "adapters": 8, "rank": 16, "adapters_dir": "", "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
-            "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512}
+            "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512,
+            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256}
+INFENG_EXTRA = {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
 @dataclass
@@ -64,10 +66,12 @@ def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
              "max_tokens": int(rng.integers(o0, o1 + 1))} for k in picks]
 
 
-def one(port: int, req: dict) -> Outcome:
-    """One streaming completion, timed; checks it is one complete response."""
+def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
+    """One streaming completion, timed; checks it is one complete response. ``extra``: body
+    fields of the server's own (infeng: ignore_eos and usage in the stream; a peer that has
+    neither: an EOS logit bias, and a 'length' finish vouches for the token count)."""
     out = Outcome()
-    body = dict(req, stream=True, temperature=0, ignore_eos=True, stream_options={"include_usage": True})
+    body = dict(req, stream=True, temperature=0, **(INFENG_EXTRA if extra is None else extra))
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
@@ -77,7 +81,7 @@ def one(port: int, req: dict) -> Outcome:
         if r.status != 200:
             out.error = f"HTTP {r.status}: {r.read()[:300].decode(errors='replace')}"
             return out
-        last, finishes, done, usage = None, 0, 0, None
+        last, finishes, done, usage, reason, chunks = None, 0, 0, None, None, 0
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data: "):
@@ -92,6 +96,7 @@ def one(port: int, req: dict) -> Outcome:
             now = time.perf_counter()
             for ch in ev.get("choices") or []:
                 if ch.get("text"):
+                    chunks += 1
                     if out.ttft_s is None:
                         out.ttft_s = now - t0
                     elif last is not None:
@@ -99,8 +104,12 @@ def one(port: int, req: dict) -> Outcome:
                     last = now
                 if ch.get("finish_reason"):
                     finishes += 1
+                    reason = ch["finish_reason"]
             usage = ev.get("usage") or usage
-        out.tokens = usage["completion_tokens"] if usage else 0
+        if usage:
+            out.tokens = usage["completion_tokens"]
+        else:
+            out.tokens = req["max_tokens"] if reason == "length" else chunks
         out.complete = finishes == 1 and done == 1 and out.tokens == req["max_tokens"] and out.error is None
     except (OSError, http.client.HTTPException, ValueError) as e:
         out.error = str(e)
@@ -110,23 +119,70 @@ def one(port: int, req: dict) -> Outcome:
     return out
 
 
-def run_level(port: int, reqs: list[dict], concurrency: int) -> dict[str, Any]:
+def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
-        outs = list(ex.map(lambda r: one(port, r), reqs))
+        outs = list(ex.map(lambda r: one(port, r, extra), reqs))
     wall = time.perf_counter() - t0
     ok = [o for o in outs if o.status == 200]
     limited = [o for o in outs if o.status == 429]
     ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
-    errors = sum(1 for o in outs if o.status not in (200, 429) or o.error)
+    failed = [o for o in outs if o.status != 429 and (o.status != 200 or o.error)]    # a 429 is an answer
+    errors = len(failed)
     return {"concurrency": concurrency, "requests": len(outs), "accepted": len(ok), "rejected_429": len(limited),
             "errors": errors, "all_complete": errors == 0 and all(o.complete for o in ok), "wall_s": wall,
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
             "429_ms_p99": percentile([o.latency_s * 1e3 for o in limited], 99),
-            "first_error": next((o.error or f"HTTP {o.status}" for o in outs if o.status not in (200, 429) or o.error), None)}
+            "first_error": next((o.error or f"HTTP {o.status}" for o in failed), None)}
+
+
+def overload(srv: "ServerProcess", reqs: list[dict], capacity: int, factor: float) -> dict[str, Any]:
+    """``factor`` × ``capacity`` closed-loop clients (no back-off: a refused client sends its next
+    request at once) over the trace repeated to 3 × that many requests. Every request must end
+    as one complete response or one 429; reported: the 429s' latency, a /health probe's latency
+    meanwhile (the event loop's own responsiveness, every 20 ms), the server's peak RSS."""
+    clients = max(1, round(factor * capacity))
+    todo = [reqs[i % len(reqs)] for i in range(3 * clients)]
+    stop = threading.Event()
+    health, rss = [], [_rss_kb(srv.p.pid)]
+
+    def probe():
+        while not stop.wait(0.02):
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+            try:
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                health.append((time.perf_counter() - t0) * 1e3)
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            rss.append(_rss_kb(srv.p.pid))
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    try:
+        row = run_level(srv.port, todo, clients)
+    finally:
+        stop.set()
+        th.join(30)
+    answered = row["accepted"] + row["rejected_429"]
+    row.update(concurrency=f"overload {factor:g}x ({clients} clients, capacity {capacity})",
+               lost=len(todo) - answered, health_ms_p50=percentile(health, 50), health_ms_p99=percentile(health, 99),
+               rss_mb_start=rss[0] / 1024, rss_mb_peak=max(rss) / 1024)
+    row["all_complete"] = row["all_complete"] and row["lost"] == 0
+    return row
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def overhead(port: int, model: Path, name: str, cfg: dict, repeats: int = 5, n_out: int = 256) -> dict[str, float]:
@@ -164,10 +220,78 @@ def prepare(cfg: dict) -> tuple[Path, Path | None, list[str]]:
         d.mkdir(parents=True, exist_ok=True)
         for i in range(cfg["adapters"]):
             f = d / f"tenant-{i}.infeng-lora"
-            if not f.exists():
-                f.symlink_to(synthetic.make_adapter(model, cfg["rank"], seed=100 + i))
+            src = synthetic.make_adapter(model, cfg["rank"], seed=100 + i)     # remade when stale
+            if not f.is_symlink():
+                f.symlink_to(src)
     names = sorted(p.name[:-len(".infeng-lora")] for p in d.glob("*.infeng-lora"))
     return model, d, names
+
+
+class ServerProcess:
+    """A server as a child process on 127.0.0.1, ready when ``ready(line)`` returns its port (a
+    stderr line) or, with ``port`` given, when GET ``probe`` answers 200; stopped (SIGTERM, then
+    SIGKILL) on exit. Every wait is bounded."""
+
+    def __init__(self, cmd: list[str], what: str, port: int | None = None, probe: str = "/v1/models",
+                 timeout_s: float = 300.0):
+        self.cmd, self.what, self.port, self.probe, self.timeout_s = cmd, what, port, probe, timeout_s
+        self.p: subprocess.Popen | None = None
+        self.tail: list[str] = []
+
+    def __enter__(self) -> "ServerProcess":
+        self.p = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        found = threading.Event()
+
+        def pump():                      # keeps reading stderr so the child never blocks on it
+            for line in self.p.stderr:
+                self.tail = (self.tail + [line])[-20:]
+                if self.port is None and "listening on http://127.0.0.1:" in line:
+                    self.port = int(line.split("127.0.0.1:")[1].split()[0])
+                    found.set()
+            found.set()
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            if self.port is None:
+                found.wait(self.timeout_s)
+            while self.port is not None and time.monotonic() < deadline and self.p.poll() is None:
+                if self._answers():
+                    return self
+                time.sleep(0.25)
+            code = self.p.poll()
+            why = f"exited with {code}" if code is not None else f"did not start within {self.timeout_s:.0f} s"
+            raise InfengError(f"{self.what} {why}: " + " | ".join(x.strip() for x in self.tail[-3:]))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _answers(self) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", self.probe)
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def __exit__(self, *exc) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+
+
+def infeng_server(model: Path, adir: Path | None, cfg: dict) -> ServerProcess:
+    cmd = [sys.executable, "-m", "infeng.cli.main", "serve", str(model), "--port", "0", "--threads", str(cfg["threads"]),
+           "--max-batch", str(cfg["max_batch"]), "--max-queue", str(cfg["max_queue"]), "--ctx", str(cfg["ctx"]),
+           "--log-level", "warning", "--served-model-name", model.stem, "--no-verify"]
+    if adir is not None:
+        cmd += ["--adapters-dir", str(adir)]
+    return ServerProcess(cmd, "infeng serve")
 
 
 def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
@@ -177,31 +301,25 @@ def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
     m = load_model(model, verify=False)
     vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)
-    cmd = [sys.executable, "-m", "infeng.cli.main", "serve", str(model), "--port", "0", "--threads", str(cfg["threads"]),
-           "--max-batch", str(cfg["max_batch"]), "--max-queue", str(cfg["max_queue"]), "--ctx", str(cfg["ctx"]),
-           "--log-level", "warning", "--served-model-name", model.stem, "--no-verify"]
-    if adir is not None:
-        cmd += ["--adapters-dir", str(adir)]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
-        port = None
-        for line in p.stderr:
-            if "listening on http://127.0.0.1:" in line:
-                port = int(line.split("127.0.0.1:")[1].split()[0])
-                break
-        if port is None:
-            raise InfengError(f"serve_load: the server did not start (exit {p.wait()})")
-        threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-        time.sleep(0.5)
-        rows = [run_level(port, reqs, c) for c in cfg["concurrency"]]
-        over = overhead(port, model, model.stem, cfg)
-    finally:
-        p.terminate()
-        p.wait(60)
+    with infeng_server(model, adir, cfg) as srv:
+        rows = [run_level(srv.port, reqs, c) for c in cfg["concurrency"]]
+        if cfg["overload"] > 0:
+            rows.append(overload(srv, reqs, cfg["max_batch"] + cfg["max_queue"], cfg["overload"]))
+            r = rows[-1]
+            log(f"{r['concurrency']}: {r['accepted']} accepted, {r['rejected_429']} refused (429 p99 "
+                f"{r['429_ms_p99']:.1f} ms; /health p99 {r['health_ms_p99']:.1f} ms), {r['lost']} lost, "
+                f"RSS {r['rss_mb_start']:.0f} → peak {r['rss_mb_peak']:.0f} MB")
+        over = overhead(srv.port, model, model.stem, cfg, cfg["overhead_repeats"], cfg["overhead_tokens"]) \
+            if cfg["overhead_repeats"] else None
     log(f"model {model.name}, {len(names)} adapters, Zipf α={cfg['zipf_alpha']}, {cfg['requests']} requests per level")
-    log(f"single client, 256 tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
+    if over is None:
+        return rows, incomplete_notes(rows)
+    log(f"single client, {cfg['overhead_tokens']} tokens: engine in-process {over['engine_tok_s']:.1f} tok/s, through HTTP "
         f"streaming {over['http_stream_tok_s']:.1f} tok/s ({over['ratio']:.1%})")
-    notes = [f"concurrency {r['concurrency']}: not every request complete and error-free"
-             + (f" (first error: {r['first_error']})" if r["first_error"] else "")
-             for r in rows if not (r["all_complete"] and not r["errors"])]
-    return rows + [{"concurrency": "overhead", **over}], notes
+    return rows + [{"concurrency": "overhead", **over}], incomplete_notes(rows)
+
+
+def incomplete_notes(rows: list[dict]) -> list[str]:
+    return [f"concurrency {r['concurrency']}: not every request complete and error-free"
+            + (f" (first error: {r['first_error']})" if r["first_error"] else "")
+            for r in rows if not (r["all_complete"] and not r["errors"])]

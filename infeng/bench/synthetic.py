@@ -98,9 +98,11 @@ def make_adapter(base_path: Path, rank: int, targets: tuple[str, ...] = ("wq", "
     base_path = Path(base_path)
     kind = "dora" if dora else "lora"
     path = Path(path) if path else cache_dir() / f"{base_path.stem}.{kind}-r{rank}-{'-'.join(targets)}-{dtype}-seed{seed}.infeng-lora"
-    if path.exists() and native.is_native(path):
-        return path
     base = load_model(base_path, verify=False)
+    # a cached adapter made for another base (rewritten since, or by other code) is made anew
+    if path.exists() and native.is_native(path) and \
+            native.NativeFile(path, verify=False).manifest.get("base", {}).get("identity") == model_identity(base):
+        return path
     cfg = base.config
     rng = np.random.default_rng(seed)
     tensors, names = [], []

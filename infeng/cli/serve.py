@@ -57,17 +57,22 @@ def serve(
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory (--adapters-dir)")
     keys = read_keys(api_key, api_key_file)
-    model = load_model(model_path, verify=not no_verify)
-    engine = Engine(model, threads=threads, max_batch=max_batch, max_seq_len=ctx, kv_budget_mb=kv_budget_mb,
-                    max_queue=max_queue + max_batch + 1)
-    for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
-        engine.load_adapter(f, f.name[:-len(".infeng-lora")])
+    if not model_path.exists():
+        raise InfengError(f"{model_path}: no such file or directory")
     base = name or (model_path.name[:-len(".infeng")] if model_path.name.endswith(".infeng") else model_path.name)
-    if base in engine.adapters.loaded:
-        raise InfengError(f"an adapter is named {base!r} like the base model: rename one (--served-model-name)")
+
+    def load() -> Engine:       # on a thread while the server answers /ready with 503
+        model = load_model(model_path, verify=not no_verify)
+        engine = Engine(model, threads=threads, max_batch=max_batch, max_seq_len=ctx, kv_budget_mb=kv_budget_mb,
+                        max_queue=max_queue + max_batch + 1)
+        for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
+            engine.load_adapter(f, f.name[:-len(".infeng-lora")])
+        if base in engine.adapters.loaded:
+            raise InfengError(f"an adapter is named {base!r} like the base model: rename one (--served-model-name)")
+        return engine
     limits = Limits(max_body_bytes=max_body_kb * 1024, max_messages=max_messages, max_tokens=max_tokens, max_n=max_n)
     cfg = ServeConfig(base, adapters_dir, keys, limits, max_queue, max_queued_tokens, request_timeout_s=timeout)
-    run(engine, cfg, host, port, grace, log_level.lower())
+    run(load, cfg, host, port, grace, log_level.lower())
 
 
 def read_keys(key: str | None, key_file: Path | None) -> tuple[str, ...]:

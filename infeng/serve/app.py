@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 try:    # the serve extra; infeng.serve.require() names it when missing
     from fastapi import FastAPI, Request as HttpRequest
@@ -22,6 +23,7 @@ try:    # the serve extra; infeng.serve.require() names it when missing
 except ImportError:
     pass
 
+from infeng.errors import InfengError
 from infeng.runtime.engine import Engine, FinishEvent, Request
 from infeng.runtime.sampler import SamplingParams
 from infeng.serve.adapters import load_adapter, unload_adapter
@@ -30,6 +32,7 @@ from infeng.serve.gate import Gate, error_response, read_json
 from infeng.serve.loop import EngineLoop
 from infeng.serve.metrics import Metrics
 from infeng.serve.scoring import PromptScorer
+from infeng.serve.tokenize import detokenize, tokenize, tokenizer_info
 from infeng.serve.protocol import (FINISH, ApiError, Call, Limits, Pieces, bad, chat_logprobs,
                                    completion_logprobs, envelope, now, parse, usage)
 
@@ -67,36 +70,79 @@ class Admission:
 
 
 class Server:
-    """State shared by the handlers (all on the asyncio thread)."""
+    """State shared by the handlers (all on the asyncio thread). The engine is attached once it
+    has loaded; until then only /health, /ready (503) and /metrics answer (gate.py)."""
 
-    def __init__(self, engine: Engine, cfg: ServeConfig, defaults: SamplingParams):
-        self.engine, self.cfg, self.defaults = engine, cfg, defaults
-        self.tok = engine.tokenizer
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
         self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.loop: EngineLoop | None = None
+        self.load_error: BaseException | None = None
+        self.unloading: set[str] = set()
+        self.draining = False
+        self.created = now()
+        self._n = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def attach(self, engine: Engine) -> None:
+        """The loaded engine: its tokenizer, models, admission bounds; its thread starts."""
+        cfg = self.cfg
+        self.defaults = SamplingParams.with_model_defaults(engine.model.generation)
+        self.tok = engine.tokenizer
         self.metrics.loads = len(engine.adapters.loaded)      # those loaded at start count too
         self.metrics.adapter_loads.set(self.metrics.loads)
         self.models = {cfg.base_name} | set(engine.adapters.loaded)
-        self.unloading: set[str] = set()
         self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
         self.pieces = Pieces(self.tok)
         self.prompt_scorer = PromptScorer()
         self.grammars = Grammars(engine.model.tokenizer["json"], engine.cfg.vocab_size, self.tok.eos_ids)
-        self.loop: EngineLoop | None = None
-        self.draining = False
-        self.created = now()
-        self._n = 0
+        self.loop = EngineLoop(engine, asyncio.get_running_loop(), self.metrics.engine_step)
+        self.loop.start()
+        self.engine = engine
+
+    def refuse_at_once(self) -> ApiError | None:
+        """503 while draining, 429 when not one more sequence fits: decided before the body is
+        read or parsed, so under overload a refusal costs no parsing, tokenizing or routing."""
+        if self.draining:
+            return ApiError(503, "the server is shutting down")
+        a = self.admission
+        if a.requests >= a.max_requests:
+            self.metrics.rejected.labels("queue").inc()
+            return too_many(f"the server is at its limit of {a.max_requests} outstanding requests", self.cfg.retry_after_s)
+        return None
 
     def request_id(self) -> str:
         self._n += 1
         return f"{self._n}-{uuid.uuid4().hex[:12]}"
 
 
-def create_app(srv: Server) -> FastAPI:
+def too_many(why: str, retry_after_s: int) -> ApiError:
+    return ApiError(429, f"{why}; retry later", code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
+
+
+def create_app(srv: Server, load: Callable[[], Engine], on_load_error: Callable[[], None]) -> FastAPI:
+    """The app; ``load()`` builds the engine on a thread of its own while the server already
+    answers /health and /ready, and ``on_load_error`` stops the server when it fails."""
     async def lifespan(app):
-        srv.loop = EngineLoop(srv.engine, asyncio.get_running_loop(), srv.metrics.engine_step)
-        srv.loop.start()
+        async def loading():
+            try:
+                srv.attach(await asyncio.to_thread(load))
+                print(f"infeng serve: ready (model {srv.cfg.base_name!r}, {len(srv.engine.adapters.loaded)} adapter(s))",
+                      file=sys.stderr, flush=True)
+            except Exception as e:       # InfengError: the one line the CLI prints; others: a bug, logged
+                srv.load_error = e
+                if not isinstance(e, InfengError):
+                    log.exception("loading the model failed")
+                on_load_error()
+        task = asyncio.create_task(loading())
         yield
-        srv.loop.stop()
+        task.cancel()
+        if srv.loop is not None:
+            srv.loop.stop()
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -114,12 +160,16 @@ def create_app(srv: Server) -> FastAPI:
         return error_response(ApiError(500, f"internal error ({type(e).__name__})"))
 
     @app.get("/health")
-    async def health():
-        ok = srv.loop is not None and srv.loop.alive
+    async def health():     # alive: loading counts, a dead engine thread does not
+        if not srv.loaded:
+            return JSONResponse({"status": "loading"})
+        ok = srv.loop.alive
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
     @app.get("/ready")
     async def ready():
+        if not srv.loaded:
+            return JSONResponse({"status": "loading"}, status_code=503)
         if srv.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         ok = srv.loop is not None and srv.loop.alive
@@ -144,6 +194,19 @@ def create_app(srv: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: HttpRequest):
         return await _generate(srv, "chat", req)
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: HttpRequest):
+        body = await read_json(req, srv.cfg.limits.max_body_bytes)
+        return tokenize(body, srv.tok, srv.engine.max_seq_len, srv.cfg.limits, srv.models)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: HttpRequest):
+        return detokenize(await read_json(req, srv.cfg.limits.max_body_bytes), srv.tok, srv.models)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route():
+        return tokenizer_info(srv.tok, srv.engine.max_seq_len)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(req: HttpRequest):
@@ -203,8 +266,7 @@ async def _generate(srv: Server, kind: str, http: HttpRequest):
     why = srv.admission.admit(n_seqs, n_tokens)
     if why is not None:
         srv.metrics.rejected.labels("queue").inc()
-        raise ApiError(429, f"{why}; retry later", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(srv.cfg.retry_after_s)})
+        raise too_many(why, srv.cfg.retry_after_s)
     try:    # engine ids are the server's own: a client-sent request id may repeat
         choices = await _choices(srv, call, srv.request_id())
     except BaseException:

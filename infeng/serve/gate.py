@@ -25,7 +25,10 @@ from infeng.serve.protocol import ApiError, bad
 access = logging.getLogger("infeng.serve.access")
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OPEN_PATHS = {"/health"}
-COUNTED = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+GENERATE = {"/v1/completions", "/v1/chat/completions"}
+BEFORE_LOAD = {"/health", "/ready", "/metrics"}       # what answers while the model loads
+COUNTED = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+           "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -84,10 +87,11 @@ class Gate:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            line = {"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"], "path": scope["path"],
-                    "status": status[0] or 499, "ms": round((time.perf_counter() - t0) * 1e3, 2),
-                    "client": (scope.get("client") or ("", 0))[0], **state.get("log", {})}
-            access.info(json.dumps(line))
+            if access.isEnabledFor(logging.INFO):      # no line to build when nobody reads it
+                line = {"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"], "path": scope["path"],
+                        "status": status[0] or 499, "ms": round((time.perf_counter() - t0) * 1e3, 2),
+                        "client": (scope.get("client") or ("", 0))[0], **state.get("log", {})}
+                access.info(json.dumps(line))
             if scope["path"] in COUNTED and status[0]:     # known paths only: labels stay bounded
                 model = state.get("log", {}).get("model", "")
                 self.srv.metrics.requests.labels(scope["path"], model, str(status[0])).inc()
@@ -99,4 +103,9 @@ class Gate:
         limit = self.srv.cfg.limits.max_body_bytes
         if cl is not None and (not cl.isdigit() or int(cl) > limit):
             return ApiError(413, f"the request body is larger than the limit of {limit} bytes")
+        if not self.srv.loaded and scope["path"] not in BEFORE_LOAD:
+            return ApiError(503, "the model is still loading; retry when /ready answers 200",
+                            headers={"Retry-After": "1"})
+        if scope["path"] in GENERATE and scope["method"] == "POST":
+            return self.srv.refuse_at_once()
         return None
