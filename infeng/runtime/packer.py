@@ -42,7 +42,7 @@ class BatchPacker:
         self.seg_ad: list = []          # the adapter (or None) of each segment of the last batch
 
     def pack(self, running: list[Seq]) -> Batch:
-        b, net = Batch(), self.net
+        b, net, kv = Batch(), self.net, self.session.kv
         self.seg_ad = []
         decode, prefill = [], []
         for s in running:
@@ -55,7 +55,9 @@ class BatchPacker:
         for s in by_adapter(prefill):
             if b.T >= self.budget:
                 break
-            n = min(s.n_prompt - s.n_fed, self.budget - b.T)
+            n = min(s.n_prompt - s.n_fed, self.budget - b.T, kv.room(s.slot) - s.n_fed)
+            if n <= 0:
+                continue
             self._put(b, s, n)
             b.prefill_tokens += n
             if not s.prefilling:
