@@ -10,6 +10,7 @@ recomputing it. Blocks are reference counted; a full block whose last user leave
 """
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 
 import numpy as np
@@ -17,6 +18,21 @@ import numpy as np
 from infeng.errors import InfengError
 from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose memory the OS supplies in small pages as they are first written.
+    np.zeros asks for transparent huge pages on big arrays; a KV pool's first step then faults
+    in (zeroes, maybe compacts for) 2 MiB per layer for K and V each — most of a second for
+    SmolLM2's first prompt on a busy machine — where a few 4 KiB pages per block do."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        m = mmap.mmap(-1, max(n, 1))
+    except OSError:
+        raise MemoryError(f"cannot map {n} bytes") from None
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype, count=n // np.dtype(dtype).itemsize).reshape(shape)
 
 
 def full_window(cfg: ModelConfig) -> int:
@@ -48,8 +64,8 @@ class KVCache:
                 raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes")
         self.n_blocks = n_blocks
         shape = (cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = lazy_zeros(shape, np.float32)
+        self.v = lazy_zeros(shape, np.float32)
         self.table = np.zeros((n_slots, self.max_blocks), np.int32)
         self.owned: list[list[int]] = [[] for _ in range(n_slots)]   # block ids per slot, in order
         self.hashes: list[list[int]] = [[] for _ in range(n_slots)]  # chain hash per full block
