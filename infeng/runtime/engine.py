@@ -128,7 +128,10 @@ class Engine:
         res = Result(req.id, list(ids), [], "length", params.seed, now, request=req)  # the caller's
         req = Request(req.id, req.prompt, req.prompt_ids, params, req.priority, req.deadline_s, req.adapter)
         text = TextStream(self.tokenizer.stream(ids), params.stop) if (self.detokenize or params.stop) else None
-        self.sched.waiting.append(Seq(req, self._arrivals, list(ids), len(ids), res, text, adapter))
+        seq = Seq(req, self._arrivals, list(ids), len(ids), res, text, adapter)
+        if self.cfg.rope_past() and len(ids) > self.cfg.rope_past():
+            seq.rope_class = f"extent={len(ids)}"     # its prompt's K/V rotate by its length (kv sharing)
+        self.sched.waiting.append(seq)
 
     def cancel(self, request_id: str) -> None:
         """End a request at the next step (finish_reason "cancelled"), freeing its blocks."""
@@ -206,7 +209,7 @@ class Engine:
             h.emit("pack", "end")
             h.emit("forward", "begin")
         tc = self.clock()
-        self.session.run(b.T, b.n_out, b.lora)
+        self.session.run(b.T, b.n_out, b.lora, self.packer.by_extent)
         st.c_s += self.clock() - tc
         if h:
             h.emit("forward", "end", {"T": b.T, "n_out": b.n_out})

@@ -40,6 +40,7 @@ class BatchPacker:
         self.session, self.budget = session, max_batch_tokens
         self.net, self.seg_start = session.net, session.lora.seg_start
         self.seg_ad: list = []          # the adapter (or None) of each segment of the last batch
+        self.by_extent = bool(getattr(self.net, "rope_past", 0))   # RoPE by sequence length (llama.py)
 
     def pack(self, running: list[Seq]) -> Batch:
         b, net, kv = Batch(), self.net, self.session.kv
@@ -77,6 +78,10 @@ class BatchPacker:
             net.tokens[T + j] = s.ids[start + j]
             net.pos[T + j] = start + j
             net.seq[T + j] = s.slot
+        if self.by_extent:      # transformers' call extents: the prompt's length, then position + 1
+            p0 = len(s.result.prompt_ids)
+            for j in range(n):
+                net.extent[T + j] = max(p0, start + j + 1)
         s.n_fed = start + n
         b.T = T + n
         b.n_seqs += 1

@@ -30,10 +30,13 @@ class Seq:
     sampler: Sampler | None = None
     slot: int = -1
     n_fed: int = 0          # tokens through the forward pass (their K/V is cached)
+    rope_class: str | None = None      # LongRoPE / dynamic NTK past the original length: K/V differ by it
 
     @property
     def salt(self) -> str | None:
-        return self.adapter.name if self.adapter else None
+        """What else than the tokens the K/V depend on (prefix sharing): adapter, RoPE class."""
+        a = self.adapter.name if self.adapter else None
+        return a if self.rope_class is None else f"{a}|{self.rope_class}"
 
     @property
     def prefilling(self) -> bool:

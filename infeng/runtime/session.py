@@ -42,6 +42,10 @@ class ForwardSession:
         (None: no adapter), each adapter's rank already reserved with ``lora.reserve``."""
         return self.lora.set(tables, starts, T)
 
-    def run(self, T: int, n_out: int, lora=None) -> None:
-        """One forward call over rows [0, T) of the step buffers; logits of out_rows[:n_out]."""
-        self.net.step(self.kv, T, n_out, lora)
+    def run(self, T: int, n_out: int, lora=None, extents: bool = False) -> None:
+        """One forward call over rows [0, T) of the step buffers; logits of out_rows[:n_out].
+        ``extents``: the rows' sequence extents are in ``net.extent`` (LongRoPE, dynamic NTK)."""
+        if extents:
+            self.net.step(self.kv, T, n_out, lora, extents=True)
+        else:
+            self.net.step(self.kv, T, n_out, lora)
