@@ -93,8 +93,10 @@ def test_output_record_is_sliced_from_its_journal_line(tmp_path):
     j = Journal(out, {"model": "m"}, seed=1)
     j.append_lines([(k1, line)])
     j.close()
-    with open(journal_path(out), "ab") as f:           # what an older infeng wrote
-        f.write(encode({"k": k2.hex(), "r": rec}))
+    p = journal_path(out)
+    head, body = p.read_bytes().split(b"\n", 1)           # what an older infeng wrote: format /1, "r"
+    p.write_bytes(encode({**decode(head + b"\n"), "journal": "infeng.journal/1"}) + body
+                  + encode({"k": k2.hex(), "r": rec}))
     j = Journal(out, {"model": "m"})
     assert j.resumed == 2
     want = json.dumps(rec, ensure_ascii=False).encode() + b"\n"

@@ -29,7 +29,8 @@ from typing import Any
 from infeng.errors import InfengError
 from infeng.jobs.atomic import fsync_dir
 
-FORMAT = "infeng.journal/1"
+FORMAT = "infeng.journal/2"     # /2: results keep the output's JSON ("o"); /1 (an object, "r") still read
+READS = ("infeng.journal/1", FORMAT)
 WRITE_RECORDS = 64       # records handed to the OS together ...
 WRITE_SECONDS = 0.25     # ... or this long after the oldest of them
 SYNC_SECONDS = 1.0       # fsync this long after the oldest record not yet on disk
@@ -154,7 +155,7 @@ class Journal:
                     break
                 rec = decode(line)
                 if off == 0:
-                    if rec is None or rec.get("journal") != FORMAT:
+                    if rec is None or rec.get("journal") not in READS:
                         raise InfengError(f"{self.path}: not an infeng journal (give --restart to replace it)")
                     header = rec
                 elif rec is None or not isinstance(rec.get("k"), str):
