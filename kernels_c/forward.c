@@ -161,8 +161,10 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             if (L->q_norm) ifg_rmsnorm_part(s->q, s->q, L->q_norm, T * m->n_heads, hd, m->norm_eps);
             if (L->k_norm) ifg_rmsnorm_part(s->k, s->k, L->k_norm, T * m->n_kv_heads, hd, m->norm_eps);
             if (!L->no_rope) {
-                ifg_rope_part(s->q, q_dim, pos, m->inv_freq, T, m->n_heads, hd);
-                ifg_rope_part(s->k, kv_dim, pos, m->inv_freq, T, m->n_kv_heads, hd);
+                const float *freq = s->row_inv_freq ? s->row_inv_freq : m->inv_freq;
+                const int stride = s->row_inv_freq ? hd / 2 : 0;
+                ifg_rope_part(s->q, q_dim, pos, freq, stride, T, m->n_heads, hd);
+                ifg_rope_part(s->k, kv_dim, pos, freq, stride, T, m->n_kv_heads, hd);
             }
             TIME(l, IFG_OP_ROPE);
             ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,

@@ -59,6 +59,9 @@ struct ifg_scratch {
      * excepted; see ifg_trace_floats_per_token) the op's output for the T tokens, [l][op][T][width]. */
     double *op_times;
     float *trace;
+    /* [max_tokens][head_dim/2] RoPE frequencies of each token, or NULL = m->inv_freq for all: rope
+     * scaling that depends on the sequence's length (LongRoPE, dynamic NTK) is the caller's. */
+    const float *row_inv_freq;
 };
 
 /* The ops of one step, in execution order (the names are ifg_op_name's). */

@@ -33,17 +33,19 @@ static void rope_rotate(float *x1p, float *x2p, const float *c, const float *s, 
     }
 }
 
-void ifg_rope_part(float *x, int ldx, const int32_t *pos, const float *inv_freq, int T, int n_heads, int head_dim) {
+void ifg_rope_part(float *x, int ldx, const int32_t *pos, const float *inv_freq, int freq_stride, int T,
+                   int n_heads, int head_dim) {
     int half = head_dim / 2;
     IFG_FOR
     for (int t = 0; t < T; t++) {
         float c[ROPE_CHUNK], s[ROPE_CHUNK];
         float p = (float)pos[t];
+        const float *freq = inv_freq + (size_t)t * freq_stride;
         float *xt = x + (size_t)t * ldx;
         for (int i0 = 0; i0 < half; i0 += ROPE_CHUNK) {
             int n = half - i0 < ROPE_CHUNK ? half - i0 : ROPE_CHUNK;
             for (int i = 0; i < n; i++) {
-                float a = p * inv_freq[i0 + i];
+                float a = p * freq[i0 + i];
                 c[i] = cosf(a);
                 s[i] = sinf(a);
             }
@@ -56,5 +58,5 @@ void ifg_rope_part(float *x, int ldx, const int32_t *pos, const float *inv_freq,
 }
 
 void ifg_rope(float *x, int ldx, const int32_t *pos, const float *inv_freq, int T, int n_heads, int head_dim, int n_threads) {
-    IFG_PARALLEL(n_threads) { ifg_rope_part(x, ldx, pos, inv_freq, T, n_heads, head_dim); }
+    IFG_PARALLEL(n_threads) { ifg_rope_part(x, ldx, pos, inv_freq, 0, T, n_heads, head_dim); }
 }

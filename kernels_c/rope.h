@@ -12,7 +12,9 @@
 void ifg_rope(float *x, int ldx, const int32_t *pos, const float *inv_freq, int T, int n_heads, int head_dim, int n_threads);
 // cdef-end
 
-/* Orphaned work-sharing body (tokens split with omp for): call from inside a parallel region. */
-void ifg_rope_part(float *x, int ldx, const int32_t *pos, const float *inv_freq, int T, int n_heads, int head_dim);
+/* Orphaned work-sharing body (tokens split with omp for): call from inside a parallel region.
+   Token t's frequencies are inv_freq + t*freq_stride (0: the same for all). */
+void ifg_rope_part(float *x, int ldx, const int32_t *pos, const float *inv_freq, int freq_stride, int T,
+                   int n_heads, int head_dim);
 
 #endif

@@ -116,8 +116,17 @@ def test_shipped_configs_parse():
              "embd_pdrop": 0.0, "resid_pdrop": 0.0, "rope_theta": 10000.0,
              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
     c = from_hf(phi35)
-    assert c.max_seq_len == 4096 and c.rope_scaling["factor"] == 32.0      # context capped: short factors only
+    assert c.max_seq_len == 131072 and c.rope_scaling["factor"] == 32.0 and c.rope_past() == 4096
     assert c.attn_factor() == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    # short factors up to the original length, long ones past it (a call's highest position + 1)
+    np.testing.assert_array_equal(c.inv_freq_at(4096), c.inv_freq())
+    np.testing.assert_allclose(c.inv_freq_at(4097), c.inv_freq() / 2, rtol=1e-6)
+    dyn = from_hf({**BASE, "max_position_embeddings": 1024, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert dyn.max_seq_len == 2048 and dyn.rope_past() == 1024        # the context runs to factor x
+    np.testing.assert_array_equal(dyn.inv_freq_at(1024), dyn.inv_freq())
+    hd = dyn.head_dim      # NTK: the base grows as (factor * len / orig - (factor - 1)) ** (hd / (hd - 2))
+    base = dyn.rope_theta * (2.0 * 2048 / 1024 - 1) ** (hd / (hd - 2))
+    np.testing.assert_allclose(dyn.inv_freq_at(2048), 1 / base ** (np.arange(0, hd, 2) / hd), rtol=1e-5)
 
 
 def test_manifest_round_trip_and_old_manifests():

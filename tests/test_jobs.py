@@ -12,7 +12,7 @@ import pytest
 
 from infeng.cli.main import main
 from infeng.errors import InfengError
-from infeng.jobs.journal import Journal, decode, encode, journal_path, line_key
+from infeng.jobs.journal import Journal, decode, encode, encode_result, journal_path, line_key
 
 PROMPTS = ["Once upon a time", "Lily", "The little dog", "Tom and Sue went to", "One day", "The sun", ""]
 
@@ -54,7 +54,7 @@ def test_journal_drops_torn_tail_and_bad_lines(tmp_path):
     j.close()
     p = journal_path(out)
     lines = p.read_bytes().splitlines(keepends=True)
-    lines[2] = lines[2].replace(b'"id":1', b'"id":7')          # corrupt the 2nd result
+    lines[2] = lines[2].replace(b'"id": 1', b'"id": 7')          # corrupt the 2nd result
     p.write_bytes(b"".join(lines) + lines[3][:15])              # and a torn half record at the end
     j = Journal(out, {"model": "m"})
     assert (j.resumed, j.dropped, j.seed) == (4, 2, 1)
@@ -80,6 +80,28 @@ def test_journal_refuses_other_settings_lock_and_foreign_file(tmp_path):
     journal_path(out).write_text("something else\n")
     with pytest.raises(InfengError, match="not an infeng journal"):
         Journal(out, {"model": "m"})
+
+
+def test_output_record_is_sliced_from_its_journal_line(tmp_path):
+    """A result's record is journaled in the output's JSON form and assembled as those bytes; a
+    journal from before (record as an object under "r") still assembles."""
+    rec = {"id": "é", "text": "a\nb \"c\"", "token_ids": [1, 2], "usage": {"total_tokens": 3}}
+    k1, k2 = line_key(1, "x"), line_key(2, "y")
+    line = encode_result(k1, rec)
+    assert decode(line) == {"k": k1.hex(), "o": rec}
+    out = tmp_path / "o.jsonl"
+    j = Journal(out, {"model": "m"}, seed=1)
+    j.append_lines([(k1, line)])
+    j.close()
+    p = journal_path(out)
+    head, body = p.read_bytes().split(b"\n", 1)           # what an older infeng wrote: format /1, "r"
+    p.write_bytes(encode({**decode(head + b"\n"), "journal": "infeng.journal/1"}) + body
+                  + encode({"k": k2.hex(), "r": rec}))
+    j = Journal(out, {"model": "m"})
+    assert j.resumed == 2
+    want = json.dumps(rec, ensure_ascii=False).encode() + b"\n"
+    assert j.record(k1) == want == j.record(k2)
+    j.close()
 
 
 def test_torn_header_alone_starts_afresh(tmp_path):

@@ -57,6 +57,11 @@ def test_ray_output_equals_local(cluster, model, job, tmp_path, ship):
     assert out.read_text() == local.read_text()
     m = json.loads(tel.read_text())
     assert m["meta"]["workers"] == 2 and m["metrics"]["requests"] == 159 and m["metrics"]["failed_requests"] == 1
+    mt = m["metrics"]           # every request's latencies came back from the workers
+    assert mt["latency_sample_requests"] == 159
+    for name in ("latency_ms", "ttft_ms", "tpot_ms", "queue_ms"):
+        assert 0 <= mt[f"{name}_p50"] <= mt[f"{name}_p99"] < 600e3, name
+    assert mt["ttft_ms_p50"] <= mt["latency_ms_p50"]
 
 
 def _worker_pids() -> list[int]:

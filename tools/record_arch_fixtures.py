@@ -63,7 +63,15 @@ SPECS = {
     "phi3_longrope": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=None, max_position_embeddings=64,
                                          original_max_position_embeddings=16, **rope(
         "longrope", 10000.0, short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[1.0, 2.0, 4.0, 8.0]))),
+    # past the original length (16): 12 prompt tokens + 12 greedy ones, decoded with the KV cache
+    # as transformers generates (a call's frequencies follow its highest position)
+    "phi3_longrope_past": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=None, max_position_embeddings=64,
+                                              original_max_position_embeddings=16, **rope(
+        "longrope", 10000.0, short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[1.0, 2.0, 4.0, 8.0]))),
+    "llama_dynamic": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=16,
+                                          **rope("dynamic", 10000.0, factor=4.0))),
 }
+PAST = {"phi3_longrope_past": 12, "llama_dynamic": 12}     # name → prompt length (and tokens generated)
 
 
 # fixtures that also get a PEFT LoRA (lora/ beside the weights): Qwen2's biased projections,
@@ -72,12 +80,19 @@ LORA = {"qwen2": ["q_proj", "k_proj", "v_proj", "down_proj"], "phi3": ["qkv_proj
         "qwen3": ["q_proj", "k_proj", "o_proj", "up_proj"]}
 
 
-def greedy(model, prompt: list[int]) -> tuple[list[int], float, np.ndarray]:
-    """(greedy tokens, smallest top-1 lead, logits of every position of prompt + tokens)."""
-    ids, margins = list(prompt), []
+def greedy(model, prompt: list[int], new: int = NEW, cached: bool = False) -> tuple[list[int], float, np.ndarray]:
+    """(greedy tokens, smallest top-1 lead, logits of every position of prompt + tokens in one
+    call). ``cached``: decode with the KV cache, one token per call, as generate() does (RoPE
+    that depends on the length then rotates each token by its own call's length)."""
+    ids, margins, past = list(prompt), [], None
     with torch.no_grad():
-        for _ in range(NEW):
-            last = model(torch.tensor([ids])).logits[0, -1]
+        for _ in range(new):
+            if cached:
+                out = model(torch.tensor([ids[-1:] if past is not None else ids]), past_key_values=past,
+                            use_cache=True)
+                past, last = out.past_key_values, out.logits[0, -1]
+            else:
+                last = model(torch.tensor([ids])).logits[0, -1]
             top = torch.topk(last, 2).values
             margins.append(float(top[0] - top[1]))
             ids.append(int(last.argmax()))
@@ -154,8 +169,9 @@ def record(name: str, spm_model: bytes) -> None:
         widen(model, gen)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
-        prompt = torch.randint(3, VOCAB, (PROMPT_LEN,), generator=gen).tolist()
-        toks, margin, logits = greedy(model, prompt)
+        n = PAST.get(name, PROMPT_LEN)
+        prompt = torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+        toks, margin, logits = greedy(model, prompt, PAST.get(name, NEW), cached=name in PAST)
         if margin >= MIN_MARGIN and len(set(toks)) >= MIN_DISTINCT:
             break
     else:

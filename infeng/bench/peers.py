@@ -63,6 +63,9 @@ class TorchPeer:
             self.layers.append({k: t(p + k) for k in
                                 ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")})
         self.inv_freq = torch.from_numpy(np.asarray(c.inv_freq(), np.float32))
+        if c.rope_past() and max_ctx > c.rope_past():     # its RoPE is one fixed set of frequencies
+            raise PeerSkip(f"the torch peer does not switch RoPE frequencies past {c.rope_past()} positions "
+                           f"({c.rope_scaling['rope_type']}); context {max_ctx}")
         self.max_ctx = max_ctx
 
     def _rms(self, x, w):

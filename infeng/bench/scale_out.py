@@ -12,12 +12,14 @@ does not.
 Projected: one worker's steady throughput comes from the engine simulator (the engine's own
 scheduler on a cost model fitted to real steps of this model, on requests of the job's shape);
 N workers give N times that until the driver, which reads every line and journals every result
-alone, saturates — its rate is measured here too (lines keyed and checked + records journaled
-per second). Needs the `ray` extra.
+alone, saturates — at its CPU cost per line in the 2-worker Ray runs. The driver's loop alone
+(no Ray, no engine) and the final assembly are timed too. Every run reports the requests'
+latency percentiles. Needs the `ray` extra.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import statistics
 import tempfile
 import time
@@ -27,8 +29,10 @@ from infeng.bench.job_memory import write_requests
 from infeng.errors import InfengError
 from infeng.jobs import BatchJob, run_batch_job
 from infeng.jobs.job import JobFile, assemble
-from infeng.jobs.journal import Journal, line_key
+from infeng.jobs.journal import Journal, encode_result, line_key
+from infeng.jobs.ray_runner import pending_shards
 from infeng.jobs.reader import iter_lines
+from infeng.jobs.stats import JobStats
 from infeng.model.loader import load_model
 from infeng.runtime.engine import Engine
 from infeng.runtime.sampler import SamplingParams
@@ -45,27 +49,33 @@ def measure(model_path: Path, req: Path, d: Path, variant: str) -> dict:
     out.unlink()
     cpu = m["cpu_s"] + m["worker_cpu_s"]
     return {"variant": variant, "tok_s": m["aggregate_tok_s"], "wall_s": m["wall_s"], "startup_s": m["load_s"],
-            "cpu_s": cpu, "tok_per_cpu_s": m["generated_tokens"] / cpu, "worker_cpu_s": m["worker_cpu_s"]}
+            "cpu_s": cpu, "tok_per_cpu_s": m["generated_tokens"] / cpu, "worker_cpu_s": m["worker_cpu_s"],
+            # the infeng process's CPU per line: the whole job locally, the driver's share on Ray
+            "process_cpu_us_per_line": m["cpu_s"] / m["requests"] * 1e6,
+            **{k: m[k] for k in ("latency_ms_p50", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p99")}}
 
 
-def driver_rate(d: Path, n: int = 50000) -> tuple[float, float]:
-    """Lines per second the driver alone can key, look up and journal (no engine), and lines per
-    second of the final assembly (input reread, each record fetched from the journal)."""
+def driver_rate(d: Path, n: int = 50000, shard: int = 250) -> tuple[float, float]:
+    """Lines per second of the driver's own work in a fresh Ray job, no engine and no Ray: the
+    input streamed into shards, each shard's results unpickled (as Ray hands them over: journal
+    lines the workers keyed and encoded) and journaled; and lines per second of the final
+    assembly (input reread and keyed, each record sliced out of the journal). CPU time."""
     req = d / "driver.jsonl"
     write_requests(req, n, 8)
-    j = Journal(d / "driver-out.jsonl", {"bench": 1}, seed=1)
     rec = {"id": "q", "text": " she was very happy and", "token_ids": list(range(8)), "finish_reason": "length",
            "seed": 1, "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}}
-    t0 = time.perf_counter()
-    for ln, line, _ in iter_lines(req):
-        k = line_key(ln, line)
-        if not j.done(k):
-            j.append(k, rec)
+    done = [(k, encode_result(k, rec)) for k in (line_key(ln, line) for ln, line, _ in iter_lines(req))]
+    blobs = [pickle.dumps(done[i:i + shard]) for i in range(0, n, shard)]     # the workers' side
+    j = Journal(d / "driver-out.jsonl", {"bench": 1}, seed=1)
+    t0 = time.process_time()
+    for i, lines in enumerate(pending_shards(req, j, JobStats(), shard, lambda: None)):
+        j.append_lines(pickle.loads(blobs[i]))
+        j.tick()
     j.sync()
-    dt = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    dt = time.process_time() - t0
+    t0 = time.process_time()
     assemble(JobFile(req, d / "driver-out.jsonl"), j)
-    da = time.perf_counter() - t0
+    da = time.process_time() - t0
     j.remove()
     return n / dt, n / da
 
@@ -117,6 +127,11 @@ def run(model: Path, requests: int, max_tokens: int, repeats: int, log=print) ->
               "driver_bound_workers": drv / lines_s_per_worker,
               "projection": {n: min(n * sim_tok_s, drv * max_tokens) for n in (1, 2, 8, 16, 32, 64)},
               "rows": rows}
+    # the driver's rate in a real job (Ray's per-shard work and the job's fixed costs included)
+    in_job = statistics.median(x["process_cpu_us_per_line"] for x in rows if x["variant"] == "ray-2w")
+    report.update(driver_us_per_line=1e6 / drv, driver_in_job_us_per_line=in_job,
+                  driver_bound_workers=1e6 / in_job / lines_s_per_worker,
+                  projection={n: min(n * sim_tok_s, 1e6 / in_job * max_tokens) for n in (1, 2, 8, 16, 32, 64)})
     summary = {k: v for k, v in report.items() if k != "rows"}
     log(json.dumps(summary, indent=1))
     return rows + [{"summary": json.dumps(summary)}]

@@ -88,8 +88,6 @@ def _config(g: GGUFFile, arch: str, where: str):
     if window and arch != "phi3":
         raise InfengError(f"{where}: {arch}.attention.sliding_window={window} is not supported for {arch!r}")
     rope_scaling = _rope_scaling(g, arch, hp, head_dim, where)
-    if rope_scaling and rope_scaling["rope_type"] == "longrope":    # short factors only, as from HF
-        max_pos = min(max_pos, int(rope_scaling["original_max_position_embeddings"]))
     every = gguf_arch.NOPE_EVERY.get(arch)
     nope = tuple(i for i in range(n_layers) if (i + 1) % every == 0) if every and isinstance(n_layers, int) else ()
     return ModelConfig(

@@ -67,11 +67,12 @@ def from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         if kind in ("yarn", "longrope") and rs.get("factor") is None and is_number(max_pos) \
                 and is_number(rs["original_max_position_embeddings"]) and rs["original_max_position_embeddings"] > 0:
             rs["factor"] = max_pos / rs["original_max_position_embeddings"]
+        if kind == "dynamic" and isinstance(max_pos, int) and is_number(rs.get("factor")) and rs["factor"] >= 1:
+            # transformers grows the RoPE base once a sequence passes max_position_embeddings, without
+            # an end; the context runs to factor times that (ModelConfig.rope_past / inv_freq_at)
+            rs["original_max_position_embeddings"] = max_pos
+            max_pos = int(max_pos * rs["factor"])
         check_rope(rs, head_dim if isinstance(head_dim, int) else 0, where)
-        if kind == "longrope" and isinstance(max_pos, int):
-            # past the original length transformers switches to long_factor on the fly: not implemented,
-            # so the context stops there
-            max_pos = min(max_pos, int(rs["original_max_position_embeddings"]))
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     nope = _nope_layers(hf, arch, n_layers, where)

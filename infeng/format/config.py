@@ -20,7 +20,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 ROPE_KEYS = {
     "default": frozenset(),
     "linear": frozenset({"factor"}),
-    "dynamic": frozenset({"factor"}),
+    "dynamic": frozenset({"factor", "original_max_position_embeddings"}),
     "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
     "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
                        "mscale", "mscale_all_dim", "truncate"}),
@@ -140,12 +140,42 @@ class ModelConfig:
             inv = _llama3_scale(inv, rs)
         elif kind == "yarn":
             inv = _yarn_inv_freq(base, float(self.rope_theta), rs, hd)
-        elif kind == "longrope":      # the short factors: the context is capped at the original length
+        elif kind == "longrope":      # the short factors (up to the original length: rope_past)
             inv = (1.0 / (np.asarray(rs["short_factor"], np.float32) * base)).astype(np.float32)
         elif kind == "freq_factors":
             inv = (inv / np.asarray(rs["factors"], np.float32)).astype(np.float32)
-        # dynamic (NTK): the plain frequencies up to max_position_embeddings (transformers rescales
-        # only past it, where the context stops)
+        # dynamic (NTK): the plain frequencies up to the original length (rope_past)
+        return np.ascontiguousarray(inv, dtype=np.float32)
+
+    def rope_past(self) -> int:
+        """The original length past which the RoPE frequencies depend on how long the sequence
+        is (LongRoPE, dynamic NTK; 0 for every other type). As transformers computes them, a
+        forward call whose highest position is ``extent - 1`` uses ``inv_freq_at(extent)`` for
+        all its tokens: a prompt its own length's, each decoded token ``position + 1``'s."""
+        rs = self.rope_scaling
+        kind = rs["rope_type"] if rs else "default"
+        if kind == "longrope":
+            return int(rs["original_max_position_embeddings"])
+        if kind == "dynamic":
+            return int(rs.get("original_max_position_embeddings") or self.max_seq_len)
+        return 0
+
+    def inv_freq_at(self, extent: int) -> np.ndarray:
+        """The frequencies of a forward call over positions < ``extent`` (see rope_past):
+        LongRoPE's long factors past the original length, dynamic NTK's base grown with the
+        length (as transformers' _compute_longrope_parameters / _compute_dynamic_ntk_parameters)."""
+        orig = self.rope_past()
+        if not orig or extent <= orig:
+            return self.inv_freq()
+        rs, hd = self.rope_scaling, self.head_dim
+        exps = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+        if rs["rope_type"] == "longrope":
+            base = np.float32(self.rope_theta) ** exps
+            inv = 1.0 / (np.asarray(rs["long_factor"], np.float32) * base)
+        else:
+            f = float(rs["factor"])
+            theta = self.rope_theta * ((f * extent / orig) - (f - 1)) ** (hd / (hd - 2))
+            inv = 1.0 / (np.float32(theta) ** exps)
         return np.ascontiguousarray(inv, dtype=np.float32)
 
     def attn_factor(self) -> float:

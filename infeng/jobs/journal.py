@@ -29,7 +29,8 @@ from typing import Any
 from infeng.errors import InfengError
 from infeng.jobs.atomic import fsync_dir
 
-FORMAT = "infeng.journal/1"
+FORMAT = "infeng.journal/2"     # /2: results keep the output's JSON ("o"); /1 (an object, "r") still read
+READS = ("infeng.journal/1", FORMAT)
 WRITE_RECORDS = 64       # records handed to the OS together ...
 WRITE_SECONDS = 0.25     # ... or this long after the oldest of them
 SYNC_SECONDS = 1.0       # fsync this long after the oldest record not yet on disk
@@ -53,6 +54,17 @@ def line_key(lineno: int, line: str) -> bytes:
 def encode(obj: dict[str, Any]) -> bytes:
     payload = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def encode_result(k: bytes, record: dict[str, Any]) -> bytes:
+    """A result's journal line. Its record is kept in the output's own JSON form (field "o"), so
+    the output is assembled by slicing it out, not by parsing and re-serializing it; whoever
+    produced the record encodes it (a Ray worker, not the driver)."""
+    payload = b'{"k":"%s","o":%s}' % (k.hex().encode(), json.dumps(record, ensure_ascii=False).encode())
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+OUT_AT = len('{"k":"') + 32 + len('","o":')      # where the output record starts in the payload
 
 
 def decode(line: bytes) -> dict[str, Any] | None:
@@ -143,7 +155,7 @@ class Journal:
                     break
                 rec = decode(line)
                 if off == 0:
-                    if rec is None or rec.get("journal") != FORMAT:
+                    if rec is None or rec.get("journal") not in READS:
                         raise InfengError(f"{self.path}: not an infeng journal (give --restart to replace it)")
                     header = rec
                 elif rec is None or not isinstance(rec.get("k"), str):
@@ -173,9 +185,15 @@ class Journal:
 
     def append(self, k: bytes, record: dict[str, Any]) -> None:
         """Journal a finished request (written with its group, on disk at the next sync)."""
-        line = encode({"k": k.hex(), "r": record})
-        self._index(k, self.end + self._buffered, len(line))
-        self._append_raw(line)
+        self.append_lines([(k, encode_result(k, record))])
+
+    def append_lines(self, lines: list[tuple[bytes, bytes]]) -> None:
+        """Journal finished requests already encoded (``encode_result``), in one index insert."""
+        rows = []
+        for k, line in lines:
+            rows.append((k, self.end + self._buffered, len(line)))
+            self._append_raw(line)
+        self.db.executemany("INSERT OR REPLACE INTO idx VALUES (?, ?, ?)", rows)
         if len(self._buf) >= WRITE_RECORDS:
             self._write()
 
@@ -222,8 +240,13 @@ class Journal:
         row = self.db.execute("SELECT off, len FROM idx WHERE k=?", (k,)).fetchone()
         if row is None:
             return None
-        rec = decode(os.pread(self.fd, row[1], row[0]))
-        if rec is None:
+        line = os.pread(self.fd, row[1], row[0])
+        payload = line[9:-1]
+        if payload[OUT_AT - 4:OUT_AT] == b'"o":' and line[8:9] == b" " and line.endswith(b"\n") \
+                and line[:8] == b"%08x" % zlib.crc32(payload):
+            return payload[OUT_AT:-1] + b"\n"
+        rec = decode(line)           # a journal of an older infeng: the record as an object
+        if rec is None or "r" not in rec:
             raise InfengError(f"{self.path}: record at byte {row[0]} changed on disk during the job")
         return json.dumps(rec["r"], ensure_ascii=False).encode() + b"\n"
 

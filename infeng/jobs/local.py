@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from infeng.jobs.journal import Journal, line_key
+from infeng.jobs.journal import Journal, encode_result, line_key
 from infeng.jobs.reader import iter_lines
 from infeng.jobs.stats import JobStats
 from infeng.runtime.batch import BatchItem, parse_line, record
@@ -62,13 +62,15 @@ def pending(path: Path, parse: LineParser, journal: Journal, stats: JobStats,
 
 
 class Collect:
-    """A sink that keeps the records (a Ray worker's shard, a Ray Data batch) instead of a journal."""
+    """A sink that keeps the records (a Ray worker's shard, a Ray Data batch) instead of a journal;
+    ``encoded``: as their journal lines (what the driver appends), else as dicts."""
 
-    def __init__(self) -> None:
-        self.records: list[tuple[bytes, dict]] = []
+    def __init__(self, encoded: bool = False) -> None:
+        self.encoded = encoded
+        self.records: list[tuple[bytes, Any]] = []
 
     def append(self, k: bytes, record: dict) -> None:
-        self.records.append((k, record))
+        self.records.append((k, encode_result(k, record) if self.encoded else record))
 
     def tick(self) -> None:
         pass

@@ -27,7 +27,7 @@ from infeng.jobs.journal import Journal, line_key
 from infeng.jobs.local import Collect, LineParser, run_local
 from infeng.jobs.progress import ProgressBar
 from infeng.jobs.reader import count_lines, iter_lines
-from infeng.jobs.stats import JobStats
+from infeng.jobs.stats import JobStats, latencies
 from infeng.model.loader import load_model
 from infeng.runtime.engine import DEFAULT_CONTEXT, Engine
 from infeng.runtime.sampler import SamplingParams
@@ -67,15 +67,17 @@ class EngineWorker:
         return self.model.identity(), os.getpid()
 
     def run(self, where: str, defaults: dict, default_adapter: str | None, window: int,
-            lines: list[tuple[int, str, str | None]]) -> tuple[list[tuple[bytes, dict]], dict[str, int]]:
-        """A shard's lines → their (key, record) pairs, and the shard's counts."""
+            lines: list[tuple[int, str, str | None]]) -> tuple[list[tuple[bytes, bytes]], dict[str, Any]]:
+        """A shard's lines → their (key, journal line) pairs, and the shard's counts and each
+        request's latencies. The worker keys and encodes (the driver only appends bytes)."""
         params = SamplingParams(**{**defaults, "stop": tuple(defaults["stop"]),
                                    "stop_token_ids": tuple(defaults["stop_token_ids"])})
         parse = LineParser(where, params, self.tok, frozenset(self.engine.adapters.loaded), default_adapter)
-        sink, st, cpu0 = Collect(), JobStats(), time.process_time()
+        sink, st, cpu0 = Collect(encoded=True), JobStats(sample=len(lines)), time.process_time()
         run_local(self.engine, (parse(*ln) for ln in lines), sink, st, self.model_name, window)
         return sink.records, {"done": st.done, "failed": st.failed, "prompt_tokens": st.prompt_tokens,
-                              "generated_tokens": st.generated_tokens, "cpu_s": time.process_time() - cpu0}
+                              "generated_tokens": st.generated_tokens, "cpu_s": time.process_time() - cpu0,
+                              "latencies": [latencies(r) for r in st.sample]}
 
 
 def _materialize(spec, d: Path) -> str:
@@ -133,7 +135,8 @@ def run_on_ray(job, pairs: list[JobFile], window: int) -> tuple[dict[str, Any], 
         for pair in pairs:
             journal, defaults = open_journal(pair, setup, job.defaults, job.restart, stderr_log)
             d = asdict(defaults)
-            with ProgressBar(job.progress, pair.input.name, count_lines(pair.input)) as advance:
+            total = count_lines(pair.input) if job.progress else 0      # (a pass over the file)
+            with ProgressBar(job.progress, pair.input.name, total) as advance:
                 def run(st: JobStats) -> None:
                     pool.run_file(pair, journal, st, d, default_adapter, window, lambda: advance(st))
                 run_file(pair, journal, stats, run, stderr_log)
@@ -179,7 +182,7 @@ class WorkerPool:
     def run_file(self, pair: JobFile, journal: Journal, st: JobStats, defaults: dict, default_adapter: str | None,
                  window: int, on_done) -> None:
         ray = self.ray
-        shards = _shards(pair.input, journal, st, self.job.shard_size, on_done)
+        shards = pending_shards(pair.input, journal, st, self.job.shard_size, on_done)
         retry: deque = deque()
         inflight: dict = {}                 # ObjectRef → (actor, shard)
         load = {id(a): 0 for a in self.actors}
@@ -212,9 +215,10 @@ class WorkerPool:
             except ray.exceptions.RayTaskError as e:
                 raise InfengError(f"a Ray worker failed on {pair.input} lines {shard[0][0]}-{shard[-1][0]}: "
                                   f"{_cause(e)}") from None
-            for k, rec in records:
-                journal.append(k, rec)
+            journal.append_lines(records)
+            for _ in records:
                 on_done()
+            st.add_latencies(counts["latencies"])
             st.done += counts["done"]
             st.failed += counts["failed"]
             st.prompt_tokens += counts["prompt_tokens"]
@@ -243,11 +247,13 @@ class WorkerPool:
         self.actors = []
 
 
-def _shards(path: Path, journal: Journal, st: JobStats, size: int, on_skip) -> Iterator[list]:
-    """Lists of up to ``size`` (line number, text, error) not yet in the journal."""
+def pending_shards(path: Path, journal: Journal, st: JobStats, size: int, on_skip) -> Iterator[list]:
+    """Lists of up to ``size`` (line number, text, error) not yet in the journal. A journal that
+    held no result when the job opened it has none of them (the workers key the lines)."""
     shard: list = []
+    resuming = journal.resumed > 0
     for n, line, err in iter_lines(path):
-        if journal.done(line_key(n, line)):
+        if resuming and journal.done(line_key(n, line)):
             st.skipped += 1
             on_skip()
             continue

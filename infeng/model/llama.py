@@ -68,6 +68,14 @@ class LlamaC:
                    ptr(kern, self.seq, "int32_t *"), ptr(kern, self.out_rows, "int32_t *"),
                    ptr(kern, self.logits))
         self.logit_rows = [self._p[4] + i * c.vocab_size for i in range(max(max_out, 1))]
+        # LongRoPE / dynamic NTK: each token's frequencies follow its sequence's extent (the
+        # config's inv_freq_at), given per token in ``extent``; others use the model's inv_freq
+        self.rope_past = c.rope_past()
+        self.extent = np.zeros(T, np.int32)
+        if self.rope_past:
+            self.row_freq = np.zeros((T, c.head_dim // 2), np.float32)
+            self._freq: dict[int, np.ndarray] = {}
+            self.structs.set(self.s, row_inv_freq=self.row_freq)
 
     def record_op_times(self) -> np.ndarray:
         """Switch on the C pass's op clock (forward.h, ifg_scratch.op_times); returns the buffer
@@ -86,11 +94,26 @@ class LlamaC:
         self.structs.set(self.s, trace=buf)
         return buf
 
-    def step(self, kv, T: int, n_out: int, lora=None) -> None:
-        """One forward call; ``lora`` is a ``struct ifg_lora_batch *`` (None/NULL: no adapters)."""
+    def step(self, kv, T: int, n_out: int, lora=None, extents: bool = False) -> None:
+        """One forward call; ``lora`` is a ``struct ifg_lora_batch *`` (None/NULL: no adapters).
+        ``extents``: the caller filled ``extent`` for each token (see ModelConfig.rope_past),
+        else the call is one sequence's, as transformers runs it: its highest position + 1."""
+        if self.rope_past:
+            self._row_freqs(T, extents)
         tp, pp, sp, rp, lp = self._p
         if lora is None or lora == self.kern.ffi.NULL:
             self.kern.lib.ifg_forward(self.m, self.s, kv.struct, tp, pp, sp, T, rp, n_out, lp, self.threads)
         else:
             self.kern.lib.ifg_forward_lora(self.m, self.s, kv.struct, tp, pp, sp, T, rp, n_out, lp, lora,
                                            self.threads)
+
+    def _row_freqs(self, T: int, extents: bool) -> None:
+        ext = self.extent[:T] if extents else np.full(T, int(self.pos[:T].max()) + 1)
+        past = self.rope_past
+        for e in np.unique(np.maximum(ext, past)):        # all lengths up to the original share one
+            f = self._freq.get(int(e))
+            if f is None:
+                f = self._freq[int(e)] = self.cfg.inv_freq_at(int(e))
+                if len(self._freq) > 4096:              # dynamic NTK: one per length; keep it bounded
+                    self._freq.clear()
+            self.row_freq[:T][np.maximum(ext, past) == e] = f

@@ -111,7 +111,9 @@ class ReferenceModel:
             q, k = rmsnorm(q, w[L + "q_norm"], c.norm_eps), rmsnorm(k, w[L + "k_norm"], c.norm_eps)
         if not c.layer_rope(i):
             return q, k, v, np.float32(1.0 / np.sqrt(c.head_dim))
-        q, k = rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq)
+        # LongRoPE / dynamic NTK past the original length: this call's extent picks the frequencies
+        inv = c.inv_freq_at(int(pos.max()) + 1) if c.rope_past() else self.inv_freq
+        q, k = rope(q, pos, inv), rope(k, pos, inv)
         return q, k, v, np.float32(self.attn_factor ** 2 / np.sqrt(c.head_dim))
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:

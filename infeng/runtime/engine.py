@@ -34,6 +34,7 @@ from infeng.kernels import default_threads, ptr
 from infeng.model.loader import Model, load_model
 from infeng.runtime.adapters import AdapterManager, LoadedAdapter
 from infeng.runtime.hooks import Hooks
+from infeng.runtime.kv import full_window
 from infeng.runtime.packer import BatchPacker
 from infeng.runtime.sampler import Sampler, SamplingParams, token_logprobs
 from infeng.runtime.scheduler import Scheduler, Seq
@@ -66,8 +67,10 @@ class Engine:
         if max_seq_len is not None and not 0 < max_seq_len <= self.cfg.max_seq_len:
             raise InfengError(f"context length {max_seq_len} must be in 1..{self.cfg.max_seq_len} (the model's maximum)")
         # The KV pool is sized for every slot at full context, so a 128k-context model gets a
-        # default window that fits in memory; ask for more explicitly.
-        self.max_seq_len = max_seq_len or min(self.cfg.max_seq_len, DEFAULT_CONTEXT)
+        # default window that fits in memory; ask for more explicitly. A sliding-window model's
+        # pool is sized for its window, whatever the context.
+        self.max_seq_len = max_seq_len or (self.cfg.max_seq_len if full_window(self.cfg)
+                                           else min(self.cfg.max_seq_len, DEFAULT_CONTEXT))
         self.max_batch_tokens = max(max_batch_tokens, max_batch)
         self.detokenize = detokenize
         self.prefix_cache = prefix_cache
@@ -78,12 +81,13 @@ class Engine:
         try:
             self.session = ForwardSession(self.kern, model, max_tokens=self.max_batch_tokens, max_out=max_out,
                                           threads=self.threads, n_slots=max_batch, max_seq_len=self.max_seq_len,
-                                          block_size=block_size, kv_budget_mb=kv_budget_mb, net=net)
+                                          block_size=block_size, kv_budget_mb=kv_budget_mb, net=net,
+                                          window_chunk=True)
         except MemoryError:
             raise InfengError(f"not enough memory for a KV cache of {max_batch} sequences x {self.max_seq_len} "
                               f"positions: lower --max-batch or --ctx") from None
         self.net, self.kv = self.session.net, self.session.kv
-        if self.kv.n_blocks < self.kv.max_blocks:
+        if self.kv.n_blocks < self.kv.seq_blocks:
             raise InfengError(f"KV budget {kv_budget_mb} MB holds {self.kv.n_blocks * block_size} positions, "
                               f"less than one sequence of {self.max_seq_len}: raise it or lower the context")
         self.sched = Scheduler(self.kv, max_batch, max_queue, max_queued_tokens, aging_s, prefix_cache)
@@ -131,7 +135,10 @@ class Engine:
         res = Result(req.id, list(ids), [], "length", params.seed, now, request=req)  # the caller's
         req = Request(req.id, req.prompt, req.prompt_ids, params, req.priority, req.deadline_s, req.adapter)
         text = TextStream(self.tokenizer.stream(ids), params.stop) if (self.detokenize or params.stop) else None
-        self.sched.waiting.append(Seq(req, self._arrivals, list(ids), len(ids), res, text, adapter))
+        seq = Seq(req, self._arrivals, list(ids), len(ids), res, text, adapter)
+        if self.cfg.rope_past() and len(ids) > self.cfg.rope_past():
+            seq.rope_class = f"extent={len(ids)}"     # its prompt's K/V rotate by its length (kv sharing)
+        self.sched.waiting.append(seq)
 
     def cancel(self, request_id: str) -> None:
         """End a request at the next step (finish_reason "cancelled"), freeing its blocks."""
@@ -211,7 +218,7 @@ class Engine:
             h.emit("pack", "end")
             h.emit("forward", "begin")
         tc = self.clock()
-        self.session.run(b.T, b.n_out, b.lora)
+        self.session.run(b.T, b.n_out, b.lora, self.packer.by_extent)
         dc = self.clock() - tc
         st.c_s += dc
         if b.drafted:

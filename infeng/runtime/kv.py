@@ -10,6 +10,7 @@ recomputing it. Blocks are reference counted; a full block whose last user leave
 """
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 
 import numpy as np
@@ -19,25 +20,52 @@ from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose memory the OS supplies in small pages as they are first written.
+    np.zeros asks for transparent huge pages on big arrays; a KV pool's first step then faults
+    in (zeroes, maybe compacts for) 2 MiB per layer for K and V each — most of a second for
+    SmolLM2's first prompt on a busy machine — where a few 4 KiB pages per block do."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        m = mmap.mmap(-1, max(n, 1))
+    except OSError:
+        raise MemoryError(f"cannot map {n} bytes") from None
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype, count=n // np.dtype(dtype).itemsize).reshape(shape)
+
+
+def full_window(cfg: ModelConfig) -> int:
+    """The sliding window when every layer has it (then a sequence's KV is bounded by it), else 0."""
+    return cfg.sliding_window if cfg.swa_layers and len(cfg.swa_layers) == cfg.n_layers else 0
+
+
 class KVCache:
     def __init__(self, kern, cfg: ModelConfig, n_slots: int, max_seq_len: int,
-                 block_size: int = 16, budget_mb: float | None = None):
+                 block_size: int = 16, budget_mb: float | None = None, chunk: int | None = None):
+        """``chunk``: the most positions a step prefills for one sequence, when the caller grants
+        prefill blocks that many at a time (the scheduler does); with a sliding window it bounds
+        what a sequence holds, and the pool is sized for that instead of the whole context."""
         self.block_size = block_size
-        self.max_blocks = -(-max_seq_len // block_size)          # blocks per sequence at most
-        # a model whose every layer attends to the last `window` positions only: past its prompt,
-        # a sequence holds the blocks of its window (drop_before gives the older ones back, and
-        # reused blocks keep the pool's touched memory at that size), not its whole context
-        self.window = cfg.sliding_window if cfg.swa_layers and len(cfg.swa_layers) == cfg.n_layers else 0
+        self.max_blocks = -(-max_seq_len // block_size)          # table entries per sequence
+        # a model whose every layer attends to the last `window` positions only: a sequence holds
+        # the blocks of its window (drop_before gives the older ones back) and of the chunk it
+        # computes, never its whole context
+        self.window = full_window(cfg)
+        self.chunk = chunk if self.window and chunk else 0
+        self.seq_blocks = self.max_blocks                        # blocks one sequence holds at most
+        if self.chunk:      # positions [n_fed+1-window, n_fed+chunk) span at most this many blocks
+            self.seq_blocks = min(self.max_blocks, (self.window + self.chunk - 2) // block_size + 2)
         self.block_bytes = 2 * cfg.n_layers * block_size * cfg.kv_dim * 4
-        n_blocks = n_slots * self.max_blocks
+        n_blocks = n_slots * self.seq_blocks
         if budget_mb is not None:
             n_blocks = min(n_blocks, int(budget_mb * 2**20) // self.block_bytes)
             if n_blocks < 1:
                 raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes")
         self.n_blocks = n_blocks
         shape = (cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = lazy_zeros(shape, np.float32)
+        self.v = lazy_zeros(shape, np.float32)
         self.table = np.zeros((n_slots, self.max_blocks), np.int32)
         self.owned: list[list[int]] = [[] for _ in range(n_slots)]   # block ids per slot, in order
         self.hashes: list[list[int]] = [[] for _ in range(n_slots)]  # chain hash per full block
@@ -61,6 +89,19 @@ class KVCache:
     def available(self) -> int:
         return len(self.free) + len(self.cached)
 
+    def held(self, slot: int) -> int:
+        """Blocks the slot holds now (a sliding window's dropped ones not counted)."""
+        return sum(b >= 0 for b in self.owned[slot])
+
+    def room(self, slot: int) -> int:
+        """Positions the slot has blocks for: [0, room) less what drop_before gave back."""
+        return len(self.owned[slot]) * self.block_size
+
+    def prefill_target(self, n_fed: int, n_prompt: int) -> int:
+        """The positions a prefilling sequence needs blocks for before its next step: its whole
+        prompt, or with a window only the next chunk (the earlier ones are dropped as it goes)."""
+        return min(n_prompt, n_fed + self.chunk) if self.chunk else n_prompt
+
     # ---- prefix sharing -----------------------------------------------------------------
     def chain(self, ids: list[int], n_blocks: int, salt: str | None = None) -> list[int]:
         """Chain hashes of the first ``n_blocks`` full blocks of ``ids``. ``salt`` names what
@@ -74,22 +115,39 @@ class KVCache:
     def attach_prefix(self, slot: int, ids: list[int], salt: str | None = None) -> int:
         """Point ``slot``'s table at cached blocks holding the longest known prefix of ``ids``;
         returns how many positions are already computed. At least the last prompt token is left
-        to compute (its logits are needed)."""
+        to compute (its logits are needed). With a sliding window only the blocks the window
+        still reads are taken (a chain hash names its whole prefix, so the older ones need not
+        be cached at all)."""
         assert not self.owned[slot]
-        n_full = (len(ids) - 1) // self.block_size
+        bs = self.block_size
+        n_full = (len(ids) - 1) // bs
         self.lookups += len(ids)
         hashes = self.chain(ids, n_full, salt)
-        for j, h in enumerate(hashes):
-            b = self.by_hash.get(h)
-            if b is None:
-                break
-            self._take(b)
-            self.table[slot, j] = b
+        m = 0                               # blocks of prefix found
+        if self.window:                     # the longest prefix whose window is all cached
+            for m in range(n_full, 0, -1):
+                if all(h in self.by_hash for h in hashes[self._first_needed(m * bs):m]):
+                    break
+            else:
+                m = 0
+        else:
+            while m < n_full and hashes[m] in self.by_hash:
+                m += 1
+        first = self._first_needed(m * bs)
+        for j in range(m):
+            b = self.by_hash[hashes[j]] if j >= first else -1
+            if b >= 0:
+                self._take(b)
+                self.table[slot, j] = b
             self.owned[slot].append(b)
-            self.hashes[slot].append(h)
-        n = len(self.owned[slot]) * self.block_size
+            self.hashes[slot].append(hashes[j])
+        n = m * bs
         self.hits += n
         return n
+
+    def _first_needed(self, pos: int) -> int:
+        """The first block a token at ``pos`` attends to (0 without a window)."""
+        return max(0, pos + 1 - self.window) // self.block_size if self.window else 0
 
     def register_full(self, slot: int, ids: list[int], n_computed: int, salt: str | None = None) -> None:
         """Publish the slot's blocks that became full (all positions < n_computed written)."""

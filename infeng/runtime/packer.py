@@ -44,9 +44,10 @@ class BatchPacker:
         self.session, self.budget = session, max_batch_tokens
         self.net, self.seg_start = session.net, session.lora.seg_start
         self.seg_ad: list = []          # the adapter (or None) of each segment of the last batch
+        self.by_extent = bool(getattr(self.net, "rope_past", 0))   # RoPE by sequence length (llama.py)
 
     def pack(self, running: list[Seq]) -> Batch:
-        b, net = Batch(), self.net
+        b, net, kv = Batch(), self.net, self.session.kv
         self.seg_ad = []
         decode, prefill = [], []
         for s in running:
@@ -63,7 +64,9 @@ class BatchPacker:
         for s in by_adapter(prefill):
             if b.T >= self.budget:
                 break
-            n = min(s.n_prompt - s.n_fed, self.budget - b.T)
+            n = min(s.n_prompt - s.n_fed, self.budget - b.T, kv.room(s.slot) - s.n_fed)
+            if n <= 0:
+                continue
             self._put(b, s, n)
             b.prefill_tokens += n
             if not s.prefilling:
@@ -85,6 +88,10 @@ class BatchPacker:
             net.tokens[T + j] = ids[start + j] if start + j < L else s.draft[start + j - L]
             net.pos[T + j] = start + j
             net.seq[T + j] = s.slot
+        if self.by_extent:      # transformers' call extents: the prompt's length, then position + 1
+            p0 = len(s.result.prompt_ids)
+            for j in range(n):
+                net.extent[T + j] = max(p0, start + j + 1)
         s.n_fed = start + n
         b.T = T + n
         b.n_seqs += 1

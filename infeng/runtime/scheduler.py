@@ -32,10 +32,13 @@ class Seq:
     n_fed: int = 0          # tokens through the forward pass (their K/V is cached)
     draft: list[int] = field(default_factory=list)   # speculative tokens verified by this step
     spec: object = None     # the speculator's per-sequence state (speculate.SeqSpec)
+    rope_class: str | None = None      # LongRoPE / dynamic NTK past the original length: K/V differ by it
 
     @property
     def salt(self) -> str | None:
-        return self.adapter.name if self.adapter else None
+        """What else than the tokens the K/V depend on (prefix sharing): adapter, RoPE class."""
+        a = self.adapter.name if self.adapter else None
+        return a if self.rope_class is None else f"{a}|{self.rope_class}"
 
     @property
     def prefilling(self) -> bool:
@@ -90,10 +93,12 @@ class Scheduler:
         and run from the next batch), those admitted with nothing to generate (max_tokens 0:
         already out again, to be finished by the caller), and how many were preempted."""
         kv, preempted = self.kv, 0
-        # running sequences need a block for the token they decode next
+        # running sequences need a block for the token they decode next (or, prefilling a
+        # sliding-window model's prompt, for its next chunk)
         for s in sorted(self.running, key=lambda s: self.rank(s, now)):
-            if s in self.running and not s.prefilling:
-                while not kv.ensure(s.slot, s.n_fed + 1):
+            if s in self.running and (kv.chunk or not s.prefilling):
+                need = kv.prefill_target(s.n_fed, s.n_prompt) if s.prefilling else s.n_fed + 1
+                while not kv.ensure(s.slot, need):
                     # free blocks by preempting the lowest-ranked sequence, s itself if it is that
                     v = self._preempt_one(now)
                     if v is None:
@@ -114,7 +119,7 @@ class Scheduler:
                 preempted += 1
             slot = self.free_slots[-1]
             cached = kv.attach_prefix(slot, s.ids, s.salt) if self.prefix_cache else 0
-            if not kv.ensure(slot, s.n_prompt):
+            if not kv.ensure(slot, kv.prefill_target(cached, s.n_prompt)):
                 kv.release(slot)
                 # make room only by preempting something that ranks below the newcomer
                 if self._preempt_one(now, below=s):

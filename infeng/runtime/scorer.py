@@ -71,7 +71,8 @@ class Scorer:
             net.pos[:m] = np.arange(s, s + m, dtype=np.int32)
             net.out_rows[:m] = np.arange(m, dtype=np.int32)
             lora = self.session.lora_segments([self._table], [0], m) if self._table is not None else None
-            self.session.run(m, m, lora)
+            net.extent[:m] = n      # LongRoPE / dynamic NTK: the window is one call of n positions
+            self.session.run(m, m, lora, extents=bool(net.rope_past))
             out[s:s + m] = net.logits[:m]
         kv.release(0)
         self.forward_tokens += n

@@ -16,15 +16,18 @@ from infeng.runtime.kv import KVCache
 class ForwardSession:
     def __init__(self, kern, model: Model, *, max_tokens: int, max_out: int, threads: int, n_slots: int,
                  max_seq_len: int, block_size: int = 16, kv_budget_mb: float | None = None,
-                 max_segments: int | None = None, net=None):
+                 max_segments: int | None = None, net=None, window_chunk: bool = False):
         """``net`` stands in for the model's C view (the simulator's cost model, or another
         session's to share its weights); ``max_segments``: adapter segments a step may have
-        (default 2 · max_out + 1: a decode and a prefill run per sequence and a spare)."""
+        (default 2 · max_out + 1: a decode and a prefill run per sequence and a spare);
+        ``window_chunk``: the caller grants a sliding-window model's prefill blocks ``max_tokens``
+        at a time (kv.py), so the pool holds the window, not the context."""
         c = model.config
         self.kern, self.model, self.cfg, self.threads = kern, model, c, threads
         self.NULL = kern.ffi.NULL
         self.net = net or LlamaC(kern, model, max_tokens, max_out, threads)
-        self.kv = KVCache(kern, c, n_slots, max_seq_len, block_size, kv_budget_mb)
+        self.kv = KVCache(kern, c, n_slots, max_seq_len, block_size, kv_budget_mb,
+                          chunk=max_tokens if window_chunk else None)
         self.lora = LoraBatch(kern, max_tokens, max_segments or 2 * max_out + 1,
                               max(c.dim, c.hidden_dim, c.q_dim), c.dim)
         self.tokens, self.pos, self.seq, self.out_rows = (self.net.tokens, self.net.pos, self.net.seq,
@@ -39,6 +42,10 @@ class ForwardSession:
         (None: no adapter), each adapter's rank already reserved with ``lora.reserve``."""
         return self.lora.set(tables, starts, T)
 
-    def run(self, T: int, n_out: int, lora=None) -> None:
-        """One forward call over rows [0, T) of the step buffers; logits of out_rows[:n_out]."""
-        self.net.step(self.kv, T, n_out, lora)
+    def run(self, T: int, n_out: int, lora=None, extents: bool = False) -> None:
+        """One forward call over rows [0, T) of the step buffers; logits of out_rows[:n_out].
+        ``extents``: the rows' sequence extents are in ``net.extent`` (LongRoPE, dynamic NTK)."""
+        if extents:
+            self.net.step(self.kv, T, n_out, lora, extents=True)
+        else:
+            self.net.step(self.kv, T, n_out, lora)
