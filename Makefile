@@ -15,6 +15,8 @@ SMOLLM := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 # venv + editable install (builds the three kernel libraries); redone when the build inputs change
 $(STAMP): pyproject.toml setup.py infeng/kernels/build.py $(wildcard kernels_c/*.c kernels_c/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# a library left by `make kernels` (.cpython-3xx.so) would shadow the one pip builds (.abi3.so)
+	rm -f infeng/kernels/_infeng_*.so
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c "import infeng.kernels as k; k.active()"
