@@ -30,9 +30,7 @@ COMMANDS = {
     "quantize": ("quantize", "Quantize a model's weight matrices (GGUF-compatible q8_0 / q4_0 / q5_0 / q4_k "
                              "blocks, or fp8 E4M3)."),
     "bench": ("bench", "Kernel micro-benchmarks and end-to-end scenarios; medians, ratios, % of the bandwidth "
-                       "roofline.\nA suite file with a top-level `kind` runs one of the comparisons instead "
-                       "(lora_overhead,\npeft_lora, llamacpp_lora, llamacpp_kld, engine, job_memory, job_resume, "
-                       "scale_out, sim, serve_load,\ngrammar_mask, llamacpp_agreement)."),
+                       "roofline."),
     "profile": ("profile", "Where the time of a run goes (stages, ops per layer, CPU use), and where the C "
                            "forward pass\nfirst departs from the numpy reference (exit 3 when it does)."),
     "calibrate": ("calibrate", "Record per-channel activation statistics of every linear layer's input (for "
