@@ -138,9 +138,8 @@ def test_store_matches_reference_bytes(kern, kt, vt, hd, group):
 
 
 @pytest.mark.parametrize("kt,vt", [(t, t) for t in TYPES] + [("int4", "int8"), ("f32", "int4")])
-@pytest.mark.parametrize("hd,ratio,group", ((64, 8, 32), (8, 2, 8), (24, 3, 24), (128, 1, 32), (64, 16, 64),
-                                            (64, 20, 32)))
-@pytest.mark.parametrize("bs", (16, 32))
+@pytest.mark.parametrize("hd,ratio,group,bs", ((64, 8, 32, 16), (8, 2, 8, 32), (24, 3, 24, 16), (128, 1, 32, 32),
+                                               (64, 16, 64, 16), (64, 20, 32, 16)))
 def test_attention_ragged(kern, kt, vt, hd, ratio, group, bs):
     rng = np.random.default_rng(hd * 7 + ratio + bs)
     n_kv = 2

@@ -132,3 +132,23 @@ def test_generate_cli_with_kv_dtype(data_dir, tmp_path, capsys):
     assert main(["generate", str(src), "-p", "x", "--kv-dtype", "int5"]) != 0
     err = capsys.readouterr().err
     assert "--kv-dtype 'int5'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_kld_with_kv_dtype_against_the_f32_cache(data_dir, tmp_path):
+    """`infeng eval M --kld M --kv-dtype ...`: the same weights, only the cache differs: int8 KV
+    costs a little KL-divergence, int4 more; the baseline run keeps the f32 cache (self-KLD 0)."""
+    import json
+    src = (data_dir / "text" / "tinystories_sample.txt").read_text()
+    text = tmp_path / "two.txt"
+    text.write_text("<|endoftext|>".join(src.split("<|endoftext|>")[:2]))
+    f32 = str(data_dir / "stories260K-f32")
+    kld = {}
+    for dtype in ("f32", "int8", "int4"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", f32, "--kld", f32, "--text", str(text), "--kv-dtype", dtype, "--threads", "1",
+                     "--json", str(out), "--no-progress"]) == 0
+        rep = json.loads(out.read_text())
+        assert rep["meta"]["kv_dtype"] == dtype
+        kld[dtype] = rep["metrics"]["kld.kld_mean"]
+    assert abs(kld["f32"]) < 1e-6
+    assert 1e-7 < kld["int8"] < kld["int4"] < 1.0
