@@ -280,9 +280,10 @@ class KVCacheKinds(Comparison):
         p = {**p, **{k: str(Path(p[k]).expanduser()) for k in ("model", "gguf", "text") if p[k]}}
         gguf = Path(p["gguf"]) if p["gguf"] else None
         if "quality" in p["parts"]:
-            for key in ("model", "text"):
-                if not p[key] or not Path(p[key]).is_file():
-                    raise InfengError(f"{self.name}: `{key}` {p[key]!r} is not a file (the quality part needs it)")
+            if not p["model"] or not Path(p["model"]).exists():
+                raise InfengError(f"{self.name}: `model` {p['model']!r}: no such model file or folder (the quality part needs it)")
+            if not p["text"] or not Path(p["text"]).is_file():
+                raise InfengError(f"{self.name}: `text` {p['text']!r} is not a file (the quality part needs it)")
             _positive_ints(p["ctx"], "ctx", self.name)
             cfg = load_model(p["model"], verify=False).config
             kinds = kv_cache.check_kinds(p["kinds"], cfg, self.name)
@@ -316,8 +317,8 @@ class KVCacheKinds(Comparison):
 
 
 def _model_path(spec: str) -> Path:
-    """A model file, or ARCH:DTYPE for a synthetic model (infeng.bench.synthetic)."""
-    if Path(spec).is_file():
+    """A model file or folder, or ARCH:DTYPE for a synthetic model (infeng.bench.synthetic)."""
+    if Path(spec).exists():
         return Path(spec)
     arch, _, dtype = spec.partition(":")
     if arch not in synthetic.ARCHS:
