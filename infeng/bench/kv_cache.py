@@ -73,7 +73,7 @@ def quality(model_path: Path, text: Path, ctxs: list[int], kinds: list[dict], ll
                              rotated=sum(sc.kv.spec.rotate)))
         if llamacpp:
             try:
-                rows += _llamacpp_quality(gguf, ctx, llamacpp, ids, threads, top_k, log)
+                rows += _llamacpp_quality(gguf, ctx, llamacpp, ids, threads, top_k, model.config, log)
             except PeerSkip as e:
                 notes.append(f"llama.cpp quality rows skipped: {e}")
                 log(notes[-1])
@@ -92,10 +92,11 @@ def _row(runner, label, ctx, scorer, ids, base, bytes_ratio, log, **extra):
     return row
 
 
-def _llamacpp_quality(gguf, ctx, kinds, ids, threads, top_k, log) -> list[dict]:
+def _llamacpp_quality(gguf, ctx, kinds, ids, threads, top_k, cfg, log) -> list[dict]:
     if gguf is None or not Path(gguf).is_file():
         raise PeerSkip(f"`gguf` {gguf!r} is not a file (llama.cpp scores the model's own GGUF)")
     base_sc = LlamaCppScorer(Path(gguf), ctx, threads, type_k=0, type_v=0, flash_attn=True)
+    base_sc.cfg = cfg                   # compute_base reads the vocabulary size there
     try:
         base = P.compute_base(base_sc, ids, top_k, None, {"model": str(gguf)})
     finally:
