@@ -85,10 +85,6 @@ class KVCache:
         """KV bytes one position costs over all layers (codes and scales)."""
         return self.block_bytes / self.block_size
 
-    def positions_in(self, budget_mb: float) -> int:
-        """Positions a budget of budget_mb holds in whole blocks."""
-        return int(budget_mb * 2**20) // self.block_bytes * self.block_size
-
     @property
     def bytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
