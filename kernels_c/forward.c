@@ -10,6 +10,7 @@
 #include "act.h"
 #include "embed.h"
 #include "attention.h"
+#include "kvq.h"
 #include "lora.h"
 #include "quant.h"
 
@@ -142,7 +143,10 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
         TIME(NL, IFG_OP_EMBED);
         for (int l = 0; l < m->n_layers; l++) {
             const struct ifg_layer *L = &m->layers[l];
-            float *kc = kv->k + l * layer_kv, *vc = kv->v + l * layer_kv;
+            const int kt = kv->k_type ? kv->k_type[l] : IFG_KV_F32, vt = kv->v_type ? kv->v_type[l] : IFG_KV_F32;
+            void *kc = (char *)kv->k + (kv->k_off ? (size_t)kv->k_off[l] : l * layer_kv * sizeof(float));
+            void *vc = (char *)kv->v + (kv->v_off ? (size_t)kv->v_off[l] : l * layer_kv * sizeof(float));
+            const float att_scale = L->attn_scale > 0.0f ? L->attn_scale : default_scale;
 
             /* attention block: x += wo · attention(rope(wq·norm(x)), cache) */
             ifg_rmsnorm_part(s->xb, s->x, L->attn_norm, T, dim, m->norm_eps);
@@ -166,13 +170,26 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
                 ifg_rope_part(s->q, q_dim, pos, freq, stride, T, m->n_heads, hd);
                 ifg_rope_part(s->k, kv_dim, pos, freq, stride, T, m->n_kv_heads, hd);
             }
+            if (kv->rot_signs && kv->rotate && kv->rotate[l]) { /* q·k unchanged; keys quantize better */
+                ifg_hadamard_part(s->q, q_dim, kv->rot_signs, T, m->n_heads, hd);
+                ifg_hadamard_part(s->k, kv_dim, kv->rot_signs, T, m->n_kv_heads, hd);
+            }
             TIME(l, IFG_OP_ROPE);
-            ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,
-                              kv->block_size, seq, pos, T, m->n_kv_heads, hd);
-            TIME(l, IFG_OP_KV_STORE);
-            ifg_attention_window_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
-                                      kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd,
-                                      L->attn_scale > 0.0f ? L->attn_scale : default_scale, L->window);
+            if (kt == IFG_KV_F32 && vt == IFG_KV_F32) {
+                ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,
+                                  kv->block_size, seq, pos, T, m->n_kv_heads, hd);
+                TIME(l, IFG_OP_KV_STORE);
+                ifg_attention_window_part(s->att, q_dim, s->q, q_dim, kc, vc, kv->block_table, kv->max_blocks,
+                                          kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd,
+                                          att_scale, L->window);
+            } else {
+                ifg_kvq_store_part(kc, vc, kt, vt, kv->group, s->k, s->v, kv_dim, kv->block_table,
+                                   kv->max_blocks, kv->block_size, seq, pos, T, m->n_kv_heads, hd);
+                TIME(l, IFG_OP_KV_STORE);
+                ifg_kvq_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kt, vt, kv->group, kv->block_table,
+                                       kv->max_blocks, kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads,
+                                       hd, att_scale, L->window);
+            }
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
             proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);

@@ -75,13 +75,22 @@ const char *ifg_op_name(int op);
 /* Floats per token per layer of the trace (s->trace needs n_layers * T * this). */
 int ifg_trace_floats_per_token(const struct ifg_model *m);
 
-/* Paged KV cache: per layer a pool of n_blocks blocks of block_size positions,
- * k/v are [n_layers][n_blocks][block_size][n_kv_heads][head_dim] f32; sequence s owns blocks
- * block_table[s*max_blocks + j]. */
+/* Paged KV cache: per layer a pool of n_blocks blocks of block_size positions; sequence s owns
+ * blocks block_table[s*max_blocks + j]. Layer l's K and V pools start k_off[l] / v_off[l] bytes
+ * into k / v and hold the types k_type[l] / v_type[l] (enum ifg_kv_type): both f32 is the
+ * [n_blocks][block_size][n_kv_heads][head_dim] f32 layout of attention.h, anything else the
+ * compressed layout of kvq.h (groups of `group` values per scale). The four arrays NULL: every
+ * layer f32, one after the other. rot_signs [head_dim] (±1) and rotate[l] != 0: layer l's queries
+ * and keys are rotated (ifg_hadamard) before the keys are stored; rot_signs NULL: no rotation. */
 struct ifg_kv_cache {
-    float *k, *v;
+    void *k, *v;
     int n_blocks, block_size, max_blocks;
     const int32_t *block_table;
+    const int32_t *k_type, *v_type;
+    const int64_t *k_off, *v_off;
+    int group;
+    const float *rot_signs;
+    const int32_t *rotate;
 };
 
 /* One step over a ragged batch: token t is tokens[t] at position pos[t] of sequence seq[t].

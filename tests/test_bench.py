@@ -32,7 +32,8 @@ def test_read_sum_every_isa_and_thread_count(kern):
 
 def test_micro_cases_run(kern):
     for case in (micro.matmul_case(kern, "bf16", "64x172", 1, 1), micro.matmul_case(kern, "f32", "32x64", 4, 1),
-                 micro.attention_case(kern, 40, 8, 4, 8, threads=1), micro.bandwidth_case(kern, 1, 1)):
+                 micro.attention_case(kern, 40, 8, 4, 8, threads=1), micro.bandwidth_case(kern, 1, 1),
+                 micro.attention_case(kern, 40, 8, 4, 16, threads=1, kv="int4")):
         dt = micro.time_once(case, min_time=0.0, max_iters=2)
         assert dt > 0 and case.bytes > 0
 
@@ -169,6 +170,29 @@ def test_sim_kind_end_to_end(data_dir, tmp_path):
     run = json.loads(out.read_text())
     assert [r["runner"] for r in run["records"]] == ["engine", "simulator", "cost_model"]
     assert run["records"][1]["requests"] == 4 and "throughput_ratio" in run["metrics"]
+
+
+def test_kv_cache_kind_end_to_end(data_dir, tmp_path):
+    """kind kv_cache on stories260K: each KV kind's KLD against the f32 cache (int8 small, int4
+    larger, bytes as the layout says), and decode speed per kind with ratios to f32."""
+    text = tmp_path / "t.txt"
+    text.write_text((data_dir / "text" / "tinystories_sample.txt").read_text().split("<|endoftext|>")[0])
+    y = tmp_path / "kv.yaml"
+    y.write_text("kind: kv_cache\nctx: [64]\nkinds: [{dtype: int8}, {dtype: int4, rotate: 'off'}]\n"
+                 "llamacpp: []\nspeed_llamacpp: []\ndepths: [0, 40]\ntokens: 4\nrepeats: 1\nthreads: 1\n"
+                 f"text: {text}\nspeed_model: {data_dir / 'stories260K-f32'}\n"
+                 "speed_kinds: [{dtype: f32}, {dtype: int8}]\n")
+    out = tmp_path / "kv.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K-f32"), "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    q = {r["kv"]: r for r in recs if r["part"] == "quality"}
+    assert 0 < q["int8"]["kld_mean"] < q["int4 rotate=off"]["kld_mean"]
+    # head_dim 8: one f32 scale per 8 values (4 bytes) beside 8 or 4 bytes of codes, against 32
+    assert q["int8"]["kv_bytes_vs_f32"] == 12 / 32 and q["int4 rotate=off"]["kv_bytes_vs_f32"] == 8 / 32
+    assert q["int8"]["rotated"] == 5 and q["int4 rotate=off"]["rotated"] == 0
+    sp = [r for r in recs if r["part"] == "speed"]
+    assert sorted((r["kv"], r["depth"]) for r in sp) == [("f32", 0), ("f32", 40), ("int8", 0), ("int8", 40)]
+    assert all(r["decode_tok_s"] > 0 and r["decode_vs_f32"] > 0 for r in sp)
 
 
 def test_serve_load_kind_end_to_end(data_dir, tmp_path, monkeypatch):

@@ -97,5 +97,5 @@ def test_cdef_keeps_the_enums():
 def test_kv_cache_struct_reads_the_pool_shape(kern):
     k = np.zeros((2, 5, 4, 3), np.float32)
     table = np.zeros((3, 7), np.int32)
-    c = Structs(kern).kv_cache(k, k.copy(), table)
+    c = Structs(kern).kv_cache(k, k.copy(), table, n_blocks=5, block_size=4)
     assert (c.n_blocks, c.block_size, c.max_blocks) == (5, 4, 7)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, lora_scenarios, \
+from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, kv_cache, lora_scenarios, \
     llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare, \
     spec_bench, synthetic
 from infeng.bench.peers import PeerSkip
@@ -356,6 +356,73 @@ class Speculation(Comparison):
         return out
 
 
+class KVCacheKinds(Comparison):
+    """Compressed KV caches: quality (KLD, ΔPPL against the f32 cache, real model and text) and
+    decode speed at depth, beside llama.cpp's K/V cache types (infeng.bench.kv_cache)."""
+    name, model_param = "kv_cache", "model"
+    defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "top_k": 128,
+                "kinds": [{"dtype": "bf16"}, {"dtype": "int8"}, {"dtype": "int4"}],
+                "llamacpp": ["q8_0", "q4_0"],
+                "speed_model": "tinyllama-1.1b:q4_0", "depths": [0, 1024, 4096], "tokens": 32,
+                "speed_kinds": [{"dtype": "f32"}, {"dtype": "int8"}, {"dtype": "int4"}],
+                "speed_llamacpp": ["f32", "q8_0", "q4_0"], "threads": 2, "repeats": 2,
+                "parts": ["quality", "speed"]}
+
+    def run(self, p, log):
+        bad = [x for x in p["parts"] if x not in ("quality", "speed")]
+        if bad:
+            raise InfengError(f"{self.name}: `parts`: {bad[0]!r} is not quality or speed")
+        rows, notes = [], []
+        p = {**p, **{k: str(Path(p[k]).expanduser()) for k in ("model", "gguf", "text") if p[k]}}
+        gguf = Path(p["gguf"]) if p["gguf"] else None
+        if "quality" in p["parts"]:
+            if not p["model"] or not Path(p["model"]).exists():
+                raise InfengError(f"{self.name}: `model` {p['model']!r}: no such model file or folder (the quality part needs it)")
+            if not p["text"] or not Path(p["text"]).is_file():
+                raise InfengError(f"{self.name}: `text` {p['text']!r} is not a file (the quality part needs it)")
+            _positive_ints(p["ctx"], "ctx", self.name)
+            cfg = load_model(p["model"], verify=False).config
+            kinds = kv_cache.check_kinds(p["kinds"], cfg, self.name)
+            r, n = kv_cache.quality(Path(p["model"]), Path(p["text"]), p["ctx"], kinds, p["llamacpp"],
+                                    gguf, p["threads"], p["top_k"], log)
+            rows, notes = rows + r, notes + n
+        if "speed" in p["parts"]:
+            if not p["depths"] or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in p["depths"]):
+                raise InfengError(f"{self.name}: `depths` must be a list of integers >= 0, got {p['depths']!r}")
+            path = _model_path(p["speed_model"])
+            cfg = load_model(path, verify=False).config
+            kinds = kv_cache.check_kinds(p["speed_kinds"], cfg, self.name)
+            r, n = kv_cache.speed(path, p["depths"], p["tokens"], kinds, p["speed_llamacpp"],
+                                  gguf if p["speed_model"] == p["model"] else None,
+                                  p["threads"], p["repeats"], log)
+            rows, notes = rows + r, notes + n
+        return rows, notes
+
+    def metrics(self, records):
+        out = {}
+        for r in records:
+            key = f"{r['part']}.{r['runner']}.{r['kv']}".replace(" ", "_")
+            if r["part"] == "quality":
+                out[f"{key}.ctx{r['ctx']}.kld_mean"] = r["kld_mean"]
+                out[f"{key}.ctx{r['ctx']}.delta_ppl_pct"] = r["delta_ppl_pct"]
+            else:
+                out[f"{key}.d{r['depth']}.decode_tok_s"] = r["decode_tok_s"]
+                if "decode_vs_f32" in r:
+                    out[f"{key}.d{r['depth']}.decode_vs_f32"] = r["decode_vs_f32"]
+        return out
+
+
+def _model_path(spec: str) -> Path:
+    """A model file or folder, or ARCH:DTYPE for a synthetic model (infeng.bench.synthetic)."""
+    if Path(spec).exists():
+        return Path(spec)
+    arch, _, dtype = spec.partition(":")
+    if arch not in synthetic.ARCHS:
+        raise InfengError(f"kv_cache: `speed_model` {spec!r} is neither a file nor ARCH:DTYPE "
+                          f"(archs: {', '.join(synthetic.ARCHS)})")
+    return synthetic.make(arch, dtype or "bf16")
+
+
 def _range(v, key: str, where: str) -> tuple[int, int]:
     if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
             and 1 <= v[0] <= v[1]):
@@ -372,7 +439,7 @@ COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
     LoraOverhead(), LoraPeer("peft_lora", "peft", peft_peer.compare),
     LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios(),
     JobMemory(), JobResume(), ScaleOut(), SimCompare(), ServeLoad(), ServeLlamaCpp(), GrammarMask(),
-    GrammarStep(), LlamaCppAgreement(), Speculation())}
+    GrammarStep(), LlamaCppAgreement(), Speculation(), KVCacheKinds())}
 
 
 @dataclass

@@ -79,15 +79,15 @@ class Gemm(Gemv):
 
 
 class Attention(MicroKind):
-    """One decode token's attention over ``depth`` cached positions."""
+    """One decode token's attention over ``depth`` cached positions (``kv``: the cache type)."""
     name, unit, required, gflops = "attention", "GB/s", ("depth",), True
 
     def label(self, p):
-        return f"attention@d{p['depth']}"
+        return f"attention@d{p['depth']}" + (f" {p['kv']}" if p.get("kv", "f32") != "f32" else "")
 
     def case(self, kern, p, threads):
         return micro.attention_case(kern, int(p["depth"]), int(p.get("n_heads", 32)), int(p.get("n_kv_heads", 4)),
-                                    int(p.get("head_dim", 64)), threads=threads)
+                                    int(p.get("head_dim", 64)), threads=threads, kv=str(p.get("kv", "f32")))
 
 
 # ---- end to end: the model through a runner -----------------------------------------------------

@@ -44,12 +44,16 @@ class LlamaCppScorer:
     windows = Scorer.windows
     check_stride = Scorer.check_stride
 
-    def __init__(self, gguf: Path, ctx: int, threads: int):
+    def __init__(self, gguf: Path, ctx: int, threads: int, type_k: int = 0, type_v: int = 0,
+                 flash_attn: bool | None = None):
+        """type_k / type_v: GGML types of the K/V cache (0 = F32, as infeng's default); a
+        quantized V cache needs flash_attn."""
         lc = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
         self.ctx = ctx
+        kw = {} if flash_attn is None else {"flash_attn": flash_attn}
         self.llm = lc.Llama(model_path=str(gguf), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512),
                             n_threads=threads, n_threads_batch=threads, logits_all=True,
-                            type_k=0, type_v=0, verbose=False)        # GGML_TYPE_F32 K/V, as infeng's
+                            type_k=type_k, type_v=type_v, verbose=False, **kw)
 
     def logits(self, ids) -> np.ndarray:
         llm = self.llm

@@ -16,9 +16,11 @@ from infeng.errors import InfengError
 from infeng.format.schema import convert_dtype
 from infeng.kernels import ptr
 
-from infeng.kernels.abi import DTYPE
+from infeng.kernels.abi import DTYPE, KV_TYPE
 from infeng.quant import quantize
 from infeng.quant.interleave import INTERLEAVED, PLAIN, can_interleave, interleave
+from infeng.quant.kvcache import KV_TYPES, part_bytes
+from infeng.runtime.kvspec import default_group
 
 # the C dtype codes (fp8 has no micro-benchmark case)
 CDTYPE = {k: v for k, v in DTYPE.items() if k != "fp8"}
@@ -94,8 +96,12 @@ def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0)
 
 
 def attention_case(kern, depth: int, n_heads: int = 32, n_kv_heads: int = 4, head_dim: int = 64,
-                   block_size: int = 16, threads: int = 0) -> Case:
-    """One decode token attending over ``depth`` cached positions (one layer, paged cache)."""
+                   block_size: int = 16, threads: int = 0, kv: str = "f32") -> Case:
+    """One decode token attending over ``depth`` cached positions (one layer, paged cache).
+    ``kv``: f32 (the f32 cache and kernel), or bf16 / int8 / int4 / blocked-f32 (the compressed
+    layout of kvq.h and its kernel; blocked-f32 is f32 values in that layout)."""
+    if kv != "f32":
+        return kvq_attention_case(kern, depth, n_heads, n_kv_heads, head_dim, block_size, threads, kv)
     ctx = depth + 1
     n_blocks = -(-ctx // block_size)
     rng = np.random.default_rng(2)
@@ -116,6 +122,38 @@ def attention_case(kern, depth: int, n_heads: int = 32, n_kv_heads: int = 4, hea
     kv_bytes = 2.0 * ctx * n_kv_heads * head_dim * 4
     return Case(f"attention d{depth} {n_heads}/{n_kv_heads}x{head_dim}", run, bytes=kv_bytes,
                 flops=4.0 * ctx * n_heads * head_dim, keep=(kc, vc, table, q, out, seq, pos))
+
+
+def kvq_attention_case(kern, depth, n_heads, n_kv_heads, head_dim, block_size, threads, kv) -> Case:
+    t = "f32" if kv == "blocked-f32" else kv
+    if t not in KV_TYPES:
+        raise InfengError(f"attention kv {kv!r}: one of f32, blocked-f32, {', '.join(KV_TYPES[1:])}")
+    ctx, group = depth + 1, default_group(head_dim)
+    n_blocks = -(-ctx // block_size)
+    pb = part_bytes(t, block_size, head_dim, group)
+    kc = np.zeros(n_blocks * n_kv_heads * pb, np.uint8)
+    vc = np.zeros_like(kc)
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((ctx, n_kv_heads * head_dim), dtype=np.float32)
+    table = np.arange(n_blocks, dtype=np.int32)
+    P = lambda a, t="float *": ptr(kern, a, t)   # noqa: E731
+    seq, pos = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32)
+    code = KV_TYPE[t]
+    kern.lib.ifg_kvq_store(P(kc, "void *"), P(vc, "void *"), code, code, group, P(rows), P(rows), n_kv_heads * head_dim,
+                           P(table, "int32_t *"), n_blocks, block_size, P(seq, "int32_t *"), P(pos, "int32_t *"),
+                           ctx, n_kv_heads, head_dim, threads)
+    q = rng.standard_normal((1, n_heads * head_dim), dtype=np.float32)
+    out = np.zeros_like(q)
+    seq1, pos1 = np.zeros(1, np.int32), np.array([depth], np.int32)
+    args = (P(out), n_heads * head_dim, P(q), n_heads * head_dim, P(kc, "void *"), P(vc, "void *"), code, code, group,
+            P(table, "int32_t *"), n_blocks, block_size, P(seq1, "int32_t *"), P(pos1, "int32_t *"), 1, n_heads,
+            n_kv_heads, head_dim, float(1 / np.sqrt(head_dim)), 0, threads)
+    f = kern.lib.ifg_kvq_attention
+
+    def run():
+        f(*args)
+    return Case(f"attention {kv} d{depth} {n_heads}/{n_kv_heads}x{head_dim}", run, bytes=float(kc.nbytes + vc.nbytes),
+                flops=4.0 * ctx * n_heads * head_dim, keep=(kc, vc, table, q, out, seq1, pos1, rows))
 
 
 def bandwidth_case(kern, mb: float = 256, threads: int = 0) -> Case:

@@ -155,9 +155,10 @@ class LlamaCppPeer:
     name = "llama.cpp"
 
     def __init__(self, model, threads: int, max_ctx: int, gguf: str | Path | None = None, source=None,
-                 flash_attn: bool | None = None):
+                 flash_attn: bool | None = None, type_k: int | None = None, type_v: int | None = None):
         """``flash_attn``: None keeps llama.cpp's default; the peer names ``llama.cpp:fa=0`` and
-        ``llama.cpp:fa=1`` set it (its attention at depth differs a lot between the two)."""
+        ``llama.cpp:fa=1`` set it (its attention at depth differs a lot between the two).
+        ``type_k`` / ``type_v``: GGML types of its K/V cache (None: llama.cpp's default, f16)."""
         if flash_attn is not None:
             self.name = f"llama.cpp:fa={int(flash_attn)}"
         llama_cpp = _import("llama_cpp", "llama-cpp-python not installed (pip install -e '.[peers]')")
@@ -172,6 +173,7 @@ class LlamaCppPeer:
         # llama.cpp's own default (flash_attn_type AUTO) turns flash attention on for the CPU;
         # llama-cpp-python's Llama(flash_attn=False) default would turn it off, so say it
         kw = {"flash_attn": True if flash_attn is None else bool(flash_attn)}
+        kw.update({k: t for k, t in (("type_k", type_k), ("type_v", type_v)) if t is not None})
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                                    n_ctx=max_ctx, n_batch=512, logits_all=False, verbose=False, **kw)
         self._lc, self.n_vocab = llama_cpp, self.llm.n_vocab()

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from infeng.errors import InfengError
 from infeng.evals import evaluate as E, suite as S
+from infeng.runtime.kvspec import kv_options
 from infeng.telemetry import stderr_console
 
 REGRESSION_EXIT = 3
@@ -45,6 +46,9 @@ def eval_cmd(
     progress_bars: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA/DoRA adapter (.infeng-lora) applied to MODEL in every task"),
     compare: List[str] = typer.Option([], "--compare", help="MODEL or MODEL::ADAPTER (e.g. a quantized variant) run through the same tasks, reported side by side (repeatable)"),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type of MODEL: f32, bf16, int8, int4, or k=TYPE,v=TYPE (a --kld baseline model keeps f32)"),
+    kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
+    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto, on, off"),
 ):
     """Evaluate a model: perplexity, KL-divergence, HumanEval, GSM8K, or a suite with a regression check."""
     if threads is not None and threads < 1:
@@ -69,7 +73,8 @@ def eval_cmd(
     console = _wide_console() or stderr_console()
     run, labels = E.evaluate(model_path, p, cli_opts, compare, threads, progress_bars, adapter, suite,
                              on_saved=lambda m: console.print(f"saved baseline logits of {model_path} to "
-                                                              f"{save_logits} (PPL {m['ppl']:.4f})"))
+                                                              f"{save_logits} (PPL {m['ppl']:.4f})"),
+                             kv=kv_options(kv_dtype, kv_policy, kv_rotate))
     run.print_summary(f"infeng eval {model_path}")
     if compare:
         console.print(side_by_side(run.metrics, p.tasks, labels))

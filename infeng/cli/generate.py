@@ -14,6 +14,7 @@ from infeng.jobs import BatchJob, Interrupted, run_batch_job
 from infeng.model.loader import load_model
 from infeng.runtime.batch import metrics
 from infeng.runtime.engine import Engine, Request
+from infeng.runtime.kvspec import kv_options
 from infeng.runtime.sampler import SamplingParams
 from infeng.runtime.speculate import parse_speculate
 from infeng.runtime.tokenizer import Tokenizer
@@ -49,6 +50,9 @@ def generate(
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="speculative decoding: lookup (prompt lookup), auto (adaptive; the --draft model if given) or a draft length N"),
     draft: Optional[Path] = typer.Option(None, "--draft", help="a draft model with the same tokenizer (e.g. a lower-bit copy) for --speculate auto|N"),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, int8, int4, or k=TYPE,v=TYPE"),
+    kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
+    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/int4 keys, power-of-two head_dim), on, off"),
 ):
     """Generate text from a prompt, or run a batch of requests."""
 
@@ -88,7 +92,7 @@ def generate(
                        threads=threads, max_batch=max_batch, ctx=ctx, verify=not no_verify, adapter=adapter,
                        adapters_dir=adapters_dir, restart=restart, window=window, ray=ray,
                        ray_workers=ray_workers, ray_cpus=ray_cpus or 1, shard_size=shard_size or 256, ray_ship=ray_ship,
-                       model=model, speculate=spec)
+                       model=model, speculate=spec, kv=kv_options(kv_dtype, kv_policy, kv_rotate))
         try:
             meta, figures = run_batch_job(job)
         except Interrupted as e:
@@ -100,7 +104,8 @@ def generate(
             run.write(telemetry)
         return
     tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
-    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx, tokenizer=tok, speculate=spec)
+    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx, tokenizer=tok, speculate=spec,
+                    **kv_options(kv_dtype, kv_policy, kv_rotate))
     default_adapter = None
     for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
         engine.load_adapter(f, f.name[:-len(".infeng-lora")])
@@ -108,7 +113,8 @@ def generate(
         default_adapter = engine.load_adapter(adapter).name
     load_s = time.perf_counter() - t_load
     run = Run("generate", meta={"model": str(model_path), "isa": engine.isa, "threads": engine.threads,
-                                "weight_dtype": model.weight_dtype, "max_batch": engine.max_batch})
+                                "weight_dtype": model.weight_dtype, "max_batch": engine.max_batch,
+                                "kv_dtype": engine.kv.spec.describe()})
     t0 = time.perf_counter()
     results = _single(engine, Request(id="prompt", prompt=prompt, params=defaults, adapter=default_adapter),
                       prompt, echo)

@@ -13,6 +13,7 @@ from infeng.evals import runner, suite as S
 from infeng.evals.perplexity import adapter_identity, model_identity
 from infeng.model.adapter import load_adapter
 from infeng.model.loader import Model, load_model
+from infeng.runtime.kvspec import kv_spec
 from infeng.telemetry import Run, peak_rss_mb
 
 SAVE_LOGITS_OPTIONS = {"text", "separator", "ctx", "stride", "top_k", "save_logits"}
@@ -110,20 +111,24 @@ def labels(models: list[tuple[Path, Path | None]]) -> list[str]:
 
 def evaluate(model_path: Path, p: Plan, opts: dict[str, Any], compare: list[str], threads: int | None,
              progress_bars: bool, adapter: Path | None = None, suite_path: Path | None = None,
-             on_saved: Callable[[dict], None] | None = None) -> tuple[Run, list[str]]:
+             on_saved: Callable[[dict], None] | None = None, kv: dict | None = None) -> tuple[Run, list[str]]:
     """Load the model, the variants of ``compare`` and the adapter (all before any work), run the
     plan on the model, then on each variant (sharing the baseline cache). The report, and the
-    column label of each model (the main one first)."""
+    column label of each model (the main one first). ``kv``: the Engine's kv_* options for the
+    model and its variants (a KLD baseline model keeps the f32 cache)."""
     t_load = time.perf_counter()
     model = load_model(model_path)
     variants = load_variants(compare)
     adapter_id = adapter_identity(adapter, load_adapter(adapter, model)) if adapter is not None else None
     names = labels([(model_path, adapter)] + [(v.path, v.adapter) for v in variants])
-    ec = runner.EvalContext(model_path, model, threads, p.seed, progress_bars, adapter=adapter)
+    kv = kv or {}
+    ec = runner.EvalContext(model_path, model, threads, p.seed, progress_bars, adapter=adapter, kv=kv)
     run = Run("eval", meta={"model": model_identity(model_path, model), "seed": p.seed,
                             "suite": p.suite.name if p.suite else None,
                             "suite_file": str(suite_path) if suite_path else None,
-                            "adapter": adapter_id, "quantization": model.weight_dtype})
+                            "adapter": adapter_id, "quantization": model.weight_dtype,
+                            "kv_dtype": kv_spec(model.config, kv.get("kv_dtype", "f32"), kv.get("kv_policy"),
+                                                kv.get("kv_rotate", "auto")).describe()})
     run.metrics["load_s"] = time.perf_counter() - t_load
     t_all = time.perf_counter()
     if p.save_only:
@@ -135,7 +140,8 @@ def evaluate(model_path: Path, p: Plan, opts: dict[str, Any], compare: list[str]
     if variants:
         run.meta["variants"] = []
         for label, v in zip(names[1:], variants):
-            ecv = runner.EvalContext(v.path, v.model, threads, p.seed, progress_bars, cache=ec.cache, adapter=v.adapter)
+            ecv = runner.EvalContext(v.path, v.model, threads, p.seed, progress_bars, cache=ec.cache, adapter=v.adapter,
+                                     kv=kv)
             _run_tasks(run, ecv, p, f"{label}/", {"variant": label})
             run.meta["variants"].append({"label": label, "model": model_identity(v.path, v.model),
                                          "adapter": v.adapter_id, **ecv.meta})

@@ -66,6 +66,7 @@ class EvalContext:
     meta: dict = field(default_factory=dict)   # filled by tasks (isa, threads actually used)
     cache: dict = field(default_factory=dict)  # baseline logits shared by the models of one run
     adapter: Path | None = None                # LoRA/DoRA adapter file applied to ``model``
+    kv: dict = field(default_factory=dict)     # Engine kv_* options for ``model`` (a baseline keeps f32 KV)
 
     def bar(self, label: str, total: int):
         """A progress bar (or a silent stand-in) and its advance function."""
@@ -79,7 +80,8 @@ class EvalContext:
 
 
 def _scorer(ec: EvalContext, model: Model, ctx: int | None):
-    sc = Scorer(model, threads=ec.threads, ctx=ctx, adapter=ec.adapter if model is ec.model else None)
+    own = model is ec.model
+    sc = Scorer(model, threads=ec.threads, ctx=ctx, adapter=ec.adapter if own else None, **(ec.kv if own else {}))
     ec.meta.update(isa=sc.isa, threads=sc.threads)
     return sc
 
@@ -198,7 +200,8 @@ def default_data(rel: str) -> Path:
 
 def _engine(ec: EvalContext, opts: dict, n_requests: int):
     mb = _int(opts, "max_batch", 1, 8)
-    eng = Engine(ec.model, threads=ec.threads, max_batch=max(1, min(mb, n_requests)), max_seq_len=_int(opts, "ctx", 2))
+    eng = Engine(ec.model, threads=ec.threads, max_batch=max(1, min(mb, n_requests)), max_seq_len=_int(opts, "ctx", 2),
+                 **ec.kv)
     ec.meta.update(isa=eng.isa, threads=eng.threads)
     if ec.adapter is not None:
         eng.load_adapter(ec.adapter, ADAPTER_NAME, pinned=True)

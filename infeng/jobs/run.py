@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class BatchJob:
     progress: bool = True
     model: Any = None               # the loaded model, when the caller has it already
     speculate: Any = None           # a runtime.speculate.SpecConfig, or None
+    kv: dict = field(default_factory=dict)   # the Engine's kv_* options (KV types, policy, rotation)
 
 
 def window_of(job: BatchJob) -> int:
@@ -55,6 +56,9 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     pairs = [JobFile(i, o) for i, o in plan_outputs(expand_inputs(job.batch), job.output)]
     window = window_of(job)
     if job.ray is not None:
+        if job.kv:
+            raise InfengError("--kv-dtype / --kv-policy / --kv-rotate are not passed to Ray workers yet: "
+                              "drop them or run without --ray")
         return run_on_ray(job, pairs, window)
 
     t_load = time.perf_counter()
@@ -62,7 +66,8 @@ def run_batch_job(job: BatchJob) -> tuple[dict[str, Any], dict[str, float]]:
     tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
     totals = [count_lines(p.input) for p in pairs]
     engine = Engine(model, threads=job.threads, max_batch=min(job.max_batch, max(1, max(totals))),
-                    max_seq_len=job.ctx, tokenizer=tok, detokenize=False, max_queue=window, speculate=job.speculate)
+                    max_seq_len=job.ctx, tokenizer=tok, detokenize=False, max_queue=window,
+                    speculate=job.speculate, **job.kv)
     adapters, default_adapter = adapter_files(job, model)
     for name, f in adapters.items():
         engine.load_adapter(f, name)

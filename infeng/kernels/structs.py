@@ -92,11 +92,13 @@ class Structs:
         """``struct ifg_scratch *`` over the caller's activation buffers (forward.h)."""
         return self.new("struct ifg_scratch", max_tokens=max_tokens, **buffers)
 
-    def kv_cache(self, k: np.ndarray, v: np.ndarray, block_table: np.ndarray):
-        """``struct ifg_kv_cache *`` over a paged pool: k, v [n_layers][n_blocks][block_size][...],
-        block_table [n_slots][max_blocks] int32."""
-        return self.new("struct ifg_kv_cache", k=k, v=v, n_blocks=k.shape[1], block_size=k.shape[2],
-                        max_blocks=block_table.shape[1], block_table=block_table)
+    def kv_cache(self, k: np.ndarray, v: np.ndarray, block_table: np.ndarray, *, n_blocks: int,
+                 block_size: int, **layout):
+        """``struct ifg_kv_cache *`` over a paged pool: the K and V byte pools, block_table
+        [n_slots][max_blocks] int32; ``layout``: the per-layer types and offsets, scale group
+        and rotation of forward.h (absent: every layer f32)."""
+        return self.new("struct ifg_kv_cache", k=k, v=v, n_blocks=n_blocks, block_size=block_size,
+                        max_blocks=block_table.shape[1], block_table=block_table, **layout)
 
     def lora(self, a: np.ndarray, a_dtype: int, b: np.ndarray, b_dtype: int, h_scale: np.ndarray,
              rank: int, dora: np.ndarray | None = None):

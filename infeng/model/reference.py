@@ -13,6 +13,7 @@ import numpy as np
 from infeng.format.schema import MATRICES
 from infeng.model.loader import Model
 from infeng.quant import INT8_ACTIVATIONS, _round_away, quantize_activations
+from infeng.quant.kvcache import hadamard, rotation_signs, roundtrip
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -52,10 +53,14 @@ def silu(x: np.ndarray) -> np.ndarray:
 class ReferenceModel:
     """``forward(tokens)`` continues the sequence held in its KV cache and returns logits [T, vocab]."""
 
-    def __init__(self, model: Model, int8_activations: bool = False):
+    def __init__(self, model: Model, int8_activations: bool = False, kv=None):
         """``int8_activations``: the inputs of products with q8_0/q4_0/q5_0/q4_k weights are rounded
-        to int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations)."""
+        to int8 per 32-block first, as the C kernels do (infeng.quant.quantize_activations).
+        ``kv``: what the cache stores (a runtime KVSpec: per-layer .k / .v types, .rotate, .group,
+        .seed): queries and keys rotated and K/V rounded as the C cache does (quant/kvcache.py)."""
         self.m = model
+        self.kv = kv
+        self.signs = rotation_signs(model.config.head_dim, kv.seed) if kv is not None and any(kv.rotate) else None
         self.cfg = model.config
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
@@ -85,6 +90,8 @@ class ReferenceModel:
             L = f"layers.{i}."
             h = rmsnorm(x, w[L + "attn_norm"], c.norm_eps)
             q, k, v, scale = self.qkv(i, *(self.mm(h, L + p) for p in ("wq", "wk", "wv")), pos)
+            if self.kv is not None:
+                q, k, v = self.kv_round(i, q, k, v)
             self.k[i] = np.concatenate([self.k[i], k])
             self.v[i] = np.concatenate([self.v[i], v])
             o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
@@ -115,6 +122,13 @@ class ReferenceModel:
         inv = c.inv_freq_at(int(pos.max()) + 1) if c.rope_past() else self.inv_freq
         q, k = rope(q, pos, inv), rope(k, pos, inv)
         return q, k, v, np.float32(self.attn_factor ** 2 / np.sqrt(c.head_dim))
+
+    def kv_round(self, i: int, q, k, v):
+        """Layer i's q, k, v as the compressed cache sees them: rotated, then K/V rounded."""
+        kv = self.kv
+        if kv.rotate[i]:
+            q, k = hadamard(q, self.signs), hadamard(k, self.signs)
+        return q, roundtrip(k, kv.k[i], kv.group), roundtrip(v, kv.v[i], kv.group)
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations)."""

@@ -241,6 +241,9 @@ def metrics(engine: Engine, results: list[Result], wall_s: float) -> dict[str, f
         "kv_used_mb_max": st.max_kv_blocks * kv.block_bytes / 2**20,
         "kv_contiguous_mb": engine.max_batch * engine.max_seq_len * kv.block_bytes / kv.block_size / 2**20,
         "kv_pool_mb": kv.bytes / 2**20,
+        "kv_bytes_per_token": kv.bytes_per_token,
+        "kv_positions_fit": kv.n_blocks * kv.block_size,    # the context the pool holds, all sequences
+        "kv_rotated_layers": sum(kv.spec.rotate),
         "peak_rss_mb": peak_rss_mb(),
         **spec,
     }

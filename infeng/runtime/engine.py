@@ -35,6 +35,7 @@ from infeng.model.loader import Model, load_model
 from infeng.runtime.adapters import AdapterManager, LoadedAdapter
 from infeng.runtime.hooks import Hooks
 from infeng.runtime.kv import full_window
+from infeng.runtime.kvspec import kv_spec
 from infeng.runtime.packer import BatchPacker
 from infeng.runtime.sampler import Sampler, SamplingParams, token_logprobs
 from infeng.runtime.scheduler import Scheduler, Seq
@@ -56,9 +57,12 @@ class Engine:
                  kv_budget_mb: float | None = None, isa: str | None = None, max_queue: int = 4096,
                  max_queued_tokens: int | None = None, aging_s: float = 10.0, detokenize: bool = True,
                  tokenizer: Tokenizer | None = None, net=None, clock=None, prefix_cache: bool = True,
-                 adapter_budget_mb: float | None = None, speculate: SpecConfig | None = None):
+                 adapter_budget_mb: float | None = None, speculate: SpecConfig | None = None,
+                 kv_dtype: str = "f32", kv_policy: str | None = None, kv_rotate: str = "auto",
+                 kv_group: int | None = None, kv_seed: int = 0):
         """``net`` and ``clock`` replace the C forward pass and the wall clock (the simulator
-        drives this same scheduler with a cost model and virtual time)."""
+        drives this same scheduler with a cost model and virtual time). ``kv_*``: what the KV
+        cache stores per layer (runtime/kvspec.py)."""
         self.model, self.cfg = model, model.config
         self.kern = kernels.load(isa) if isa else kernels.active()
         self.isa = self.kern.ffi.string(self.kern.lib.ifg_isa()).decode()
@@ -78,11 +82,12 @@ class Engine:
         self.clock = clock or time.perf_counter
         # logits rows: one per sequence, and one per drafted position when speculating
         max_out = max_batch * (1 + speculate.validated().longest) if speculate else max_batch
+        kv_types = kv_spec(self.cfg, kv_dtype, kv_policy, kv_rotate, kv_group, kv_seed)
         try:
             self.session = ForwardSession(self.kern, model, max_tokens=self.max_batch_tokens, max_out=max_out,
                                           threads=self.threads, n_slots=max_batch, max_seq_len=self.max_seq_len,
                                           block_size=block_size, kv_budget_mb=kv_budget_mb, net=net,
-                                          window_chunk=True)
+                                          window_chunk=True, kv_spec=kv_types)
         except MemoryError:
             raise InfengError(f"not enough memory for a KV cache of {max_batch} sequences x {self.max_seq_len} "
                               f"positions: lower --max-batch or --ctx") from None

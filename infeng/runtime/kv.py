@@ -16,8 +16,11 @@ from collections import OrderedDict
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.kernels.abi import KV_TYPE, KVQ_SHAPE
 from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
+from infeng.quant.kvcache import KV_TYPES, part_bytes, rotation_signs
+from infeng.runtime.kvspec import KVSpec, kv_spec
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -42,7 +45,8 @@ def full_window(cfg: ModelConfig) -> int:
 
 class KVCache:
     def __init__(self, kern, cfg: ModelConfig, n_slots: int, max_seq_len: int,
-                 block_size: int = 16, budget_mb: float | None = None, chunk: int | None = None):
+                 block_size: int = 16, budget_mb: float | None = None, chunk: int | None = None,
+                 spec: KVSpec | None = None):
         """``chunk``: the most positions a step prefills for one sequence, when the caller grants
         prefill blocks that many at a time (the scheduler does); with a sliding window it bounds
         what a sequence holds, and the pool is sized for that instead of the whole context."""
@@ -56,16 +60,20 @@ class KVCache:
         self.seq_blocks = self.max_blocks                        # blocks one sequence holds at most
         if self.chunk:      # positions [n_fed+1-window, n_fed+chunk) span at most this many blocks
             self.seq_blocks = min(self.max_blocks, (self.window + self.chunk - 2) // block_size + 2)
-        self.block_bytes = 2 * cfg.n_layers * block_size * cfg.kv_dim * 4
+        self.spec = spec or kv_spec(cfg)
+        k_layer, v_layer = self._layer_bytes(cfg, self.spec, block_size)   # per layer per block
+        self.block_bytes = sum(k_layer) + sum(v_layer)                      # every layer, scales too
         n_blocks = n_slots * self.seq_blocks
         if budget_mb is not None:
             n_blocks = min(n_blocks, int(budget_mb * 2**20) // self.block_bytes)
             if n_blocks < 1:
                 raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes")
         self.n_blocks = n_blocks
-        shape = (cfg.n_layers, n_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = lazy_zeros(shape, np.float32)
-        self.v = lazy_zeros(shape, np.float32)
+        # one byte pool each for K and V; layer l's section starts at k_off[l] / v_off[l]
+        self.k_off = np.concatenate([[0], np.cumsum(k_layer[:-1], dtype=np.int64) * n_blocks]).astype(np.int64)
+        self.v_off = np.concatenate([[0], np.cumsum(v_layer[:-1], dtype=np.int64) * n_blocks]).astype(np.int64)
+        self.k = lazy_zeros((sum(k_layer) * n_blocks,), np.uint8)
+        self.v = lazy_zeros((sum(v_layer) * n_blocks,), np.uint8)
         self.table = np.zeros((n_slots, self.max_blocks), np.int32)
         self.owned: list[list[int]] = [[] for _ in range(n_slots)]   # block ids per slot, in order
         self.hashes: list[list[int]] = [[] for _ in range(n_slots)]  # chain hash per full block
@@ -76,7 +84,35 @@ class KVCache:
         self.hash_of: dict[int, int] = {}                            # block → hash
         self.hits = self.lookups = 0                                  # prefix tokens reused / asked
         self._structs = Structs(kern)
-        self.struct = self._structs.kv_cache(self.k, self.v, self.table)
+        codes = {name: KV_TYPE[name] for name in KV_TYPES}
+        signs = rotation_signs(cfg.head_dim, self.spec.seed) if self.spec.rotated else None
+        self.struct = self._structs.kv_cache(
+            self.k, self.v, self.table, n_blocks=n_blocks, block_size=block_size,
+            k_type=np.array([codes[t] for t in self.spec.k], np.int32),
+            v_type=np.array([codes[t] for t in self.spec.v], np.int32),
+            k_off=self.k_off, v_off=self.v_off, group=self.spec.group, rot_signs=signs,
+            rotate=np.array(self.spec.rotate, np.int32))
+
+    @staticmethod
+    def _layer_bytes(cfg: ModelConfig, spec: KVSpec, bs: int) -> tuple[list[int], list[int]]:
+        """Bytes of one block of each layer's K and V pools; refuses shapes the compressed layout
+        cannot hold."""
+        hd, n_kv = cfg.head_dim, cfg.n_kv_heads
+        if not spec.all_f32:
+            if bs % KVQ_SHAPE["pos"] or bs > KVQ_SHAPE["max_bs"]:
+                raise InfengError(f"KV type {spec.describe()} needs a block size that is a multiple of "
+                                  f"{KVQ_SHAPE['pos']} up to {KVQ_SHAPE['max_bs']}, not {bs}")
+            if hd % KVQ_SHAPE["chunk"]:
+                raise InfengError(f"KV type {spec.describe()} needs head_dim a multiple of "
+                                  f"{KVQ_SHAPE['chunk']}; this model's is {hd}")
+        k = [n_kv * part_bytes(t, bs, hd, spec.group) for t in spec.k]
+        v = [n_kv * part_bytes(t, bs, hd, spec.group) for t in spec.v]
+        return k, v
+
+    @property
+    def bytes_per_token(self) -> float:
+        """KV bytes one position costs over all layers (codes and scales)."""
+        return self.block_bytes / self.block_size
 
     @property
     def bytes(self) -> int:

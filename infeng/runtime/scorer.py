@@ -18,13 +18,15 @@ from infeng.errors import InfengError
 from infeng.kernels import default_threads
 from infeng.model.loader import Model
 from infeng.runtime.adapters import AdapterManager
+from infeng.runtime.kvspec import kv_spec
 from infeng.runtime.session import ForwardSession
 from infeng.runtime.tokenizer import Tokenizer
 
 
 class Scorer:
     def __init__(self, model: Model, threads: int | None = None, ctx: int | None = None,
-                 max_tokens: int = 256, isa: str | None = None, adapter=None):
+                 max_tokens: int = 256, isa: str | None = None, adapter=None, kv_dtype: str = "f32",
+                 kv_policy: str | None = None, kv_rotate: str = "auto"):
         self.model, self.cfg = model, model.config
         self.kern = kernels.load(isa) if isa else kernels.active()
         self.isa = self.kern.ffi.string(self.kern.lib.ifg_isa()).decode()
@@ -35,7 +37,8 @@ class Scorer:
         self.max_tokens = max(1, min(max_tokens, self.ctx))
         self.tokenizer = Tokenizer(model.tokenizer, self.cfg.bos_id, self.cfg.eos_ids)
         self.session = ForwardSession(self.kern, model, max_tokens=self.max_tokens, max_out=self.max_tokens,
-                                      threads=self.threads, n_slots=1, max_seq_len=self.ctx, max_segments=1)
+                                      threads=self.threads, n_slots=1, max_seq_len=self.ctx, max_segments=1,
+                                      kv_spec=kv_spec(self.cfg, kv_dtype, kv_policy, kv_rotate))
         self.net, self.kv = self.session.net, self.session.kv
         self.net.seq[:] = 0
         self.forward_tokens = 0

@@ -1,0 +1,127 @@
+"""The compressed KV cache formats in numpy: the reference the C store and attention are checked
+against, with exactly the C kernels' rounding (kernels_c/kvq.h describes the layout).
+
+A kv head's share of one block (a *part*) holds ``bs`` positions of ``hd`` values:
+
+- keys channel-major (``[hd][bs]`` codes), values row-major (``[bs][hd]``);
+- int8 / int4: f32 scales first (keys ``[hd/group][bs]``, values ``[bs][hd/group]``), one per
+  ``group`` values of one position; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
+  int4 ``d = m/-8`` (``m`` the value of largest magnitude), ``q`` clamped to -8..7 and stored
+  ``q+8``, 8 values in 4 bytes (value i low nibble, i+4 high nibble of byte i);
+- bf16: round to nearest even; f32: as is.
+
+The value read back is ``q·d`` in f32. ``hadamard`` is the rotation of ``ifg_hadamard``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from infeng.format.schema import convert_dtype, to_f32
+
+KV_TYPES = ("f32", "bf16", "int8", "int4")
+CODE_BITS = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4}
+
+
+def scale_bytes(t: str, bs: int, hd: int, group: int) -> int:
+    return bs * (hd // group) * 4 if t in ("int8", "int4") else 0
+
+
+def part_bytes(t: str, bs: int, hd: int, group: int) -> int:
+    return scale_bytes(t, bs, hd, group) + bs * hd * CODE_BITS[t] // 8
+
+
+def quantize(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes and f32 scales of groups x[..., group] (int8 / int4), as the C store."""
+    x = np.asarray(x, np.float32)
+    ax = np.abs(x)
+    if t == "int8":
+        d = ax.max(-1) / np.float32(127)
+        lo, hi = -127, 127
+    else:
+        m = np.take_along_axis(x, ax.argmax(-1)[..., None], -1)[..., 0]
+        d = m / np.float32(-8)
+        lo, hi = -8, 7
+    d = d.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(x * inv[..., None]), lo, hi).astype(np.int8)
+    return q, d
+
+
+def roundtrip(x: np.ndarray, t: str, group: int) -> np.ndarray:
+    """x[..., hd] as the cache gives it back (f32)."""
+    x = np.asarray(x, np.float32)
+    if t == "f32":
+        return x.copy()
+    if t == "bf16":
+        return to_f32(convert_dtype(x, "f32", "bf16"), "bf16")
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    q, d = quantize(g, t)
+    return (q.astype(np.float32) * d[..., None]).reshape(x.shape)
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """int4 codes [..., n] (n % 8 == 0) → bytes [..., n/2]: value i of a chunk of 8 in the low
+    nibble of byte i % 4, value i + 4 in its high nibble."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(*q.shape[:-1], -1, 2, 4)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
+
+
+def _unpack4(b: np.ndarray) -> np.ndarray:
+    c = b.reshape(*b.shape[:-1], -1, 1, 4)
+    u = np.concatenate([c & 0xF, c >> 4], axis=-2)
+    return u.reshape(*b.shape[:-1], -1).astype(np.int8) - 8
+
+
+def encode_part(x: np.ndarray, t: str, group: int, key: bool) -> np.ndarray:
+    """One part's bytes from its values x[bs][hd]."""
+    x = np.asarray(x, np.float32)
+    bs, hd = x.shape
+    if t in ("f32", "bf16"):
+        c = x if t == "f32" else convert_dtype(x, "f32", "bf16")
+        return np.ascontiguousarray(c.T if key else c).view(np.uint8).reshape(-1)
+    q, d = quantize(x.reshape(bs, hd // group, group), t)
+    q = q.reshape(bs, hd)
+    if key:
+        q, d = q.T, d.T
+    codes = q.view(np.uint8) if t == "int8" else _pack4(np.ascontiguousarray(q))
+    return np.concatenate([np.ascontiguousarray(d).view(np.uint8).reshape(-1), codes.reshape(-1)])
+
+
+def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) -> np.ndarray:
+    """Values [bs][hd] (f32) of one part's bytes."""
+    b = np.ascontiguousarray(b, np.uint8)
+    rows, cols = (hd, bs) if key else (bs, hd)
+    sb = scale_bytes(t, bs, hd, group)
+    c = b[sb:]
+    if t == "f32":
+        v = c.view(np.float32).reshape(rows, cols)
+    elif t == "bf16":
+        v = to_f32(c.view(np.uint16).reshape(rows, cols), "bf16")
+    else:
+        q = c.view(np.int8).reshape(rows, cols) if t == "int8" else _unpack4(c.reshape(rows, cols // 2))
+        d = b[:sb].view(np.float32)
+        if key:
+            v = q.astype(np.float32) * np.repeat(d.reshape(hd // group, bs), group, axis=0)
+        else:
+            v = q.astype(np.float32) * np.repeat(d.reshape(bs, hd // group), group, axis=1)
+    return np.ascontiguousarray(v.T if key else v)
+
+
+def rotation_signs(head_dim: int, seed: int) -> np.ndarray:
+    """The rotation's random ±1 per channel, a function of the run's seed alone."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, head_dim]))
+    return np.where(rng.random(head_dim) < 0.5, np.float32(-1), np.float32(1)).astype(np.float32)
+
+
+def hadamard(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """x[..., n] rotated as ifg_hadamard: signs, butterflies of stride 1, 2, 4, …, then 1/sqrt(n)."""
+    v = np.array(x, np.float32) * signs
+    n = v.shape[-1]
+    length = 1
+    while length < n:
+        w = v.reshape(*v.shape[:-1], n // (2 * length), 2, length)
+        a, b = w[..., 0, :].copy(), w[..., 1, :].copy()
+        w[..., 0, :], w[..., 1, :] = a + b, a - b
+        length *= 2
+    return v * (np.float32(1) / np.sqrt(np.float32(n)))

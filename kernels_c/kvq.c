@@ -1,0 +1,456 @@
+/* kvq.c — compressed paged KV cache: store (quantize), attention over the codes, Hadamard.
+ *
+ * Attention work items are (query token, kv head) pairs as in attention.c; an item walks the
+ * blocks of its causal range. Per block: the scores of all its positions for every query head of
+ * the group, vectorised across positions (keys are stored channel-major, so one vector is one
+ * channel of 16 (AVX-512) or 8 (AVX2) positions: a broadcast q[d] times a decoded key vector,
+ * no horizontal sum); then the online-softmax update; then the value rows accumulated into the
+ * per-head f32 accumulators, vectorised over head_dim. Codes are decoded into registers (a
+ * decoded vector serves up to KVQ_HMAX query heads) and never written back as f32. Each output
+ * is computed by one item in a fixed order: bitwise deterministic for any thread count. */
+#include "kvq.h"
+#include "act.h"
+
+#define KVQ_GMAX 16 /* query heads of one kv head per pass (the score / accumulator tiles) */
+#define KVQ_HMAX 8  /* query heads fed by one decoded vector */
+#define KVQ_MAX_HD 256
+
+static inline size_t kvq_scale_bytes(int type, int bs, int hd, int group) {
+    return type == IFG_KV_I8 || type == IFG_KV_I4 ? (size_t)bs * (size_t)(hd / group) * sizeof(float) : 0;
+}
+
+size_t ifg_kvq_part_bytes(int type, int bs, int hd, int group) {
+    const size_t n = (size_t)bs * hd, sc = kvq_scale_bytes(type, bs, hd, group);
+    switch (type) {
+    case IFG_KV_F32: return n * 4;
+    case IFG_KV_BF16: return n * 2;
+    case IFG_KV_I8: return sc + n;
+    case IFG_KV_I4: return sc + n / 2;
+    }
+    return 0;
+}
+
+/* ---- quantizing one group (scalar in every build: a store touches each value once) ---------- */
+/* Codes q[0..n) of x[0..n) and their scale d (x ≈ q·d). */
+static float kvq_quant_group(const float *x, int n, int type, int8_t *q) {
+    float d, amax = 0.0f, m = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); m = x[i]; }
+    const int lo = type == IFG_KV_I8 ? -127 : -8, hi = type == IFG_KV_I8 ? 127 : 7;
+    d = type == IFG_KV_I8 ? amax / 127.0f : m / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) {
+        float r = rintf(x[i] * id);
+        q[i] = (int8_t)(r < lo ? lo : r > hi ? hi : r);
+    }
+    return d;
+}
+
+/* int4 value i of a packed row: byte (i/8)*4 + i%4, low nibble for i%8 < 4. */
+static inline void kvq_put4(uint8_t *row, int i, int8_t q) {
+    uint8_t *b = row + (i >> 3) * 4 + (i & 3);
+    const int sh = (i & 4) ? 4 : 0;
+    *b = (uint8_t)((*b & ~(0xF << sh)) | ((q + 8) << sh));
+}
+static inline int kvq_get4(const uint8_t *row, int i) {
+    const uint8_t b = row[(i >> 3) * 4 + (i & 3)];
+    return ((i & 4) ? b >> 4 : b & 0xF) - 8;
+}
+
+/* Key row x[hd] into position r of key part kp (channel-major). */
+static void kvq_put_k(uint8_t *kp, int type, const float *x, int r, int bs, int hd, int group) {
+    uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
+    if (type == IFG_KV_F32) {
+        for (int d = 0; d < hd; d++) ((float *)codes)[(size_t)d * bs + r] = x[d];
+    } else if (type == IFG_KV_BF16) {
+        for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)d * bs + r] = ifg_f32_to_bf16(x[d]);
+    } else {
+        int8_t q[KVQ_MAX_HD];
+        for (int g = 0; g < hd / group; g++)
+            ((float *)kp)[(size_t)g * bs + r] = kvq_quant_group(x + g * group, group, type, q + g * group);
+        for (int d = 0; d < hd; d++) {
+            if (type == IFG_KV_I8) ((int8_t *)codes)[(size_t)d * bs + r] = q[d];
+            else kvq_put4(codes + (size_t)d * (bs / 2), r, q[d]);
+        }
+    }
+}
+
+/* Value row x[hd] into position r of value part vp (row-major). */
+static void kvq_put_v(uint8_t *vp, int type, const float *x, int r, int bs, int hd, int group) {
+    uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
+    if (type == IFG_KV_F32) {
+        memcpy((float *)codes + (size_t)r * hd, x, (size_t)hd * sizeof(float));
+    } else if (type == IFG_KV_BF16) {
+        for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)r * hd + d] = ifg_f32_to_bf16(x[d]);
+    } else {
+        int8_t q[KVQ_MAX_HD];
+        const int ng = hd / group;
+        for (int g = 0; g < ng; g++)
+            ((float *)vp)[(size_t)r * ng + g] = kvq_quant_group(x + g * group, group, type, q + g * group);
+        for (int d = 0; d < hd; d++) {
+            if (type == IFG_KV_I8) ((int8_t *)codes)[(size_t)r * hd + d] = q[d];
+            else kvq_put4(codes + (size_t)r * (hd / 2), d, q[d]);
+        }
+    }
+}
+
+void ifg_kvq_store_part(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
+                        const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
+                        const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim) {
+    const size_t kpb = ifg_kvq_part_bytes(k_type, block_size, head_dim, group),
+                 vpb = ifg_kvq_part_bytes(v_type, block_size, head_dim, group);
+    /* split by kv head: two positions of one int4 key byte are never written by two threads */
+    IFG_FOR
+    for (int h = 0; h < n_kv_heads; h++)
+        for (int t = 0; t < T; t++) {
+            const int p = pos[t];
+            const size_t b = (size_t)block_table[(size_t)seq[t] * max_blocks + p / block_size];
+            const size_t part = b * n_kv_heads + h;
+            const size_t off = (size_t)t * ldkv + (size_t)h * head_dim;
+            kvq_put_k((uint8_t *)k_cache + part * kpb, k_type, k + off, p % block_size, block_size, head_dim, group);
+            kvq_put_v((uint8_t *)v_cache + part * vpb, v_type, v + off, p % block_size, block_size, head_dim, group);
+        }
+}
+
+void ifg_kvq_store(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
+                   const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
+                   const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_kvq_store_part(k_cache, v_cache, k_type, v_type, group, k, v, ldkv, block_table, max_blocks,
+                           block_size, seq, pos, T, n_kv_heads, head_dim);
+    }
+}
+
+/* ---- the scores and value accumulation of one block, for n query heads ---------------------- */
+/* S[h][0..bs) = scale · q_h · key(position) for every position of the block (part kp);
+ * acc[h][0..hd) += Σ_{j in j0..j1} P[h][j] · value(j) (part vp). Heads at stride KVQ_MAX_HD
+ * (acc), IFG_KVQ_MAX_BS (S, P) and hd (q). */
+#ifdef IFG_SIMD
+/* 8 int4 codes (4 bytes, low nibbles then high) or 16 (8 bytes) as bytes 0..15 in order. */
+IFG_AI __m128i kvq_nibbles(__m128i b) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm_unpacklo_epi32(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+}
+#if defined(IFG_AVX512)
+/* IFG_VW values from index i of a row of codes (r = 16 or, at a head_dim tail, 8). */
+IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
+    switch (type) {
+    case IFG_KV_BF16:
+        return ifg_vbf16(r == 16 ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i))
+                                 : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i))));
+    case IFG_KV_I8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(r == 16 ? _mm_loadu_si128((const __m128i *)(c + i))
+                                                               : _mm_loadl_epi64((const __m128i *)(c + i))));
+    case IFG_KV_I4: {
+        const __m128i b = r == 16 ? _mm_loadl_epi64((const __m128i *)(c + i / 2))
+                                  : _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(kvq_nibbles(b)), _mm512_set1_epi32(8)));
+    }
+    default:
+        return r == 16 ? _mm512_loadu_ps((const float *)c + i) : ifg_vload_n((const float *)c + i, r);
+    }
+}
+#else
+IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
+    (void)r; /* always 8 */
+    switch (type) {
+    case IFG_KV_BF16: return ifg_vbf16(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i)));
+    case IFG_KV_I8: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + i))));
+    case IFG_KV_I4: {
+        const __m128i b = _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(kvq_nibbles(b)), _mm256_set1_epi32(8)));
+    }
+    default: return _mm256_loadu_ps((const float *)c + i);
+    }
+}
+#endif
+
+IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
+                   float scale) {
+    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4;
+    const float *sc = (const float *)kp;
+    const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
+    for (int pc = 0; pc < bs; pc += IFG_VW) {
+        ifg_vf a[KVQ_HMAX];
+        for (int h = 0; h < n; h++) a[h] = ifg_vzero();
+        for (int g0 = 0; g0 < hd; g0 += group) {
+            const ifg_vf s = quant ? ifg_vload(sc + (size_t)(g0 / group) * bs + pc) : ifg_vzero();
+            for (int d = g0; d < g0 + group; d++) {
+                ifg_vf kv = kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW);
+                if (quant) kv = ifg_vmul(kv, s);
+                for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(q[(size_t)h * hd + d]), kv, a[h]);
+            }
+        }
+        const ifg_vf sv = ifg_vset1(scale);
+        for (int h = 0; h < n; h++) ifg_vstore(S + (size_t)h * IFG_KVQ_MAX_BS + pc, ifg_vmul(a[h], sv));
+    }
+}
+
+IFG_AI void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
+                   int hd, int group) {
+    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4, ng = hd / group;
+    const float *sc = (const float *)vp;
+    const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
+    for (int dc = 0; dc < hd; dc += IFG_VW) {
+        const int r = hd - dc < IFG_VW ? hd - dc : IFG_VW;
+        ifg_vf a[KVQ_HMAX];
+        for (int h = 0; h < n; h++) a[h] = ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r);
+        for (int j = j0; j <= j1; j++) {
+            ifg_vf v = kvq_dec(type, codes, (size_t)j * hd + dc, r);
+            if (quant) v = ifg_vmul(v, ifg_vset1(sc[(size_t)j * ng + dc / group]));
+            for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(P[(size_t)h * IFG_KVQ_MAX_BS + j]), v, a[h]);
+        }
+        for (int h = 0; h < n; h++) ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc, a[h], r);
+    }
+}
+
+/* Online-softmax update of one head over a block's scores s[0..bs) (positions outside the range
+ * already -inf): s becomes the weights exp(s - m); returns the factor the old accumulator and
+ * sum are scaled by. */
+static inline float kvq_softmax(float *s, int bs, float *m, float *l) {
+    ifg_vf mv = ifg_vload(s);
+    for (int j = IFG_VW; j < bs; j += IFG_VW) mv = ifg_vmax(mv, ifg_vload(s + j));
+    const float mt = ifg_vhmax(mv);
+    float c = 1.0f;
+    if (mt > *m) {
+        c = *l > 0.0f ? expf(*m - mt) : 0.0f;
+        *l *= c;
+        *m = mt;
+    }
+    const ifg_vf mm = ifg_vset1(*m);
+    ifg_vf sum = ifg_vzero();
+    for (int j = 0; j < bs; j += IFG_VW) {
+        const ifg_vf e = ifg_vexp(ifg_vsub(ifg_vload(s + j), mm));
+        ifg_vstore(s + j, e);
+        sum = ifg_vadd(sum, e);
+    }
+    *l += ifg_vhsum(sum);
+    return c;
+}
+
+static inline void kvq_scale_acc(float *a, float c, int hd) {
+    const ifg_vf cv = ifg_vset1(c);
+    for (int d = 0; d < hd; d += IFG_VW) {
+        const int r = hd - d < IFG_VW ? hd - d : IFG_VW;
+        ifg_vstore_n(a + d, ifg_vmul(ifg_vload_n(a + d, r), cv), r);
+    }
+}
+
+#else
+/* Scalar reference (the scalar build): the same order of blocks and heads, one value at a time. */
+static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
+    switch (type) {
+    case IFG_KV_BF16: return ifg_bf16_to_f32(((const uint16_t *)c)[row_off + i]);
+    case IFG_KV_I8: return (float)((const int8_t *)c)[row_off + i];
+    case IFG_KV_I4: return (float)kvq_get4(c + row_off / 2, i);
+    default: return ((const float *)c)[row_off + i];
+    }
+}
+
+static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
+                          float scale) {
+    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4;
+    const float *sc = (const float *)kp;
+    const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
+    for (int h = 0; h < n; h++)
+        for (int j = 0; j < bs; j++) {
+            float a = 0.0f;
+            for (int d = 0; d < hd; d++) {
+                float kv = kvq_get(type, codes, (size_t)d * bs, j);
+                if (quant) kv *= sc[(size_t)(d / group) * bs + j];
+                a += q[(size_t)h * hd + d] * kv;
+            }
+            S[(size_t)h * IFG_KVQ_MAX_BS + j] = a * scale;
+        }
+}
+
+static inline void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
+                          int hd, int group) {
+    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4, ng = hd / group;
+    const float *sc = (const float *)vp;
+    const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
+    for (int h = 0; h < n; h++)
+        for (int j = j0; j <= j1; j++) {
+            const float p = P[(size_t)h * IFG_KVQ_MAX_BS + j];
+            for (int d = 0; d < hd; d++) {
+                float v = kvq_get(type, codes, (size_t)j * hd, d);
+                if (quant) v *= sc[(size_t)j * ng + d / group];
+                acc[(size_t)h * KVQ_MAX_HD + d] += p * v;
+            }
+        }
+}
+
+static inline float kvq_softmax(float *s, int bs, float *m, float *l) {
+    float mt = s[0], c = 1.0f;
+    for (int j = 1; j < bs; j++) if (s[j] > mt) mt = s[j];
+    if (mt > *m) {
+        c = *l > 0.0f ? expf(*m - mt) : 0.0f;
+        *l *= c;
+        *m = mt;
+    }
+    for (int j = 0; j < bs; j++) { s[j] = expf(s[j] - *m); *l += s[j]; }
+    return c;
+}
+
+static inline void kvq_scale_acc(float *a, float c, int hd) {
+    for (int d = 0; d < hd; d++) a[d] *= c;
+}
+#endif
+
+/* The block kernels specialised for each code type and head count (constant arguments). */
+#define KVQ_HEADS(F, n, ...) switch (n) { \
+    case 1: F(__VA_ARGS__, 1); break; case 2: F(__VA_ARGS__, 2); break; \
+    case 3: F(__VA_ARGS__, 3); break; case 4: F(__VA_ARGS__, 4); break; \
+    case 5: F(__VA_ARGS__, 5); break; case 6: F(__VA_ARGS__, 6); break; \
+    case 7: F(__VA_ARGS__, 7); break; default: F(__VA_ARGS__, 8); break; }
+#define KVQ_QK(S, q, kp, bs, hd, group, scale, type, n) kvq_qk(S, q, kp, type, n, bs, hd, group, scale)
+#define KVQ_PV(acc, P, vp, j0, j1, bs, hd, group, type, n) kvq_pv(acc, P, vp, type, n, j0, j1, bs, hd, group)
+
+static void kvq_qk_any(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
+                       float scale) {
+    switch (type) {
+    case IFG_KV_BF16: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_BF16) break;
+    case IFG_KV_I8: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_I8) break;
+    case IFG_KV_I4: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_I4) break;
+    default: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_F32) break;
+    }
+}
+
+static void kvq_pv_any(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
+                       int hd, int group) {
+    switch (type) {
+    case IFG_KV_BF16: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_BF16) break;
+    case IFG_KV_I8: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_I8) break;
+    case IFG_KV_I4: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_I4) break;
+    default: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_F32) break;
+    }
+}
+
+/* One (token, kv head) item for G (<= KVQ_GMAX) query heads stored contiguously at q / out, over
+ * positions first..last of the sequence whose block table is bt; kc / vc point at this layer's
+ * pools, parts kpb / vpb bytes, this kv head's part of block b at (b*n_kv + kvh). */
+static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8_t *vc, int kt, int vt,
+                      int group, const int32_t *bt, int bs, int n_kv, int kvh, size_t kpb, size_t vpb,
+                      int first, int last, int hd, int G, float scale) {
+    float S[KVQ_GMAX][IFG_KVQ_MAX_BS] __attribute__((aligned(64)));
+    float acc[KVQ_GMAX][KVQ_MAX_HD] __attribute__((aligned(64)));
+    float m[KVQ_GMAX], l[KVQ_GMAX];
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        memset(acc[g], 0, (size_t)hd * sizeof(float));
+    }
+    for (int bi = first / bs; bi <= last / bs; bi++) {
+        const size_t part = (size_t)bt[bi] * n_kv + kvh;
+        const uint8_t *kp = kc + part * kpb, *vp = vc + part * vpb;
+        const int j0 = first > bi * bs ? first - bi * bs : 0;
+        const int j1 = last < bi * bs + bs - 1 ? last - bi * bs : bs - 1;
+        if (bi < last / bs) { /* the next block's parts: one stream per kv head, far apart */
+            const size_t nx = (size_t)bt[bi + 1] * n_kv + kvh;
+            for (size_t o = 0; o < kpb; o += 64) IFG_PREFETCH(kc + nx * kpb + o);
+            for (size_t o = 0; o < vpb; o += 64) IFG_PREFETCH(vc + nx * vpb + o);
+        }
+        for (int g0 = 0; g0 < G; g0 += KVQ_HMAX) {
+            const int n = G - g0 < KVQ_HMAX ? G - g0 : KVQ_HMAX;
+            kvq_qk_any(S[g0], q + (size_t)g0 * hd, kp, kt, n, bs, hd, group, scale);
+        }
+        for (int g = 0; g < G; g++) {
+            for (int j = 0; j < j0; j++) S[g][j] = -INFINITY;
+            for (int j = j1 + 1; j < bs; j++) S[g][j] = -INFINITY;
+            const float c = kvq_softmax(S[g], bs, &m[g], &l[g]);
+            if (c != 1.0f) kvq_scale_acc(acc[g], c, hd);
+        }
+        for (int g0 = 0; g0 < G; g0 += KVQ_HMAX) {
+            const int n = G - g0 < KVQ_HMAX ? G - g0 : KVQ_HMAX;
+            kvq_pv_any(acc[g0], S[g0], vp, vt, n, j0, j1, bs, hd, group);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float inv = 1.0f / l[g];
+        for (int d = 0; d < hd; d++) out[(size_t)g * hd + d] = acc[g][d] * inv;
+    }
+}
+
+void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const void *k_cache,
+                            const void *v_cache, int k_type, int v_type, int group,
+                            const int32_t *block_table, int max_blocks, int block_size, const int32_t *seq,
+                            const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim, float scale,
+                            int window) {
+    if (head_dim <= 0 || head_dim > KVQ_MAX_HD || n_kv_heads <= 0 || n_heads % n_kv_heads ||
+        block_size % IFG_KVQ_POS || block_size > IFG_KVQ_MAX_BS || head_dim % IFG_KVQ_CHUNK ||
+        group <= 0 || head_dim % group)
+        return;
+    const int G = n_heads / n_kv_heads;
+    const size_t kpb = ifg_kvq_part_bytes(k_type, block_size, head_dim, group),
+                 vpb = ifg_kvq_part_bytes(v_type, block_size, head_dim, group);
+    const long items = (long)T * n_kv_heads;
+    IFG_PRAGMA(omp for schedule(static, 1))
+    for (long it = 0; it < items; it++) {
+        const int t = (int)(it / n_kv_heads), kvh = (int)(it % n_kv_heads);
+        const int32_t *bt = block_table + (size_t)seq[t] * max_blocks;
+        const int first = window > 0 && pos[t] + 1 > window ? pos[t] + 1 - window : 0;
+        for (int g0 = 0; g0 < G; g0 += KVQ_GMAX) {
+            const int gc = G - g0 < KVQ_GMAX ? G - g0 : KVQ_GMAX;
+            const size_t h0 = (size_t)kvh * G + g0;
+            kvq_group(out + (size_t)t * ldo + h0 * head_dim, q + (size_t)t * ldq + h0 * head_dim,
+                      (const uint8_t *)k_cache, (const uint8_t *)v_cache, k_type, v_type, group, bt, block_size,
+                      n_kv_heads, kvh, kpb, vpb, first, pos[t], head_dim, gc, scale);
+        }
+    }
+}
+
+void ifg_kvq_attention(float *out, int ldo, const float *q, int ldq, const void *k_cache, const void *v_cache,
+                       int k_type, int v_type, int group, const int32_t *block_table, int max_blocks,
+                       int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
+                       int n_kv_heads, int head_dim, float scale, int window, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_kvq_attention_part(out, ldo, q, ldq, k_cache, v_cache, k_type, v_type, group, block_table,
+                               max_blocks, block_size, seq, pos, T, n_heads, n_kv_heads, head_dim, scale,
+                               window);
+    }
+}
+
+/* ---- Walsh–Hadamard rotation ----------------------------------------------------------------- */
+/* One head vector: signs, butterflies of stride 1, 2, 4, … (a+b, a-b), then the 1/sqrt(n) norm.
+ * The SIMD builds run the strides of a whole vector or more as vector adds; smaller strides
+ * stay scalar. Every output is the same a+b / a-b chain in every build: bitwise identical. */
+static void kvq_fwht(float *v, const float *signs, int n, float norm) {
+    for (int i = 0; i < n; i++) v[i] *= signs[i];
+    int len = 1;
+#ifdef IFG_SIMD
+    for (; len < n && len < IFG_VW; len <<= 1)
+#else
+    for (; len < n; len <<= 1)
+#endif
+        for (int i = 0; i < n; i += 2 * len)
+            for (int j = i; j < i + len; j++) {
+                const float a = v[j], b = v[j + len];
+                v[j] = a + b;
+                v[j + len] = a - b;
+            }
+#ifdef IFG_SIMD
+    for (; len < n; len <<= 1)
+        for (int i = 0; i < n; i += 2 * len)
+            for (int j = i; j < i + len; j += IFG_VW) {
+                const ifg_vf a = ifg_vload(v + j), b = ifg_vload(v + j + len);
+                ifg_vstore(v + j, ifg_vadd(a, b));
+                ifg_vstore(v + j + len, ifg_vsub(a, b));
+            }
+#endif
+    for (int i = 0; i < n; i++) v[i] *= norm;
+}
+
+void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim) {
+    if (head_dim <= 0 || (head_dim & (head_dim - 1))) return;
+    const float norm = 1.0f / sqrtf((float)head_dim);
+    const long items = (long)rows * n_heads;
+    IFG_FOR
+    for (long it = 0; it < items; it++)
+        kvq_fwht(x + (size_t)(it / n_heads) * ld + (size_t)(it % n_heads) * head_dim, signs, head_dim, norm);
+}
+
+void ifg_hadamard(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_hadamard_part(x, ld, signs, rows, n_heads, head_dim);
+    }
+}

@@ -1,0 +1,55 @@
+/* kvq.h — the compressed paged KV cache (bf16 / int8 / int4, f32 beside them for mixed K/V
+ * types): storing (quantizing) K/V rows, causal attention that reads the codes directly, and
+ * the randomized Walsh–Hadamard rotation applied to queries and keys. */
+#ifndef IFG_KVQ_H
+#define IFG_KVQ_H
+
+#include "core.h"
+
+// cdef-begin
+enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3 };
+/* Shape rules of the compressed layout: block_size a multiple of POS (position vectors of the
+   key kernel), head_dim a multiple of CHUNK (int4 packs 8 values in 4 bytes), at most MAX_BS
+   positions per block. */
+enum ifg_kvq_shape { IFG_KVQ_POS = 16, IFG_KVQ_CHUNK = 8, IFG_KVQ_MAX_BS = 256 };
+
+/* One layer's K (or V) pool is [n_blocks][n_kv_heads][part]; a part is one kv head's share of one
+   block, ifg_kvq_part_bytes(type, block_size, head_dim, group) bytes:
+     K part: int types: scales f32 [head_dim/group][block_size], then codes [head_dim][block_size]
+             (channel-major: a key kernel vector holds 16 positions of one channel)
+     V part: int types: scales f32 [block_size][head_dim/group], then codes [block_size][head_dim]
+   codes: f32, bf16 (round to nearest even), int8 (d = amax/127, q = rint(x/d) in -127..127),
+   int4 (d = -m/8 for m the value of largest magnitude, q = rint(x/d) clamped to -8..7, stored
+   q+8; 8 values in 4 bytes: byte i holds value i in its low and value i+4 in its high nibble).
+   x/d is computed as x * (1/d) in f32; the value read back is q * d in f32. group divides
+   head_dim and is head_dim or a multiple of 16. */
+size_t ifg_kvq_part_bytes(int type, int block_size, int head_dim, int group);
+/* Store k[t], v[t] (rows of n_kv_heads*head_dim at stride ldkv) at (seq[t], pos[t]) as
+   ifg_kv_store does, quantizing into the layout above. */
+void ifg_kvq_store(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
+                   const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
+                   const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim, int n_threads);
+/* ifg_attention_window over the compressed cache (window <= 0: no window). */
+void ifg_kvq_attention(float *out, int ldo, const float *q, int ldq, const void *k_cache, const void *v_cache,
+                       int k_type, int v_type, int group, const int32_t *block_table, int max_blocks,
+                       int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
+                       int n_kv_heads, int head_dim, float scale, int window, int n_threads);
+/* x_h ← H·(signs ⊙ x_h) / sqrt(head_dim) for every head h of every row (rows of n_heads*head_dim
+   at stride ld): an orthogonal rotation, so rotating both queries and keys leaves q·k unchanged
+   while spreading a channel's outlier over all channels before quantizing. head_dim a power of
+   two. H is the Sylvester Hadamard matrix (fast Walsh–Hadamard butterflies, stride 1 first). */
+void ifg_hadamard(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads);
+// cdef-end
+
+/* Orphaned work-sharing bodies: call from inside a parallel region (all threads). */
+void ifg_kvq_store_part(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
+                        const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
+                        const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim);
+void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const void *k_cache,
+                            const void *v_cache, int k_type, int v_type, int group,
+                            const int32_t *block_table, int max_blocks, int block_size, const int32_t *seq,
+                            const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim, float scale,
+                            int window);
+void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim);
+
+#endif
