@@ -13,13 +13,16 @@
 #include "kvq.h"
 #include "lora.h"
 #include "quant.h"
+#include "quant_k.h"
+#include "quant_gguf.h"
 
 static void mm(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T, int acc) {
     ifg_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc);
 }
 
 /* The input x [T][K] of projections p0..p0+n of layer l quantized once into the scratch's xq,
- * when one of them is a q8_0x16 / q4_0x16 product or has an int8 adapter in this batch (lora.h),
+ * when one of them is an int8-activation product that takes it (q8_0x16 / q4_0x16 / q4_kx16 and
+ * the GGUF types', quant_gguf.h) or has an int8 adapter in this batch (lora.h),
  * which would each round x in every thread (the threads split the rows of W, so each needs all
  * of x) or in every shrink unit otherwise: the same int8 values, computed once. Returns the
  * quantized x, or NULL (no scratch, or nothing that reads it). */
@@ -29,7 +32,7 @@ static const struct ifg_xq *quant_input(struct ifg_xq *xq, const struct ifg_scra
     const struct ifg_weight *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
     int any = 0;
     for (int p = p0; p < p0 + n; p++) {
-        any |= ifg_is_qx16(w[p]->dtype);
+        any |= ifg_is_qx16(w[p]->dtype) || ifg_is_qkx16(w[p]->dtype) || ifg_quant_gguf_takes_xq(w[p]->dtype);
         for (int i = 0; lb && i < lb->n_seg; i++) {
             const struct ifg_lora *a = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
             any |= a && a->a_dtype == IFG_LORA_I8 && lb->seg_start[i + 1] > lb->seg_start[i];

@@ -369,7 +369,7 @@ void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *
     } else if (ifg_is_qx16(wtype)) {
         ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL, xq);
     } else if (ifg_is_qkx16(wtype)) {
-        ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+        ifg_qk_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
     } else if (ifg_is_quant(wtype)) {
         ifg_qmm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate);
     } else if (ifg_is_quant_k(wtype)) {

@@ -52,13 +52,11 @@ static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype ==
  * quantizes x bit for bit alike, as infeng.quant.quantize_activations). */
 void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
                     int k0, int k1, int ldq, int ldd);
-/* Repack a GGUF-order q8_0 / q4_0 / q4_k / q4_1 matrix src (N rows of K/32 or K/256 blocks, N a
+/* Repack a GGUF-order q8_0 / q4_0 / q4_k / q4_1 / q6_k / q5_k matrix src (N rows of K/32 or K/256 blocks, N a
  * multiple of 16) into its interleaved layout dst (the same number of bytes; q4_k's is in
- * quant_k.h, q4_1's in quant_gguf.h); groups of rows split over threads. The numpy reference is
+ * quant_k.h, q4_1's, q6_k's and q5_k's in quant_gguf.h); groups of rows split over threads. The numpy reference is
  * infeng.quant.interleave.interleave. */
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
-// cdef-end
-static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
 /* x quantized per token and 32-block once (ifg_quantize_x's rounding), for several GEMMs over
  * the same input and every thread to share: row t's k-th int8 at q[t*ldq + k], block b's scale
  * and sum of q at d / s[t*ldd + b]. */
@@ -66,6 +64,12 @@ struct ifg_xq {
     int8_t *q; float *d; int32_t *s;
     int ldq, ldd;
 };
+/* ifg_matmul with x already quantized into xq (the products that take it read it instead of
+ * rounding x again; the others ignore it): what forward.c's projections do. */
+void ifg_matmul_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T, int N, int K,
+                   int accumulate, const struct ifg_xq *xq, int n_threads);
+// cdef-end
+static inline int ifg_is_qx16(int dtype) { return dtype == IFG_Q8_0X16 || dtype == IFG_Q4_0X16; }
 /* Rows [0, T) of x over K (a multiple of 32) into xq (worksharing loop, ends in a barrier). */
 void ifg_quantize_x_part(const struct ifg_xq *xq, const float *x, int ldx, int T, int K);
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an interleaved W; allocates nothing

@@ -16,6 +16,7 @@
 #include "quant_gguf.h"
 #include "quant.h"
 #include "simd.h"
+#include "matmul.h"
 
 #define AF_KB 2048 /* k chunk of x quantized at a time (multiple of 32) */
 #define AF_TB 16   /* tokens quantized at a time */
@@ -228,5 +229,12 @@ void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
     if (wtype == IFG_Q6_K) ifg_q6k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
     else if (wtype == IFG_Q5_K) ifg_q5k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
     else if (wtype == IFG_Q4_1X16) ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL, xq);
+    else if (wtype == IFG_Q6_KX16) ifg_q6k_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
+    else if (wtype == IFG_Q5_KX16) ifg_q5k_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
     else af_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
+}
+
+void ifg_matmul_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T, int N, int K,
+                   int accumulate, const struct ifg_xq *xq, int n_threads) {
+    IFG_PARALLEL(n_threads) { ifg_matmul_part_xq(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, xq); }
 }

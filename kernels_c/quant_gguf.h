@@ -26,10 +26,18 @@ struct ifg_xq;
 
 static inline int ifg_is_quant_affine(int dtype) { return dtype == IFG_Q4_1 || dtype == IFG_Q5_1; }
 static inline int ifg_is_quant_gguf(int dtype) {
-    return ifg_is_quant_affine(dtype) || dtype == IFG_Q6_K || dtype == IFG_Q5_K || dtype == IFG_Q4_1X16;
+    return ifg_is_quant_affine(dtype) || dtype == IFG_Q6_K || dtype == IFG_Q5_K || dtype == IFG_Q4_1X16 ||
+           dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16;
 }
 /* The row-interleaved ones (their row ranges go in whole groups of 16). */
-static inline int ifg_is_quant_gguf_x16(int dtype) { return dtype == IFG_Q4_1X16; }
+static inline int ifg_is_quant_gguf_x16(int dtype) {
+    return dtype == IFG_Q4_1X16 || dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16;
+}
+/* The ones whose products take x quantized once by the caller (ifg_xq; forward.c shares it
+ * between the projections of one input). */
+static inline int ifg_quant_gguf_takes_xq(int dtype) {
+    return ifg_is_quant_affine(dtype) || ifg_is_quant_gguf_x16(dtype);
+}
 
 #define IFG_Q6_K_BLOCK 210
 #define IFG_Q5_K_BLOCK 176
@@ -65,6 +73,26 @@ void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
  * their fp16 m, 64..319 the nibbles as q4_0x16's: chunk v (64 bytes), row r, byte 4r + j: low
  * nibble level of k = 8v + j, high of k = 8v + 4 + j. Its product is q4_0x16's kernel
  * (ifg_qmm_x16_rows, quant_x16.c) with the minimums' term added. */
+/* Row-interleaved q6_k (IFG_Q6_KX16; N a multiple of 16, from GGUF order by ifg_quant_interleave /
+ * infeng.quant.interleave). W is N/16 groups of 16 rows; a group is K/256 group-blocks of 3360
+ * bytes (= 16 × 210):
+ *   0..31       the 16 rows' fp16 d (row r at 2r);
+ *   32..287     byte 32 + 16s + r: row r's int8 scale of 16-weight sub-block s;
+ *   288..2335   32-block c (k = 32c..32c+31) at 288 + 256c: 4 × 64 bytes, chunk v, row r, byte
+ *               4r + j: low 4 bits of the level of k = 32c + 8v + j (low nibble), of k = 32c + 8v + 4 + j (high);
+ *   2336..3359  32-block c at 2336 + 128c: 2 × 64 bytes, vector m, row r, byte 4r + j, bits
+ *               2v..2v+1: the high 2 bits of the level of k = 32c + 8v + 4m + j.
+ * quant_q6kx16.c. */
+void ifg_q6k_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                         int K, int accumulate, const struct ifg_xq *xq);
+void ifg_q6_k_interleave(void *dst, const void *src, int N, int K, int n_threads);
+/* Row-interleaved q5_k (IFG_Q5_KX16): group-blocks of 2816 bytes (= 16 × 176); bytes 0..2303 as
+ * q4_kx16's (quant_k.h) with the low 4 bits of the levels, then 512 bytes of 5th bits: sub-block s
+ * at 2304 + 64s, row r, byte 4r + j, bit 2v + h: bit 4 of the level of k = 32s + 8v + 4h + j.
+ * quant_kx16.c. */
+void ifg_q5k_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                         int K, int accumulate, const struct ifg_xq *xq);
+void ifg_q5_k_interleave(void *dst, const void *src, int N, int K, int n_threads);
 /* q6_k's product and row lookup (quant_q6k.c; ifg_qg_* dispatch to them). */
 void ifg_q6k_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
                      int K, int accumulate);

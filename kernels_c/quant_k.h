@@ -54,8 +54,9 @@ void ifg_qk_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
 static inline int ifg_is_qkx16(int dtype) { return dtype == IFG_Q4_KX16; }
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an IFG_Q4_KX16 W (quant_kx16.c);
  * allocates nothing (a ~90 KiB stack buffer per thread holds a tile of quantized x). */
+struct ifg_xq;
 void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
-                        int K, int accumulate);
+                        int K, int accumulate, const struct ifg_xq *xq);
 /* GGUF-order q4_k (N rows of K/256 blocks) → IFG_Q4_KX16 (reached through ifg_quant_interleave). */
 void ifg_q4_k_interleave(void *dst, const void *src, int N, int K, int n_threads);
 

@@ -1,5 +1,7 @@
-/* quant_kx16.c — y (=|+=) x · Wᵀ for q4_k weights in the 16-row interleaved layout
- * (IFG_Q4_KX16, layout in quant_k.h), and the repack into it from GGUF order.
+/* quant_kx16.c — y (=|+=) x · Wᵀ for q4_k and q5_k weights in the 16-row interleaved layouts
+ * (IFG_Q4_KX16, layout in quant_k.h; IFG_Q5_KX16, quant_gguf.h), and the repacks into them from
+ * GGUF order. q5_k is q4_k's layout plus a plane of 5th bits (one 64-byte vector per sub-block,
+ * OR'd into bit 4 of the levels; the kernels below take it as the constant Q5).
  *
  * The same scheme as quant_x16.c (q4_0x16), with q4_k's two-level scales: x is quantized per
  * token and 32-block (ifg_quantize_x, as for every int8 kernel) into a stack tile of X16_T tokens
@@ -19,21 +21,24 @@
  * summation order depends only on T == 1 or not and on K, never on the thread or tile: results
  * are bitwise identical for any thread count. */
 #include "quant_k.h"
+#include "quant_gguf.h"
 #include "quant_x16.h"
 
 #define KX_GB (16 * IFG_Q4_K_BLOCK) /* one group-block: 16 rows × one super-block, 2304 bytes */
+#define KX_GB5 (16 * IFG_Q5_K_BLOCK) /* q5_k's: 2816 bytes, the 5th bits at KX_GB */
+#define KX_GBQ(Q5) ((Q5) ? KX_GB5 : KX_GB)
 
 #ifndef IFG_SIMD
 /* ---- scalar reference (the scalar build) ---- */
 static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                     int t, int tt, int n0, int n1, int nsb, int add) {
+                     int t, int tt, int n0, int n1, int nsb, int add, int Q5) {
     for (int n = n0; n < n1; n++) {
         const int r = n % 16;
         const uint8_t *wg = w + (size_t)(n / 16) * gstride;
         for (int i = 0; i < tt; i++) {
             float acc = 0.0f;
             for (int b = 0; b < nsb; b++) {
-                const uint8_t *gb = wg + (size_t)b * KX_GB;
+                const uint8_t *gb = wg + (size_t)b * KX_GBQ(Q5);
                 uint16_t h;
                 memcpy(&h, gb + 2 * r, 2);
                 const float d = ifg_f16_to_f32(h);
@@ -45,9 +50,12 @@ static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
                     const int8_t *xq = xt->q + (size_t)i * xt->ldq + 256 * b + 32 * s;
                     const uint8_t *qs = gb + 256 + 256 * s;
                     int32_t dot = 0;
-                    for (int k = 0; k < 32; k++) dot += (int32_t)x16_nibble(qs, r, k) * xq[k];
+                    for (int k = 0; k < 32; k++) {
+                        const int hb = Q5 ? (gb[KX_GB + 64 * s + 4 * r + k % 4] >> (k / 4) & 1) << 4 : 0;
+                        dot += (int32_t)(x16_nibble(qs, r, k) | hb) * xq[k];
+                    }
                     const int xb = i * xt->ldd + 8 * b + s;
-                    acc += (float)dot * ((d * (float)sc) * xt->d[xb]) - (dmin * (float)m) * xt->ds[xb];
+                    acc += (float)dot * ((d * (float)sc) * xt->d[xb]) - (dmin * (float)m) * (xt->d[xb] * (float)xt->s[xb]);
                 }
             }
             float *yo = y + (size_t)(t + i) * ldy + n;
@@ -55,7 +63,7 @@ static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
         }
     }
 }
-#define kx_tiles kx_tiles_ref
+#define kx_tiles kx_tiles_ref /* the same arguments, q5 last */
 #else
 /* ---- SIMD: per-ISA register tiles (VNNI against AVX2's vpmaddubsw) ---- */
 
@@ -78,8 +86,15 @@ IFG_AI void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
                                                    _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(12)), 2)));
 }
 
+/* Bit `bit` of every byte of q5_k's 5th-bit vector h, moved to bit 4 (16-bit shifts: what crosses
+ * a byte is masked off). */
+IFG_AI __m512i kx_bit4(__m512i h, const int bit) {
+    const __m512i m = _mm512_set1_epi8(0x10);
+    return _mm512_and_si512(bit <= 4 ? _mm512_slli_epi16(h, 4 - bit) : _mm512_srli_epi16(h, bit - 4), m);
+}
+
 IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF, const int Q5) {
     __m512 acc[KXT][KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
     const int ldq = xt->ldq, ldd = xt->ldd, pf = PF && i0 == 0 ? xt->pf : 0;
@@ -93,7 +108,7 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         __m512 dv[KXG1], mv[KXG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GBQ(Q5);
             dv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
             mv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32)));
             kx_scales4(gb[g], 0, scb[g], mnb[g]);
@@ -104,9 +119,10 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             __m512 ws[KXG1], wm[KXG1];
-            __m512i ia[KXT][KXG1];
+            __m512i ia[KXT][KXG1], hb[KXG1];
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
+                hb[g] = Q5 ? _mm512_loadu_si512((const void *)(gb[g] + KX_GB + 64 * s)) : _mm512_setzero_si512();
                 const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
                 const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
                 ws[g] = _mm512_mul_ps(dv[g], sc);
@@ -126,6 +142,10 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
                     lo[g] = _mm512_and_si512(raw, m4);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                    if (Q5) {
+                        lo[g] = _mm512_or_si512(lo[g], kx_bit4(hb[g], 2 * v));
+                        hi[g] = _mm512_or_si512(hi[g], kx_bit4(hb[g], 2 * v + 1));
+                    }
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
@@ -139,7 +159,7 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #pragma GCC unroll 8
             for (int i = 0; i < TT; i++) {
                 const int xi = (i0 + i) * ldd + 8 * b + s;
-                const __m512 dx = _mm512_set1_ps(xt->d[xi]), sx = _mm512_set1_ps(xt->ds[xi]);
+                const __m512 dx = _mm512_set1_ps(xt->d[xi]), sx = _mm512_set1_ps(xt->d[xi] * (float)xt->s[xi]);
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(ws[g], dx), acc[i][g]);
@@ -162,7 +182,7 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
  * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
  * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
 IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
-                  int n, int nsb, int add, const int G, const int PF) {
+                  int n, int nsb, int add, const int G, const int PF, const int Q5) {
     __m512 acc[KXG1];
     _Alignas(64) uint8_t scb[KXG1][128], mnb[KXG1][128];
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
@@ -174,7 +194,7 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
         __m512 as[KXG1], am[KXG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GBQ(Q5);
             kx_scales4(gb[g], 0, scb[g], mnb[g]);
             kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
             as[g] = _mm512_setzero_ps();
@@ -185,9 +205,12 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             const int8_t *xb = xt->q + 256 * b + 32 * s;
-            __m512i il[KXG1], ih[KXG1];
+            __m512i il[KXG1], ih[KXG1], hb[KXG1];
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) il[g] = ih[g] = _mm512_setzero_si512();
+            for (int g = 0; g < G; g++) {
+                il[g] = ih[g] = _mm512_setzero_si512();
+                hb[g] = Q5 ? _mm512_loadu_si512((const void *)(gb[g] + KX_GB + 64 * s)) : il[g];
+            }
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * v)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * v + 4));
@@ -195,14 +218,20 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
 #pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
-                    il[g] = _mm512_dpbusd_epi32(il[g], _mm512_and_si512(raw, m4), xl);
-                    ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_and_si512(raw, m4h), xh);
+                    if (Q5) { /* levels up to 31: the high ones shifted down like the low */
+                        il[g] = _mm512_dpbusd_epi32(il[g], _mm512_or_si512(_mm512_and_si512(raw, m4), kx_bit4(hb[g], 2 * v)), xl);
+                        ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4),
+                                                                           kx_bit4(hb[g], 2 * v + 1)), xh);
+                    } else {
+                        il[g] = _mm512_dpbusd_epi32(il[g], _mm512_and_si512(raw, m4), xl);
+                        ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_and_si512(raw, m4h), xh);
+                    }
                 }
             }
-            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s]), sx = _mm512_set1_ps(xt->ds[8 * b + s]);
+            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s]), sx = _mm512_set1_ps(xt->d[8 * b + s] * (float)xt->s[8 * b + s]);
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
-                const __m512i dot = _mm512_add_epi32(il[g], _mm512_srai_epi32(ih[g], 4));
+                const __m512i dot = _mm512_add_epi32(il[g], Q5 ? ih[g] : _mm512_srai_epi32(ih[g], 4));
                 const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
                 const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
                 as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dx), as[g]);
@@ -239,8 +268,14 @@ IFG_AI void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) 
     *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
 }
 
+/* Bit `bit` of every byte of (half of) q5_k's 5th-bit vector h, moved to bit 4. */
+IFG_AI __m256i kx_bit4(__m256i h, const int bit) {
+    const __m256i m = _mm256_set1_epi8(0x10);
+    return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(h, 4 - bit) : _mm256_srli_epi16(h, bit - 4), m);
+}
+
 IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF) {
+                 int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF, const int Q5) {
     __m256 acc[KXT][2 * KXG1]; /* [token][8-row half] */
     const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
@@ -252,7 +287,7 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         const uint8_t *gb[KXG1];
         __m256 dv[2 * KXG1], mv[2 * KXG1];
 #pragma GCC unroll 8
-        for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GB;
+        for (int g = 0; g < G; g++) gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GBQ(Q5);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) X16_PREFETCH(gb, 64 * j); /* the header; the levels as they are read */
 #pragma GCC unroll 8
@@ -262,11 +297,12 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
         }
         for (int s = 0; s < 8; s++) {
             __m256 ws[2 * KXG1], wm[2 * KXG1];
-            __m256i ia[KXT][2 * KXG1], p16[KXT][2 * KXG1];
+            __m256i ia[KXT][2 * KXG1], p16[KXT][2 * KXG1], hb[2 * KXG1];
 #pragma GCC unroll 8
             for (int h = 0; h < H; h++) {
                 __m256 sc, mn;
                 kx_scales8(gb[h / 2], s, h % 2, &sc, &mn);
+                hb[h] = Q5 ? _mm256_loadu_si256((const __m256i *)(gb[h / 2] + KX_GB + 64 * s + 32 * (h % 2))) : _mm256_setzero_si256();
                 ws[h] = _mm256_mul_ps(dv[h], sc);
                 wm[h] = _mm256_mul_ps(mv[h], mn);
             }
@@ -282,6 +318,10 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(gb[h / 2] + 256 + 256 * s + 64 * v + 32 * (h % 2)));
                     lo[h] = _mm256_and_si256(raw, m4);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    if (Q5) {
+                        lo[h] = _mm256_or_si256(lo[h], kx_bit4(hb[h], 2 * v));
+                        hi[h] = _mm256_or_si256(hi[h], kx_bit4(hb[h], 2 * v + 1));
+                    }
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
@@ -290,18 +330,23 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #pragma GCC unroll 8
                     for (int h = 0; h < H; h++) {
                         const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
-                        p16[i][h] = v == 0 ? p : _mm256_add_epi16(p16[i][h], p);
+                        p16[i][h] = v == 0 || (Q5 && v == 2) ? p : _mm256_add_epi16(p16[i][h], p);
+                        /* q5_k: levels up to 31, so the int16 sums widen every 2 chunks (<= 4 * 2*31*127) */
+                        if (Q5 && v == 1) ia[i][h] = _mm256_madd_epi16(p16[i][h], ones);
                     }
                 }
             }
 #pragma GCC unroll 8
             for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
-                for (int h = 0; h < H; h++) ia[i][h] = _mm256_madd_epi16(p16[i][h], ones);
+                for (int h = 0; h < H; h++) {
+                    const __m256i p = _mm256_madd_epi16(p16[i][h], ones);
+                    ia[i][h] = Q5 ? _mm256_add_epi32(ia[i][h], p) : p;
+                }
 #pragma GCC unroll 8
             for (int i = 0; i < TT; i++) {
                 const int xi = (i0 + i) * ldd + 8 * b + s;
-                const __m256 dx = _mm256_set1_ps(xt->d[xi]), sx = _mm256_set1_ps(xt->ds[xi]);
+                const __m256 dx = _mm256_set1_ps(xt->d[xi]), sx = _mm256_set1_ps(xt->d[xi] * (float)xt->s[xi]);
 #pragma GCC unroll 8
                 for (int h = 0; h < H; h++) {
                     acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(ws[h], dx), acc[i][h]);
@@ -322,15 +367,15 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile. */
 IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                    int t, int tt, int n0, int n1, int nsb, int add, const int PF) {
+                    int t, int tt, int n0, int n1, int nsb, int add, const int PF, const int Q5) {
     if (tt == 1) {
         int n = n0;
 #ifdef KX_TILE1
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, PF);
-        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, PF);
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, PF, Q5);
+        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, PF, Q5);
 #else
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, PF);
-        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, PF);
+        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, PF, Q5);
+        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, PF, Q5);
 #endif
         return;
     }
@@ -338,10 +383,10 @@ IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8
         const int G = n + 16 * KXG <= n1 ? KXG : 1;
         for (int i0 = 0; i0 < tt; i0 += KXT) {
             const int r = tt - i0;
-#define KX_CASE(TTC)                                                                    \
-    do {                                                                                \
-        if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG, PF); \
-        else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1, PF);            \
+#define KX_CASE(TTC)                                                                        \
+    do {                                                                                    \
+        if (G == KXG) kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, KXG, PF, Q5); \
+        else kx_tile(y, ldy, xt, w, gstride, t, i0, n, nsb, add, TTC, 1, PF, Q5);            \
     } while (0)
             X16_TSWITCH(r, KXT, KX_CASE);
 #undef KX_CASE
@@ -349,32 +394,45 @@ IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8
         n += 16 * G;
     }
 }
-/* the prefetch a compile-time choice, as in quant_x16.c (a branch on it in the inner loop slows prefill) */
+/* the prefetch and the type compile-time choices, as in quant_x16.c (a branch on them in the
+ * inner loop slows prefill) */
 static void kx_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                     int t, int tt, int n0, int n1, int nsb, int add) {
-    if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1);
-    else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0);
+                     int t, int tt, int n0, int n1, int nsb, int add, int q5) {
+    if (q5) {
+        if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1, 1);
+        else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0, 1);
+    } else {
+        if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1, 0);
+        else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0, 0);
+    }
 }
 #endif
 
-void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
-                        int K, int accumulate) {
+static void kx_mm(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1, int K,
+                  int accumulate, const struct ifg_xq *xq, int q5) {
     struct x16_tile xt;
-    const size_t gstride = (size_t)(K / IFG_QK_K) * KX_GB;
+    const size_t gb = KX_GBQ(q5), gstride = (size_t)(K / IFG_QK_K) * gb;
     int tb, kw;
     xt.pf = x16_plan(T, K, &tb, &kw);
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {
             const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0;
-            x16_fill(&xt, NULL, x, ldx, t, tt, k0, k1, kw);
-            for (int i = 0; i < tt; i++)
-                for (int b = 0; b < (k1 - k0) / IFG_QK; b++) xt.dsb[i * xt.ldd + b] = xt.d[i * xt.ldd + b] * (float)xt.s[i * xt.ldd + b];
-            xt.ds = xt.dsb;
-            kx_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK_K) * KX_GB, gstride,
-                     t, tt, r0, r1, (k1 - k0) / IFG_QK_K, add);
+            x16_fill(&xt, xq, x, ldx, t, tt, k0, k1, kw);
+            kx_tiles(y, ldy, &xt, (const uint8_t *)w + (size_t)(k0 / IFG_QK_K) * gb, gstride,
+                     t, tt, r0, r1, (k1 - k0) / IFG_QK_K, add, q5);
         }
     }
+}
+
+void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                        int K, int accumulate, const struct ifg_xq *xq) {
+    kx_mm(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq, 0);
+}
+
+void ifg_q5k_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                         int K, int accumulate, const struct ifg_xq *xq) {
+    kx_mm(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq, 1);
 }
 
 /* Row r's GGUF q4_k super-block s into group-block o (layout in quant_k.h). */
@@ -408,4 +466,23 @@ static void kx_put_q4_k(uint8_t *o, const uint8_t *s, int r) {
 /* GGUF-order q4_k (N rows of K/256 blocks) → IFG_Q4_KX16; groups of rows split over threads. */
 void ifg_q4_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
     x16_interleave(dst, src, N, K / IFG_QK_K, IFG_Q4_K_BLOCK, kx_put_q4_k, n_threads);
+}
+
+/* Row r's GGUF q5_k super-block s into group-block o: q4_k's layout of the low 4 bits (q5_k's
+ * d, dmin, scales and qs are q4_k's bytes), then the 5th bits (layout in quant_gguf.h). */
+static void kx_put_q5_k(uint8_t *o, const uint8_t *s, int r) {
+    uint8_t q4[IFG_Q4_K_BLOCK];
+    memcpy(q4, s, 16);
+    memcpy(q4 + 16, s + 48, 128);
+    kx_put_q4_k(o, q4, r);
+    for (int sb = 0; sb < 8; sb++) /* qh: bit sb of byte l is bit 4 of sub-block sb's element l */
+        for (int j = 0; j < 4; j++) {
+            uint8_t by = 0;
+            for (int b = 0; b < 8; b++) by |= (uint8_t)((s[16 + 4 * b + j] >> sb & 1) << b); /* k = 4b + j */
+            o[KX_GB + 64 * sb + 4 * r + j] = by;
+        }
+}
+
+void ifg_q5_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
+    x16_interleave(dst, src, N, K / IFG_QK_K, IFG_Q5_K_BLOCK, kx_put_q5_k, n_threads);
 }

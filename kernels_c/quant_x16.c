@@ -361,6 +361,8 @@ static void xg_put_q4_1(uint8_t *o, const uint8_t *s, int r) {
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
     if (dtype == IFG_Q4_K) ifg_q4_k_interleave(dst, src, N, K, n_threads);
     else if (dtype == IFG_Q4_1) x16_interleave(dst, src, N, K / IFG_QK, 20, xg_put_q4_1, n_threads);
+    else if (dtype == IFG_Q6_K) ifg_q6_k_interleave(dst, src, N, K, n_threads);
+    else if (dtype == IFG_Q5_K) ifg_q5_k_interleave(dst, src, N, K, n_threads);
     else if (dtype == IFG_Q8_0) x16_interleave(dst, src, N, K / IFG_QK, 34, xg_put_q8_0, n_threads);
     else x16_interleave(dst, src, N, K / IFG_QK, 18, xg_put_q4_0, n_threads);
 }

@@ -2,6 +2,7 @@
 greedy output, the C forward pass against the numpy reference of the quantized model, and bad
 input at the CLI (one line, exit != 0, nothing written)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,25 @@ def test_c_forward_interleaved_equals_plain_layout(kern, qfiles, qtype, monkeypa
     _, plain = logits(load_model(qfiles[qtype]))
     # f32 order differences can flip an int8 rounding of a later activation (see _close_rows)
     assert _close_rows(fast, plain) >= len(TOKENS) + 1 - 2
+
+
+def test_q4_k_m_policy_is_llamacpp_recipe():
+    """policies/q4_k_m-22-layers.yaml stores in q6_k exactly what llama.cpp's Q4_K_M stores in Q6_K
+    on a 22-layer model: wv and w_down of the layers its use_more_bits picks, and the output head."""
+    from infeng.quant.policy import load_policy, plan
+    n = 22
+
+    def more_bits(i):                    # llama.cpp's use_more_bits(i_layer, n_layers)
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+    tensors = {"tok_embeddings": ("f32", np.zeros((32, 256), np.float32)),
+               "output": ("f32", np.zeros((32, 256), np.float32))}
+    for i in range(n):
+        for p in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            tensors[f"layers.{i}.{p}"] = ("f32", np.zeros((16, 256), np.float32))
+    pol = load_policy(Path(__file__).resolve().parents[1] / "policies" / "q4_k_m-22-layers.yaml")
+    got = {it.name: it.dtype for it in plan(tensors, "q4_k", pol)}
+    def q6(name):
+        parts = name.split(".")
+        return name == "output" or (len(parts) == 3 and parts[2] in ("wv", "w_down") and more_bits(int(parts[1])))
+    want = {name: "q6_k" if q6(name) else "q4_k" for name in tensors}
+    assert got == want

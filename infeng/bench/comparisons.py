@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infeng.bench import engine_scenarios, grammar_mask, job_memory, job_resume, kv_cache, lora_scenarios, \
+from infeng.bench import engine_scenarios, gguf_types, grammar_mask, job_memory, job_resume, kv_cache, lora_scenarios, \
     llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare, \
     spec_bench, synthetic
 from infeng.bench.peers import PeerSkip
@@ -136,6 +136,28 @@ class LlamaCppKld(Comparison):
 
     def metrics(self, records):
         return {f"{r['runner']}_{r['name']}".replace(".", "_") + ".kld_mean": r["kld_mean"] for r in records}
+
+
+class GgufTypes(Comparison):
+    """GGUF files written by llama.cpp's quantizer, converted by infeng: file size, resident memory
+    after loading, and prefill / decode speed against llama.cpp on the same file."""
+    name = "gguf_types"
+    model_param = "model"
+    defaults = {"model": "tinyllama-1.1b", "types": ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1"], "threads": 2,
+                "repeats": 2, "prefill": 512, "decode": 128}
+
+    def run(self, p, log):
+        if not p["types"] or not all(isinstance(t, str) for t in p["types"]):
+            raise InfengError(f"{self.name}: `types` must be a list of llama.cpp type names")
+        return gguf_types.run(p["model"], p["types"], p["threads"], p["repeats"], p["prefill"], p["decode"], log=log)
+
+    def metrics(self, records):
+        out = {}
+        for r in records:
+            for k in ("size_ratio", "rss_vs_file_kv", "prefill_ratio", "decode_ratio"):
+                if r.get(k) is not None:
+                    out[f"{r['type']}.{k}"] = r[k]
+        return out
 
 
 class EngineScenarios(Comparison):
@@ -439,7 +461,8 @@ COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
     LoraOverhead(), LoraPeer("peft_lora", "peft", peft_peer.compare),
     LoraPeer("llamacpp_lora", "llama.cpp lora", llamacpp_lora.compare), LlamaCppKld(), EngineScenarios(),
     JobMemory(), JobResume(), ScaleOut(), SimCompare(), ServeLoad(), ServeLlamaCpp(), GrammarMask(),
-    GrammarStep(), LlamaCppAgreement(), Speculation(), KVCacheKinds())}
+    GrammarStep(), LlamaCppAgreement(), Speculation(), KVCacheKinds(),
+    GgufTypes())}
 
 
 @dataclass

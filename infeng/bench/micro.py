@@ -48,11 +48,11 @@ def parse_shape(shape: str) -> tuple[int, int]:
 
 
 def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
-    """A random [n][k] weight in the storage layout of ``dtype`` (q8_0x16 / q4_0x16 / q4_kx16:
+    """A random [n][k] weight in the storage layout of ``dtype`` (q8_0x16 / q4_0x16 / q4_kx16 / ...:
     the row-interleaved kernel layouts, n a multiple of 16)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
-    if dtype in ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q5_k", "q6_k", "q8_0x16", "q4_0x16", "q4_kx16", "q4_1x16"):
+    if dtype in ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q5_k", "q6_k") or dtype in PLAIN:
         block = 256 if dtype.startswith(("q4_k", "q5_k", "q6_k")) else 32
         if k % block:
             raise InfengError(f"{dtype} needs a row width that is a multiple of {block}, got {k}")
@@ -78,7 +78,7 @@ def aligned(a: np.ndarray) -> np.ndarray:
 
 def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0) -> Case:
     """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM).
-    q8_0 / q4_0 / q4_k run in the layout a loaded model uses: row-interleaved when n % 16 == 0."""
+    The types with a 16-row layout run in it when n % 16 == 0, as a loaded model does."""
     n, k = parse_shape(shape)
     if can_interleave(dtype, n):
         dtype = INTERLEAVED[dtype]

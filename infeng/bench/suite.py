@@ -36,8 +36,8 @@ import yaml
 
 from infeng import kernels
 from infeng.bench import micro, synthetic
+from infeng.bench import comparisons   # a module import: comparisons' gguf_types kind runs suites
 from infeng.bench.probes import make_probes
-from infeng.bench.comparisons import ComparisonSuite, load_comparison
 from infeng.bench.kinds import DEFAULT_BW_MB, KINDS, Bandwidth, Kind
 from infeng.bench.peers import PeerSkip, make_peer
 from infeng.errors import InfengError
@@ -84,7 +84,7 @@ class Suite:
     scenarios: list[Scenario] = field(default_factory=list)
 
 
-def load_suite(path: str | Path) -> Suite | ComparisonSuite:
+def load_suite(path: str | Path) -> Suite | comparisons.ComparisonSuite:
     """A scenario suite, or a comparison suite (a file with a top-level ``kind``)."""
     p = Path(path)
     if not p.is_file():
@@ -94,7 +94,7 @@ def load_suite(path: str | Path) -> Suite | ComparisonSuite:
     except yaml.YAMLError as e:
         raise InfengError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(d, dict) and "kind" in d:
-        return load_comparison(d, p)
+        return comparisons.load_comparison(d, p)
     if not isinstance(d, dict) or not isinstance(d.get("scenarios"), list):
         raise InfengError(f"{p}: a suite is a mapping with a `scenarios` list")
     known = {"model", "dtype", "threads", "repeats", "peers", "gguf", "scenarios", "name"}

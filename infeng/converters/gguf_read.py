@@ -147,11 +147,14 @@ def _rope_scaling(g: GGUFFile, arch: str, hp, head_dim: int, where: str):
     raise InfengError(f"{where}: {arch}.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
 
 
-def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
+def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None, recode: dict | None = None):
     """A GGUF's parts (tensors of gguf_types.NATIVE_COPY types — F32/F16/BF16,
-    Q8_0/Q4_0/Q5_0/Q4_1/Q5_1, Q4_K/Q5_K/Q6_K — are views of the file, norms become f32, other
+    Q8_0/Q4_0/Q5_0/Q4_1/Q5_1, Q4_K/Q5_K/Q6_K — are views of the file, norms become f32; matrices
+    of a type in ``recode`` (GGML name → (native dtype, fn(raw, N, K) → its bytes, exact?): the
+    quant layer's gguf_recode.RECODE, handed down by the loader) are recoded into that type, other
     dequantizable types go through ``store_k_quant``): (config, {native name: (dtype, array)},
-    tokenizer dict, summary dict)."""
+    tokenizer dict, summary dict; its "recoded" says which types became what, in how many tensors)."""
+    recode = recode or {}
 
     k_dtype = k_quant_dtype or K_QUANT_DTYPE
     if k_dtype not in STORE_DTYPES:
@@ -196,7 +199,7 @@ def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
         if nn is None or nn not in shapes:
             raise InfengError(f"{where}: tensor {name!r} is not part of a {arch} model this engine runs")
         by_native[nn] = (t, 0, 0)
-    tensors, converted = {}, {}
+    tensors, converted, recoded = {}, {}, {}
     for nn, shape in shapes.items():
         if nn not in by_native:
             raise InfengError(f"{where}: missing tensor {gguf_name(nn, arch)!r}")
@@ -216,12 +219,17 @@ def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
                 if dt not in STORE_DTYPES:
                     raise InfengError(f"{where}: tensor {t.name!r} is {t.type_name}; norms must be F32/F16/BF16")
                 dt, arr = "f32", convert_dtype(arr, dt, "f32")
+        elif t.type_name in recode and len(shape) == 2 and not is_norm(nn):
+            dt, fn, exact = recode[t.type_name]
+            arr = fn(raw, *shape)
+            r = recoded.setdefault(f"{t.type_name} → {dt}", {"tensors": 0, "exact": exact})
+            r["tensors"] += 1
         elif t.type_name in gguf_types.DEQUANTIZE and len(shape) == 2:
             dt, arr = store_k_quant(t, raw, k_dtype)
             converted[t.type_name] = converted.get(t.type_name, 0) + 1
         else:
             raise InfengError(f"{where}: tensor {t.name!r} has type {t.type_name}, which cannot be converted "
-                              f"({', '.join(dict.fromkeys(list(NATIVE_COPY) + list(gguf_types.DEQUANTIZE)))})")
+                              f"({', '.join(dict.fromkeys(list(NATIVE_COPY) + list(recode) + list(gguf_types.DEQUANTIZE)))})")
         if arch in gguf_arch.PERMUTED and nn.endswith(".wq"):
             arr = unpermute_rope(arr, cfg.n_heads)
         elif arch in gguf_arch.PERMUTED and nn.endswith(".wk"):
@@ -232,7 +240,7 @@ def read_llama(path: str | os.PathLike, k_quant_dtype: str | None = None):
     for t in g.tensors.values():
         types[t.type_name] = types.get(t.type_name, 0) + 1
     summary = {"gguf_version": g.version, "name": name, "types": types, "k_quant_dtype": k_dtype if converted else None,
-               "dequantized": converted}
+               "dequantized": converted, "recoded": recoded}
     return cfg, tensors, tok, summary
 
 
@@ -259,6 +267,8 @@ def describe(info: dict[str, Any]) -> str:
     """The converter's summary line tail: which GGUF types came in and what became of them."""
     types = ", ".join(f"{n}×{k}" for k, n in sorted(info["types"].items()))
     text = f" (GGUF v{info['gguf_version']}: {types}"
+    for what, r in info.get("recoded", {}).items():
+        text += f"; {r['tensors']} tensors {what} ({'exactly' if r['exact'] else 'rounded'})"
     if info["dequantized"]:
         which = "/".join(sorted(info["dequantized"]))
         text += (f"; {which} dequantized to {info['k_quant_dtype']}: the native format has no k-quant dtype yet, "

@@ -23,6 +23,7 @@ from infeng.format.config import ModelConfig
 # MATRICES: model/llama.py and runtime/adapters.py import it from here
 from infeng.format.schema import MATRICES, STORE_DTYPES, convert_dtype, expected_shapes, is_norm  # noqa: F401
 from infeng.quant import QTYPES, to_f32
+from infeng.quant.gguf_recode import RECODE
 from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
 
 
@@ -111,7 +112,7 @@ def release_pages(arr: np.ndarray) -> None:
 
 def load_gguf(path: str | Path, k_quant_dtype: str | None = None) -> tuple[Model, dict[str, Any]]:
     """A Llama GGUF as a Model (see ``gguf_read.read_llama``) and the converter's summary."""
-    cfg, tensors, tok, summary = gguf_read.read_llama(path, k_quant_dtype)
+    cfg, tensors, tok, summary = gguf_read.read_llama(path, k_quant_dtype, RECODE)
     return Model(cfg, tensors, tok, {}, source=str(Path(path))), summary
 
 

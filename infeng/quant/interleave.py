@@ -1,6 +1,6 @@
-"""Row-interleaved copies of q8_0 / q4_0 / q4_k / q4_1 matrices for the C kernels (dtypes ``q8_0x16`` /
-``q4_0x16`` / ``q4_kx16`` / ``q4_1x16``; the byte layouts are documented in kernels_c/quant.h,
-quant_k.h and quant_gguf.h).
+"""Row-interleaved copies of q8_0 / q4_0 / q4_k / q4_1 / q6_k / q5_k matrices for the C kernels (dtypes
+``q8_0x16`` / ``q4_0x16`` / ``q4_kx16`` / ``q4_1x16`` / ``q6_kx16`` / ``q5_kx16``; the byte layouts are
+documented in kernels_c/quant.h, quant_k.h and quant_gguf.h).
 
 Files keep the GGUF block order (GGUF import/export is a byte copy); the loader repacks a matrix
 whose row count is a multiple of 16 into these layouts once, when the C model is built. A group
@@ -9,7 +9,9 @@ of 16 rows keeps, per 32-block of k, the 16 fp16 scales then the weights as 64-b
 ``8v + j``, high = k ``8v + 4 + j``), so one vpdpbusd against x's 4 int8 broadcast advances 16 rows. q4_k keeps per super-block the
 16 rows' d, dmin and 6-bit sub-block scales and mins (rearranged so that 16 bytes give one
 sub-block's 16 scales), then each sub-block's nibbles as q4_0x16 lays out a block's. q4_1 keeps
-per 32-block the 16 rows' d, then their m, then the nibbles as q4_0x16.
+per 32-block the 16 rows' d, then their m, then the nibbles as q4_0x16. q6_k keeps per super-block
+the 16 rows' d and int8 sub-block scales, the low 4 bits of the levels as q4_0x16's nibbles and
+their high 2 bits in 2-bit fields; q5_k is q4_k's layout of the low 4 bits plus a plane of 5th bits.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import numpy as np
 
 from infeng.errors import InfengError
 from infeng.kernels.abi import DTYPE
+from infeng.quant import q6_k
 from infeng.quant.q4_k import pack_scales, unpack_scales
 
 GROUP = 16
-INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16", "q4_1": "q4_1x16"}
+INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16", "q4_1": "q4_1x16",
+               "q6_k": "q6_kx16", "q5_k": "q5_kx16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
-_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q4_1": 20}
-_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q4_1": 32}
+_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q4_1": 20, "q6_k": 210, "q5_k": 176}
+_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q4_1": 32, "q6_k": 256, "q5_k": 256}
 _SCALES = {"q8_0": 1, "q4_0": 1, "q4_1": 2}   # fp16 values before the levels: d (q4_1: d, m)
 
 
@@ -39,8 +43,8 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
         raise InfengError(f"cannot interleave a {qtype} matrix of stored shape {list(raw.shape)}")
     nb, G = raw.shape[1] // bb, N // GROUP
     b = raw.reshape(G, GROUP, nb, bb)
-    if qtype == "q4_k":
-        return _interleave_q4_k(b).reshape(G, nb * GROUP * bb)
+    if qtype in _KQUANT:
+        return _KQUANT[qtype][0](b).reshape(G, nb * GROUP * bb)
     out = np.empty((G, nb, GROUP * bb), np.uint8)
     hb = 2 * _SCALES[qtype]                                                     # header bytes per row
     for h in range(_SCALES[qtype]):
@@ -94,6 +98,71 @@ def _deinterleave_q4_k(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def _interleave_q6_k(b: np.ndarray) -> np.ndarray:
+    """[G, 16, nb, 210] GGUF blocks → [G, nb, 3360] (layout in kernels_c/quant_gguf.h)."""
+    G, _, nb, _ = b.shape
+    out = np.empty((G, nb, GROUP * 210), np.uint8)
+    out[..., 0:32] = b[..., 208:210].transpose(0, 2, 1, 3).reshape(G, nb, 32)
+    out[..., 32:288] = b[..., 192:208].transpose(0, 2, 3, 1).reshape(G, nb, 256)            # [s, r]
+    _, _, q = q6_k.levels(b.reshape(G * GROUP, nb * 210))
+    q = q.reshape(G, GROUP, nb, 8, 4, 2, 4).transpose(0, 2, 3, 4, 1, 6, 5)                 # [G, nb, c, v, r, j, h]
+    lo = q & np.uint8(15)
+    out[..., 288:2336] = (lo[..., 0] | (lo[..., 1] << np.uint8(4))).reshape(G, nb, 2048)
+    hi = (q >> np.uint8(4)) << (2 * np.arange(4, dtype=np.uint8))[:, None, None, None]     # field 2v
+    out[..., 2336:] = np.bitwise_or.reduce(hi, axis=3).transpose(0, 1, 2, 5, 3, 4).reshape(G, nb, 1024)  # [c, m, r, j]
+    return out
+
+
+def _deinterleave_q6_k(p: np.ndarray) -> np.ndarray:
+    """[G, nb, 3360] → [G, 16, nb, 210] (inverse of ``_interleave_q6_k``)."""
+    G, nb, _ = p.shape
+    out = np.empty((G, GROUP, nb, 210), np.uint8)
+    out[..., 208:210] = p[..., 0:32].reshape(G, nb, GROUP, 2).transpose(0, 2, 1, 3)
+    out[..., 192:208] = p[..., 32:288].reshape(G, nb, 16, GROUP).transpose(0, 3, 1, 2)
+    by = p[..., 288:2336].reshape(G, nb, 8, 4, GROUP, 4)                                   # [c, v, r, j]
+    lo = np.stack([by & np.uint8(15), by >> np.uint8(4)], axis=-1)                         # [c, v, r, j, h]
+    hb = p[..., 2336:].reshape(G, nb, 8, 1, 2, GROUP, 4)                                   # [c, 1, m, r, j]
+    hi = (hb >> (2 * np.arange(4, dtype=np.uint8))[:, None, None, None]) & np.uint8(3)     # [c, v, m, r, j]
+    q = lo | (hi.transpose(0, 1, 2, 3, 5, 6, 4) << np.uint8(4))                            # [c, v, r, j, h]
+    L = q.transpose(0, 4, 1, 2, 3, 6, 5).reshape(G, GROUP, nb, 2, 4, 32)                   # [r, nb, half, quarter, l]
+    lq, hq = L & np.uint8(15), L >> np.uint8(4)
+    out[..., 0:128] = np.concatenate([lq[..., 0, :] | (lq[..., 2, :] << 4), lq[..., 1, :] | (lq[..., 3, :] << 4)],
+                                     axis=-1).reshape(G, GROUP, nb, 128)
+    out[..., 128:192] = (hq[..., 0, :] | (hq[..., 1, :] << 2) | (hq[..., 2, :] << 4) | (hq[..., 3, :] << 6)
+                         ).reshape(G, GROUP, nb, 64)
+    return out
+
+
+def _interleave_q5_k(b: np.ndarray) -> np.ndarray:
+    """[G, 16, nb, 176] GGUF blocks → [G, nb, 2816]: q4_kx16's layout of d, dmin, the scales and
+    the low 4 bits (q5_k's bytes 0..15 and 48..175 are a q4_k block's), then the 5th bits."""
+    G, _, nb, _ = b.shape
+    out = np.empty((G, nb, GROUP * 176), np.uint8)
+    out[..., :2304] = _interleave_q4_k(np.concatenate([b[..., :16], b[..., 48:]], axis=-1))
+    bit = (b[..., 16:48][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & np.uint8(1)   # [r, nb, s, k]
+    bit = bit.reshape(G, GROUP, nb, 8, 8, 4).transpose(0, 2, 3, 1, 5, 4)                  # [nb, s, r, j, b], k = 4b + j
+    out[..., 2304:] = (bit << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8).reshape(G, nb, 512)
+    return out
+
+
+def _deinterleave_q5_k(p: np.ndarray) -> np.ndarray:
+    """[G, nb, 2816] → [G, 16, nb, 176] (inverse of ``_interleave_q5_k``)."""
+    G, nb, _ = p.shape
+    out = np.empty((G, GROUP, nb, 176), np.uint8)
+    q4 = _deinterleave_q4_k(p[..., :2304])
+    out[..., :16], out[..., 48:] = q4[..., :16], q4[..., 16:]
+    by = p[..., 2304:].reshape(G, nb, 8, GROUP, 4)                                         # [nb, s, r, j]
+    bit = (by[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)                    # [nb, s, r, j, b]
+    bit = bit.transpose(0, 3, 1, 2, 5, 4).reshape(G, GROUP, nb, 8, 32)                      # [r, nb, s, k]
+    out[..., 16:48] = (bit << np.arange(8, dtype=np.uint8)[:, None]).sum(-2, dtype=np.uint8)
+    return out
+
+
+# the 256-block types: (interleave, deinterleave) of [G, 16, nb, bytes] blocks
+_KQUANT = {"q4_k": (_interleave_q4_k, _deinterleave_q4_k), "q6_k": (_interleave_q6_k, _deinterleave_q6_k),
+           "q5_k": (_interleave_q5_k, _deinterleave_q5_k)}
+
+
 def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndarray:
     """``interleave`` done by the C library (ifg_quant_interleave, threads over row groups): the
     loader's path, ~10x faster than the numpy reference on a 1B model."""
@@ -114,8 +183,8 @@ def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
     G = packed.shape[0]
     nb = packed.shape[1] // (GROUP * bb)
     p = packed.reshape(G, nb, GROUP * bb)
-    if qtype == "q4_k":
-        return _deinterleave_q4_k(p).reshape(G * GROUP, nb * bb)
+    if qtype in _KQUANT:
+        return _KQUANT[qtype][1](p).reshape(G * GROUP, nb * bb)
     out = np.empty((G, GROUP, nb, bb), np.uint8)
     hb = 2 * _SCALES[qtype]
     for h in range(_SCALES[qtype]):

@@ -101,16 +101,23 @@ def quantize_q6_k_ref(x: np.ndarray) -> np.ndarray:
         dj = d16.astype(np.float32)[:, None] * sc.astype(np.float32)                 # [B, 16]
         req = np.clip(np.rint(x.reshape(-1, 16, 16) / np.where(dj == 0, F(1), dj)[..., None]), F(-32), F(31))
     L = np.where((dj != 0)[..., None], (req + F(32)).astype(np.uint8), L)
-    L = np.where(empty[:, None, None], np.uint8(0), L).reshape(-1, 2, 4, 32)  # [B, half, quarter, l]
+    L = np.where(empty[:, None, None], np.uint8(0), L)
     sc = np.where(empty[:, None], np.int8(0), sc)
+    return pack(L.reshape(-1, QK_K), sc, d16).reshape(N, nb * BLOCK_BYTES)
+
+
+def pack(L: np.ndarray, sc: np.ndarray, d16: np.ndarray) -> np.ndarray:
+    """Blocks from their parts: levels uint8 [B, 256] (0..63, element order), scales int8 [B, 16],
+    fp16 d [B] → uint8 [B, 210]."""
+    L = np.asarray(L, np.uint8).reshape(-1, 2, 4, 32)                             # [B, half, quarter, l]
     out = np.empty((L.shape[0], BLOCK_BYTES), np.uint8)
     lo, hi = L & 0x0F, L >> 4
     out[:, 0:128] = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
                                    axis=-1).reshape(-1, 128)
     out[:, 128:192] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
-    out[:, 192:208] = sc.view(np.uint8)
-    out[:, 208:210] = d16[:, None].view(np.uint8)
-    return out.reshape(N, nb * BLOCK_BYTES)
+    out[:, 192:208] = np.asarray(sc, np.int8).view(np.uint8)
+    out[:, 208:210] = np.asarray(d16, np.float16)[:, None].view(np.uint8)
+    return out
 
 
 def quantize_q6_k(x: np.ndarray, threads: int = 0) -> np.ndarray:

@@ -1,0 +1,340 @@
+/* quant_q6kx16.c — y (=|+=) x · Wᵀ for q6_k weights in the 16-row interleaved layout
+ * (IFG_Q6_KX16, layout in quant_gguf.h), and the repack into it from GGUF order.
+ *
+ * The scheme of quant_kx16.c (q4_kx16) with q6_k's levels and 16-weight scales: x in tiles of
+ * quantized int8 (x16_plan / x16_fill: a shared ifg_xq, or quantized here), plus per token and
+ * 16 k the sum of x's int8 times 32 (q6_k's levels are q - 32 with q unsigned 0..63: the
+ * integer dot sums q·x and subtracts it). Per 16-row group and super-block, one 32-byte load
+ * gives the 16 rows' d; per 16-weight sub-block, 16 bytes their int8 scales. A 32-block's levels
+ * are two 64-byte vectors of low nibbles per 16 k (16 rows × 4 k each in low and high nibbles,
+ * as q4_0x16's) and two 64-byte vectors of 2-bit high parts, shifted into bits 4..5:
+ *  - AVX-512 (VNNI): 4 vpdpbusd per sub-block and token into a zeroed int32 vector, minus the
+ *    token's 32·Σx, one convert, one FMA with (d·sc)·d_x (decode: sc·d_x per sub-block, d once
+ *    per super-block, four groups in flight);
+ *  - AVX2: two 8-row halves, vpmaddubsw (levels <= 63 × |x| <= 127: two pair sums <= 32004 fit
+ *    int16) + vpmaddwd with ones;
+ *  - scalar: plain loops over the same layout.
+ * Each output's summation order depends only on T == 1 or not and on K: bitwise the same for
+ * any thread count. */
+#include "quant_gguf.h"
+#include "quant_x16.h"
+
+#define Q6X_GB (16 * IFG_Q6_K_BLOCK) /* one group-block: 16 rows × one super-block, 3360 bytes */
+#define Q6X_SC 32                    /* offsets in a group-block: the int8 scales, */
+#define Q6X_QL 288                   /* the low nibbles (256 bytes per 32 k), */
+#define Q6X_QH 2336                  /* the high 2-bit parts (128 bytes per 32 k) */
+#define Q6X_NS (X16_Q / 16)          /* 16-k sums of a tile */
+
+/* o[i * ld + j] = 32 · Σ of token i's int8 over k = 16j..16j+15 of the tile. */
+static void q6x_sums(int32_t *o, int ld, const struct x16_tile *xt, int tt, int kw) {
+    for (int i = 0; i < tt; i++)
+        for (int j = 0; j < kw / 16; j++) {
+            const int8_t *q = xt->q + (size_t)i * xt->ldq + 16 * j;
+            int32_t s = 0;
+            for (int k = 0; k < 16; k++) s += q[k];
+            o[i * ld + j] = 32 * s;
+        }
+}
+
+#ifndef IFG_SIMD
+/* ---- scalar reference (the scalar build) ---- */
+/* Level (0..63) of row r, element k (0..255) of group-block gb. */
+static int q6x_level(const uint8_t *gb, int r, int k) {
+    const int c = k / 32, e = k % 32;
+    const int lo = x16_nibble(gb + Q6X_QL + 256 * c, r, e);
+    const int hb = gb[Q6X_QH + 128 * c + 64 * (e % 8 / 4) + 4 * r + e % 4];
+    return lo | (hb >> (2 * (e / 8)) & 3) << 4;
+}
+static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
+                      const uint8_t *w, size_t gstride, int t, int tt, int n0, int n1, int nsb, int add) {
+    for (int n = n0; n < n1; n++) {
+        const int r = n % 16;
+        const uint8_t *wg = w + (size_t)(n / 16) * gstride;
+        for (int i = 0; i < tt; i++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nsb; b++) {
+                const uint8_t *gb = wg + (size_t)b * Q6X_GB;
+                uint16_t h;
+                memcpy(&h, gb + 2 * r, 2);
+                const float d = ifg_f16_to_f32(h);
+                for (int s = 0; s < 16; s++) {
+                    const int8_t *xq = xt->q + (size_t)i * xt->ldq + 256 * b + 16 * s;
+                    int32_t dot = 0;
+                    for (int k = 0; k < 16; k++) dot += q6x_level(gb, r, 16 * s + k) * xq[k];
+                    dot -= xs[i * lds + 16 * b + s];
+                    const float sc = (float)(int8_t)gb[Q6X_SC + 16 * s + r];
+                    acc += (float)dot * ((d * sc) * xt->d[i * xt->ldd + 8 * b + s / 2]);
+                }
+            }
+            float *yo = y + (size_t)(t + i) * ldy + n;
+            *yo = add ? *yo + acc : acc;
+        }
+    }
+}
+#else
+/* ---- SIMD ---- */
+#if defined(IFG_AVX512)
+#define Q6T 8  /* tokens per register tile (prefill) */
+#define Q6G1 4 /* groups per register tile (one token) */
+typedef __m512i q6v;
+IFG_AI q6v q6v_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+IFG_AI q6v q6v_and(q6v a, q6v b) { return _mm512_and_si512(a, b); }
+IFG_AI q6v q6v_or(q6v a, q6v b) { return _mm512_or_si512(a, b); }
+IFG_AI q6v q6v_srl(q6v a, int n) { return _mm512_srli_epi16(a, n); }
+IFG_AI q6v q6v_sll(q6v a, int n) { return _mm512_slli_epi16(a, n); }
+IFG_AI q6v q6v_set8(int v) { return _mm512_set1_epi8((char)v); }
+#else
+#define Q6T 2
+#define Q6G1 2
+typedef __m256i q6v;
+IFG_AI q6v q6v_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+IFG_AI q6v q6v_and(q6v a, q6v b) { return _mm256_and_si256(a, b); }
+IFG_AI q6v q6v_or(q6v a, q6v b) { return _mm256_or_si256(a, b); }
+IFG_AI q6v q6v_srl(q6v a, int n) { return _mm256_srli_epi16(a, n); }
+IFG_AI q6v q6v_sll(q6v a, int n) { return _mm256_slli_epi16(a, n); }
+IFG_AI q6v q6v_set8(int v) { return _mm256_set1_epi8((char)v); }
+#endif
+
+/* The levels (0..63) of chunk v (0..3) of 32-block c for the rows at byte offset o (0; AVX2's
+ * second half: 32): low nibbles k = 8v + j in *lo, high k = 8v + 4 + j in *hi. The 2-bit parts
+ * of chunk v sit at bits 2v..2v+1 and go to bits 4..5 (16-bit shifts: what crosses a byte is
+ * masked off). */
+IFG_AI void q6x_levels(const uint8_t *gb, int c, int v, int o, q6v *lo, q6v *hi) {
+    const q6v raw = q6v_load(gb + Q6X_QL + 256 * c + 64 * v + o), m4 = q6v_set8(0x0F), m30 = q6v_set8(0x30);
+    q6v h0 = q6v_load(gb + Q6X_QH + 128 * c + o), h1 = q6v_load(gb + Q6X_QH + 128 * c + 64 + o);
+    if (v == 0) { h0 = q6v_sll(h0, 4); h1 = q6v_sll(h1, 4); }
+    else if (v == 1) { h0 = q6v_sll(h0, 2); h1 = q6v_sll(h1, 2); }
+    else if (v == 3) { h0 = q6v_srl(h0, 2); h1 = q6v_srl(h1, 2); }
+    *lo = q6v_or(q6v_and(raw, m4), q6v_and(h0, m30));
+    *hi = q6v_or(q6v_and(q6v_srl(raw, 4), m4), q6v_and(h1, m30));
+}
+
+#if defined(IFG_AVX512)
+/* TT tokens (tile rows i0..) × one group (rows n..n+15). */
+IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,
+                     size_t gstride, int t, int i0, int n, int nsb, int add, const int TT, const int PF) {
+    __m512 acc[Q6T];
+    const int ldq = xt->ldq, ldd = xt->ldd, G = 1, pf = PF && i0 == 0 ? xt->pf : 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[1] = {w + (size_t)(n / 16) * gstride + (size_t)b * Q6X_GB};
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[0]));
+        for (int s = 0; s < 16; s++) {
+            const __m512 ws = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                   _mm_loadu_si128((const __m128i *)(gb[0] + Q6X_SC + 16 * s)))));
+            __m512i ia[Q6T];
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) ia[i] = _mm512_setzero_si512();
+            const int8_t *xb = xt->q + (size_t)i0 * ldq + 256 * b + 16 * s;
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; u++) {
+                const int v = 2 * (s % 2) + u;
+                X16_PREFETCH(gb, Q6X_QL + 256 * (s / 2) + 64 * v);
+                X16_PREFETCH(gb, Q6X_QH + 128 * (s / 2) + 64 * u);
+                __m512i lo, hi;
+                q6x_levels(gb[0], s / 2, v, 0, &lo, &hi);
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * u));
+                    const __m512i xh = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * u + 4));
+                    ia[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i], lo, xl), hi, xh);
+                }
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const __m512i dot = _mm512_sub_epi32(ia[i], _mm512_set1_epi32(xs[(i0 + i) * lds + 16 * b + s]));
+                const __m512 dx = _mm512_set1_ps(xt->d[(i0 + i) * ldd + 8 * b + s / 2]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, dx), acc[i]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++) {
+        float *yo = y + (size_t)(t + i0 + i) * ldy + n;
+        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i]) : acc[i]);
+    }
+}
+
+/* One token × G groups: sc·d_x summed per super-block, times d once. */
+IFG_AI void q6x_tile1(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
+                      int t, int ldy, int n, int nsb, int add, const int G, const int PF) {
+    __m512 acc[Q6G1];
+    const int pf = PF ? xt->pf : 0;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[Q6G1];
+        __m512 as[Q6G1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
+            as[g] = _mm512_setzero_ps();
+        }
+#pragma GCC unroll 5
+        for (int j = 0; j < 5; j++) X16_PREFETCH(gb, 64 * j); /* d and the scales */
+        for (int s = 0; s < 16; s++) {
+            const int8_t *xb = xt->q + 256 * b + 16 * s;
+            const __m512i o = _mm512_set1_epi32(xs[16 * b + s]);
+            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s / 2]);
+            __m512i ia[Q6G1];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) ia[g] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; u++) {
+                const int v = 2 * (s % 2) + u;
+                const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * u)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * u + 4));
+                X16_PREFETCH(gb, Q6X_QL + 256 * (s / 2) + 64 * v);
+                X16_PREFETCH(gb, Q6X_QH + 128 * (s / 2) + 64 * u);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    __m512i lo, hi;
+                    q6x_levels(gb[g], s / 2, v, 0, &lo, &hi);
+                    ia[g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[g], lo, xl), hi, xh);
+                }
+            }
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(gb[g] + Q6X_SC + 16 * s))));
+                as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[g], o)), _mm512_mul_ps(sc, dx), as[g]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++)
+            acc[g] = _mm512_fmadd_ps(as[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), acc[g]);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        float *yo = y + (size_t)t * ldy + n + 16 * g;
+        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[g]) : acc[g]);
+    }
+}
+#define Q6X_TILE1 1
+#else /* AVX2: a group as two 8-row halves */
+IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,
+                     size_t gstride, int t, int i0, int n, int nsb, int add, const int TT, const int PF) {
+    __m256 acc[Q6T][2];
+    const int ldq = xt->ldq, ldd = xt->ldd, G = 1, pf = PF && i0 == 0 ? xt->pf : 0;
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[1] = {w + (size_t)(n / 16) * gstride + (size_t)b * Q6X_GB};
+        __m256 d[2];
+        for (int h = 0; h < 2; h++) d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[0] + 16 * h)));
+        for (int s = 0; s < 16; s++) {
+            __m256 ws[2];
+            __m256i ia[Q6T][2];
+            for (int h = 0; h < 2; h++)
+                ws[h] = _mm256_mul_ps(d[h], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                               _mm_loadl_epi64((const __m128i *)(gb[0] + Q6X_SC + 16 * s + 8 * h)))));
+            const int8_t *xb = xt->q + (size_t)i0 * ldq + 256 * b + 16 * s;
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; u++) {
+                const int v = 2 * (s % 2) + u;
+                X16_PREFETCH(gb, Q6X_QL + 256 * (s / 2) + 64 * v);
+                X16_PREFETCH(gb, Q6X_QH + 128 * (s / 2) + 64 * u);
+                __m256i lo[2], hi[2];
+                for (int h = 0; h < 2; h++) q6x_levels(gb[0], s / 2, v, 32 * h, &lo[h], &hi[h]);
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * u));
+                    const __m256i xh = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * u + 4));
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i p = _mm256_madd_epi16(
+                            _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)), ones);
+                        ia[i][h] = u == 0 ? p : _mm256_add_epi32(ia[i][h], p);
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const __m256i o = _mm256_set1_epi32(xs[(i0 + i) * lds + 16 * b + s]);
+                const __m256 dx = _mm256_set1_ps(xt->d[(i0 + i) * ldd + 8 * b + s / 2]);
+                for (int h = 0; h < 2; h++)
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[i][h], o)),
+                                                _mm256_mul_ps(ws[h], dx), acc[i][h]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+        for (int h = 0; h < 2; h++) {
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
+            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+        }
+}
+#endif
+
+IFG_AI void q6x_tiles_t(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,
+                        size_t gstride, int t, int tt, int n0, int n1, int nsb, int add, const int PF) {
+#ifdef Q6X_TILE1
+    if (tt == 1) {
+        int n = n0;
+        for (; n + 16 * Q6G1 <= n1; n += 16 * Q6G1) q6x_tile1(y, xt, xs, w, gstride, t, ldy, n, nsb, add, Q6G1, PF);
+        for (; n < n1; n += 16) q6x_tile1(y, xt, xs, w, gstride, t, ldy, n, nsb, add, 1, PF);
+        return;
+    }
+#endif
+    for (int n = n0; n < n1; n += 16)
+        for (int i0 = 0; i0 < tt; i0 += Q6T) {
+            const int r = tt - i0;
+#define Q6X_CASE(TTC) q6x_tile(y, ldy, xt, xs, lds, w, gstride, t, i0, n, nsb, add, TTC, PF)
+            X16_TSWITCH(r, Q6T, Q6X_CASE);
+#undef Q6X_CASE
+        }
+}
+static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
+                      const uint8_t *w, size_t gstride, int t, int tt, int n0, int n1, int nsb, int add) {
+    if (xt->pf) q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 1);
+    else q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 0);
+}
+#endif
+
+void ifg_q6k_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
+                         int K, int accumulate, const struct ifg_xq *xq) {
+    struct x16_tile xt;
+    int32_t xs[Q6X_NS];
+    const size_t gstride = (size_t)(K / 256) * Q6X_GB;
+    int tb, kw;
+    xt.pf = x16_plan(T, K, &tb, &kw);
+    for (int t = 0; t < T; t += tb) {
+        const int tt = T - t < tb ? T - t : tb;
+        for (int k0 = 0; k0 < K; k0 += kw) {
+            const int k1 = k0 + kw < K ? k0 + kw : K, add = accumulate || k0 > 0;
+            x16_fill(&xt, xq, x, ldx, t, tt, k0, k1, kw);
+            q6x_sums(xs, (k1 - k0) / 16, &xt, tt, k1 - k0);
+            q6x_tiles(y, ldy, &xt, xs, (k1 - k0) / 16, (const uint8_t *)w + (size_t)(k0 / 256) * Q6X_GB, gstride,
+                      t, tt, r0, r1, (k1 - k0) / 256, add);
+        }
+    }
+}
+
+/* Row r's GGUF q6_k block s into group-block o (layout in quant_gguf.h). */
+static void q6x_put(uint8_t *o, const uint8_t *s, int r) {
+    memcpy(o + 2 * r, s + 208, 2);
+    for (int sb = 0; sb < 16; sb++) o[Q6X_SC + 16 * sb + r] = s[192 + sb];
+    uint8_t u[256];
+    for (int h = 0; h < 2; h++) /* the levels in element order (q6_k.py's layout) */
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++)
+                u[128 * h + 32 * c + l] = (uint8_t)((s[64 * h + 32 * (c & 1) + l] >> (4 * (c >> 1)) & 0x0F) |
+                                                    (s[128 + 32 * h + l] >> (2 * c) & 3) << 4);
+    for (int c = 0; c < 8; c++)
+        for (int j = 0; j < 4; j++) {
+            uint8_t h0 = 0, h1 = 0;
+            for (int v = 0; v < 4; v++) {
+                const uint8_t a = u[32 * c + 8 * v + j], b = u[32 * c + 8 * v + 4 + j];
+                o[Q6X_QL + 256 * c + 64 * v + 4 * r + j] = (uint8_t)((a & 15) | (b & 15) << 4);
+                h0 |= (uint8_t)((a >> 4) << (2 * v));
+                h1 |= (uint8_t)((b >> 4) << (2 * v));
+            }
+            o[Q6X_QH + 128 * c + 4 * r + j] = h0;
+            o[Q6X_QH + 128 * c + 64 + 4 * r + j] = h1;
+        }
+}
+
+void ifg_q6_k_interleave(void *dst, const void *src, int N, int K, int n_threads) {
+    x16_interleave(dst, src, N, K / 256, IFG_Q6_K_BLOCK, q6x_put, n_threads);
+}
