@@ -27,6 +27,8 @@
  *  - AVX-512 BF16 vdpbf16ps with x split into hi = bf16(x), lo = bf16(x - hi), two
  *    vdpbf16ps per weight vector: 52 GFLOP/s against 139 for this FMA path (vdpbf16ps issues
  *    at one per two cycles here), and x is then exact only to ~2^-16 relative.
+ *    (x rounded to bf16 once, one vdpbf16ps per weight vector, is the opt-in bf16_dp form:
+ *    matmul_bf16dp.c, dispatched from mm_rows.)
  *  - bf16 even/odd split of one 64-byte load (shift / mask) against a de-interleaved x
  *    copy: no faster than zero-extend + shift, slower when W is not 64-byte aligned.
  *  - software prefetch of W (GEMV and GEMM), larger token tiles (7-12 × 2-3): no gain. */
