@@ -27,6 +27,8 @@
  *  - AVX-512 BF16 vdpbf16ps with x split into hi = bf16(x), lo = bf16(x - hi), two
  *    vdpbf16ps per weight vector: 52 GFLOP/s against 139 for this FMA path (vdpbf16ps issues
  *    at one per two cycles here), and x is then exact only to ~2^-16 relative.
+ *    (x rounded to bf16 once, one vdpbf16ps per weight vector, is the opt-in bf16_dp form:
+ *    matmul_bf16dp.c, dispatched from mm_rows.)
  *  - bf16 even/odd split of one 64-byte load (shift / mask) against a de-interleaved x
  *    copy: no faster than zero-extend + shift, slower when W is not 64-byte aligned.
  *  - software prefetch of W (GEMV and GEMM), larger token tiles (7-12 × 2-3): no gain. */
@@ -161,15 +163,15 @@ static void mm_gemv_rows_f16(float *y, const float *x, const void *w, int n0, in
 
 /* ---- GEMM ---- */
 /* Copy x rows t..t+tt, k in [k0, k1) to the aligned tile xp (row i at xp + i*MM_XS),
- * zero-padded to a multiple of MM_W. */
-static void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0, int k1) {
+ * zero-padded to a multiple of MM_W; RX: rounded to bf16 (IFG_BF16_DP without vdpbf16ps). */
+IFG_AI void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0, int k1, const int RX) {
     const int kl = k1 - k0;
     for (int i = 0; i < tt; i++) {
         const float *xr = x + (size_t)(t + i) * ldx + k0;
         float *d = xp + (size_t)i * MM_XS;
         int k = 0;
-        for (; k + MM_W <= kl; k += MM_W) ifg_vstorea(d + k, ifg_vload(xr + k));
-        if (k < kl) ifg_vstorea(d + k, ifg_vload_n(xr + k, kl - k));
+        for (; k + MM_W <= kl; k += MM_W) ifg_vstorea(d + k, RX ? ifg_vround_bf16(ifg_vload(xr + k)) : ifg_vload(xr + k));
+        if (k < kl) ifg_vstorea(d + k, RX ? ifg_vround_bf16(ifg_vload_n(xr + k, kl - k)) : ifg_vload_n(xr + k, kl - k));
     }
 }
 
@@ -275,7 +277,7 @@ IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int 
 #endif
 
 IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
-                          int T, int r0, int r1, int K, int accumulate) {
+                          int T, int r0, int r1, int K, int accumulate, const int RX) {
     _Alignas(64) float xp[MM_TT * MM_XS]; /* x tile of one k-block (L1-resident) */
     for (int t0 = 0; t0 < T; t0 += MM_TB) {
         const int te = t0 + MM_TB < T ? t0 + MM_TB : T;
@@ -285,7 +287,7 @@ IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const voi
                 const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
                 for (int t = t0; t < te; t += MM_TT) {
                     const int tt = te - t < MM_TT ? te - t : MM_TT;
-                    mm_pack_x(xp, x, ldx, t, tt, k0, k1);
+                    mm_pack_x(xp, x, ldx, t, tt, k0, k1, RX);
                     MM_TSWITCH()
                 }
             }
@@ -294,19 +296,35 @@ IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const voi
 }
 static void mm_gemm_rows_f32(float *y, int ldy, const float *x, int ldx, const void *w, int T,
                              int r0, int r1, int K, int acc) {
-    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_F32, T, r0, r1, K, acc);
+    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_F32, T, r0, r1, K, acc, 0);
 }
 static void mm_gemm_rows_bf16(float *y, int ldy, const float *x, int ldx, const void *w, int T,
                               int r0, int r1, int K, int acc) {
-    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_BF16, T, r0, r1, K, acc);
+    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_BF16, T, r0, r1, K, acc, 0);
 }
 static void mm_gemm_rows_f16(float *y, int ldy, const float *x, int ldx, const void *w, int T,
                              int r0, int r1, int K, int acc) {
-    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_F16, T, r0, r1, K, acc);
+    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_F16, T, r0, r1, K, acc, 0);
 }
+
+#if !defined(IFG_AVX512)
+/* IFG_BF16_DP without vdpbf16ps: x rounded to bf16 as it is packed, then the bf16 GEMM (any T). */
+static void mm_gemm_rows_bf16r(float *y, int ldy, const float *x, int ldx, const void *w, int T,
+                               int r0, int r1, int K, int acc) {
+    mm_gemm_rows_t(y, ldy, x, ldx, w, IFG_BF16, T, r0, r1, K, acc, 1);
+}
+#endif
 
 static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T,
                     int r0, int r1, int K, int accumulate) {
+    if (wtype == IFG_BF16_DP) {
+#if defined(IFG_AVX512)
+        ifg_mm_bf16dp_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+#else
+        mm_gemm_rows_bf16r(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
+#endif
+        return;
+    }
     if (T == 1) {
         switch (wtype) {
         case IFG_BF16: mm_gemv_rows_bf16(y, x, w, r0, r1, K, accumulate); break;
@@ -326,12 +344,14 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
 #define MM_ALIGN 16
 static void mm_rows_ref(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                         int T, int n0, int n1, int K, int accumulate) {
+    const int rx = wtype == IFG_BF16_DP, wt = rx ? IFG_BF16 : wtype; /* x rounded to bf16 */
     for (int n = n0; n < n1; n++) {
         const size_t wb = (size_t)n * K;
         for (int t = 0; t < T; t++) {
             const float *xt = x + (size_t)t * ldx;
             float acc = 0.0f;
-            for (int k = 0; k < K; k++) acc += xt[k] * ifg_load_f32(w, wtype, wb + k);
+            for (int k = 0; k < K; k++)
+                acc += (rx ? ifg_bf16_to_f32(ifg_f32_to_bf16(xt[k])) : xt[k]) * ifg_load_f32(w, wt, wb + k);
             float *yo = y + (size_t)t * ldy + n;
             *yo = accumulate ? *yo + acc : acc;
         }
@@ -345,6 +365,9 @@ int ifg_matmul_row_align(int wtype) {
 }
 
 int ifg_matmul_token_block(int wtype) {
+#if defined(IFG_AVX512)
+    if (wtype == IFG_BF16_DP) return ifg_mm_bf16dp_token_block();
+#endif
 #ifdef IFG_SIMD
     return ifg_is_qx16(wtype) || ifg_is_qkx16(wtype) || ifg_is_quant(wtype) || ifg_is_quant_k(wtype) ||
            ifg_is_quant_gguf(wtype) ? 64 : MM_TB;

@@ -7,8 +7,13 @@
 #include "core.h"
 
 // cdef-begin
+/* A kernel form of bf16 weights, outside enum ifg_dtype (no file stores it): the same bytes,
+ * row-major, multiplied with x rounded to bf16 (nearest even) and f32 sums — AVX-512 BF16's
+ * vdpbf16ps, 32 products per instruction (matmul_bf16dp.c); other builds round x and run the
+ * bf16 kernels. The loader hands it out for bf16 matrices when asked (docs/kernels.md). */
+enum ifg_matmul_dtype { IFG_BF16_DP = 48 };
 /* y[t*ldy + n] (= or +=) sum_k x[t*ldx + k] * W[n*K + k], for t < T, n < N.
- * W is row-major [N][K] of dtype wtype (IFG_F32, IFG_BF16, IFG_F16); x and y are f32.
+ * W is row-major [N][K] of dtype wtype (IFG_F32, IFG_BF16, IFG_F16, IFG_BF16_DP); x and y are f32.
  * IFG_Q8_0 / IFG_Q4_0 / IFG_Q5_0 weights (K a multiple of 32) go to the integer kernels of quant.h.
  * accumulate != 0 adds into y (used for residual connections). T == 1 is the decode GEMV,
  * T > 1 the prefill GEMM (cache-blocked). Compute is f32 (f32 accumulation). */
@@ -39,6 +44,10 @@ void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *
 void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                         int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq);
 int ifg_matmul_row_align(int wtype);
+/* IFG_BF16_DP rows [r0, r1) on AVX-512 BF16 (matmul_bf16dp.c; as ifg_matmul_rows). */
+void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1, int K,
+                        int accumulate);
+int ifg_mm_bf16dp_token_block(void);
 /* Tokens per block of the GEMM of wtype: calls over token ranges that are multiples of it
  * stream the weights no more often than one call over all tokens. */
 int ifg_matmul_token_block(int wtype);

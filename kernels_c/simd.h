@@ -28,6 +28,8 @@
  *                        (AVX-512): a kernel whose scalar tail computes differently (libm, f64)
  *                        then keeps its tail in the vector path
  *   ifg_round_i32            roundf of every lane (halves away from zero) as int32
+ *   ifg_vround_bf16(v)       every lane rounded to bf16 (nearest even, NaN stays NaN; AVX-512's
+ *                            vcvtneps2bf16 also flushes subnormals to zero), as f32
  *   ifg_x4(p)                4 int8 at p as one int32 (to broadcast against 4-byte lanes)
  *   IFG_PREFETCH(p)          prefetch p into every cache level (read)
  */
@@ -108,6 +110,7 @@ IFG_AI __m128 ifg_vsum4(ifg_vf a0, ifg_vf a1, ifg_vf a2, ifg_vf a3) {
                                    _mm512_castpd_ps(_mm512_unpackhi_pd(u01, u23))));
 }
 IFG_AI float ifg_vhsum(ifg_vf a) { return _mm512_reduce_add_ps(a); }
+IFG_AI ifg_vf ifg_vround_bf16(ifg_vf v) { return ifg_vbf16((__m256i)_mm512_cvtneps_pbh(v)); }
 IFG_AI float ifg_vhmax(ifg_vf a) { return _mm512_reduce_max_ps(a); }
 /* roundf (halves away from zero) of every lane, as int32: trunc(v) plus v's sign where
  * |v - trunc(v)| >= 0.5 (the difference is exact). */
@@ -188,6 +191,14 @@ IFG_AI ifg_vf ifg_vload_w_n(const void *w, int dtype, size_t i, int r) { /* 0 < 
 IFG_AI __m128 ifg_vfold(ifg_vf a) { return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)); }
 IFG_AI __m128 ifg_vsum4(ifg_vf a0, ifg_vf a1, ifg_vf a2, ifg_vf a3) {
     return ifg_vfold(_mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3)));
+}
+/* bf16 rounding as ifg_f32_to_bf16: add 0x7fff plus the kept lsb, clear the low half; NaN kept. */
+IFG_AI ifg_vf ifg_vround_bf16(ifg_vf v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_blendv_ps(b, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 IFG_AI float ifg_vhsum(ifg_vf a) {
     __m128 h = ifg_vfold(a);

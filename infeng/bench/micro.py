@@ -49,7 +49,7 @@ def parse_shape(shape: str) -> tuple[int, int]:
 
 def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     """A random [n][k] weight in the storage layout of ``dtype`` (q8_0x16 / q4_0x16 / q4_kx16 / ...:
-    the row-interleaved kernel layouts, n a multiple of 16)."""
+    the row-interleaved kernel layouts, n a multiple of 16; bf16_dp: bf16's bytes)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(1 / np.sqrt(k))
     if dtype in ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q5_k", "q6_k") or dtype in PLAIN:
@@ -63,7 +63,7 @@ def random_weight(dtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
         return np.ascontiguousarray(quantize(w, dtype))
     if dtype not in CDTYPE:
         raise InfengError(f"dtype {dtype!r} is not one of {', '.join(CDTYPE)}")
-    return np.ascontiguousarray(convert_dtype(w, "f32", dtype))
+    return np.ascontiguousarray(convert_dtype(w, "f32", "bf16" if dtype == "bf16_dp" else dtype))
 
 
 def aligned(a: np.ndarray) -> np.ndarray:

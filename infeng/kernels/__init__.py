@@ -2,7 +2,8 @@
 
 Each variant is scored by what it needs from the CPU (ggml's idea): the best variant whose
 requirements the CPU meets wins. ``INFENG_ISA=scalar|avx2|avx512`` forces one and fails
-clearly when the CPU cannot run it.
+clearly when the CPU cannot run it. ``INFENG_BF16_ACT=f32|bf16`` chooses how bf16 weight
+matrices multiply their inputs (``bf16_activations``).
 """
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def active():
     if _active is None:
         _active = load()
     return _active
+
+
+BF16_ACT = ("f32", "bf16")
+
+
+def bf16_activations(choice: str | None = None) -> str:
+    """How bf16 matrices take their input: "f32" (exact products, the default) or "bf16" (the
+    input rounded to bf16 too: vdpbf16ps on AVX-512 BF16, about twice the batch and prefill
+    speed; docs/kernels.md has its KLD). ``choice`` or else ``INFENG_BF16_ACT``."""
+    v = choice or os.environ.get("INFENG_BF16_ACT") or "f32"
+    if v not in BF16_ACT:
+        raise InfengError(f"INFENG_BF16_ACT={v!r} is not one of {', '.join(BF16_ACT)}")
+    return v
 
 
 def ptr(mod, arr, ctype: str = "float *"):

@@ -22,7 +22,8 @@ def _enum(ctype: str, prefix: str) -> dict[str, int]:
     return {name[len(prefix):].lower(): value for name, value in items}
 
 
-DTYPE: dict[str, int] = _enum("enum ifg_dtype", "IFG_")
+# the stored dtypes, then the kernel-only form of bf16 matrices (x rounded to bf16: matmul.h)
+DTYPE: dict[str, int] = {**_enum("enum ifg_dtype", "IFG_"), **_enum("enum ifg_matmul_dtype", "IFG_")}
 DTYPE_NAME: dict[int, str] = {v: k for k, v in DTYPE.items()}
 _LORA_LAYOUT = _enum("enum ifg_lora_layout", "IFG_LORA_")
 LORA_I8: int = _enum("enum ifg_lora_dtype", "IFG_LORA_")["i8"]

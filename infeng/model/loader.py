@@ -20,6 +20,7 @@ from infeng import format as native
 from infeng.converters import gguf_read, hf
 from infeng.errors import InfengError
 from infeng.format.config import ModelConfig
+from infeng.kernels import bf16_activations
 # MATRICES: model/llama.py and runtime/adapters.py import it from here
 from infeng.format.schema import MATRICES, STORE_DTYPES, convert_dtype, expected_shapes, is_norm  # noqa: F401
 from infeng.quant import QTYPES, to_f32
@@ -37,6 +38,7 @@ class Model:
     lineage: tuple[str, ...] = ()               # identities of the models this one was derived from
     _identity: str | None = field(default=None, repr=False, compare=False)
     _kernel: dict = field(default_factory=dict, repr=False, compare=False)   # name → kernel_weight
+    bf16_act: str | None = None                 # bf16 matrices' input: "f32" | "bf16" | None (INFENG_BF16_ACT)
 
 
     def weight(self, name: str) -> tuple[str, np.ndarray]:
@@ -47,8 +49,11 @@ class Model:
         multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16`` / ``q4_kx16``) once per
         model; ``tensors`` keeps the stored layout (GGUF export, reference model, checksums).
         A mapped original is read once here, so its pages are then dropped from memory. The
-        repack runs in C given the kernel library ``kern``, else in numpy."""
+        repack runs in C given the kernel library ``kern``, else in numpy. bf16 matrices come
+        as ``bf16_dp`` (the same bytes, x rounded to bf16) when ``bf16_act`` says "bf16"."""
         dtype, arr = self.tensors[name]
+        if dtype == "bf16" and bf16_activations(self.bf16_act) == "bf16":
+            return "bf16_dp", arr
         if not can_interleave(dtype, arr.shape[0]):
             return dtype, arr
         if name not in self._kernel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from infeng.format.schema import MATRICES
+from infeng.kernels import bf16_activations
 from infeng.model.loader import Model
 from infeng.quant import INT8_ACTIVATIONS, _round_away, quantize_activations
 from infeng.quant.kvcache import hadamard, rotation_signs, roundtrip
@@ -50,6 +51,12 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """f32 values rounded to bf16 (nearest even), as f32: what the bf16_dp kernels multiply."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
 class ReferenceModel:
     """``forward(tokens)`` continues the sequence held in its KV cache and returns logits [T, vocab]."""
 
@@ -64,6 +71,9 @@ class ReferenceModel:
         self.cfg = model.config
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
+        # bf16 matrices whose input the kernels round to bf16 (the model's bf16_act, kernels.bf16_activations)
+        self.bin = ({n for n, (d, _) in model.tensors.items() if d == "bf16"}
+                    if bf16_activations(model.bf16_act) == "bf16" else set())
         self.inv_freq = self.cfg.inv_freq()
         self.attn_factor = self.cfg.attn_factor()   # YaRN / LongRoPE scale cos and sin: q·k by its square
         # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
@@ -131,8 +141,11 @@ class ReferenceModel:
         return q, roundtrip(k, kv.k[i], kv.group), roundtrip(v, kv.v[i], kv.group)
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
-        """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations)."""
+        """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations, to
+        bf16 if W is bf16 and the model's bf16_act says so)."""
         x_in = x
+        if name in self.bin:
+            x = round_bf16(x)
         if name in self.qin:
             q, d = quantize_activations(x)
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
