@@ -4,6 +4,7 @@ import inspect
 import subprocess
 import sys
 
+from infeng.bench.comparisons import COMPARISONS
 from infeng.cli.main import COMMANDS, load_command, main
 
 
@@ -41,3 +42,8 @@ def test_unknown_command_is_one_line_with_a_hint(capsys):
     assert main(["generat"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("infeng: error: No such command 'generat'. Did you mean 'generate'?")
+
+
+def test_bench_help_names_every_comparison_kind():
+    text = " ".join(load_command("bench").help.split())
+    assert [k for k in COMPARISONS if k not in text] == []

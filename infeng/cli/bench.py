@@ -46,7 +46,7 @@ def bench(
 
     A suite file with a top-level `kind` runs one of the comparisons instead (lora_overhead,
     peft_lora, llamacpp_lora, llamacpp_kld, engine, job_memory, job_resume, scale_out, sim, serve_load,
-    serve_llamacpp, grammar_mask, grammar_step, llamacpp_agreement, spec)."""
+    serve_llamacpp, grammar_mask, grammar_step, llamacpp_agreement, spec, kv_cache, gguf_types)."""
     if (suite_path is None) == (kernel is None):
         raise InfengError("give --suite FILE.yaml or --kernel NAME (one of them)")
     for flag, out, sfx in (("--json", json_out, ".json"), ("--csv", csv_out, ".csv"), ("--plot", plot_out, ".png")):
