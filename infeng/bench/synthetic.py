@@ -24,6 +24,10 @@ ARCHS: dict[str, dict] = {
     "tinyllama-1.1b": dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
                            vocab_size=32000, max_seq_len=2048, norm_eps=1e-5, rope_theta=10000.0,
                            tie_embeddings=False, bos_id=1, eos_ids=(2,)),
+    # TinyLlama's shape with an 8k context, for decode at depth 4096 (KV-cache benchmarks)
+    "tinyllama-1.1b-8k": dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                              vocab_size=32000, max_seq_len=8192, norm_eps=1e-5, rope_theta=10000.0,
+                              tie_embeddings=False, bos_id=1, eos_ids=(2,)),
     "llama-3.2-1b": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                          vocab_size=128256, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0,
                          tie_embeddings=True, bos_id=128000, eos_ids=(128001,),
