@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from infeng.bench.llamacpp_kld import LlamaCppScorer
-from infeng.bench.peers import PeerSkip, _import
-from infeng.errors import InfengError
+from infeng.bench.peers import _import
 from infeng.evals import perplexity as P
 from infeng.model.loader import load_gguf
 from infeng.runtime.engine import Engine, Request

@@ -8,6 +8,7 @@ not match dtype × shape) so a corrupt file gives one clear error, never a crash
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
