@@ -14,71 +14,23 @@ engine, `infeng serve` under load, grammar masks' per-token cost, agreement with
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import json
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from infeng.bench import engine_scenarios, gguf_types, grammar_mask, job_memory, job_resume, kv_cache, lora_scenarios, \
-    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare, \
-    spec_bench, synthetic
+from infeng.bench import engine_scenarios, gguf_types, grammar_mask, job_memory, job_resume, lora_scenarios, \
+    llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare
+from infeng.bench.comparison_base import Comparison, Log, adapter_dtype, int_range, positive_ints
+from infeng.bench.kv_cache import KVCacheKinds
 from infeng.bench.peers import PeerSkip
+from infeng.bench.spec_bench import Speculation
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
 from infeng.telemetry import Run
-
-Log = Callable[[str], None]
-
-
-class Comparison(ABC):
-    name: str
-    model_param = "base"                 # the parameter `--model` sets
-    required: tuple[str, ...] = ()
-    defaults: dict[str, Any] = {}
-    may_be_zero: tuple[str, ...] = ()    # integers where 0 means something (seeds)
-
-    def params(self, given: dict[str, Any], where: str, complete: bool = True) -> dict[str, Any]:
-        """The defaults updated with ``given``, each checked against its default's type (and,
-        when ``complete``, the required ones present)."""
-        extra = sorted(set(given) - set(self.defaults) - set(self.required))
-        if extra:
-            raise InfengError(f"{where}: unknown key(s) {', '.join(extra)} for kind {self.name} "
-                              f"(it takes {', '.join(sorted(set(self.defaults) | set(self.required)))})")
-        missing = [k for k in self.required if given.get(k) is None]
-        if missing and complete:
-            raise InfengError(f"{where}: kind {self.name} needs {', '.join(missing)}")
-        for k in self.required:
-            if given.get(k) is not None and not isinstance(given[k], str):
-                raise InfengError(f"{where}: `{k}` must be a path, got {given[k]!r}")
-        p = {**self.defaults, **given}
-        for k, d in self.defaults.items():
-            v = p[k]
-            # a YAML `true` is an int to Python: a bool only where the default is one
-            if not isinstance(v, type(d)) or isinstance(v, bool) != isinstance(d, bool):
-                raise InfengError(f"{where}: `{k}` must be {type(d).__name__}, got {v!r}")
-            if isinstance(d, int) and not isinstance(d, bool) and v < (0 if k in self.may_be_zero else 1):
-                raise InfengError(f"{where}: `{k}` must be >= {0 if k in self.may_be_zero else 1}, got {v}")
-        return p
-
-    @abstractmethod
-    def run(self, p: dict[str, Any], log: Log) -> tuple[list[dict[str, Any]], list[str]]:
-        """(records, notes)."""
-        ...
-
-    def metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        return {}
-
-
-def _positive_ints(v: list, key: str, where: str) -> list[int]:
-    if not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-        raise InfengError(f"{where}: `{key}` must be a list of positive integers, got {v!r}")
-    return v
-
 
 class LoraOverhead(Comparison):
     """A mixed batch of LoRA adapters against the same batch without adapters (and, with ``zipf``,
@@ -89,8 +41,8 @@ class LoraOverhead(Comparison):
                 "n_out": 32, "zipf": False}
 
     def run(self, p, log):
-        _positive_ints(p["ranks"], "ranks", self.name)
-        _adapter_dtype(p)
+        positive_ints(p["ranks"], "ranks", self.name)
+        adapter_dtype(p)
         recs = lora_scenarios.overhead(p["base"], p["ranks"], p["threads"], repeats=p["repeats"],
                                        dtype=p["adapter_dtype"], prompt_len=p["prompt_len"], n_out=p["n_out"])
         if p["zipf"]:
@@ -107,7 +59,7 @@ class LoraPeer(Comparison):
         self.name, self.peer, self.compare = name, peer, compare
 
     def run(self, p, log):
-        _adapter_dtype(p)
+        adapter_dtype(p)
         try:
             rec = self.compare(p["base"], p["rank"], p["threads"], repeats=p["repeats"], prompt_len=p["prompt_len"],
                                n_out=p["n_out"], adapter_dtype=p["adapter_dtype"])
@@ -191,7 +143,7 @@ class JobMemory(Comparison):
     defaults = {"sizes": [10000, 100000], "max_tokens": 2, "max_batch": 32, "whole_file": False}
 
     def run(self, p, log):
-        _positive_ints(p["sizes"], "sizes", self.name)
+        positive_ints(p["sizes"], "sizes", self.name)
         return job_memory.run(p["model"], p["sizes"], p["max_tokens"], p["max_batch"], p["whole_file"], log), []
 
     def metrics(self, records):
@@ -224,7 +176,7 @@ class SimCompare(Comparison):
                 "max_batch": 8, "kv_budget_mb": 0.0, "seed": 0}
 
     def run(self, p, log):
-        prompt, output = (_range(p[k], k, self.name) for k in ("prompt", "output"))
+        prompt, output = (int_range(p[k], k, self.name) for k in ("prompt", "output"))
         if p["rate"] < 0 or p["kv_budget_mb"] < 0:
             raise InfengError(f"{self.name}: `rate` and `kv_budget_mb` must be >= 0")
         return sim_compare.run(p["model"], p["requests"], p["rate"], prompt, output, p["threads"], p["max_batch"],
@@ -240,9 +192,9 @@ class ServeLoad(Comparison):
     defaults = serve_load.DEFAULTS
 
     def run(self, p, log):
-        _positive_ints(p["concurrency"], "concurrency", self.name)
+        positive_ints(p["concurrency"], "concurrency", self.name)
         for k in ("prompt_tokens", "output_tokens"):
-            _range(p[k], k, self.name)
+            int_range(p[k], k, self.name)
         return serve_load.run(p, log)
 
 
@@ -252,9 +204,9 @@ class ServeLlamaCpp(Comparison):
     defaults = serve_peer.DEFAULTS
 
     def run(self, p, log):
-        _positive_ints(p["concurrency"], "concurrency", self.name)
+        positive_ints(p["concurrency"], "concurrency", self.name)
         for k in ("prompt_tokens", "output_tokens"):
-            _range(p[k], k, self.name)
+            int_range(p[k], k, self.name)
         try:
             return serve_peer.run(p, log)
         except PeerSkip as e:
@@ -320,141 +272,6 @@ class LlamaCppAgreement(Comparison):
 
     def metrics(self, records):
         return {"kld_mean": records[0]["kld_kld_mean"]} if records else {}
-
-
-class Speculation(Comparison):
-    """Speculative decoding: prompt lookup on a real model's grounded and free prompts, a q4_0
-    self-draft's acceptance there, the self-draft's cost at forced acceptances on a synthetic
-    shape (and the break-even), and llama.cpp's prompt lookup on the same GGUF."""
-    name, model_param, required = "spec", "model", ("model",)
-    defaults = {"gguf": "", "prompts": "bench/spec_prompts.jsonl", "threads": 2, "repeats": 2, "n": 128, "k": 4,
-                "synthetic": "tinyllama-1.1b", "alphas": [0.6, 0.8, 0.9], "cost_tokens": 48,
-                "only": ["lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup"]}
-
-    def run(self, p, log):
-        parts = ("lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup")
-        bad = [x for x in p["only"] if x not in parts]
-        if bad:
-            raise InfengError(f"{self.name}: `only` {bad[0]!r}: one of {', '.join(parts)}")
-        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in p["alphas"]):
-            raise InfengError(f"{self.name}: `alphas` must be numbers in [0, 1], got {p['alphas']!r}")
-        if p["synthetic"] not in synthetic.ARCHS:
-            raise InfengError(f"{self.name}: `synthetic` {p['synthetic']!r}: one of {', '.join(synthetic.ARCHS)}")
-        if not Path(p["model"]).is_file():
-            raise InfengError(f"{self.name}: model {p['model']}: no such file")
-        prompts = spec_bench.load_prompts(p["prompts"])
-        recs, notes, only = [], [], p["only"]
-        if "lookup" in only:
-            recs += spec_bench.lookup(p["model"], prompts, p["threads"], p["n"], p["repeats"], log)
-        if "self_draft_acceptance" in only:
-            recs += spec_bench.self_draft_acceptance(p["model"], prompts, p["threads"], p["n"], p["k"], log)
-        if "self_draft_cost" in only:
-            target, draft = (synthetic.make(p["synthetic"], d) for d in ("q8_0", "q4_0"))
-            recs += spec_bench.self_draft_cost(str(target), str(draft), p["threads"], p["cost_tokens"], p["k"],
-                                               p["alphas"], p["repeats"], log)
-        if "llamacpp_lookup" in only:
-            gguf = Path(p["gguf"]).expanduser()
-            if not p["gguf"] or not gguf.is_file():
-                notes.append(f"llama.cpp lookup skipped: `gguf` {p['gguf']!r} (the GGUF the model came from) is not a file")
-            else:
-                r, n = spec_bench.llamacpp_lookup(str(gguf), prompts, p["model"], p["threads"], p["n"], p["k"], log)
-                recs, notes = recs + r, notes + n
-        for r in recs:
-            r.pop("_s", None)
-        return recs, notes
-
-    def metrics(self, records):
-        out = {}
-        for r in records:
-            if r["scenario"] in ("lookup", "llamacpp_lookup") and str(r.get("prompt", "all")).startswith("all"):
-                out[f"{r['scenario']}_{r['kind']}.speedup"] = r["speedup"]
-            elif r["scenario"] == "self_draft_acceptance":
-                out[f"self_draft_{r['kind']}.acceptance"] = r["acceptance"]
-            elif r["scenario"] == "self_draft_cost":
-                if r["alpha"] == "break_even":
-                    out["self_draft.break_even_alpha"] = r["break_even_alpha"]
-                else:
-                    out[f"self_draft_alpha_{r['alpha']}.speedup"] = r["speedup"]
-        return out
-
-
-class KVCacheKinds(Comparison):
-    """Compressed KV caches: quality (KLD, ΔPPL against the f32 cache, real model and text) and
-    decode speed at depth, beside llama.cpp's K/V cache types (infeng.bench.kv_cache)."""
-    name, model_param = "kv_cache", "model"
-    defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "top_k": 128,
-                "kinds": [{"dtype": "bf16"}, {"dtype": "int8"}, {"dtype": "int4"}],
-                "llamacpp": ["q8_0", "q4_0"],
-                "speed_model": "tinyllama-1.1b:q4_0", "depths": [0, 1024, 4096], "tokens": 32,
-                "speed_kinds": [{"dtype": "f32"}, {"dtype": "int8"}, {"dtype": "int4"}],
-                "speed_llamacpp": ["f32", "q8_0", "q4_0"], "threads": 2, "repeats": 2,
-                "parts": ["quality", "speed"]}
-
-    def run(self, p, log):
-        bad = [x for x in p["parts"] if x not in ("quality", "speed")]
-        if bad:
-            raise InfengError(f"{self.name}: `parts`: {bad[0]!r} is not quality or speed")
-        rows, notes = [], []
-        p = {**p, **{k: str(Path(p[k]).expanduser()) for k in ("model", "gguf", "text") if p[k]}}
-        gguf = Path(p["gguf"]) if p["gguf"] else None
-        if "quality" in p["parts"]:
-            if not p["model"] or not Path(p["model"]).exists():
-                raise InfengError(f"{self.name}: `model` {p['model']!r}: no such model file or folder (the quality part needs it)")
-            if not p["text"] or not Path(p["text"]).is_file():
-                raise InfengError(f"{self.name}: `text` {p['text']!r} is not a file (the quality part needs it)")
-            _positive_ints(p["ctx"], "ctx", self.name)
-            cfg = load_model(p["model"], verify=False).config
-            kinds = kv_cache.check_kinds(p["kinds"], cfg, self.name)
-            r, n = kv_cache.quality(Path(p["model"]), Path(p["text"]), p["ctx"], kinds, p["llamacpp"],
-                                    gguf, p["threads"], p["top_k"], log)
-            rows, notes = rows + r, notes + n
-        if "speed" in p["parts"]:
-            if not p["depths"] or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in p["depths"]):
-                raise InfengError(f"{self.name}: `depths` must be a list of integers >= 0, got {p['depths']!r}")
-            path = _model_path(p["speed_model"])
-            cfg = load_model(path, verify=False).config
-            kinds = kv_cache.check_kinds(p["speed_kinds"], cfg, self.name)
-            r, n = kv_cache.speed(path, p["depths"], p["tokens"], kinds, p["speed_llamacpp"],
-                                  gguf if p["speed_model"] == p["model"] else None,
-                                  p["threads"], p["repeats"], log)
-            rows, notes = rows + r, notes + n
-        return rows, notes
-
-    def metrics(self, records):
-        out = {}
-        for r in records:
-            key = f"{r['part']}.{r['runner']}.{r['kv']}".replace(" ", "_")
-            if r["part"] == "quality":
-                out[f"{key}.ctx{r['ctx']}.kld_mean"] = r["kld_mean"]
-                out[f"{key}.ctx{r['ctx']}.delta_ppl_pct"] = r["delta_ppl_pct"]
-            else:
-                out[f"{key}.d{r['depth']}.decode_tok_s"] = r["decode_tok_s"]
-                if "decode_vs_f32" in r:
-                    out[f"{key}.d{r['depth']}.decode_vs_f32"] = r["decode_vs_f32"]
-        return out
-
-
-def _model_path(spec: str) -> Path:
-    """A model file or folder, or ARCH:DTYPE for a synthetic model (infeng.bench.synthetic)."""
-    if Path(spec).exists():
-        return Path(spec)
-    arch, _, dtype = spec.partition(":")
-    if arch not in synthetic.ARCHS:
-        raise InfengError(f"kv_cache: `speed_model` {spec!r} is neither a file nor ARCH:DTYPE "
-                          f"(archs: {', '.join(synthetic.ARCHS)})")
-    return synthetic.make(arch, dtype or "bf16")
-
-
-def _range(v, key: str, where: str) -> tuple[int, int]:
-    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            and 1 <= v[0] <= v[1]):
-        raise InfengError(f"{where}: `{key}` must be [LOW, HIGH] with 1 <= LOW <= HIGH, got {v!r}")
-    return v[0], v[1]
-
-
-def _adapter_dtype(p: dict[str, Any]) -> None:
-    if p["adapter_dtype"] not in ("bf16", "f32", "int8"):
-        raise InfengError(f"`adapter_dtype` {p['adapter_dtype']!r}: one of bf16, f32, int8")
 
 
 COMPARISONS: dict[str, Comparison] = {c.name: c for c in (

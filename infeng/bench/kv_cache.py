@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from infeng.bench import synthetic
+from infeng.bench.comparison_base import Comparison, positive_ints
 from infeng.bench.kinds import prompt
 from infeng.bench.llamacpp_kld import LlamaCppScorer
 from infeng.bench.peers import LlamaCppPeer, PeerSkip
@@ -189,3 +191,70 @@ def check_kinds(kinds: Any, model_cfg, where: str) -> list[dict]:
 
 def raise_bad(where: str, msg: str):
     raise InfengError(f"{where}: {msg}")
+
+
+class KVCacheKinds(Comparison):
+    """Compressed KV caches: quality (KLD, ΔPPL against the f32 cache, real model and text) and
+    decode speed at depth, beside llama.cpp's K/V cache types (infeng.bench.kv_cache)."""
+    name, model_param = "kv_cache", "model"
+    defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "top_k": 128,
+                "kinds": [{"dtype": "bf16"}, {"dtype": "int8"}, {"dtype": "int4"}],
+                "llamacpp": ["q8_0", "q4_0"],
+                "speed_model": "tinyllama-1.1b:q4_0", "depths": [0, 1024, 4096], "tokens": 32,
+                "speed_kinds": [{"dtype": "f32"}, {"dtype": "int8"}, {"dtype": "int4"}],
+                "speed_llamacpp": ["f32", "q8_0", "q4_0"], "threads": 2, "repeats": 2,
+                "parts": ["quality", "speed"]}
+
+    def run(self, p, log):
+        bad = [x for x in p["parts"] if x not in ("quality", "speed")]
+        if bad:
+            raise InfengError(f"{self.name}: `parts`: {bad[0]!r} is not quality or speed")
+        rows, notes = [], []
+        p = {**p, **{k: str(Path(p[k]).expanduser()) for k in ("model", "gguf", "text") if p[k]}}
+        gguf = Path(p["gguf"]) if p["gguf"] else None
+        if "quality" in p["parts"]:
+            if not p["model"] or not Path(p["model"]).exists():
+                raise InfengError(f"{self.name}: `model` {p['model']!r}: no such model file or folder (the quality part needs it)")
+            if not p["text"] or not Path(p["text"]).is_file():
+                raise InfengError(f"{self.name}: `text` {p['text']!r} is not a file (the quality part needs it)")
+            positive_ints(p["ctx"], "ctx", self.name)
+            cfg = load_model(p["model"], verify=False).config
+            kinds = check_kinds(p["kinds"], cfg, self.name)
+            r, n = quality(Path(p["model"]), Path(p["text"]), p["ctx"], kinds, p["llamacpp"],
+                                    gguf, p["threads"], p["top_k"], log)
+            rows, notes = rows + r, notes + n
+        if "speed" in p["parts"]:
+            if not p["depths"] or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in p["depths"]):
+                raise InfengError(f"{self.name}: `depths` must be a list of integers >= 0, got {p['depths']!r}")
+            path = _model_path(p["speed_model"])
+            cfg = load_model(path, verify=False).config
+            kinds = check_kinds(p["speed_kinds"], cfg, self.name)
+            r, n = speed(path, p["depths"], p["tokens"], kinds, p["speed_llamacpp"],
+                                  gguf if p["speed_model"] == p["model"] else None,
+                                  p["threads"], p["repeats"], log)
+            rows, notes = rows + r, notes + n
+        return rows, notes
+
+    def metrics(self, records):
+        out = {}
+        for r in records:
+            key = f"{r['part']}.{r['runner']}.{r['kv']}".replace(" ", "_")
+            if r["part"] == "quality":
+                out[f"{key}.ctx{r['ctx']}.kld_mean"] = r["kld_mean"]
+                out[f"{key}.ctx{r['ctx']}.delta_ppl_pct"] = r["delta_ppl_pct"]
+            else:
+                out[f"{key}.d{r['depth']}.decode_tok_s"] = r["decode_tok_s"]
+                if "decode_vs_f32" in r:
+                    out[f"{key}.d{r['depth']}.decode_vs_f32"] = r["decode_vs_f32"]
+        return out
+
+
+def _model_path(spec: str) -> Path:
+    """A model file or folder, or ARCH:DTYPE for a synthetic model (infeng.bench.synthetic)."""
+    if Path(spec).exists():
+        return Path(spec)
+    arch, _, dtype = spec.partition(":")
+    if arch not in synthetic.ARCHS:
+        raise InfengError(f"kv_cache: `speed_model` {spec!r} is neither a file nor ARCH:DTYPE "
+                          f"(archs: {', '.join(synthetic.ARCHS)})")
+    return synthetic.make(arch, dtype or "bf16")

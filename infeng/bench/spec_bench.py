@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from infeng.bench import synthetic
+from infeng.bench.comparison_base import Comparison
 from infeng.errors import InfengError
 from infeng.model.loader import Model, load_model
 from infeng.quant import QTYPES, policy as qpolicy, to_f32
@@ -293,3 +295,59 @@ def llamacpp_lookup(gguf: str, prompts: list[dict], tokenizer_model: str, thread
              "speculation (llama-speculative, llama-server --model-draft) is not reachable from the Python API, "
              "nor speculation in a batch of sequences"]
     return recs, notes
+
+
+class Speculation(Comparison):
+    """Speculative decoding: prompt lookup on a real model's grounded and free prompts, a q4_0
+    self-draft's acceptance there, the self-draft's cost at forced acceptances on a synthetic
+    shape (and the break-even), and llama.cpp's prompt lookup on the same GGUF."""
+    name, model_param, required = "spec", "model", ("model",)
+    defaults = {"gguf": "", "prompts": "bench/spec_prompts.jsonl", "threads": 2, "repeats": 2, "n": 128, "k": 4,
+                "synthetic": "tinyllama-1.1b", "alphas": [0.6, 0.8, 0.9], "cost_tokens": 48,
+                "only": ["lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup"]}
+
+    def run(self, p, log):
+        parts = ("lookup", "self_draft_acceptance", "self_draft_cost", "llamacpp_lookup")
+        bad = [x for x in p["only"] if x not in parts]
+        if bad:
+            raise InfengError(f"{self.name}: `only` {bad[0]!r}: one of {', '.join(parts)}")
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in p["alphas"]):
+            raise InfengError(f"{self.name}: `alphas` must be numbers in [0, 1], got {p['alphas']!r}")
+        if p["synthetic"] not in synthetic.ARCHS:
+            raise InfengError(f"{self.name}: `synthetic` {p['synthetic']!r}: one of {', '.join(synthetic.ARCHS)}")
+        if not Path(p["model"]).is_file():
+            raise InfengError(f"{self.name}: model {p['model']}: no such file")
+        prompts = load_prompts(p["prompts"])
+        recs, notes, only = [], [], p["only"]
+        if "lookup" in only:
+            recs += lookup(p["model"], prompts, p["threads"], p["n"], p["repeats"], log)
+        if "self_draft_acceptance" in only:
+            recs += self_draft_acceptance(p["model"], prompts, p["threads"], p["n"], p["k"], log)
+        if "self_draft_cost" in only:
+            target, draft = (synthetic.make(p["synthetic"], d) for d in ("q8_0", "q4_0"))
+            recs += self_draft_cost(str(target), str(draft), p["threads"], p["cost_tokens"], p["k"],
+                                               p["alphas"], p["repeats"], log)
+        if "llamacpp_lookup" in only:
+            gguf = Path(p["gguf"]).expanduser()
+            if not p["gguf"] or not gguf.is_file():
+                notes.append(f"llama.cpp lookup skipped: `gguf` {p['gguf']!r} (the GGUF the model came from) is not a file")
+            else:
+                r, n = llamacpp_lookup(str(gguf), prompts, p["model"], p["threads"], p["n"], p["k"], log)
+                recs, notes = recs + r, notes + n
+        for r in recs:
+            r.pop("_s", None)
+        return recs, notes
+
+    def metrics(self, records):
+        out = {}
+        for r in records:
+            if r["scenario"] in ("lookup", "llamacpp_lookup") and str(r.get("prompt", "all")).startswith("all"):
+                out[f"{r['scenario']}_{r['kind']}.speedup"] = r["speedup"]
+            elif r["scenario"] == "self_draft_acceptance":
+                out[f"self_draft_{r['kind']}.acceptance"] = r["acceptance"]
+            elif r["scenario"] == "self_draft_cost":
+                if r["alpha"] == "break_even":
+                    out["self_draft.break_even_alpha"] = r["break_even_alpha"]
+                else:
+                    out[f"self_draft_alpha_{r['alpha']}.speedup"] = r["speedup"]
+        return out
