@@ -45,11 +45,23 @@ N_STEPS = 16                 # candidate inverse scales per sub-block: iscale*(1
 CHUNK_ROWS_WEIGHTS = 1 << 16  # sub-block search on ~64K weights at a time (temporaries stay in cache)
 
 
-def _check(x: np.ndarray) -> np.ndarray:
+def check_rows(x: np.ndarray, qtype: str) -> np.ndarray:
+    """``x`` as contiguous f32 [N][K], K a multiple of the K-quants' 256-wide super-block."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] % QK_K:
-        raise InfengError(f"cannot quantize shape {list(x.shape)} to q4_k: rows must be a multiple of {QK_K}")
+        raise InfengError(f"cannot quantize shape {list(x.shape)} to {qtype}: rows must be a multiple of {QK_K}")
     return x
+
+
+def quantize_in_c(fn: str, x: np.ndarray, block_bytes: int, threads: int) -> np.ndarray:
+    """uint8 [N][K/256*block_bytes] from the C quantizer ``fn``(dst, x, N, K, threads)."""
+    N, K = x.shape
+    out = np.empty((N, K // QK_K * block_bytes), np.uint8)
+    kern = kernels.active()
+    ffi = kern.ffi
+    getattr(kern.lib, fn)(ffi.cast("uint8_t *", ffi.from_buffer(out)), ffi.cast("float *", ffi.from_buffer(x)),
+                          N, K, threads)
+    return out
 
 
 def _fit_sub_blocks(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +123,7 @@ def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None, threads: int
     """f32 [N][K] → uint8 [N][K/256*144] (GGUF Q4_K blocks). ``weights``: optional per-column
     importances [K] (non-negative; e.g. calibration's mean x² per input column). Runs in the C
     library (ifg_quantize_q4_k, ``threads`` = 0: all), byte for byte ``quantize_q4_k_ref``."""
-    x = _check(x)
+    x = check_rows(x, "q4_k")
     N, K = x.shape
     imp = _importance(weights, K)
     out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)
@@ -124,7 +136,7 @@ def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None, threads: int
 
 def quantize_q4_k_ref(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """The numpy reference of ``quantize_q4_k`` (the algorithm in the module docstring)."""
-    x = _check(x)
+    x = check_rows(x, "q4_k")
     N, K = x.shape
     imp = _importance(weights, K)
     nsb = K // QK_K

@@ -28,21 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from infeng import kernels
-from infeng.errors import InfengError
-from infeng.quant.q4_k import pack_scales, unpack_scales
+from infeng.quant.q4_k import check_rows, pack_scales, quantize_in_c, unpack_scales
 from infeng.quant.q6_k import _ordered_sum as _osum
 
 QK_K = 256
 BLOCK_BYTES = 176
 F = np.float32
-
-
-def _check(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise InfengError(f"cannot quantize shape {list(x.shape)} to q5_k: rows must be a multiple of {QK_K}")
-    return x
 
 
 def _fit(x: np.ndarray, w: np.ndarray, nmax: int = 31) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +85,7 @@ def _fit(x: np.ndarray, w: np.ndarray, nmax: int = 31) -> tuple[np.ndarray, np.n
 
 def quantize_q5_k_ref(x: np.ndarray) -> np.ndarray:
     """f32 [N][K] (K a multiple of 256) → uint8 [N][K/256*176], ggml's bytes (numpy)."""
-    x = _check(x)
+    x = check_rows(x, "q5_k")
     N, K = x.shape
     xs = x.reshape(-1, 32)
     rms = np.sqrt(_osum(xs * xs) / F(32)).astype(np.float32)
@@ -129,14 +120,7 @@ def quantize_q5_k_ref(x: np.ndarray) -> np.ndarray:
 def quantize_q5_k(x: np.ndarray, threads: int = 0) -> np.ndarray:
     """f32 [N][K] → uint8 [N][K/256*176] (GGUF Q5_K blocks), in the C library
     (ifg_quantize_q5_k, ``threads`` = 0: all), byte for byte ``quantize_q5_k_ref``."""
-    x = _check(x)
-    N, K = x.shape
-    out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)
-    kern = kernels.active()
-    ffi = kern.ffi
-    kern.lib.ifg_quantize_q5_k(ffi.cast("uint8_t *", ffi.from_buffer(out)), ffi.cast("float *", ffi.from_buffer(x)),
-                               N, K, threads)
-    return out
+    return quantize_in_c("ifg_quantize_q5_k", check_rows(x, "q5_k"), BLOCK_BYTES, threads)
 
 
 def levels(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -30,20 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from infeng import kernels
-from infeng.errors import InfengError
+from infeng.quant.q4_k import check_rows, quantize_in_c
 
 QK_K = 256
 BLOCK_BYTES = 210
 GROUP_MAX_EPS = np.float32(1e-15)
 F = np.float32
-
-
-def _check(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise InfengError(f"cannot quantize shape {list(x.shape)} to q6_k: rows must be a multiple of {QK_K}")
-    return x
 
 
 def _ordered_sum(t: np.ndarray) -> np.ndarray:
@@ -86,7 +78,7 @@ def _fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_q6_k_ref(x: np.ndarray) -> np.ndarray:
     """f32 [N][K] (K a multiple of 256) → uint8 [N][K/256*210], ggml's bytes (numpy)."""
-    x = _check(x)
+    x = check_rows(x, "q6_k")
     N, K = x.shape
     nb = K // QK_K
     scales, L = _fit(x.reshape(N * nb * 16, 16))
@@ -123,14 +115,7 @@ def pack(L: np.ndarray, sc: np.ndarray, d16: np.ndarray) -> np.ndarray:
 def quantize_q6_k(x: np.ndarray, threads: int = 0) -> np.ndarray:
     """f32 [N][K] → uint8 [N][K/256*210] (GGUF Q6_K blocks), in the C library
     (ifg_quantize_q6_k, ``threads`` = 0: all), byte for byte ``quantize_q6_k_ref``."""
-    x = _check(x)
-    N, K = x.shape
-    out = np.empty((N, K // QK_K * BLOCK_BYTES), np.uint8)
-    kern = kernels.active()
-    ffi = kern.ffi
-    kern.lib.ifg_quantize_q6_k(ffi.cast("uint8_t *", ffi.from_buffer(out)), ffi.cast("float *", ffi.from_buffer(x)),
-                               N, K, threads)
-    return out
+    return quantize_in_c("ifg_quantize_q6_k", check_rows(x, "q6_k"), BLOCK_BYTES, threads)
 
 
 def levels(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
