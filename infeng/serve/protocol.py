@@ -291,3 +291,7 @@ def envelope(kind: str, rid: str, model: str, created: int, stream: bool) -> dic
 
 def now() -> int:
     return int(time.time())
+
+
+def too_many(why: str, retry_after_s: int) -> ApiError:
+    return ApiError(429, f"{why}; retry later", code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
