@@ -378,9 +378,10 @@ def test_torch_peer_matches_reference(data_dir):
 def test_roofline_bytes(data_dir):
     from infeng.model.loader import load_model
     m = load_model(data_dir / "stories260K")
-    wb = S.weight_bytes(m)
+    from infeng.bench import roofline as R
+    wb = R.weight_bytes(m)
     assert wb == sum(a.nbytes for _, a in m.tensors.values())      # tied: the table is the output matrix
-    assert S.decode_step_bytes(m, 2, 10) == wb + 2 * 10 * S.kv_bytes_per_position(m)
+    assert R.decode_step_bytes(m, 2, 10) == wb + 2 * 10 * R.kv_bytes_per_position(m)
 
 
 def test_synthetic_quantized_model(monkeypatch, tmp_path):

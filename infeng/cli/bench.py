@@ -12,8 +12,8 @@ from rich.table import Table
 from infeng.bench.baseline import (DEFAULT_TOLERANCE_PCT, against_baseline, check_tolerance, load_bench_report,
                                    rows_markdown)
 from infeng.bench.comparisons import ComparisonSuite
-from infeng.bench.suite import (Scenario, Suite, load_suite, markdown, plot, run_suite, steps_total, table,
-                                to_run)
+from infeng.bench.report import markdown, plot, table, to_run
+from infeng.bench.suite import Scenario, Suite, load_suite, run_suite, steps_total
 from infeng.evals.suite import diff_table
 from infeng.errors import InfengError
 from infeng.kernels import default_threads
