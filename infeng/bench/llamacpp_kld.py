@@ -118,8 +118,8 @@ def run(base_path: Path, text: Path, types: list[str], compare: list[tuple[str, 
 
     for name, path in compare:
         m = load_model(path, verify=False)
-        nbytes = sum(a.nbytes for _, a in m.tensors.values())
-        add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx), nbytes, _count(d for d, _ in m.tensors.values()))
+        nbytes = sum(m.tensors.nbytes(n) for n in m.tensors)
+        add(name, "infeng", path, Scorer(m, threads=threads, ctx=ctx), nbytes, _count(m.tensors.dtype(n) for n in m.tensors))
     try:
         gguf = gguf_write.export_cached(base_model, gguf_cache_dir(), base_path)
         for ft in ["F32" if base_model.weight_dtype == "f32" else base_model.weight_dtype.upper()] + types:

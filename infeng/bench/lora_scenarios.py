@@ -118,11 +118,11 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
     cfg = model.config
     rng = np.random.default_rng(seed)
     prompts = [[1] + rng.integers(3, cfg.vocab_size, prompt_len - 1).tolist() for _ in range(batch)]
-    base_bytes = sum(a.nbytes for n, (d, a) in model.tensors.items() if n.startswith("layers."))
+    base_bytes = sum(model.tensors.nbytes(n) for n in model.tensors if n.startswith("layers."))
     # what a decode step of the base reads in all: the layers, the output head, and the f32 K/V
     # of every row at the mean depth of the decode steps measured
     kv_bytes = batch * (prompt_len + n_out / 2) * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
-    step_bytes = base_bytes + model.tensors[model.output_name][1].nbytes + kv_bytes
+    step_bytes = base_bytes + model.tensors.nbytes(model.output_name) + kv_bytes
     base_dtype = model.weight_dtype
     eng = Engine(model, threads=threads, max_batch=batch, max_batch_tokens=batch * prompt_len,
                  detokenize=False, prefix_cache=False)

@@ -6,10 +6,10 @@ def weight_bytes(model) -> int:
     """Bytes of weights one decode step reads: every tensor but the embedding table (one row of it
     is read), which counts only when it doubles as the output matrix."""
     total = 0
-    for name, (_, arr) in model.tensors.items():
+    for name in model.tensors:
         if name == "tok_embeddings" and model.output_name != "tok_embeddings":
             continue
-        total += arr.nbytes
+        total += model.tensors.nbytes(name)
     return total
 
 

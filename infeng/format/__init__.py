@@ -10,8 +10,11 @@ Layout::
         ...      zero padding to a multiple of 64
     D   ...      tensor data; every tensor starts at a multiple of 64 from D
 
-Each tensor entry: name, dtype, shape, layout, offset (from D), nbytes, crc32. Loading maps the
-file and hands out numpy views of it; nothing is copied. Writing goes to a temporary name in the
+Each tensor entry: name, dtype, shape, layout, offset (from D), nbytes, crc32. ``layout`` is
+"row_major" (blocks in GGUF order) or the kernels' layout the bytes are stored in (e.g.
+"q4_0x16.<fingerprint>", infeng.quant.interleave); such an entry also holds ``logical_crc32``, the
+crc32 of the row-major bytes, so a model's identity does not depend on how it is stored. Loading
+maps the file and hands out numpy views of it; nothing is copied. Writing goes to a temporary name in the
 same directory and is renamed into place at the end, so a failed write leaves nothing behind.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from infeng.telemetry import atomic_path
 MAGIC = b"INFENG\0\0"
 VERSION = 1
 ALIGN = 64
+ROW_MAJOR = "row_major"
 HEADER = struct.Struct("<8sIIQ")
 
 # dtype label → (numpy storage dtype, bytes per element). bf16 is stored as its uint16 bits.
@@ -109,6 +113,7 @@ class Tensor:
     shape: tuple[int, ...]
     data: np.ndarray  # storage dtype per DTYPES, C-contiguous
     layout: str = "row_major"
+    logical_crc32: int | None = None   # crc32 of the row-major bytes, when layout is not row_major
 
 
 def write(path: str | os.PathLike, manifest: dict[str, Any], tensors: Iterable[Tensor],
@@ -136,6 +141,8 @@ def write(path: str | os.PathLike, manifest: dict[str, Any], tensors: Iterable[T
         # crc32 is written as a fixed-width placeholder first and patched after the data pass.
         table.append({"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "layout": t.layout,
                       "offset": offset, "nbytes": nbytes, "crc32": "00000000"})
+        if t.layout != ROW_MAJOR:
+            table[-1]["logical_crc32"] = f"{t.logical_crc32:08x}"
         offset += nbytes
     full = dict(manifest, format="infeng", version=VERSION, tensors=table)
     blob = json.dumps(full, separators=(",", ":")).encode()
@@ -189,6 +196,8 @@ class NativeFile:
         self.tensors: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}   # logical shapes (tensors[] holds storage)
+        self.layouts: dict[str, str] = {}               # "row_major" or a kernel layout (module doc)
+        self.crcs: dict[str, int] = {}                  # crc32 of each tensor's row-major bytes
         for i, e in enumerate(man["tensors"]):
             self._add(e, i, data_start, size, verify)
 
@@ -227,10 +236,19 @@ class NativeFile:
             crc = f"{zlib.crc32(view) & 0xffffffff:08x}"
             if crc != e.get("crc32"):
                 raise InfengError(f"{where}: checksum mismatch (stored {e.get('crc32')}, data {crc}): file is corrupt")
+        layout = e.get("layout", ROW_MAJOR)
+        crc = e.get("crc32") if layout == ROW_MAJOR else e.get("logical_crc32")
+        if not isinstance(layout, str) or not isinstance(crc, str) or len(crc) != 8:
+            raise InfengError(f"{where}: bad layout or checksum entry")
+        try:
+            self.crcs[name] = int(crc, 16)
+        except ValueError:
+            raise InfengError(f"{where}: checksum {crc!r} is not hexadecimal") from None
         arr = np.frombuffer(view, dtype=DTYPES[dtype][0]).reshape(sshape)
         self.tensors[name] = arr
         self.dtypes[name] = dtype
         self.shapes[name] = tuple(shape)
+        self.layouts[name] = layout
 
 
 def map_readonly(path: Path, what: str, min_size: int) -> tuple[mmap.mmap, int]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from infeng import format as native
 from infeng.kernels import ptr
 from infeng.kernels.structs import Structs, Weight
 from infeng.model.loader import MATRICES, Model
@@ -28,10 +27,11 @@ class LlamaC:
         S = self.structs = Structs(kern)
 
         def weight(name, kernel_layout=True) -> Weight:
-            dtype, arr = model.tensors[name]
-            rows, cols = native.logical_shape(dtype, arr.shape)
-            if kernel_layout:   # q8_0/q4_0/q4_k with 16k rows: the interleaved copy the kernels want
+            rows, cols = model.tensors.shape(name)
+            if kernel_layout:   # quantized with 16k rows: interleaved, as the file stores it (or a repack)
                 dtype, arr = model.kernel_weight(name, kern, threads)
+            else:
+                dtype, arr = model.tensors[name]
             return Weight(dtype, arr, rows, cols)
 
         def f32(name) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import zlib
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +19,20 @@ from infeng import format as native
 from infeng.converters import gguf_read, hf
 from infeng.errors import InfengError
 from infeng.format.config import ModelConfig
+from infeng import kernels
 from infeng.kernels import bf16_activations
 # MATRICES: model/llama.py and runtime/adapters.py import it from here
 from infeng.format.schema import MATRICES, STORE_DTYPES, convert_dtype, expected_shapes, is_norm  # noqa: F401
 from infeng.quant import QTYPES, to_f32
 from infeng.quant.gguf_recode import RECODE
 from infeng.quant.interleave import INTERLEAVED, can_interleave, interleave, interleave_c
+from infeng.model.stored import Tensors, check_layout, file_tensors
 
 
 @dataclass
 class Model:
     config: ModelConfig
-    tensors: dict[str, tuple[str, np.ndarray]]  # native name → (dtype label, storage array)
+    tensors: Tensors                            # native name → (dtype label, row-major storage array)
     tokenizer: dict[str, Any]                   # {"json": str, "add_bos": bool, "chat_template": str|None}
     generation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -41,16 +42,23 @@ class Model:
     bf16_act: str | None = None                 # bf16 matrices' input: "f32" | "bf16" | None (INFENG_BF16_ACT)
 
 
+    def __post_init__(self):
+        self.tensors = Tensors.of(self.tensors)
+
     def weight(self, name: str) -> tuple[str, np.ndarray]:
         return self.tensors[name]
 
     def kernel_weight(self, name: str, kern=None, threads: int = 0) -> tuple[str, np.ndarray]:
-        """The tensor in the layout the C kernels run fastest on: q8_0 / q4_0 / q4_k matrices with a
-        multiple of 16 rows are repacked row-interleaved (``q8_0x16`` / ``q4_0x16`` / ``q4_kx16``) once per
-        model; ``tensors`` keeps the stored layout (GGUF export, reference model, checksums).
-        A mapped original is read once here, so its pages are then dropped from memory. The
-        repack runs in C given the kernel library ``kern``, else in numpy. bf16 matrices come
-        as ``bf16_dp`` (the same bytes, x rounded to bf16) when ``bf16_act`` says "bf16"."""
+        """The tensor in the layout the C kernels run fastest on: quantized matrices with a multiple
+        of 16 rows row-interleaved (``q8_0x16``, ``q4_kx16``, ...). A file written by this build
+        stores them so, and they are handed out as mapped; a row-major one (an older file, GGUF
+        or HF source in memory) is repacked once per model, its mapped original read once and then
+        dropped from memory. The repack runs in C given the kernel library ``kern``, else in numpy.
+        bf16 matrices come as ``bf16_dp`` (the same bytes, x rounded to bf16) when ``bf16_act``
+        says "bf16"."""
+        mapped = self.tensors.kernel_view(name)
+        if mapped is not None:
+            return mapped
         dtype, arr = self.tensors[name]
         if dtype == "bf16" and bf16_activations(self.bf16_act) == "bf16":
             return "bf16_dp", arr
@@ -73,7 +81,7 @@ class Model:
     @property
     def weight_dtype(self) -> str:
         """The dtype of the layer matrices (for summaries)."""
-        return self.tensors["layers.0.wq"][0]
+        return self.tensors.dtype("layers.0.wq")
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": "model", "config": self.config.to_dict(), "tokenizer": self.tokenizer,
@@ -83,10 +91,9 @@ class Model:
         """sha256 of the config and of each tensor's name, dtype, shape and crc32 (cached)."""
         if self._identity is None:
             h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-            for name in sorted(self.tensors):
-                dtype, arr = self.tensors[name]
-                crc = zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
-                h.update(f"{name}|{dtype}|{list(arr.shape)}|{crc:08x}\n".encode())
+            t = self.tensors
+            for name in sorted(t):
+                h.update(f"{name}|{t.dtype(name)}|{list(t.storage_shape(name))}|{t.crc32(name):08x}\n".encode())
             self._identity = h.hexdigest()
         return self._identity
 
@@ -97,7 +104,8 @@ class Model:
                      lineage=self.lineage + (self.identity(),))
 
     def native_tensors(self) -> list[native.Tensor]:
-        return [native.Tensor(name, d, native.logical_shape(d, a.shape), a) for name, (d, a) in self.tensors.items()]
+        """What a native file of this model holds: matrices in the kernels' layout (model/stored.py)."""
+        return file_tensors(self.tensors, kernels.active(), kernels.default_threads())
 
 
 def release_pages(arr: np.ndarray) -> None:
@@ -137,7 +145,7 @@ def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) 
         raise InfengError(f"{where} lacks config or tokenizer")
     cfg = ModelConfig.from_dict(man["config"], where)
     shapes = expected_shapes(cfg)
-    tensors = {}
+    tensors = Tensors()
     for name, shape in shapes.items():
         if name not in f.tensors:
             raise InfengError(f"{p}: missing tensor {name!r}")
@@ -149,7 +157,8 @@ def load_model(path: str | Path, verify: bool = True, dtype: str | None = None) 
             raise InfengError(f"{p}: norm tensor {name!r} must be f32, is {d}")
         if d not in STORE_DTYPES and not (d in QTYPES and len(shape) == 2):
             raise InfengError(f"{p}: tensor {name!r} has dtype {d}, which the model cannot use")
-        tensors[name] = (d, arr)
+        check_layout(f"{p}: tensor {name!r}", d, f.layouts[name])
+        tensors.add(name, d, arr, f.layouts[name], shape, f.crcs[name])
     if dtype is not None:
         tensors = {n: ((dtype, convert_dtype(to_f32(a, d), "f32", dtype)) if not is_norm(n) else (d, a))
                    for n, (d, a) in tensors.items()}

@@ -2,8 +2,9 @@
 ``q8_0x16`` / ``q4_0x16`` / ``q4_kx16`` / ``q4_1x16`` / ``q6_kx16`` / ``q5_kx16``; the byte layouts are
 documented in kernels_c/quant.h, quant_k.h and quant_gguf.h).
 
-Files keep the GGUF block order (GGUF import/export is a byte copy); the loader repacks a matrix
-whose row count is a multiple of 16 into these layouts once, when the C model is built. A group
+Native files store a matrix whose row count is a multiple of 16 in these layouts (``layout_id``
+names one in the file; infeng.model.stored); GGUF import/export goes through ``deinterleave``, and a
+row-major matrix (an older file, a GGUF or HF source) is repacked when the C model is built. A group
 of 16 rows keeps, per 32-block of k, the 16 fp16 scales then the weights as 64-byte vectors of
 16 rows × 4 consecutive k (q8_0: ``w + 128`` as unsigned bytes; q4_0: the nibbles, low = k
 ``8v + j``, high = k ``8v + 4 + j``), so one vpdpbusd against x's 4 int8 broadcast advances 16 rows. q4_k keeps per super-block the
@@ -14,6 +15,8 @@ the 16 rows' d and int8 sub-block scales, the low 4 bits of the levels as q4_0x1
 their high 2 bits in 2-bit fields; q5_k is q4_k's layout of the low 4 bits plus a plane of 5th bits.
 """
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 
@@ -198,3 +201,18 @@ def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
         q = q.transpose(0, 3, 1, 2, 4, 5).reshape(G, GROUP, nb, 32)            # k = 8v + 4h + j
         out[..., hb:] = q[..., :16] | (q[..., 16:] << np.uint8(4))
     return out.reshape(G * GROUP, nb * bb)
+
+
+_LAYOUT_IDS: dict[str, str] = {}
+
+
+def layout_id(qtype: str) -> str:
+    """The name a file stores for ``qtype``'s interleaved layout: the layout's name and a fingerprint
+    of this build's byte order (the interleaved bytes of a fixed pseudo-random 16-row matrix), so a
+    file written by a build with another order is refused instead of misread."""
+    if qtype not in _LAYOUT_IDS:
+        raw = np.random.default_rng(16).integers(0, 256, (GROUP, 2 * _BLOCK[qtype] * (256 // _ELEMS[qtype])),
+                                                 dtype=np.uint8)
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(interleave(raw, qtype))).cast("B")) & 0xFFFFFFFF
+        _LAYOUT_IDS[qtype] = f"{INTERLEAVED[qtype]}.{crc:08x}"
+    return _LAYOUT_IDS[qtype]
