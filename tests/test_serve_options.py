@@ -5,6 +5,7 @@ quantized KV cache serves exactly what the engine with that cache computes, and 
 /v1/models and /metrics."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,48 @@ def test_chat_with_speculation_and_int8_kv_replies_as_without(model_file):
         return p.stdout
     out = run()
     assert out.strip() and run("--speculate", "lookup") == out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_loading_thread_takes_its_openmp_team_along(data_dir):
+    """The server loads on a thread that ends, so no OpenMP team but the engine thread's outlives
+    loading (a kept team means more OpenMP threads than CPUs: libgomp then barely spins at
+    barriers and decode slows). Control: asyncio's pooled executor thread keeps its team."""
+    import asyncio
+    from infeng.serve.loop import on_own_thread
+    model = load_model(data_dir / "stories260K")
+
+    def load():
+        e = Engine(model, threads=2, max_batch=1)
+        next(e.generate([Request(id="x", prompt="Once", params=SamplingParams(max_tokens=2, temperature=0))]))
+        return e
+
+    def tasks():
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    async def settled(before: int) -> int:      # OpenMP workers of an ended team exit a moment later
+        for _ in range(100):
+            if tasks() <= before:
+                break
+            await asyncio.sleep(0.05)
+        return tasks()
+
+    async def main():
+        before = tasks()
+        assert isinstance(await on_own_thread(load), Engine)
+        mine = await settled(before)
+        await asyncio.to_thread(load)
+        return before, mine, await settled(before)
+    before, mine, pooled = asyncio.run(main())
+    assert mine == before and pooled >= before + 2      # the executor's thread and its OpenMP worker
+
+
+def test_a_failed_load_on_its_own_thread_raises_here():
+    import asyncio
+    from infeng.errors import InfengError
+    from infeng.serve.loop import on_own_thread
+
+    def load():
+        raise InfengError("no such model")
+    with pytest.raises(InfengError, match="no such model"):
+        asyncio.run(on_own_thread(load))

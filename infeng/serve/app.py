@@ -28,7 +28,7 @@ from infeng.serve.adapters import load_adapter, unload_adapter
 from infeng.serve.grammar import Grammars
 from infeng.serve.gate import Gate, error_response, read_json
 from infeng.serve.completion import generate_call
-from infeng.serve.loop import EngineLoop
+from infeng.serve.loop import EngineLoop, on_own_thread
 from infeng.serve.metrics import Metrics, settings
 from infeng.serve.scoring import PromptScorer
 from infeng.serve.tokenize import detokenize, tokenize, tokenizer_info
@@ -126,7 +126,7 @@ def create_app(srv: Server, load: Callable[[], Engine], on_load_error: Callable[
     async def lifespan(app):
         async def loading():
             try:
-                srv.attach(await asyncio.to_thread(load))
+                srv.attach(await on_own_thread(load))
                 print(f"infeng serve: ready (model {srv.cfg.base_name!r}, {len(srv.engine.adapters.loaded)} adapter(s))",
                       file=sys.stderr, flush=True)
             except Exception as e:       # InfengError: the one line the CLI prints; others: a bug, logged
