@@ -6,7 +6,8 @@ The config names the model (a synthetic architecture or a model path), its adapt
 rank-r ones for a synthetic base, or a directory of .infeng-lora files), the server's settings and
 a seeded trace: per request an adapter drawn by Zipf(α) over the adapters (rank 1 most popular),
 prompt and output lengths drawn uniformly from their ranges (prompts are random token ids; output
-lengths are exact, with ignore_eos). The server is started on 127.0.0.1 on a free port; for each
+lengths are exact, with ignore_eos). ``time_limit_s`` bounds each level: requests not yet sent
+when it passes are left out (reported as ``unsent``). The server is started on 127.0.0.1 on a free port; for each
 concurrency level, that many closed-loop clients work through the trace. Reported per level:
 aggregate generated tokens/s, TTFT and inter-token latency p50/p99, 429s and their latency p99,
 errors, and whether every accepted request got exactly one complete response (one finish per
@@ -41,7 +42,7 @@ from infeng.telemetry import percentile
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
             "adapters": 8, "rank": 16, "adapters_dir": "", "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
             "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512,
-            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256}
+            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256, "time_limit_s": 0.0}
 INFENG_EXTRA = {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
@@ -119,10 +120,18 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
     return out
 
 
-def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None) -> dict[str, Any]:
+def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None,
+              time_limit_s: float = 0.0) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients through ``reqs``; with a time limit, the requests not
+    yet sent when it passes are not sent (counted as ``unsent``; those in flight finish)."""
     t0 = time.perf_counter()
+    stop_at = t0 + time_limit_s if time_limit_s > 0 else None
+
+    def send(r: dict) -> Outcome | None:
+        return None if stop_at is not None and time.perf_counter() > stop_at else one(port, r, extra)
     with ThreadPoolExecutor(concurrency) as ex:
-        outs = list(ex.map(lambda r: one(port, r, extra), reqs))
+        sent = list(ex.map(send, reqs))
+    outs = [o for o in sent if o is not None]
     wall = time.perf_counter() - t0
     ok = [o for o in outs if o.status == 200]
     limited = [o for o in outs if o.status == 429]
@@ -130,7 +139,7 @@ def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None 
     itl = [x * 1e3 for o in ok for x in o.itl_s]
     failed = [o for o in outs if o.status != 429 and (o.status != 200 or o.error)]    # a 429 is an answer
     errors = len(failed)
-    return {"concurrency": concurrency, "requests": len(outs), "accepted": len(ok), "rejected_429": len(limited),
+    return {"concurrency": concurrency, "requests": len(outs), "unsent": len(sent) - len(outs), "accepted": len(ok), "rejected_429": len(limited),
             "errors": errors, "all_complete": errors == 0 and all(o.complete for o in ok), "wall_s": wall,
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
@@ -302,7 +311,7 @@ def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
     vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)
     with infeng_server(model, adir, cfg) as srv:
-        rows = [run_level(srv.port, reqs, c) for c in cfg["concurrency"]]
+        rows = [run_level(srv.port, reqs, c, time_limit_s=cfg["time_limit_s"]) for c in cfg["concurrency"]]
         if cfg["overload"] > 0:
             rows.append(overload(srv, reqs, cfg["max_batch"] + cfg["max_queue"], cfg["overload"]))
             r = rows[-1]
