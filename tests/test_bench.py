@@ -408,3 +408,36 @@ def test_synthetic_quantized_model(monkeypatch, tmp_path):
     m = load_model(p)
     assert m.tensors["layers.0.wq"][0] == "q8_0" and m.tensors["layers.0.w_down"][0] == "bf16"   # 172 wide: fallback
     assert synthetic.make("test-32k", "q8_0") == p
+
+
+def test_serve_load_cuts_a_stream_at_the_time_limit():
+    """A request still streaming when the level's time limit passes is closed there and marked
+    cut (its tokens so far counted), not reported as an error."""
+    import http.server
+    import threading
+    import time
+    from infeng.bench.serve_load import one
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"text": "a", "finish_reason": null}]}\n\n')
+            self.wfile.flush()
+            time.sleep(3)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        o = one(srv.server_address[1], {"model": "m", "prompt": "x", "max_tokens": 8}, stop_at=t0 + 0.3)
+        assert o.cut and o.error is None and o.tokens == 1 and not o.complete
+        assert 0.3 <= o.latency_s < 2.5 and o.ttft_s is not None
+        o = one(srv.server_address[1], {"model": "m", "prompt": "x", "max_tokens": 8}, stop_at=None)
+        assert not o.cut and not o.complete          # no limit: waits for the end (no [DONE]: incomplete)
+    finally:
+        srv.shutdown()

@@ -55,6 +55,7 @@ class Outcome:
     tokens: int = 0
     complete: bool = False
     error: str | None = None
+    cut: bool = False           # still running when the level's time limit passed: closed there
 
 
 def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
@@ -67,16 +68,21 @@ def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
              "max_tokens": int(rng.integers(o0, o1 + 1))} for k in picks]
 
 
-def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
+def one(port: int, req: dict, extra: dict | None = None, stop_at: float | None = None) -> Outcome:
     """One streaming completion, timed; checks it is one complete response. ``extra``: body
     fields of the server's own (infeng: ignore_eos and usage in the stream; a peer that has
-    neither: an EOS logit bias, and a 'length' finish vouches for the token count)."""
+    neither: an EOS logit bias, and a 'length' finish vouches for the token count). Past
+    ``stop_at`` (perf_counter) the request is closed and marked ``cut``, not failed."""
     out = Outcome()
     body = dict(req, stream=True, temperature=0, **(INFENG_EXTRA if extra is None else extra))
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def left() -> float:
+        return 600.0 if stop_at is None else max(0.05, stop_at - time.perf_counter())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=left())
     try:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        sock = conn.sock            # the response may take it over (conn.sock is then None)
         r = conn.getresponse()
         out.status = r.status
         if r.status != 200:
@@ -84,6 +90,11 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             return out
         last, finishes, done, usage, reason, chunks = None, 0, 0, None, None, 0
         for raw in r:
+            if stop_at is not None:
+                if time.perf_counter() > stop_at:
+                    out.cut = True
+                    break
+                sock.settimeout(left())
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
@@ -98,6 +109,7 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             for ch in ev.get("choices") or []:
                 if ch.get("text"):
                     chunks += 1
+                    out.tokens = chunks         # so far (a cut request keeps its count)
                     if out.ttft_s is None:
                         out.ttft_s = now - t0
                     elif last is not None:
@@ -113,7 +125,10 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             out.tokens = req["max_tokens"] if reason == "length" else chunks
         out.complete = finishes == 1 and done == 1 and out.tokens == req["max_tokens"] and out.error is None
     except (OSError, http.client.HTTPException, ValueError) as e:
-        out.error = str(e)
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            out.cut = True
+        else:
+            out.error = str(e)
     finally:
         out.latency_s = time.perf_counter() - t0
         conn.close()
@@ -122,25 +137,28 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
 
 def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None,
               time_limit_s: float = 0.0) -> dict[str, Any]:
-    """``concurrency`` closed-loop clients through ``reqs``; with a time limit, the requests not
-    yet sent when it passes are not sent (counted as ``unsent``; those in flight finish)."""
+    """``concurrency`` closed-loop clients through ``reqs``. With a time limit, requests not sent
+    when it passes are left out (``unsent``) and those still running are closed (``cut``: their
+    tokens so far count; one with no token yet counts its wait as its TTFT, a lower bound)."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s if time_limit_s > 0 else None
 
     def send(r: dict) -> Outcome | None:
-        return None if stop_at is not None and time.perf_counter() > stop_at else one(port, r, extra)
+        return None if stop_at is not None and time.perf_counter() > stop_at else one(port, r, extra, stop_at)
     with ThreadPoolExecutor(concurrency) as ex:
         sent = list(ex.map(send, reqs))
     outs = [o for o in sent if o is not None]
     wall = time.perf_counter() - t0
-    ok = [o for o in outs if o.status == 200]
+    ok = [o for o in outs if o.status == 200 or (o.cut and o.status in (0, 200))]
+    cut = [o for o in ok if o.cut]
     limited = [o for o in outs if o.status == 429]
-    ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
+    ttft = [(o.ttft_s if o.ttft_s is not None else o.latency_s) * 1e3 for o in ok if o.ttft_s is not None or o.cut]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
-    failed = [o for o in outs if o.status != 429 and (o.status != 200 or o.error)]    # a 429 is an answer
+    failed = [o for o in outs if not o.cut and o.status != 429 and (o.status != 200 or o.error)]   # a 429 is an answer
     errors = len(failed)
-    return {"concurrency": concurrency, "requests": len(outs), "unsent": len(sent) - len(outs), "accepted": len(ok), "rejected_429": len(limited),
-            "errors": errors, "all_complete": errors == 0 and all(o.complete for o in ok), "wall_s": wall,
+    return {"concurrency": concurrency, "requests": len(outs), "unsent": len(sent) - len(outs), "cut": len(cut),
+            "accepted": len(ok), "rejected_429": len(limited),
+            "errors": errors, "all_complete": errors == 0 and all(o.complete or o.cut for o in ok), "wall_s": wall,
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),

@@ -100,7 +100,8 @@ def run(cfg: dict, log=print) -> tuple[list[dict[str, Any]], list[str]]:
         recs.append(ratio)
         log(f"concurrency {a['concurrency']}: aggregate {a['tok_s']:.1f} vs {b['tok_s']:.1f} tok/s "
             f"({ratio['tok_s']:.2f}x), TTFT p99 {a['ttft_ms_p99']:.0f} vs {b['ttft_ms_p99']:.0f} ms "
-            f"({ratio['ttft_ms_p99']:.2f}x); requests done {a['accepted']} vs {b['accepted']} of {len(reqs)}")
+            f"({ratio['ttft_ms_p99']:.2f}x); requests answered {a['accepted']} vs {b['accepted']} of {len(reqs)}, "
+            f"cut at the time limit {a['cut']} vs {b['cut']}")
     notes = [f"infeng, {n}" for n in serve_load.incomplete_notes(ours)]
     notes += [f"llama.cpp, {n}" for n in serve_load.incomplete_notes(theirs)]
     return recs, notes
