@@ -208,6 +208,19 @@ def test_serve_load_kind_end_to_end(data_dir, tmp_path, monkeypatch):
     assert all(r["all_complete"] and r["errors"] == 0 and r["accepted"] == 4 for r in recs[:2])
 
 
+def test_serve_load_time_limit_leaves_the_rest_unsent(data_dir, tmp_path, monkeypatch):
+    """A level's time limit (here: passed before any client starts) sends nothing more; what was
+    not sent is reported as unsent, not as an error."""
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "load.yaml"
+    y.write_text("kind: serve_load\nthreads: 1\nmax_batch: 2\nadapters: 0\nconcurrency: [1, 2]\nrequests: 3\n"
+                 "prompt_tokens: [4, 8]\noutput_tokens: [2, 4]\noverhead_repeats: 0\ntime_limit_s: 0.000001\n")
+    out = tmp_path / "load.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K"), "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["requests"], r["unsent"], r["errors"], r["all_complete"]) for r in recs] == [(0, 3, 0, True)] * 2
+
+
 def test_serve_load_overload_level(data_dir, tmp_path, monkeypatch):
     """2x the server's capacity in closed-loop clients: every request ends as one complete
     response or one 429, none lost; the 429s' and a /health probe's latencies are reported."""
@@ -261,7 +274,8 @@ def test_new_kinds_refuse_bad_parameters(tmp_path, capsys, data_dir):
            ("kind: llamacpp_agreement\ntext: t.txt\n", []),
            ("kind: llamacpp_agreement\ntext: t.txt\n", ["--model", str(tmp_path / "no.gguf")]),
            ("kind: grammar_step\nbatch: 2\nconstrained: 3\n", ["--model", "m"]),
-           ("kind: serve_llamacpp\noverload: 1.0\n", [])]
+           ("kind: serve_llamacpp\noverload: 1.0\n", []),
+           ("kind: serve_llamacpp\ntime_limit_s: -1.0\n", [])]
     for text, args in bad:
         y.write_text(text)
         assert main(["bench", "--suite", str(y), *args]) == 1, text
@@ -269,7 +283,8 @@ def test_new_kinds_refuse_bad_parameters(tmp_path, capsys, data_dir):
     for want in ("`prompt` must be [LOW, HIGH]", "`seed` must be >= 0", "`concurrency` must be a list of positive",
                  "unknown key(s) bogus for kind serve_load", "`tokenizers` must be a list of tokenizer.json",
                  "kind grammar_mask takes no threads", "kind llamacpp_agreement needs gguf", "no.gguf: no such file",
-                 "`constrained` (3) must be <= `batch` (2)", "unknown key(s) overload for kind serve_llamacpp"):
+                 "`constrained` (3) must be <= `batch` (2)", "unknown key(s) overload for kind serve_llamacpp",
+                 "`time_limit_s` must be >= 0"):
         assert want in err, want
     assert "Traceback" not in err
 
@@ -394,3 +409,36 @@ def test_synthetic_quantized_model(monkeypatch, tmp_path):
     m = load_model(p)
     assert m.tensors["layers.0.wq"][0] == "q8_0" and m.tensors["layers.0.w_down"][0] == "bf16"   # 172 wide: fallback
     assert synthetic.make("test-32k", "q8_0") == p
+
+
+def test_serve_load_cuts_a_stream_at_the_time_limit():
+    """A request still streaming when the level's time limit passes is closed there and marked
+    cut (its tokens so far counted), not reported as an error."""
+    import http.server
+    import threading
+    import time
+    from infeng.bench.serve_load import one
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"text": "a", "finish_reason": null}]}\n\n')
+            self.wfile.flush()
+            time.sleep(3)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        o = one(srv.server_address[1], {"model": "m", "prompt": "x", "max_tokens": 8}, stop_at=t0 + 0.3)
+        assert o.cut and o.error is None and o.tokens == 1 and not o.complete
+        assert 0.3 <= o.latency_s < 2.5 and o.ttft_s is not None
+        o = one(srv.server_address[1], {"model": "m", "prompt": "x", "max_tokens": 8}, stop_at=None)
+        assert not o.cut and not o.complete          # no limit: waits for the end (no [DONE]: incomplete)
+    finally:
+        srv.shutdown()

@@ -55,6 +55,12 @@ def positive_ints(v: list, key: str, where: str) -> list[int]:
     return v
 
 
+def non_negative(v: float, key: str, where: str) -> float:
+    if not v >= 0:
+        raise InfengError(f"{where}: `{key}` must be >= 0, got {v!r}")
+    return v
+
+
 def int_range(v, key: str, where: str) -> tuple[int, int]:
     if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
             and 1 <= v[0] <= v[1]):

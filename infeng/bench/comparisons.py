@@ -24,7 +24,7 @@ import numpy as np
 
 from infeng.bench import engine_scenarios, gguf_types, grammar_mask, job_memory, job_resume, lora_scenarios, \
     llamacpp_agreement, llamacpp_kld, llamacpp_lora, peft_peer, scale_out, serve_load, serve_peer, sim_compare
-from infeng.bench.comparison_base import Comparison, Log, adapter_dtype, int_range, positive_ints
+from infeng.bench.comparison_base import Comparison, Log, adapter_dtype, int_range, non_negative, positive_ints
 from infeng.bench.kv_cache import KVCacheKinds
 from infeng.bench.peers import PeerSkip
 from infeng.bench.spec_bench import Speculation
@@ -195,6 +195,7 @@ class ServeLoad(Comparison):
         positive_ints(p["concurrency"], "concurrency", self.name)
         for k in ("prompt_tokens", "output_tokens"):
             int_range(p[k], k, self.name)
+        non_negative(p["time_limit_s"], "time_limit_s", self.name)
         return serve_load.run(p, log)
 
 
@@ -207,6 +208,7 @@ class ServeLlamaCpp(Comparison):
         positive_ints(p["concurrency"], "concurrency", self.name)
         for k in ("prompt_tokens", "output_tokens"):
             int_range(p[k], k, self.name)
+        non_negative(p["time_limit_s"], "time_limit_s", self.name)
         try:
             return serve_peer.run(p, log)
         except PeerSkip as e:

@@ -6,7 +6,8 @@ The config names the model (a synthetic architecture or a model path), its adapt
 rank-r ones for a synthetic base, or a directory of .infeng-lora files), the server's settings and
 a seeded trace: per request an adapter drawn by Zipf(α) over the adapters (rank 1 most popular),
 prompt and output lengths drawn uniformly from their ranges (prompts are random token ids; output
-lengths are exact, with ignore_eos). The server is started on 127.0.0.1 on a free port; for each
+lengths are exact, with ignore_eos). ``time_limit_s`` bounds each level: requests not yet sent
+when it passes are left out (reported as ``unsent``). The server is started on 127.0.0.1 on a free port; for each
 concurrency level, that many closed-loop clients work through the trace. Reported per level:
 aggregate generated tokens/s, TTFT and inter-token latency p50/p99, 429s and their latency p99,
 errors, and whether every accepted request got exactly one complete response (one finish per
@@ -41,7 +42,7 @@ from infeng.telemetry import percentile
 DEFAULTS = {"model": "tinyllama-1.1b", "dtype": "q8_0", "threads": 2, "max_batch": 32, "max_queue": 64,
             "adapters": 8, "rank": 16, "adapters_dir": "", "zipf_alpha": 1.0, "concurrency": [1, 8, 32],
             "requests": 64, "prompt_tokens": [32, 128], "output_tokens": [16, 64], "seed": 0, "ctx": 512,
-            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256}
+            "overload": 0.0, "overhead_repeats": 5, "overhead_tokens": 256, "time_limit_s": 0.0}
 INFENG_EXTRA = {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
@@ -54,6 +55,7 @@ class Outcome:
     tokens: int = 0
     complete: bool = False
     error: str | None = None
+    cut: bool = False           # still running when the level's time limit passed: closed there
 
 
 def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
@@ -66,16 +68,21 @@ def trace(cfg: dict, names: list[str], vocab: int) -> list[dict]:
              "max_tokens": int(rng.integers(o0, o1 + 1))} for k in picks]
 
 
-def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
+def one(port: int, req: dict, extra: dict | None = None, stop_at: float | None = None) -> Outcome:
     """One streaming completion, timed; checks it is one complete response. ``extra``: body
     fields of the server's own (infeng: ignore_eos and usage in the stream; a peer that has
-    neither: an EOS logit bias, and a 'length' finish vouches for the token count)."""
+    neither: an EOS logit bias, and a 'length' finish vouches for the token count). Past
+    ``stop_at`` (perf_counter) the request is closed and marked ``cut``, not failed."""
     out = Outcome()
     body = dict(req, stream=True, temperature=0, **(INFENG_EXTRA if extra is None else extra))
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def left() -> float:
+        return 600.0 if stop_at is None else max(0.05, stop_at - time.perf_counter())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=left())
     try:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        sock = conn.sock            # the response may take it over (conn.sock is then None)
         r = conn.getresponse()
         out.status = r.status
         if r.status != 200:
@@ -83,6 +90,11 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             return out
         last, finishes, done, usage, reason, chunks = None, 0, 0, None, None, 0
         for raw in r:
+            if stop_at is not None:
+                if time.perf_counter() > stop_at:
+                    out.cut = True
+                    break
+                sock.settimeout(left())
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
@@ -97,6 +109,7 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             for ch in ev.get("choices") or []:
                 if ch.get("text"):
                     chunks += 1
+                    out.tokens = chunks         # so far (a cut request keeps its count)
                     if out.ttft_s is None:
                         out.ttft_s = now - t0
                     elif last is not None:
@@ -112,26 +125,40 @@ def one(port: int, req: dict, extra: dict | None = None) -> Outcome:
             out.tokens = req["max_tokens"] if reason == "length" else chunks
         out.complete = finishes == 1 and done == 1 and out.tokens == req["max_tokens"] and out.error is None
     except (OSError, http.client.HTTPException, ValueError) as e:
-        out.error = str(e)
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            out.cut = True
+        else:
+            out.error = str(e)
     finally:
         out.latency_s = time.perf_counter() - t0
         conn.close()
     return out
 
 
-def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None) -> dict[str, Any]:
+def run_level(port: int, reqs: list[dict], concurrency: int, extra: dict | None = None,
+              time_limit_s: float = 0.0) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients through ``reqs``. With a time limit, requests not sent
+    when it passes are left out (``unsent``) and those still running are closed (``cut``: their
+    tokens so far count; one with no token yet counts its wait as its TTFT, a lower bound)."""
     t0 = time.perf_counter()
+    stop_at = t0 + time_limit_s if time_limit_s > 0 else None
+
+    def send(r: dict) -> Outcome | None:
+        return None if stop_at is not None and time.perf_counter() > stop_at else one(port, r, extra, stop_at)
     with ThreadPoolExecutor(concurrency) as ex:
-        outs = list(ex.map(lambda r: one(port, r, extra), reqs))
+        sent = list(ex.map(send, reqs))
+    outs = [o for o in sent if o is not None]
     wall = time.perf_counter() - t0
-    ok = [o for o in outs if o.status == 200]
+    ok = [o for o in outs if o.status == 200 or (o.cut and o.status in (0, 200))]
+    cut = [o for o in ok if o.cut]
     limited = [o for o in outs if o.status == 429]
-    ttft = [o.ttft_s * 1e3 for o in ok if o.ttft_s is not None]
+    ttft = [(o.ttft_s if o.ttft_s is not None else o.latency_s) * 1e3 for o in ok if o.ttft_s is not None or o.cut]
     itl = [x * 1e3 for o in ok for x in o.itl_s]
-    failed = [o for o in outs if o.status != 429 and (o.status != 200 or o.error)]    # a 429 is an answer
+    failed = [o for o in outs if not o.cut and o.status != 429 and (o.status != 200 or o.error)]   # a 429 is an answer
     errors = len(failed)
-    return {"concurrency": concurrency, "requests": len(outs), "accepted": len(ok), "rejected_429": len(limited),
-            "errors": errors, "all_complete": errors == 0 and all(o.complete for o in ok), "wall_s": wall,
+    return {"concurrency": concurrency, "requests": len(outs), "unsent": len(sent) - len(outs), "cut": len(cut),
+            "accepted": len(ok), "rejected_429": len(limited),
+            "errors": errors, "all_complete": errors == 0 and all(o.complete or o.cut for o in ok), "wall_s": wall,
             "tok_s": sum(o.tokens for o in ok) / wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
@@ -302,7 +329,7 @@ def run(cfg: dict, log=print) -> tuple[list[dict], list[str]]:
     vocab = min(m.config.vocab_size, Tokenizer(m.tokenizer, m.config.bos_id, m.config.eos_ids).vocab_size)
     reqs = trace(cfg, names or [model.stem], vocab)
     with infeng_server(model, adir, cfg) as srv:
-        rows = [run_level(srv.port, reqs, c) for c in cfg["concurrency"]]
+        rows = [run_level(srv.port, reqs, c, time_limit_s=cfg["time_limit_s"]) for c in cfg["concurrency"]]
         if cfg["overload"] > 0:
             rows.append(overload(srv, reqs, cfg["max_batch"] + cfg["max_queue"], cfg["overload"]))
             r = rows[-1]

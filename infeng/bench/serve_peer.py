@@ -87,10 +87,10 @@ def run(cfg: dict, log=print) -> tuple[list[dict[str, Any]], list[str]]:
         f"{len(reqs)} requests per level")
     recs = []
     with serve_load.infeng_server(model, adir, cfg) as srv:
-        ours = [serve_load.run_level(srv.port, reqs, c) for c in cfg["concurrency"]]
+        ours = [serve_load.run_level(srv.port, reqs, c, time_limit_s=cfg["time_limit_s"]) for c in cfg["concurrency"]]
     with tempfile.TemporaryDirectory() as td:
         with llamacpp_server(base, lora, model.stem, cfg, Path(td)) as srv:
-            theirs = [serve_load.run_level(srv.port, reqs, c, peer_extra) for c in cfg["concurrency"]]
+            theirs = [serve_load.run_level(srv.port, reqs, c, peer_extra, cfg["time_limit_s"]) for c in cfg["concurrency"]]
     for a, b in zip(ours, theirs):
         recs += [{"server": "infeng", **a}, {"server": "llama.cpp", **b}]
         ratio = {"server": "infeng/llama.cpp", "concurrency": a["concurrency"],
@@ -100,7 +100,8 @@ def run(cfg: dict, log=print) -> tuple[list[dict[str, Any]], list[str]]:
         recs.append(ratio)
         log(f"concurrency {a['concurrency']}: aggregate {a['tok_s']:.1f} vs {b['tok_s']:.1f} tok/s "
             f"({ratio['tok_s']:.2f}x), TTFT p99 {a['ttft_ms_p99']:.0f} vs {b['ttft_ms_p99']:.0f} ms "
-            f"({ratio['ttft_ms_p99']:.2f}x)")
+            f"({ratio['ttft_ms_p99']:.2f}x); requests answered {a['accepted']} vs {b['accepted']} of {len(reqs)}, "
+            f"cut at the time limit {a['cut']} vs {b['cut']}")
     notes = [f"infeng, {n}" for n in serve_load.incomplete_notes(ours)]
     notes += [f"llama.cpp, {n}" for n in serve_load.incomplete_notes(theirs)]
     return recs, notes

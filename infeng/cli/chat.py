@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from infeng.cli import engine_options as opts
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
 from infeng.runtime.chat import ChatSession, run_chat
@@ -28,17 +29,25 @@ def chat(
     threads: Optional[int] = typer.Option(None, "--threads", help="compute threads [default: physical cores]"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="context length of the conversation [default: the model's, at most 4096]"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip checksum verification at load"),
+    speculate: Optional[str] = opts.SPECULATE,
+    draft: Optional[Path] = opts.DRAFT,
+    kv_dtype: str = opts.KV_DTYPE,
+    kv_policy: Optional[str] = opts.KV_POLICY,
+    kv_rotate: str = opts.KV_ROTATE,
 ):
     """Chat with a model: type a message, read the streamed reply; /reset, /system TEXT, /quit."""
     if threads is not None and threads < 1:
         raise InfengError(f"--threads must be >= 1, got {threads}")
     if adapter is not None and not adapter.is_file():
         raise InfengError(f"{adapter}: no such file (--adapter)")
+    opts.check_speculate(speculate, draft)
+    opts.check_kv(kv_dtype, kv_rotate)
     model = load_model(model_path, verify=not no_verify)
     params = SamplingParams.with_model_defaults(
         model.generation, max_tokens=512 if max_tokens is None else max_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed).validated(names=OPTION_NAMES)
-    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx)
+    engine = Engine(model, threads=threads, max_batch=1, max_seq_len=ctx,
+                    **opts.engine_kwargs(speculate, draft, kv_dtype, kv_policy, kv_rotate, verify=not no_verify))
     name = engine.load_adapter(adapter).name if adapter is not None else None
     try:
         session = ChatSession(engine, params, system=system, adapter=name)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from infeng.cli import engine_options as opts
 from infeng.errors import InfengError
 from infeng.jobs import BatchJob, Interrupted, run_batch_job
 from infeng.model.loader import load_model
@@ -16,7 +17,6 @@ from infeng.runtime.batch import metrics
 from infeng.runtime.engine import Engine, Request
 from infeng.runtime.kvspec import kv_options
 from infeng.runtime.sampler import SamplingParams
-from infeng.runtime.speculate import parse_speculate
 from infeng.runtime.tokenizer import Tokenizer
 from infeng.runtime.types import FinishEvent
 from infeng.telemetry import Run
@@ -48,11 +48,11 @@ def generate(
     no_verify: bool = typer.Option(False, "--no-verify", help="skip checksum verification at load"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="a LoRA/DoRA adapter file (.infeng-lora) for the prompt / every request"),
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
-    speculate: Optional[str] = typer.Option(None, "--speculate", help="speculative decoding: lookup (prompt lookup), auto (adaptive; the --draft model if given) or a draft length N"),
-    draft: Optional[Path] = typer.Option(None, "--draft", help="a draft model with the same tokenizer (e.g. a lower-bit copy) for --speculate auto|N"),
-    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, int8, int4, or k=TYPE,v=TYPE"),
-    kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
-    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/int4 keys, power-of-two head_dim), on, off"),
+    speculate: Optional[str] = opts.SPECULATE,
+    draft: Optional[Path] = opts.DRAFT,
+    kv_dtype: str = opts.KV_DTYPE,
+    kv_policy: Optional[str] = opts.KV_POLICY,
+    kv_rotate: str = opts.KV_ROTATE,
 ):
     """Generate text from a prompt, or run a batch of requests."""
 
@@ -76,13 +76,13 @@ def generate(
         raise InfengError("--ray-workers, --ray-cpus, --shard-size and --ray-ship go with --ray")
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory")
-    if draft is not None and speculate is None:
-        raise InfengError("--draft goes with --speculate auto|N")
+    opts.check_speculate(speculate, draft)
+    opts.check_kv(kv_dtype, kv_rotate)
     if speculate is not None and ray is not None:
         raise InfengError("--speculate does not run on Ray workers (--ray): drop one of them")
     t_load = time.perf_counter()
     model = load_model(model_path, verify=not no_verify)
-    spec = parse_speculate(speculate, load_model(draft, verify=not no_verify) if draft else None) if speculate else None
+    spec = opts.speculation(speculate, draft, verify=not no_verify)
     given = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                  ignore_eos=ignore_eos)
     defaults = SamplingParams.with_model_defaults(model.generation, **given).validated(names=OPTION_NAMES)

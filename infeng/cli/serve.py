@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from infeng.cli import engine_options as opts
 from infeng.errors import InfengError
 from infeng.model.loader import load_model
 from infeng.runtime.engine import Engine
@@ -37,6 +38,11 @@ def serve(
     timeout: Optional[float] = typer.Option(None, "--request-timeout", help="seconds a request may take (then 408)"),
     grace: float = typer.Option(30.0, "--grace", help="seconds SIGTERM waits for requests in flight"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip checksum verification at load"),
+    speculate: Optional[str] = opts.SPECULATE,
+    draft: Optional[Path] = opts.DRAFT,
+    kv_dtype: str = opts.KV_DTYPE,
+    kv_policy: Optional[str] = opts.KV_POLICY,
+    kv_rotate: str = opts.KV_ROTATE,
     log_level: str = typer.Option("info", "--log-level", help="debug|info|warning|error"),
 ):
     """Serve the model (and its adapters) over an OpenAI-compatible HTTP API."""
@@ -56,6 +62,8 @@ def serve(
         raise InfengError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise InfengError(f"{adapters_dir}: no such directory (--adapters-dir)")
+    opts.check_speculate(speculate, draft)
+    opts.check_kv(kv_dtype, kv_rotate)
     keys = read_keys(api_key, api_key_file)
     if not model_path.exists():
         raise InfengError(f"{model_path}: no such file or directory")
@@ -64,7 +72,8 @@ def serve(
     def load() -> Engine:       # on a thread while the server answers /ready with 503
         model = load_model(model_path, verify=not no_verify)
         engine = Engine(model, threads=threads, max_batch=max_batch, max_seq_len=ctx, kv_budget_mb=kv_budget_mb,
-                        max_queue=max_queue + max_batch + 1)
+                        max_queue=max_queue + max_batch + 1,
+                        **opts.engine_kwargs(speculate, draft, kv_dtype, kv_policy, kv_rotate, verify=not no_verify))
         for f in sorted(adapters_dir.glob("*.infeng-lora")) if adapters_dir is not None else []:
             engine.load_adapter(f, f.name[:-len(".infeng-lora")])
         if base in engine.adapters.loaded:

@@ -28,8 +28,8 @@ from infeng.serve.adapters import load_adapter, unload_adapter
 from infeng.serve.grammar import Grammars
 from infeng.serve.gate import Gate, error_response, read_json
 from infeng.serve.completion import generate_call
-from infeng.serve.loop import EngineLoop
-from infeng.serve.metrics import Metrics
+from infeng.serve.loop import EngineLoop, on_own_thread
+from infeng.serve.metrics import Metrics, settings
 from infeng.serve.scoring import PromptScorer
 from infeng.serve.tokenize import detokenize, tokenize, tokenizer_info
 from infeng.serve.protocol import ApiError, Limits, Pieces, now, too_many
@@ -93,6 +93,8 @@ class Server:
         self.tok = engine.tokenizer
         self.metrics.loads = len(engine.adapters.loaded)      # those loaded at start count too
         self.metrics.adapter_loads.set(self.metrics.loads)
+        self.metrics.describe(engine)
+        self.settings = settings(engine)
         self.models = {cfg.base_name} | set(engine.adapters.loaded)
         self.admission = Admission(engine.max_batch + cfg.max_queue, cfg.max_queued_tokens)
         self.pieces = Pieces(self.tok)
@@ -124,7 +126,7 @@ def create_app(srv: Server, load: Callable[[], Engine], on_load_error: Callable[
     async def lifespan(app):
         async def loading():
             try:
-                srv.attach(await asyncio.to_thread(load))
+                srv.attach(await on_own_thread(load))
                 print(f"infeng serve: ready (model {srv.cfg.base_name!r}, {len(srv.engine.adapters.loaded)} adapter(s))",
                       file=sys.stderr, flush=True)
             except Exception as e:       # InfengError: the one line the CLI prints; others: a bug, logged
@@ -176,7 +178,7 @@ def create_app(srv: Server, load: Callable[[], Engine], on_load_error: Callable[
     @app.get("/v1/models")
     async def models():
         data = [{"id": srv.cfg.base_name, "object": "model", "created": srv.created, "owned_by": "infeng",
-                 "root": srv.cfg.base_name, "parent": None}]
+                 "root": srv.cfg.base_name, "parent": None, "max_model_len": srv.engine.max_seq_len, **srv.settings}]
         data += [{"id": a, "object": "model", "created": srv.created, "owned_by": "infeng", "root": a,
                   "parent": srv.cfg.base_name} for a in sorted(srv.models - {srv.cfg.base_name})]
         return {"object": "list", "data": data}

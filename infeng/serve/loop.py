@@ -117,3 +117,26 @@ class EngineLoop:
                 fut.set_result(fn(self.engine))
             except Exception as e:
                 fut.set_exception(e)
+
+
+async def on_own_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (loading the engine) on a thread that ends when it returns. Loading runs OpenMP
+    regions, and libgomp keeps the team of every thread that led one for as long as that thread
+    lives; a pooled executor thread would keep its team, and with more OpenMP threads than CPUs
+    libgomp spins only briefly at barriers before sleeping — the engine thread's team too, which
+    then decodes ~20 % slower than `infeng generate` on an idle machine."""
+    aloop = asyncio.get_running_loop()
+    fut = aloop.create_future()
+
+    def work():
+        try:
+            r, e = fn(), None
+        except BaseException as err:
+            r, e = None, err
+        aloop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(e) if e is not None else fut.set_result(r)))
+    th = threading.Thread(target=work, name="infeng-load", daemon=True)
+    th.start()
+    out = await fut
+    while th.is_alive():        # its OpenMP team is gone before the engine's first step
+        await asyncio.sleep(0.001)
+    return out

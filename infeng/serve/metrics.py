@@ -33,7 +33,16 @@ class Metrics:
         self.adapter_loads = Gauge("infeng_adapter_loads", "adapter loads since start", registry=r)
         self.adapter_evictions = Gauge("infeng_adapter_evictions", "adapters evicted to stay within the budget", registry=r)
         self.adapters_loaded = Gauge("infeng_adapters_loaded", "adapters loaded now", registry=r)
+        self.engine_info = Gauge("infeng_engine_info", "the engine's settings (value 1): KV cache types, speculation",
+                                 ["kv_dtype", "kv_rotated", "speculate"], registry=r)
+        self.spec_drafted = Gauge("infeng_spec_drafted_tokens", "draft tokens verified since start", registry=r)
+        self.spec_accepted = Gauge("infeng_spec_accepted_tokens", "of the draft tokens verified, those accepted", registry=r)
         self.loads = 0
+
+    def describe(self, engine) -> None:
+        """The engine's fixed settings, once it has loaded."""
+        s = settings(engine)
+        self.engine_info.labels(s["kv_cache_dtype"], str(s["kv_cache_rotated"]).lower(), s["speculate"]).set(1)
 
     def engine_step(self, engine, _dt: float) -> None:
         """Engine gauges, set on the engine thread after each step (prometheus-client is thread-safe)."""
@@ -45,6 +54,18 @@ class Metrics:
         self.prefix_hit_rate.set(kv.hits / kv.lookups if kv.lookups else 0.0)
         self.adapter_evictions.set(engine.adapters.evictions)
         self.adapters_loaded.set(len(engine.adapters.loaded))
+        if engine.spec is not None:
+            self.spec_drafted.set(engine.spec.stats.drafted)
+            self.spec_accepted.set(engine.spec.stats.accepted)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def settings(engine) -> dict:
+    """What /v1/models and /metrics say about how the engine runs: the KV cache's types (one label,
+    per layer when hybrid), whether keys are rotated, and the speculation (off, lookup or draft,
+    with its fixed length or 'adaptive')."""
+    spec = engine.spec.cfg if engine.spec is not None else None
+    how = "off" if spec is None else f"{spec.drafter}:{spec.k if spec.k is not None else 'adaptive'}"
+    return {"kv_cache_dtype": engine.kv.spec.describe(), "kv_cache_rotated": engine.kv.spec.rotated, "speculate": how}
