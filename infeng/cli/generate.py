@@ -50,9 +50,9 @@ def generate(
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", help="load every *.infeng-lora here; batch lines name one with \"adapter\""),
     speculate: Optional[str] = typer.Option(None, "--speculate", help="speculative decoding: lookup (prompt lookup), auto (adaptive; the --draft model if given) or a draft length N"),
     draft: Optional[Path] = typer.Option(None, "--draft", help="a draft model with the same tokenizer (e.g. a lower-bit copy) for --speculate auto|N"),
-    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, int8, int4, or k=TYPE,v=TYPE"),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, f16, int8, fp8, int4, or k=TYPE,v=TYPE"),
     kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
-    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/int4 keys, power-of-two head_dim), on, off"),
+    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/fp8/int4 keys, power-of-two head_dim), on, off"),
 ):
     """Generate text from a prompt, or run a batch of requests."""
 
