@@ -216,6 +216,7 @@ class KVCacheKinds(Comparison):
     """Compressed KV caches: quality (KLD, ΔPPL against the f32 cache, real model and text) and
     decode speed at depth, beside llama.cpp's K/V cache types (infeng.bench.kv_cache)."""
     name, model_param = "kv_cache", "model"
+    may_be_zero = ("windows",)                      # 0: score the whole text
     defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "windows": 0, "top_k": 128,
                 "kinds": [{"dtype": "bf16"}, {"dtype": "int8"}, {"dtype": "int4"}],
                 "llamacpp": ["q8_0", "q4_0"],
@@ -239,9 +240,6 @@ class KVCacheKinds(Comparison):
             positive_ints(p["ctx"], "ctx", self.name)
             cfg = load_model(p["model"], verify=False).config
             kinds = check_kinds(p["kinds"], cfg, self.name)
-            if not isinstance(p["windows"], int) or isinstance(p["windows"], bool) or p["windows"] < 0:
-                raise InfengError(f"{self.name}: `windows` must be an integer >= 0 (0: the whole text), "
-                                  f"got {p['windows']!r}")
             r, n = quality(Path(p["model"]), Path(p["text"]), p["ctx"], kinds, p["llamacpp"],
                            gguf, p["threads"], p["top_k"], log, p["windows"])
             rows, notes = rows + r, notes + n
