@@ -15,27 +15,57 @@
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
 #define KVQ_MAX_HD 256
 
+/* int8, fp8, int4: codes with one f32 scale per group of values of one position */
+static inline int kvq_scaled(int type) { return type == IFG_KV_I8 || type == IFG_KV_I4 || type == IFG_KV_FP8; }
+
 static inline size_t kvq_scale_bytes(int type, int bs, int hd, int group) {
-    return type == IFG_KV_I8 || type == IFG_KV_I4 ? (size_t)bs * (size_t)(hd / group) * sizeof(float) : 0;
+    return kvq_scaled(type) ? (size_t)bs * (size_t)(hd / group) * sizeof(float) : 0;
 }
 
 size_t ifg_kvq_part_bytes(int type, int bs, int hd, int group) {
     const size_t n = (size_t)bs * hd, sc = kvq_scale_bytes(type, bs, hd, group);
     switch (type) {
     case IFG_KV_F32: return n * 4;
-    case IFG_KV_BF16: return n * 2;
-    case IFG_KV_I8: return sc + n;
+    case IFG_KV_BF16: case IFG_KV_F16: return n * 2;
+    case IFG_KV_I8: case IFG_KV_FP8: return sc + n;
     case IFG_KV_I4: return sc + n / 2;
     }
     return 0;
 }
 
 /* ---- quantizing one group (scalar in every build: a store touches each value once) ---------- */
+/* Nearest E4M3 code of v (ties to the even code), saturated at ±448: with v's binade 2^e
+ * (e >= -6, the subnormal spacing below) the grid step is 2^(e-3), so rint(a/step) is exact. */
+static uint8_t kvq_e4m3(float v) {
+    const float a = fminf(fabsf(v), 448.0f);
+    int ex;
+    (void)frexpf(a, &ex);
+    const int e = ex - 1 < -6 ? -6 : ex - 1;
+    const float step = ldexpf(1.0f, e - 3), r = rintf(a / step) * step;
+    int code;
+    if (r >= 0x1p-6f) {
+        (void)frexpf(r, &ex);
+        code = ((ex - 1 + 7) << 3) | (int)(ldexpf(r, -(ex - 1)) * 8.0f - 8.0f);
+    } else {
+        code = (int)rintf(r * 512.0f);
+    }
+    return (uint8_t)(code | (signbit(v) && code ? 0x80 : 0));
+}
+
+/* An E4M3 code as the bits of the f16 holding its value / 256 (exact, subnormals included). */
+static inline uint16_t kvq_e4m3_f16(uint8_t c) { return (uint16_t)(((c & 0x80) << 8) | ((c & 0x7F) << 7)); }
+
 /* Codes q[0..n) of x[0..n) and their scale d (x ≈ q·d). */
 static float kvq_quant_group(const float *x, int n, int type, int8_t *q) {
     float d, amax = 0.0f, m = 0.0f;
     for (int i = 0; i < n; i++)
         if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); m = x[i]; }
+    if (type == IFG_KV_FP8) {
+        d = amax / 448.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < n; i++) q[i] = (int8_t)kvq_e4m3(x[i] * id);
+        return d;
+    }
     const int lo = type == IFG_KV_I8 ? -127 : -8, hi = type == IFG_KV_I8 ? 127 : 7;
     d = type == IFG_KV_I8 ? amax / 127.0f : m / -8.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -64,12 +94,14 @@ static void kvq_put_k(uint8_t *kp, int type, const float *x, int r, int bs, int 
         for (int d = 0; d < hd; d++) ((float *)codes)[(size_t)d * bs + r] = x[d];
     } else if (type == IFG_KV_BF16) {
         for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)d * bs + r] = ifg_f32_to_bf16(x[d]);
+    } else if (type == IFG_KV_F16) {
+        for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)d * bs + r] = ifg_f64_to_f16((double)x[d]);
     } else {
         int8_t q[KVQ_MAX_HD];
         for (int g = 0; g < hd / group; g++)
             ((float *)kp)[(size_t)g * bs + r] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
-            if (type == IFG_KV_I8) ((int8_t *)codes)[(size_t)d * bs + r] = q[d];
+            if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)d * bs + r] = q[d];
             else kvq_put4(codes + (size_t)d * (bs / 2), r, q[d]);
         }
     }
@@ -82,13 +114,15 @@ static void kvq_put_v(uint8_t *vp, int type, const float *x, int r, int bs, int 
         memcpy((float *)codes + (size_t)r * hd, x, (size_t)hd * sizeof(float));
     } else if (type == IFG_KV_BF16) {
         for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)r * hd + d] = ifg_f32_to_bf16(x[d]);
+    } else if (type == IFG_KV_F16) {
+        for (int d = 0; d < hd; d++) ((uint16_t *)codes)[(size_t)r * hd + d] = ifg_f64_to_f16((double)x[d]);
     } else {
         int8_t q[KVQ_MAX_HD];
         const int ng = hd / group;
         for (int g = 0; g < ng; g++)
             ((float *)vp)[(size_t)r * ng + g] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
-            if (type == IFG_KV_I8) ((int8_t *)codes)[(size_t)r * hd + d] = q[d];
+            if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)r * hd + d] = q[d];
             else kvq_put4(codes + (size_t)r * (hd / 2), d, q[d]);
         }
     }
@@ -122,6 +156,10 @@ void ifg_kvq_store(void *k_cache, void *v_cache, int k_type, int v_type, int gro
 }
 
 /* ---- the scores and value accumulation of one block, for n query heads ---------------------- */
+/* What a decoded code is multiplied by besides its scale: fp8 codes decode to value / 256 (an
+ * f16), so their scale is taken ×256 (exact: a power of two), giving the same product q·d. */
+static inline float kvq_unit(int type) { return type == IFG_KV_FP8 ? 256.0f : 1.0f; }
+
 /* S[h][0..bs) = scale · q_h · key(position) for every position of the block (part kp);
  * acc[h][0..hd) += Σ_{j in j0..j1} P[h][j] · value(j) (part vp). Heads at stride KVQ_MAX_HD
  * (acc), IFG_KVQ_MAX_BS (S, P) and hd (q). */
@@ -132,15 +170,26 @@ IFG_AI __m128i kvq_nibbles(__m128i b) {
     return _mm_unpacklo_epi32(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
 }
 #if defined(IFG_AVX512)
+/* 16 E4M3 codes (as u16 lanes) → the f16 bits of value / 256 (kvq_e4m3_f16). */
+IFG_AI __m256i kvq_e4m3_bits(__m256i c) {
+    return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
+                           _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7));
+}
 /* IFG_VW values from index i of a row of codes (r = 16 or, at a head_dim tail, 8). */
 IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
     switch (type) {
     case IFG_KV_BF16:
         return ifg_vbf16(r == 16 ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i))
                                  : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i))));
+    case IFG_KV_F16:
+        return _mm512_cvtph_ps(r == 16 ? _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i))
+                                       : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i))));
     case IFG_KV_I8:
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(r == 16 ? _mm_loadu_si128((const __m128i *)(c + i))
                                                                : _mm_loadl_epi64((const __m128i *)(c + i))));
+    case IFG_KV_FP8: /* value / 256; the scale carries the 256 */
+        return _mm512_cvtph_ps(kvq_e4m3_bits(_mm256_cvtepu8_epi16(
+            r == 16 ? _mm_loadu_si128((const __m128i *)(c + i)) : _mm_loadl_epi64((const __m128i *)(c + i)))));
     case IFG_KV_I4: {
         const __m128i b = r == 16 ? _mm_loadl_epi64((const __m128i *)(c + i / 2))
                                   : _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
@@ -155,7 +204,13 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
     (void)r; /* always 8 */
     switch (type) {
     case IFG_KV_BF16: return ifg_vbf16(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i)));
+    case IFG_KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i)));
     case IFG_KV_I8: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + i))));
+    case IFG_KV_FP8: { /* value / 256; the scale carries the 256 */
+        const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(c + i)));
+        return _mm256_cvtph_ps(_mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8),
+                                            _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7)));
+    }
     case IFG_KV_I4: {
         const __m128i b = _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
         return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(kvq_nibbles(b)), _mm256_set1_epi32(8)));
@@ -167,14 +222,15 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
 
 IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
                    float scale) {
-    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4;
+    const int quant = kvq_scaled(type);
     const float *sc = (const float *)kp;
     const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
     for (int pc = 0; pc < bs; pc += IFG_VW) {
         ifg_vf a[KVQ_HMAX];
         for (int h = 0; h < n; h++) a[h] = ifg_vzero();
         for (int g0 = 0; g0 < hd; g0 += group) {
-            const ifg_vf s = quant ? ifg_vload(sc + (size_t)(g0 / group) * bs + pc) : ifg_vzero();
+            const ifg_vf s = quant ? ifg_vmul(ifg_vload(sc + (size_t)(g0 / group) * bs + pc), ifg_vset1(kvq_unit(type)))
+                                   : ifg_vzero();
             for (int d = g0; d < g0 + group; d++) {
                 ifg_vf kv = kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW);
                 if (quant) kv = ifg_vmul(kv, s);
@@ -188,7 +244,7 @@ IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n,
 
 IFG_AI void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
                    int hd, int group) {
-    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4, ng = hd / group;
+    const int quant = kvq_scaled(type), ng = hd / group;
     const float *sc = (const float *)vp;
     const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
     for (int dc = 0; dc < hd; dc += IFG_VW) {
@@ -197,7 +253,7 @@ IFG_AI void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int 
         for (int h = 0; h < n; h++) a[h] = ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r);
         for (int j = j0; j <= j1; j++) {
             ifg_vf v = kvq_dec(type, codes, (size_t)j * hd + dc, r);
-            if (quant) v = ifg_vmul(v, ifg_vset1(sc[(size_t)j * ng + dc / group]));
+            if (quant) v = ifg_vmul(v, ifg_vset1(sc[(size_t)j * ng + dc / group] * kvq_unit(type)));
             for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(P[(size_t)h * IFG_KVQ_MAX_BS + j]), v, a[h]);
         }
         for (int h = 0; h < n; h++) ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc, a[h], r);
@@ -241,7 +297,9 @@ static inline void kvq_scale_acc(float *a, float c, int hd) {
 static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
     switch (type) {
     case IFG_KV_BF16: return ifg_bf16_to_f32(((const uint16_t *)c)[row_off + i]);
+    case IFG_KV_F16: return ifg_f16_to_f32(((const uint16_t *)c)[row_off + i]);
     case IFG_KV_I8: return (float)((const int8_t *)c)[row_off + i];
+    case IFG_KV_FP8: return ifg_f16_to_f32(kvq_e4m3_f16(c[row_off + i]));
     case IFG_KV_I4: return (float)kvq_get4(c + row_off / 2, i);
     default: return ((const float *)c)[row_off + i];
     }
@@ -249,7 +307,7 @@ static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
 
 static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
                           float scale) {
-    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4;
+    const int quant = kvq_scaled(type);
     const float *sc = (const float *)kp;
     const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
     for (int h = 0; h < n; h++)
@@ -257,7 +315,7 @@ static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type,
             float a = 0.0f;
             for (int d = 0; d < hd; d++) {
                 float kv = kvq_get(type, codes, (size_t)d * bs, j);
-                if (quant) kv *= sc[(size_t)(d / group) * bs + j];
+                if (quant) kv *= sc[(size_t)(d / group) * bs + j] * kvq_unit(type);
                 a += q[(size_t)h * hd + d] * kv;
             }
             S[(size_t)h * IFG_KVQ_MAX_BS + j] = a * scale;
@@ -266,7 +324,7 @@ static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type,
 
 static inline void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
                           int hd, int group) {
-    const int quant = type == IFG_KV_I8 || type == IFG_KV_I4, ng = hd / group;
+    const int quant = kvq_scaled(type), ng = hd / group;
     const float *sc = (const float *)vp;
     const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
     for (int h = 0; h < n; h++)
@@ -274,7 +332,7 @@ static inline void kvq_pv(float *acc, const float *P, const uint8_t *vp, int typ
             const float p = P[(size_t)h * IFG_KVQ_MAX_BS + j];
             for (int d = 0; d < hd; d++) {
                 float v = kvq_get(type, codes, (size_t)j * hd, d);
-                if (quant) v *= sc[(size_t)j * ng + d / group];
+                if (quant) v *= sc[(size_t)j * ng + d / group] * kvq_unit(type);
                 acc[(size_t)h * KVQ_MAX_HD + d] += p * v;
             }
         }
@@ -310,6 +368,8 @@ static void kvq_qk_any(float *S, const float *q, const uint8_t *kp, int type, in
                        float scale) {
     switch (type) {
     case IFG_KV_BF16: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_BF16) break;
+    case IFG_KV_F16: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_F16) break;
+    case IFG_KV_FP8: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_FP8) break;
     case IFG_KV_I8: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_I8) break;
     case IFG_KV_I4: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_I4) break;
     default: KVQ_HEADS(KVQ_QK, n, S, q, kp, bs, hd, group, scale, IFG_KV_F32) break;
@@ -320,6 +380,8 @@ static void kvq_pv_any(float *acc, const float *P, const uint8_t *vp, int type, 
                        int hd, int group) {
     switch (type) {
     case IFG_KV_BF16: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_BF16) break;
+    case IFG_KV_F16: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_F16) break;
+    case IFG_KV_FP8: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_FP8) break;
     case IFG_KV_I8: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_I8) break;
     case IFG_KV_I4: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_I4) break;
     default: KVQ_HEADS(KVQ_PV, n, acc, P, vp, j0, j1, bs, hd, group, IFG_KV_F32) break;

@@ -1,4 +1,4 @@
-/* kvq.h — the compressed paged KV cache (bf16 / int8 / int4, f32 beside them for mixed K/V
+/* kvq.h — the compressed paged KV cache (bf16 / f16 / int8 / fp8 / int4, f32 beside them for mixed K/V
  * types): storing (quantizing) K/V rows, causal attention that reads the codes directly, and
  * the randomized Walsh–Hadamard rotation applied to queries and keys. */
 #ifndef IFG_KVQ_H
@@ -7,7 +7,7 @@
 #include "core.h"
 
 // cdef-begin
-enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3 };
+enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3, IFG_KV_F16 = 4, IFG_KV_FP8 = 5 };
 /* Shape rules of the compressed layout: block_size a multiple of POS (position vectors of the
    key kernel), head_dim a multiple of CHUNK (int4 packs 8 values in 4 bytes), at most MAX_BS
    positions per block. */
@@ -15,10 +15,12 @@ enum ifg_kvq_shape { IFG_KVQ_POS = 16, IFG_KVQ_CHUNK = 8, IFG_KVQ_MAX_BS = 256 }
 
 /* One layer's K (or V) pool is [n_blocks][n_kv_heads][part]; a part is one kv head's share of one
    block, ifg_kvq_part_bytes(type, block_size, head_dim, group) bytes:
-     K part: int types: scales f32 [head_dim/group][block_size], then codes [head_dim][block_size]
-             (channel-major: a key kernel vector holds 16 positions of one channel)
-     V part: int types: scales f32 [block_size][head_dim/group], then codes [block_size][head_dim]
-   codes: f32, bf16 (round to nearest even), int8 (d = amax/127, q = rint(x/d) in -127..127),
+     K part: scaled types (int8, fp8, int4): scales f32 [head_dim/group][block_size], then codes
+             [head_dim][block_size] (channel-major: a key kernel vector holds 16 positions of one channel)
+     V part: scaled types: scales f32 [block_size][head_dim/group], then codes [block_size][head_dim]
+   codes: f32, bf16 (round to nearest even), f16 (IEEE half, round to nearest even),
+   int8 (d = amax/127, q = rint(x/d) in -127..127), fp8 (d = amax/448, q = x/d rounded to the
+   nearest E4M3 value, ties to the even code, saturated at ±448; one byte per value),
    int4 (d = -m/8 for m the value of largest magnitude, q = rint(x/d) clamped to -8..7, stored
    q+8; 8 values in 4 bytes: byte i holds value i in its low and value i+4 in its high nibble).
    x/d is computed as x * (1/d) in f32; the value read back is q * d in f32. group divides

@@ -195,6 +195,27 @@ def test_kv_cache_kind_end_to_end(data_dir, tmp_path):
     assert all(r["decode_tok_s"] > 0 and r["decode_vs_f32"] > 0 for r in sp)
 
 
+def test_kv_cache_quality_windows_and_a_ctx_past_the_model(data_dir, tmp_path, capsys):
+    """`windows` scores the first windows × ctx tokens of a long text; a ctx past the model's own
+    is skipped with a note, not an error; a bad `windows` is one clear error."""
+    text = tmp_path / "t.txt"
+    text.write_text((data_dir / "text" / "tinystories_sample.txt").read_text().replace("<|endoftext|>", " "))
+    y = tmp_path / "kv.yaml"
+    body = (f"kind: kv_cache\nparts: [quality]\nctx: [48, 8192]\nkinds: [{{dtype: f16}}, {{dtype: fp8}}]\n"
+            f"llamacpp: []\nthreads: 1\ntext: {text}\n")
+    y.write_text(body + "windows: 2\n")
+    out = tmp_path / "kv.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K-f32"), "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    q = {r["kv"]: r for r in run["records"]}
+    assert sorted(q) == ["f16", "fp8"] and all(r["ctx"] == 48 for r in q.values())
+    assert 0 < q["f16"]["kld_mean"] < q["fp8"]["kld_mean"]
+    assert "ctx 8192 skipped" in capsys.readouterr().err + json.dumps(run)
+    y.write_text(body + "windows: -1\n")
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K-f32")]) != 0
+    assert "`windows` must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_serve_load_kind_end_to_end(data_dir, tmp_path, monkeypatch):
     """kind serve_load: a server on stories260K with two random adapters, two concurrency levels."""
     monkeypatch.setenv("INFENG_CACHE", str(tmp_path / "cache"))

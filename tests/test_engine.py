@@ -1,6 +1,7 @@
 """The engine: any batch mix, chunking, preemption or prefix sharing gives each request exactly
-the tokens it gets alone, with every KV cache type (f32, bf16, int8, int4, mixed K/V, a per-layer
-policy: a position's stored codes depend on its own K/V row only, so they hold there too); the
+the tokens it gets alone, with every KV cache type (f32, bf16, int8, int4, f16 keys with fp8
+values, mixed K/V, a per-layer policy: a position's stored codes depend on its own K/V row only,
+so they hold there too); the
 queue bound, cancel, deadlines and priorities behave; no block leaks."""
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def model(data_dir):
 
 # Engine keywords of each KV cache kind; the compressed layout needs blocks of 16 positions
 KV_KINDS = {"f32": {}, "bf16": {"kv_dtype": "bf16"}, "int8": {"kv_dtype": "int8"},
-            "k4v8": {"kv_dtype": "k=int4,v=int8"}, "int4-hybrid": {"kv_dtype": "int4", "kv_policy": "layers 0,-1: bf16"}}
+            "k4v8": {"kv_dtype": "k=int4,v=int8"}, "int4-hybrid": {"kv_dtype": "int4", "kv_policy": "layers 0,-1: bf16"},
+            "k16v8f": {"kv_dtype": "k=f16,v=fp8"}}
 
 
 @pytest.fixture(scope="module", params=list(KV_KINDS))

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import P
 from infeng.kernels.abi import KV_TYPE
-from infeng.quant.kvcache import decode_part, encode_part, hadamard, part_bytes, rotation_signs, roundtrip
+from infeng.quant.kvcache import KV_TYPES, decode_part, encode_part, hadamard, part_bytes, rotation_signs, roundtrip
 
 I32 = "int32_t *"
-TYPES = ("f32", "bf16", "int8", "int4")
+TYPES = KV_TYPES
 
 
 class QPool:

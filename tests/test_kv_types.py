@@ -42,7 +42,8 @@ def _logits(kern, model, spec, tokens, decode):
 @pytest.mark.parametrize("dtype,policy,rotate", [
     ("bf16", None, "auto"), ("int8", None, "auto"), ("int8", None, "off"), ("int4", None, "auto"),
     ("int4", None, "off"), ("k=int4,v=int8", None, "auto"), ("k=f32,v=int4", None, "auto"),
-    ("int4", "layers 0,-1: bf16; layers 2: k=int8,v=f32", "auto")])
+    ("int4", "layers 0,-1: bf16; layers 2: k=int8,v=f32", "auto"), ("f16", None, "auto"), ("fp8", None, "auto"),
+    ("k=int4,v=f16", None, "auto"), ("k=fp8,v=int8", None, "off")])
 def test_forward_matches_reference_with_the_same_rounding(kern, model, dtype, policy, rotate):
     """The C cache and the reference's rounded K/V agree far more closely than either agrees with
     the f32 cache: the reference models the compression (layout, scales, rotation) exactly; what
@@ -57,7 +58,7 @@ def test_forward_matches_reference_with_the_same_rounding(kern, model, dtype, po
     scale = np.abs(want).max()
     err = np.abs(got - want).max() / scale
     assert err < 1e-3, err
-    if spec.k != ("bf16",) * 5 or spec.v != ("bf16",) * 5:
+    if not set(spec.k + spec.v) <= {"bf16", "f16"}:
         assert np.abs(plain - want).max() / scale > 5 * err        # compression is visible and modelled
     if dtype == "int8":
         assert np.abs(plain - want).max() / scale < 0.1           # and small where it should be
@@ -94,7 +95,7 @@ def test_budget_counts_real_bytes_and_int4_holds_six_times_f32(kern):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(dtype="int3"), "must be one of f32, bf16, int8, int4"),
+    (dict(dtype="int3"), "must be one of f32, bf16, f16, int8, fp8, int4"),
     (dict(dtype="k=int8"), "give both k= and v="),
     (dict(dtype="k=int8,q=int4"), "expected k=TYPE,v=TYPE"),
     (dict(policy="layers 0,7: bf16"), "layer 7 is outside 0..4"),

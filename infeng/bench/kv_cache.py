@@ -59,13 +59,19 @@ def kind_label(kind: dict[str, Any]) -> str:
 
 # ---- quality ----------------------------------------------------------------------------------
 def quality(model_path: Path, text: Path, ctxs: list[int], kinds: list[dict], llamacpp: list[str],
-            gguf: Path | None, threads: int, top_k: int, log) -> tuple[list[dict], list[str]]:
+            gguf: Path | None, threads: int, top_k: int, log, windows: int = 0) -> tuple[list[dict], list[str]]:
+    """``windows`` > 0: score only the first windows × ctx tokens of the text at each ctx (a long
+    text then bounds the work, not the attention depth)."""
     model = load_model(model_path, verify=False)
     rows, notes = [], []
     docs = P.read_documents(text)
     for ctx in ctxs:
+        if ctx > model.config.max_seq_len:
+            notes.append(f"ctx {ctx} skipped: the model's context is {model.config.max_seq_len}")
+            log(notes[-1])
+            continue
         base_sc = Scorer(model, threads=threads, ctx=ctx)
-        ids = P.tokenize_documents(base_sc, docs)
+        ids = _first_tokens(P.tokenize_documents(base_sc, docs), windows * ctx)
         base = P.compute_base(base_sc, ids, top_k, None, {"model": str(model_path), "text": str(text)})
         bpt = base_sc.kv.bytes_per_token
         log(f"ctx {ctx}: f32-KV baseline over {len(base.nll)} positions")
@@ -80,6 +86,19 @@ def quality(model_path: Path, text: Path, ctxs: list[int], kinds: list[dict], ll
                 notes.append(f"llama.cpp quality rows skipped: {e}")
                 log(notes[-1])
     return rows, notes
+
+
+def _first_tokens(docs: list[list[int]], n: int) -> list[list[int]]:
+    """The documents cut to n tokens in all (n <= 0: all of them)."""
+    if n <= 0:
+        return docs
+    out = []
+    for d in docs:
+        if n <= 1:
+            break
+        out.append(d[:n])
+        n -= len(out[-1])
+    return out
 
 
 def _row(runner, label, ctx, scorer, ids, base, bytes_ratio, log, **extra):
@@ -197,7 +216,8 @@ class KVCacheKinds(Comparison):
     """Compressed KV caches: quality (KLD, ΔPPL against the f32 cache, real model and text) and
     decode speed at depth, beside llama.cpp's K/V cache types (infeng.bench.kv_cache)."""
     name, model_param = "kv_cache", "model"
-    defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "top_k": 128,
+    may_be_zero = ("windows",)                      # 0: score the whole text
+    defaults = {"model": "", "gguf": "", "text": "", "ctx": [512, 2048], "windows": 0, "top_k": 128,
                 "kinds": [{"dtype": "bf16"}, {"dtype": "int8"}, {"dtype": "int4"}],
                 "llamacpp": ["q8_0", "q4_0"],
                 "speed_model": "tinyllama-1.1b:q4_0", "depths": [0, 1024, 4096], "tokens": 32,
@@ -221,7 +241,7 @@ class KVCacheKinds(Comparison):
             cfg = load_model(p["model"], verify=False).config
             kinds = check_kinds(p["kinds"], cfg, self.name)
             r, n = quality(Path(p["model"]), Path(p["text"]), p["ctx"], kinds, p["llamacpp"],
-                                    gguf, p["threads"], p["top_k"], log)
+                           gguf, p["threads"], p["top_k"], log, p["windows"])
             rows, notes = rows + r, notes + n
         if "speed" in p["parts"]:
             if not p["depths"] or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in p["depths"]):

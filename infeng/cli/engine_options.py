@@ -19,9 +19,9 @@ SPECULATE = typer.Option(None, "--speculate", help="speculative decoding: lookup
                                                    "the --draft model if given) or a draft length N")
 DRAFT = typer.Option(None, "--draft", help="a draft model with the same tokenizer (e.g. a lower-bit copy) for "
                                            "--speculate auto|N")
-KV_DTYPE = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, int8, int4, or k=TYPE,v=TYPE")
+KV_DTYPE = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, f16, int8, fp8, int4, or k=TYPE,v=TYPE")
 KV_POLICY = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'")
-KV_ROTATE = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/int4 keys, "
+KV_ROTATE = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/fp8/int4 keys, "
                                                      "power-of-two head_dim), on, off")
 
 

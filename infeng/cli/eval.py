@@ -46,7 +46,7 @@ def eval_cmd(
     progress_bars: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA/DoRA adapter (.infeng-lora) applied to MODEL in every task"),
     compare: List[str] = typer.Option([], "--compare", help="MODEL or MODEL::ADAPTER (e.g. a quantized variant) run through the same tasks, reported side by side (repeatable)"),
-    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type of MODEL: f32, bf16, int8, int4, or k=TYPE,v=TYPE (a --kld baseline model keeps f32)"),
+    kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type of MODEL: f32, bf16, f16, int8, fp8, int4, or k=TYPE,v=TYPE (a --kld baseline model keeps f32)"),
     kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
     kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto, on, off"),
 ):

@@ -4,11 +4,13 @@ against, with exactly the C kernels' rounding (kernels_c/kvq.h describes the lay
 A kv head's share of one block (a *part*) holds ``bs`` positions of ``hd`` values:
 
 - keys channel-major (``[hd][bs]`` codes), values row-major (``[bs][hd]``);
-- int8 / int4: f32 scales first (keys ``[hd/group][bs]``, values ``[bs][hd/group]``), one per
-  ``group`` values of one position; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
-  int4 ``d = m/-8`` (``m`` the value of largest magnitude), ``q`` clamped to -8..7 and stored
-  ``q+8``, 8 values in 4 bytes (value i low nibble, i+4 high nibble of byte i);
-- bf16: round to nearest even; f32: as is.
+- int8 / fp8 / int4: f32 scales first (keys ``[hd/group][bs]``, values ``[bs][hd/group]``), one
+  per ``group`` values of one position; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
+  fp8 ``d = amax/448``, ``q`` = x·(1/d) rounded to the nearest E4M3 value (ties to the even code,
+  saturated at ±448), one code byte; int4 ``d = m/-8`` (``m`` the value of largest magnitude),
+  ``q`` clamped to -8..7 and stored ``q+8``, 8 values in 4 bytes (value i low nibble, i+4 high
+  nibble of byte i);
+- bf16, f16: round to nearest even; f32: as is.
 
 The value read back is ``q·d`` in f32. ``hadamard`` is the rotation of ``ifg_hadamard``.
 """
@@ -17,13 +19,16 @@ from __future__ import annotations
 import numpy as np
 
 from infeng.format.schema import convert_dtype, to_f32
+from infeng.quant.fp8 import FP8_MAX, e4m3_values, encode_e4m3
 
-KV_TYPES = ("f32", "bf16", "int8", "int4")
-CODE_BITS = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4}
+KV_TYPES = ("f32", "bf16", "f16", "int8", "fp8", "int4")
+SCALED = ("int8", "fp8", "int4")            # codes with one f32 scale per group
+CODE_BITS = {"f32": 32, "bf16": 16, "f16": 16, "int8": 8, "fp8": 8, "int4": 4}
+_E4M3 = np.nan_to_num(e4m3_values()).astype(np.float32)
 
 
 def scale_bytes(t: str, bs: int, hd: int, group: int) -> int:
-    return bs * (hd // group) * 4 if t in ("int8", "int4") else 0
+    return bs * (hd // group) * 4 if t in SCALED else 0
 
 
 def part_bytes(t: str, bs: int, hd: int, group: int) -> int:
@@ -31,9 +36,15 @@ def part_bytes(t: str, bs: int, hd: int, group: int) -> int:
 
 
 def quantize(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes and f32 scales of groups x[..., group] (int8 / int4), as the C store."""
+    """Codes and f32 scales of groups x[..., group] (int8 / int4 as int8, fp8 as E4M3 bytes), as
+    the C store."""
     x = np.asarray(x, np.float32)
     ax = np.abs(x)
+    if t == "fp8":
+        d = (ax.max(-1) / np.float32(FP8_MAX)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        return encode_e4m3((x * inv[..., None]).astype(np.float32)), d
     if t == "int8":
         d = ax.max(-1) / np.float32(127)
         lo, hi = -127, 127
@@ -53,11 +64,16 @@ def roundtrip(x: np.ndarray, t: str, group: int) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if t == "f32":
         return x.copy()
-    if t == "bf16":
-        return to_f32(convert_dtype(x, "f32", "bf16"), "bf16")
+    if t in ("bf16", "f16"):
+        return to_f32(convert_dtype(x, "f32", t), t)
     g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
     q, d = quantize(g, t)
-    return (q.astype(np.float32) * d[..., None]).reshape(x.shape)
+    return (_code_values(q, t) * d[..., None]).reshape(x.shape)
+
+
+def _code_values(q: np.ndarray, t: str) -> np.ndarray:
+    """f32 value of each code (the C kernels' fp8 value/256 × scale·256 is the same product)."""
+    return _E4M3[q] if t == "fp8" else q.astype(np.float32)
 
 
 def _pack4(q: np.ndarray) -> np.ndarray:
@@ -77,14 +93,14 @@ def encode_part(x: np.ndarray, t: str, group: int, key: bool) -> np.ndarray:
     """One part's bytes from its values x[bs][hd]."""
     x = np.asarray(x, np.float32)
     bs, hd = x.shape
-    if t in ("f32", "bf16"):
-        c = x if t == "f32" else convert_dtype(x, "f32", "bf16")
+    if t in ("f32", "bf16", "f16"):
+        c = x if t == "f32" else convert_dtype(x, "f32", t)
         return np.ascontiguousarray(c.T if key else c).view(np.uint8).reshape(-1)
     q, d = quantize(x.reshape(bs, hd // group, group), t)
     q = q.reshape(bs, hd)
     if key:
         q, d = q.T, d.T
-    codes = q.view(np.uint8) if t == "int8" else _pack4(np.ascontiguousarray(q))
+    codes = _pack4(np.ascontiguousarray(q)) if t == "int4" else np.ascontiguousarray(q).view(np.uint8)
     return np.concatenate([np.ascontiguousarray(d).view(np.uint8).reshape(-1), codes.reshape(-1)])
 
 
@@ -96,15 +112,20 @@ def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) 
     c = b[sb:]
     if t == "f32":
         v = c.view(np.float32).reshape(rows, cols)
-    elif t == "bf16":
-        v = to_f32(c.view(np.uint16).reshape(rows, cols), "bf16")
+    elif t in ("bf16", "f16"):
+        v = to_f32(c.view(np.uint16 if t == "bf16" else np.float16).reshape(rows, cols), t)
     else:
-        q = c.view(np.int8).reshape(rows, cols) if t == "int8" else _unpack4(c.reshape(rows, cols // 2))
+        if t == "int8":
+            q = c.view(np.int8).reshape(rows, cols)
+        elif t == "fp8":
+            q = c.reshape(rows, cols)
+        else:
+            q = _unpack4(c.reshape(rows, cols // 2))
         d = b[:sb].view(np.float32)
         if key:
-            v = q.astype(np.float32) * np.repeat(d.reshape(hd // group, bs), group, axis=0)
+            v = _code_values(q, t) * np.repeat(d.reshape(hd // group, bs), group, axis=0)
         else:
-            v = q.astype(np.float32) * np.repeat(d.reshape(bs, hd // group), group, axis=1)
+            v = _code_values(q, t) * np.repeat(d.reshape(bs, hd // group), group, axis=1)
     return np.ascontiguousarray(v.T if key else v)
 
 

@@ -4,7 +4,7 @@
 per-layer policy over it: ``--kv-policy "layers 0,1,-1: bf16; layers 5: k=int8,v=int4"``
 (negative indices count from the last layer). The rotation (a randomized Walsh–Hadamard
 transform of queries and keys, kernels_c/kvq.h) is ``auto`` by default: on for the layers whose
-keys are int8/int4 when head_dim is a power of two, and off otherwise (telemetry says which);
+keys are int8/fp8/int4 when head_dim is a power of two, and off otherwise (telemetry says which);
 ``on`` refuses a head_dim that is not a power of two, ``off`` never rotates. The signs come
 from ``seed``, a setting of the run, not of the model file.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from infeng.errors import InfengError
 from infeng.model.config import ModelConfig
-from infeng.quant.kvcache import KV_TYPES
+from infeng.quant.kvcache import KV_TYPES, SCALED
 
 ROTATE_MODES = ("auto", "on", "off")
-QUANT = ("int8", "int4")
+QUANT = SCALED           # the key types the rotation helps: one scale per group of channels
 
 
 @dataclass(frozen=True)

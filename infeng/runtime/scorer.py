@@ -26,7 +26,7 @@ from infeng.runtime.tokenizer import Tokenizer
 class Scorer:
     def __init__(self, model: Model, threads: int | None = None, ctx: int | None = None,
                  max_tokens: int = 256, isa: str | None = None, adapter=None, kv_dtype: str = "f32",
-                 kv_policy: str | None = None, kv_rotate: str = "auto"):
+                 kv_policy: str | None = None, kv_rotate: str = "auto", kv_group: int | None = None):
         self.model, self.cfg = model, model.config
         self.kern = kernels.load(isa) if isa else kernels.active()
         self.isa = self.kern.ffi.string(self.kern.lib.ifg_isa()).decode()
@@ -38,7 +38,7 @@ class Scorer:
         self.tokenizer = Tokenizer(model.tokenizer, self.cfg.bos_id, self.cfg.eos_ids)
         self.session = ForwardSession(self.kern, model, max_tokens=self.max_tokens, max_out=self.max_tokens,
                                       threads=self.threads, n_slots=1, max_seq_len=self.ctx, max_segments=1,
-                                      kv_spec=kv_spec(self.cfg, kv_dtype, kv_policy, kv_rotate))
+                                      kv_spec=kv_spec(self.cfg, kv_dtype, kv_policy, kv_rotate, kv_group))
         self.net, self.kv = self.session.net, self.session.kv
         self.net.seq[:] = 0
         self.forward_tokens = 0

@@ -1,0 +1,130 @@
+"""KV-cache rounding schemes tried in the numpy reference model before any goes into C: each
+scheme rounds (and may rotate) the q, k, v of every layer as a cache would, and the logits are
+compared with the reference's f32-cache run (mean KLD, p99, ΔPPL, top-1 agreement).
+
+    python tools/kv_scheme_sim.py out/smollm2-f32.infeng out/gsm8k.txt 512 [SCHEME ...]
+
+Use an f32 model (tools/dequantize_model.py): the whole text is one prefill, so every key is
+rounded as its full block would be (KIVI's per-channel key groups need a block's positions; the
+real cache would keep the block being filled in f32, which this does not model).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from infeng.model.loader import load_model
+from infeng.model.reference import ReferenceModel
+from infeng.quant.kvcache import hadamard, rotation_signs, roundtrip
+from infeng.runtime.tokenizer import Tokenizer
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def sym(x: np.ndarray, bits: int) -> np.ndarray:
+    """Rounded along the last axis as the cache's int8 (amax/127) / int4 (m/-8) groups."""
+    if bits == 8:
+        d, lo, hi = np.abs(x).max(-1, keepdims=True) / 127, -127, 127
+    else:
+        d, lo, hi = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1) / -8, -8, 7
+    return (np.clip(np.rint(x / np.where(d == 0, 1, d)), lo, hi) * d).astype(np.float32)
+
+
+def asym(x: np.ndarray, bits: int) -> np.ndarray:
+    """Min/max (zero-point) rounding along the last axis."""
+    mn, mx = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    d = (mx - mn) / (2 ** bits - 1)
+    return (np.clip(np.rint((x - mn) / np.where(d == 0, 1, d)), 0, 2 ** bits - 1) * d + mn).astype(np.float32)
+
+
+def per_token(f, x: np.ndarray, g: int, bits: int) -> np.ndarray:
+    """x [T, H, hd] in groups of g channels of one position (the cache's layout today; one
+    group per head when head_dim is smaller)."""
+    T, H, hd = x.shape
+    g = min(g, hd)
+    return f(x.reshape(T, H, hd // g, g), bits).reshape(T, H, hd)
+
+
+def per_channel(f, x: np.ndarray, b: int, bits: int) -> np.ndarray:
+    """x [T, H, hd] in groups of b positions of one channel (KIVI's keys)."""
+    T, H, hd = x.shape
+    n = -(-T // b) * b
+    xp = np.concatenate([x, np.repeat(x[-1:], n - T, 0)]) if n > T else x
+    y = np.moveaxis(f(np.moveaxis(xp.reshape(n // b, b, H, hd), 1, -1), bits), -1, 1)
+    return y.reshape(n, H, hd)[:T]
+
+
+def scheme_table(s: np.ndarray) -> dict:
+    def rot(x):
+        return hadamard(x, s)
+
+    def unrot(y):                       # the inverse rotation: butterflies, then the signs
+        return hadamard(y, np.ones_like(s)) * s
+
+    return {
+        "bf16": lambda q, k, v: (q, roundtrip(k, "bf16", 64), roundtrip(v, "bf16", 64)),
+        "f16": lambda q, k, v: (q, roundtrip(k, "f16", 64), roundtrip(v, "f16", 64)),
+        "int8": lambda q, k, v: (rot(q), per_token(sym, rot(k), 32, 8), per_token(sym, v, 32, 8)),
+        "int8-g16": lambda q, k, v: (rot(q), per_token(sym, rot(k), 16, 8), per_token(sym, v, 16, 8)),
+        "int4": lambda q, k, v: (rot(q), per_token(sym, rot(k), 32, 4), per_token(sym, v, 32, 4)),
+        "int4-g16": lambda q, k, v: (rot(q), per_token(sym, rot(k), 16, 4), per_token(sym, v, 16, 4)),
+        "int4-asym": lambda q, k, v: (rot(q), per_token(asym, rot(k), 32, 4), per_token(asym, v, 32, 4)),
+        "int4-vrot": lambda q, k, v: (rot(q), per_token(sym, rot(k), 32, 4), unrot(per_token(sym, rot(v), 32, 4))),
+        "k=int4,v=int8": lambda q, k, v: (rot(q), per_token(sym, rot(k), 32, 4), per_token(sym, v, 32, 8)),
+        "k=int8,v=int4": lambda q, k, v: (rot(q), per_token(sym, rot(k), 32, 8), per_token(sym, v, 32, 4)),
+        "kivi16-sym": lambda q, k, v: (q, per_channel(sym, k, 16, 4), per_token(sym, v, 32, 4)),
+        "kivi16-asym": lambda q, k, v: (q, per_channel(asym, k, 16, 4), per_token(sym, v, 32, 4)),
+        "kivi32-asym": lambda q, k, v: (q, per_channel(asym, k, 32, 4), per_token(asym, v, 32, 4)),
+        "kivi16-asym-rot": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 16, 4), per_token(sym, v, 32, 4)),
+        "int8-kivi16-asym": lambda q, k, v: (q, per_channel(asym, k, 16, 8), per_token(sym, v, 32, 8)),
+        # q·(k - μ) differs from q·k by a constant per query: softmax unchanged, whatever μ is
+        "int4-centred-oracle": lambda q, k, v: (rot(q), per_token(sym, rot(k - k.mean(0)), 32, 4),
+                                                per_token(sym, v, 32, 4)),
+        "int4-centred-first16": lambda q, k, v: (rot(q), per_token(sym, rot(k - k[1:17].mean(0)), 32, 4),
+                                                 per_token(sym, v, 32, 4)),
+    }
+
+
+class Rounded(ReferenceModel):
+    """The reference with one scheme applied to every layer's q, k, v after RoPE."""
+
+    def __init__(self, model, scheme):
+        super().__init__(model)
+        self.scheme = scheme
+
+    def qkv(self, i, q, k, v, pos):
+        q, k, v, scale = super().qkv(i, q, k, v, pos)
+        return (*self.scheme(q, k, v), scale) if self.scheme else (q, k, v, scale)
+
+
+def main() -> None:
+    path, text, n, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    model = load_model(path)
+    table = scheme_table(rotation_signs(model.config.head_dim, 0))
+    bad = [x for x in names if x not in table]
+    if bad:
+        sys.exit(f"unknown scheme {bad[0]!r}: one of {', '.join(table)}")
+    tok = Tokenizer(model.tokenizer, model.config.bos_id, model.config.eos_ids)
+    ids = tok.encode(open(text, encoding="utf-8").read())[:n]
+    base = log_softmax(Rounded(model, None).forward(ids))
+    tgt = np.array(ids[1:])
+    nll0 = -base[np.arange(len(ids) - 1), tgt].mean()
+    print(f"{len(ids)} tokens, f32-cache perplexity {np.exp(nll0):.4f}")
+    for name in names or list(table):
+        t = time.perf_counter()
+        lp = log_softmax(Rounded(model, table[name]).forward(ids))
+        kld = (np.exp(base) * (base - lp)).sum(-1)
+        nll = -lp[np.arange(len(ids) - 1), tgt].mean()
+        print(f"{name:22s} KLD {kld.mean():.2e}  p99 {np.quantile(kld, 0.99):.2e}  "
+              f"ΔPPL {100 * (np.exp(nll - nll0) - 1):+.2f}%  top-1 {(lp.argmax(-1) == base.argmax(-1)).mean():.3f}  "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
