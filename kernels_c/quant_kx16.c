@@ -18,8 +18,8 @@
  *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
  * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
- * summation order depends only on T == 1 or not and on K, never on the thread or tile: results
- * are bitwise identical for any thread count. */
+ * summation order depends only on K (a K chunk of a large batch goes on from the partial sum in
+ * y), never on the thread, the batch size or the tile: bitwise the same for any of them. */
 #include "quant_k.h"
 #include "quant_gguf.h"
 #include "quant_x16.h"
@@ -36,7 +36,8 @@ static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
         const int r = n % 16;
         const uint8_t *wg = w + (size_t)(n / 16) * gstride;
         for (int i = 0; i < tt; i++) {
-            float acc = 0.0f;
+            float *yo = y + (size_t)(t + i) * ldy + n;
+            float acc = add ? *yo : 0.0f;
             for (int b = 0; b < nsb; b++) {
                 const uint8_t *gb = wg + (size_t)b * KX_GBQ(Q5);
                 uint16_t h;
@@ -58,8 +59,7 @@ static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
                     acc += (float)dot * ((d * (float)sc) * xt->d[xb]) - (dmin * (float)m) * (xt->d[xb] * (float)xt->s[xb]);
                 }
             }
-            float *yo = y + (size_t)(t + i) * ldy + n;
-            *yo = add ? *yo + acc : acc;
+            *yo = acc;
         }
     }
 }
@@ -102,7 +102,8 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
-        for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++) /* a K chunk after the first, or accumulate: the sum goes on from y */
+            acc[i][g] = add ? _mm512_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n + 16 * g) : _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[KXG1];
         __m512 dv[KXG1], mv[KXG1];
@@ -172,15 +173,14 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;
-            _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
+            _mm512_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n + 16 * g, acc[i][g]);
         }
 }
 
 /* Decode (one token), G groups: the same products, fewer instructions per 64 bytes of levels:
  * the high nibbles go to vpdpbusd unshifted (16 × the level: a separate accumulator whose sum
- * is exactly 16 × the dot, shifted back once per sub-block), and d, dmin multiply once per
- * super-block (sub-block sums of sc * dot * d_x and m * d_x*sum(q_x) first). */
+ * is exactly 16 × the dot, shifted back once per sub-block). The float steps are kx_tile's, in
+ * its order, so a token's output is bitwise the same in a batch as alone. */
 IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int t, int ldy,
                   int n, int nsb, int add, const int G, const int PF, const int Q5) {
     __m512 acc[KXG1];
@@ -188,17 +188,17 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
     const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
     const int pf = PF ? xt->pf : 0;
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) acc[g] = add ? _mm512_loadu_ps(y + (size_t)t * ldy + n + 16 * g) : _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[KXG1];
-        __m512 as[KXG1], am[KXG1];
+        __m512 dv[KXG1], mv[KXG1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
             gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * KX_GBQ(Q5);
             kx_scales4(gb[g], 0, scb[g], mnb[g]);
             kx_scales4(gb[g], 1, scb[g] + 64, mnb[g] + 64);
-            as[g] = _mm512_setzero_ps();
-            am[g] = _mm512_setzero_ps();
+            dv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
+            mv[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32)));
         }
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) X16_PREFETCH(gb, 64 * j);
@@ -211,6 +211,7 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
                 il[g] = ih[g] = _mm512_setzero_si512();
                 hb[g] = Q5 ? _mm512_loadu_si512((const void *)(gb[g] + KX_GB + 64 * s)) : il[g];
             }
+            if (Q5) X16_PREFETCH(gb, KX_GB + 64 * s); /* the 5th bits: a stream of their own */
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * v)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * v + 4));
@@ -234,20 +235,14 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
                 const __m512i dot = _mm512_add_epi32(il[g], Q5 ? ih[g] : _mm512_srai_epi32(ih[g], 4));
                 const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scb[g] + 16 * s))));
                 const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(mnb[g] + 16 * s))));
-                as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, dx), as[g]);
-                am[g] = _mm512_fmadd_ps(mn, sx, am[g]);
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_mul_ps(dv[g], sc), dx), acc[g]);
+                acc[g] = _mm512_fnmadd_ps(_mm512_mul_ps(mv[g], mn), sx, acc[g]);
             }
-        }
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) {
-            acc[g] = _mm512_fmadd_ps(as[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), acc[g]);
-            acc[g] = _mm512_fnmadd_ps(am[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb[g] + 32))), acc[g]);
         }
     }
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        float *yo = y + (size_t)t * ldy + n + 16 * g;
-        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[g]) : acc[g]);
+        _mm512_storeu_ps(y + (size_t)t * ldy + n + 16 * g, acc[g]);
     }
 }
 #define KX_TILE1 1
@@ -282,7 +277,8 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
-        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
+        for (int h = 0; h < H; h++)
+            acc[i][h] = add ? _mm256_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h) : _mm256_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[KXG1];
         __m256 dv[2 * KXG1], mv[2 * KXG1];
@@ -359,26 +355,37 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) {
-            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
-            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+            _mm256_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h, acc[i][h]);
         }
 }
 #endif
 
-/* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile. */
+/* One token (decode: x16_plan always prefetches) over the groups of rows [n0, n1), in a function
+ * of its own per type: compiled inside the function that holds every tile, q4_k's GEMV streamed
+ * from DRAM at ~70 % of the speed it has alone. */
+IFG_AI void kx_gemv_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
+                      int t, int n0, int n1, int nsb, int add, const int Q5) {
+    int n = n0;
+#ifdef KX_TILE1
+    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, 1, Q5);
+    for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, 1, Q5);
+#else
+    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, 1, Q5);
+    for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, 1, Q5);
+#endif
+}
+__attribute__((noinline)) static void kx_gemv_q4(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
+                                                 size_t gstride, int t, int n0, int n1, int nsb, int add) {
+    kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 0);
+}
+__attribute__((noinline)) static void kx_gemv_q5(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
+                                                 size_t gstride, int t, int n0, int n1, int nsb, int add) {
+    kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 1);
+}
+
+/* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile (tt > 1). */
 IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                     int t, int tt, int n0, int n1, int nsb, int add, const int PF, const int Q5) {
-    if (tt == 1) {
-        int n = n0;
-#ifdef KX_TILE1
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, PF, Q5);
-        for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, PF, Q5);
-#else
-        for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, PF, Q5);
-        for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, PF, Q5);
-#endif
-        return;
-    }
     for (int n = n0; n < n1;) {
         const int G = n + 16 * KXG <= n1 ? KXG : 1;
         for (int i0 = 0; i0 < tt; i0 += KXT) {
@@ -398,7 +405,10 @@ IFG_AI void kx_tiles_t(float *y, int ldy, const struct x16_tile *xt, const uint8
  * inner loop slows prefill) */
 static void kx_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                      int t, int tt, int n0, int n1, int nsb, int add, int q5) {
-    if (q5) {
+    if (tt == 1) {
+        if (q5) kx_gemv_q5(y, ldy, xt, w, gstride, t, n0, n1, nsb, add);
+        else kx_gemv_q4(y, ldy, xt, w, gstride, t, n0, n1, nsb, add);
+    } else if (q5) {
         if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1, 1);
         else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0, 1);
     } else {

@@ -14,8 +14,8 @@
  *  - AVX2: two 8-row halves, vpmaddubsw (levels <= 63 × |x| <= 127: two pair sums <= 32004 fit
  *    int16) + vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
- * Each output's summation order depends only on T == 1 or not and on K: bitwise the same for
- * any thread count. */
+ * Each output's summation order depends only on K (a K chunk of a large batch goes on from the
+ * partial sum in y): bitwise the same for any thread count, batch size or tile. */
 #include "quant_gguf.h"
 #include "quant_x16.h"
 
@@ -51,7 +51,8 @@ static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_
         const int r = n % 16;
         const uint8_t *wg = w + (size_t)(n / 16) * gstride;
         for (int i = 0; i < tt; i++) {
-            float acc = 0.0f;
+            float *yo = y + (size_t)(t + i) * ldy + n;
+            float acc = add ? *yo : 0.0f; /* a K chunk after the first, or accumulate: the sum goes on from y */
             for (int b = 0; b < nsb; b++) {
                 const uint8_t *gb = wg + (size_t)b * Q6X_GB;
                 uint16_t h;
@@ -66,8 +67,7 @@ static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_
                     acc += (float)dot * ((d * sc) * xt->d[i * xt->ldd + 8 * b + s / 2]);
                 }
             }
-            float *yo = y + (size_t)(t + i) * ldy + n;
-            *yo = add ? *yo + acc : acc;
+            *yo = acc;
         }
     }
 }
@@ -116,7 +116,7 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
     __m512 acc[Q6T];
     const int ldq = xt->ldq, ldd = xt->ldd, G = 1, pf = PF && i0 == 0 ? xt->pf : 0;
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; i++) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < TT; i++) acc[i] = add ? _mm512_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n) : _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[1] = {w + (size_t)(n / 16) * gstride + (size_t)b * Q6X_GB};
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[0]));
@@ -151,25 +151,25 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
     }
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++) {
-        float *yo = y + (size_t)(t + i0 + i) * ldy + n;
-        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i]) : acc[i]);
+        _mm512_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n, acc[i]);
     }
 }
 
-/* One token × G groups: sc·d_x summed per super-block, times d once. */
+/* One token × G groups: q6x_tile's float steps in its order (a token's output is bitwise the
+ * same in a batch as alone), four groups' weight streams in flight. */
 IFG_AI void q6x_tile1(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
                       int t, int ldy, int n, int nsb, int add, const int G, const int PF) {
     __m512 acc[Q6G1];
     const int pf = PF ? xt->pf : 0;
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) acc[g] = add ? _mm512_loadu_ps(y + (size_t)t * ldy + n + 16 * g) : _mm512_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[Q6G1];
-        __m512 as[Q6G1];
+        __m512 d[Q6G1];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
             gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
-            as[g] = _mm512_setzero_ps();
+            d[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
         }
 #pragma GCC unroll 5
         for (int j = 0; j < 5; j++) X16_PREFETCH(gb, 64 * j); /* d and the scales */
@@ -197,17 +197,14 @@ IFG_AI void q6x_tile1(float *y, const struct x16_tile *xt, const int32_t *xs, co
             for (int g = 0; g < G; g++) {
                 const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                     _mm_loadu_si128((const __m128i *)(gb[g] + Q6X_SC + 16 * s))));
-                as[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[g], o)), _mm512_mul_ps(sc, dx), as[g]);
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[g], o)),
+                                         _mm512_mul_ps(_mm512_mul_ps(d[g], sc), dx), acc[g]);
             }
         }
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++)
-            acc[g] = _mm512_fmadd_ps(as[g], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g])), acc[g]);
     }
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        float *yo = y + (size_t)t * ldy + n + 16 * g;
-        _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[g]) : acc[g]);
+        _mm512_storeu_ps(y + (size_t)t * ldy + n + 16 * g, acc[g]);
     }
 }
 #define Q6X_TILE1 1
@@ -218,7 +215,9 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
     const int ldq = xt->ldq, ldd = xt->ldd, G = 1, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < TT; i++)
+        for (int h = 0; h < 2; h++)
+            acc[i][h] = add ? _mm256_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h) : _mm256_setzero_ps();
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb[1] = {w + (size_t)(n / 16) * gstride + (size_t)b * Q6X_GB};
         __m256 d[2];
@@ -261,8 +260,7 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
         for (int h = 0; h < 2; h++) {
-            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
-            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+            _mm256_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h, acc[i][h]);
         }
 }
 #endif
