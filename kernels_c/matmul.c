@@ -104,7 +104,7 @@ IFG_AI ifg_vf mm_red_rows(ifg_vf v0, ifg_vf v1, ifg_vf v2, ifg_vf v3) {
 #endif
 #define MM_ALIGN (4 * MM_NT) /* rows per thread are a multiple of this (except the last) */
 #ifndef MM_GR
-#define MM_GR 4              /* GEMV rows per step */
+#define MM_GR 8              /* GEMV rows per step: 8 accumulator chains */
 #endif
 
 /* ---- GEMM ---- */
@@ -403,14 +403,27 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
 
 void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                         int T, int N, int K, int accumulate, const struct ifg_xq *xq) {
+    ifg_matmul_part_xq_wait(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, xq, 1);
+}
+
+void ifg_matmul_part_xq_wait(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                             int T, int N, int K, int accumulate, const struct ifg_xq *xq, int wait) {
     if (T <= 0 || N <= 0) return; /* the same for every thread: no worksharing to skip */
     const int nc = mm_team();
-    IFG_FOR
-    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
-        int r0, r1;
-        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);
-        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
+#define MM_CHUNK_LOOP                                                                              \
+    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */                       \
+        int r0, r1;                                                                                \
+        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);                                \
+        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);                \
     }
+    if (wait) {
+        IFG_FOR
+        MM_CHUNK_LOOP
+    } else {
+        IFG_FOR_NOWAIT
+        MM_CHUNK_LOOP
+    }
+#undef MM_CHUNK_LOOP
 }
 
 void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T,
