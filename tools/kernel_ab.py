@@ -3,7 +3,7 @@ of both alternate call for call (on-CPU time, median of pairs), so the machine's
 alike. The old library is built from ``git show REV:kernels_c/...`` under another module name
 (out/kernel_ab/REV/), once per revision.
 
-    python tools/kernel_ab.py REV [--isa avx512] [--threads 2] [--pairs 9] [--cflags "-DX=1"] CASE...
+    python tools/kernel_ab.py REV [--isa avx512] [--threads 2] [--pairs 9] [--cflags=-DX=1] CASE...
 
 REV "worktree" builds the working tree's kernels_c as the old side: with --cflags (compiled into the
 old side only), a tile-size variant against the tree as it is.
