@@ -162,5 +162,5 @@ def test_rows_independent_of_batch(kern, dtype, K):
                     call(kern, y, N, x[t0:], K, wbuf, dtype, T, N, K, acc, nth)
                     same = y.view(np.uint32) == alone[t0:t0 + T].view(np.uint32)
                     assert same.all(), (f"{kern.ffi.string(kern.lib.ifg_isa()).decode()} {dtype} K={K} acc={acc} "
-                                        f"T={T} from row {t0} threads={nth}: rows {sorted(set(np.nonzero(~same)[0] + t0))} "
+                                        f"T={T} from row {t0} threads={nth}: rows {sorted(set((np.nonzero(~same)[0] + t0).tolist()))} "
                                         f"differ from the same rows computed alone")
