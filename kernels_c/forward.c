@@ -97,17 +97,21 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
 
 /* A projection of layer l (p: 0..6 = wq wk wv wo w_gate w_up w_down) over all T rows, with the
  * low-rank part of each row segment's adapter added in the same pass (lora.h). The base weights
- * are read once for the batch. */
+ * are read once for the batch. wq, wk and w_gate end without a barrier when nothing looks at
+ * their output before the next projection's (no adapter, no trace, no per-op timing): their
+ * siblings read the same input and write other buffers. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
-                 int acc, const struct ifg_lora_batch *lb, int l, int p, const struct ifg_xq *xq) {
+                 int acc, const struct ifg_lora_batch *lb, int l, int p, const struct ifg_xq *xq,
+                 const struct ifg_scratch *s) {
     const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
     int any = 0;
     for (int i = 0; lb && i < lb->n_seg; i++) {
         sel[i] = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
         any |= sel[i] != NULL;
     }
+    const int wait = (p != 0 && p != 1 && p != 4) || s->trace || s->op_times;
     if (!any)
-        ifg_matmul_part_xq(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, xq);
+        ifg_matmul_part_xq_wait(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, xq, wait);
     else
         ifg_lora_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel,
                              lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp, xq);
@@ -156,11 +160,11 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
             struct ifg_xq xqs;
             const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 0, 3);
-            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq);
+            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq, s);
             TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
-            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, xq);
+            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, xq, s);
             TIME(l, IFG_OP_WK); TRACE(l, IFG_OP_WK, s->k, kv_dim);
-            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, xq);
+            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, xq, s);
             TIME(l, IFG_OP_WV); TRACE(l, IFG_OP_WV, s->v, kv_dim);
             if (L->q_bias) add_bias_part(s->q, q_dim, L->q_bias, T, q_dim);
             if (L->k_bias) add_bias_part(s->k, kv_dim, L->k_bias, T, kv_dim);
@@ -195,21 +199,21 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             }
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
-            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq);
+            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq, s);
             TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
 
             /* MLP block: x += w_down · (silu(w_gate·norm(x)) * w_up·norm(x)) */
             ifg_rmsnorm_part(s->xb, s->x, L->ffn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_FFN_NORM); TRACE(l, IFG_OP_FFN_NORM, s->xb, dim);
             xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 4, 2);
-            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, xq);
+            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, xq, s);
             TIME(l, IFG_OP_W_GATE); TRACE(l, IFG_OP_W_GATE, s->hb, hidden);
-            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, xq);
+            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, xq, s);
             TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
             ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
             TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
             xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, L, lb, l, 6, 1);
-            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq);
+            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq, s);
             TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
         }
         /* logits only for the rows asked for (the last token of each prefill chunk) */

@@ -2,9 +2,9 @@
  *
  * Threads split N into contiguous row ranges (one chunk per thread, MM_ALIGN rows at a time).
  * Within a range:
- *  - T == 1 (decode GEMV): MM_GR weight rows at a time, two accumulators per row (even and
- *    odd vector steps of k), i.e. 2*MM_GR independent FMA chains streaming the weights; one
- *    horizontal reduction per row at the end. Memory-bound: each weight is read once.
+ *  - T == 1 (decode GEMV): MM_GR weight rows at a time, one accumulator per row and k-block,
+ *    x read in place: the GEMM below with one token, minus the x copy (see the next point).
+ *    Memory-bound: each weight is read once.
  *  - T > 1 (prefill GEMM): blocks of MM_TB tokens × MM_NB rows × MM_KB k. For each token
  *    tile (MM_TT tokens) of a block, the x rows of the k-block are copied once into an
  *    aligned stack buffer (MM_TT × MM_XS f32: 24 KiB on AVX-512, 16 KiB on AVX2, so it stays
@@ -20,8 +20,9 @@
  * outside W's rows or x's first K columns is read.
  *
  * Each output's summation order depends only on K (the same lane-wise k-steps, k-blocks and
- * reduction tree whichever tile or thread computes it), so results are bitwise identical for
- * any thread count.
+ * reduction tree whichever tile or thread computes it, the GEMV included), so results are
+ * bitwise identical for any thread count and any number of rows in the call: a row decoded
+ * alone (GEMV) equals the same row verified in a batch (speculative decoding is exact).
  *
  * Tried and dropped (numbers on this Sapphire Rapids, T=512, N=K=2048, bf16, one thread):
  *  - AVX-512 BF16 vdpbf16ps with x split into hi = bf16(x), lo = bf16(x - hi), two
@@ -102,64 +103,9 @@ IFG_AI ifg_vf mm_red_rows(ifg_vf v0, ifg_vf v1, ifg_vf v2, ifg_vf v3) {
 #define MM_XS (MM_KB + 16) /* row stride of the x tile: not a multiple of 4 KiB (L1 sets) */
 #endif
 #define MM_ALIGN (4 * MM_NT) /* rows per thread are a multiple of this (except the last) */
-#define MM_GR 4              /* GEMV rows per step */
-
-/* ---- GEMV: R (= MM_GR or 1) rows starting at n, two accumulators per row. ---- */
-IFG_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int n, int K,
-                        int accumulate, const int R) {
-    ifg_vf a[MM_GR], b[MM_GR];
-    const size_t wb = (size_t)n * K;
-#pragma GCC unroll 16
-    for (int j = 0; j < R; j++) a[j] = b[j] = ifg_vzero();
-    int k = 0;
-    for (; k + 2 * MM_W <= K; k += 2 * MM_W) {
-        const ifg_vf x0 = ifg_vload(x + k), x1 = ifg_vload(x + k + MM_W);
-#pragma GCC unroll 16
-        for (int j = 0; j < R; j++) {
-            a[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
-            b[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k + MM_W), x1, b[j]);
-        }
-    }
-    if (k + MM_W <= K) {
-        const ifg_vf x0 = ifg_vload(x + k);
-#pragma GCC unroll 16
-        for (int j = 0; j < R; j++) a[j] = ifg_vfma(ifg_vload_w(w, wtype, wb + (size_t)j * K + k), x0, a[j]);
-        k += MM_W;
-    }
-    if (k < K) {
-        const int r = K - k;
-        const ifg_vf x1 = ifg_vload_n(x + k, r);
-#pragma GCC unroll 16
-        for (int j = 0; j < R; j++)
-            b[j] = ifg_vfma(ifg_vload_w_n(w, wtype, wb + (size_t)j * K + k, r), x1, b[j]);
-    }
-    float s[MM_GR];
-    if (R == 4) {
-        _mm_storeu_ps(s, ifg_hadd4(ifg_vfold(ifg_vadd(a[0], b[0])), ifg_vfold(ifg_vadd(a[1], b[1])),
-                                  ifg_vfold(ifg_vadd(a[2], b[2])), ifg_vfold(ifg_vadd(a[3], b[3]))));
-    } else {
-#pragma GCC unroll 16
-        for (int j = 0; j < R; j++) s[j] = ifg_hadd1(ifg_vfold(ifg_vadd(a[j], b[j])));
-    }
-#pragma GCC unroll 16
-    for (int j = 0; j < R; j++) y[n + j] = accumulate ? y[n + j] + s[j] : s[j];
-}
-
-IFG_AI void mm_gemv_rows_t(float *y, const float *x, const void *w, int wtype, int n0, int n1,
-                          int K, int accumulate) {
-    int n = n0;
-    for (; n + MM_GR <= n1; n += MM_GR) mm_gemv_tile(y, x, w, wtype, n, K, accumulate, MM_GR);
-    for (; n < n1; n++) mm_gemv_tile(y, x, w, wtype, n, K, accumulate, 1);
-}
-static void mm_gemv_rows_f32(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
-    mm_gemv_rows_t(y, x, w, IFG_F32, n0, n1, K, acc);
-}
-static void mm_gemv_rows_bf16(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
-    mm_gemv_rows_t(y, x, w, IFG_BF16, n0, n1, K, acc);
-}
-static void mm_gemv_rows_f16(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
-    mm_gemv_rows_t(y, x, w, IFG_F16, n0, n1, K, acc);
-}
+#ifndef MM_GR
+#define MM_GR 8              /* GEMV rows per step: 8 accumulator chains */
+#endif
 
 /* ---- GEMM ---- */
 /* Copy x rows t..t+tt, k in [k0, k1) to the aligned tile xp (row i at xp + i*MM_XS),
@@ -252,6 +198,48 @@ IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int 
     MM_STORE_TILE(acc)
 }
 
+/* ---- GEMV (T == 1): the GEMM's order with x read in place ----
+ * R rows from n (R = MM_GR, or 1 at the end), one accumulator each per k-block, reduced and added
+ * through y exactly as mm_gemm_tile does with one token (MM_STORE_TILE with TT = 1; x's masked
+ * tail loads the zeros the GEMM's padded x tile holds), so a row's outputs are bitwise the same
+ * whether it is decoded alone or verified in a batch (speculative decoding relies on it). */
+IFG_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int n0, int K, int accumulate,
+                         const int R) {
+    const int ldy = 0, t = 0, TT = 1;
+    for (int k0 = 0; k0 < K; k0 += MM_KB) {
+        const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
+        ifg_vf a[MM_GR][1];
+#pragma GCC unroll 16
+        for (int j = 0; j < R; j++) a[j][0] = ifg_vzero();
+        int k = k0;
+        for (; k + MM_W <= k1; k += MM_W) {
+            const ifg_vf xv = ifg_vload(x + k);
+#pragma GCC unroll 16
+            for (int j = 0; j < R; j++) a[j][0] = ifg_vfma(ifg_vload_w(w, wtype, (size_t)(n0 + j) * K + k), xv, a[j][0]);
+        }
+        if (k < k1) {
+            const ifg_vf xv = ifg_vload_n(x + k, k1 - k);
+#pragma GCC unroll 16
+            for (int j = 0; j < R; j++)
+                a[j][0] = ifg_vfma(ifg_vload_w_n(w, wtype, (size_t)(n0 + j) * K + k, k1 - k), xv, a[j][0]);
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r += MM_NT) { /* the GEMM's row tiles: MM_NT rows per store */
+            const int n = n0 + r, NT = R - r < MM_NT ? R - r : MM_NT;
+            ifg_vf acc[1][MM_NT];
+#pragma GCC unroll 16
+            for (int j = 0; j < NT; j++) acc[0][j] = a[r + j][0];
+            MM_STORE_TILE(acc)
+        }
+    }
+}
+
+static void mm_gemv_rows(float *y, const float *x, const void *w, int wtype, int n0, int n1, int K, int acc) {
+    int n = n0;
+    for (; n + MM_GR <= n1; n += MM_GR) mm_gemv_tile(y, x, w, wtype, n, K, acc, MM_GR);
+    for (; n < n1; n++) mm_gemv_tile(y, x, w, wtype, n, K, acc, 1);
+}
+
 /* All row tiles of [n0, ne) for the TTC tokens from t. */
 #define MM_NLOOP(TTC)                                                                            \
     do {                                                                                          \
@@ -285,10 +273,14 @@ IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const voi
             const int ne = n0 + MM_NB < r1 ? n0 + MM_NB : r1;
             for (int k0 = 0; k0 < K; k0 += MM_KB) {
                 const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
-                for (int t = t0; t < te; t += MM_TT) {
-                    const int tt = te - t < MM_TT ? te - t : MM_TT;
+                /* as few tiles as MM_TT allows, of balanced sizes: 8 tokens go as 4 + 4, not 6 + 2,
+                 * whose few accumulator chains cannot hide the FMA latency */
+                const int nt = (te - t0 + MM_TT - 1) / MM_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+                for (int i = 0, t = t0; i < nt; i++) {
+                    const int tt = base + (i < big);
                     mm_pack_x(xp, x, ldx, t, tt, k0, k1, RX);
                     MM_TSWITCH()
+                    t += tt;
                 }
             }
         }
@@ -327,9 +319,9 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
     }
     if (T == 1) {
         switch (wtype) {
-        case IFG_BF16: mm_gemv_rows_bf16(y, x, w, r0, r1, K, accumulate); break;
-        case IFG_F16: mm_gemv_rows_f16(y, x, w, r0, r1, K, accumulate); break;
-        default: mm_gemv_rows_f32(y, x, w, r0, r1, K, accumulate); break;
+        case IFG_BF16: mm_gemv_rows(y, x, w, IFG_BF16, r0, r1, K, accumulate); break;
+        case IFG_F16: mm_gemv_rows(y, x, w, IFG_F16, r0, r1, K, accumulate); break;
+        default: mm_gemv_rows(y, x, w, IFG_F32, r0, r1, K, accumulate); break;
         }
         return;
     }
@@ -411,14 +403,27 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
 
 void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                         int T, int N, int K, int accumulate, const struct ifg_xq *xq) {
+    ifg_matmul_part_xq_wait(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, xq, 1);
+}
+
+void ifg_matmul_part_xq_wait(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                             int T, int N, int K, int accumulate, const struct ifg_xq *xq, int wait) {
     if (T <= 0 || N <= 0) return; /* the same for every thread: no worksharing to skip */
     const int nc = mm_team();
-    IFG_FOR
-    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
-        int r0, r1;
-        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);
-        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
+#define MM_CHUNK_LOOP                                                                              \
+    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */                       \
+        int r0, r1;                                                                                \
+        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);                                \
+        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);                \
     }
+    if (wait) {
+        IFG_FOR
+        MM_CHUNK_LOOP
+    } else {
+        IFG_FOR_NOWAIT
+        MM_CHUNK_LOOP
+    }
+#undef MM_CHUNK_LOOP
 }
 
 void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T,

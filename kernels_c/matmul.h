@@ -32,8 +32,8 @@ void ifg_matmul_part(float *y, int ldy, const float *x, int ldx, const void *w, 
 
 /* Rows [r0, r1) of that product for T tokens, by the calling thread alone (what one thread of
  * ifg_matmul_part computes). r0 must be a multiple of ifg_matmul_row_align(wtype), and so must
- * r1 unless it is N. Each output comes out bit for bit as ifg_matmul_part computes it, provided
- * T > 1 in both (T == 1 is the GEMV path). */
+ * r1 unless it is N. Each output comes out bit for bit as ifg_matmul_part computes it, for any
+ * T in either (f32 / bf16 / f16 / bf16_dp: the GEMV sums in the GEMM's order). */
 void ifg_matmul_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                      int T, int r0, int r1, int K, int accumulate);
 /* The same with x already quantized for the products that quantize it (q8_0x16 / q4_0x16: quant.h's
@@ -43,6 +43,10 @@ void ifg_matmul_part_xq(float *y, int ldy, const float *x, int ldx, const void *
                         int T, int N, int K, int accumulate, const struct ifg_xq *xq);
 void ifg_matmul_rows_xq(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                         int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq);
+/* The same; wait == 0 leaves out the closing barrier: for a product whose output nothing reads
+ * before the next barrier (the forward pass's wq and wk ahead of wv, w_gate ahead of w_up). */
+void ifg_matmul_part_xq_wait(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                             int T, int N, int K, int accumulate, const struct ifg_xq *xq, int wait);
 int ifg_matmul_row_align(int wtype);
 /* IFG_BF16_DP rows [r0, r1) on AVX-512 BF16 (matmul_bf16dp.c; as ifg_matmul_rows). */
 void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1, int K,

@@ -463,3 +463,33 @@ def test_serve_load_cuts_a_stream_at_the_time_limit():
         assert not o.cut and not o.complete          # no limit: waits for the end (no [DONE]: incomplete)
     finally:
         srv.shutdown()
+
+
+def test_bf16_act_scenarios(monkeypatch, tmp_path, capsys):
+    """A scenario's `bf16_act` runs infeng's bf16 matrices in that form (labelled so; the engine's
+    model hands the kernels bf16_dp for "bf16"); a bad value or a non-bf16 model is one line."""
+    monkeypatch.setenv("INFENG_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    suite = tmp_path / "act.yaml"
+    suite.write_text("model: test-32k\ndtype: bf16\nthreads: 1\nrepeats: 1\nscenarios:\n"
+                     "  - {kind: prefill, tokens: 8, bf16_act: f32}\n  - {kind: prefill, tokens: 8, bf16_act: bf16}\n"
+                     "  - {kind: batch_decode, batch: 2, tokens: 3, bf16_act: bf16}\n")
+    seen = []
+    real = S.InfengRunner.engine
+
+    def engine(self, batch, ctx):
+        eng = real(self, batch, ctx)
+        seen.append(eng.model.kernel_weight("layers.0.wq")[0])
+        return eng
+    monkeypatch.setattr(S.InfengRunner, "engine", engine)
+    results, _ = S.run_suite(S.load_suite(suite))
+    assert [r.scenario.name for r in results if r.scenario.e2e] == ["pp8 f32-act", "pp8 bf16-act", "batch2 tg3 bf16-act"]
+    assert seen[0] == "bf16" and set(seen[1:]) == {"bf16_dp"}
+    suite.write_text("model: test-32k\ndtype: bf16\nscenarios:\n  - {kind: prefill, tokens: 8, bf16_act: fp8}\n")
+    assert main(["bench", "--suite", str(suite)]) == 1
+    suite.write_text("model: test-32k\ndtype: f32\nthreads: 1\nrepeats: 1\nscenarios:\n"
+                     "  - {kind: prefill, tokens: 8, bf16_act: bf16}\n")
+    assert main(["bench", "--suite", str(suite)]) == 1
+    err = capsys.readouterr().err
+    assert "`bf16_act` is one of f32, bf16" in err and "applies to bf16 matrices; the model has none (its layers are f32)" in err
+    assert "Traceback" not in err

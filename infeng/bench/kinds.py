@@ -92,6 +92,9 @@ class Attention(MicroKind):
 
 # ---- end to end: the model through a runner -----------------------------------------------------
 class E2EKind(Kind):
+    """``bf16_act: f32|bf16`` (optional, bf16 models only): how infeng's bf16 matrices multiply their
+    input in this scenario (INFENG_BF16_ACT's choice, per scenario); its label says which, so one
+    suite measures both forms side by side with the same peers."""
     unit, e2e = "tok/s", True
 
     @abstractmethod
@@ -114,7 +117,7 @@ class Prefill(E2EKind):
     name, required, bound = "prefill", ("tokens",), "compute"
 
     def label(self, p):
-        return f"pp{p['tokens']}"
+        return f"pp{p['tokens']}" + act_label(p)
 
     def positions(self, p):
         return p["tokens"]
@@ -128,7 +131,7 @@ class Decode(E2EKind):
     name, required = "decode", ("tokens",)
 
     def label(self, p):
-        return f"tg{p['tokens']}@d{p.get('depth', 0)}"
+        return f"tg{p['tokens']}@d{p.get('depth', 0)}" + act_label(p)
 
     def positions(self, p):
         return p.get("depth", 0) + p["tokens"]
@@ -146,7 +149,7 @@ class BatchDecode(E2EKind):
     PROMPT = 16
 
     def label(self, p):
-        return f"batch{p['batch']} tg{p['tokens']}"
+        return f"batch{p['batch']} tg{p['tokens']}" + act_label(p)
 
     def positions(self, p):
         return self.PROMPT + p["tokens"]
@@ -157,6 +160,10 @@ class BatchDecode(E2EKind):
 
     def decode_shape(self, p):
         return p["batch"], self.PROMPT + p["tokens"] / 2
+
+
+def act_label(p: dict[str, Any]) -> str:
+    return f" {p['bf16_act']}-act" if "bf16_act" in p else ""
 
 
 def prompt(vocab: int, n: int, seed: int) -> list[int]:

@@ -15,6 +15,7 @@ A suite file:
       - {kind: prefill, tokens: 512}                   # pp512 (tok/s)
       - {kind: decode, tokens: 128, depth: 1024}       # tg128 after a 1024-token prompt (tok/s)
       - {kind: batch_decode, batch: 8, tokens: 32}     # aggregate tok/s of 8 sequences
+      - {kind: prefill, tokens: 512, bf16_act: bf16}   # bf16 weights × x rounded to bf16 (default f32)
 
 Each kind is a class in ``infeng.bench.kinds`` (unit, required parameters, label, how it runs); a
 file with a top-level ``kind`` instead runs one comparison of ``infeng.bench.comparisons``.
@@ -26,6 +27,7 @@ measured in the same run (a bandwidth scenario is added when the suite has none)
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -111,6 +113,9 @@ def load_suite(path: str | Path) -> Suite | comparisons.ComparisonSuite:
         missing = [k for k in KINDS[kind].required if k not in params]
         if missing:
             raise InfengError(f"{p}: scenario {i + 1} ({kind}) needs {', '.join(missing)}")
+        if "bf16_act" in params and (not KINDS[kind].e2e or params["bf16_act"] not in kernels.BF16_ACT):
+            raise InfengError(f"{p}: scenario {i + 1} ({kind}): `bf16_act` is one of "
+                              f"{', '.join(kernels.BF16_ACT)}, for the end-to-end kinds only")
         s.scenarios.append(Scenario(kind, params))
     return s
 
@@ -135,15 +140,17 @@ class InfengRunner:
 
     def __init__(self, model, threads: int, isa: str | None = None):
         self.model, self.threads, self.isa = model, threads, isa
-        self._engines: dict[tuple[int, int], Any] = {}
+        self._engines: dict[tuple[int, int, str | None], Any] = {}
         self.last_overhead_us: float | None = None
+        self.bf16_act: str | None = None               # the scenario's, else the model's / INFENG_BF16_ACT
 
     def engine(self, batch: int, ctx: int):
         ctx = min(self.model.config.max_seq_len, max(16, -(-ctx // 16) * 16))
-        key = (batch, ctx)
+        key = (batch, ctx, self.bf16_act)
         if key not in self._engines:
             self._engines.clear()                       # one KV pool at a time
-            self._engines[key] = Engine(self.model, threads=self.threads, max_batch=batch,
+            model = dataclasses.replace(self.model, bf16_act=self.bf16_act) if self.bf16_act else self.model
+            self._engines[key] = Engine(model, threads=self.threads, max_batch=batch,
                                         max_batch_tokens=max(512, batch), max_seq_len=ctx, isa=self.isa,
                                         detokenize=False, prefix_cache=False)
         return self._engines[key]
@@ -203,6 +210,10 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
     scenarios = with_bandwidth(suite.scenarios)
     vocab = model.config.vocab_size if model is not None else 0
     max_ctx = 0
+    acts = [s.name for s in e2e if "bf16_act" in s.params]
+    if acts and not any(dt == "bf16" for dt, _ in model.tensors.values()):
+        raise InfengError(f"scenario {acts[0]}: `bf16_act` applies to bf16 matrices; the model has none "
+                          f"(its layers are {model.weight_dtype})")
     for s in e2e:
         need = s.spec.positions(s.params)
         if need > model.config.max_seq_len:
@@ -258,6 +269,8 @@ def run_suite(suite: Suite, *, isa: str | None = None, on_step: Callable[[str], 
                 res = rs[id(x)]
                 if res.skipped:
                     continue
+                if isinstance(x, InfengRunner):
+                    x.bf16_act = p.get("bf16_act")
                 try:
                     w0, c0, k0 = time.perf_counter(), time.process_time(), probes.clock()
                     tokens, dt = s.spec.run(x, p, vocab, seed=rep)
