@@ -86,81 +86,85 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     __m512 acc[XT][XG1];
     const size_t bb = xg_block_bytes(wtype);
     const int ldq = xt->ldq, ldd = xt->ldd, pf = PF && i0 == 0 ? xt->pf : 0;
-    for (int b0 = 0; b0 < nb; b0 += XG_KB) { /* k tiles: each one's sum goes into y */
+#define XG_STORE(ADD)                                                                             \
+    _Pragma("GCC unroll 8") for (int i = 0; i < TT; i++)                                          \
+        _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) {                                     \
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;                             \
+            _mm512_storeu_ps(yo, (ADD) ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]); \
+            acc[i][g] = _mm512_setzero_ps();                                                      \
+        }
 #pragma GCC unroll 8
-        for (int i = 0; i < TT; i++)
+    for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
-        for (int b = b0, b1 = b0 + XG_KB < nb ? b0 + XG_KB : nb; b < b1; b++) {
-            const uint8_t *blk[XG1];
-            __m512i ia[XT][XG1];
+        for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk[XG1];
+        __m512i ia[XT][XG1];
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
-            X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
+        for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
+        X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
 #pragma GCC unroll 8
-            for (int i = 0; i < TT; i++) {
-                const __m512i o = _mm512_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
+        for (int i = 0; i < TT; i++) {
+            const __m512i o = _mm512_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
 #pragma GCC unroll 8
-                for (int g = 0; g < G; g++) ia[i][g] = o;
-            }
-            const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
-            if (wtype == IFG_Q8_0X16) {
+            for (int g = 0; g < G; g++) ia[i][g] = o;
+        }
+        const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
+        if (wtype == IFG_Q8_0X16) {
 #pragma GCC unroll 8
-                for (int c = 0; c < 8; c++) {
-                    __m512i u[XG1];
+            for (int c = 0; c < 8; c++) {
+                __m512i u[XG1];
 #pragma GCC unroll 8
-                    for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * c));
-                    X16_PREFETCH(blk, 64 * c);
-#pragma GCC unroll 8
-                    for (int i = 0; i < TT; i++) {
-                        const __m512i xv = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
-#pragma GCC unroll 8
-                        for (int g = 0; g < G; g++) ia[i][g] = _mm512_dpbusd_epi32(ia[i][g], u[g], xv);
-                    }
-                }
-            } else {
-                const __m512i m = _mm512_set1_epi8(0x0F);
-#pragma GCC unroll 4
-                for (int v = 0; v < 4; v++) {
-                    __m512i lo[XG1], hi[XG1];
-                    X16_PREFETCH(blk, 64 * v);
-#pragma GCC unroll 8
-                    for (int g = 0; g < G; g++) {
-                        const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + XG_QOFF(wtype) + 64 * v));
-                        lo[g] = _mm512_and_si512(raw, m);
-                        hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
-                    }
-#pragma GCC unroll 8
-                    for (int i = 0; i < TT; i++) {
-                        const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
-                        const __m512i xh = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
-#pragma GCC unroll 8
-                        for (int g = 0; g < G; g++)
-                            ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
-                    }
-                }
-            }
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk[g]));
+                for (int g = 0; g < G; g++) u[g] = _mm512_loadu_si512((const void *)(blk[g] + 32 + 64 * c));
+                X16_PREFETCH(blk, 64 * c);
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const float dx = xt->d[(i0 + i) * ldd + b];
-                    acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[i][g]);
-                    if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
-                        acc[i][g] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk[g] + 32))),
-                                                    _mm512_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][g]);
+                    const __m512i xv = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) ia[i][g] = _mm512_dpbusd_epi32(ia[i][g], u[g], xv);
+                }
+            }
+        } else {
+            const __m512i m = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                __m512i lo[XG1], hi[XG1];
+                X16_PREFETCH(blk, 64 * v);
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + XG_QOFF(wtype) + 64 * v));
+                    lo[g] = _mm512_and_si512(raw, m);
+                    hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m512i xh = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++)
+                        ia[i][g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[i][g], lo[g], xl), hi[g], xh);
                 }
             }
         }
 #pragma GCC unroll 8
-        for (int i = 0; i < TT; i++)
+        for (int g = 0; g < G; g++) {
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk[g]));
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;
-                _mm512_storeu_ps(yo, add || b0 > 0 ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
+            for (int i = 0; i < TT; i++) {
+                const float dx = xt->d[(i0 + i) * ldd + b];
+                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[i][g]);
+                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                    acc[i][g] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk[g] + 32))),
+                                                _mm512_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][g]);
             }
+        }
+        if ((b + 1) % XG_KB == 0 && b + 1 < nb) { /* a k tile's end: its sum into y, as a cut call does */
+            XG_STORE(add);
+            add = 1;
+        }
     }
+    XG_STORE(add);
+#undef XG_STORE
 }
 #else /* AVX2 */
 #define XG_OFF(wtype) ((wtype) == IFG_Q4_0X16 ? 8 : 0)
@@ -173,86 +177,90 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     const size_t bb = xg_block_bytes(wtype);
     const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int b0 = 0; b0 < nb; b0 += XG_KB) { /* k tiles: each one's sum goes into y */
+#define XG_STORE(ADD)                                                                             \
+    _Pragma("GCC unroll 8") for (int i = 0; i < TT; i++)                                          \
+        _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) {                                     \
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;                              \
+            _mm256_storeu_ps(yo, (ADD) ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]); \
+            acc[i][h] = _mm256_setzero_ps();                                                      \
+        }
 #pragma GCC unroll 8
-        for (int i = 0; i < TT; i++)
+    for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
-            for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
-        for (int b = b0, b1 = b0 + XG_KB < nb ? b0 + XG_KB : nb; b < b1; b++) {
-            const uint8_t *blk[XG1];
-            __m256i ia[XT][2 * XG1];
+        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk[XG1];
+        __m256i ia[XT][2 * XG1];
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
-            X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
+        for (int g = 0; g < G; g++) blk[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * bb;
+        X16_PREFETCH(blk, bb - 1); /* the block's last line; the loads below prefetch the rest */
 #pragma GCC unroll 8
-            for (int i = 0; i < TT; i++) {
-                const __m256i o = _mm256_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
+        for (int i = 0; i < TT; i++) {
+            const __m256i o = _mm256_set1_epi32(-XG_OFF(wtype) * xt->s[(i0 + i) * ldd + b]);
 #pragma GCC unroll 8
-                for (int h = 0; h < H; h++) ia[i][h] = o;
-            }
-            const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
-            if (wtype == IFG_Q8_0X16) {
-                for (int c = 0; c < 8; c++) {
-                    __m256i ws[2 * XG1], aw[2 * XG1];
-                    X16_PREFETCH(blk, 64 * c);
+            for (int h = 0; h < H; h++) ia[i][h] = o;
+        }
+        const int8_t *xb = xt->q + (size_t)i0 * ldq + b * IFG_QK;
+        if (wtype == IFG_Q8_0X16) {
+            for (int c = 0; c < 8; c++) {
+                __m256i ws[2 * XG1], aw[2 * XG1];
+                X16_PREFETCH(blk, 64 * c);
 #pragma GCC unroll 8
-                    for (int h = 0; h < H; h++) {
-                        const __m256i u = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * c + 32 * (h % 2)));
-                        ws[h] = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80));
-                        aw[h] = _mm256_abs_epi8(ws[h]);
-                    }
-#pragma GCC unroll 8
-                    for (int i = 0; i < TT; i++) {
-                        const __m256i xv = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
-#pragma GCC unroll 8
-                        for (int h = 0; h < H; h++)
-                            ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, ws[h])), ones));
-                    }
+                for (int h = 0; h < H; h++) {
+                    const __m256i u = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + 32 + 64 * c + 32 * (h % 2)));
+                    ws[h] = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80));
+                    aw[h] = _mm256_abs_epi8(ws[h]);
                 }
-            } else {
-                const __m256i m = _mm256_set1_epi8(0x0F);
-                for (int v = 0; v < 4; v++) {
-                    __m256i lo[2 * XG1], hi[2 * XG1];
-                    X16_PREFETCH(blk, 64 * v);
-#pragma GCC unroll 8
-                    for (int h = 0; h < H; h++) {
-                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + XG_QOFF(wtype) + 64 * v + 32 * (h % 2)));
-                        lo[h] = _mm256_and_si256(raw, m);
-                        hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
-                    }
-#pragma GCC unroll 8
-                    for (int i = 0; i < TT; i++) {
-                        const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
-                        const __m256i xh = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
-#pragma GCC unroll 8
-                        for (int h = 0; h < H; h++)
-                            ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(_mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)), ones));
-                    }
-                }
-            }
-#pragma GCC unroll 8
-            for (int h = 0; h < H; h++) {
-                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 16 * (h % 2))));
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
-                    const float dx = xt->d[(i0 + i) * ldd + b];
-                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[i][h]);
-                    if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
-                        acc[i][h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 32 + 16 * (h % 2)))),
-                                                    _mm256_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][h]);
+                    const __m256i xv = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 4 * c));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++)
+                        ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, ws[h])), ones));
+                }
+            }
+        } else {
+            const __m256i m = _mm256_set1_epi8(0x0F);
+            for (int v = 0; v < 4; v++) {
+                __m256i lo[2 * XG1], hi[2 * XG1];
+                X16_PREFETCH(blk, 64 * v);
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + XG_QOFF(wtype) + 64 * v + 32 * (h % 2)));
+                    lo[h] = _mm256_and_si256(raw, m);
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < TT; i++) {
+                    const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v));
+                    const __m256i xh = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + 8 * v + 4));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++)
+                        ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(_mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)), ones));
                 }
             }
         }
 #pragma GCC unroll 8
-        for (int i = 0; i < TT; i++)
+        for (int h = 0; h < H; h++) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 16 * (h % 2))));
 #pragma GCC unroll 8
-            for (int h = 0; h < H; h++) {
-                float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
-                _mm256_storeu_ps(yo, add || b0 > 0 ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+            for (int i = 0; i < TT; i++) {
+                const float dx = xt->d[(i0 + i) * ldd + b];
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[i][h]);
+                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 32 + 16 * (h % 2)))),
+                                                _mm256_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][h]);
             }
+        }
+        if ((b + 1) % XG_KB == 0 && b + 1 < nb) { /* a k tile's end: its sum into y, as a cut call does */
+            XG_STORE(add);
+            add = 1;
+        }
     }
+    XG_STORE(add);
+#undef XG_STORE
 }
 #endif
 
