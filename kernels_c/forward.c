@@ -24,28 +24,37 @@ static void mm(float *y, int ldy, const float *x, int ldx, const struct ifg_weig
  * when one of them is an int8-activation product that takes it (q8_0x16 / q4_0x16 / q4_kx16 and
  * the GGUF types', quant_gguf.h) or has an int8 adapter in this batch (lora.h),
  * which would each round x in every thread (the threads split the rows of W, so each needs all
- * of x) or in every shrink unit otherwise: the same int8 values, computed once. Returns the
- * quantized x, or NULL (no scratch, or nothing that reads it). */
+ * of x) or in every shrink unit otherwise: the same int8 values, computed once. The shrinks of
+ * the projections' adapters (x·Aᵀ) run in the same worksharing loop: adapters add no barrier.
+ * Returns the quantized x, or NULL (no scratch, or nothing that reads it). */
 static const struct ifg_xq *quant_input(struct ifg_xq *xq, const struct ifg_scratch *s, const float *x, int ldx,
                                         int T, int K, const struct ifg_layer *L, const struct ifg_lora_batch *lb,
                                         int l, int p0, int n) {
     const struct ifg_weight *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
-    int any = 0;
+    const struct ifg_lora *sel[IFG_LORA_SETS][IFG_LORA_MAX_SEG];
+    const struct ifg_lora *const *sels[IFG_LORA_SETS];
+    int any = 0, adapted = 0;
     for (int p = p0; p < p0 + n; p++) {
         any |= ifg_is_qx16(w[p]->dtype) || ifg_is_qkx16(w[p]->dtype) || ifg_quant_gguf_takes_xq(w[p]->dtype);
+        sels[p - p0] = sel[p - p0];
         for (int i = 0; lb && i < lb->n_seg; i++) {
-            const struct ifg_lora *a = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
+            const struct ifg_lora *a = sel[p - p0][i] = lb->seg[i] ? lb->seg[i][l * 7 + p] : NULL;
             any |= a && a->a_dtype == IFG_LORA_I8 && lb->seg_start[i + 1] > lb->seg_start[i];
+            adapted |= a != NULL;
         }
     }
-    if (!s->xq || !any || K % IFG_QK) return NULL;
-    xq->q = s->xq;
-    xq->d = s->xq_d;
-    xq->s = s->xq_s;
-    xq->ldq = K;
-    xq->ldd = K / IFG_QK;
-    ifg_quantize_x_part(xq, x, ldx, T, K);
-    return xq;
+    const int use = s->xq && any && K % IFG_QK == 0;
+    if (use) {
+        xq->q = s->xq;
+        xq->d = s->xq_d;
+        xq->s = s->xq_s;
+        xq->ldq = K;
+        xq->ldd = K / IFG_QK;
+    }
+    if (adapted) ifg_lora_shrink_group_part(lb->h, lb->max_rank, x, ldx, T, K, sels, n, lb->seg_start, lb->n_seg,
+                                            use ? xq : NULL);
+    else if (use) ifg_quantize_x_part(xq, x, ldx, T, K);
+    return use ? xq : NULL;
 }
 
 const char *ifg_op_name(int op) {
@@ -96,12 +105,13 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
 }
 
 /* A projection of layer l (p: 0..6 = wq wk wv wo w_gate w_up w_down) over all T rows, with the
- * low-rank part of each row segment's adapter added in the same pass (lora.h). The base weights
- * are read once for the batch. wq, wk and w_gate end without a barrier when nothing looks at
- * their output before the next projection's (no adapter, no trace, no per-op timing): their
- * siblings read the same input and write other buffers. */
+ * low-rank part of each row segment's adapter added in the same pass (lora.h), its shrink done
+ * by quant_input as the j-th of its group. The base weights are read once for the batch. wq, wk
+ * and w_gate end without a barrier when nothing looks at their output before the next
+ * projection's (no adapter, no trace, no per-op timing): their siblings read the same input and
+ * write other buffers. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
-                 int acc, const struct ifg_lora_batch *lb, int l, int p, const struct ifg_xq *xq,
+                 int acc, const struct ifg_lora_batch *lb, int l, int p, int j, const struct ifg_xq *xq,
                  const struct ifg_scratch *s) {
     const struct ifg_lora *sel[IFG_LORA_MAX_SEG];
     int any = 0;
@@ -113,8 +123,8 @@ static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_we
     if (!any)
         ifg_matmul_part_xq_wait(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, xq, wait);
     else
-        ifg_lora_matmul_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel,
-                             lb->seg_start, lb->n_seg, lb->h, lb->max_rank, lb->tmp, xq);
+        ifg_lora_project_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel, lb->seg_start,
+                              lb->n_seg, ifg_lora_h_set(lb->h, lb->max_rank, T, w->cols, j), lb->max_rank, lb->tmp, xq);
 }
 
 /* y[t][0..n) += b for T rows at stride ld. */
@@ -160,11 +170,11 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             TIME(l, IFG_OP_ATTN_NORM); TRACE(l, IFG_OP_ATTN_NORM, s->xb, dim);
             struct ifg_xq xqs;
             const struct ifg_xq *xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 0, 3);
-            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, xq, s);
+            proj(s->q, q_dim, s->xb, dim, &L->wq, T, 0, lb, l, 0, 0, xq, s);
             TIME(l, IFG_OP_WQ); TRACE(l, IFG_OP_WQ, s->q, q_dim);
-            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, xq, s);
+            proj(s->k, kv_dim, s->xb, dim, &L->wk, T, 0, lb, l, 1, 1, xq, s);
             TIME(l, IFG_OP_WK); TRACE(l, IFG_OP_WK, s->k, kv_dim);
-            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, xq, s);
+            proj(s->v, kv_dim, s->xb, dim, &L->wv, T, 0, lb, l, 2, 2, xq, s);
             TIME(l, IFG_OP_WV); TRACE(l, IFG_OP_WV, s->v, kv_dim);
             if (L->q_bias) add_bias_part(s->q, q_dim, L->q_bias, T, q_dim);
             if (L->k_bias) add_bias_part(s->k, kv_dim, L->k_bias, T, kv_dim);
@@ -199,21 +209,21 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
             }
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
-            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, xq, s);
+            proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, 0, xq, s);
             TIME(l, IFG_OP_WO); TRACE(l, IFG_OP_WO, s->x, dim);
 
             /* MLP block: x += w_down · (silu(w_gate·norm(x)) * w_up·norm(x)) */
             ifg_rmsnorm_part(s->xb, s->x, L->ffn_norm, T, dim, m->norm_eps);
             TIME(l, IFG_OP_FFN_NORM); TRACE(l, IFG_OP_FFN_NORM, s->xb, dim);
             xq = quant_input(&xqs, s, s->xb, dim, T, dim, L, lb, l, 4, 2);
-            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, xq, s);
+            proj(s->hb, hidden, s->xb, dim, &L->w_gate, T, 0, lb, l, 4, 0, xq, s);
             TIME(l, IFG_OP_W_GATE); TRACE(l, IFG_OP_W_GATE, s->hb, hidden);
-            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, xq, s);
+            proj(s->hb2, hidden, s->xb, dim, &L->w_up, T, 0, lb, l, 5, 1, xq, s);
             TIME(l, IFG_OP_W_UP); TRACE(l, IFG_OP_W_UP, s->hb2, hidden);
             ifg_silu_mul_part(s->hb, s->hb2, (size_t)T * hidden);
             TIME(l, IFG_OP_SILU_MUL); TRACE(l, IFG_OP_SILU_MUL, s->hb, hidden);
             xq = quant_input(&xqs, s, s->hb, hidden, T, hidden, L, lb, l, 6, 1);
-            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, xq, s);
+            proj(s->x, dim, s->hb, hidden, &L->w_down, T, 1, lb, l, 6, 0, xq, s);
             TIME(l, IFG_OP_W_DOWN); TRACE(l, IFG_OP_W_DOWN, s->x, dim);
         }
         /* logits only for the rows asked for (the last token of each prefill chunk) */

@@ -47,7 +47,7 @@ void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,
                     const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                     float *h, int max_rank, int n_threads);
 /* Rows of the scratch h for T rows and input width K. */
-int ifg_lora_h_rows(int T, int K);
+int ifg_lora_h_rows(int T, int K); /* room for IFG_LORA_SETS projections' partial sums */
 
 /* The base projection and the low-rank part in one pass: y (=|+=) x·Wᵀ (W as ifg_matmul takes
  * it), then each segment's adapter as ifg_lora_apply adds it. Each thread adds the low-rank
@@ -83,6 +83,22 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
                           int T, int N, int K, int accumulate,
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
+/* ifg_lora_matmul_part after phase 1 was done (by ifg_lora_shrink_group_part): the base
+ * projection with the expand, and no barrier of the adapters' own. */
+void ifg_lora_project_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                           int T, int N, int K, int accumulate,
+                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
+/* Phase 1 of the n <= IFG_LORA_SETS projections that share the input x [T][K] (wq wk wv, w_gate
+ * w_up, or one; sel[j]: projection j's adapter per segment) and x rounded into xq (NULL: not),
+ * in one worksharing loop and its one barrier: the one the base's rounding of x takes anyway,
+ * so adapters add no barrier to a step. Projection j's partial sums go to
+ * ifg_lora_h_set(h, ldh, T, K, j). */
+#define IFG_LORA_SETS 3
+void ifg_lora_shrink_group_part(float *h, int ldh, const float *x, int ldx, int T, int K,
+                                const struct ifg_lora *const *const *sel, int n, const int32_t *seg_start, int n_seg,
+                                const struct ifg_xq *xq);
+float *ifg_lora_h_set(float *h, int ldh, int T, int K, int j);
 /* Phase 1, the partial sums of x·Aᵀ per k-chunk for every adapted row (worksharing loop, ends
  * in a barrier). xq: x already rounded per 32-block (ifg_quantize_x_part), which int8 adapters
  * then read instead of rounding their rows of x themselves; or NULL. */

@@ -14,7 +14,8 @@
  * segment uses each Bᵀ weight for hundreds of rows, so there a run of Bᵀ is converted to f32
  * once into a stack buffer that every token tile reads (LO_CONV_ROWS rows and up); the values
  * and the order of the sums are the same either way. Every output's summation order depends
- * only on K, rank and the tile shapes the batch fixes, never on the thread. */
+ * only on K and the rank: never on the thread, nor on the rows beside it in its segment or
+ * batch. */
 #include "lora_tiles.h"
 #include "quant.h"
 #include "simd.h"
@@ -136,20 +137,26 @@ IFG_AI void lo_pf(const void *p, const int bytes) {
  * on it once per call), so the inner loops carry no dtype dispatch. */
 
 /* Shrink tile: TT tokens from t × RV rank vectors from rank i0 (the last holding rl <= W ranks),
- * over k in [k0, k1): per k one A load per rank vector, TT broadcasts of x, TT·RV FMAs. With
- * few tokens that is too few independent FMA chains to hide the FMA latency (a decode tile of
- * 2 tokens ran at one k per 4 cycles, 11 GB/s of int8 A per thread), so KU interleaved sets
- * of accumulators take k, k+1, ... in turn and are added at the end: the summation order is
- * then a function of the tile shape, which the batch fixes (not the threads). */
-#define LO_KU(TT, RV) ((TT) * (RV) >= 8 ? 1 : (TT) * (RV) >= 4 ? 2 : 4)
+ * over k in [k0, k1): per k one A load per rank vector, TT broadcasts of x, TT·RV FMAs. A
+ * decode tile of one or two tokens has too few independent FMA chains to hide the FMA latency
+ * (it ran at one k per 4 cycles), so KU interleaved sets of accumulators take k, k+1, ... in
+ * turn and are added at the end. KU depends on RV alone (the adapter's rank), never on TT: a
+ * row's sums are then the same whatever the number of rows in its segment, as speculative
+ * verification and batching need; the token tiles are sized so that KU·TT·RV accumulators fit
+ * in the registers (LO_ST). */
+#if defined(IFG_AVX512)
+#define LO_KU(RV) ((RV) <= 2 ? 4 : 2)
+#else
+#define LO_KU(RV) ((RV) == 1 ? 4 : 2)
+#endif
 IFG_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const void *a, int R,
                           int k0, int k1, int t, int i0, int rl, const int TT, const int RV, const int DT,
                           const int FULL) {
-    const int KU = LO_KU(TT, RV);
+    const int KU = LO_KU(RV);
     const size_t rs = (size_t)R * LO_ES(DT); /* bytes per k of A */
     const char *ap = (const char *)a + ((size_t)k0 * R + i0) * LO_ES(DT);
     const float *xr = x + (size_t)t * ldx + k0;
-    ifg_vf acc[4][12][LO_RV];
+    ifg_vf acc[4][6][LO_RV];
 #pragma GCC unroll 4
     for (int u = 0; u < KU; u++)
 #pragma GCC unroll 12
@@ -188,11 +195,12 @@ IFG_AI void lo_shrink_tile(float *hp, int ldh, const float *x, int ldx, const vo
         }
 }
 
-/* Tokens per shrink tile for RV rank vectors: as many accumulators as the registers allow. */
+/* Tokens per shrink tile for RV rank vectors: LO_KU(RV)·TT·RV accumulators, as many as the
+ * registers allow (24 of 32 / 12 of 16). */
 #if defined(IFG_AVX512)
-#define LO_ST(RV) ((RV) == 1 ? 12 : (RV) == 2 ? 6 : (RV) == 3 ? 4 : 3)
+#define LO_ST(RV) ((RV) == 1 ? 6 : (RV) == 2 ? 3 : (RV) == 3 ? 4 : 3)
 #else
-#define LO_ST(RV) ((RV) == 1 ? 12 : 6)
+#define LO_ST(RV) 3
 #endif
 
 /* Rows [t0, t1) × RV rank vectors from i0: full tiles, then the remainder in tiles of 8/4/2/1. */

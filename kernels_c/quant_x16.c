@@ -17,14 +17,17 @@
  *    int16 lane for the low + high sum: no saturation), q4_0 with the -8 * sum(x) start.
  *  - scalar: plain loops over the same layout.
  * A group's outputs are 16 consecutive floats of y: no horizontal sums. Each output's
- * summation order depends only on T == 1 or not and on K (blocks in order, k-tiles through y),
- * never on the thread or tile that computes it: results are bitwise identical for any thread
- * count. */
+ * summation order depends only on K: per X16_K-wide k tile a sum from zero over its blocks in
+ * order, the tiles added into y in order. A call that takes K whole (decode, small batches)
+ * stores each tile's sum as a call cut into k tiles does, so a row has the same bits whatever
+ * the number of rows beside it (speculative verification and batching depend on it) and for
+ * any thread count. */
 #include "quant_k.h"
 #include "quant_x16.h"
 #include "quant_gguf.h"
 
 #define XG_EPI 128              /* rows per epilogue call: a token tile's y rows stay in L1/L2 */
+#define XG_KB (X16_K / IFG_QK)  /* blocks per k tile: each tile's sum goes into y on its own */
 
 static inline size_t xg_block_bytes(int wtype) {
     return wtype == IFG_Q8_0X16 ? 544 : wtype == IFG_Q4_1X16 ? 320 : 288;
@@ -41,28 +44,30 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
         const int r = n % 16;
         const uint8_t *wg = w + (size_t)(n / 16) * gstride;
         for (int i = 0; i < tt; i++) {
-            float acc = 0.0f;
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = wg + (size_t)b * bb;
-                const int8_t *xq = xt->q + (size_t)i * xt->ldq + b * IFG_QK;
-                uint16_t h, hm;
-                memcpy(&h, blk + 2 * r, 2);
-                int32_t s = 0;
-                for (int k = 0; k < IFG_QK; k++) {
-                    const int wv = wtype == IFG_Q8_0X16 ? (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128
-                                 : wtype == IFG_Q4_1X16 ? x16_nibble(blk + 64, r, k)
-                                                        : x16_nibble(blk + 32, r, k) - 8;
-                    s += wv * xq[k];
+            for (int b0 = 0; b0 < nb; b0 += XG_KB) {
+                float acc = 0.0f;
+                for (int b = b0, b1 = b0 + XG_KB < nb ? b0 + XG_KB : nb; b < b1; b++) {
+                    const uint8_t *blk = wg + (size_t)b * bb;
+                    const int8_t *xq = xt->q + (size_t)i * xt->ldq + b * IFG_QK;
+                    uint16_t h, hm;
+                    memcpy(&h, blk + 2 * r, 2);
+                    int32_t s = 0;
+                    for (int k = 0; k < IFG_QK; k++) {
+                        const int wv = wtype == IFG_Q8_0X16 ? (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128
+                                     : wtype == IFG_Q4_1X16 ? x16_nibble(blk + 64, r, k)
+                                                            : x16_nibble(blk + 32, r, k) - 8;
+                        s += wv * xq[k];
+                    }
+                    const float dx = xt->d[i * xt->ldd + b];
+                    acc += (float)s * (ifg_f16_to_f32(h) * dx);
+                    if (wtype == IFG_Q4_1X16) { /* + m * sum(x) */
+                        memcpy(&hm, blk + 32 + 2 * r, 2);
+                        acc += ifg_f16_to_f32(hm) * (dx * (float)xt->s[i * xt->ldd + b]);
+                    }
                 }
-                const float dx = xt->d[i * xt->ldd + b];
-                acc += (float)s * (ifg_f16_to_f32(h) * dx);
-                if (wtype == IFG_Q4_1X16) { /* + m * sum(x) */
-                    memcpy(&hm, blk + 32 + 2 * r, 2);
-                    acc += ifg_f16_to_f32(hm) * (dx * (float)xt->s[i * xt->ldd + b]);
-                }
+                float *yo = y + (size_t)(t + i) * ldy + n;
+                *yo = add || b0 > 0 ? *yo + acc : acc;
             }
-            float *yo = y + (size_t)(t + i) * ldy + n;
-            *yo = add ? *yo + acc : acc;
         }
     }
     if (epi && n0 < n1) epi->fn(epi, y, ldy, t, t + tt, n0, n1);
@@ -81,6 +86,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     __m512 acc[XT][XG1];
     const size_t bb = xg_block_bytes(wtype);
     const int ldq = xt->ldq, ldd = xt->ldd, pf = PF && i0 == 0 ? xt->pf : 0;
+#define XG_STORE(ADD)                                                                             \
+    _Pragma("GCC unroll 8") for (int i = 0; i < TT; i++)                                          \
+        _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) {                                     \
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;                             \
+            _mm512_storeu_ps(yo, (ADD) ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]); \
+            acc[i][g] = _mm512_setzero_ps();                                                      \
+        }
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
@@ -146,14 +158,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                                                 _mm512_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][g]);
             }
         }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < TT; i++)
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) {
-            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 16 * g;
-            _mm512_storeu_ps(yo, add ? _mm512_add_ps(_mm512_loadu_ps(yo), acc[i][g]) : acc[i][g]);
+        if ((b + 1) % XG_KB == 0 && b + 1 < nb) { /* a k tile's end: its sum into y, as a cut call does */
+            XG_STORE(add);
+            add = 1;
         }
+    }
+    XG_STORE(add);
+#undef XG_STORE
 }
 #else /* AVX2 */
 #define XG_OFF(wtype) ((wtype) == IFG_Q4_0X16 ? 8 : 0)
@@ -166,6 +177,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
     const size_t bb = xg_block_bytes(wtype);
     const int ldq = xt->ldq, ldd = xt->ldd, H = 2 * G, pf = PF && i0 == 0 ? xt->pf : 0;
     const __m256i ones = _mm256_set1_epi16(1);
+#define XG_STORE(ADD)                                                                             \
+    _Pragma("GCC unroll 8") for (int i = 0; i < TT; i++)                                          \
+        _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) {                                     \
+            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;                              \
+            _mm256_storeu_ps(yo, (ADD) ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]); \
+            acc[i][h] = _mm256_setzero_ps();                                                      \
+        }
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 8
@@ -236,14 +254,13 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                                                 _mm256_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][h]);
             }
         }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < TT; i++)
-#pragma GCC unroll 8
-        for (int h = 0; h < H; h++) {
-            float *yo = y + (size_t)(t + i0 + i) * ldy + n + 8 * h;
-            _mm256_storeu_ps(yo, add ? _mm256_add_ps(_mm256_loadu_ps(yo), acc[i][h]) : acc[i][h]);
+        if ((b + 1) % XG_KB == 0 && b + 1 < nb) { /* a k tile's end: its sum into y, as a cut call does */
+            XG_STORE(add);
+            add = 1;
         }
+    }
+    XG_STORE(add);
+#undef XG_STORE
 }
 #endif
 

@@ -247,11 +247,15 @@ def test_scenario_int8_adapters_on_a_q8_0_base(tmp_path, data_dir, monkeypatch):
     np.testing.assert_array_equal(logits[0], logits[1])
     # the overhead benchmark's paired steps run on this base too (a tiny run: its shape, not its numbers)
     from infeng.bench.lora_scenarios import overhead
-    [rec] = overhead(q8, [4], 2, batch=4, n_adapters=2, prompt_len=20, n_out=3, repeats=1, dtype="int8")
-    for k in ("prefill", "decode"):
-        assert rec[f"{k}_tok_s_none"] > 0 and rec[f"{k}_tok_s_mixed"] > 0
-        assert np.isfinite(rec[f"{k}_overhead"]) and np.isfinite(rec[f"{k}_overhead_pair_median"])
-    assert 0 < rec["floor_step_bytes_ratio"] < rec["floor_bytes_ratio"] < 1
+    all7, qv = overhead(q8, [4], 2, batch=4, n_adapters=2, prompt_len=20, n_out=3, repeats=1, dtype="int8")
+    assert (all7["targets"], qv["targets"]) == ("all7", "qv")          # every projection; PEFT's default
+    for rec in (all7, qv):
+        for k in ("prefill", "decode"):
+            assert rec[f"{k}_tok_s_none"] > 0 and rec[f"{k}_tok_s_mixed"] > 0
+            assert np.isfinite(rec[f"{k}_overhead"]) and np.isfinite(rec[f"{k}_overhead_pair_median"])
+        assert 0 < rec["floor_step_bytes_ratio"] < rec["floor_bytes_ratio"] < 1
+        assert rec["decode_overhead_above_floor"] == rec["decode_overhead"] - rec["floor_step_bytes_ratio"]
+    assert qv["floor_bytes_ratio"] < all7["floor_bytes_ratio"] / 2            # 2 of 7 projections, the small ones
     # and the Zipf scenario: single adapter, then α, in two passes (the second reversed), averaged
     from infeng.bench.lora_scenarios import zipf
     single, z, hot = zipf(q8, 2, alphas=(1.0,), n_adapters=3, n_requests=4, rank=4, prompt_len=8, n_out=2,

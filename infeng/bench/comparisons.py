@@ -38,13 +38,17 @@ class LoraOverhead(Comparison):
     name = "lora_overhead"
     required = ("base",)
     defaults = {"ranks": [16, 32, 64], "threads": 2, "repeats": 2, "adapter_dtype": "bf16", "prompt_len": 128,
-                "n_out": 32, "zipf": False}
+                "n_out": 32, "zipf": False, "targets": list(lora_scenarios.TARGETS)}
 
     def run(self, p, log):
         positive_ints(p["ranks"], "ranks", self.name)
         adapter_dtype(p)
+        t = p["targets"]
+        if not isinstance(t, list) or not t or any(x not in lora_scenarios.TARGETS for x in t):
+            raise InfengError(f"{self.name}: `targets` {t!r}: a list of {', '.join(lora_scenarios.TARGETS)}")
         recs = lora_scenarios.overhead(p["base"], p["ranks"], p["threads"], repeats=p["repeats"],
-                                       dtype=p["adapter_dtype"], prompt_len=p["prompt_len"], n_out=p["n_out"])
+                                       dtype=p["adapter_dtype"], prompt_len=p["prompt_len"], n_out=p["n_out"],
+                                       targets=tuple(t))
         if p["zipf"]:
             recs += lora_scenarios.zipf(p["base"], p["threads"], dtype=p["adapter_dtype"])
         return recs, []

@@ -2,14 +2,18 @@
 
     infeng bench --suite bench/lora_overhead.yaml --model BASE.infeng     # kind: lora_overhead
 
-BASE may be any native model (bf16, q8_0, ...). Per rank: a batch of 8 rows split over 4 different
-adapters on all 7 projections, stored as ``adapter_dtype`` (bf16, f32 or int8). The overhead is the
+BASE may be any native model (bf16, q8_0, ...). Per rank and adapter set (``targets``: ``all7``,
+every projection; ``qv``, PEFT's default q_proj + v_proj): a batch of 8 rows split over 4 different
+adapters, stored as ``adapter_dtype`` (bf16, f32 or int8). The overhead is the
 C forward time of that batch with its adapters over the same batch bare, measured step for step
 in alternating pairs (``paired_steps``; this machine's speed drifts too much between whole runs
 for a 5 % effect), for the prefill step (all prompts at once) and every decode step; then one
 end-to-end engine run each way (tok/s, informational) and the physical floor: adapter bytes read
 per decode step ÷ the base's layer weights (``floor_bytes_ratio``), and ÷ all a base decode step
-reads, output head and K/V cache included (``floor_step_bytes_ratio``).
+reads, output head and K/V cache included (``floor_step_bytes_ratio``; a decode step cannot cost
+less than that, so ``decode_overhead_above_floor`` is what the kernels add beyond it).
+
+    python -m infeng.bench.lora_scenarios BASE.infeng --ranks 16 32 --adapter-dtype int8 --repeats 6
 """
 from __future__ import annotations
 
@@ -39,12 +43,18 @@ def run_once(eng: Engine, prompts, adapters, n_out: int) -> tuple[float, float]:
     return st.prefill_tokens / st.prefill_s, st.decode_tokens / st.decode_s
 
 
-def adapter_file(base_path, model, rank: int, dtype: str, seed: int) -> Path:
-    """A random rank-``rank`` adapter for the base on all 7 projections, stored as ``dtype``
-    (int8: the f32 adapter rounded as ``infeng convert --dtype int8`` does; cached beside it)."""
+ALL7 = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# the adapter sets the bench measures: every projection, and PEFT's default for Llama-style
+# models (target_modules q_proj, v_proj), what most published adapters adapt
+TARGETS = {"all7": ALL7, "qv": ("wq", "wv")}
+
+
+def adapter_file(base_path, model, rank: int, dtype: str, seed: int, targets: tuple[str, ...] = ALL7) -> Path:
+    """A random rank-``rank`` adapter for the base on the ``targets`` projections, stored as
+    ``dtype`` (int8: the f32 adapter rounded as ``infeng convert --dtype int8`` does; cached beside it)."""
     if dtype != "int8":
-        return make_adapter(base_path, rank, dtype=dtype, seed=seed)
-    src = make_adapter(base_path, rank, dtype="f32", seed=seed)
+        return make_adapter(base_path, rank, targets=targets, dtype=dtype, seed=seed)
+    src = make_adapter(base_path, rank, targets=targets, dtype="f32", seed=seed)
     out = src.with_name(src.name.replace("-f32-", "-int8-"))
     if not (out.exists() and native.is_native(out)):
         requantize(src, out, model, "int8")
@@ -113,7 +123,7 @@ def paired_steps(eng: Engine, adapters, prompt_len: int, n_decode: int, repeats:
 
 
 def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n_out=32, repeats=2,
-             dtype="bf16", seed=0):
+             dtype="bf16", seed=0, targets=("all7", "qv")):
     model = load_model(base_path, verify=False)
     cfg = model.config
     rng = np.random.default_rng(seed)
@@ -128,20 +138,22 @@ def overhead(base_path, ranks, threads, batch=8, n_adapters=4, prompt_len=128, n
                  detokenize=False, prefix_cache=False)
     run_once(eng, prompts, [None] * batch, 2)      # warm up: touches every KV block the runs use
     out = []
-    for r in ranks:
+    for r, tset in ((r, t) for r in ranks for t in targets):
         names = []
         for k in range(n_adapters):
-            p = adapter_file(base_path, model, r, dtype, seed=100 * r + k)
-            names.append(eng.load_adapter(p, f"r{r}-{k}").name)
+            p = adapter_file(base_path, model, r, dtype, seed=100 * r + k, targets=TARGETS[tset])
+            names.append(eng.load_adapter(p, f"r{r}-{tset}-{k}").name)
         mixed = [names[i % n_adapters] for i in range(batch)]
         a_bytes = sum(eng.adapters.get(n).nbytes for n in names)
         rows = [eng.adapters.get(n) for n in sorted(mixed)]        # grouped, as the scheduler does
-        rec = {"rank": r, "adapters": n_adapters, "batch": batch, "base_dtype": base_dtype, "adapter_dtype": dtype,
+        rec = {"rank": r, "targets": tset, "adapters": n_adapters, "batch": batch, "base_dtype": base_dtype,
+               "adapter_dtype": dtype,
                **paired_steps(eng, rows, prompt_len, n_out, repeats, seed)}
         e2e = {"none": run_once(eng, prompts, [None] * batch, n_out), "mixed": run_once(eng, prompts, mixed, n_out)}
         rec.update({"engine_prefill_tok_s_none": e2e["none"][0], "engine_prefill_tok_s_mixed": e2e["mixed"][0],
                     "engine_decode_tok_s_none": e2e["none"][1], "engine_decode_tok_s_mixed": e2e["mixed"][1],
-                    "floor_bytes_ratio": a_bytes / base_bytes, "floor_step_bytes_ratio": a_bytes / step_bytes})
+                    "floor_bytes_ratio": a_bytes / base_bytes, "floor_step_bytes_ratio": a_bytes / step_bytes,
+                    "decode_overhead_above_floor": rec["decode_overhead"] - a_bytes / step_bytes})
         out.append(rec)
         for n in names:
             eng.unload_adapter(n)
@@ -207,3 +219,23 @@ def zipf(base_path, threads, alphas=(0.5, 1.0, 1.5), n_adapters=64, n_requests=6
     out.append({"hot_load_s": t_loaded - t0, "hot_time_to_first_token_s": first - t0,
                 "adapter_load_s_median": float(np.median(t_load)), "adapter_mb": eng.adapters.get("a0").nbytes / 2**20})
     return out
+
+
+def main(argv=None) -> None:
+    """The overhead figures of one base as JSON lines (what ``kind: lora_overhead`` records)."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m infeng.bench.lora_scenarios")
+    ap.add_argument("base")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--adapter-dtype", default="bf16", choices=("bf16", "f32", "int8"))
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    for rec in overhead(a.base, a.ranks, a.threads, repeats=a.repeats, dtype=a.adapter_dtype, targets=a.targets):
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
