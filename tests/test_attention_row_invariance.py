@@ -40,6 +40,30 @@ def _by_position(outs_calls, seq, pos):
     return got
 
 
+def _same_bits_every_split(lengths, rng, width, attend, finite=False):
+    """Each query position's output, computed in every way ``_calls`` splits the positions into
+    calls (``attend(q, seq, pos, nth)`` gives one call's outputs), with 1 and 2 threads, has the
+    bits of the first way's (and, with ``finite``, that first way's are finite)."""
+    seq, pos, calls = _calls(lengths, rng)
+    q_all = rng.standard_normal((len(seq), width)).astype(np.float32)
+    q_of = {(int(s), int(p)): q_all[i] for i, (s, p) in enumerate(zip(seq, pos))}
+    ref = None
+    for nth in (1, 2):
+        for name, cl in calls.items():
+            outs = []
+            for s, p in cl:
+                q = np.ascontiguousarray(np.stack([q_of[(int(a), int(b))] for a, b in zip(s, p)]))
+                outs.append((s, p, attend(q, s, p, nth)))
+            got = _by_position(outs, seq, pos)
+            if ref is None:
+                ref = got
+                if finite:
+                    assert all(np.isfinite(np.frombuffer(b, np.float32)).all() for b in got.values())
+            else:
+                bad = [k for k in ref if got[k] != ref[k]]
+                assert not bad, f"{name}, {nth} threads: {len(bad)} positions differ, e.g. {bad[:3]}"
+
+
 @pytest.mark.parametrize("kt,vt", PAIRS)
 @pytest.mark.parametrize("window", (0, 21))
 def test_kvq_attention_same_bits_for_any_query_count(kern, kt, vt, window):
@@ -63,24 +87,8 @@ def test_kvq_attention_same_bits_for_any_query_count(kern, kt, vt, window):
         pools.append(pool)
     assert pools[0].k.tobytes() == pools[1].k.tobytes()
     assert pools[0].v.tobytes() == pools[1].v.tobytes()
-    seq, pos, calls = _calls(lengths, rng)
-    q_all = rng.standard_normal((len(seq), n_heads * hd)).astype(np.float32)
-    q_of = {(int(s), int(p)): q_all[i] for i, (s, p) in enumerate(zip(seq, pos))}
-    ref = None
-    for nth in (1, 2):
-        for name, cl in calls.items():
-            outs = []
-            for s, p in cl:
-                q = np.ascontiguousarray(np.stack([q_of[(int(a), int(b))] for a, b in zip(s, p)]))
-                outs.append((s, p, run(kern, pools[0], q, n_heads * hd, s, p, n_heads, 0.125, nth,
-                                       n_heads * hd, window)))
-            got = _by_position(outs, seq, pos)
-            if ref is None:
-                ref = got
-                assert all(np.isfinite(np.frombuffer(b, np.float32)).all() for b in got.values())
-            else:
-                bad = [k for k in ref if got[k] != ref[k]]
-                assert not bad, f"{name}, {nth} threads: {len(bad)} positions differ, e.g. {bad[:3]}"
+    _same_bits_every_split(lengths, rng, n_heads * hd, lambda q, s, p, nth: run(
+        kern, pools[0], q, n_heads * hd, s, p, n_heads, 0.125, nth, n_heads * hd, window), finite=True)
 
 
 @pytest.mark.parametrize("window", (0, 21))
@@ -101,23 +109,11 @@ def test_f32_attention_same_bits_for_any_query_count(kern, window):
         sq, ps = np.full(L, s, np.int32), np.arange(L, dtype=np.int32)     # alive through the call
         kern.lib.ifg_kv_store(P(kern, kc), P(kern, vc), P(kern, k), P(kern, v), n_kv * hd, P(kern, table, I32),
                               max_blocks, bs, P(kern, sq, I32), P(kern, ps, I32), L, n_kv, hd, 1)
-    seq, pos, calls = _calls(lengths, rng)
-    q_all = rng.standard_normal((len(seq), n_heads * hd)).astype(np.float32)
-    q_of = {(int(s), int(p)): q_all[i] for i, (s, p) in enumerate(zip(seq, pos))}
-    ref = None
-    for nth in (1, 2):
-        for name, cl in calls.items():
-            outs = []
-            for s, p in cl:
-                q = np.ascontiguousarray(np.stack([q_of[(int(a), int(b))] for a, b in zip(s, p)]))
-                out = np.zeros_like(q)
-                kern.lib.ifg_attention_window(P(kern, out), n_heads * hd, P(kern, q), n_heads * hd, P(kern, kc),
-                                              P(kern, vc), P(kern, table, I32), max_blocks, bs, P(kern, s, I32),
-                                              P(kern, p, I32), len(s), n_heads, n_kv, hd, 0.125, window, nth)
-                outs.append((s, p, out))
-            got = _by_position(outs, seq, pos)
-            if ref is None:
-                ref = got
-            else:
-                bad = [k for k in ref if got[k] != ref[k]]
-                assert not bad, f"{name}, {nth} threads: {len(bad)} positions differ, e.g. {bad[:3]}"
+
+    def attend(q, s, p, nth):
+        out = np.zeros_like(q)
+        kern.lib.ifg_attention_window(P(kern, out), n_heads * hd, P(kern, q), n_heads * hd, P(kern, kc),
+                                      P(kern, vc), P(kern, table, I32), max_blocks, bs, P(kern, s, I32),
+                                      P(kern, p, I32), len(s), n_heads, n_kv, hd, 0.125, window, nth)
+        return out
+    _same_bits_every_split(lengths, rng, n_heads * hd, attend)
