@@ -50,10 +50,15 @@ print(json.dumps({"before_kb": r0, "after_kb": rss(), "kv_bytes": int(kv.bytes)}
 
 
 def convert(gguf: Path) -> Path:
-    """The GGUF converted to an infeng file (cached next to it while newer than it)."""
+    """The GGUF converted to an infeng file (cached next to it while newer than it and in layouts
+    this build reads: a build with another kernel layout converts again)."""
     out = gguf.with_suffix(".infeng")
     if out.exists() and out.stat().st_mtime >= gguf.stat().st_mtime:
-        return out
+        try:
+            load_model(out, verify=False)
+            return out
+        except InfengError:
+            pass
     model, _ = load_gguf(gguf)
     native.write(out, model.manifest(), model.native_tensors())
     return out
