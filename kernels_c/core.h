@@ -31,13 +31,13 @@
 /* IFG_Q4_1 / IFG_Q5_1: GGUF 32-blocks with a scale and a minimum (20 / 24 bytes); IFG_Q6_K /
  * IFG_Q5_K: GGUF Q6_K / Q5_K 256-super-blocks (210 / 176 bytes); matmul weights and embedding
  * tables (quant_gguf.h).
- * IFG_Q4_1X16 / IFG_Q6_KX16 / IFG_Q5_KX16: q4_1 / q6_k / q5_k repacked 16 rows at a time for the
- * kernels (quant_gguf.h). */
+ * IFG_Q4_1X16 / IFG_Q6_KX16 / IFG_Q5_KX16 / IFG_Q5_1X16: q4_1 / q6_k / q5_k / q5_1 repacked 16 rows
+ * at a time for the kernels (quant_gguf.h). */
 enum ifg_dtype { IFG_F32 = 0, IFG_BF16 = 1, IFG_F16 = 2, IFG_Q8_0 = 3, IFG_Q4_0 = 4,
                  IFG_Q8_0X16 = 5, IFG_Q4_0X16 = 6, IFG_Q4_K = 7, IFG_FP8 = 8, IFG_Q4_KX16 = 9,
                  IFG_Q5_0 = 10, IFG_Q4_1 = 11, IFG_Q5_1 = 12,
                  IFG_Q6_K = 13, IFG_Q4_1X16 = 14, IFG_Q5_K = 15,
-                 IFG_Q6_KX16 = 16, IFG_Q5_KX16 = 17 };
+                 IFG_Q6_KX16 = 16, IFG_Q5_KX16 = 17, IFG_Q5_1X16 = 18 };
 
 /* Which variant this library is: "scalar", "avx2" or "avx512". */
 const char *ifg_isa(void);

@@ -52,9 +52,9 @@ static inline int ifg_is_quant(int dtype) { return dtype == IFG_Q8_0 || dtype ==
  * quantizes x bit for bit alike, as infeng.quant.quantize_activations). */
 void ifg_quantize_x(int8_t *q, float *d, int32_t *s, const float *x, int ldx, int t, int tt,
                     int k0, int k1, int ldq, int ldd);
-/* Repack a GGUF-order q8_0 / q4_0 / q4_k / q4_1 / q6_k / q5_k matrix src (N rows of K/32 or K/256 blocks, N a
- * multiple of 16) into its interleaved layout dst (the same number of bytes; q4_k's is in
- * quant_k.h, q4_1's, q6_k's and q5_k's in quant_gguf.h); groups of rows split over threads. The numpy reference is
+/* Repack a GGUF-order q8_0 / q4_0 / q4_k / q4_1 / q5_1 / q6_k / q5_k matrix src (N rows of K/32 or K/256 blocks,
+ * N a multiple of 16) into its interleaved layout dst (the same number of bytes; q4_k's is in
+ * quant_k.h, q4_1's, q5_1's, q6_k's and q5_k's in quant_gguf.h); groups of rows split over threads. The numpy reference is
  * infeng.quant.interleave.interleave. */
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads);
 /* x quantized per token and 32-block once (ifg_quantize_x's rounding), for several GEMMs over

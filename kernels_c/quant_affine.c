@@ -223,12 +223,12 @@ static void af_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w
 }
 
 /* The one entry of every quant_gguf.h type (q6_k's kernel is in quant_q6k.c, q5_k's in
- * quant_q5k.c, q4_1x16's with the other 16-row int8 layouts in quant_x16.c). */
+ * quant_q5k.c, q4_1x16's and q5_1x16's with the other 16-row int8 layouts in quant_x16.c). */
 void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                     int T, int r0, int r1, int K, int accumulate, const struct ifg_xq *xq) {
     if (wtype == IFG_Q6_K) ifg_q6k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
     else if (wtype == IFG_Q5_K) ifg_q5k_mm_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate);
-    else if (wtype == IFG_Q4_1X16) ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL, xq);
+    else if (wtype == IFG_Q4_1X16 || wtype == IFG_Q5_1X16) ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, NULL, xq);
     else if (wtype == IFG_Q6_KX16) ifg_q6k_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
     else if (wtype == IFG_Q5_KX16) ifg_q5k_mm_x16_rows(y, ldy, x, ldx, w, T, r0, r1, K, accumulate, xq);
     else af_mm_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);

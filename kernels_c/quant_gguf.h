@@ -27,11 +27,11 @@ struct ifg_xq;
 static inline int ifg_is_quant_affine(int dtype) { return dtype == IFG_Q4_1 || dtype == IFG_Q5_1; }
 static inline int ifg_is_quant_gguf(int dtype) {
     return ifg_is_quant_affine(dtype) || dtype == IFG_Q6_K || dtype == IFG_Q5_K || dtype == IFG_Q4_1X16 ||
-           dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16;
+           dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16 || dtype == IFG_Q5_1X16;
 }
 /* The row-interleaved ones (their row ranges go in whole groups of 16). */
 static inline int ifg_is_quant_gguf_x16(int dtype) {
-    return dtype == IFG_Q4_1X16 || dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16;
+    return dtype == IFG_Q4_1X16 || dtype == IFG_Q6_KX16 || dtype == IFG_Q5_KX16 || dtype == IFG_Q5_1X16;
 }
 /* The ones whose products take x quantized once by the caller (ifg_xq; forward.c shares it
  * between the projections of one input). */
@@ -72,7 +72,10 @@ void ifg_qg_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
  * is K/32 group-blocks of 320 bytes (= 16 × 20): 0..31 the 16 rows' fp16 d (row r at 2r), 32..63
  * their fp16 m, 64..319 the nibbles as q4_0x16's: chunk v (64 bytes), row r, byte 4r + j: low
  * nibble level of k = 8v + j, high of k = 8v + 4 + j. Its product is q4_0x16's kernel
- * (ifg_qmm_x16_rows, quant_x16.c) with the minimums' term added. */
+ * (ifg_qmm_x16_rows, quant_x16.c) with the minimums' term added.
+ * Row-interleaved q5_1 (IFG_Q5_1X16): group-blocks of 384 bytes (= 16 × 24): bytes 0..319 as
+ * q4_1x16's with the low 4 bits of the levels, then 64 bytes of 5th bits: row r, byte 4r + j,
+ * bit 2v + h: bit 4 of the level of k = 8v + 4h + j (the plane q5_kx16 keeps per sub-block). */
 /* Row-interleaved q6_k (IFG_Q6_KX16; N a multiple of 16, from GGUF order by ifg_quant_interleave /
  * infeng.quant.interleave). W is N/16 groups of 16 rows; a group is K/256 group-blocks of 3360
  * bytes (= 16 × 210):

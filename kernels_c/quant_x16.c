@@ -1,5 +1,5 @@
-/* quant_x16.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 / q4_1 weights in the 16-row interleaved
- * layouts (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h; IFG_Q4_1X16, see quant_gguf.h).
+/* quant_x16.c — y (=|+=) x · Wᵀ for q8_0 / q4_0 / q4_1 / q5_1 weights in the 16-row interleaved
+ * layouts (IFG_Q8_0X16 / IFG_Q4_0X16, see quant.h; IFG_Q4_1X16 / IFG_Q5_1X16, see quant_gguf.h).
  *
  * x is quantized per token and 32-block exactly as for the plain layouts (ifg_quantize_x) into
  * a stack tile of X16_T tokens × X16_K k (decode, T == 1: the whole row at once, so a GEMV makes
@@ -11,7 +11,8 @@
  *    weight vector (16 rows × 4 k) against x's 4 int8 of those k broadcast: 16 rows × 32 k in
  *    8 instructions, each weight vector loaded once for the XT tokens. Then one convert and one
  *    FMA with the 16 row scales (one vcvtph2ps per group-block) times d_x; q4_1 adds one FMA
- *    of its 16 row minimums times d_x * sum(x).
+ *    of its 16 row minimums times d_x * sum(x). q5_1 is q4_1 with each nibble's 5th bit OR'd in
+ *    from one 64-byte plane per group-block (levels 0..31, still unsigned for vpdpbusd).
  *  - AVX2: the same layout as two 8-row halves; q8_0 via vpmaddubsw(|w|, sign(x, w)) on the
  *    signed weights (no offset); q4_0 / q4_1 via vpmaddubsw(nibbles, x) (<= 15 * 127 * 4 per
  *    int16 lane for the low + high sum: no saturation), q4_0 with the -8 * sum(x) start.
@@ -30,10 +31,13 @@
 #define XG_KB (X16_K / IFG_QK)  /* blocks per k tile: each tile's sum goes into y on its own */
 
 static inline size_t xg_block_bytes(int wtype) {
-    return wtype == IFG_Q8_0X16 ? 544 : wtype == IFG_Q4_1X16 ? 320 : 288;
+    return wtype == IFG_Q8_0X16 ? 544 : wtype == IFG_Q5_1X16 ? 384 : wtype == IFG_Q4_1X16 ? 320 : 288;
 }
-/* Where a group-block's weight bytes start: after the 16 fp16 d (and q4_1's 16 fp16 m). */
-#define XG_QOFF(wtype) ((wtype) == IFG_Q4_1X16 ? 64 : 32)
+/* The types with a minimum per block (value = d * q + m). */
+#define XG_AFFINE(wtype) ((wtype) == IFG_Q4_1X16 || (wtype) == IFG_Q5_1X16)
+/* Where a group-block's weight bytes start: after the 16 fp16 d (and q4_1's / q5_1's 16 fp16 m). */
+#define XG_QOFF(wtype) (XG_AFFINE(wtype) ? 64 : 32)
+#define XG_PLANE 320 /* q5_1x16: where the group-block's 5th bits start */
 
 #ifndef IFG_SIMD
 /* ---- scalar reference (the scalar build) ---- */
@@ -55,12 +59,13 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
                     for (int k = 0; k < IFG_QK; k++) {
                         const int wv = wtype == IFG_Q8_0X16 ? (int)blk[32 + 64 * (k / 4) + 4 * r + k % 4] - 128
                                      : wtype == IFG_Q4_1X16 ? x16_nibble(blk + 64, r, k)
+                                     : wtype == IFG_Q5_1X16 ? x16_nibble(blk + 64, r, k) | (blk[XG_PLANE + 4 * r + k % 4] >> (k / 4) & 1) << 4
                                                             : x16_nibble(blk + 32, r, k) - 8;
                         s += wv * xq[k];
                     }
                     const float dx = xt->d[i * xt->ldd + b];
                     acc += (float)s * (ifg_f16_to_f32(h) * dx);
-                    if (wtype == IFG_Q4_1X16) { /* + m * sum(x) */
+                    if (XG_AFFINE(wtype)) { /* + m * sum(x) */
                         memcpy(&hm, blk + 32 + 2 * r, 2);
                         acc += ifg_f16_to_f32(hm) * (dx * (float)xt->s[i * xt->ldd + b]);
                     }
@@ -81,6 +86,11 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
 #define XT 4 /* tokens per register tile */
 #define XG 2 /* groups per register tile (prefill) */
 #define XG1 4 /* groups per register tile (one token: more independent weight streams) */
+/* Bit b of every byte of pl, moved to bit 4 (b a constant after unrolling). */
+IFG_AI __m512i xg_bit4_512(__m512i pl, const int b) {
+    const __m512i s = b <= 4 ? _mm512_slli_epi16(pl, 4 - b) : _mm512_srli_epi16(pl, b - 4);
+    return _mm512_and_si512(s, _mm512_set1_epi8(0x10));
+}
 IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m512 acc[XT][XG1];
@@ -126,6 +136,10 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
             }
         } else {
             const __m512i m = _mm512_set1_epi8(0x0F);
+            __m512i pl[XG1]; /* q5_1: the 5th bits */
+            if (wtype == IFG_Q5_1X16)
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) pl[g] = _mm512_loadu_si512((const void *)(blk[g] + XG_PLANE));
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m512i lo[XG1], hi[XG1];
@@ -135,6 +149,10 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     const __m512i raw = _mm512_loadu_si512((const void *)(blk[g] + XG_QOFF(wtype) + 64 * v));
                     lo[g] = _mm512_and_si512(raw, m);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
+                    if (wtype == IFG_Q5_1X16) {
+                        lo[g] = _mm512_or_si512(lo[g], xg_bit4_512(pl[g], 2 * v));
+                        hi[g] = _mm512_or_si512(hi[g], xg_bit4_512(pl[g], 2 * v + 1));
+                    }
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
@@ -153,7 +171,7 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
             for (int i = 0; i < TT; i++) {
                 const float dx = xt->d[(i0 + i) * ldd + b];
                 acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[i][g]);
-                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                if (XG_AFFINE(wtype)) /* + m * d_x * sum(x) */
                     acc[i][g] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk[g] + 32))),
                                                 _mm512_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][g]);
             }
@@ -171,6 +189,10 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #define XT 2
 #define XG 1
 #define XG1 2
+IFG_AI __m256i xg_bit4_256(__m256i pl, const int b) { /* as xg_bit4_512 */
+    const __m256i s = b <= 4 ? _mm256_slli_epi16(pl, 4 - b) : _mm256_srli_epi16(pl, b - 4);
+    return _mm256_and_si256(s, _mm256_set1_epi8(0x10));
+}
 IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m256 acc[XT][2 * XG1]; /* [token][8-row half] */
@@ -222,6 +244,11 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
             }
         } else {
             const __m256i m = _mm256_set1_epi8(0x0F);
+            __m256i pl[2 * XG1]; /* q5_1: the 5th bits */
+            if (wtype == IFG_Q5_1X16)
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) pl[h] = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + XG_PLANE + 32 * (h % 2)));
+#pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
                 __m256i lo[2 * XG1], hi[2 * XG1];
                 X16_PREFETCH(blk, 64 * v);
@@ -230,6 +257,10 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk[h / 2] + XG_QOFF(wtype) + 64 * v + 32 * (h % 2)));
                     lo[h] = _mm256_and_si256(raw, m);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+                    if (wtype == IFG_Q5_1X16) {
+                        lo[h] = _mm256_or_si256(lo[h], xg_bit4_256(pl[h], 2 * v));
+                        hi[h] = _mm256_or_si256(hi[h], xg_bit4_256(pl[h], 2 * v + 1));
+                    }
                 }
 #pragma GCC unroll 8
                 for (int i = 0; i < TT; i++) {
@@ -249,7 +280,7 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
             for (int i = 0; i < TT; i++) {
                 const float dx = xt->d[(i0 + i) * ldd + b];
                 acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[i][h]);
-                if (wtype == IFG_Q4_1X16) /* + m * d_x * sum(x) */
+                if (XG_AFFINE(wtype)) /* + m * d_x * sum(x) */
                     acc[i][h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk[h / 2] + 32 + 16 * (h % 2)))),
                                                 _mm256_set1_ps(dx * (float)xt->s[(i0 + i) * ldd + b]), acc[i][h]);
             }
@@ -315,6 +346,7 @@ static void xg_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t
     } while (0)
     if (wtype == IFG_Q8_0X16) XG_TYPE(IFG_Q8_0X16);
     else if (wtype == IFG_Q4_1X16) XG_TYPE(IFG_Q4_1X16);
+    else if (wtype == IFG_Q5_1X16) XG_TYPE(IFG_Q5_1X16);
     else XG_TYPE(IFG_Q4_0X16);
 #undef XG_TYPE
 }
@@ -375,9 +407,23 @@ static void xg_put_q4_1(uint8_t *o, const uint8_t *s, int r) {
     memcpy(o + 2 * r, s, 2);
 }
 
+/* q5_1's block (d, m, 32 bits of 5th bits, nibbles): q4_1's group-block from d, m and the nibbles,
+ * then the 5th bits as the plane's bytes 4r + j, bit 2v + h for k = 8v + 4h + j (quant_gguf.h). */
+static void xg_put_q5_1(uint8_t *o, const uint8_t *s, int r) {
+    uint8_t q41[20];
+    uint32_t qh, u = 0;
+    memcpy(q41, s, 4);
+    memcpy(q41 + 4, s + 8, 16);
+    xg_put_q4_1(o, q41, r);
+    memcpy(&qh, s + 4, 4);
+    for (int k = 0; k < IFG_QK; k++) u |= (qh >> k & 1u) << (8 * (k % 4) + k / 4);
+    memcpy(o + XG_PLANE + 4 * r, &u, 4);
+}
+
 void ifg_quant_interleave(void *dst, const void *src, int dtype, int N, int K, int n_threads) {
     if (dtype == IFG_Q4_K) ifg_q4_k_interleave(dst, src, N, K, n_threads);
     else if (dtype == IFG_Q4_1) x16_interleave(dst, src, N, K / IFG_QK, 20, xg_put_q4_1, n_threads);
+    else if (dtype == IFG_Q5_1) x16_interleave(dst, src, N, K / IFG_QK, 24, xg_put_q5_1, n_threads);
     else if (dtype == IFG_Q6_K) ifg_q6_k_interleave(dst, src, N, K, n_threads);
     else if (dtype == IFG_Q5_K) ifg_q5_k_interleave(dst, src, N, K, n_threads);
     else if (dtype == IFG_Q8_0) x16_interleave(dst, src, N, K / IFG_QK, 34, xg_put_q8_0, n_threads);

@@ -137,48 +137,54 @@ def test_embedding_lookup_is_dequantize(kern, qtype):
         assert np.isnan(out[T]).all()
 
 
-# --- q4_1x16: the 16-row interleaved layout the loader builds ----------------------------------
+# --- q4_1x16 / q5_1x16: the 16-row interleaved layouts the loader builds ----------------------
 
-def test_q4_1_interleave_round_trip_c_repack_and_layout(kern):
+@pytest.mark.parametrize("qtype", TYPES)
+def test_x16_interleave_round_trip_c_repack_and_layout(kern, qtype):
     from infeng.errors import InfengError
     from infeng.quant.interleave import deinterleave, interleave, interleave_c
     rng = np.random.default_rng(11)
-    raw = quant.quantize_q4_1(rng.standard_normal((48, 160)).astype(np.float32))
-    packed = interleave(raw, "q4_1")
+    raw = quant.quantize(rng.standard_normal((48, 160)).astype(np.float32), qtype)
+    packed = interleave(raw, qtype)
     assert packed.shape == (3, raw.size // 3)
-    np.testing.assert_array_equal(deinterleave(packed, "q4_1"), raw)
+    np.testing.assert_array_equal(deinterleave(packed, qtype), raw)
     for threads in (1, 3):
-        np.testing.assert_array_equal(interleave_c(kern, raw, "q4_1", threads), packed)
+        np.testing.assert_array_equal(interleave_c(kern, raw, qtype, threads), packed)
     with pytest.raises(InfengError):
-        interleave_c(kern, raw[:40], "q4_1")
+        interleave_c(kern, raw[:40], qtype)
     # the documented byte positions (quant_gguf.h), group 1, block 2
-    d, m, q = affine.levels(raw, "q4_1")
-    p = packed[1].reshape(-1, 320)[2]
-    for r, k in ((0, 0), (3, 5), (15, 31), (9, 18), (2, 12)):
+    d, m, q = affine.levels(raw, qtype)
+    bb = 16 * affine.BYTES[qtype]
+    p = packed[1].reshape(-1, bb)[2]
+    for r, k in ((0, 0), (3, 5), (15, 31), (9, 18), (2, 12), (7, 27)):
         assert p[:32].view(np.float16)[r] == np.float16(d[16 + r, 2])
         assert p[32:64].view(np.float16)[r] == np.float16(m[16 + r, 2])
         by = p[64 + 64 * (k // 8) + 4 * r + k % 4]
-        assert (by & 15 if k % 8 < 4 else by >> 4) == q[16 + r, 2, k]
+        level = by & 15 if k % 8 < 4 else by >> 4
+        if qtype == "q5_1":   # the 5th bit: plane byte 4r + k % 4, bit k // 4
+            level |= (p[320 + 4 * r + k % 4] >> (k // 4) & 1) << 4
+        assert level == q[16 + r, 2, k]
 
 
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("N,K", [(16, 32), (48, 96), (80, 2080), (32, 4160)])
-def test_q4_1x16_matmul_matches_numpy(kern, N, K):
+def test_x16_matmul_matches_numpy(kern, qtype, N, K):
     from infeng.quant.interleave import interleave
     rng = np.random.default_rng(N + K)
-    raw = quant.quantize_q4_1((rng.standard_normal((N, K)) * np.exp2(rng.integers(-4, 4, (N, 1))) + 0.1)
-                              .astype(np.float32))
-    packed = interleave(raw, "q4_1")
+    raw = quant.quantize((rng.standard_normal((N, K)) * np.exp2(rng.integers(-4, 4, (N, 1))) + 0.1)
+                         .astype(np.float32), qtype)
+    packed = interleave(raw, qtype)
     buf = np.full(packed.size + 64, 0xFF, np.uint8)
     buf[:packed.size] = packed.ravel()
     for T in (1, 3, 7, 17, 50):
         x = rng.standard_normal((T, K + 3)).astype(np.float32)
-        want, mag = _ref(raw, "q4_1", np.ascontiguousarray(x[:, :K]))
+        want, mag = _ref(raw, qtype, np.ascontiguousarray(x[:, :K]))
         outs = []
         for nth in (1, 2, 3):
             ldy = N + 5
             y = np.full((T, ldy), -7.0, np.float32)
             acc = int(T % 2 == 1 and nth == 2)
-            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE["q4_1x16"],
+            kern.lib.ifg_matmul(P(kern, y), ldy, P(kern, x), K + 3, P(kern, buf, "void *"), DTYPE[qtype + "x16"],
                                 T, N, K, acc, nth)
             assert np.all(np.abs(y[:, :N] - (want - 7.0 if acc else want)) <= 1e-5 * mag + 1e-6), (T, nth)
             assert np.all(y[:, N:] == -7.0)

@@ -16,7 +16,7 @@ TS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 33)
 # 4160 makes a 17-token x16 call cut K into tiles while its 1-token call takes it whole
 KS = (96, 544, 1056, 2080, 4160)
 ROW_MAJOR = ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1")
-X16 = ("q8_0x16", "q4_0x16", "q4_1x16")
+X16 = ("q8_0x16", "q4_0x16", "q4_1x16", "q5_1x16")
 
 
 def _weights(kind, N, K, rng):

@@ -1,5 +1,5 @@
-"""Row-interleaved copies of q8_0 / q4_0 / q4_k / q4_1 / q6_k / q5_k matrices for the C kernels (dtypes
-``q8_0x16`` / ``q4_0x16`` / ``q4_kx16`` / ``q4_1x16`` / ``q6_kx16`` / ``q5_kx16``; the byte layouts are
+"""Row-interleaved copies of q8_0 / q4_0 / q4_k / q4_1 / q5_1 / q6_k / q5_k matrices for the C kernels (dtypes
+``q8_0x16`` / ``q4_0x16`` / ``q4_kx16`` / ``q4_1x16`` / ``q5_1x16`` / ``q6_kx16`` / ``q5_kx16``; the byte layouts are
 documented in kernels_c/quant.h, quant_k.h and quant_gguf.h).
 
 Native files store a matrix whose row count is a multiple of 16 in these layouts (``layout_id``
@@ -12,7 +12,8 @@ of 16 rows keeps, per 32-block of k, the 16 fp16 scales then the weights as 64-b
 sub-block's 16 scales), then each sub-block's nibbles as q4_0x16 lays out a block's. q4_1 keeps
 per 32-block the 16 rows' d, then their m, then the nibbles as q4_0x16. q6_k keeps per super-block
 the 16 rows' d and int8 sub-block scales, the low 4 bits of the levels as q4_0x16's nibbles and
-their high 2 bits in 2-bit fields; q5_k is q4_k's layout of the low 4 bits plus a plane of 5th bits.
+their high 2 bits in 2-bit fields; q5_k is q4_k's layout of the low 4 bits plus a plane of 5th bits,
+and q5_1 is q4_1's plus such a plane.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from infeng.quant.q4_k import pack_scales, unpack_scales
 
 GROUP = 16
 INTERLEAVED = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_k": "q4_kx16", "q4_1": "q4_1x16",
-               "q6_k": "q6_kx16", "q5_k": "q5_kx16"}
+               "q5_1": "q5_1x16", "q6_k": "q6_kx16", "q5_k": "q5_kx16"}
 PLAIN = {v: k for k, v in INTERLEAVED.items()}
-_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q4_1": 20, "q6_k": 210, "q5_k": 176}
-_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q4_1": 32, "q6_k": 256, "q5_k": 256}
+_BLOCK = {"q8_0": 34, "q4_0": 18, "q4_k": 144, "q4_1": 20, "q5_1": 24, "q6_k": 210, "q5_k": 176}
+_ELEMS = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q4_1": 32, "q5_1": 32, "q6_k": 256, "q5_k": 256}
 _SCALES = {"q8_0": 1, "q4_0": 1, "q4_1": 2}   # fp16 values before the levels: d (q4_1: d, m)
 
 
@@ -46,8 +47,8 @@ def interleave(raw: np.ndarray, qtype: str) -> np.ndarray:
         raise InfengError(f"cannot interleave a {qtype} matrix of stored shape {list(raw.shape)}")
     nb, G = raw.shape[1] // bb, N // GROUP
     b = raw.reshape(G, GROUP, nb, bb)
-    if qtype in _KQUANT:
-        return _KQUANT[qtype][0](b).reshape(G, nb * GROUP * bb)
+    if qtype in _OWN:
+        return _OWN[qtype][0](b).reshape(G, nb * GROUP * bb)
     out = np.empty((G, nb, GROUP * bb), np.uint8)
     hb = 2 * _SCALES[qtype]                                                     # header bytes per row
     for h in range(_SCALES[qtype]):
@@ -161,9 +162,48 @@ def _deinterleave_q5_k(p: np.ndarray) -> np.ndarray:
     return out
 
 
-# the 256-block types: (interleave, deinterleave) of [G, 16, nb, bytes] blocks
-_KQUANT = {"q4_k": (_interleave_q4_k, _deinterleave_q4_k), "q6_k": (_interleave_q6_k, _deinterleave_q6_k),
-           "q5_k": (_interleave_q5_k, _deinterleave_q5_k)}
+def _bit_plane(qh: np.ndarray) -> np.ndarray:
+    """[..., 16 rows, nb, 4] bytes of 5th bits (bit k of the little-endian 32 = element k) → [..., nb, 64]:
+    row r, byte 4r + j, bit b = the bit of element 4b + j (the plane q5_kx16 keeps per sub-block)."""
+    G, _, nb, _ = qh.shape
+    bit = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & np.uint8(1)       # [r, nb, b', byte]
+    bit = bit.transpose(0, 1, 2, 4, 3).reshape(G, GROUP, nb, 8, 4)                         # element k = 4b + j
+    return (bit.transpose(0, 2, 1, 4, 3) << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8).reshape(G, nb, 64)
+
+
+def _unplane(p: np.ndarray) -> np.ndarray:
+    """Inverse of ``_bit_plane``: [G, nb, 64] → [G, 16, nb, 4]."""
+    G, nb, _ = p.shape
+    by = p.reshape(G, nb, GROUP, 4)                                                        # [nb, r, j]
+    bit = (by[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)                    # [nb, r, j, b]
+    bit = bit.transpose(0, 2, 1, 4, 3).reshape(G, GROUP, nb, 4, 8)                          # [r, nb, byte, bit]
+    return (bit << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+
+
+def _interleave_q5_1(b: np.ndarray) -> np.ndarray:
+    """[G, 16, nb, 24] GGUF blocks (d, m, qh, nibbles) → [G, nb, 384]: q4_1x16's group-block of d, m
+    and the nibbles, then the plane of 5th bits."""
+    G, _, nb, _ = b.shape
+    out = np.empty((G, nb, GROUP * 24), np.uint8)
+    q41 = np.concatenate([b[..., :4], b[..., 8:]], axis=-1).reshape(G * GROUP, nb * 20)
+    out[..., :320] = interleave(q41, "q4_1").reshape(G, nb, 320)
+    out[..., 320:] = _bit_plane(b[..., 4:8])
+    return out
+
+
+def _deinterleave_q5_1(p: np.ndarray) -> np.ndarray:
+    """[G, nb, 384] → [G, 16, nb, 24] (inverse of ``_interleave_q5_1``)."""
+    G, nb, _ = p.shape
+    out = np.empty((G, GROUP, nb, 24), np.uint8)
+    q41 = deinterleave(np.ascontiguousarray(p[..., :320]).reshape(G, nb * 320), "q4_1").reshape(G, GROUP, nb, 20)
+    out[..., :4], out[..., 8:] = q41[..., :4], q41[..., 4:]
+    out[..., 4:8] = _unplane(p[..., 320:])
+    return out
+
+
+# the types with a layout of their own: (interleave, deinterleave) of [G, 16, nb, bytes] blocks
+_OWN = {"q4_k": (_interleave_q4_k, _deinterleave_q4_k), "q6_k": (_interleave_q6_k, _deinterleave_q6_k),
+        "q5_k": (_interleave_q5_k, _deinterleave_q5_k), "q5_1": (_interleave_q5_1, _deinterleave_q5_1)}
 
 
 def interleave_c(kern, raw: np.ndarray, qtype: str, threads: int = 0) -> np.ndarray:
@@ -186,8 +226,8 @@ def deinterleave(packed: np.ndarray, qtype: str) -> np.ndarray:
     G = packed.shape[0]
     nb = packed.shape[1] // (GROUP * bb)
     p = packed.reshape(G, nb, GROUP * bb)
-    if qtype in _KQUANT:
-        return _KQUANT[qtype][1](p).reshape(G * GROUP, nb * bb)
+    if qtype in _OWN:
+        return _OWN[qtype][1](p).reshape(G * GROUP, nb * bb)
     out = np.empty((G, GROUP, nb, bb), np.uint8)
     hb = 2 * _SCALES[qtype]
     for h in range(_SCALES[qtype]):
