@@ -86,10 +86,10 @@ IFG_AI __m256i kx_bit4y(__m256i h, const int bit) {
     return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(h, 4 - bit) : _mm256_srli_epi16(h, bit - 4), m);
 }
 
-/* nsb (<= X16R_K / 256) group-blocks from gb0 into rp (quant_x16.h): the levels as bytes (q5_k
- * with its 5th bit), and per sub-block the products d*sc and dmin*m that kx_tile forms, lane by
- * lane the same multiplications (256-bit steps on either ISA: paid once per x tile). */
-IFG_AI void kx_repack(struct x16_rep *rp, const uint8_t *gb0, int nsb, const int Q5) {
+/* nsb (<= X16R_K / 256) group-blocks from gb0 into group g of rp (quant_x16.h): the levels as
+ * bytes (q5_k with its 5th bit), and per sub-block the products d*sc and dmin*m that kx_tile
+ * forms, lane by lane the same multiplications (256-bit steps on either ISA: paid once per x tile). */
+IFG_AI void kx_repack(struct x16_rep *rp, int g, const uint8_t *gb0, int nsb, const int Q5) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb = gb0 + (size_t)b * KX_GBQ(Q5);
@@ -103,8 +103,8 @@ IFG_AI void kx_repack(struct x16_rep *rp, const uint8_t *gb0, int nsb, const int
             for (int h = 0; h < 2; h++) {
                 __m256 sc, mn;
                 kx_scales8(gb, s, h, &sc, &mn);
-                _mm256_store_ps(rp->ws[u] + 8 * h, _mm256_mul_ps(dv[h], sc));
-                _mm256_store_ps(rp->wm[u] + 8 * h, _mm256_mul_ps(mv[h], mn));
+                _mm256_store_ps(rp->ws[g][u] + 8 * h, _mm256_mul_ps(dv[h], sc));
+                _mm256_store_ps(rp->wm[g][u] + 8 * h, _mm256_mul_ps(mv[h], mn));
                 const __m256i hb = Q5 ? _mm256_loadu_si256((const __m256i *)(gb + KX_GB + 64 * s + 32 * h)) : m4;
 #pragma GCC unroll 4
                 for (int v = 0; v < 4; v++) { /* chunk v: k = 8v + j low nibbles, 8v + 4 + j high */
@@ -114,33 +114,34 @@ IFG_AI void kx_repack(struct x16_rep *rp, const uint8_t *gb0, int nsb, const int
                         lo = _mm256_or_si256(lo, kx_bit4y(hb, 2 * v));
                         hi = _mm256_or_si256(hi, kx_bit4y(hb, 2 * v + 1));
                     }
-                    _mm256_store_si256((__m256i *)(rp->lv + 64 * (8 * u + 2 * v) + 32 * h), lo);
-                    _mm256_store_si256((__m256i *)(rp->lv + 64 * (8 * u + 2 * v + 1) + 32 * h), hi);
+                    _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v) + 32 * h), lo);
+                    _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v + 1) + 32 * h), hi);
                 }
             }
         }
     }
 }
 
-/* Large batches (tt >= X16R_T): each group's K chunk repacked once, then every token of the x
- * tile against it. A function of its own, as the decode tiles are. */
+/* Large batches (tt >= X16R_T): each X16R_G groups' K piece repacked once, then every token of
+ * the x tile against it. A function of its own, as the decode tiles are. */
 __attribute__((noinline)) static void kx_rep_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
                                                    size_t gstride, int t, int tt, int n0, int n1, int nsb, int add,
                                                    int q5) {
     struct x16_rep rp;
     const int PB = X16R_K / IFG_QK_K; /* group-blocks per piece */
-    for (int n = n0; n < n1; n += 16)
+    for (int n = n0; n < n1; n += 16 * X16R_G) {
+        const int ng = (n1 - n) / 16 < X16R_G ? (n1 - n) / 16 : X16R_G;
         for (int b0 = 0; b0 < nsb; b0 += PB) {
             const int nb = nsb - b0 < PB ? nsb - b0 : PB, more = add || b0 > 0; /* later pieces go on from y */
-            const uint8_t *gb = w + (size_t)(n / 16) * gstride + (size_t)b0 * KX_GBQ(q5);
-            if (q5) {
-                kx_repack(&rp, gb, nb, 1);
-                x16r_tiles(y, ldy, xt, NULL, 0, &rp, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 5);
-            } else {
-                kx_repack(&rp, gb, nb, 0);
-                x16r_tiles(y, ldy, xt, NULL, 0, &rp, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 4);
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *gb = w + (size_t)(n / 16 + g) * gstride + (size_t)b0 * KX_GBQ(q5);
+                if (q5) kx_repack(&rp, g, gb, nb, 1);
+                else kx_repack(&rp, g, gb, nb, 0);
             }
+            if (q5) x16r_tiles(y, ldy, xt, NULL, 0, &rp, ng, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 5);
+            else x16r_tiles(y, ldy, xt, NULL, 0, &rp, ng, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 4);
         }
+    }
 }
 
 #if defined(IFG_AVX512)

@@ -285,16 +285,17 @@ IFG_AI void q6x_tiles_t(float *y, int ldy, const struct x16_tile *xt, const int3
 #undef Q6X_CASE
         }
 }
-/* nsb (<= X16R_K / 256) group-blocks from gb0 into rp (quant_x16.h): the 6-bit levels as bytes
- * (q6x_levels, k order) and per 16-weight sub-block d*sc, lane by lane q6x_tile's product. */
-static void q6x_repack(struct x16_rep *rp, const uint8_t *gb0, int nsb) {
+/* nsb (<= X16R_K / 256) group-blocks from gb0 into group g of rp (quant_x16.h): the 6-bit
+ * levels as bytes (q6x_levels, k order) and per 16-weight sub-block d*sc, lane by lane
+ * q6x_tile's product. */
+static void q6x_repack(struct x16_rep *rp, int g, const uint8_t *gb0, int nsb) {
     for (int b = 0; b < nsb; b++) {
         const uint8_t *gb = gb0 + (size_t)b * Q6X_GB;
         for (int h = 0; h < 2; h++) {
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
             for (int s = 0; s < 16; s++)
-                _mm256_store_ps(rp->ws[16 * b + s] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                                 _mm_loadl_epi64((const __m128i *)(gb + Q6X_SC + 16 * s + 8 * h))))));
+                _mm256_store_ps(rp->ws[g][16 * b + s] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                                    _mm_loadl_epi64((const __m128i *)(gb + Q6X_SC + 16 * s + 8 * h))))));
         }
         for (int c = 0; c < 8; c++)
 #pragma GCC unroll 4
@@ -302,25 +303,27 @@ static void q6x_repack(struct x16_rep *rp, const uint8_t *gb0, int nsb) {
                 for (int o = 0; o < 64; o += (int)sizeof(q6v)) {
                     q6v lo, hi;
                     q6x_levels(gb, c, v, o, &lo, &hi);
-                    q6v_store(rp->lv + 64 * (8 * (8 * b + c) + 2 * v) + o, lo);
-                    q6v_store(rp->lv + 64 * (8 * (8 * b + c) + 2 * v + 1) + o, hi);
+                    q6v_store(rp->lv[g] + 64 * (8 * (8 * b + c) + 2 * v) + o, lo);
+                    q6v_store(rp->lv[g] + 64 * (8 * (8 * b + c) + 2 * v + 1) + o, hi);
                 }
     }
 }
 
-/* Large batches (tt >= X16R_T): each group's K chunk repacked once, then every token of the x
- * tile against it (a function of its own, away from the decode tile). */
+/* Large batches (tt >= X16R_T): each X16R_G groups' K piece repacked once, then every token of
+ * the x tile against it (a function of its own, away from the decode tile). */
 __attribute__((noinline)) static void q6x_rep_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs,
                                                     int lds, const uint8_t *w, size_t gstride, int t, int tt, int n0,
                                                     int n1, int nsb, int add) {
     struct x16_rep rp;
     const int PB = X16R_K / 256; /* group-blocks per piece */
-    for (int n = n0; n < n1; n += 16)
+    for (int n = n0; n < n1; n += 16 * X16R_G) {
+        const int ng = (n1 - n) / 16 < X16R_G ? (n1 - n) / 16 : X16R_G;
         for (int b0 = 0; b0 < nsb; b0 += PB) {
             const int nb = nsb - b0 < PB ? nsb - b0 : PB;
-            q6x_repack(&rp, w + (size_t)(n / 16) * gstride + (size_t)b0 * Q6X_GB, nb);
-            x16r_tiles(y, ldy, xt, xs, lds, &rp, t, tt, n, 256 * b0, 16 * nb, add || b0 > 0, 16, 0, 6);
+            for (int g = 0; g < ng; g++) q6x_repack(&rp, g, w + (size_t)(n / 16 + g) * gstride + (size_t)b0 * Q6X_GB, nb);
+            x16r_tiles(y, ldy, xt, xs, lds, &rp, ng, t, tt, n, 256 * b0, 16 * nb, add || b0 > 0, 16, 0, 6);
         }
+    }
 }
 
 static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
