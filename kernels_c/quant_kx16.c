@@ -17,6 +17,8 @@
  *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high, summed in
  *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
+ * From X16R_T tokens of an x tile on (SIMD), kx_rep_tiles unpacks each pair of groups × 512 k
+ * once (kx_repack) and runs quant_x16.h's shared tile over all the tile's tokens instead.
  * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
  * summation order depends only on K (a K chunk of a large batch goes on from the partial sum in
  * y), never on the thread, the batch size or the tile: bitwise the same for any of them. */

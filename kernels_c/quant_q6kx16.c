@@ -14,6 +14,8 @@
  *  - AVX2: two 8-row halves, vpmaddubsw (levels <= 63 × |x| <= 127: two pair sums <= 32004 fit
  *    int16) + vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
+ * From X16R_T tokens of an x tile on (SIMD), q6x_rep_tiles unpacks each pair of groups × 512 k
+ * once (q6x_repack) and runs quant_x16.h's shared tile over all the tile's tokens instead.
  * Each output's summation order depends only on K (a K chunk of a large batch goes on from the
  * partial sum in y): bitwise the same for any thread count, batch size or tile. */
 #include "quant_gguf.h"

@@ -1,7 +1,8 @@
 /* quant_x16.h — what the 16-row interleaved int8 kernels share (quant_x16.c: q8_0x16 / q4_0x16 /
- * q4_1x16; quant_kx16.c: q4_kx16): the tile of quantized x and how x is cut into tiles, the weight
- * prefetch, the token-count dispatch to constant tile shapes, the nibble layout and the repack
- * loop. Internal: not part of the cffi ABI. */
+ * q4_1x16; quant_kx16.c: q4_kx16 / q5_kx16; quant_q6kx16.c): the tile of quantized x and how x is
+ * cut into tiles, the weight prefetch, the token-count dispatch to constant tile shapes, the
+ * nibble layout, the repack loop, and the k-quants' large-batch path (a group unpacked once into
+ * bytes, one register tile for the three types). Internal: not part of the cffi ABI. */
 #ifndef IFG_QUANT_X16_H
 #define IFG_QUANT_X16_H
 
