@@ -53,7 +53,8 @@ void ifg_qk_mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
  * 64-byte load 16 rows × 8 k of levels, which two vpdpbusd with x's 4 int8 broadcast consume. */
 static inline int ifg_is_qkx16(int dtype) { return dtype == IFG_Q4_KX16; }
 /* Rows [r0, r1) (multiples of 16) of y (=|+=) x · Wᵀ for an IFG_Q4_KX16 W (quant_kx16.c);
- * allocates nothing (a ~90 KiB stack buffer per thread holds a tile of quantized x). */
+ * allocates nothing (a ~90 KiB stack buffer per thread holds a tile of quantized x; from 16 tokens
+ * on, 22 KiB more hold two groups' weights unpacked, quant_x16.h). */
 struct ifg_xq;
 void ifg_qk_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1,
                         int K, int accumulate, const struct ifg_xq *xq);

@@ -17,6 +17,8 @@
  *  - AVX2: the same on two 8-row halves, vpmaddubsw(nibbles, x) for low and high, summed in
  *    int16 over the sub-block (<= 8 * 2*15*127: no overflow), one vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
+ * From X16R_T tokens of an x tile on (SIMD), kx_rep_tiles unpacks each pair of groups × 512 k
+ * once (kx_repack) and runs quant_x16.h's shared tile over all the tile's tokens instead.
  * The 16 rows of a group are 16 consecutive outputs: no horizontal sums. Each output's
  * summation order depends only on K (a K chunk of a large batch goes on from the partial sum in
  * y), never on the thread, the batch size or the tile: bitwise the same for any of them. */
@@ -66,6 +68,83 @@ static void kx_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
 #define kx_tiles kx_tiles_ref /* the same arguments, q5 last */
 #else
 /* ---- SIMD: per-ISA register tiles (VNNI against AVX2's vpmaddubsw) ---- */
+
+/* 8 rows' (half h of the group) scale and min of sub-block s as f32 lanes: 64-bit SWAR. */
+IFG_AI void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
+    uint64_t lo, hi;
+    memcpy(&lo, gb + 64 + 16 * s + 8 * h, 8);
+    memcpy(&hi, gb + 192 + 16 * (s / 2) + 8 * h, 8);
+    hi >>= 4 * (s & 1);
+    const uint64_t b4 = 0x0f0f0f0f0f0f0f0full;
+    const uint64_t a = (lo & b4) | (hi & 0x0303030303030303ull) << 4;
+    const uint64_t m = (lo >> 4 & b4) | (hi & 0x0c0c0c0c0c0c0c0cull) << 2;
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)a)));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
+}
+
+/* Bit `bit` of every byte of 32 bytes of q5_k's 5th bits, moved to bit 4. */
+IFG_AI __m256i kx_bit4y(__m256i h, const int bit) {
+    const __m256i m = _mm256_set1_epi8(0x10);
+    return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(h, 4 - bit) : _mm256_srli_epi16(h, bit - 4), m);
+}
+
+/* nsb (<= X16R_K / 256) group-blocks from gb0 into group g of rp (quant_x16.h): the levels as
+ * bytes (q5_k with its 5th bit), and per sub-block the products d*sc and dmin*m that kx_tile
+ * forms, lane by lane the same multiplications (256-bit steps on either ISA: paid once per x tile). */
+IFG_AI void kx_repack(struct x16_rep *rp, int g, const uint8_t *gb0, int nsb, const int Q5) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb = gb0 + (size_t)b * KX_GBQ(Q5);
+        __m256 dv[2], mv[2];
+        for (int h = 0; h < 2; h++) {
+            dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 32 + 16 * h)));
+        }
+        for (int s = 0; s < 8; s++) {
+            const int u = 8 * b + s;
+            for (int h = 0; h < 2; h++) {
+                __m256 sc, mn;
+                kx_scales8(gb, s, h, &sc, &mn);
+                _mm256_store_ps(rp->ws[g][u] + 8 * h, _mm256_mul_ps(dv[h], sc));
+                _mm256_store_ps(rp->wm[g][u] + 8 * h, _mm256_mul_ps(mv[h], mn));
+                const __m256i hb = Q5 ? _mm256_loadu_si256((const __m256i *)(gb + KX_GB + 64 * s + 32 * h)) : m4;
+#pragma GCC unroll 4
+                for (int v = 0; v < 4; v++) { /* chunk v: k = 8v + j low nibbles, 8v + 4 + j high */
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(gb + 256 + 256 * s + 64 * v + 32 * h));
+                    __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    if (Q5) {
+                        lo = _mm256_or_si256(lo, kx_bit4y(hb, 2 * v));
+                        hi = _mm256_or_si256(hi, kx_bit4y(hb, 2 * v + 1));
+                    }
+                    _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v) + 32 * h), lo);
+                    _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v + 1) + 32 * h), hi);
+                }
+            }
+        }
+    }
+}
+
+/* Large batches (tt >= X16R_T): each X16R_G groups' K piece repacked once, then every token of
+ * the x tile against it. A function of its own, as the decode tiles are. */
+__attribute__((noinline)) static void kx_rep_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
+                                                   size_t gstride, int t, int tt, int n0, int n1, int nsb, int add,
+                                                   int q5) {
+    struct x16_rep rp;
+    const int PB = X16R_K / IFG_QK_K; /* group-blocks per piece */
+    for (int n = n0; n < n1; n += 16 * X16R_G) {
+        const int ng = (n1 - n) / 16 < X16R_G ? (n1 - n) / 16 : X16R_G;
+        for (int b0 = 0; b0 < nsb; b0 += PB) {
+            const int nb = nsb - b0 < PB ? nsb - b0 : PB, more = add || b0 > 0; /* later pieces go on from y */
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *gb = w + (size_t)(n / 16 + g) * gstride + (size_t)b0 * KX_GBQ(q5);
+                if (q5) kx_repack(&rp, g, gb, nb, 1);
+                else kx_repack(&rp, g, gb, nb, 0);
+            }
+            if (q5) x16r_tiles(y, ldy, xt, NULL, 0, &rp, ng, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 5);
+            else x16r_tiles(y, ldy, xt, NULL, 0, &rp, ng, t, tt, n, IFG_QK_K * b0, 8 * nb, more, 32, 1, 4);
+        }
+    }
+}
 
 #if defined(IFG_AVX512)
 #define KXT 8  /* tokens per register tile (prefill): the per-group scale work is shared by 8 */
@@ -250,24 +329,9 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
 #define KXT 2
 #define KXG 1
 #define KXG1 2
-/* 8 rows' (half h of the group) scale and min of sub-block s as f32 lanes: 64-bit SWAR. */
-IFG_AI void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) {
-    uint64_t lo, hi;
-    memcpy(&lo, gb + 64 + 16 * s + 8 * h, 8);
-    memcpy(&hi, gb + 192 + 16 * (s / 2) + 8 * h, 8);
-    hi >>= 4 * (s & 1);
-    const uint64_t b4 = 0x0f0f0f0f0f0f0f0full;
-    const uint64_t a = (lo & b4) | (hi & 0x0303030303030303ull) << 4;
-    const uint64_t m = (lo >> 4 & b4) | (hi & 0x0c0c0c0c0c0c0c0cull) << 2;
-    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)a)));
-    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
-}
 
 /* Bit `bit` of every byte of (half of) q5_k's 5th-bit vector h, moved to bit 4. */
-IFG_AI __m256i kx_bit4(__m256i h, const int bit) {
-    const __m256i m = _mm256_set1_epi8(0x10);
-    return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(h, 4 - bit) : _mm256_srli_epi16(h, bit - 4), m);
-}
+IFG_AI __m256i kx_bit4(__m256i h, const int bit) { return kx_bit4y(h, bit); }
 
 IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF, const int Q5) {
@@ -408,6 +472,8 @@ static void kx_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t
     if (tt == 1) {
         if (q5) kx_gemv_q5(y, ldy, xt, w, gstride, t, n0, n1, nsb, add);
         else kx_gemv_q4(y, ldy, xt, w, gstride, t, n0, n1, nsb, add);
+    } else if (tt >= X16R_T) {
+        kx_rep_tiles(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, q5);
     } else if (q5) {
         if (xt->pf) kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 1, 1);
         else kx_tiles_t(y, ldy, xt, w, gstride, t, tt, n0, n1, nsb, add, 0, 1);
@@ -423,7 +489,7 @@ static void kx_mm(float *y, int ldy, const float *x, int ldx, const void *w, int
     struct x16_tile xt;
     const size_t gb = KX_GBQ(q5), gstride = (size_t)(K / IFG_QK_K) * gb;
     int tb, kw;
-    xt.pf = x16_plan(T, K, &tb, &kw);
+    xt.pf = x16r_plan(T, K, xq, &tb, &kw);
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {

@@ -14,6 +14,8 @@
  *  - AVX2: two 8-row halves, vpmaddubsw (levels <= 63 × |x| <= 127: two pair sums <= 32004 fit
  *    int16) + vpmaddwd with ones;
  *  - scalar: plain loops over the same layout.
+ * From X16R_T tokens of an x tile on (SIMD), q6x_rep_tiles unpacks each pair of groups × 512 k
+ * once (q6x_repack) and runs quant_x16.h's shared tile over all the tile's tokens instead.
  * Each output's summation order depends only on K (a K chunk of a large batch goes on from the
  * partial sum in y): bitwise the same for any thread count, batch size or tile. */
 #include "quant_gguf.h"
@@ -23,7 +25,7 @@
 #define Q6X_SC 32                    /* offsets in a group-block: the int8 scales, */
 #define Q6X_QL 288                   /* the low nibbles (256 bytes per 32 k), */
 #define Q6X_QH 2336                  /* the high 2-bit parts (128 bytes per 32 k) */
-#define Q6X_NS (X16_Q / 16)          /* 16-k sums of a tile */
+#define Q6X_NS (X16R_TB * X16_K / 16) /* 16-k sums of a tile (x16r_plan's are the largest) */
 
 /* o[i * ld + j] = 32 · Σ of token i's int8 over k = 16j..16j+15 of the tile. */
 static void q6x_sums(int32_t *o, int ld, const struct x16_tile *xt, int tt, int kw) {
@@ -83,6 +85,7 @@ IFG_AI q6v q6v_or(q6v a, q6v b) { return _mm512_or_si512(a, b); }
 IFG_AI q6v q6v_srl(q6v a, int n) { return _mm512_srli_epi16(a, n); }
 IFG_AI q6v q6v_sll(q6v a, int n) { return _mm512_slli_epi16(a, n); }
 IFG_AI q6v q6v_set8(int v) { return _mm512_set1_epi8((char)v); }
+IFG_AI void q6v_store(uint8_t *p, q6v a) { _mm512_store_si512((void *)p, a); }
 #else
 #define Q6T 2
 #define Q6G1 2
@@ -93,6 +96,7 @@ IFG_AI q6v q6v_or(q6v a, q6v b) { return _mm256_or_si256(a, b); }
 IFG_AI q6v q6v_srl(q6v a, int n) { return _mm256_srli_epi16(a, n); }
 IFG_AI q6v q6v_sll(q6v a, int n) { return _mm256_slli_epi16(a, n); }
 IFG_AI q6v q6v_set8(int v) { return _mm256_set1_epi8((char)v); }
+IFG_AI void q6v_store(uint8_t *p, q6v a) { _mm256_store_si256((__m256i *)p, a); }
 #endif
 
 /* The levels (0..63) of chunk v (0..3) of 32-block c for the rows at byte offset o (0; AVX2's
@@ -283,9 +287,51 @@ IFG_AI void q6x_tiles_t(float *y, int ldy, const struct x16_tile *xt, const int3
 #undef Q6X_CASE
         }
 }
+/* nsb (<= X16R_K / 256) group-blocks from gb0 into group g of rp (quant_x16.h): the 6-bit
+ * levels as bytes (q6x_levels, k order) and per 16-weight sub-block d*sc, lane by lane
+ * q6x_tile's product. */
+static void q6x_repack(struct x16_rep *rp, int g, const uint8_t *gb0, int nsb) {
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb = gb0 + (size_t)b * Q6X_GB;
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            for (int s = 0; s < 16; s++)
+                _mm256_store_ps(rp->ws[g][16 * b + s] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                                    _mm_loadl_epi64((const __m128i *)(gb + Q6X_SC + 16 * s + 8 * h))))));
+        }
+        for (int c = 0; c < 8; c++)
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) /* chunk v: k = 8v + j (lo), 8v + 4 + j (hi) of 32-block c */
+                for (int o = 0; o < 64; o += (int)sizeof(q6v)) {
+                    q6v lo, hi;
+                    q6x_levels(gb, c, v, o, &lo, &hi);
+                    q6v_store(rp->lv[g] + 64 * (8 * (8 * b + c) + 2 * v) + o, lo);
+                    q6v_store(rp->lv[g] + 64 * (8 * (8 * b + c) + 2 * v + 1) + o, hi);
+                }
+    }
+}
+
+/* Large batches (tt >= X16R_T): each X16R_G groups' K piece repacked once, then every token of
+ * the x tile against it (a function of its own, away from the decode tile). */
+__attribute__((noinline)) static void q6x_rep_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs,
+                                                    int lds, const uint8_t *w, size_t gstride, int t, int tt, int n0,
+                                                    int n1, int nsb, int add) {
+    struct x16_rep rp;
+    const int PB = X16R_K / 256; /* group-blocks per piece */
+    for (int n = n0; n < n1; n += 16 * X16R_G) {
+        const int ng = (n1 - n) / 16 < X16R_G ? (n1 - n) / 16 : X16R_G;
+        for (int b0 = 0; b0 < nsb; b0 += PB) {
+            const int nb = nsb - b0 < PB ? nsb - b0 : PB;
+            for (int g = 0; g < ng; g++) q6x_repack(&rp, g, w + (size_t)(n / 16 + g) * gstride + (size_t)b0 * Q6X_GB, nb);
+            x16r_tiles(y, ldy, xt, xs, lds, &rp, ng, t, tt, n, 256 * b0, 16 * nb, add || b0 > 0, 16, 0, 6);
+        }
+    }
+}
+
 static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
                       const uint8_t *w, size_t gstride, int t, int tt, int n0, int n1, int nsb, int add) {
-    if (xt->pf) q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 1);
+    if (tt >= X16R_T) q6x_rep_tiles(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add);
+    else if (xt->pf) q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 1);
     else q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 0);
 }
 #endif
@@ -296,7 +342,7 @@ void ifg_q6k_mm_x16_rows(float *y, int ldy, const float *x, int ldx, const void 
     int32_t xs[Q6X_NS];
     const size_t gstride = (size_t)(K / 256) * Q6X_GB;
     int tb, kw;
-    xt.pf = x16_plan(T, K, &tb, &kw);
+    xt.pf = x16r_plan(T, K, xq, &tb, &kw);
     for (int t = 0; t < T; t += tb) {
         const int tt = T - t < tb ? T - t : tb;
         for (int k0 = 0; k0 < K; k0 += kw) {

@@ -1,7 +1,8 @@
 /* quant_x16.h — what the 16-row interleaved int8 kernels share (quant_x16.c: q8_0x16 / q4_0x16 /
- * q4_1x16; quant_kx16.c: q4_kx16): the tile of quantized x and how x is cut into tiles, the weight
- * prefetch, the token-count dispatch to constant tile shapes, the nibble layout and the repack
- * loop. Internal: not part of the cffi ABI. */
+ * q4_1x16; quant_kx16.c: q4_kx16 / q5_kx16; quant_q6kx16.c): the tile of quantized x and how x is
+ * cut into tiles, the weight prefetch, the token-count dispatch to constant tile shapes, the
+ * nibble layout, the repack loop, and the k-quants' large-batch path (a group unpacked once into
+ * bytes, one register tile for the three types). Internal: not part of the cffi ABI. */
 #ifndef IFG_QUANT_X16_H
 #define IFG_QUANT_X16_H
 
@@ -90,6 +91,176 @@ static inline int x16_nibble(const uint8_t *run, int r, int k) {
         if (pf)                                                                                   \
             for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)(base)[g_] + (off) + pf, _MM_HINT_T0); \
     } while (0)
+#endif
+
+/* ---- On-the-fly repack of large batches (q4_k / q5_k / q6_k) ----
+ * A k-quant's levels and scales cost as many instructions to unpack as the dot products they
+ * feed, and a register tile of 8 tokens paid that once per 8 tokens. From X16R_T tokens on, a
+ * thread unpacks one 16-row group × X16R_K k once into an x16_rep on its stack (levels as bytes,
+ * scales as f32) and runs every token of the x tile against it with one tile shared by the three
+ * types. The repack forms the very products d*sc / dmin*m the types' tiles form, and the tile
+ * takes them in the types' own float steps and order: outputs stay bitwise decode's. */
+#define X16R_T 16   /* tokens from which the k-quant products repack */
+#define X16R_TB 128 /* tokens per x tile when x comes quantized (ifg_xq): one repack serves them all */
+#define X16R_G 2    /* 16-row groups per rep */
+#define X16R_K 512  /* k per repacked piece (the rep's 22 KiB stay in L1) */
+
+/* X16R_G groups' piece: group g's level of row r, k at lv[g][64 * (k / 4) + 4 * r + k % 4]
+ * (unsigned: q4_k 0..15, q5_k 0..31, q6_k 0..63); per scale unit u (SK = 32 k, q6_k 16) its 16
+ * rows' d*sc in ws[g][u], and q4_k / q5_k's dmin*m in wm[g][u]. */
+struct x16_rep {
+    _Alignas(64) uint8_t lv[X16R_G][16 * X16R_K];
+    _Alignas(64) float ws[X16R_G][X16R_K / 16][16];
+    _Alignas(64) float wm[X16R_G][X16R_K / 32][16];
+};
+
+/* x16_plan for the repacking products: with x quantized by the caller and X16R_T tokens or
+ * more, X16R_TB tokens × at most X16_K k per x tile (no prefetch: the tile reads the rep). */
+static inline int x16r_plan(int T, int K, const struct ifg_xq *xq, int *tb, int *kw) {
+    const int pf = x16_plan(T, K, tb, kw);
+    if (!xq || T < X16R_T) return pf;
+    *tb = X16R_TB;
+    *kw = K < X16_K ? K : X16_K;
+    return 0;
+}
+
+#ifdef IFG_SIMD
+/* The tile: TT tokens (x tile rows i0..) × G groups (the rep's g0.., rows n.. of y), over the
+ * rep's nu units, which start at the x tile's k = kx0. Per unit, token and group: an int32 dot
+ * (q6_k: started at -32·Σx of the unit's 16 k, xs[i * lds + kx0 / 16 + u]), then
+ * acc += dot * (ws * d_x) and (MIN: q4_k, q5_k) acc -= wm * (d_x * s_x), as kx_tile / q6x_tile
+ * do. LV: the level bits (AVX2: how many vpmaddubsw sums int16 holds). */
+#if defined(IFG_AVX512)
+#define X16R_TT 8 /* tokens per register tile of one group; of two: 4 (an x broadcast serves both) */
+#define X16R_TG 2 /* groups per register tile */
+IFG_AI void x16r_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
+                      const struct x16_rep *rp, int g0, int t, int i0, int n, int kx0, int nu, int add,
+                      const int TT, const int G, const int SK, const int MIN, const int LV) {
+    __m512 acc[X16R_TT][X16R_TG];
+    const int ldq = xt->ldq, ldd = xt->ldd, NV = SK / 4;
+    const int8_t *xb = xt->q + (size_t)i0 * ldq + kx0;
+    (void)LV;
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 2
+        for (int g = 0; g < G; g++)
+            acc[i][g] = add ? _mm512_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n + 16 * g) : _mm512_setzero_ps();
+    for (int u = 0; u < nu; u++) {
+        __m512i ia[X16R_TT][X16R_TG];
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++) {
+            const __m512i o = MIN ? _mm512_setzero_si512() : _mm512_set1_epi32(-xs[(i0 + i) * lds + kx0 / 16 + u]);
+#pragma GCC unroll 2
+            for (int g = 0; g < G; g++) ia[i][g] = o;
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) {
+            __m512i wv[X16R_TG];
+#pragma GCC unroll 2
+            for (int g = 0; g < G; g++) wv[g] = _mm512_load_si512((const void *)(rp->lv[g0 + g] + 64 * (NV * u + v)));
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const __m512i xv = _mm512_set1_epi32(ifg_x4(xb + (size_t)i * ldq + SK * u + 4 * v));
+#pragma GCC unroll 2
+                for (int g = 0; g < G; g++) ia[i][g] = _mm512_dpbusd_epi32(ia[i][g], wv[g], xv);
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++) {
+            const int xi = (i0 + i) * ldd + (kx0 + SK * u) / 32;
+            const __m512 dx = _mm512_set1_ps(xt->d[xi]);
+            const __m512 sx = MIN ? _mm512_set1_ps(xt->d[xi] * (float)xt->s[xi]) : dx;
+#pragma GCC unroll 2
+            for (int g = 0; g < G; g++) {
+                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][g]), _mm512_mul_ps(_mm512_load_ps(rp->ws[g0 + g][u]), dx), acc[i][g]);
+                if (MIN) acc[i][g] = _mm512_fnmadd_ps(_mm512_load_ps(rp->wm[g0 + g][u]), sx, acc[i][g]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+#pragma GCC unroll 2
+        for (int g = 0; g < G; g++) _mm512_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n + 16 * g, acc[i][g]);
+}
+#else /* AVX2: one group as two 8-row halves */
+#define X16R_TT 2
+#define X16R_TG 1
+IFG_AI void x16r_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
+                      const struct x16_rep *rp, int g0, int t, int i0, int n, int kx0, int nu, int add,
+                      const int TT, const int G, const int SK, const int MIN, const int LV) {
+    __m256 acc[X16R_TT][2];
+    const int ldq = xt->ldq, ldd = xt->ldd, NV = SK / 4;
+    /* vpmaddubsw lanes sum 2 products <= 2 * (2^LV - 1) * 127: P of them fit int16 */
+    const int P = LV == 4 ? 8 : LV == 5 ? 4 : 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xb = xt->q + (size_t)i0 * ldq + kx0;
+    const uint8_t *lv = rp->lv[g0];
+    (void)G;
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+        for (int h = 0; h < 2; h++)
+            acc[i][h] = add ? _mm256_loadu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h) : _mm256_setzero_ps();
+    for (int u = 0; u < nu; u++) {
+        __m256i ia[X16R_TT][2], p16[X16R_TT][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++)
+            for (int h = 0; h < 2; h++)
+                ia[i][h] = MIN ? _mm256_setzero_si256() : _mm256_set1_epi32(-xs[(i0 + i) * lds + kx0 / 16 + u]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) {
+            const __m256i w0 = _mm256_load_si256((const __m256i *)(lv + 64 * (NV * u + v)));
+            const __m256i w1 = _mm256_load_si256((const __m256i *)(lv + 64 * (NV * u + v) + 32));
+#pragma GCC unroll 8
+            for (int i = 0; i < TT; i++) {
+                const __m256i xv = _mm256_set1_epi32(ifg_x4(xb + (size_t)i * ldq + SK * u + 4 * v));
+                const __m256i p0 = _mm256_maddubs_epi16(w0, xv), p1 = _mm256_maddubs_epi16(w1, xv);
+                p16[i][0] = v % P == 0 ? p0 : _mm256_add_epi16(p16[i][0], p0);
+                p16[i][1] = v % P == 0 ? p1 : _mm256_add_epi16(p16[i][1], p1);
+                if (v % P == P - 1 || v == NV - 1)
+                    for (int h = 0; h < 2; h++) ia[i][h] = _mm256_add_epi32(ia[i][h], _mm256_madd_epi16(p16[i][h], ones));
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; i++) {
+            const int xi = (i0 + i) * ldd + (kx0 + SK * u) / 32;
+            for (int h = 0; h < 2; h++) {
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][h]),
+                                            _mm256_mul_ps(_mm256_load_ps(rp->ws[g0][u] + 8 * h), _mm256_set1_ps(xt->d[xi])), acc[i][h]);
+                if (MIN)
+                    acc[i][h] = _mm256_fnmadd_ps(_mm256_load_ps(rp->wm[g0][u] + 8 * h),
+                                                 _mm256_set1_ps(xt->d[xi] * (float)xt->s[xi]), acc[i][h]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; i++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + (size_t)(t + i0 + i) * ldy + n + 8 * h, acc[i][h]);
+}
+#endif
+
+/* Tokens [t, t + tt) of the x tile × the rep's first ng groups (rows n.. of y), x16r_tile's
+ * other arguments. */
+IFG_AI void x16r_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
+                       const struct x16_rep *rp, int ng, int t, int tt, int n, int kx0, int nu, int add,
+                       const int SK, const int MIN, const int LV) {
+    if (X16R_TG > 1 && ng == X16R_TG) {
+        enum { TT2 = X16R_TT / X16R_TG };
+        for (int i0 = 0; i0 < tt; i0 += TT2) {
+            const int r = tt - i0;
+#define X16R_CASE(TTC) x16r_tile(y, ldy, xt, xs, lds, rp, 0, t, i0, n, kx0, nu, add, TTC, X16R_TG, SK, MIN, LV)
+            X16_TSWITCH(r, TT2, X16R_CASE);
+#undef X16R_CASE
+        }
+        return;
+    }
+    for (int g = 0; g < ng; g++)
+        for (int i0 = 0; i0 < tt; i0 += X16R_TT) {
+            const int r = tt - i0;
+#define X16R_CASE(TTC) x16r_tile(y, ldy, xt, xs, lds, rp, g, t, i0, n + 16 * g, kx0, nu, add, TTC, 1, SK, MIN, LV)
+            X16_TSWITCH(r, X16R_TT, X16R_CASE);
+#undef X16R_CASE
+        }
+}
 #endif
 
 /* Repack N rows of nb source blocks (sb bytes each) into groups of 16 rows: group g's

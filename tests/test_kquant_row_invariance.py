@@ -13,7 +13,7 @@ from infeng.kernels.abi import DTYPE
 from infeng.quant.interleave import interleave
 
 QTYPES = ("q4_k", "q5_k", "q6_k")
-TS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 33)
+TS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 70, 137)   # >= 16: the repacking tiles; 137 > 128: x tiles of a shared xq
 N, K = 48, 2304          # 33 tokens × 2304 k exceed one x tile: the batch goes in K chunks
 
 
