@@ -10,7 +10,8 @@
  *     shrinks of the projections sharing an input (wq wk wv, w_gate w_up) join the loop that
  *     rounds that input for the base, so adapters add no barrier to a step: each cost 0.5-2 ms
  *     on this shared 2-core machine under load (a thread descheduled while the other waits),
- *     a few µs when idle.
+ *     a few µs when idle. In a prefill there each thread rounds a run of rows and shrinks those
+ *     rows, all k, right after (the runs split by the rows' shrink cost).
  *  2. expand y[t] += h[t]·Bᵀ (then DoRA's row factor), where h[t] = h_scale ⊙ Σ_c hp[c][t]
  *     (chunks added in order, by each thread for the rows it expands, into a stack buffer).
  *     Threads split the 16-output blocks of packed Bᵀ.
@@ -127,19 +128,78 @@ float *ifg_lora_h_set(float *h, int ldh, int T, int K, int j) {
     return h + (size_t)j * ((K + LO_KC - 1) / LO_KC) * T * ldh;
 }
 
+/* Rows [ta, tb) of every adapted segment of one projection, all k-chunks, by the calling thread. */
+static void lo_shrink_run(float *h, int ldh, const float *x, int ldx, int K, const struct ifg_lora *const *lora,
+                           const int32_t *seg_start, int n_seg, const struct ifg_xq *xq, int ta, int tb) {
+    const int nkc = (K + LO_KC - 1) / LO_KC;
+    const size_t ttot = (size_t)seg_start[n_seg];
+    for (int s = 0; s < n_seg; s++) {
+        const int a = seg_start[s] > ta ? seg_start[s] : ta, c = seg_start[s + 1] < tb ? seg_start[s + 1] : tb;
+        if (!lora[s] || a >= c) continue;
+        for (int t0 = a; t0 < c; t0 += LO_RC) {
+            const int t1 = t0 + LO_RC < c ? t0 + LO_RC : c;
+            for (int kc = 0; kc < nkc; kc++) {
+                const int k0 = kc * LO_KC, k1 = k0 + LO_KC < K ? k0 + LO_KC : K;
+                lo_shrink_unit(h + (size_t)kc * ttot * ldh, ldh, x, ldx, xq, lora[s], t0, t1, k0, k1);
+            }
+        }
+    }
+}
+
+/* A prefill row's share of the fused rounding and shrinks, in 64ths of an int8 multiply-add per k
+ * and rank (a float multiply-add costs 4 of them; rounding a value of x ~12): the threads split
+ * the rows by it, so rows without adapters do not leave one thread all the shrinks. */
+#define LO_QCOST 12
+static long long lo_seg_cost(const struct ifg_lora *const *const *sel, int n, int s) {
+    long long c = LO_QCOST;
+    for (int j = 0; j < n; j++)
+        if (sel[j][s]) c += (long long)sel[j][s]->rank * (sel[j][s]->a_dtype == IFG_LORA_I8 ? 1 : 4);
+    return c;
+}
+
+/* The first row t whose rows [0, t) cost at least `target` (rows outside every segment: LO_QCOST). */
+static int lo_split_row(const struct ifg_lora *const *const *sel, int n, const int32_t *seg_start, int n_seg, int T,
+                        long long target) {
+    long long acc = 0;
+    int t = 0;
+    for (int s = -1; s <= n_seg; s++) { /* -1: rows before the first segment; n_seg: after the last */
+        const int a = s < 0 ? 0 : seg_start[s], b = s < 0 ? seg_start[0] : s < n_seg ? seg_start[s + 1] : T;
+        if (b <= a) continue;
+        const long long c = s >= 0 && s < n_seg ? lo_seg_cost(sel, n, s) : LO_QCOST;
+        if (acc + c * (b - a) >= target) return a + (int)((target - acc + c - 1) / c);
+        acc += c * (b - a);
+        t = b;
+    }
+    return t;
+}
+
 void ifg_lora_shrink_group_part(float *h, int ldh, const float *x, int ldx, int T, int K,
                                 const struct ifg_lora *const *const *sel, int n, const int32_t *seg_start, int n_seg,
                                 const struct ifg_xq *xq) {
-    const struct ifg_xq *xs = NULL; /* x rounded before the shrinks, for int8 adapters to read */
-    if (xq && T > LO_FUSE_T) { /* a prefill: rounding x once per projection group pays for a barrier */
-        ifg_quantize_x_part(xq, x, ldx, T, K);
-        xs = xq;
-        xq = NULL;
+    const int nc = lo_team();
+    if (xq && T > LO_FUSE_T) { /* a prefill: each thread rounds a run of rows of x and shrinks those
+                                * same rows, reading back what it just wrote: one worksharing loop
+                                * and its barrier, the one the base's rounding of x takes anyway */
+        long long cost = 0;
+        for (int s = -1; s <= n_seg; s++) {
+            const int a = s < 0 ? 0 : seg_start[s], b = s < 0 ? seg_start[0] : s < n_seg ? seg_start[s + 1] : T;
+            if (b > a) cost += (s >= 0 && s < n_seg ? lo_seg_cost(sel, n, s) : LO_QCOST) * (b - a);
+        }
+        IFG_FOR
+        for (int c = 0; c < nc; c++) {
+            const int ta = c ? lo_split_row(sel, n, seg_start, n_seg, T, cost * c / nc) : 0;
+            const int tb = c + 1 < nc ? lo_split_row(sel, n, seg_start, n_seg, T, cost * (c + 1) / nc) : T;
+            for (int t = ta; t < tb; t++)
+                ifg_quantize_x(xq->q + (size_t)t * xq->ldq, xq->d + (size_t)t * xq->ldd, xq->s + (size_t)t * xq->ldd,
+                               x, ldx, t, 1, 0, K, xq->ldq, xq->ldd);
+            for (int j = 0; j < n; j++)
+                lo_shrink_run(ifg_lora_h_set(h, ldh, T, K, j), ldh, x, ldx, K, sel[j], seg_start, n_seg, xq, ta, tb);
+        }
+        return;
     }
     long long units[IFG_LORA_SETS], any = xq != NULL;
     for (int j = 0; j < n; j++) any |= units[j] = lo_units(K, sel[j], seg_start, n_seg);
     if (!any) return;
-    const int nc = lo_team();
     IFG_FOR
     for (int c = 0; c < nc; c++) { /* thread c: its share of x's rows and of every projection's units */
         if (xq)
@@ -147,7 +207,7 @@ void ifg_lora_shrink_group_part(float *h, int ldh, const float *x, int ldx, int 
                 ifg_quantize_x(xq->q + (size_t)t * xq->ldq, xq->d + (size_t)t * xq->ldd, xq->s + (size_t)t * xq->ldd,
                                x, ldx, t, 1, 0, K, xq->ldq, xq->ldd);
         for (int j = 0; j < n; j++) /* xq being written: int8 adapters round x themselves, alike */
-            lo_shrink_units(ifg_lora_h_set(h, ldh, T, K, j), ldh, x, ldx, K, sel[j], seg_start, n_seg, xs,
+            lo_shrink_units(ifg_lora_h_set(h, ldh, T, K, j), ldh, x, ldx, K, sel[j], seg_start, n_seg, NULL,
                             units[j] * c / nc, units[j] * (c + 1) / nc);
     }
 }
@@ -302,8 +362,13 @@ void ifg_lora_project_part(float *y, int ldy, const float *x, int ldx, const voi
             float *yo = via_tmp ? tmp : y;
             const int ldo = via_tmp ? N : ldy;
             if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 0);
-            ifg_matmul_rows(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
-                            accumulate); /* an x16 W here (DoRA via tmp) rounds its slab of x itself */
+            /* the slab's rows of x as the caller rounded them once for all threads (NULL: the GEMM
+             * rounds its slab itself, in every thread) */
+            const struct ifg_xq xs = xq ? (struct ifg_xq){xq->q + (size_t)t0 * xq->ldq, xq->d + (size_t)t0 * xq->ldd,
+                                                          xq->s + (size_t)t0 * xq->ldd, xq->ldq, xq->ldd}
+                                        : (struct ifg_xq){0};
+            ifg_matmul_rows_xq(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
+                               accumulate, xq ? &xs : NULL);
             ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
             if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 1);
         }
