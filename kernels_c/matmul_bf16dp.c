@@ -54,16 +54,18 @@ static void dp_pack_x(uint16_t *xb, const float *x, int ldx, int t, int tt, int 
 
 /* Register tile: TT tokens from t (x in xb, row 0 = token t0) × NT rows from n over [k0, k1). */
 IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, int t, int t0, int n, int K,
-                    int k0, int k1, int add, const int TT, const int NT) {
+                    int k0, int k1, int add, const int TT, const int NT, int pf) {
     __m512 acc[DP_TT][DP_NT];
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
-    const uint16_t *wr = w + (size_t)n * K, *xt = xb + (size_t)(t - t0) * DP_XS - k0;
+    const uint16_t *wr = w + (size_t)n * K, *xt = xb + (size_t)(t - t0) * DP_XS - k0, *wp = w + (size_t)pf * K;
     int k = k0;
     for (; k + 32 <= k1; k += 32) {
         __m512bh wv[DP_NT];
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) __builtin_prefetch(wp + (size_t)j * K + k, 0, 2); /* the next tile, into L2 */
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(wr + (size_t)j * K + k));
 #pragma GCC unroll 8
@@ -102,8 +104,9 @@ IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, in
 #define DP_NLOOP(TTC)                                                                                   \
     do {                                                                                                \
         int n_ = n0;                                                                                    \
-        for (; n_ + DP_NT <= ne; n_ += DP_NT) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT); \
-        for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1);                 \
+        for (; n_ + DP_NT <= ne; n_ += DP_NT)                                                          \
+            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT, n_ + 2 * DP_NT <= ne ? n_ + DP_NT : n_); \
+        for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1, n_);             \
     } while (0)
 
 void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1, int K,
