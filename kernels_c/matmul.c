@@ -32,7 +32,8 @@
  *    matmul_bf16dp.c, dispatched from mm_rows.)
  *  - bf16 even/odd split of one 64-byte load (shift / mask) against a de-interleaved x
  *    copy: no faster than zero-extend + shift, slower when W is not 64-byte aligned.
- *  - software prefetch of W (GEMV and GEMM), larger token tiles (7-12 × 2-3): no gain. */
+ *  - larger token tiles (7-12 × 2-3): no gain. (Software prefetch of W looked like no gain
+ *    timed on one L3-resident matrix; streamed from DRAM, as in decode, it is the GEMV's speed.) */
 #include "matmul.h"
 #include "quant.h"
 #include "quant_k.h"
