@@ -32,7 +32,8 @@
  *    matmul_bf16dp.c, dispatched from mm_rows.)
  *  - bf16 even/odd split of one 64-byte load (shift / mask) against a de-interleaved x
  *    copy: no faster than zero-extend + shift, slower when W is not 64-byte aligned.
- *  - software prefetch of W (GEMV and GEMM), larger token tiles (7-12 × 2-3): no gain. */
+ *  - larger token tiles (7-12 × 2-3): no gain. (Software prefetch of W looked like no gain
+ *    timed on one L3-resident matrix; streamed from DRAM, as in decode, it is the GEMV's speed.) */
 #include "matmul.h"
 #include "quant.h"
 #include "quant_k.h"
@@ -107,6 +108,12 @@ IFG_AI ifg_vf mm_red_rows(ifg_vf v0, ifg_vf v1, ifg_vf v2, ifg_vf v3) {
 #define MM_GR 8              /* GEMV rows per step: 8 accumulator chains */
 #endif
 
+/* Weights prefetched one row tile ahead go to L2 (prefetcht1: into L1 they evict x's tile). */
+#ifndef MM_PFH
+#define MM_PFH 2
+#endif
+#define MM_PF(p) __builtin_prefetch((const void *)(p), 0, MM_PFH)
+
 /* ---- GEMM ---- */
 /* Copy x rows t..t+tt, k in [k0, k1) to the aligned tile xp (row i at xp + i*MM_XS),
  * zero-padded to a multiple of MM_W; RX: rounded to bf16 (IFG_BF16_DP without vdpbf16ps). */
@@ -164,9 +171,11 @@ IFG_AI void mm_pack_x(float *xp, const float *x, int ldx, int t, int tt, int k0,
 
 /* Register tile: TT tokens (from t; x packed in xp) × NT rows (from n), k in [k0, k1). */
 IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int wtype, int t,
-                        int n, int K, int k0, int k1, int add, const int TT, const int NT) {
+                        int n, int K, int k0, int k1, int add, const int TT, const int NT, int pf) {
     ifg_vf acc[MM_TT][MM_NT];
     const size_t wb = (size_t)n * K;
+    const int es = wtype == IFG_F32 ? 4 : 2; /* pf: the next tile's rows, prefetched at the same k */
+    const char *wp = (const char *)w + (size_t)pf * K * es;
 #pragma GCC unroll 16
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 16
@@ -174,6 +183,9 @@ IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int 
     int k = k0;
     for (; k + MM_W <= k1; k += MM_W) {
         ifg_vf wv[MM_NT];
+        if (es == 2 && (k & 31) == 0) /* one prefetch per 64-byte line */
+#pragma GCC unroll 16
+            for (int j = 0; j < NT; j++) MM_PF(wp + ((size_t)j * K + k) * es);
 #pragma GCC unroll 16
         for (int j = 0; j < NT; j++) wv[j] = ifg_vload_w(w, wtype, wb + (size_t)j * K + k);
 #pragma GCC unroll 16
@@ -202,16 +214,33 @@ IFG_AI void mm_gemm_tile(float *y, int ldy, const float *xp, const void *w, int 
  * R rows from n (R = MM_GR, or 1 at the end), one accumulator each per k-block, reduced and added
  * through y exactly as mm_gemm_tile does with one token (MM_STORE_TILE with TT = 1; x's masked
  * tail loads the zeros the GEMM's padded x tile holds), so a row's outputs are bitwise the same
- * whether it is decoded alone or verified in a batch (speculative decoding relies on it). */
+ * whether it is decoded alone or verified in a batch (speculative decoding relies on it).
+ * The weights stream from DRAM: each row is its own short stream (a 4 KiB row is one page, where
+ * the hardware prefetchers start over), so the rows from pf (the next group) are prefetched into
+ * L2 at the same k, one group ahead. */
 IFG_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int n0, int K, int accumulate,
-                         const int R) {
+                         const int R, int pf) {
     const int ldy = 0, t = 0, TT = 1;
+    const int es = wtype == IFG_F32 ? 4 : 2, EL = 64 / es; /* bytes, elements per cache line */
+    const char *wp = (const char *)w + (size_t)pf * K * es;
     for (int k0 = 0; k0 < K; k0 += MM_KB) {
         const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
         ifg_vf a[MM_GR][1];
 #pragma GCC unroll 16
         for (int j = 0; j < R; j++) a[j][0] = ifg_vzero();
         int k = k0;
+        for (; k + EL <= k1; k += EL) {
+            if (es == 2) /* f32 rows (two pages each) stream as fast without */
+#pragma GCC unroll 16
+                for (int j = 0; j < R; j++) MM_PF(wp + ((size_t)j * K + k) * es);
+#pragma GCC unroll 4
+            for (int u = 0; u < EL; u += MM_W) {
+                const ifg_vf xv = ifg_vload(x + k + u);
+#pragma GCC unroll 16
+                for (int j = 0; j < R; j++)
+                    a[j][0] = ifg_vfma(ifg_vload_w(w, wtype, (size_t)(n0 + j) * K + k + u), xv, a[j][0]);
+            }
+        }
         for (; k + MM_W <= k1; k += MM_W) {
             const ifg_vf xv = ifg_vload(x + k);
 #pragma GCC unroll 16
@@ -234,10 +263,20 @@ IFG_AI void mm_gemv_tile(float *y, const float *x, const void *w, int wtype, int
     }
 }
 
-static void mm_gemv_rows(float *y, const float *x, const void *w, int wtype, int n0, int n1, int K, int acc) {
+IFG_AI void mm_gemv_rows(float *y, const float *x, const void *w, int wtype, int n0, int n1, int K, int acc) {
     int n = n0;
-    for (; n + MM_GR <= n1; n += MM_GR) mm_gemv_tile(y, x, w, wtype, n, K, acc, MM_GR);
-    for (; n < n1; n++) mm_gemv_tile(y, x, w, wtype, n, K, acc, 1);
+    for (; n + MM_GR <= n1; n += MM_GR)
+        mm_gemv_tile(y, x, w, wtype, n, K, acc, MM_GR, n + 2 * MM_GR <= n1 ? n + MM_GR : n);
+    for (; n < n1; n++) mm_gemv_tile(y, x, w, wtype, n, K, acc, 1, n + 1 < n1 ? n + 1 : n);
+}
+static void mm_gemv_rows_f32(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
+    mm_gemv_rows(y, x, w, IFG_F32, n0, n1, K, acc);
+}
+static void mm_gemv_rows_bf16(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
+    mm_gemv_rows(y, x, w, IFG_BF16, n0, n1, K, acc);
+}
+static void mm_gemv_rows_f16(float *y, const float *x, const void *w, int n0, int n1, int K, int acc) {
+    mm_gemv_rows(y, x, w, IFG_F16, n0, n1, K, acc);
 }
 
 /* All row tiles of [n0, ne) for the TTC tokens from t. */
@@ -245,8 +284,9 @@ static void mm_gemv_rows(float *y, const float *x, const void *w, int wtype, int
     do {                                                                                          \
         int n_ = n0;                                                                              \
         for (; n_ + MM_NT <= ne; n_ += MM_NT)                                                     \
-            mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, MM_NT);                \
-        for (; n_ < ne; n_++) mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, 1);  \
+            mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, MM_NT,                 \
+                         n_ + 2 * MM_NT <= ne ? n_ + MM_NT : n_);                                 \
+        for (; n_ < ne; n_++) mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, 1, n_); \
     } while (0)
 /* A runtime token count tt (1..MM_TT) to the tile specialised for it (the tests on MM_TT
  * are constant: branches for counts above MM_TT are compiled away). */
@@ -319,9 +359,9 @@ static void mm_rows(float *y, int ldy, const float *x, int ldx, const void *w, i
     }
     if (T == 1) {
         switch (wtype) {
-        case IFG_BF16: mm_gemv_rows(y, x, w, IFG_BF16, r0, r1, K, accumulate); break;
-        case IFG_F16: mm_gemv_rows(y, x, w, IFG_F16, r0, r1, K, accumulate); break;
-        default: mm_gemv_rows(y, x, w, IFG_F32, r0, r1, K, accumulate); break;
+        case IFG_BF16: mm_gemv_rows_bf16(y, x, w, r0, r1, K, accumulate); break;
+        case IFG_F16: mm_gemv_rows_f16(y, x, w, r0, r1, K, accumulate); break;
+        default: mm_gemv_rows_f32(y, x, w, r0, r1, K, accumulate); break;
         }
         return;
     }

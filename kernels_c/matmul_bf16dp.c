@@ -54,16 +54,18 @@ static void dp_pack_x(uint16_t *xb, const float *x, int ldx, int t, int tt, int 
 
 /* Register tile: TT tokens from t (x in xb, row 0 = token t0) × NT rows from n over [k0, k1). */
 IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, int t, int t0, int n, int K,
-                    int k0, int k1, int add, const int TT, const int NT) {
+                    int k0, int k1, int add, const int TT, const int NT, int pf) {
     __m512 acc[DP_TT][DP_NT];
 #pragma GCC unroll 8
     for (int i = 0; i < TT; i++)
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
-    const uint16_t *wr = w + (size_t)n * K, *xt = xb + (size_t)(t - t0) * DP_XS - k0;
+    const uint16_t *wr = w + (size_t)n * K, *xt = xb + (size_t)(t - t0) * DP_XS - k0, *wp = w + (size_t)pf * K;
     int k = k0;
     for (; k + 32 <= k1; k += 32) {
         __m512bh wv[DP_NT];
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) __builtin_prefetch(wp + (size_t)j * K + k, 0, 2); /* the next tile, into L2 */
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(wr + (size_t)j * K + k));
 #pragma GCC unroll 8
@@ -102,14 +104,75 @@ IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, in
 #define DP_NLOOP(TTC)                                                                                   \
     do {                                                                                                \
         int n_ = n0;                                                                                    \
-        for (; n_ + DP_NT <= ne; n_ += DP_NT) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT); \
-        for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1);                 \
+        for (; n_ + DP_NT <= ne; n_ += DP_NT)                                                          \
+            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT, n_ + 2 * DP_NT <= ne ? n_ + DP_NT : n_); \
+        for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1, n_);             \
     } while (0)
+
+/* ---- GEMV (T == 1): the tiles' sums with x rounded as it is read ----
+ * R rows from n0 (8, or 1 at the end), one accumulator each per k-block, reduced by ifg_vsum4 in
+ * groups of 4 rows and added through y as dp_tile does with one token; x rounded 32 at a time
+ * exactly as dp_pack_x rounds it (zeros past K). Each row is a 4 KiB page where the hardware
+ * prefetchers start over, so the next group's rows (from pf) are prefetched into L2 at the same k. */
+#define DP_GR 8
+IFG_AI __m512bh dp_x32(const float *x, int r) { /* x[0..min(r, 32)) rounded to bf16, zeros after */
+    const __m512 lo = r >= 16 ? _mm512_loadu_ps(x) : ifg_vload_n(x, r);
+    const __m512 hi = r >= 32 ? _mm512_loadu_ps(x + 16) : r > 16 ? ifg_vload_n(x + 16, r - 16) : _mm512_setzero_ps();
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+IFG_AI void dp_gemv_tile(float *y, const float *x, const uint16_t *w, int n0, int K, int accumulate, const int R,
+                         int pf) {
+    const uint16_t *wr = w + (size_t)n0 * K, *wp = w + (size_t)pf * K;
+    for (int k0 = 0; k0 < K; k0 += DP_KB) {
+        const int k1 = k0 + DP_KB < K ? k0 + DP_KB : K, add = accumulate || k0 > 0;
+        __m512 a[DP_GR];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; j++) a[j] = _mm512_setzero_ps();
+        int k = k0;
+        for (; k + 32 <= k1; k += 32) {
+#pragma GCC unroll 8
+            for (int j = 0; j < R; j++) __builtin_prefetch(wp + (size_t)j * K + k, 0, 2);
+            const __m512bh xv = dp_x32(x + k, 32);
+#pragma GCC unroll 8
+            for (int j = 0; j < R; j++)
+                a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_loadu_si512((const void *)(wr + (size_t)j * K + k)), xv);
+        }
+        if (k < k1) {
+            const __mmask32 m = (__mmask32)((1ull << (k1 - k)) - 1);
+            const __m512bh xv = dp_x32(x + k, k1 - k);
+#pragma GCC unroll 8
+            for (int j = 0; j < R; j++)
+                a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)_mm512_maskz_loadu_epi16(m, wr + (size_t)j * K + k), xv);
+        }
+        const __m512 z = _mm512_setzero_ps();
+#pragma GCC unroll 2
+        for (int g = 0; g < R; g += 4) {
+            float s[4];
+            _mm_storeu_ps(s, ifg_vsum4(a[g], R > g + 1 ? a[(g + 1) % R] : z, R > g + 2 ? a[(g + 2) % R] : z,
+                                       R > g + 3 ? a[(g + 3) % R] : z));
+            float *yo = y + n0 + g;
+            const int nr = R - g < 4 ? R - g : 4;
+#pragma GCC unroll 4
+            for (int j = 0; j < nr; j++) yo[j] = add ? yo[j] + s[j] : s[j];
+        }
+    }
+}
+
+static void dp_gemv_rows(float *y, const float *x, const uint16_t *w, int r0, int r1, int K, int accumulate) {
+    int n = r0;
+    for (; n + DP_GR <= r1; n += DP_GR)
+        dp_gemv_tile(y, x, w, n, K, accumulate, DP_GR, n + 2 * DP_GR <= r1 ? n + DP_GR : n);
+    for (; n < r1; n++) dp_gemv_tile(y, x, w, n, K, accumulate, 1, n + 1 < r1 ? n + 1 : n);
+}
 
 void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *w, int T, int r0, int r1, int K,
                         int accumulate) {
     _Alignas(64) uint16_t xb[DP_TB * DP_XS];
     const uint16_t *wb = (const uint16_t *)w;
+    if (T == 1) {
+        dp_gemv_rows(y, x, wb, r0, r1, K, accumulate);
+        return;
+    }
     for (int t0 = 0; t0 < T; t0 += DP_TB) {
         const int te = t0 + DP_TB < T ? t0 + DP_TB : T;
         for (int k0 = 0; k0 < K; k0 += DP_KB) {
