@@ -200,12 +200,15 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
                                           kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads, hd,
                                           att_scale, L->window);
             } else {
-                ifg_kvq_store_part(kc, vc, kt, vt, kv->group, s->k, s->v, kv_dim, kv->block_table,
-                                   kv->max_blocks, kv->block_size, seq, pos, T, m->n_kv_heads, hd);
+                float *stage = kv->stage ? kv->stage + (size_t)l * kv->n_seqs * kv->stage_rows * kv_dim : NULL;
+                ifg_kvq_store_part(kc, vc, kt, vt, kv->group, s->k, s->v, kv_dim, stage, kv->stage_rows,
+                                   kv->block_table, kv->max_blocks, kv->block_size, seq, pos, T, m->n_kv_heads, hd);
                 TIME(l, IFG_OP_KV_STORE);
-                ifg_kvq_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kt, vt, kv->group, kv->block_table,
-                                       kv->max_blocks, kv->block_size, seq, pos, T, m->n_heads, m->n_kv_heads,
-                                       hd, att_scale, L->window);
+                ifg_kvq_attention_part(s->att, q_dim, s->q, q_dim, kc, vc, kt, vt, kv->group, s->k, kv_dim, stage,
+                                       kv->stage_rows, kv->block_table, kv->max_blocks, kv->block_size, seq, pos,
+                                       T, m->n_heads, m->n_kv_heads, hd, att_scale, L->window);
+                if (stage && (kt == IFG_KV_I8C || kt == IFG_KV_I4C)) /* after every item read the old rows */
+                    ifg_kvq_stage_part(stage, kv->stage_rows, s->k, kv_dim, seq, pos, T, m->n_kv_heads, hd);
             }
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);

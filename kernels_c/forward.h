@@ -91,6 +91,8 @@ struct ifg_kv_cache {
     int group;
     const float *rot_signs;
     const int32_t *rotate;
+    float *stage;                   /* per-channel keys' f32 rows (kvq.h): [n_layers][n_seqs][stage_rows][kv_dim] */
+    int stage_rows, n_seqs;
 };
 
 /* One step over a ragged batch: token t is tokens[t] at position pos[t] of sequence seq[t].

@@ -15,11 +15,14 @@
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
 #define KVQ_MAX_HD 256
 
-/* int8, fp8, int4: codes with one f32 scale per group of values of one position */
+/* int8, fp8, int4: codes with one f16 scale per group of values of one position */
 static inline int kvq_scaled(int type) { return type == IFG_KV_I8 || type == IFG_KV_I4 || type == IFG_KV_FP8; }
+/* int8c, int4c: keys with an f16 scale and min per channel of POS positions */
+static inline int kvq_chan(int type) { return type == IFG_KV_I8C || type == IFG_KV_I4C; }
 
 static inline size_t kvq_scale_bytes(int type, int bs, int hd, int group) {
-    return kvq_scaled(type) ? (size_t)bs * (size_t)(hd / group) * sizeof(float) : 0;
+    if (kvq_chan(type)) return (size_t)(bs / IFG_KVQ_POS) * (size_t)hd * 2 * sizeof(uint16_t);
+    return kvq_scaled(type) ? (size_t)bs * (size_t)(hd / group) * sizeof(uint16_t) : 0;
 }
 
 size_t ifg_kvq_part_bytes(int type, int bs, int hd, int group) {
@@ -27,8 +30,8 @@ size_t ifg_kvq_part_bytes(int type, int bs, int hd, int group) {
     switch (type) {
     case IFG_KV_F32: return n * 4;
     case IFG_KV_BF16: case IFG_KV_F16: return n * 2;
-    case IFG_KV_I8: case IFG_KV_FP8: return sc + n;
-    case IFG_KV_I4: return sc + n / 2;
+    case IFG_KV_I8: case IFG_KV_FP8: case IFG_KV_I8C: return sc + n;
+    case IFG_KV_I4: case IFG_KV_I4C: return sc + n / 2;
     }
     return 0;
 }
@@ -55,25 +58,24 @@ static uint8_t kvq_e4m3(float v) {
 /* An E4M3 code as the bits of the f16 holding its value / 256 (exact, subnormals included). */
 static inline uint16_t kvq_e4m3_f16(uint8_t c) { return (uint16_t)(((c & 0x80) << 8) | ((c & 0x7F) << 7)); }
 
-/* Codes q[0..n) of x[0..n) and their scale d (x ≈ q·d). */
-static float kvq_quant_group(const float *x, int n, int type, int8_t *q) {
-    float d, amax = 0.0f, m = 0.0f;
+/* Codes q[0..n) of x[0..n) and their scale d as f16 bits (x ≈ q·d; the codes use the rounded d). */
+static uint16_t kvq_quant_group(const float *x, int n, int type, int8_t *q) {
+    float amax = 0.0f, m = 0.0f;
     for (int i = 0; i < n; i++)
         if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); m = x[i]; }
+    const uint16_t d16 = ifg_f64_to_f16((double)(type == IFG_KV_FP8 ? amax / 448.0f
+                                                 : type == IFG_KV_I8 ? amax / 127.0f : m / -8.0f));
+    const float d = ifg_f16_to_f32(d16), id = d != 0.0f ? 1.0f / d : 0.0f;
     if (type == IFG_KV_FP8) {
-        d = amax / 448.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
         for (int i = 0; i < n; i++) q[i] = (int8_t)kvq_e4m3(x[i] * id);
-        return d;
+        return d16;
     }
     const int lo = type == IFG_KV_I8 ? -127 : -8, hi = type == IFG_KV_I8 ? 127 : 7;
-    d = type == IFG_KV_I8 ? amax / 127.0f : m / -8.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     for (int i = 0; i < n; i++) {
         float r = rintf(x[i] * id);
         q[i] = (int8_t)(r < lo ? lo : r > hi ? hi : r);
     }
-    return d;
+    return d16;
 }
 
 /* int4 value i of a packed row: byte (i/8)*4 + i%4, low nibble for i%8 < 4. */
@@ -99,7 +101,7 @@ static void kvq_put_k(uint8_t *kp, int type, const float *x, int r, int bs, int 
     } else {
         int8_t q[KVQ_MAX_HD];
         for (int g = 0; g < hd / group; g++)
-            ((float *)kp)[(size_t)g * bs + r] = kvq_quant_group(x + g * group, group, type, q + g * group);
+            ((uint16_t *)kp)[(size_t)g * bs + r] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
             if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)d * bs + r] = q[d];
             else kvq_put4(codes + (size_t)d * (bs / 2), r, q[d]);
@@ -120,7 +122,7 @@ static void kvq_put_v(uint8_t *vp, int type, const float *x, int r, int bs, int 
         int8_t q[KVQ_MAX_HD];
         const int ng = hd / group;
         for (int g = 0; g < ng; g++)
-            ((float *)vp)[(size_t)r * ng + g] = kvq_quant_group(x + g * group, group, type, q + g * group);
+            ((uint16_t *)vp)[(size_t)r * ng + g] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
             if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)r * hd + d] = q[d];
             else kvq_put4(codes + (size_t)r * (hd / 2), d, q[d]);
@@ -128,11 +130,70 @@ static void kvq_put_v(uint8_t *vp, int type, const float *x, int r, int bs, int 
     }
 }
 
+/* ---- per-channel keys: the f32 rows of a group being filled, and its quantization ----------- */
+/* Key row (kv head h) of position p2 of the sequence of call row t: from this call's rows k when
+ * one holds it (a sequence's rows are in position order, so t - (pos[t] - p2) first), else from
+ * the stage, where an earlier call left it. */
+static const float *kvq_row(const float *k, int ldk, const float *stage, int S, const int32_t *seq,
+                            const int32_t *pos, int T, int t, int p2, int kv_dim, int hd, int h) {
+    const int s = seq[t];
+    int t2 = t - (pos[t] - p2);
+    if (t2 < 0 || t2 >= T || seq[t2] != s || pos[t2] != p2)
+        for (t2 = 0; t2 < T && (seq[t2] != s || pos[t2] != p2); t2++) {}
+    if (t2 < T) return k + (size_t)t2 * ldk + (size_t)h * hd;
+    return stage + ((size_t)s * S + (size_t)(p2 % S)) * kv_dim + (size_t)h * hd;
+}
+
+/* One channel x[0..POS) of a group: codes q (0..L), scale and min as f16 bits (kvq.h). */
+static void kvq_quant_chan(const float *x, int type, uint8_t *q, uint16_t *d16, uint16_t *m16) {
+    const float L = type == IFG_KV_I8C ? 255.0f : 15.0f;
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < IFG_KVQ_POS; i++) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    *m16 = ifg_f64_to_f16((double)lo);
+    const float mn = ifg_f16_to_f32(*m16);
+    *d16 = ifg_f64_to_f16((double)((hi - mn) / L));
+    const float d = ifg_f16_to_f32(*d16), id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < IFG_KVQ_POS; i++) {
+        const float r = rintf((x[i] - mn) * id);
+        q[i] = (uint8_t)(r < 0.0f ? 0.0f : r > L ? L : r);
+    }
+}
+
+/* Quantize the group ending at position p (row t of the call) of kv head h into key part kp. */
+static void kvq_put_group(uint8_t *kp, int type, const float *k, int ldk, const float *stage, int S,
+                          const int32_t *seq, const int32_t *pos, int T, int t, int bs, int kv_dim, int hd, int h) {
+    const int g0 = pos[t] - (IFG_KVQ_POS - 1), r0 = g0 % bs, gi = r0 / IFG_KVQ_POS;
+    const float *rows[IFG_KVQ_POS];
+    for (int i = 0; i < IFG_KVQ_POS; i++) rows[i] = kvq_row(k, ldk, stage, S, seq, pos, T, t, g0 + i, kv_dim, hd, h);
+    uint16_t *sc = (uint16_t *)kp + (size_t)gi * hd, *mn = (uint16_t *)kp + (size_t)(bs / IFG_KVQ_POS + gi) * hd;
+    uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, 0);
+    for (int d = 0; d < hd; d++) {
+        float x[IFG_KVQ_POS];
+        uint8_t q[IFG_KVQ_POS];
+        for (int i = 0; i < IFG_KVQ_POS; i++) x[i] = rows[i][d];
+        kvq_quant_chan(x, type, q, sc + d, mn + d);
+        for (int i = 0; i < IFG_KVQ_POS; i++) {
+            if (type == IFG_KV_I8C) codes[(size_t)d * bs + r0 + i] = q[i];
+            else kvq_put4(codes + (size_t)d * (bs / 2), r0 + i, (int8_t)(q[i] - 8));
+        }
+    }
+}
+
+static int kvq_stage_ok(int k_type, const float *k, const float *stage, int S) {
+    return !kvq_chan(k_type) || (k && stage && S >= 2 * IFG_KVQ_POS && S % IFG_KVQ_POS == 0);
+}
+
 void ifg_kvq_store_part(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
-                        const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
-                        const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim) {
+                        const float *v, int ldkv, const float *stage, int stage_rows, const int32_t *block_table,
+                        int max_blocks, int block_size, const int32_t *seq, const int32_t *pos, int T,
+                        int n_kv_heads, int head_dim) {
+    if (!kvq_stage_ok(k_type, k, stage, stage_rows) || kvq_chan(v_type)) return;
     const size_t kpb = ifg_kvq_part_bytes(k_type, block_size, head_dim, group),
                  vpb = ifg_kvq_part_bytes(v_type, block_size, head_dim, group);
+    const int chan = kvq_chan(k_type);
     /* split by kv head: two positions of one int4 key byte are never written by two threads */
     IFG_FOR
     for (int h = 0; h < n_kv_heads; h++)
@@ -141,17 +202,41 @@ void ifg_kvq_store_part(void *k_cache, void *v_cache, int k_type, int v_type, in
             const size_t b = (size_t)block_table[(size_t)seq[t] * max_blocks + p / block_size];
             const size_t part = b * n_kv_heads + h;
             const size_t off = (size_t)t * ldkv + (size_t)h * head_dim;
-            kvq_put_k((uint8_t *)k_cache + part * kpb, k_type, k + off, p % block_size, block_size, head_dim, group);
+            if (!chan)
+                kvq_put_k((uint8_t *)k_cache + part * kpb, k_type, k + off, p % block_size, block_size, head_dim,
+                          group);
+            else if (p % IFG_KVQ_POS == IFG_KVQ_POS - 1)
+                kvq_put_group((uint8_t *)k_cache + part * kpb, k_type, k, ldkv, stage, stage_rows, seq, pos, T, t,
+                              block_size, n_kv_heads * head_dim, head_dim, h);
             kvq_put_v((uint8_t *)v_cache + part * vpb, v_type, v + off, p % block_size, block_size, head_dim, group);
         }
 }
 
 void ifg_kvq_store(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
-                   const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
-                   const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim, int n_threads) {
+                   const float *v, int ldkv, const float *stage, int stage_rows, const int32_t *block_table,
+                   int max_blocks, int block_size, const int32_t *seq, const int32_t *pos, int T, int n_kv_heads,
+                   int head_dim, int n_threads) {
     IFG_PARALLEL(n_threads) {
-        ifg_kvq_store_part(k_cache, v_cache, k_type, v_type, group, k, v, ldkv, block_table, max_blocks,
-                           block_size, seq, pos, T, n_kv_heads, head_dim);
+        ifg_kvq_store_part(k_cache, v_cache, k_type, v_type, group, k, v, ldkv, stage, stage_rows, block_table,
+                           max_blocks, block_size, seq, pos, T, n_kv_heads, head_dim);
+    }
+}
+
+void ifg_kvq_stage_part(float *stage, int stage_rows, const float *k, int ldk, const int32_t *seq,
+                        const int32_t *pos, int T, int n_kv_heads, int head_dim) {
+    if (stage_rows <= 0) return;
+    const int kv_dim = n_kv_heads * head_dim;
+    IFG_FOR /* by kv head, rows in call order: a later position of the same row slot wins */
+    for (int h = 0; h < n_kv_heads; h++)
+        for (int t = 0; t < T; t++)
+            memcpy(stage + ((size_t)seq[t] * stage_rows + (size_t)(pos[t] % stage_rows)) * kv_dim + (size_t)h * head_dim,
+                   k + (size_t)t * ldk + (size_t)h * head_dim, (size_t)head_dim * sizeof(float));
+}
+
+void ifg_kvq_stage(float *stage, int stage_rows, const float *k, int ldk, const int32_t *seq, const int32_t *pos,
+                   int T, int n_kv_heads, int head_dim, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_kvq_stage_part(stage, stage_rows, k, ldk, seq, pos, T, n_kv_heads, head_dim);
     }
 }
 
@@ -195,6 +280,10 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
                                   : _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
         return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(kvq_nibbles(b)), _mm512_set1_epi32(8)));
     }
+    case IFG_KV_I8C: /* per-channel key codes: 16 positions, unsigned */
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i))));
+    case IFG_KV_I4C:
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(kvq_nibbles(_mm_loadl_epi64((const __m128i *)(c + i / 2)))));
     default:
         return r == 16 ? _mm512_loadu_ps((const float *)c + i) : ifg_vload_n((const float *)c + i, r);
     }
@@ -215,6 +304,9 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
         const __m128i b = _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
         return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(kvq_nibbles(b)), _mm256_set1_epi32(8)));
     }
+    case IFG_KV_I8C: return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + i))));
+    case IFG_KV_I4C:
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(kvq_nibbles(_mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2))))));
     default: return _mm256_loadu_ps((const float *)c + i);
     }
 }
@@ -223,13 +315,14 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
 IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
                    float scale) {
     const int quant = kvq_scaled(type);
-    const float *sc = (const float *)kp;
+    const uint16_t *sc = (const uint16_t *)kp;
     const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
     for (int pc = 0; pc < bs; pc += IFG_VW) {
         ifg_vf a[KVQ_HMAX];
         for (int h = 0; h < n; h++) a[h] = ifg_vzero();
         for (int g0 = 0; g0 < hd; g0 += group) {
-            const ifg_vf s = quant ? ifg_vmul(ifg_vload(sc + (size_t)(g0 / group) * bs + pc), ifg_vset1(kvq_unit(type)))
+            const ifg_vf s = quant ? ifg_vmul(ifg_vload_w(sc, IFG_F16, (size_t)(g0 / group) * bs + pc),
+                                              ifg_vset1(kvq_unit(type)))
                                    : ifg_vzero();
             for (int d = g0; d < g0 + group; d++) {
                 ifg_vf kv = kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW);
@@ -242,10 +335,38 @@ IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n,
     }
 }
 
+/* Per-channel keys, position groups v0..v1-1 of the block: S[h][j] = scale · Σ_d q_hd·(c[d][j]·s_d + m_d),
+ * the decoded key vector (one FMA) shared by the n heads as in kvq_qk. */
+IFG_AI void kvq_qk_chan(float *S, const float *q, const uint8_t *kp, int type, int n, int v0, int v1, int bs,
+                        int hd, float scale) {
+    const uint16_t *sc = (const uint16_t *)kp, *mn = sc + (size_t)(bs / IFG_KVQ_POS) * hd;
+    const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, 0);
+    float sf[KVQ_MAX_HD] __attribute__((aligned(64))), mf[KVQ_MAX_HD] __attribute__((aligned(64)));
+    for (int gi = v0; gi < v1; gi++) {
+        for (int d = 0; d < hd; d += IFG_VW) { /* this group's scales and mins as f32 */
+            const int r = hd - d < IFG_VW ? hd - d : IFG_VW;
+            const size_t o = (size_t)gi * hd + d;
+            ifg_vstore_n(sf + d, r == IFG_VW ? ifg_vload_w(sc, IFG_F16, o) : ifg_vload_w_n(sc, IFG_F16, o, r), r);
+            ifg_vstore_n(mf + d, r == IFG_VW ? ifg_vload_w(mn, IFG_F16, o) : ifg_vload_w_n(mn, IFG_F16, o, r), r);
+        }
+        for (int pc = gi * IFG_KVQ_POS; pc < (gi + 1) * IFG_KVQ_POS; pc += IFG_VW) {
+            ifg_vf a[KVQ_HMAX];
+            for (int h = 0; h < n; h++) a[h] = ifg_vzero();
+            for (int d = 0; d < hd; d++) {
+                const ifg_vf kv = ifg_vfma(kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW), ifg_vset1(sf[d]),
+                                           ifg_vset1(mf[d]));
+                for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(q[(size_t)h * hd + d]), kv, a[h]);
+            }
+            const ifg_vf sv = ifg_vset1(scale);
+            for (int h = 0; h < n; h++) ifg_vstore(S + (size_t)h * IFG_KVQ_MAX_BS + pc, ifg_vmul(a[h], sv));
+        }
+    }
+}
+
 IFG_AI void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
                    int hd, int group) {
     const int quant = kvq_scaled(type), ng = hd / group;
-    const float *sc = (const float *)vp;
+    const uint16_t *sc = (const uint16_t *)vp;
     const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
     for (int dc = 0; dc < hd; dc += IFG_VW) {
         const int r = hd - dc < IFG_VW ? hd - dc : IFG_VW;
@@ -253,7 +374,7 @@ IFG_AI void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int 
         for (int h = 0; h < n; h++) a[h] = ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r);
         for (int j = j0; j <= j1; j++) {
             ifg_vf v = kvq_dec(type, codes, (size_t)j * hd + dc, r);
-            if (quant) v = ifg_vmul(v, ifg_vset1(sc[(size_t)j * ng + dc / group] * kvq_unit(type)));
+            if (quant) v = ifg_vmul(v, ifg_vset1(ifg_f16_to_f32(sc[(size_t)j * ng + dc / group]) * kvq_unit(type)));
             for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(P[(size_t)h * IFG_KVQ_MAX_BS + j]), v, a[h]);
         }
         for (int h = 0; h < n; h++) ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc, a[h], r);
@@ -301,6 +422,8 @@ static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
     case IFG_KV_I8: return (float)((const int8_t *)c)[row_off + i];
     case IFG_KV_FP8: return ifg_f16_to_f32(kvq_e4m3_f16(c[row_off + i]));
     case IFG_KV_I4: return (float)kvq_get4(c + row_off / 2, i);
+    case IFG_KV_I8C: return (float)c[row_off + i];
+    case IFG_KV_I4C: return (float)(kvq_get4(c + row_off / 2, i) + 8);
     default: return ((const float *)c)[row_off + i];
     }
 }
@@ -308,31 +431,48 @@ static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
 static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n, int bs, int hd, int group,
                           float scale) {
     const int quant = kvq_scaled(type);
-    const float *sc = (const float *)kp;
+    const uint16_t *sc = (const uint16_t *)kp;
     const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, group);
     for (int h = 0; h < n; h++)
         for (int j = 0; j < bs; j++) {
             float a = 0.0f;
             for (int d = 0; d < hd; d++) {
                 float kv = kvq_get(type, codes, (size_t)d * bs, j);
-                if (quant) kv *= sc[(size_t)(d / group) * bs + j] * kvq_unit(type);
+                if (quant) kv *= ifg_f16_to_f32(sc[(size_t)(d / group) * bs + j]) * kvq_unit(type);
                 a += q[(size_t)h * hd + d] * kv;
             }
             S[(size_t)h * IFG_KVQ_MAX_BS + j] = a * scale;
         }
 }
 
+static inline void kvq_qk_chan(float *S, const float *q, const uint8_t *kp, int type, int n, int v0, int v1,
+                               int bs, int hd, float scale) {
+    const uint16_t *sc = (const uint16_t *)kp, *mn = sc + (size_t)(bs / IFG_KVQ_POS) * hd;
+    const uint8_t *codes = kp + kvq_scale_bytes(type, bs, hd, 0);
+    for (int h = 0; h < n; h++)
+        for (int gi = v0; gi < v1; gi++)
+            for (int j = gi * IFG_KVQ_POS; j < (gi + 1) * IFG_KVQ_POS; j++) {
+                float a = 0.0f;
+                for (int d = 0; d < hd; d++) {
+                    const size_t o = (size_t)gi * hd + d;
+                    const float k = fmaf(kvq_get(type, codes, (size_t)d * bs, j), ifg_f16_to_f32(sc[o]), ifg_f16_to_f32(mn[o]));
+                    a += q[(size_t)h * hd + d] * k;
+                }
+                S[(size_t)h * IFG_KVQ_MAX_BS + j] = a * scale;
+            }
+}
+
 static inline void kvq_pv(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
                           int hd, int group) {
     const int quant = kvq_scaled(type), ng = hd / group;
-    const float *sc = (const float *)vp;
+    const uint16_t *sc = (const uint16_t *)vp;
     const uint8_t *codes = vp + kvq_scale_bytes(type, bs, hd, group);
     for (int h = 0; h < n; h++)
         for (int j = j0; j <= j1; j++) {
             const float p = P[(size_t)h * IFG_KVQ_MAX_BS + j];
             for (int d = 0; d < hd; d++) {
                 float v = kvq_get(type, codes, (size_t)j * hd, d);
-                if (quant) v *= sc[(size_t)j * ng + d / group] * kvq_unit(type);
+                if (quant) v *= ifg_f16_to_f32(sc[(size_t)j * ng + d / group]) * kvq_unit(type);
                 acc[(size_t)h * KVQ_MAX_HD + d] += p * v;
             }
         }
@@ -376,6 +516,13 @@ static void kvq_qk_any(float *S, const float *q, const uint8_t *kp, int type, in
     }
 }
 
+#define KVQ_QKC(S, q, kp, v0, v1, bs, hd, scale, type, n) kvq_qk_chan(S, q, kp, type, n, v0, v1, bs, hd, scale)
+static void kvq_qkc_any(float *S, const float *q, const uint8_t *kp, int type, int n, int v0, int v1, int bs, int hd,
+                        float scale) {
+    if (type == IFG_KV_I8C) KVQ_HEADS(KVQ_QKC, n, S, q, kp, v0, v1, bs, hd, scale, IFG_KV_I8C)
+    else KVQ_HEADS(KVQ_QKC, n, S, q, kp, v0, v1, bs, hd, scale, IFG_KV_I4C)
+}
+
 static void kvq_pv_any(float *acc, const float *P, const uint8_t *vp, int type, int n, int j0, int j1, int bs,
                        int hd, int group) {
     switch (type) {
@@ -390,10 +537,12 @@ static void kvq_pv_any(float *acc, const float *P, const uint8_t *vp, int type, 
 
 /* One (token, kv head) item for G (<= KVQ_GMAX) query heads stored contiguously at q / out, over
  * positions first..last of the sequence whose block table is bt; kc / vc point at this layer's
- * pools, parts kpb / vpb bytes, this kv head's part of block b at (b*n_kv + kvh). */
+ * pools, parts kpb / vpb bytes, this kv head's part of block b at (b*n_kv + kvh). Per-channel
+ * keys: own is the f32 keys of last's own group, channel-major [hd][POS]. */
 static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8_t *vc, int kt, int vt,
                       int group, const int32_t *bt, int bs, int n_kv, int kvh, size_t kpb, size_t vpb,
-                      int first, int last, int hd, int G, float scale) {
+                      int first, int last, int hd, int G, float scale, const float *own) {
+    const int g0 = last & ~(IFG_KVQ_POS - 1); /* per-channel keys: positions >= g0 come from own */
     float S[KVQ_GMAX][IFG_KVQ_MAX_BS] __attribute__((aligned(64)));
     float acc[KVQ_GMAX][KVQ_MAX_HD] __attribute__((aligned(64)));
     float m[KVQ_GMAX], l[KVQ_GMAX];
@@ -412,9 +561,17 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
             for (size_t o = 0; o < kpb; o += 64) IFG_PREFETCH(kc + nx * kpb + o);
             for (size_t o = 0; o < vpb; o += 64) IFG_PREFETCH(vc + nx * vpb + o);
         }
-        for (int g0 = 0; g0 < G; g0 += KVQ_HMAX) {
-            const int n = G - g0 < KVQ_HMAX ? G - g0 : KVQ_HMAX;
-            kvq_qk_any(S[g0], q + (size_t)g0 * hd, kp, kt, n, bs, hd, group, scale);
+        for (int h0 = 0; h0 < G; h0 += KVQ_HMAX) {
+            const int n = G - h0 < KVQ_HMAX ? G - h0 : KVQ_HMAX;
+            if (!kvq_chan(kt)) {
+                kvq_qk_any(S[h0], q + (size_t)h0 * hd, kp, kt, n, bs, hd, group, scale);
+                continue;
+            }
+            const int v0 = j0 / IFG_KVQ_POS, vq = g0 - bi * bs < bs ? (g0 - bi * bs) / IFG_KVQ_POS : bs / IFG_KVQ_POS;
+            if (vq > v0) kvq_qkc_any(S[h0], q + (size_t)h0 * hd, kp, kt, n, v0, vq, bs, hd, scale);
+            if (g0 >= bi * bs && g0 < bi * bs + bs) /* the own group: f32 rows, as an f32 part of POS positions */
+                kvq_qk_any(S[h0] + (g0 - bi * bs), q + (size_t)h0 * hd, (const uint8_t *)own, IFG_KV_F32, n,
+                           IFG_KVQ_POS, hd, hd, scale);
         }
         for (int g = 0; g < G; g++) {
             for (int j = 0; j < j0; j++) S[g][j] = -INFINITY;
@@ -434,14 +591,15 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
 }
 
 void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const void *k_cache,
-                            const void *v_cache, int k_type, int v_type, int group,
-                            const int32_t *block_table, int max_blocks, int block_size, const int32_t *seq,
-                            const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim, float scale,
-                            int window) {
+                            const void *v_cache, int k_type, int v_type, int group, const float *k, int ldk,
+                            const float *stage, int stage_rows, const int32_t *block_table, int max_blocks,
+                            int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
+                            int n_kv_heads, int head_dim, float scale, int window) {
     if (head_dim <= 0 || head_dim > KVQ_MAX_HD || n_kv_heads <= 0 || n_heads % n_kv_heads ||
         block_size % IFG_KVQ_POS || block_size > IFG_KVQ_MAX_BS || head_dim % IFG_KVQ_CHUNK ||
-        group <= 0 || head_dim % group)
+        group <= 0 || head_dim % group || !kvq_stage_ok(k_type, k, stage, stage_rows) || kvq_chan(v_type))
         return;
+    const int chan = kvq_chan(k_type), kv_dim = n_kv_heads * head_dim;
     const int G = n_heads / n_kv_heads;
     const size_t kpb = ifg_kvq_part_bytes(k_type, block_size, head_dim, group),
                  vpb = ifg_kvq_part_bytes(v_type, block_size, head_dim, group);
@@ -451,24 +609,34 @@ void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const 
         const int t = (int)(it / n_kv_heads), kvh = (int)(it % n_kv_heads);
         const int32_t *bt = block_table + (size_t)seq[t] * max_blocks;
         const int first = window > 0 && pos[t] + 1 > window ? pos[t] + 1 - window : 0;
+        float own[KVQ_MAX_HD * IFG_KVQ_POS] __attribute__((aligned(64)));
+        if (chan) { /* the own group's keys in f32, channel-major; positions past pos[t] are masked */
+            const int g0 = pos[t] & ~(IFG_KVQ_POS - 1);
+            for (int i = 0; i < IFG_KVQ_POS; i++) {
+                const float *r = g0 + i <= pos[t] ? kvq_row(k, ldk, stage, stage_rows, seq, pos, T, t, g0 + i,
+                                                            kv_dim, head_dim, kvh) : NULL;
+                for (int d = 0; d < head_dim; d++) own[d * IFG_KVQ_POS + i] = r ? r[d] : 0.0f;
+            }
+        }
         for (int g0 = 0; g0 < G; g0 += KVQ_GMAX) {
             const int gc = G - g0 < KVQ_GMAX ? G - g0 : KVQ_GMAX;
             const size_t h0 = (size_t)kvh * G + g0;
             kvq_group(out + (size_t)t * ldo + h0 * head_dim, q + (size_t)t * ldq + h0 * head_dim,
                       (const uint8_t *)k_cache, (const uint8_t *)v_cache, k_type, v_type, group, bt, block_size,
-                      n_kv_heads, kvh, kpb, vpb, first, pos[t], head_dim, gc, scale);
+                      n_kv_heads, kvh, kpb, vpb, first, pos[t], head_dim, gc, scale, own);
         }
     }
 }
 
 void ifg_kvq_attention(float *out, int ldo, const float *q, int ldq, const void *k_cache, const void *v_cache,
-                       int k_type, int v_type, int group, const int32_t *block_table, int max_blocks,
-                       int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
-                       int n_kv_heads, int head_dim, float scale, int window, int n_threads) {
+                       int k_type, int v_type, int group, const float *k, int ldk, const float *stage,
+                       int stage_rows, const int32_t *block_table, int max_blocks, int block_size,
+                       const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
+                       float scale, int window, int n_threads) {
     IFG_PARALLEL(n_threads) {
-        ifg_kvq_attention_part(out, ldo, q, ldq, k_cache, v_cache, k_type, v_type, group, block_table,
-                               max_blocks, block_size, seq, pos, T, n_heads, n_kv_heads, head_dim, scale,
-                               window);
+        ifg_kvq_attention_part(out, ldo, q, ldq, k_cache, v_cache, k_type, v_type, group, k, ldk, stage,
+                               stage_rows, block_table, max_blocks, block_size, seq, pos, T, n_heads, n_kv_heads,
+                               head_dim, scale, window);
     }
 }
 

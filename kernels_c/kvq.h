@@ -7,7 +7,8 @@
 #include "core.h"
 
 // cdef-begin
-enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3, IFG_KV_F16 = 4, IFG_KV_FP8 = 5 };
+enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3, IFG_KV_F16 = 4, IFG_KV_FP8 = 5,
+                   IFG_KV_I8C = 6, IFG_KV_I4C = 7 };
 /* Shape rules of the compressed layout: block_size a multiple of POS (position vectors of the
    key kernel), head_dim a multiple of CHUNK (int4 packs 8 values in 4 bytes), at most MAX_BS
    positions per block. */
@@ -15,27 +16,48 @@ enum ifg_kvq_shape { IFG_KVQ_POS = 16, IFG_KVQ_CHUNK = 8, IFG_KVQ_MAX_BS = 256 }
 
 /* One layer's K (or V) pool is [n_blocks][n_kv_heads][part]; a part is one kv head's share of one
    block, ifg_kvq_part_bytes(type, block_size, head_dim, group) bytes:
-     K part: scaled types (int8, fp8, int4): scales f32 [head_dim/group][block_size], then codes
+     K part: scaled types (int8, fp8, int4): scales f16 [head_dim/group][block_size], then codes
              [head_dim][block_size] (channel-major: a key kernel vector holds 16 positions of one channel)
-     V part: scaled types: scales f32 [block_size][head_dim/group], then codes [block_size][head_dim]
+             per-channel keys (int8c, int4c; keys only): f16 scales [block_size/POS][head_dim], f16 mins
+             [block_size/POS][head_dim], then codes [head_dim][block_size] (unsigned)
+     V part: scaled types: scales f16 [block_size][head_dim/group], then codes [block_size][head_dim]
    codes: f32, bf16 (round to nearest even), f16 (IEEE half, round to nearest even),
    int8 (d = amax/127, q = rint(x/d) in -127..127), fp8 (d = amax/448, q = x/d rounded to the
    nearest E4M3 value, ties to the even code, saturated at ±448; one byte per value),
    int4 (d = -m/8 for m the value of largest magnitude, q = rint(x/d) clamped to -8..7, stored
    q+8; 8 values in 4 bytes: byte i holds value i in its low and value i+4 in its high nibble).
-   x/d is computed as x * (1/d) in f32; the value read back is q * d in f32. group divides
-   head_dim and is head_dim or a multiple of 16. */
+   d is rounded to f16 (nearest even) first; x/d is computed as x * (1/d) in f32 with that d; the
+   value read back is q * d in f32. group divides
+   head_dim and is head_dim or a multiple of 16.
+   int8c / int4c (KIVI keys): one channel of the POS positions of a group: mn = f16(min),
+   d = f16((max - mn) / L) for L = 255 / 15, q = rint((x - mn) * (1/d)) clamped to 0..L (d = 0:
+   q = 0); read back as q * d + mn. int4c packs as int4 (nibble = q). A group is quantized when
+   its last position is stored; until then its rows live in f32 in the caller's *stage*:
+   [n_seqs][stage_rows][n_kv_heads*head_dim] f32 per layer, position p of sequence s at row
+   p % stage_rows (stage_rows a multiple of POS, >= 2*POS so a rejected draft that crossed into
+   the next group leaves the previous one intact). A query at position p reads the groups before
+   p's own quantized and its own group (p & ~(POS-1) .. p) in f32 — from this call's k rows when
+   they hold the position, else from the stage — so its keys do not depend on how positions
+   were split into calls. Within one call a sequence's rows are in increasing position order;
+   ifg_kvq_stage writes the call's rows to the stage after attention. k / stage unused (NULL
+   allowed) when the key type is not per-channel. */
 size_t ifg_kvq_part_bytes(int type, int block_size, int head_dim, int group);
 /* Store k[t], v[t] (rows of n_kv_heads*head_dim at stride ldkv) at (seq[t], pos[t]) as
    ifg_kv_store does, quantizing into the layout above. */
 void ifg_kvq_store(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
-                   const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
-                   const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim, int n_threads);
-/* ifg_attention_window over the compressed cache (window <= 0: no window). */
+                   const float *v, int ldkv, const float *stage, int stage_rows, const int32_t *block_table,
+                   int max_blocks, int block_size, const int32_t *seq, const int32_t *pos, int T, int n_kv_heads,
+                   int head_dim, int n_threads);
+/* ifg_attention_window over the compressed cache (window <= 0: no window); k / ldk: this call's
+   key rows as given to the store (read for per-channel keys). */
 void ifg_kvq_attention(float *out, int ldo, const float *q, int ldq, const void *k_cache, const void *v_cache,
-                       int k_type, int v_type, int group, const int32_t *block_table, int max_blocks,
-                       int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
-                       int n_kv_heads, int head_dim, float scale, int window, int n_threads);
+                       int k_type, int v_type, int group, const float *k, int ldk, const float *stage,
+                       int stage_rows, const int32_t *block_table, int max_blocks, int block_size,
+                       const int32_t *seq, const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim,
+                       float scale, int window, int n_threads);
+/* Copy this call's key rows to the stage (after its attention; per-channel keys). */
+void ifg_kvq_stage(float *stage, int stage_rows, const float *k, int ldk, const int32_t *seq, const int32_t *pos,
+                   int T, int n_kv_heads, int head_dim, int n_threads);
 /* x_h ← H·(signs ⊙ x_h) / sqrt(head_dim) for every head h of every row (rows of n_heads*head_dim
    at stride ld): an orthogonal rotation, so rotating both queries and keys leaves q·k unchanged
    while spreading a channel's outlier over all channels before quantizing. head_dim a power of
@@ -45,13 +67,16 @@ void ifg_hadamard(float *x, int ld, const float *signs, int rows, int n_heads, i
 
 /* Orphaned work-sharing bodies: call from inside a parallel region (all threads). */
 void ifg_kvq_store_part(void *k_cache, void *v_cache, int k_type, int v_type, int group, const float *k,
-                        const float *v, int ldkv, const int32_t *block_table, int max_blocks, int block_size,
-                        const int32_t *seq, const int32_t *pos, int T, int n_kv_heads, int head_dim);
+                        const float *v, int ldkv, const float *stage, int stage_rows, const int32_t *block_table,
+                        int max_blocks, int block_size, const int32_t *seq, const int32_t *pos, int T,
+                        int n_kv_heads, int head_dim);
 void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const void *k_cache,
-                            const void *v_cache, int k_type, int v_type, int group,
-                            const int32_t *block_table, int max_blocks, int block_size, const int32_t *seq,
-                            const int32_t *pos, int T, int n_heads, int n_kv_heads, int head_dim, float scale,
-                            int window);
+                            const void *v_cache, int k_type, int v_type, int group, const float *k, int ldk,
+                            const float *stage, int stage_rows, const int32_t *block_table, int max_blocks,
+                            int block_size, const int32_t *seq, const int32_t *pos, int T, int n_heads,
+                            int n_kv_heads, int head_dim, float scale, int window);
+void ifg_kvq_stage_part(float *stage, int stage_rows, const float *k, int ldk, const int32_t *seq,
+                        const int32_t *pos, int T, int n_kv_heads, int head_dim);
 void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim);
 
 #endif

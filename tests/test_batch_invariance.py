@@ -39,17 +39,17 @@ def _gen(model, reqs, adapters=(), spec=None, **kw):
     return out
 
 
-def _check(model, reqs, adapters=(), draft=None):
+def _check(model, reqs, adapters=(), draft=None, **kw):
     """Each request alone, all of them in one batch (and in pairs), lookup and draft speculation:
-    the same tokens every way."""
+    the same tokens every way. ``kw``: more Engine keywords (the KV cache's)."""
     alone = {}
     for r in reqs:
-        alone.update(_gen(model, [r], adapters, max_batch=1))
-    runs = {"batch": _gen(model, reqs, adapters, max_batch=len(reqs)),
-            "pairs": _gen(model, reqs, adapters, max_batch=2),
-            "lookup": _gen(model, reqs, adapters, SpecConfig("lookup", k=4), max_batch=3)}
+        alone.update(_gen(model, [r], adapters, max_batch=1, **kw))
+    runs = {"batch": _gen(model, reqs, adapters, max_batch=len(reqs), **kw),
+            "pairs": _gen(model, reqs, adapters, max_batch=2, **kw),
+            "lookup": _gen(model, reqs, adapters, SpecConfig("lookup", k=4), max_batch=3, **kw)}
     if draft is not None:
-        runs["draft"] = _gen(model, reqs, adapters, SpecConfig("draft", k=4, draft_model=draft), max_batch=3)
+        runs["draft"] = _gen(model, reqs, adapters, SpecConfig("draft", k=4, draft_model=draft), max_batch=3, **kw)
     for how, got in runs.items():
         bad = [k for k in alone if got[k] != alone[k]]
         assert not bad, f"{how}: requests {bad} differ from their run alone"
@@ -88,6 +88,16 @@ def test_mixed_adapters_alone_batched_speculative(data_dir, tmp_path, dtype):
     names = [n for n, _ in ads] + [None]
     reqs = [Request(str(i), p, params=_greedy(24), adapter=names[i % len(names)]) for i, p in enumerate(PROMPTS)]
     _check(model, reqs, ads, draft=_quantized(base, "q4_0"))
+
+
+@pytest.mark.parametrize("kv", ["k=int4c,v=int4", "k=int8c,v=int8"])
+def test_per_channel_keys_alone_batched_speculative(data_dir, kv):
+    """Per-channel keys quantize a group of 16 positions once it is complete; a query reads its
+    own group in f32 whether it is a prefill row, a decode step or a verified draft, and a
+    rejected draft that completed a group leaves nothing behind: the same tokens every way."""
+    base = load_model(data_dir / "stories260K-f32")
+    reqs = [Request(str(i), p, params=_greedy(40)) for i, p in enumerate(PROMPTS)]
+    _check(_quantized(base, "q8_0"), reqs, draft=_quantized(base, "q4_0"), kv_dtype=kv)
 
 
 @pytest.fixture(scope="module")

@@ -187,8 +187,10 @@ def test_kv_cache_kind_end_to_end(data_dir, tmp_path):
     recs = json.loads(out.read_text())["records"]
     q = {r["kv"]: r for r in recs if r["part"] == "quality"}
     assert 0 < q["int8"]["kld_mean"] < q["int4 rotate=off"]["kld_mean"]
-    # head_dim 8: one f32 scale per 8 values (4 bytes) beside 8 or 4 bytes of codes, against 32
-    assert q["int8"]["kv_bytes_vs_f32"] == 12 / 32 and q["int4 rotate=off"]["kv_bytes_vs_f32"] == 8 / 32
+    # head_dim 8, per position of K and V against 64 bytes: values 8 or 4 bytes of codes and an f16
+    # scale per 8 (2 bytes); keys per channel the same codes and an f16 scale and min per 16
+    # positions (2 bytes)
+    assert q["int8"]["kv_bytes_vs_f32"] == 20 / 64 and q["int4 rotate=off"]["kv_bytes_vs_f32"] == 12 / 64
     assert q["int8"]["rotated"] == 5 and q["int4 rotate=off"]["rotated"] == 0
     sp = [r for r in recs if r["part"] == "speed"]
     assert sorted((r["kv"], r["depth"]) for r in sp) == [("f32", 0), ("f32", 40), ("int8", 0), ("int8", 40)]

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import P
 from infeng.kernels.abi import KV_TYPE
-from infeng.quant.kvcache import KV_TYPES, decode_part, encode_part, hadamard, part_bytes, rotation_signs, roundtrip
+from infeng.quant.kvcache import CHANNEL, KV_TYPES, decode_part, encode_part, hadamard, part_bytes, rotation_signs, roundtrip
 
 I32 = "int32_t *"
-TYPES = KV_TYPES
+TYPES = tuple(t for t in KV_TYPES if t not in CHANNEL)   # per-channel keys: test_kvq_channel.py
 
 
 class QPool:
@@ -40,7 +40,7 @@ class QPool:
 
     def store(self, kern, k, v, ldkv, seq, pos, nth=2):
         kern.lib.ifg_kvq_store(P(kern, self.k, "void *"), P(kern, self.v, "void *"), KV_TYPE[self.kt],
-                               KV_TYPE[self.vt], self.group, P(kern, k), P(kern, v), ldkv,
+                               KV_TYPE[self.vt], self.group, P(kern, k), P(kern, v), ldkv, kern.ffi.NULL, 0,
                                P(kern, self.table, I32), self.max_blocks, self.bs, P(kern, seq, I32),
                                P(kern, pos, I32), len(seq), self.n_kv, self.hd, nth)
 
@@ -101,7 +101,7 @@ def run(kern, pool, q, ldq, seq, pos, n_heads, scale, nth, ldo, window=0):
     out = np.full((T, ldo), -7.0, np.float32)
     kern.lib.ifg_kvq_attention(P(kern, out), ldo, P(kern, q), ldq, P(kern, pool.k, "void *"),
                                P(kern, pool.v, "void *"), KV_TYPE[pool.kt], KV_TYPE[pool.vt], pool.group,
-                               P(kern, pool.table, I32), pool.max_blocks, pool.bs, P(kern, seq, I32),
+                               kern.ffi.NULL, 0, kern.ffi.NULL, 0, P(kern, pool.table, I32), pool.max_blocks, pool.bs, P(kern, seq, I32),
                                P(kern, pos, I32), T, n_heads, pool.n_kv, pool.hd, scale, window, nth)
     return out
 

@@ -6,7 +6,7 @@ compared with the reference's f32-cache run (mean KLD, p99, ΔPPL, top-1 agreeme
 
 Use an f32 model (tools/dequantize_model.py): the whole text is one prefill, so every key is
 rounded as its full block would be (KIVI's per-channel key groups need a block's positions; the
-real cache would keep the block being filled in f32, which this does not model).
+cache's int8c / int4c keep each query's own group in f32, which this does not model).
 """
 from __future__ import annotations
 

@@ -39,8 +39,10 @@ GGML_KV = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
 
 def kind_options(kind: dict[str, Any]) -> dict[str, Any]:
-    """Engine keywords of one infeng kind: {dtype, policy?, rotate?}."""
+    """Engine keywords of one infeng kind: {dtype, policy?, rotate?, group?}."""
     out = {"kv_dtype": kind.get("dtype", "f32")}
+    if kind.get("group"):
+        out["kv_group"] = kind["group"]
     if kind.get("policy"):
         out["kv_policy"] = kind["policy"]
     if kind.get("rotate"):
@@ -54,6 +56,8 @@ def kind_label(kind: dict[str, Any]) -> str:
         lab += f" [{kind['policy']}]"
     if kind.get("rotate"):
         lab += f" rotate={kind['rotate']}"
+    if kind.get("group"):
+        lab += f" group={kind['group']}"
     return lab
 
 
@@ -198,13 +202,13 @@ def speed(model_path: Path, depths: list[int], tokens: int, kinds: list[dict], l
 def check_kinds(kinds: Any, model_cfg, where: str) -> list[dict]:
     """The YAML's infeng kinds, each checked now (a bad one fails before any work)."""
     if not isinstance(kinds, list) or not all(isinstance(k, dict) for k in kinds):
-        raise_bad(where, "`kinds` must be a list of {dtype, policy?, rotate?}")
+        raise_bad(where, "`kinds` must be a list of {dtype, policy?, rotate?, group?}")
     for k in kinds:
-        extra = set(k) - {"dtype", "policy", "rotate"}
+        extra = set(k) - {"dtype", "policy", "rotate", "group"}
         if extra:
             raise_bad(where, f"kind {k}: unknown key(s) {', '.join(sorted(extra))}")
         if model_cfg is not None:
-            kv_spec(model_cfg, k.get("dtype", "f32"), k.get("policy"), k.get("rotate", "auto"))
+            kv_spec(model_cfg, k.get("dtype", "f32"), k.get("policy"), k.get("rotate", "auto"), k.get("group"))
     return kinds
 
 

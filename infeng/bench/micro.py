@@ -16,7 +16,7 @@ from infeng.errors import InfengError
 from infeng.format.schema import convert_dtype
 from infeng.kernels import ptr
 
-from infeng.kernels.abi import DTYPE, KV_TYPE
+from infeng.kernels.abi import DTYPE, KV_TYPE, KVQ_SHAPE
 from infeng.quant import quantize
 from infeng.quant.interleave import INTERLEAVED, PLAIN, can_interleave, interleave
 from infeng.quant.kvcache import KV_TYPES, part_bytes
@@ -129,31 +129,35 @@ def kvq_attention_case(kern, depth, n_heads, n_kv_heads, head_dim, block_size, t
     if t not in KV_TYPES:
         raise InfengError(f"attention kv {kv!r}: one of f32, blocked-f32, {', '.join(KV_TYPES[1:])}")
     ctx, group = depth + 1, default_group(head_dim)
+    vt = {"int8c": "int8", "int4c": "int4"}.get(t, t)        # per-channel keys beside their values
     n_blocks = -(-ctx // block_size)
-    pb = part_bytes(t, block_size, head_dim, group)
-    kc = np.zeros(n_blocks * n_kv_heads * pb, np.uint8)
-    vc = np.zeros_like(kc)
+    kc = np.zeros(n_blocks * n_kv_heads * part_bytes(t, block_size, head_dim, group), np.uint8)
+    vc = np.zeros(n_blocks * n_kv_heads * part_bytes(vt, block_size, head_dim, group), np.uint8)
+    S = 2 * KVQ_SHAPE["pos"]
+    stage = np.zeros((S, n_kv_heads * head_dim), np.float32)
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((ctx, n_kv_heads * head_dim), dtype=np.float32)
     table = np.arange(n_blocks, dtype=np.int32)
     P = lambda a, t="float *": ptr(kern, a, t)   # noqa: E731
     seq, pos = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32)
-    code = KV_TYPE[t]
-    kern.lib.ifg_kvq_store(P(kc, "void *"), P(vc, "void *"), code, code, group, P(rows), P(rows), n_kv_heads * head_dim,
+    code, vcode, ld = KV_TYPE[t], KV_TYPE[vt], n_kv_heads * head_dim
+    kern.lib.ifg_kvq_store(P(kc, "void *"), P(vc, "void *"), code, vcode, group, P(rows), P(rows), ld, P(stage), S,
                            P(table, "int32_t *"), n_blocks, block_size, P(seq, "int32_t *"), P(pos, "int32_t *"),
                            ctx, n_kv_heads, head_dim, threads)
+    kern.lib.ifg_kvq_stage(P(stage), S, P(rows), ld, P(seq, "int32_t *"), P(pos, "int32_t *"), ctx, n_kv_heads,
+                           head_dim, threads)
     q = rng.standard_normal((1, n_heads * head_dim), dtype=np.float32)
     out = np.zeros_like(q)
     seq1, pos1 = np.zeros(1, np.int32), np.array([depth], np.int32)
-    args = (P(out), n_heads * head_dim, P(q), n_heads * head_dim, P(kc, "void *"), P(vc, "void *"), code, code, group,
-            P(table, "int32_t *"), n_blocks, block_size, P(seq1, "int32_t *"), P(pos1, "int32_t *"), 1, n_heads,
+    args = (P(out), n_heads * head_dim, P(q), n_heads * head_dim, P(kc, "void *"), P(vc, "void *"), code, vcode, group,
+            P(rows[depth:]), ld, P(stage), S, P(table, "int32_t *"), n_blocks, block_size, P(seq1, "int32_t *"), P(pos1, "int32_t *"), 1, n_heads,
             n_kv_heads, head_dim, float(1 / np.sqrt(head_dim)), 0, threads)
     f = kern.lib.ifg_kvq_attention
 
     def run():
         f(*args)
     return Case(f"attention {kv} d{depth} {n_heads}/{n_kv_heads}x{head_dim}", run, bytes=float(kc.nbytes + vc.nbytes),
-                flops=4.0 * ctx * n_heads * head_dim, keep=(kc, vc, table, q, out, seq1, pos1, rows))
+                flops=4.0 * ctx * n_heads * head_dim, keep=(kc, vc, table, q, out, seq1, pos1, rows, stage))
 
 
 def bandwidth_case(kern, mb: float = 256, threads: int = 0) -> Case:

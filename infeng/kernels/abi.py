@@ -30,7 +30,7 @@ LORA_I8: int = _enum("enum ifg_lora_dtype", "IFG_LORA_")["i8"]
 LORA_RG: int = _LORA_LAYOUT["rg"]      # ranks padded to a multiple of this
 LORA_VB: int = _LORA_LAYOUT["vb"]      # Bᵀ stored in runs of this many outputs
 # enum ifg_kv_type under the names the options use (f32, bf16, f16, int8, fp8, int4); kvq.h's shape rules
-KV_TYPE: dict[str, int] = {{"i8": "int8", "i4": "int4"}.get(k, k): v for k, v in _enum("enum ifg_kv_type", "IFG_KV_").items()}
+KV_TYPE: dict[str, int] = {{"i8": "int8", "i4": "int4", "i8c": "int8c", "i4c": "int4c"}.get(k, k): v for k, v in _enum("enum ifg_kv_type", "IFG_KV_").items()}
 KVQ_SHAPE: dict[str, int] = _enum("enum ifg_kvq_shape", "IFG_KVQ_")
 OPS: tuple[str, ...] = tuple(k for k in _enum("enum ifg_op", "IFG_OP_") if k != "count")
 

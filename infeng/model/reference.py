@@ -14,7 +14,7 @@ from infeng.format.schema import MATRICES
 from infeng.kernels import bf16_activations
 from infeng.model.loader import Model
 from infeng.quant import INT8_ACTIVATIONS, _round_away, quantize_activations
-from infeng.quant.kvcache import hadamard, rotation_signs, roundtrip
+from infeng.quant.kvcache import CHANNEL, POS, hadamard, rotation_signs, roundtrip, roundtrip_channel
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -85,6 +85,7 @@ class ReferenceModel:
         L = self.cfg.n_layers
         self.k = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
         self.v = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
+        self.kq = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
 
     @property
     def pos(self) -> int:
@@ -104,7 +105,10 @@ class ReferenceModel:
                 q, k, v = self.kv_round(i, q, k, v)
             self.k[i] = np.concatenate([self.k[i], k])
             self.v[i] = np.concatenate([self.v[i], v])
-            o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
+            if self.kv is not None and self.kv.k[i] in CHANNEL:
+                o = self.attend_channel(i, q, pos, scale, c.layer_window(i))
+            else:
+                o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
             x = x + self.mm(o, L + "wo")
             h = rmsnorm(x, w[L + "ffn_norm"], c.norm_eps)
             g = silu(self.mm(h, L + "w_gate")) * (self.mm(h, L + "w_up"))
@@ -138,7 +142,24 @@ class ReferenceModel:
         kv = self.kv
         if kv.rotate[i]:
             q, k = hadamard(q, self.signs), hadamard(k, self.signs)
+        if kv.k[i] in CHANNEL:                  # rounded per group as it completes (attend_channel)
+            return q, k, roundtrip(v, kv.v[i], kv.group)
         return q, roundtrip(k, kv.k[i], kv.group), roundtrip(v, kv.v[i], kv.group)
+
+    def attend_channel(self, i: int, q, pos, scale, window) -> np.ndarray:
+        """Per-channel keys (kvcache.CHANNEL): a query sees the complete groups before its own
+        quantized and its own group's keys in f32, as the C cache does."""
+        out = np.empty((len(pos), q.shape[1] * q.shape[2]), np.float32)
+        g_of = pos // POS
+        for g in np.unique(g_of):
+            n = int(g) * POS
+            if self.kq[i].shape[0] < n:          # groups are independent: quantize the new ones
+                self.kq[i] = np.concatenate([self.kq[i], roundtrip_channel(self.k[i][self.kq[i].shape[0]:n],
+                                                                           self.kv.k[i])])
+            sel = g_of == g
+            K = np.concatenate([self.kq[i][:n], self.k[i][n:]])
+            out[sel] = attend(q[sel], K, self.v[i], pos[sel], scale, window)
+        return out
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations, to

@@ -4,13 +4,18 @@ against, with exactly the C kernels' rounding (kernels_c/kvq.h describes the lay
 A kv head's share of one block (a *part*) holds ``bs`` positions of ``hd`` values:
 
 - keys channel-major (``[hd][bs]`` codes), values row-major (``[bs][hd]``);
-- int8 / fp8 / int4: f32 scales first (keys ``[hd/group][bs]``, values ``[bs][hd/group]``), one
-  per ``group`` values of one position; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
+- int8 / fp8 / int4: f16 scales first (keys ``[hd/group][bs]``, values ``[bs][hd/group]``), one
+  per ``group`` values of one position, rounded to f16 before the codes use them; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
   fp8 ``d = amax/448``, ``q`` = x·(1/d) rounded to the nearest E4M3 value (ties to the even code,
   saturated at ±448), one code byte; int4 ``d = m/-8`` (``m`` the value of largest magnitude),
   ``q`` clamped to -8..7 and stored ``q+8``, 8 values in 4 bytes (value i low nibble, i+4 high
   nibble of byte i);
-- bf16, f16: round to nearest even; f32: as is.
+- bf16, f16: round to nearest even; f32: as is;
+- int8c / int4c, keys only (KIVI's per-channel keys): each channel of each group of ``POS`` = 16
+  positions has an f16 min ``mn`` and scale ``d = f16((max - mn)/L)`` (L = 255 / 15), codes
+  ``q = rint((x - mn)·(1/d))`` clamped to 0..L, read back as ``q·d + mn``; the part holds the
+  scales ``[bs/16][hd]``, the mins ``[bs/16][hd]`` (f16), then the codes ``[hd][bs]`` (int4c
+  packed as int4, nibble = q).
 
 The value read back is ``q·d`` in f32. ``hadamard`` is the rotation of ``ifg_hadamard``.
 """
@@ -21,14 +26,18 @@ import numpy as np
 from infeng.format.schema import convert_dtype, to_f32
 from infeng.quant.fp8 import FP8_MAX, e4m3_values, encode_e4m3
 
-KV_TYPES = ("f32", "bf16", "f16", "int8", "fp8", "int4")
-SCALED = ("int8", "fp8", "int4")            # codes with one f32 scale per group
-CODE_BITS = {"f32": 32, "bf16": 16, "f16": 16, "int8": 8, "fp8": 8, "int4": 4}
+KV_TYPES = ("f32", "bf16", "f16", "int8", "fp8", "int4", "int8c", "int4c")
+SCALED = ("int8", "fp8", "int4")            # codes with one f16 scale per group
+CHANNEL = ("int8c", "int4c")                # keys only: f16 scale and min per channel of POS positions
+POS = 16
+CODE_BITS = {"f32": 32, "bf16": 16, "f16": 16, "int8": 8, "fp8": 8, "int4": 4, "int8c": 8, "int4c": 4}
 _E4M3 = np.nan_to_num(e4m3_values()).astype(np.float32)
 
 
 def scale_bytes(t: str, bs: int, hd: int, group: int) -> int:
-    return bs * (hd // group) * 4 if t in SCALED else 0
+    if t in CHANNEL:
+        return bs // POS * hd * 4
+    return bs * (hd // group) * 2 if t in SCALED else 0
 
 
 def part_bytes(t: str, bs: int, hd: int, group: int) -> int:
@@ -36,12 +45,12 @@ def part_bytes(t: str, bs: int, hd: int, group: int) -> int:
 
 
 def quantize(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and f32 scales of groups x[..., group] (int8 / int4 as int8, fp8 as E4M3 bytes), as
-    the C store."""
+    """Codes and scales (f16 values, as f32) of groups x[..., group] (int8 / int4 as int8, fp8 as
+    E4M3 bytes), as the C store."""
     x = np.asarray(x, np.float32)
     ax = np.abs(x)
     if t == "fp8":
-        d = (ax.max(-1) / np.float32(FP8_MAX)).astype(np.float32)
+        d = (ax.max(-1) / np.float32(FP8_MAX)).astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
         return encode_e4m3((x * inv[..., None]).astype(np.float32)), d
@@ -52,16 +61,43 @@ def quantize(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
         m = np.take_along_axis(x, ax.argmax(-1)[..., None], -1)[..., 0]
         d = m / np.float32(-8)
         lo, hi = -8, 7
-    d = d.astype(np.float32)
+    d = d.astype(np.float32).astype(np.float16).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
     q = np.clip(np.rint(x * inv[..., None]), lo, hi).astype(np.int8)
     return q, d
 
 
-def roundtrip(x: np.ndarray, t: str, group: int) -> np.ndarray:
-    """x[..., hd] as the cache gives it back (f32)."""
+def quantize_channel(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (uint8), f16 scales and f16 mins of groups x[POS, ...] along axis 0, as the C store."""
     x = np.asarray(x, np.float32)
+    L = np.float32(255 if t == "int8c" else 15)
+    mn = x.min(0).astype(np.float16)
+    m = mn.astype(np.float32)
+    d = ((x.max(0) - m) / L).astype(np.float16)
+    df = d.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(df != 0, np.float32(1) / df, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint((x - m) * inv), 0, L).astype(np.uint8)
+    return q, d, mn
+
+
+def roundtrip_channel(x: np.ndarray, t: str) -> np.ndarray:
+    """Keys x[n, ...] (n a multiple of POS, grouped along axis 0) as the cache gives them back."""
+    x = np.asarray(x, np.float32)
+    g = x.reshape(x.shape[0] // POS, POS, *x.shape[1:])
+    out = np.empty_like(g)
+    for i in range(g.shape[0]):
+        q, d, mn = quantize_channel(g[i], t)
+        out[i] = q.astype(np.float32) * d.astype(np.float32) + mn.astype(np.float32)
+    return out.reshape(x.shape)
+
+
+def roundtrip(x: np.ndarray, t: str, group: int) -> np.ndarray:
+    """x[..., hd] as the cache gives it back (f32); per-channel keys: roundtrip_channel."""
+    x = np.asarray(x, np.float32)
+    if t in CHANNEL:
+        raise ValueError(f"{t} groups positions: use roundtrip_channel")
     if t == "f32":
         return x.copy()
     if t in ("bf16", "f16"):
@@ -93,6 +129,13 @@ def encode_part(x: np.ndarray, t: str, group: int, key: bool) -> np.ndarray:
     """One part's bytes from its values x[bs][hd]."""
     x = np.asarray(x, np.float32)
     bs, hd = x.shape
+    if t in CHANNEL:
+        assert key, f"{t} is a key type"
+        q, d, mn = quantize_channel(x.reshape(bs // POS, POS, hd).swapaxes(0, 1), t)   # [bs/POS][hd]
+        codes = np.ascontiguousarray(q.transpose(2, 1, 0).reshape(hd, bs))           # [hd][bs]
+        if t == "int4c":
+            codes = _pack4(codes.astype(np.int16) - 8)
+        return np.concatenate([d.view(np.uint8).reshape(-1), mn.view(np.uint8).reshape(-1), codes.reshape(-1)])
     if t in ("f32", "bf16", "f16"):
         c = x if t == "f32" else convert_dtype(x, "f32", t)
         return np.ascontiguousarray(c.T if key else c).view(np.uint8).reshape(-1)
@@ -101,7 +144,7 @@ def encode_part(x: np.ndarray, t: str, group: int, key: bool) -> np.ndarray:
     if key:
         q, d = q.T, d.T
     codes = _pack4(np.ascontiguousarray(q)) if t == "int4" else np.ascontiguousarray(q).view(np.uint8)
-    return np.concatenate([np.ascontiguousarray(d).view(np.uint8).reshape(-1), codes.reshape(-1)])
+    return np.concatenate([np.ascontiguousarray(d.astype(np.float16)).view(np.uint8).reshape(-1), codes.reshape(-1)])
 
 
 def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) -> np.ndarray:
@@ -110,6 +153,11 @@ def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) 
     rows, cols = (hd, bs) if key else (bs, hd)
     sb = scale_bytes(t, bs, hd, group)
     c = b[sb:]
+    if t in CHANNEL:
+        q = c.reshape(hd, bs) if t == "int8c" else (_unpack4(c.reshape(hd, bs // 2)).astype(np.int16) + 8)
+        d = np.repeat(b[:sb // 2].view(np.float16).reshape(bs // POS, hd).astype(np.float32), POS, axis=0)
+        m = np.repeat(b[sb // 2:sb].view(np.float16).reshape(bs // POS, hd).astype(np.float32), POS, axis=0)
+        return np.ascontiguousarray(q.T.astype(np.float32) * d + m)
     if t == "f32":
         v = c.view(np.float32).reshape(rows, cols)
     elif t in ("bf16", "f16"):
@@ -121,7 +169,7 @@ def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) 
             q = c.reshape(rows, cols)
         else:
             q = _unpack4(c.reshape(rows, cols // 2))
-        d = b[:sb].view(np.float32)
+        d = b[:sb].view(np.float16).astype(np.float32)
         if key:
             v = _code_values(q, t) * np.repeat(d.reshape(hd // group, bs), group, axis=0)
         else:

@@ -19,7 +19,7 @@ from infeng.errors import InfengError
 from infeng.kernels.abi import KV_TYPE, KVQ_SHAPE
 from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
-from infeng.quant.kvcache import KV_TYPES, part_bytes, rotation_signs
+from infeng.quant.kvcache import CHANNEL, KV_TYPES, POS, part_bytes, rotation_signs
 from infeng.runtime.kvspec import KVSpec, kv_spec
 
 
@@ -86,12 +86,19 @@ class KVCache:
         self._structs = Structs(kern)
         codes = {name: KV_TYPE[name] for name in KV_TYPES}
         signs = rotation_signs(cfg.head_dim, self.spec.seed) if self.spec.rotated else None
+        # per-channel keys: the f32 rows of each slot's group being filled (kernels_c/kvq.h); two
+        # groups, so a rejected draft (at most speculate.MAX_K + 1 positions) that crossed into the
+        # next group leaves the one it rolls back into intact
+        self.stage_rows = 2 * POS if any(t in CHANNEL for t in self.spec.k) else 0
+        self.stage = lazy_zeros((cfg.n_layers * n_slots * max(self.stage_rows, 1) * cfg.n_kv_heads * cfg.head_dim,),
+                                np.float32) if self.stage_rows else None
         self.struct = self._structs.kv_cache(
             self.k, self.v, self.table, n_blocks=n_blocks, block_size=block_size,
             k_type=np.array([codes[t] for t in self.spec.k], np.int32),
             v_type=np.array([codes[t] for t in self.spec.v], np.int32),
             k_off=self.k_off, v_off=self.v_off, group=self.spec.group, rot_signs=signs,
-            rotate=np.array(self.spec.rotate, np.int32))
+            rotate=np.array(self.spec.rotate, np.int32), stage=self.stage, stage_rows=self.stage_rows,
+            n_seqs=n_slots)
 
     @staticmethod
     def _layer_bytes(cfg: ModelConfig, spec: KVSpec, bs: int) -> tuple[list[int], list[int]]:
@@ -116,7 +123,8 @@ class KVCache:
 
     @property
     def bytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """The pools and the per-channel keys' stage."""
+        return self.k.nbytes + self.v.nbytes + (self.stage.nbytes if self.stage is not None else 0)
 
     def blocks_used(self) -> int:
         """Blocks referenced by some sequence (cached-but-idle blocks count as free)."""

@@ -1,6 +1,8 @@
 """What the KV cache stores, per layer: the K and V types, the scale group, the rotation.
 
-``--kv-dtype int8`` (keys and values), ``--kv-dtype k=int4,v=int8`` (each its own), and a
+``--kv-dtype int8`` (keys and values; ``int8`` and ``int4`` alone store the keys per channel,
+int8c / int4c, which halves int8's KLD and takes int4's down sixfold — ``k=int4,v=int4`` names
+the per-position keys), ``--kv-dtype k=int4,v=int8`` (each its own), and a
 per-layer policy over it: ``--kv-policy "layers 0,1,-1: bf16; layers 5: k=int8,v=int4"``
 (negative indices count from the last layer). The rotation (a randomized Walsh–Hadamard
 transform of queries and keys, kernels_c/kvq.h) is ``auto`` by default: on for the layers whose
@@ -14,10 +16,10 @@ from dataclasses import dataclass
 
 from infeng.errors import InfengError
 from infeng.model.config import ModelConfig
-from infeng.quant.kvcache import KV_TYPES, SCALED
+from infeng.quant.kvcache import CHANNEL, KV_TYPES, SCALED
 
 ROTATE_MODES = ("auto", "on", "off")
-QUANT = SCALED           # the key types the rotation helps: one scale per group of channels
+QUANT = SCALED + CHANNEL  # the key types the rotation helps
 
 
 @dataclass(frozen=True)
@@ -45,16 +47,25 @@ class KVSpec:
 
 
 def _label(k: str, v: str) -> str:
-    return k if k == v else f"k={k},v={v}"
+    """The --kv-dtype text that gives (k, v): "int8" is per-channel keys, so per-position int8
+    keys are spelled out."""
+    if SHORTHAND_KEYS.get(v) == k:
+        return v
+    return k if k == v and k not in SHORTHAND_KEYS else f"k={k},v={v}"
+
+
+SHORTHAND_KEYS = {"int8": "int8c", "int4": "int4c"}   # the keys a lone integer type stores
 
 
 def parse_dtype(text: str, where: str = "--kv-dtype") -> tuple[str, str]:
-    """"int8" → (int8, int8); "k=int4,v=int8" → (int4, int8)."""
+    """"bf16" → (bf16, bf16); "int8" → (int8c, int8); "k=int4,v=int8" → (int4, int8)."""
     text = text.strip()
     if "=" not in text:
         if text not in KV_TYPES:
             raise InfengError(f"{where} {text!r}: KV type must be one of {', '.join(KV_TYPES)}")
-        return text, text
+        if text in CHANNEL:
+            raise InfengError(f"{where} {text!r}: a per-channel key type; give k={text},v=TYPE")
+        return SHORTHAND_KEYS.get(text, text), text
     got: dict[str, str] = {}
     for item in text.split(","):
         name, _, t = item.partition("=")
@@ -66,6 +77,8 @@ def parse_dtype(text: str, where: str = "--kv-dtype") -> tuple[str, str]:
         got[name] = t
     if set(got) != {"k", "v"}:
         raise InfengError(f"{where} {text!r}: give both k= and v=")
+    if got["v"] in CHANNEL:
+        raise InfengError(f"{where} {text!r}: {got['v']} quantizes keys per channel; values cannot use it")
     return got["k"], got["v"]
 
 
