@@ -84,10 +84,15 @@ def _tinyllama_config():
 def test_budget_counts_real_bytes_and_int4_holds_six_times_f32(kern):
     cfg = _tinyllama_config()
     fits = {}
+    # 8 sequences of up to 32768 positions (more than the budget holds in any type); the per-channel
+    # keys' stage (f32 rows of each sequence's group being filled, 5.5 MiB here) is paid from it too
     for dtype in ("f32", "bf16", "int8", "int4"):
-        kv = KVCache(kern, cfg, n_slots=8, max_seq_len=4096, block_size=16, budget_mb=128,
+        kv = KVCache(kern, cfg, n_slots=8, max_seq_len=32768, block_size=16, budget_mb=1024,
                      spec=kv_spec(cfg, dtype))
-        assert kv.k.nbytes + kv.v.nbytes == kv.n_blocks * kv.block_bytes <= 128 * 2**20
+        stage = kv.stage.nbytes if kv.stage is not None else 0
+        assert kv.k.nbytes + kv.v.nbytes == kv.n_blocks * kv.block_bytes
+        assert kv.bytes == kv.k.nbytes + kv.v.nbytes + stage <= 1024 * 2**20
+        assert (stage > 0) == (dtype in ("int8", "int4"))
         fits[dtype] = kv.n_blocks * kv.block_size
     # f32: 22 layers x 2 x 256 values x 4 B = 44 KiB a token; int4: keys per channel 4 bits + f16
     # scale and min per 16 positions (2 bits), values 4 bits + an f16 scale per 32 (0.5 bits)

@@ -63,11 +63,17 @@ class KVCache:
         self.spec = spec or kv_spec(cfg)
         k_layer, v_layer = self._layer_bytes(cfg, self.spec, block_size)   # per layer per block
         self.block_bytes = sum(k_layer) + sum(v_layer)                      # every layer, scales too
+        # per-channel keys: the f32 rows of each slot's group being filled (kernels_c/kvq.h); two
+        # groups, so a rejected draft (at most speculate.MAX_K + 1 positions) that crossed into the
+        # next group leaves the one it rolls back into intact. The budget pays for it first.
+        self.stage_rows = 2 * POS if any(t in CHANNEL for t in self.spec.k) else 0
+        stage_bytes = 4 * cfg.n_layers * n_slots * self.stage_rows * cfg.n_kv_heads * cfg.head_dim
         n_blocks = n_slots * self.seq_blocks
         if budget_mb is not None:
-            n_blocks = min(n_blocks, int(budget_mb * 2**20) // self.block_bytes)
+            n_blocks = min(n_blocks, (int(budget_mb * 2**20) - stage_bytes) // self.block_bytes)
             if n_blocks < 1:
-                raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes")
+                raise InfengError(f"KV budget {budget_mb} MB holds no block of {self.block_bytes} bytes"
+                                  + (f" beside the per-channel keys' stage of {stage_bytes} bytes" if stage_bytes else ""))
         self.n_blocks = n_blocks
         # one byte pool each for K and V; layer l's section starts at k_off[l] / v_off[l]
         self.k_off = np.concatenate([[0], np.cumsum(k_layer[:-1], dtype=np.int64) * n_blocks]).astype(np.int64)
@@ -86,12 +92,7 @@ class KVCache:
         self._structs = Structs(kern)
         codes = {name: KV_TYPE[name] for name in KV_TYPES}
         signs = rotation_signs(cfg.head_dim, self.spec.seed) if self.spec.rotated else None
-        # per-channel keys: the f32 rows of each slot's group being filled (kernels_c/kvq.h); two
-        # groups, so a rejected draft (at most speculate.MAX_K + 1 positions) that crossed into the
-        # next group leaves the one it rolls back into intact
-        self.stage_rows = 2 * POS if any(t in CHANNEL for t in self.spec.k) else 0
-        self.stage = lazy_zeros((cfg.n_layers * n_slots * max(self.stage_rows, 1) * cfg.n_kv_heads * cfg.head_dim,),
-                                np.float32) if self.stage_rows else None
+        self.stage = lazy_zeros((stage_bytes // 4,), np.float32) if self.stage_rows else None
         self.struct = self._structs.kv_cache(
             self.k, self.v, self.table, n_blocks=n_blocks, block_size=block_size,
             k_type=np.array([codes[t] for t in self.spec.k], np.int32),
