@@ -77,7 +77,6 @@ static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_
 /* ---- SIMD ---- */
 #if defined(IFG_AVX512)
 #define Q6T 8  /* tokens per register tile (prefill) */
-#define Q6G1 4 /* groups per register tile (one token) */
 typedef __m512i q6v;
 IFG_AI q6v q6v_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
 IFG_AI q6v q6v_and(q6v a, q6v b) { return _mm512_and_si512(a, b); }
@@ -88,7 +87,6 @@ IFG_AI q6v q6v_set8(int v) { return _mm512_set1_epi8((char)v); }
 IFG_AI void q6v_store(uint8_t *p, q6v a) { _mm512_store_si512((void *)p, a); }
 #else
 #define Q6T 2
-#define Q6G1 2
 typedef __m256i q6v;
 IFG_AI q6v q6v_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 IFG_AI q6v q6v_and(q6v a, q6v b) { return _mm256_and_si256(a, b); }
@@ -159,59 +157,6 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
     }
 }
 
-/* One token × G groups: q6x_tile's float steps in its order (a token's output is bitwise the
- * same in a batch as alone), four groups' weight streams in flight. */
-IFG_AI void q6x_tile1(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
-                      int t, int ldy, int n, int nsb, int add, const int G, const int PF) {
-    __m512 acc[Q6G1];
-    const int pf = PF ? xt->pf : 0;
-#pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc[g] = add ? _mm512_loadu_ps(y + (size_t)t * ldy + n + 16 * g) : _mm512_setzero_ps();
-    for (int b = 0; b < nsb; b++) {
-        const uint8_t *gb[Q6G1];
-        __m512 d[Q6G1];
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) {
-            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
-            d[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
-        }
-#pragma GCC unroll 5
-        for (int j = 0; j < 5; j++) X16_PREFETCH(gb, 64 * j); /* d and the scales */
-        for (int s = 0; s < 16; s++) {
-            const int8_t *xb = xt->q + 256 * b + 16 * s;
-            const __m512i o = _mm512_set1_epi32(xs[16 * b + s]);
-            const __m512 dx = _mm512_set1_ps(xt->d[8 * b + s / 2]);
-            __m512i ia[Q6G1];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++) ia[g] = _mm512_setzero_si512();
-#pragma GCC unroll 2
-            for (int u = 0; u < 2; u++) {
-                const int v = 2 * (s % 2) + u;
-                const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * u)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * u + 4));
-                X16_PREFETCH(gb, Q6X_QL + 256 * (s / 2) + 64 * v);
-                X16_PREFETCH(gb, Q6X_QH + 128 * (s / 2) + 64 * u);
-#pragma GCC unroll 8
-                for (int g = 0; g < G; g++) {
-                    __m512i lo, hi;
-                    q6x_levels(gb[g], s / 2, v, 0, &lo, &hi);
-                    ia[g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[g], lo, xl), hi, xh);
-                }
-            }
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm_loadu_si128((const __m128i *)(gb[g] + Q6X_SC + 16 * s))));
-                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[g], o)),
-                                         _mm512_mul_ps(_mm512_mul_ps(d[g], sc), dx), acc[g]);
-            }
-        }
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < G; g++) {
-        _mm512_storeu_ps(y + (size_t)t * ldy + n + 16 * g, acc[g]);
-    }
-}
-#define Q6X_TILE1 1
 #else /* AVX2: a group as two 8-row halves */
 IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,
                      size_t gstride, int t, int i0, int n, int nsb, int add, const int TT, const int PF) {
@@ -269,16 +214,178 @@ IFG_AI void q6x_tile(float *y, int ldy, const struct x16_tile *xt, const int32_t
 }
 #endif
 
+/* ---- decode (one token): a function of its own (compiled among the prefill tiles, q4_k's GEMV
+ * streamed ~30 % slower), the prefill tiles' float steps in their order (a token's output is
+ * bitwise the same in a batch as alone), fewer instructions per weight byte: a 32-block's two
+ * vectors of 2-bit parts are loaded once for its four chunks of low nibbles. ---- */
+#ifndef Q6X_PFD
+#define Q6X_PFD Q6X_GB /* prefetch distance: the same place one group-block on (the low nibbles and the
+                          2-bit parts are two regions of it: a fixed byte distance runs ahead in one
+                          and lags in the other) */
+#endif
+#if defined(IFG_AVX512)
+#ifndef Q6G1
+#define Q6G1 2 /* groups in flight (4: 12 streams of weights, ~10 % slower from DRAM) */
+#endif
+/* The 2-bit parts of chunk v (bits 2v..2v+1 of each byte of h) at bits 4..5, the rest zero
+ * (16-bit shifts: what crosses a byte is masked off). */
+IFG_AI __m512i q6x_h4(__m512i h, const int v) {
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    return _mm512_and_si512(v == 0 ? _mm512_slli_epi16(h, 4) : v == 1 ? _mm512_slli_epi16(h, 2)
+                            : v == 2 ? h : _mm512_srli_epi16(h, 2), m30);
+}
+
+IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
+                      int n, int nsb, int add, const int G) {
+    __m512 acc[Q6G1];
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc[g] = add ? _mm512_loadu_ps(y + n + 16 * g) : _mm512_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[Q6G1];
+        __m512 d[Q6G1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
+            d[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
+#pragma GCC unroll 5
+            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, _MM_HINT_T0);
+        }
+        for (int c = 0; c < 8; c++) {
+            __m512i h0[Q6G1], h1[Q6G1];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const uint8_t *qh = gb[g] + Q6X_QH + 128 * c;
+                _mm_prefetch((const char *)qh + Q6X_PFD, _MM_HINT_T0);
+                _mm_prefetch((const char *)qh + Q6X_PFD + 64, _MM_HINT_T0);
+                h0[g] = _mm512_loadu_si512((const void *)qh);
+                h1[g] = _mm512_loadu_si512((const void *)(qh + 64));
+            }
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; u++) {
+                const int s = 2 * c + u;
+                const int8_t *xb = xt->q + 256 * b + 16 * s;
+                const __m512i o = _mm512_set1_epi32(xs[16 * b + s]);
+                const __m512 dx = _mm512_set1_ps(xt->d[8 * b + c]);
+                __m512i ia[Q6G1];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) ia[g] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+                for (int e = 0; e < 2; e++) {
+                    const int v = 2 * u + e;
+                    const __m512i xl = _mm512_set1_epi32(ifg_x4(xb + 8 * e)), xh = _mm512_set1_epi32(ifg_x4(xb + 8 * e + 4));
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) {
+                        const uint8_t *ql = gb[g] + Q6X_QL + 256 * c + 64 * v;
+                        _mm_prefetch((const char *)ql + Q6X_PFD, _MM_HINT_T0);
+                        const __m512i raw = _mm512_loadu_si512((const void *)ql);
+                        const __m512i lo = _mm512_or_si512(_mm512_and_si512(raw, m4), q6x_h4(h0[g], v));
+                        const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), q6x_h4(h1[g], v));
+                        ia[g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[g], lo, xl), hi, xh);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                        _mm_loadu_si128((const __m128i *)(gb[g] + Q6X_SC + 16 * s))));
+                    acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[g], o)),
+                                             _mm512_mul_ps(_mm512_mul_ps(d[g], sc), dx), acc[g]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) _mm512_storeu_ps(y + n + 16 * g, acc[g]);
+}
+#else /* AVX2: a group as two 8-row halves */
+#ifndef Q6G1
+#define Q6G1 2 /* groups in flight (1: ~10-20 % slower from DRAM) */
+#endif
+IFG_AI __m256i q6x_h4(__m256i h, const int v) {
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    return _mm256_and_si256(v == 0 ? _mm256_slli_epi16(h, 4) : v == 1 ? _mm256_slli_epi16(h, 2)
+                            : v == 2 ? h : _mm256_srli_epi16(h, 2), m30);
+}
+
+IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
+                      int n, int nsb, int add, const int G) {
+    __m256 acc[2 * Q6G1];
+    const int H = 2 * G;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int h = 0; h < H; h++) acc[h] = add ? _mm256_loadu_ps(y + n + 8 * h) : _mm256_setzero_ps();
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t *gb[Q6G1];
+        __m256 d[2 * Q6G1];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
+#pragma GCC unroll 5
+            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, _MM_HINT_T0);
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < H; h++) d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
+        for (int c = 0; c < 8; c++) {
+            __m256i h0[2 * Q6G1], h1[2 * Q6G1];
+#pragma GCC unroll 8
+            for (int h = 0; h < H; h++) {
+                const uint8_t *qh = gb[h / 2] + Q6X_QH + 128 * c + 32 * (h % 2);
+                if (h % 2 == 0) {
+                    _mm_prefetch((const char *)qh + Q6X_PFD, _MM_HINT_T0);
+                    _mm_prefetch((const char *)qh + Q6X_PFD + 64, _MM_HINT_T0);
+                }
+                h0[h] = _mm256_loadu_si256((const __m256i *)qh);
+                h1[h] = _mm256_loadu_si256((const __m256i *)(qh + 64));
+            }
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; u++) {
+                const int s = 2 * c + u;
+                const int8_t *xb = xt->q + 256 * b + 16 * s;
+                __m256i ia[2 * Q6G1];
+#pragma GCC unroll 2
+                for (int e = 0; e < 2; e++) {
+                    const int v = 2 * u + e;
+                    const __m256i xl = _mm256_set1_epi32(ifg_x4(xb + 8 * e)), xh = _mm256_set1_epi32(ifg_x4(xb + 8 * e + 4));
+#pragma GCC unroll 8
+                    for (int h = 0; h < H; h++) {
+                        const uint8_t *ql = gb[h / 2] + Q6X_QL + 256 * c + 64 * v + 32 * (h % 2);
+                        if (h % 2 == 0) _mm_prefetch((const char *)ql + Q6X_PFD, _MM_HINT_T0);
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)ql);
+                        const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), q6x_h4(h0[h], v));
+                        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), q6x_h4(h1[h], v));
+                        const __m256i p = _mm256_madd_epi16(
+                            _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), ones);
+                        ia[h] = e == 0 ? p : _mm256_add_epi32(ia[h], p);
+                    }
+                }
+                const __m256i o = _mm256_set1_epi32(xs[16 * b + s]);
+                const __m256 dx = _mm256_set1_ps(xt->d[8 * b + c]);
+#pragma GCC unroll 8
+                for (int h = 0; h < H; h++) {
+                    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(gb[h / 2] + Q6X_SC + 16 * s + 8 * (h % 2)))));
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[h], o)),
+                                             _mm256_mul_ps(_mm256_mul_ps(d[h], sc), dx), acc[h]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int h = 0; h < H; h++) _mm256_storeu_ps(y + n + 8 * h, acc[h]);
+}
+#endif
+
+/* Token t's outputs [n0, n1) (a multiple of 16 each), Q6G1 groups at a time. */
+__attribute__((noinline)) static void q6x_gemv(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs,
+                                               const uint8_t *w, size_t gstride, int t, int n0, int n1, int nsb, int add) {
+    float *yt = y + (size_t)t * ldy;
+    int n = n0;
+    for (; n + 16 * Q6G1 <= n1; n += 16 * Q6G1) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, Q6G1);
+    for (; n < n1; n += 16) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, 1);
+}
+
 IFG_AI void q6x_tiles_t(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,
                         size_t gstride, int t, int tt, int n0, int n1, int nsb, int add, const int PF) {
-#ifdef Q6X_TILE1
-    if (tt == 1) {
-        int n = n0;
-        for (; n + 16 * Q6G1 <= n1; n += 16 * Q6G1) q6x_tile1(y, xt, xs, w, gstride, t, ldy, n, nsb, add, Q6G1, PF);
-        for (; n < n1; n += 16) q6x_tile1(y, xt, xs, w, gstride, t, ldy, n, nsb, add, 1, PF);
-        return;
-    }
-#endif
     for (int n = n0; n < n1; n += 16)
         for (int i0 = 0; i0 < tt; i0 += Q6T) {
             const int r = tt - i0;
@@ -330,7 +437,8 @@ __attribute__((noinline)) static void q6x_rep_tiles(float *y, int ldy, const str
 
 static void q6x_tiles(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds,
                       const uint8_t *w, size_t gstride, int t, int tt, int n0, int n1, int nsb, int add) {
-    if (tt >= X16R_T) q6x_rep_tiles(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add);
+    if (tt == 1) q6x_gemv(y, ldy, xt, xs, w, gstride, t, n0, n1, nsb, add);
+    else if (tt >= X16R_T) q6x_rep_tiles(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add);
     else if (xt->pf) q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 1);
     else q6x_tiles_t(y, ldy, xt, xs, lds, w, gstride, t, tt, n0, n1, nsb, add, 0);
 }

@@ -3,25 +3,22 @@ of both alternate call for call (on-CPU time, median of pairs), so the machine's
 alike. The old library is built from ``git show REV:kernels_c/...`` under another module name
 (out/kernel_ab/REV/), once per revision.
 
-    python tools/kernel_ab.py REV [--isa avx512] [--threads 2] [--pairs 9] [--cflags=-DX=1] [--rotate MB] CASE...
+    python tools/kernel_ab.py REV [--isa avx512] [--threads 2] [--pairs 9] [--cflags=-DX=1] [--dram MB] CASE...
 
 REV "worktree" builds the working tree's kernels_c as the old side: with --cflags (compiled into the
 old side only), a tile-size variant against the tree as it is.
 
 CASE is DTYPE:NxK:T, e.g. bf16:2048x5632:1 (a GEMV), bf16_dp:5632x2048:8, f32:2048x2048:512.
-Prints new/old time per case (< 1: the new library is faster).
-
---rotate MB: each side's calls go round copies of the weights totalling at least MB MiB (say 3× the
-L3), so a GEMV streams them from DRAM as a decode step does, instead of from the L3 where one matrix
-timed in a loop stays; the read-bandwidth probe over as many MiB is printed beside it.
+Prints new/old time per case (< 1: the new library is faster). --dram MB: each call reads the next of
+copies of W totalling MB (e.g. 128, 4x a 32 MiB L3), so a GEMV streams from DRAM as in a decode step,
+and the read-bandwidth probe (probes.py's) is timed between the pairs for scale (--rotate is the
+same option). T <= 16 prints GB/s (weight-bound), larger T GFLOP/s.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import importlib.util
-import itertools
-import math
 import statistics
 import subprocess
 import sys
@@ -31,7 +28,7 @@ from pathlib import Path
 from cffi import FFI
 
 from infeng import kernels
-from infeng.bench import micro
+from infeng.bench import micro, probes
 from infeng.kernels import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +79,6 @@ def old_library(rev: str, isa: str, cflags: list[str]):
     return mod
 
 
-def rotated(make, mb: float) -> micro.Case:
-    """A case whose run() goes round copies of make()'s weights totalling at least ``mb`` MiB."""
-    first = make()
-    copies = [first] + [make() for _ in range(max(0, math.ceil(mb * 2**20 / first.keep[0].nbytes) - 1))]
-    turn = itertools.cycle(copies)
-
-    def run():
-        next(turn).run()
-    return micro.Case(first.name, run, bytes=first.bytes, flops=first.flops, keep=tuple(copies))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev")
@@ -101,32 +87,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=9)
     ap.add_argument("--cflags", default="", help="extra compiler flags of the old side")
-    ap.add_argument("--rotate", type=float, default=0.0, help="MiB of weight copies to go round (0: one copy)")
+    ap.add_argument("--dram", "--rotate", dest="dram", type=float, default=0, metavar="MB",
+                    help="rotate copies of W totalling MB")
     a = ap.parse_args()
     libs = {"old": old_library(a.rev, a.isa, a.cflags.split()), "new": kernels.load(a.isa)}
     clock = time.process_time if a.threads != 1 else time.thread_time
-    if a.rotate:
-        probe = micro.bandwidth_case(kernels.load("scalar"), a.rotate, a.threads)
-        print(f"read-bandwidth probe over {a.rotate:g} MiB: "
-              f"{probe.bytes / micro.time_both(probe, clock, min_time=0.2)[1] / 1e9:.1f} GB/s on-CPU", flush=True)
+    bw = micro.bandwidth_case(kernels.load("scalar"), probes.PROBE_MB, a.threads) if a.dram else None
     for spec in a.cases:
         dtype, shape, t = spec.split(":")
-        cases = {k: rotated(lambda lib=lib: micro.matmul_case(lib, dtype, shape, int(t), a.threads), a.rotate)
-                 for k, lib in libs.items()}
+        cases = {k: micro.matmul_case(lib, dtype, shape, int(t), a.threads, a.dram) for k, lib in libs.items()}
         reps = max(1, int(0.05 / max(1e-6, micro.time_both(cases["new"], clock, min_time=0.05)[1])))
         times = {k: [] for k in cases}
+        probe = []
         for i in range(a.pairs):
+            if a.dram:
+                probe.append(bw.bytes / micro.time_both(bw, clock, min_time=0.02)[1] / 1e9)
             for k in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 c0 = clock()
                 for _ in range(reps):
                     cases[k].run()
                 times[k].append((clock() - c0) / reps)
         ratios = [n / o for n, o in zip(times["new"], times["old"])]
-        new = statistics.median(times["new"])
-        rate = (f"{cases['new'].bytes / new / 1e9:.1f} GB/s" if int(t) <= 16
-                else f"{cases['new'].flops / new / 1e9:.0f} GFLOP/s")
+        rate = {k: (f"{cases[k].bytes / statistics.median(v) / 1e9:.1f} GB/s" if int(t) <= 16
+                    else f"{cases[k].flops / statistics.median(v) / 1e9:.0f} GFLOP/s") for k, v in times.items()}
         print(f"{spec}: new/old {statistics.median(ratios):.3f} (pairs {min(ratios):.3f}..{max(ratios):.3f}), "
-              f"new {rate} on-CPU", flush=True)
+              f"new {rate['new']}, old {rate['old']} on-CPU"
+              + (f", probe {statistics.median(probe):.1f} GB/s" if probe else ""), flush=True)
 
 
 if __name__ == "__main__":

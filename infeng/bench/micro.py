@@ -6,6 +6,7 @@ and ``bytes``/``flops`` say what that unit reads and computes, for GB/s and GFLO
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -76,23 +77,29 @@ def aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0) -> Case:
+def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0, rotate_mb: float = 0) -> Case:
     """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM).
-    The types with a 16-row layout run in it when n % 16 == 0, as a loaded model does."""
+    The types with a 16-row layout run in it when n % 16 == 0, as a loaded model does.
+    ``rotate_mb``: each run() uses the next of as many copies of W as total that many MiB, so W
+    comes from DRAM when that is well past the last-level cache, as a decode step's weights do."""
     n, k = parse_shape(shape)
     if can_interleave(dtype, n):
         dtype = INTERLEAVED[dtype]
-    w = aligned(random_weight(dtype, n, k))
+    w0 = random_weight(dtype, n, k)
+    ws = [aligned(w0) for _ in range(max(1, math.ceil(rotate_mb * 2**20 / w0.nbytes)))]
     x = aligned(np.random.default_rng(1).standard_normal((tokens, k), dtype=np.float32))
     y = aligned(np.zeros((tokens, n), np.float32))
-    pw, px, py = kern.ffi.cast("void *", kern.ffi.from_buffer(w)), ptr(kern, x), ptr(kern, y)
+    pws = [kern.ffi.cast("void *", kern.ffi.from_buffer(w)) for w in ws]
+    px, py = ptr(kern, x), ptr(kern, y)
     f, code = kern.lib.ifg_matmul, CDTYPE[dtype]
+    turn = [0]
 
     def run():
-        f(py, n, px, k, pw, code, tokens, n, k, 0, threads)
+        turn[0] = (turn[0] + 1) % len(pws)
+        f(py, n, px, k, pws[turn[0]], code, tokens, n, k, 0, threads)
     kind = "gemv" if tokens == 1 else f"gemm{tokens}"
-    return Case(f"{kind} {dtype} {n}x{k}", run, bytes=float(w.nbytes + x.nbytes + y.nbytes),
-                flops=2.0 * tokens * n * k, keep=(w, x, y))
+    return Case(f"{kind} {dtype} {n}x{k}", run, bytes=float(w0.nbytes + x.nbytes + y.nbytes),
+                flops=2.0 * tokens * n * k, keep=(*ws, x, y))
 
 
 def attention_case(kern, depth: int, n_heads: int = 32, n_kv_heads: int = 4, head_dim: int = 64,
