@@ -141,7 +141,8 @@ def _base_weight(kind, N, K, rng):
 @pytest.mark.parametrize("kind,N,K", [("f32", 53, 40), ("bf16", 200, 33), ("q8_0", 70, 64),
                                       ("q8_0x16", 96, 128), ("q4_0x16", 48, 96), ("q4_1", 70, 64),
                                       ("q5_1", 35, 96), ("q6_k", 40, 256), ("q5_k", 24, 512),
-                                      ("q4_1x16", 48, 96), ("q5_1x16", 32, 160)])
+                                      ("q4_1x16", 48, 96), ("q5_1x16", 32, 160), ("q4_kx16", 32, 512),
+                                      ("q6_kx16", 16, 256)])
 @pytest.mark.parametrize("T", [1, 6, 131, 300])
 @pytest.mark.parametrize("acc", [0, 1])
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
