@@ -157,15 +157,24 @@ static long long lo_seg_cost(const struct ifg_lora *const *const *sel, int n, in
     return c;
 }
 
-/* The first row t whose rows [0, t) cost at least `target` (rows outside every segment: LO_QCOST). */
+/* Span s of the rows, [*a, *b), and its cost per row: s = -1 the rows before the first segment,
+ * n_seg those after the last (LO_QCOST each), else segment s. */
+static long long lo_span(const struct ifg_lora *const *const *sel, int n, const int32_t *seg_start, int n_seg, int T,
+                         int s, int *a, int *b) {
+    *a = s < 0 ? 0 : seg_start[s];
+    *b = s < 0 ? seg_start[0] : s < n_seg ? seg_start[s + 1] : T;
+    return s >= 0 && s < n_seg ? lo_seg_cost(sel, n, s) : LO_QCOST;
+}
+
+/* The first row t whose rows [0, t) cost at least `target`. */
 static int lo_split_row(const struct ifg_lora *const *const *sel, int n, const int32_t *seg_start, int n_seg, int T,
                         long long target) {
     long long acc = 0;
     int t = 0;
-    for (int s = -1; s <= n_seg; s++) { /* -1: rows before the first segment; n_seg: after the last */
-        const int a = s < 0 ? 0 : seg_start[s], b = s < 0 ? seg_start[0] : s < n_seg ? seg_start[s + 1] : T;
+    for (int s = -1; s <= n_seg; s++) {
+        int a, b;
+        const long long c = lo_span(sel, n, seg_start, n_seg, T, s, &a, &b);
         if (b <= a) continue;
-        const long long c = s >= 0 && s < n_seg ? lo_seg_cost(sel, n, s) : LO_QCOST;
         if (acc + c * (b - a) >= target) return a + (int)((target - acc + c - 1) / c);
         acc += c * (b - a);
         t = b;
@@ -182,8 +191,9 @@ void ifg_lora_shrink_group_part(float *h, int ldh, const float *x, int ldx, int 
                                 * and its barrier, the one the base's rounding of x takes anyway */
         long long cost = 0;
         for (int s = -1; s <= n_seg; s++) {
-            const int a = s < 0 ? 0 : seg_start[s], b = s < 0 ? seg_start[0] : s < n_seg ? seg_start[s + 1] : T;
-            if (b > a) cost += (s >= 0 && s < n_seg ? lo_seg_cost(sel, n, s) : LO_QCOST) * (b - a);
+            int a, b;
+            const long long c = lo_span(sel, n, seg_start, n_seg, T, s, &a, &b);
+            if (b > a) cost += c * (b - a);
         }
         IFG_FOR
         for (int c = 0; c < nc; c++) {

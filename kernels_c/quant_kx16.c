@@ -82,12 +82,6 @@ IFG_AI void kx_scales8(const uint8_t *gb, int s, int h, __m256 *sc, __m256 *mn) 
     *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m)));
 }
 
-/* Bit `bit` of every byte of 32 bytes of q5_k's 5th bits, moved to bit 4. */
-IFG_AI __m256i kx_bit4y(__m256i h, const int bit) {
-    const __m256i m = _mm256_set1_epi8(0x10);
-    return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(h, 4 - bit) : _mm256_srli_epi16(h, bit - 4), m);
-}
-
 /* nsb (<= X16R_K / 256) group-blocks from gb0 into group g of rp (quant_x16.h): the levels as
  * bytes (q5_k with its 5th bit), and per sub-block the products d*sc and dmin*m that kx_tile
  * forms, lane by lane the same multiplications (256-bit steps on either ISA: paid once per x tile). */
@@ -113,8 +107,8 @@ IFG_AI void kx_repack(struct x16_rep *rp, int g, const uint8_t *gb0, int nsb, co
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(gb + 256 + 256 * s + 64 * v + 32 * h));
                     __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                     if (Q5) {
-                        lo = _mm256_or_si256(lo, kx_bit4y(hb, 2 * v));
-                        hi = _mm256_or_si256(hi, kx_bit4y(hb, 2 * v + 1));
+                        lo = _mm256_or_si256(lo, x16_bit4_256(hb, 2 * v));
+                        hi = _mm256_or_si256(hi, x16_bit4_256(hb, 2 * v + 1));
                     }
                     _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v) + 32 * h), lo);
                     _mm256_store_si256((__m256i *)(rp->lv[g] + 64 * (8 * u + 2 * v + 1) + 32 * h), hi);
@@ -163,13 +157,6 @@ IFG_AI void kx_scales4(const uint8_t *gb, int h, uint8_t *sc, uint8_t *mn) {
                                                    _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(3)), 4)));
     _mm512_store_si512((void *)mn, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4),
                                                    _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(12)), 2)));
-}
-
-/* Bit `bit` of every byte of q5_k's 5th-bit vector h, moved to bit 4 (16-bit shifts: what crosses
- * a byte is masked off). */
-IFG_AI __m512i kx_bit4(__m512i h, const int bit) {
-    const __m512i m = _mm512_set1_epi8(0x10);
-    return _mm512_and_si512(bit <= 4 ? _mm512_slli_epi16(h, 4 - bit) : _mm512_srli_epi16(h, bit - 4), m);
 }
 
 IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
@@ -223,8 +210,8 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     lo[g] = _mm512_and_si512(raw, m4);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
                     if (Q5) {
-                        lo[g] = _mm512_or_si512(lo[g], kx_bit4(hb[g], 2 * v));
-                        hi[g] = _mm512_or_si512(hi[g], kx_bit4(hb[g], 2 * v + 1));
+                        lo[g] = _mm512_or_si512(lo[g], x16_bit4_512(hb[g], 2 * v));
+                        hi[g] = _mm512_or_si512(hi[g], x16_bit4_512(hb[g], 2 * v + 1));
                     }
                 }
 #pragma GCC unroll 8
@@ -299,9 +286,9 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
                 for (int g = 0; g < G; g++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(gb[g] + 256 + 256 * s + 64 * v));
                     if (Q5) { /* levels up to 31: the high ones shifted down like the low */
-                        il[g] = _mm512_dpbusd_epi32(il[g], _mm512_or_si512(_mm512_and_si512(raw, m4), kx_bit4(hb[g], 2 * v)), xl);
+                        il[g] = _mm512_dpbusd_epi32(il[g], _mm512_or_si512(_mm512_and_si512(raw, m4), x16_bit4_512(hb[g], 2 * v)), xl);
                         ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4),
-                                                                           kx_bit4(hb[g], 2 * v + 1)), xh);
+                                                                           x16_bit4_512(hb[g], 2 * v + 1)), xh);
                     } else {
                         il[g] = _mm512_dpbusd_epi32(il[g], _mm512_and_si512(raw, m4), xl);
                         ih[g] = _mm512_dpbusd_epi32(ih[g], _mm512_and_si512(raw, m4h), xh);
@@ -329,9 +316,6 @@ IFG_AI void kx_tile1(float *y, const struct x16_tile *xt, const uint8_t *w, size
 #define KXT 2
 #define KXG 1
 #define KXG1 2
-
-/* Bit `bit` of every byte of (half of) q5_k's 5th-bit vector h, moved to bit 4. */
-IFG_AI __m256i kx_bit4(__m256i h, const int bit) { return kx_bit4y(h, bit); }
 
 IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
                  int t, int i0, int n, int nsb, int add, const int TT, const int G, const int PF, const int Q5) {
@@ -379,8 +363,8 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     lo[h] = _mm256_and_si256(raw, m4);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                     if (Q5) {
-                        lo[h] = _mm256_or_si256(lo[h], kx_bit4(hb[h], 2 * v));
-                        hi[h] = _mm256_or_si256(hi[h], kx_bit4(hb[h], 2 * v + 1));
+                        lo[h] = _mm256_or_si256(lo[h], x16_bit4_256(hb[h], 2 * v));
+                        hi[h] = _mm256_or_si256(hi[h], x16_bit4_256(hb[h], 2 * v + 1));
                     }
                 }
 #pragma GCC unroll 8

@@ -86,11 +86,6 @@ static void xg_tiles_ref(float *y, int ldy, const struct x16_tile *xt, const uin
 #define XT 4 /* tokens per register tile */
 #define XG 2 /* groups per register tile (prefill) */
 #define XG1 4 /* groups per register tile (one token: more independent weight streams) */
-/* Bit b of every byte of pl, moved to bit 4 (b a constant after unrolling). */
-IFG_AI __m512i xg_bit4_512(__m512i pl, const int b) {
-    const __m512i s = b <= 4 ? _mm512_slli_epi16(pl, 4 - b) : _mm512_srli_epi16(pl, b - 4);
-    return _mm512_and_si512(s, _mm512_set1_epi8(0x10));
-}
 IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m512 acc[XT][XG1];
@@ -150,8 +145,8 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     lo[g] = _mm512_and_si512(raw, m);
                     hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m);
                     if (wtype == IFG_Q5_1X16) {
-                        lo[g] = _mm512_or_si512(lo[g], xg_bit4_512(pl[g], 2 * v));
-                        hi[g] = _mm512_or_si512(hi[g], xg_bit4_512(pl[g], 2 * v + 1));
+                        lo[g] = _mm512_or_si512(lo[g], x16_bit4_512(pl[g], 2 * v));
+                        hi[g] = _mm512_or_si512(hi[g], x16_bit4_512(pl[g], 2 * v + 1));
                     }
                 }
 #pragma GCC unroll 8
@@ -189,10 +184,6 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
 #define XT 2
 #define XG 1
 #define XG1 2
-IFG_AI __m256i xg_bit4_256(__m256i pl, const int b) { /* as xg_bit4_512 */
-    const __m256i s = b <= 4 ? _mm256_slli_epi16(pl, 4 - b) : _mm256_srli_epi16(pl, b - 4);
-    return _mm256_and_si256(s, _mm256_set1_epi8(0x10));
-}
 IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride, int wtype,
                 int t, int i0, int n, int nb, int add, const int TT, const int G, const int PF) {
     __m256 acc[XT][2 * XG1]; /* [token][8-row half] */
@@ -258,8 +249,8 @@ IFG_AI void xg_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
                     lo[h] = _mm256_and_si256(raw, m);
                     hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
                     if (wtype == IFG_Q5_1X16) {
-                        lo[h] = _mm256_or_si256(lo[h], xg_bit4_256(pl[h], 2 * v));
-                        hi[h] = _mm256_or_si256(hi[h], xg_bit4_256(pl[h], 2 * v + 1));
+                        lo[h] = _mm256_or_si256(lo[h], x16_bit4_256(pl[h], 2 * v));
+                        hi[h] = _mm256_or_si256(hi[h], x16_bit4_256(pl[h], 2 * v + 1));
                     }
                 }
 #pragma GCC unroll 8

@@ -91,6 +91,18 @@ static inline int x16_nibble(const uint8_t *run, int r, int k) {
         if (pf)                                                                                   \
             for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)(base)[g_] + (off) + pf, _MM_HINT_T0); \
     } while (0)
+/* Bit b of every byte of a plane of 5th bits (q5_kx16, q5_1x16), moved to bit 4, to OR into the
+ * nibbles; 16-bit shifts, what crosses a byte is masked off (b a constant after unrolling). */
+IFG_AI __m256i x16_bit4_256(__m256i pl, const int b) {
+    const __m256i s = b <= 4 ? _mm256_slli_epi16(pl, 4 - b) : _mm256_srli_epi16(pl, b - 4);
+    return _mm256_and_si256(s, _mm256_set1_epi8(0x10));
+}
+#if defined(IFG_AVX512)
+IFG_AI __m512i x16_bit4_512(__m512i pl, const int b) {
+    const __m512i s = b <= 4 ? _mm512_slli_epi16(pl, 4 - b) : _mm512_srli_epi16(pl, b - 4);
+    return _mm512_and_si512(s, _mm512_set1_epi8(0x10));
+}
+#endif
 #endif
 
 /* ---- On-the-fly repack of large batches (q4_k / q5_k / q6_k) ----
