@@ -45,6 +45,40 @@ def test_gemv_case_matches_numpy(kern):
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-5)
 
 
+PEAK_BUILD = {"scalar": set(), "avx2": {"vfmadd_ymm", "vpmaddubsw_ymm"},
+              "avx512": {"vpdpbusd_zmm", "vdpbf16ps_zmm", "vfmadd_zmm", "vfmadd_ymm", "vpmaddubsw_ymm"}}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_peak_probe_issues_what_its_build_has(kern, threads):
+    """ifg_peak issues 16 instructions a round on every thread when the build has the op, none
+    otherwise (so a probe never reports a rate the kernels cannot use); bad op codes issue none."""
+    from infeng.kernels.abi import PEAK_OP
+    isa = kern.__name__.rsplit("_", 1)[-1]
+    assert set(micro.PEAK_OPS_PER_INSTR) == set(PEAK_OP)
+    for op, code in PEAK_OP.items():
+        got = kern.lib.ifg_peak(code, 5, threads)
+        assert got == (16 * 5 * threads if op in PEAK_BUILD[isa] else 0), (isa, op)
+    assert kern.lib.ifg_peak(-1, 5, threads) == 0 and kern.lib.ifg_peak(len(PEAK_OP), 5, threads) == 0
+    assert kern.lib.ifg_peak(PEAK_OP["vfmadd_ymm"], 0, threads) == 0
+    for op in PEAK_BUILD[isa]:
+        case = micro.peak_case(kern, op, threads)
+        assert micro.time_once(case, min_time=0.0, max_iters=1) > 0
+        assert case.flops == 16 * threads * micro.PEAK_ROUNDS * micro.PEAK_OPS_PER_INSTR[op]
+    for op in set(PEAK_OP) - PEAK_BUILD[isa]:
+        with pytest.raises(InfengError, match=f"build {isa} cannot issue it"):
+            micro.peak_case(kern, op, threads)
+    with pytest.raises(InfengError, match="expected one of int8_dot, bf16_dot, f32_fma, vpdpbusd_zmm"):
+        micro.peak_case(kern, "vpdpbusd", threads)
+    for role, ops in micro.PEAK_ROLES.items():   # a role is the widest op of the build
+        have = [o for o in ops if o in PEAK_BUILD[isa]]
+        if have:
+            assert micro.peak_case(kern, role, threads).name == f"peak {have[0]}"
+        else:
+            with pytest.raises(InfengError, match=f"build {isa} issues none of"):
+                micro.peak_case(kern, role, threads)
+
+
 def test_bad_shape_and_dtype():
     with pytest.raises(InfengError, match="ROWSxCOLS"):
         micro.parse_shape("2048")
@@ -111,6 +145,22 @@ def test_bench_kernel_cli(tmp_path, capsys):
     assert "gemv bf16 64x128" in capsys.readouterr().err
 
 
+def test_bench_peak_suite_reports_gop_s(tmp_path, capsys):
+    """A suite with the compute ceilings: GOP/s in the JSON and the CSV, under the op's name; on the
+    scalar build the same suite is refused by name."""
+    y = tmp_path / "peak.yaml"
+    y.write_text("threads: 1\nrepeats: 1\nscenarios:\n  - {kind: peak, op: f32_fma, min_time: 0.01}\n")
+    j, c = tmp_path / "p.json", tmp_path / "p.csv"
+    from infeng import kernels
+    if kernels.active().ffi.string(kernels.active().lib.ifg_isa()).decode() != "scalar":
+        assert main(["bench", "--suite", str(y), "--json", str(j), "--csv", str(c)]) == 0
+        rec = json.loads(j.read_text())["records"][0]
+        assert rec["scenario"] == "peak f32_fma" and rec["unit"] == "GOP/s" and rec["median"] > 0
+        assert "peak f32_fma" in c.read_text()
+    with pytest.raises(InfengError, match="build scalar issues none of vfmadd_zmm, vfmadd_ymm"):
+        S.run_suite(S.load_suite(y), isa="scalar")
+
+
 def test_bench_bad_input(tmp_path, capsys):
     assert main(["bench"]) == 1
     assert main(["bench", "--kernel", "fft"]) == 1
@@ -135,9 +185,9 @@ def test_shipped_suites_parse():
 def test_scenario_kinds_registry():
     """One class per kind: its YAML name, unit, required parameters and label; a suite refuses an
     unknown kind by listing the registered ones."""
-    params = {"shape": "64x128", "depth": 8, "tokens": 4, "batch": 2}
+    params = {"shape": "64x128", "depth": 8, "tokens": 4, "batch": 2, "op": "vfmadd_ymm"}
     units = {k.unit for k in KINDS.values()}
-    assert units == {"GB/s", "GFLOP/s", "tok/s"}
+    assert units == {"GB/s", "GFLOP/s", "GOP/s", "tok/s"}
     for name, k in KINDS.items():
         assert k.name == name and set(k.required) <= set(params) and k.label(params)
         assert k.e2e == (k.unit == "tok/s")

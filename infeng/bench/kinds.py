@@ -90,6 +90,23 @@ class Attention(MicroKind):
                                     int(p.get("head_dim", 64)), threads=threads, kv=str(p.get("kv", "f32")))
 
 
+class Peak(MicroKind):
+    """The machine's rate of one instruction on every thread, the compute ceiling a gemm's GOP/s is
+    a share of. ``op``: a role (int8_dot, bf16_dot, f32_fma: what the kernel build in use runs
+    those products on) or an instruction (vpdpbusd_zmm, vdpbf16ps_zmm, vfmadd_zmm, vfmadd_ymm,
+    vpmaddubsw_ymm)."""
+    name, unit, required, bound = "peak", "GOP/s", ("op",), "compute"
+
+    def label(self, p):
+        return f"peak {p['op']}"
+
+    def case(self, kern, p, threads):
+        return micro.peak_case(kern, str(p["op"]), threads)
+
+    def figure(self, case, seconds):
+        return case.flops / seconds / 1e9
+
+
 # ---- end to end: the model through a runner -----------------------------------------------------
 class E2EKind(Kind):
     """``bf16_act: f32|bf16`` (optional, bf16 models only): how infeng's bf16 matrices multiply their
@@ -171,5 +188,5 @@ def prompt(vocab: int, n: int, seed: int) -> list[int]:
     return [1] + rng.integers(3, vocab, max(n, 1) - 1).tolist()
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (Bandwidth(), Gemv(), Gemm(), Attention(), Prefill(), Decode(),
-                                              BatchDecode())}
+KINDS: dict[str, Kind] = {k.name: k for k in (Bandwidth(), Gemv(), Gemm(), Attention(), Peak(), Prefill(),
+                                              Decode(), BatchDecode())}

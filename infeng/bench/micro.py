@@ -17,7 +17,7 @@ from infeng.errors import InfengError
 from infeng.format.schema import convert_dtype
 from infeng.kernels import ptr
 
-from infeng.kernels.abi import DTYPE, KV_TYPE, KVQ_SHAPE
+from infeng.kernels.abi import DTYPE, KV_TYPE, KVQ_SHAPE, PEAK_OP
 from infeng.quant import quantize
 from infeng.quant.interleave import INTERLEAVED, PLAIN, can_interleave, interleave
 from infeng.quant.kvcache import KV_TYPES, part_bytes
@@ -178,6 +178,38 @@ def bandwidth_case(kern, mb: float = 256, threads: int = 0) -> Case:
     def run():
         return f(p, n, threads)
     return Case(f"read bandwidth {mb:g} MiB", run, bytes=float(buf.nbytes), keep=(buf,))
+
+
+# Operations per instruction of the throughput probe's ops (abi.PEAK_OP; a multiply-add counts
+# 2). vpmaddubsw's 32 int8 products are summed in pairs, not accumulated.
+PEAK_OPS_PER_INSTR = {"vpdpbusd_zmm": 128, "vdpbf16ps_zmm": 64, "vfmadd_zmm": 32, "vfmadd_ymm": 16,
+                      "vpmaddubsw_ymm": 64}
+PEAK_ROUNDS = 1 << 19    # 8M instructions a thread per call: ~1 ms at two a cycle
+# What each kind of product runs on, widest first: the first the kernel build can issue is the
+# ceiling of that build's kernels (AVX2's bf16 kernels widen to f32 and FMA).
+PEAK_ROLES = {"int8_dot": ("vpdpbusd_zmm", "vpmaddubsw_ymm"), "bf16_dot": ("vdpbf16ps_zmm", "vfmadd_ymm"),
+              "f32_fma": ("vfmadd_zmm", "vfmadd_ymm")}
+
+
+def peak_case(kern, op: str, threads: int = 0) -> Case:
+    """The machine's rate of one instruction the kernels are built from (16 independent chains per
+    thread, ifg_peak), ``op`` by name or by role (PEAK_ROLES): ``flops`` are its operations, so the
+    figure is GOP/s of all threads."""
+    f, build = kern.lib.ifg_peak, kern.ffi.string(kern.lib.ifg_isa()).decode()
+    if op in PEAK_ROLES:
+        have = [o for o in PEAK_ROLES[op] if f(PEAK_OP[o], 1, 1)]
+        if not have:
+            raise InfengError(f"peak op {op!r}: the kernel build {build} issues none of {', '.join(PEAK_ROLES[op])}")
+        op = have[0]
+    if op not in PEAK_OP:
+        raise InfengError(f"peak op {op!r}: expected one of {', '.join([*PEAK_ROLES, *PEAK_OP])}")
+    code = PEAK_OP[op]
+    issued = f(code, 1, threads)      # 16 per thread that ran
+    if issued == 0:
+        raise InfengError(f"peak op {op!r}: the kernel build {build} cannot issue it")
+    case = Case(f"peak {op}", lambda: f(code, PEAK_ROUNDS, threads))
+    case.flops = float(issued * PEAK_ROUNDS * PEAK_OPS_PER_INSTR[op])
+    return case
 
 
 def time_once(case: Case, min_time: float = 0.05, max_iters: int = 1000) -> float:

@@ -27,7 +27,7 @@ def to_run(results: list[Result], meta: dict[str, Any], command: str = "bench"):
         run.records.append(rec)
         if r.values:
             key = _metric_key(r.scenario.name)
-            suffix = {"GB/s": "gb_s", "GFLOP/s": "gflop_s", "tok/s": "tok_s"}[r.scenario.unit]
+            suffix = {"GB/s": "gb_s", "GFLOP/s": "gflop_s", "GOP/s": "gop_s", "tok/s": "tok_s"}[r.scenario.unit]
             run.metrics[f"{key}.{_metric_key(r.runner)}_{suffix}"] = r.median
             if "roofline_pct" in r.extra:
                 run.metrics[f"{key}.{_metric_key(r.runner)}_roofline_pct"] = r.extra["roofline_pct"]

@@ -33,6 +33,8 @@ LORA_VB: int = _LORA_LAYOUT["vb"]      # Bᵀ stored in runs of this many output
 KV_TYPE: dict[str, int] = {{"i8": "int8", "i4": "int4", "i8c": "int8c", "i4c": "int4c"}.get(k, k): v for k, v in _enum("enum ifg_kv_type", "IFG_KV_").items()}
 KVQ_SHAPE: dict[str, int] = _enum("enum ifg_kvq_shape", "IFG_KVQ_")
 OPS: tuple[str, ...] = tuple(k for k in _enum("enum ifg_op", "IFG_OP_") if k != "count")
+# enum ifg_peak_op: the instructions the throughput probe issues (peak.h)
+PEAK_OP: dict[str, int] = {k: v for k, v in _enum("enum ifg_peak_op", "IFG_PEAK_").items() if k != "n_ops"}
 
 
 def dtype_code(name: str) -> int:
