@@ -112,12 +112,17 @@ def run(arch: str, types: list[str], threads: int, repeats: int, prefill: int, d
         suite = scenario_suite.Suite(model=str(path), threads=threads, repeats=repeats, peers=["llama.cpp"], gguf=str(gguf),
                       scenarios=[scenario_suite.Scenario("prefill", {"tokens": prefill}),
                                                scenario_suite.Scenario("decode", {"tokens": decode, "depth": 0})])
-        results, _ = scenario_suite.run_suite(suite, notes=notes)
+        results, meta = scenario_suite.run_suite(suite, notes=notes)
         for kind in ("prefill", "decode"):
             by = {r.runner: r.median for r in results if r.scenario.kind == kind and r.values}
             rec[f"{kind}_tok_s"] = by.get("infeng")
             rec[f"{kind}_llamacpp_tok_s"] = by.get("llama.cpp")
             rec[f"{kind}_ratio"] = by["infeng"] / by["llama.cpp"] if "infeng" in by and "llama.cpp" in by else None
+        # decode's bytes a step ÷ its time, as % of the run's read bandwidth: 100 ÷ llama.cpp's figure
+        # is the lead of an engine decoding at the probe's rate
+        rec["bandwidth_gb_s"] = meta.get("bandwidth_gb_s")
+        roof = {r.runner: r.extra.get("roofline_pct") for r in results if r.scenario.kind == "decode" and r.values}
+        rec["decode_pct_of_bw"], rec["decode_llamacpp_pct_of_bw"] = roof.get("infeng"), roof.get("llama.cpp")
         log(f"{ft:7s} GGUF {rec['gguf_mb']:7.1f} MiB, infeng {rec['infeng_mb']:7.1f} MiB ({rec['size_ratio']:.3f}x); "
             f"RSS after load {rec['rss_load_mb']:.0f} MiB = {rec['rss_vs_file_kv']:.3f}x file + KV; "
             f"pp{prefill} {_x(rec['prefill_ratio'])}, decode {_x(rec['decode_ratio'])} llama.cpp")
