@@ -14,6 +14,9 @@
 #define KVQ_GMAX 16 /* query heads of one kv head per pass (the score / accumulator tiles) */
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
 #define KVQ_MAX_HD 256
+#ifndef KVQ_SPAN
+#define KVQ_SPAN IFG_KVQ_MAX_BS /* positions per online-softmax step (a multiple of the block size, <= MAX_BS) */
+#endif
 
 /* int8, fp8, int4: codes with one f16 scale per group of values of one position */
 static inline int kvq_scaled(int type) { return type == IFG_KV_I8 || type == IFG_KV_I4 || type == IFG_KV_FP8; }
@@ -706,7 +709,7 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
     for (int bi = first / bs; bi <= blast;) {
         kvq_blk blk[IFG_KVQ_MAX_BS / IFG_KVQ_POS];
         int nb = 0, ns = 0;
-        for (; bi <= blast && ns + bs <= IFG_KVQ_MAX_BS; bi++, nb++, ns += bs) {
+        for (; bi <= blast && (nb == 0 || ns + bs <= KVQ_SPAN); bi++, nb++, ns += bs) {
             const size_t part = (size_t)bt[bi] * n_kv + kvh;
             kvq_blk *b = &blk[nb];
             b->kp = kc + part * kpb;
