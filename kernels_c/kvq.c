@@ -1,11 +1,11 @@
 /* kvq.c — compressed paged KV cache: store (quantize), attention over the codes, Hadamard.
  *
  * Attention work items are (query token, kv head) pairs as in attention.c; an item walks the
- * blocks of its causal range. Per block: the scores of all its positions for every query head of
- * the group, vectorised across positions (keys are stored channel-major, so one vector is one
- * channel of 16 (AVX-512) or 8 (AVX2) positions: a broadcast q[d] times a decoded key vector,
- * no horizontal sum); then the online-softmax update; then the value rows accumulated into the
- * per-head f32 accumulators, vectorised over head_dim. Codes are decoded into registers (a
+ * blocks of its causal range a span (up to KVQ_SPAN positions) at a time. Per span: the scores of
+ * all its positions for every query head of the group, vectorised across positions (keys are
+ * stored channel-major, so one vector is one channel of 16 (AVX-512) or 8 (AVX2) positions: a
+ * broadcast q[d] times a decoded key vector, no horizontal sum); then one online-softmax update;
+ * then the value rows accumulated into the per-head f32 accumulators, vectorised over head_dim. Codes are decoded into registers (a
  * decoded vector serves up to KVQ_HMAX query heads) and never written back as f32. Each output
  * is computed by one item in a fixed order: bitwise deterministic for any thread count. */
 #include "kvq.h"
