@@ -8,7 +8,9 @@ alike. The old library is built from ``git show REV:kernels_c/...`` under anothe
 REV "worktree" builds the working tree's kernels_c as the old side: with --cflags (compiled into the
 old side only), a tile-size variant against the tree as it is.
 
-CASE is DTYPE:NxK:T, e.g. bf16:2048x5632:1 (a GEMV), bf16_dp:5632x2048:8, f32:2048x2048:512.
+CASE is DTYPE:NxK:T, e.g. bf16:2048x5632:1 (a GEMV), bf16_dp:5632x2048:8, f32:2048x2048:512, or
+attention:KV:DEPTH, e.g. attention:int4c:4096 (one decode token of one layer over DEPTH cached
+positions, TinyLlama's 32/4 heads x 64: micro.attention_case; KV f32, int8c, int4c, int8, bf16, ...).
 Prints new/old time per case (< 1: the new library is faster). --dram MB: each call reads the next of
 copies of W totalling MB (e.g. 128, 4x a 32 MiB L3), so a GEMV streams from DRAM as in a decode step,
 and the read-bandwidth probe (probes.py's) is timed between the pairs for scale (--rotate is the
@@ -27,11 +29,12 @@ from pathlib import Path
 
 from cffi import FFI
 
-from infeng import kernels
-from infeng.bench import micro, probes
-from infeng.kernels import build
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this tree's infeng (and its built kernels), not an installed one
+
+from infeng import kernels  # noqa: E402
+from infeng.bench import micro, probes  # noqa: E402
+from infeng.kernels import build  # noqa: E402
 
 
 def old_library(rev: str, isa: str, cflags: list[str]):
@@ -95,7 +98,11 @@ def main() -> None:
     bw = micro.bandwidth_case(kernels.load("scalar"), probes.PROBE_MB, a.threads) if a.dram else None
     for spec in a.cases:
         dtype, shape, t = spec.split(":")
-        cases = {k: micro.matmul_case(lib, dtype, shape, int(t), a.threads, a.dram) for k, lib in libs.items()}
+        if dtype == "attention":   # shape is the KV kind, t the depth; reads its cache: GB/s
+            cases = {k: micro.attention_case(lib, int(t), threads=a.threads, kv=shape) for k, lib in libs.items()}
+            t = "1"
+        else:
+            cases = {k: micro.matmul_case(lib, dtype, shape, int(t), a.threads, a.dram) for k, lib in libs.items()}
         reps = max(1, int(0.05 / max(1e-6, micro.time_both(cases["new"], clock, min_time=0.05)[1])))
         times = {k: [] for k in cases}
         probe = []
@@ -110,7 +117,9 @@ def main() -> None:
         ratios = [n / o for n, o in zip(times["new"], times["old"])]
         rate = {k: (f"{cases[k].bytes / statistics.median(v) / 1e9:.1f} GB/s" if int(t) <= 16
                     else f"{cases[k].flops / statistics.median(v) / 1e9:.0f} GFLOP/s") for k, v in times.items()}
+        us = {k: f"{statistics.median(v) * 1e6:.1f} us" for k, v in times.items()}
         print(f"{spec}: new/old {statistics.median(ratios):.3f} (pairs {min(ratios):.3f}..{max(ratios):.3f}), "
+              f"new {us['new']}, old {us['old']}, "
               f"new {rate['new']}, old {rate['old']} on-CPU"
               + (f", probe {statistics.median(probe):.1f} GB/s" if probe else ""), flush=True)
 
