@@ -108,8 +108,8 @@ int ifg_trace_floats_per_token(const struct ifg_model *m) {
  * low-rank part of each row segment's adapter added in the same pass (lora.h), its shrink done
  * by quant_input as the j-th of its group. The base weights are read once for the batch. wq, wk
  * and w_gate end without a barrier when nothing looks at their output before the next
- * projection's (no adapter, no trace, no per-op timing): their siblings read the same input and
- * write other buffers. */
+ * projection's (no trace, no per-op timing): their siblings read the same input, their own set
+ * of the shrink's sums, and write other buffers. */
 static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_weight *w, int T,
                  int acc, const struct ifg_lora_batch *lb, int l, int p, int j, const struct ifg_xq *xq,
                  const struct ifg_scratch *s) {
@@ -124,7 +124,8 @@ static void proj(float *y, int ldy, const float *x, int ldx, const struct ifg_we
         ifg_matmul_part_xq_wait(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, xq, wait);
     else
         ifg_lora_project_part(y, ldy, x, ldx, w->data, w->dtype, T, w->rows, w->cols, acc, sel, lb->seg_start,
-                              lb->n_seg, ifg_lora_h_set(lb->h, lb->max_rank, T, w->cols, j), lb->max_rank, lb->tmp, xq);
+                              lb->n_seg, ifg_lora_h_set(lb->h, lb->max_rank, T, w->cols, j), lb->max_rank, lb->tmp, xq,
+                              wait);
 }
 
 /* y[t][0..n) += b for T rows at stride ld. */

@@ -332,57 +332,73 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq) {
     if (T <= 0 || N <= 0) return;
     ifg_lora_shrink_part(h, max_rank, x, ldx, K, lora, seg_start, n_seg, xq);
-    ifg_lora_project_part(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, h, max_rank, tmp, xq);
+    ifg_lora_project_part(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, h, max_rank, tmp, xq, 1);
+}
+
+/* Thread c's rows [r0, r1) of the fused projection (ifg_lora_project_part's loop body). */
+static void lo_project_rows(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
+                            int T, int N, int K, int accumulate,
+                            const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
+                            float *h, int max_rank, float *tmp, const struct ifg_xq *xq, int via_tmp, int r0, int r1) {
+    if (ifg_is_qx16(wtype) && !via_tmp) { /* the kernel calls the expand back, tile by tile */
+        /* each expand prefetches the next one's Bᵀ (LO_PF ahead); the first one's, here, arrives
+         * while the GEMM computes the first rows */
+        for (int s = 0; s < n_seg; s++)
+            if (lo_rows(lora, seg_start, s) > 0) {
+                const struct ifg_lora *L = lora[s];
+                const char *b = (const char *)L->b + (size_t)(r0 / LO_VB) * L->rank * LO_VB * LO_ES(L->b_dtype);
+                for (int o = 0; o < LO_PF; o += 64) __builtin_prefetch(b + o, 0, LO_PFL);
+            }
+        float hb[LO_HB] __attribute__((aligned(64)));
+        int hb_rows[2] = {-1, -1};
+        const struct lo_epi e = {{lo_epi_fn}, h, max_rank, N, K, n_seg, lora, seg_start, hb, hb_rows};
+        ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, &e.base, xq);
+        return;
+    }
+    const int tb = ifg_matmul_token_block(wtype), TS = tb * (LO_SLAB / tb > 1 ? LO_SLAB / tb : 1);
+    for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in cache */
+        const int t1 = t0 + TS < T ? t0 + TS : T;
+        float *yo = via_tmp ? tmp : y;
+        const int ldo = via_tmp ? N : ldy;
+        if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 0);
+        /* the slab's rows of x as the caller rounded them once for all threads (NULL: the GEMM
+         * rounds its slab itself, in every thread) */
+        const struct ifg_xq xs = xq ? (struct ifg_xq){xq->q + (size_t)t0 * xq->ldq, xq->d + (size_t)t0 * xq->ldd,
+                                                      xq->s + (size_t)t0 * xq->ldd, xq->ldq, xq->ldd}
+                                    : (struct ifg_xq){0};
+        ifg_matmul_rows_xq(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
+                           accumulate, xq ? &xs : NULL);
+        ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
+        if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 1);
+    }
 }
 
 void ifg_lora_project_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                            int T, int N, int K, int accumulate,
                            const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
-                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq) {
+                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq, int wait) {
     if (T <= 0 || N <= 0) return;
     int dora = 0;
     for (int s = 0; s < n_seg; s++) dora |= lo_rows(lora, seg_start, s) > 0 && lora[s]->dora;
     /* rows per thread: whole 16-output blocks and whole row groups of the base kernel */
     const int align = lo_row_align(wtype);
-    const int tb = ifg_matmul_token_block(wtype), TS = tb * (LO_SLAB / tb > 1 ? LO_SLAB / tb : 1);
     const int via_tmp = accumulate && dora; /* DoRA scales the projection, not the residual */
     const int nc = lo_team();
-    IFG_FOR
-    for (int c = 0; c < nc; c++) {
-        int r0, r1;
-        ifg_chunk(N, align, c, nc, &r0, &r1);
-        if (r0 >= r1) continue;
-        if (ifg_is_qx16(wtype) && !via_tmp) { /* the kernel calls the expand back, tile by tile */
-            /* each expand prefetches the next one's Bᵀ (LO_PF ahead); the first one's, here, arrives
-             * while the GEMM computes the first rows */
-            for (int s = 0; s < n_seg; s++)
-                if (lo_rows(lora, seg_start, s) > 0) {
-                    const struct ifg_lora *L = lora[s];
-                    const char *b = (const char *)L->b + (size_t)(r0 / LO_VB) * L->rank * LO_VB * LO_ES(L->b_dtype);
-                    for (int o = 0; o < LO_PF; o += 64) __builtin_prefetch(b + o, 0, LO_PFL);
-                }
-            float hb[LO_HB] __attribute__((aligned(64)));
-            int hb_rows[2] = {-1, -1};
-            const struct lo_epi e = {{lo_epi_fn}, h, max_rank, N, K, n_seg, lora, seg_start, hb, hb_rows};
-            ifg_qmm_x16_rows(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, &e.base, xq);
-            continue;
-        }
-        for (int t0 = 0; t0 < T; t0 += TS) { /* token slabs: this slab of y is still in cache */
-            const int t1 = t0 + TS < T ? t0 + TS : T;
-            float *yo = via_tmp ? tmp : y;
-            const int ldo = via_tmp ? N : ldy;
-            if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 0);
-            /* the slab's rows of x as the caller rounded them once for all threads (NULL: the GEMM
-             * rounds its slab itself, in every thread) */
-            const struct ifg_xq xs = xq ? (struct ifg_xq){xq->q + (size_t)t0 * xq->ldq, xq->d + (size_t)t0 * xq->ldd,
-                                                          xq->s + (size_t)t0 * xq->ldd, xq->ldq, xq->ldd}
-                                        : (struct ifg_xq){0};
-            ifg_matmul_rows_xq(yo + (size_t)t0 * ldo, ldo, x + (size_t)t0 * ldx, ldx, w, wtype, t1 - t0, r0, r1, K,
-                               accumulate, xq ? &xs : NULL);
-            ifg_lora_expand_rows(yo, ldo, h, max_rank, N, K, lora, seg_start, n_seg, t0, t1, r0, r1);
-            if (via_tmp) lo_tmp_rows(tmp, N, y, ldy, lora, seg_start, n_seg, t0, t1, r0, r1, 1);
-        }
+#define LO_PROJECT_LOOP                                                                            \
+    for (int c = 0; c < nc; c++) {                                                                 \
+        int r0, r1;                                                                                \
+        ifg_chunk(N, align, c, nc, &r0, &r1);                                                      \
+        if (r0 < r1) lo_project_rows(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, \
+                                     h, max_rank, tmp, xq, via_tmp, r0, r1);                       \
     }
+    if (wait || via_tmp) { /* tmp is shared scratch: a projection through it always waits */
+        IFG_FOR
+        LO_PROJECT_LOOP
+    } else {
+        IFG_FOR_NOWAIT
+        LO_PROJECT_LOOP
+    }
+#undef LO_PROJECT_LOOP
 }
 
 void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,

@@ -84,11 +84,12 @@ void ifg_lora_matmul_part(float *y, int ldy, const float *x, int ldx, const void
                           const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
 /* ifg_lora_matmul_part after phase 1 was done (by ifg_lora_shrink_group_part): the base
- * projection with the expand, and no barrier of the adapters' own. */
+ * projection with the expand, and no barrier of the adapters' own. wait = 0: no closing barrier
+ * either (as ifg_matmul_part_xq_wait), unless DoRA goes through tmp. */
 void ifg_lora_project_part(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                            int T, int N, int K, int accumulate,
                            const struct ifg_lora *const *lora, const int32_t *seg_start, int n_seg,
-                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq);
+                           float *h, int max_rank, float *tmp, const struct ifg_xq *xq, int wait);
 /* Phase 1 of the n <= IFG_LORA_SETS projections that share the input x [T][K] (wq wk wv, w_gate
  * w_up, or one; sel[j]: projection j's adapter per segment) and x rounded into xq (NULL: not),
  * in one worksharing loop and its one barrier: the one the base's rounding of x takes anyway,
