@@ -100,12 +100,17 @@ IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, in
 }
 
 #define DP_TMIN(k) ((k) < DP_TT ? (k) : DP_TT)
-/* All row tiles of [n0, ne) for TTC tokens from t. */
+#ifndef DP_PFD
+#define DP_PFD 3 /* prefetch distance in row tiles */
+#endif
+/* All row tiles of [n0, ne) for TTC tokens from t; each prefetches the rows DP_PFD tiles on
+ * (up to r1, the thread's last row). */
 #define DP_NLOOP(TTC)                                                                                   \
     do {                                                                                                \
         int n_ = n0;                                                                                    \
         for (; n_ + DP_NT <= ne; n_ += DP_NT)                                                          \
-            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT, n_ + 2 * DP_NT <= ne ? n_ + DP_NT : n_); \
+            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT,                              \
+                    n_ + (DP_PFD + 1) * DP_NT <= r1 ? n_ + DP_PFD * DP_NT : n_);                       \
         for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1, n_);             \
     } while (0)
 
@@ -178,11 +183,14 @@ void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *
         for (int k0 = 0; k0 < K; k0 += DP_KB) {
             const int k1 = k0 + DP_KB < K ? k0 + DP_KB : K, add = accumulate || k0 > 0;
             dp_pack_x(xb, x, ldx, t0, te - t0, k0, k1);
-            for (int n0 = r0; n0 < r1; n0 += DP_NB) {
-                const int ne = n0 + DP_NB < r1 ? n0 + DP_NB : r1;
-                /* as few tiles as DP_TT allows, of balanced sizes (ik_llama.cpp's split): 8 tokens
-                 * go as 4 + 4, not 6 + 2, whose 8 accumulators cannot hide vdpbf16ps' latency */
-                const int nt = (te - t0 + DP_TT - 1) / DP_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+            /* as few tiles as DP_TT allows, of balanced sizes (ik_llama.cpp's split): 8 tokens
+             * go as 4 + 4, not 6 + 2, whose 8 accumulators cannot hide vdpbf16ps' latency */
+            const int nt = (te - t0 + DP_TT - 1) / DP_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+            /* Up to 2 token tiles (a decode batch): each row tile's W runs through both tiles at
+             * once (from L1), so W streams from DRAM in one pass; more tiles keep DP_NB rows in L2. */
+            const int nb = nt <= 2 ? DP_NT : DP_NB;
+            for (int n0 = r0; n0 < r1; n0 += nb) {
+                const int ne = n0 + nb < r1 ? n0 + nb : r1;
                 for (int i = 0, t = t0; i < nt; i++) {
                     const int tt = base + (i < big);
                     switch (tt) {

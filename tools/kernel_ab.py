@@ -27,11 +27,14 @@ from pathlib import Path
 
 from cffi import FFI
 
-from infeng import kernels
-from infeng.bench import micro, probes
-from infeng.kernels import build
-
 ROOT = Path(__file__).resolve().parents[1]
+# The new side is this tree's library: run from a worktree, `import infeng` would otherwise find
+# the package the venv has installed (another checkout) and time it against itself.
+sys.path.insert(0, str(ROOT))
+
+from infeng import kernels  # noqa: E402
+from infeng.bench import micro, probes  # noqa: E402
+from infeng.kernels import build  # noqa: E402
 
 
 def old_library(rev: str, isa: str, cflags: list[str]):
