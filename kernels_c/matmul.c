@@ -13,7 +13,9 @@
  *    MM_TT × MM_NT vector accumulators (AVX-512 6 × 4, AVX2 4 × 3), each weight vector loaded
  *    and converted once and used for all MM_TT tokens. The MM_NB × MM_KB weight block stays
  *    in L2 while the token tiles of the token block go over it. Partial sums of successive
- *    k-blocks go through y (the first k-block stores unless accumulating).
+ *    k-blocks go through y (the first k-block stores unless accumulating). A decode batch (at
+ *    most 2 token tiles) instead runs each row tile through its token tiles at once: W streams
+ *    from DRAM in one pass.
  * Weights are converted in registers only (bf16: zero-extend + shift 16; f16: vcvtph2ps) and
  * read in place, best 64-byte aligned as the infeng weight format stores them. K tails use
  * masked loads (AVX-512), maskload or a 16-byte copy of the raw tail bits (AVX2): nothing

@@ -6,7 +6,8 @@
  *
  * W is read in place, row-major. Per token block (DP_TB tokens) and k-block (DP_KB), x is rounded
  * to bf16 once into an aligned stack tile (zero-padded to a multiple of 32), then every row block
- * (DP_NB rows, whose k-block of W stays in L2) goes over it in register tiles of DP_TT tokens ×
+ * (DP_NB rows, whose k-block of W stays in L2; DP_NT rows for a batch of at most 2 token tiles,
+ * so W streams in one pass) goes over it in register tiles of DP_TT tokens ×
  * DP_NT rows: per 32 k, DP_NT weight loads, DP_TT x loads, DP_TT·DP_NT vdpbf16ps. Each accumulator
  * is one (token, row) pair; ifg_vsum4 reduces them at the end of a k-block, and partial sums of
  * later k-blocks are added through y. An output's summation order depends only on K (not on T,
