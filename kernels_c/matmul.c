@@ -13,7 +13,9 @@
  *    MM_TT × MM_NT vector accumulators (AVX-512 6 × 4, AVX2 4 × 3), each weight vector loaded
  *    and converted once and used for all MM_TT tokens. The MM_NB × MM_KB weight block stays
  *    in L2 while the token tiles of the token block go over it. Partial sums of successive
- *    k-blocks go through y (the first k-block stores unless accumulating).
+ *    k-blocks go through y (the first k-block stores unless accumulating). A decode batch (at
+ *    most 2 token tiles) instead runs each row tile through its token tiles at once: W streams
+ *    from DRAM in one pass.
  * Weights are converted in registers only (bf16: zero-extend + shift 16; f16: vcvtph2ps) and
  * read in place, best 64-byte aligned as the infeng weight format stores them. K tails use
  * masked loads (AVX-512), maskload or a 16-byte copy of the raw tail bits (AVX2): nothing
@@ -279,14 +281,18 @@ static void mm_gemv_rows_f16(float *y, const float *x, const void *w, int n0, in
     mm_gemv_rows(y, x, w, IFG_F16, n0, n1, K, acc);
 }
 
-/* All row tiles of [n0, ne) for the TTC tokens from t. */
+#ifndef MM_PFD
+#define MM_PFD 1 /* GEMM prefetch distance in row tiles */
+#endif
+/* All row tiles of [n0, ne) for the TTC tokens from t (x packed at xt); each prefetches the rows
+ * MM_PFD tiles on (up to r1, the thread's last row). */
 #define MM_NLOOP(TTC)                                                                            \
     do {                                                                                          \
         int n_ = n0;                                                                              \
         for (; n_ + MM_NT <= ne; n_ += MM_NT)                                                     \
-            mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, MM_NT,                 \
-                         n_ + 2 * MM_NT <= ne ? n_ + MM_NT : n_);                                 \
-        for (; n_ < ne; n_++) mm_gemm_tile(y, ldy, xp, w, wtype, t, n_, K, k0, k1, add, TTC, 1, n_); \
+            mm_gemm_tile(y, ldy, xt, w, wtype, t, n_, K, k0, k1, add, TTC, MM_NT,                 \
+                         n_ + (MM_PFD + 1) * MM_NT <= r1 ? n_ + MM_PFD * MM_NT : n_);             \
+        for (; n_ < ne; n_++) mm_gemm_tile(y, ldy, xt, w, wtype, t, n_, K, k0, k1, add, TTC, 1, n_); \
     } while (0)
 /* A runtime token count tt (1..MM_TT) to the tile specialised for it (the tests on MM_TT
  * are constant: branches for counts above MM_TT are compiled away). */
@@ -306,18 +312,37 @@ static void mm_gemv_rows_f16(float *y, const float *x, const void *w, int n0, in
 
 IFG_AI void mm_gemm_rows_t(float *y, int ldy, const float *x, int ldx, const void *w, int wtype,
                           int T, int r0, int r1, int K, int accumulate, const int RX) {
-    _Alignas(64) float xp[MM_TT * MM_XS]; /* x tile of one k-block (L1-resident) */
+    _Alignas(64) float xp[2 * MM_TT * MM_XS]; /* x tiles of one k-block (L1-resident) */
     for (int t0 = 0; t0 < T; t0 += MM_TB) {
         const int te = t0 + MM_TB < T ? t0 + MM_TB : T;
+        /* as few tiles as MM_TT allows, of balanced sizes: 8 tokens go as 4 + 4, not 6 + 2,
+         * whose few accumulator chains cannot hide the FMA latency */
+        const int nt = (te - t0 + MM_TT - 1) / MM_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+        if (nt <= 2) {
+            /* A decode batch: x of all its tokens packed once per k-block, and each row tile's W
+             * runs through both token tiles at once (the second from L1): W streams in one pass. */
+            for (int k0 = 0; k0 < K; k0 += MM_KB) {
+                const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
+                mm_pack_x(xp, x, ldx, t0, te - t0, k0, k1, RX);
+                for (int n0 = r0; n0 < r1; n0 += MM_NT) {
+                    const int ne = n0 + MM_NT < r1 ? n0 + MM_NT : r1;
+                    for (int i = 0, t = t0; i < nt; i++) {
+                        const int tt = base + (i < big);
+                        const float *xt = xp + (size_t)(t - t0) * MM_XS;
+                        MM_TSWITCH()
+                        t += tt;
+                    }
+                }
+            }
+            continue;
+        }
         for (int n0 = r0; n0 < r1; n0 += MM_NB) {
             const int ne = n0 + MM_NB < r1 ? n0 + MM_NB : r1;
             for (int k0 = 0; k0 < K; k0 += MM_KB) {
                 const int k1 = k0 + MM_KB < K ? k0 + MM_KB : K, add = accumulate || k0 > 0;
-                /* as few tiles as MM_TT allows, of balanced sizes: 8 tokens go as 4 + 4, not 6 + 2,
-                 * whose few accumulator chains cannot hide the FMA latency */
-                const int nt = (te - t0 + MM_TT - 1) / MM_TT, base = (te - t0) / nt, big = (te - t0) % nt;
                 for (int i = 0, t = t0; i < nt; i++) {
                     const int tt = base + (i < big);
+                    const float *xt = xp;
                     mm_pack_x(xp, x, ldx, t, tt, k0, k1, RX);
                     MM_TSWITCH()
                     t += tt;

@@ -6,7 +6,8 @@
  *
  * W is read in place, row-major. Per token block (DP_TB tokens) and k-block (DP_KB), x is rounded
  * to bf16 once into an aligned stack tile (zero-padded to a multiple of 32), then every row block
- * (DP_NB rows, whose k-block of W stays in L2) goes over it in register tiles of DP_TT tokens ×
+ * (DP_NB rows, whose k-block of W stays in L2; DP_NT rows for a batch of at most 2 token tiles,
+ * so W streams in one pass) goes over it in register tiles of DP_TT tokens ×
  * DP_NT rows: per 32 k, DP_NT weight loads, DP_TT x loads, DP_TT·DP_NT vdpbf16ps. Each accumulator
  * is one (token, row) pair; ifg_vsum4 reduces them at the end of a k-block, and partial sums of
  * later k-blocks are added through y. An output's summation order depends only on K (not on T,
@@ -100,12 +101,17 @@ IFG_AI void dp_tile(float *y, int ldy, const uint16_t *xb, const uint16_t *w, in
 }
 
 #define DP_TMIN(k) ((k) < DP_TT ? (k) : DP_TT)
-/* All row tiles of [n0, ne) for TTC tokens from t. */
+#ifndef DP_PFD
+#define DP_PFD 3 /* prefetch distance in row tiles */
+#endif
+/* All row tiles of [n0, ne) for TTC tokens from t; each prefetches the rows DP_PFD tiles on
+ * (up to r1, the thread's last row). */
 #define DP_NLOOP(TTC)                                                                                   \
     do {                                                                                                \
         int n_ = n0;                                                                                    \
         for (; n_ + DP_NT <= ne; n_ += DP_NT)                                                          \
-            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT, n_ + 2 * DP_NT <= ne ? n_ + DP_NT : n_); \
+            dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, DP_NT,                              \
+                    n_ + (DP_PFD + 1) * DP_NT <= r1 ? n_ + DP_PFD * DP_NT : n_);                       \
         for (; n_ < ne; n_++) dp_tile(y, ldy, xb, wb, t, t0, n_, K, k0, k1, add, TTC, 1, n_);             \
     } while (0)
 
@@ -178,11 +184,14 @@ void ifg_mm_bf16dp_rows(float *y, int ldy, const float *x, int ldx, const void *
         for (int k0 = 0; k0 < K; k0 += DP_KB) {
             const int k1 = k0 + DP_KB < K ? k0 + DP_KB : K, add = accumulate || k0 > 0;
             dp_pack_x(xb, x, ldx, t0, te - t0, k0, k1);
-            for (int n0 = r0; n0 < r1; n0 += DP_NB) {
-                const int ne = n0 + DP_NB < r1 ? n0 + DP_NB : r1;
-                /* as few tiles as DP_TT allows, of balanced sizes (ik_llama.cpp's split): 8 tokens
-                 * go as 4 + 4, not 6 + 2, whose 8 accumulators cannot hide vdpbf16ps' latency */
-                const int nt = (te - t0 + DP_TT - 1) / DP_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+            /* as few tiles as DP_TT allows, of balanced sizes (ik_llama.cpp's split): 8 tokens
+             * go as 4 + 4, not 6 + 2, whose 8 accumulators cannot hide vdpbf16ps' latency */
+            const int nt = (te - t0 + DP_TT - 1) / DP_TT, base = (te - t0) / nt, big = (te - t0) % nt;
+            /* Up to 2 token tiles (a decode batch): each row tile's W runs through both tiles at
+             * once (from L1), so W streams from DRAM in one pass; more tiles keep DP_NB rows in L2. */
+            const int nb = nt <= 2 ? DP_NT : DP_NB;
+            for (int n0 = r0; n0 < r1; n0 += nb) {
+                const int ne = n0 + nb < r1 ? n0 + nb : r1;
                 for (int i = 0, t = t0; i < nt; i++) {
                     const int tt = base + (i < big);
                     switch (tt) {
