@@ -176,8 +176,8 @@ def overload(srv: "ServerProcess", reqs: list[dict], capacity: int, factor: floa
     stop = threading.Event()
     health, rss = [], [_rss_kb(srv.p.pid)]
 
-    def probe():
-        while not stop.wait(0.02):
+    def probe():  # probes first, then every 20 ms: a level over within 20 ms still gets one
+        while True:
             t0 = time.perf_counter()
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
             try:
@@ -189,6 +189,8 @@ def overload(srv: "ServerProcess", reqs: list[dict], capacity: int, factor: floa
             finally:
                 conn.close()
             rss.append(_rss_kb(srv.p.pid))
+            if stop.wait(0.02):
+                return
     th = threading.Thread(target=probe, daemon=True)
     th.start()
     try:
