@@ -79,4 +79,31 @@ void ifg_kvq_stage_part(float *stage, int stage_rows, const float *k, int ldk, c
                         const int32_t *pos, int T, int n_kv_heads, int head_dim);
 void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim);
 
+/* Layout helpers shared by the store (kvq.c) and the attention (kvq_attention.c). */
+#define KVQ_MAX_HD 256 /* head_dim bound of the kernels' stack rows */
+
+/* int8, fp8, int4: codes with one f16 scale per group of values of one position */
+static inline int kvq_scaled(int type) { return type == IFG_KV_I8 || type == IFG_KV_I4 || type == IFG_KV_FP8; }
+/* int8c, int4c: keys with an f16 scale and min per channel of POS positions */
+static inline int kvq_chan(int type) { return type == IFG_KV_I8C || type == IFG_KV_I4C; }
+
+static inline size_t kvq_scale_bytes(int type, int bs, int hd, int group) {
+    if (kvq_chan(type)) return (size_t)(bs / IFG_KVQ_POS) * (size_t)hd * 2 * sizeof(uint16_t);
+    return kvq_scaled(type) ? (size_t)bs * (size_t)(hd / group) * sizeof(uint16_t) : 0;
+}
+
+/* An E4M3 code as the bits of the f16 holding its value / 256 (exact, subnormals included). */
+static inline uint16_t kvq_e4m3_f16(uint8_t c) { return (uint16_t)(((c & 0x80) << 8) | ((c & 0x7F) << 7)); }
+
+/* int4 value i of a packed row: byte (i/8)*4 + i%4, low nibble for i%8 < 4. */
+static inline void kvq_put4(uint8_t *row, int i, int8_t q) {
+    uint8_t *b = row + (i >> 3) * 4 + (i & 3);
+    const int sh = (i & 4) ? 4 : 0;
+    *b = (uint8_t)((*b & ~(0xF << sh)) | ((q + 8) << sh));
+}
+static inline int kvq_get4(const uint8_t *row, int i) {
+    const uint8_t b = row[(i >> 3) * 4 + (i & 3)];
+    return ((i & 4) ? b >> 4 : b & 0xF) - 8;
+}
+
 #endif
