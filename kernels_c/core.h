@@ -60,6 +60,13 @@ void ifg_cpu_detect(struct ifg_cpu *out);
 #define IFG_FOR_NOWAIT IFG_PRAGMA(omp for schedule(static) nowait)
 #define IFG_BARRIER IFG_PRAGMA(omp barrier)
 #define IFG_SINGLE IFG_PRAGMA(omp single)
+/* The closing barrier of an IFG_FOR_NOWAIT loop, when the caller's next step needs it (the
+ * same for every thread: an omp for's implicit barrier, made optional). */
+static inline void ifg_wait_if(int wait) {
+    if (wait) {
+        IFG_BARRIER
+    }
+}
 
 static inline int ifg_threads(int n) {
 #ifdef _OPENMP

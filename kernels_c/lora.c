@@ -384,21 +384,14 @@ void ifg_lora_project_part(float *y, int ldy, const float *x, int ldx, const voi
     const int align = lo_row_align(wtype);
     const int via_tmp = accumulate && dora; /* DoRA scales the projection, not the residual */
     const int nc = lo_team();
-#define LO_PROJECT_LOOP                                                                            \
-    for (int c = 0; c < nc; c++) {                                                                 \
-        int r0, r1;                                                                                \
-        ifg_chunk(N, align, c, nc, &r0, &r1);                                                      \
-        if (r0 < r1) lo_project_rows(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg, \
-                                     h, max_rank, tmp, xq, via_tmp, r0, r1);                       \
+    IFG_FOR_NOWAIT
+    for (int c = 0; c < nc; c++) {
+        int r0, r1;
+        ifg_chunk(N, align, c, nc, &r0, &r1);
+        if (r0 < r1) lo_project_rows(y, ldy, x, ldx, w, wtype, T, N, K, accumulate, lora, seg_start, n_seg,
+                                     h, max_rank, tmp, xq, via_tmp, r0, r1);
     }
-    if (wait || via_tmp) { /* tmp is shared scratch: a projection through it always waits */
-        IFG_FOR
-        LO_PROJECT_LOOP
-    } else {
-        IFG_FOR_NOWAIT
-        LO_PROJECT_LOOP
-    }
-#undef LO_PROJECT_LOOP
+    ifg_wait_if(wait || via_tmp); /* tmp is shared scratch: a projection through it always waits */
 }
 
 void ifg_lora_apply(float *y, int ldy, const float *x, int ldx, int N, int K,

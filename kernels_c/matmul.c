@@ -475,20 +475,13 @@ void ifg_matmul_part_xq_wait(float *y, int ldy, const float *x, int ldx, const v
                              int T, int N, int K, int accumulate, const struct ifg_xq *xq, int wait) {
     if (T <= 0 || N <= 0) return; /* the same for every thread: no worksharing to skip */
     const int nc = mm_team();
-#define MM_CHUNK_LOOP                                                                              \
-    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */                       \
-        int r0, r1;                                                                                \
-        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);                                \
-        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);                \
+    IFG_FOR_NOWAIT /* the closing barrier only when asked (ifg_wait_if) */
+    for (int c = 0; c < nc; c++) { /* one contiguous row range per thread */
+        int r0, r1;
+        ifg_chunk(N, ifg_matmul_row_align(wtype), c, nc, &r0, &r1);
+        ifg_matmul_rows_xq(y, ldy, x, ldx, w, wtype, T, r0, r1, K, accumulate, xq);
     }
-    if (wait) {
-        IFG_FOR
-        MM_CHUNK_LOOP
-    } else {
-        IFG_FOR_NOWAIT
-        MM_CHUNK_LOOP
-    }
-#undef MM_CHUNK_LOOP
+    ifg_wait_if(wait);
 }
 
 void ifg_matmul(float *y, int ldy, const float *x, int ldx, const void *w, int wtype, int T,
