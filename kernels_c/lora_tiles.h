@@ -14,7 +14,8 @@
  * row t0 + i's int8 at q[i * ldq + k - k0], its block b's scale and sum of q at d / s[i * ldd + b]. */
 struct ifg_lora_xr { const int8_t *q; const float *d; const int32_t *s; int ldq, ldd; };
 
-/* hp[t][i] = Σ_{k0 <= k < k1} x[t][k] A[k][i] for rows [t0, t1); A f32 or bf16. */
+/* hp[t][i] = Σ_{k0 <= k < k1} x[t][k] A[k][i] for rows [t0, t1); A f32 or bf16 (then x rounded
+ * to bf16 and [k0, k1) one k-chunk: k0 even, k1 - k0 <= LO_KC). */
 void ifg_lora_tile_shrink(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
                           int t0, int t1, int k0, int k1);
 /* int8 A: hp[t][i] = Σ_b d_t,b · Σ_{k in block b} q_t[k] A[k][i] for rows [t0, t1) and the
@@ -28,8 +29,11 @@ void ifg_lora_tile_sum(float *hb, int ldb, const float *hp, int ldh, int nkc, si
                        const struct ifg_lora *L, int t0, int t1);
 /* A row of summed, scaled h (R floats) rounded in place to what the int8 expand reads. */
 void ifg_lora_tile_quant_h(float *row, int R);
+/* A row of summed, scaled h (R floats) rounded in place to what the bf16 expand reads. */
+void ifg_lora_tile_round_h(float *row, int R);
 /* y[t][n] += h[t]·Bᵀ (then DoRA's factor) for rows [t0, t1) and the outputs of 16-blocks
- * [nb0, nb1) below N; any Bᵀ dtype (int8: h as ifg_lora_tile_quant_h leaves it). */
+ * [nb0, nb1) below N; any Bᵀ dtype (int8: h as ifg_lora_tile_quant_h leaves it, bf16: as
+ * ifg_lora_tile_round_h does). */
 void ifg_lora_tile_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                           int t0, int t1, int nb0, int nb1, int N);
 #endif

@@ -1,13 +1,14 @@
 """Mixed-adapter LoRA/DoRA kernel vs numpy, every ISA variant, odd sizes, mixed segments, f32 /
 bf16 / int8 adapter weights (int8: per-rank scales folded into h_scale, as the manager does; the
-rank-space activations h rounded to int8 as the integer expand does, int8_lora_product)."""
+rank-space activations h rounded to int8 as the integer expand does, int8_lora_product; bf16: x and
+h rounded to bf16 as the bf16 dot products take them, bf16_lora_product)."""
 import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
 from infeng.kernels.abi import DTYPE, LORA_I8
-from infeng.model.reference import int8_lora_product
-from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
+from infeng.model.reference import bf16_lora_product, int8_lora_product
+from infeng.runtime.adapters import kernel_rank, pack_lora
 
 DT = {"f32": DTYPE["f32"], "bf16": DTYPE["bf16"], "int8": LORA_I8}
 
@@ -37,8 +38,7 @@ def _adapter(kern, rng, N, K, r, dtype, dora):
         af, bf = a, bt
     d = (rng.random(N).astype(np.float32) + 0.5) if dora else None
     s = kern.ffi.new("struct ifg_lora *")
-    i8 = dtype == "int8"
-    a, bt = (pack_lora_a_i8 if i8 else pack_lora_a)(a), (pack_lora_bt_i8 if i8 else pack_lora_bt)(bt)   # the kernels' layouts
+    a, bt = pack_lora(a, bt, dtype, dtype)                          # the kernels' layouts
     hs_k = np.zeros(kernel_rank(r), np.float32)
     hs_k[:r] = hs
     s.a, s.a_dtype, s.b, s.b_dtype = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype]
@@ -54,8 +54,12 @@ def _low_rank(ref, x):
     the kernels sum h in another order than numpy, so a value of h within a hair of a rounding
     boundary may round the other way, which moves its row by d_h · |Bᵀ| at most (0 elsewhere)."""
     h = (x.astype(np.float64) @ ref["af"].T) * ref["hs"]
-    if ref["dtype"] != "int8":
+    if ref["dtype"] == "f32":
         return h @ ref["bf"], np.zeros((len(x), 1))
+    if ref["dtype"] == "bf16":      # likewise a value of h on a bf16 rounding boundary: its step · |Bᵀ|
+        near = []
+        y = bf16_lora_product(x, ref["af"], ref["bf"], ref["hs"], near)
+        return y, 1.05 * near[0] @ np.abs(ref["bf"]).max(1, keepdims=True)
     rounded = []
     y = int8_lora_product(x, ref["qa"], ref["qbt"], ref["hs"], rounded)
     near = (np.abs(np.abs(rounded[0]) % 1 - 0.5) < 1e-3).any(1, keepdims=True)

@@ -215,4 +215,24 @@ def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: n
     return (hq @ qbt.astype(np.int64)).astype(np.float64) * dh[:, None].astype(np.float64)
 
 
+def bf16_lora_product(x: np.ndarray, a: np.ndarray, bt: np.ndarray, h_scale: np.ndarray,
+                      near: list | None = None) -> np.ndarray:
+    """The low-rank term y = h·Bᵀ of a bf16 adapter as the C kernels compute it (lora.h), for x
+    [T, K] f32, a [r, K] and bt [r, N] as f32 (bf16 values) and h_scale [r]: x rounded to bf16,
+    h = (x·aᵀ) · h_scale in f32 then rounded to bf16 per value, y = h·bt (the products of bf16
+    values are exact; the kernels add them in f32). Returns [T, N] float64; ``near``, if given,
+    gets per value of h its bf16 step where it lies within its f32 sum's error of a rounding
+    boundary (the kernels' f32 sum may round it the other way), else 0."""
+    xr = round_bf16(x).astype(np.float64)
+    h64 = (xr @ a.T.astype(np.float64)) * h_scale
+    h = h64.astype(np.float32)
+    hr = round_bf16(h)
+    if near is not None:
+        err = 5e-7 * (np.abs(xr) @ np.abs(a.T.astype(np.float64))) * np.abs(h_scale)   # ~5x a typical f32 sum's
+        top = np.abs(h).view(np.uint32) >> 16                   # |h| truncated to bf16, and one bf16 up
+        lo, hi = ((top << 16).view(np.float32).astype(np.float64), ((top + 1) << 16).view(np.float32).astype(np.float64))
+        near.append((np.abs(np.abs(h64) - (lo + hi) / 2) <= err) * (hi - lo))     # the bf16 step, if near
+    return hr.astype(np.float64) @ bt.astype(np.float64)
+
+
 __all__ = ["ReferenceModel", "MATRICES"]
