@@ -16,7 +16,9 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  * short streams in 16 pages starve the hardware prefetcher). With N16 = ceil(N/16):
  *   A   transposed, [K][rank]:  A[i][k] at k * rank + i (one k's ranks side by side)
  *   Bᵀ  [N16][rank][16]:        B[n][i] at ((n/16 * rank) + i) * 16 + n%16 (zero past N)
- * A bf16 A and Bᵀ are stored for bf16 dot products (vdpbf16ps) instead, pairs side by side:
+ * bf16 weights whose activations are rounded to bf16 (a_dtype / b_dtype IFG_BF16_DP, matmul.h:
+ * the model's bf16_act as for its bf16 matrices) are stored for bf16 dot products (vdpbf16ps)
+ * instead, pairs side by side:
  *   A   [K2/2][rank][2]:        A[i][k] at ((k/2) * rank + i) * 2 + k%2   (K2: K rounded up to even)
  *   Bᵀ  [N16][rank/2][16][2]:   B[n][i] at (((n/16) * rank/2 + i/2) * 16 + n%16) * 2 + i%2
  * (zeros past K and N), and x and h go into them rounded to bf16 (nearest even): x per shrink,
@@ -37,8 +39,8 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */
 struct ifg_lora {
-    const void *a; int a_dtype;   /* A transposed, f32 / bf16 / int8 */
-    const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / int8 */
+    const void *a; int a_dtype;   /* A transposed, f32 / bf16 / bf16_dp / int8 */
+    const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / bf16_dp / int8 */
     const float *h_scale;         /* [rank] or NULL */
     const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
     int rank;                     /* a multiple of IFG_LORA_RG (padding rows are zero) */

@@ -10,20 +10,28 @@
  * of packed Bᵀ; register tiles of LO_ET tokens × LO_EB blocks, whose weights are one contiguous
  * run of memory.
  *
- * bf16 adapters go as bf16 dot products (lo_shrinkbf_tile, lo_expandbf_tile): their A and Bᵀ
- * hold pairs of k / ranks side by side (lora.h), x is rounded to bf16 once per shrink unit and h
- * once per row after its sum, and one AVX-512 BF16 vdpbf16ps does 32 multiply-adds where the
- * f32 FMA on weights converted in registers did 16 (bf16 rank-32 prefill overhead 8.7 % → see
- * docs/results.md). vdpbf16ps adds a lane's two exact products to it one at a time, the odd
- * (upper) one first, each sum rounded to nearest even (measured on this machine); AVX2 and the
- * scalar reference do exactly that with two FMAs, so the arithmetic is the same on every ISA
- * (but for subnormals, which vdpbf16ps flushes to zero).
- * f32 weights are read as they are. Every output's summation order depends only on K and the
- * rank: never on the thread, nor on the rows beside it in its segment or batch. */
+ * Weights are converted in registers (bf16: shift; int8: sign-extend + convert). A prefill
+ * segment uses each Bᵀ weight for hundreds of rows, so there a run of Bᵀ is converted to f32
+ * once into a stack buffer that every token tile reads (LO_CONV_ROWS rows and up); the values
+ * and the order of the sums are the same either way.
+ * bf16_dp adapters (bf16 weights whose activations are rounded to bf16, the model's bf16_act as
+ * for bf16 matrices: matmul.h's IFG_BF16_DP) go as bf16 dot products instead
+ * (lo_shrinkbf_tile, lo_expandbf_tile): their A and Bᵀ hold pairs of k / ranks side by side
+ * (lora.h), x is rounded to bf16 once per shrink unit and h once per row after its sum, and one
+ * AVX-512 BF16 vdpbf16ps does 32 multiply-adds where the f32 FMA on converted weights did 16.
+ * vdpbf16ps adds a lane's two exact products to it one at a time, the odd (upper) one first,
+ * each sum rounded to nearest even (measured on this machine); AVX2 and the scalar reference do
+ * exactly that with two FMAs, so the arithmetic is the same on every ISA (but for subnormals,
+ * which vdpbf16ps flushes to zero).
+ * Every output's summation order depends only on K and the rank: never on the thread, nor on
+ * the rows beside it in its segment or batch. */
 #include "lora_tiles.h"
+#include "matmul.h"
 #include "quant.h"
 #include "simd.h"
 
+#define LO_CONV_ROWS 8 /* segment rows from which an expand converts each Bᵀ run once */
+#define LO_RMAX 128    /* largest rank whose Bᵀ runs are converted */
 
 /* x (shrink) and h (expand) rounded to bf16 for the bf16 dot products: AVX-512 keeps the bits,
  * a k / rank pair broadcast as one 32-bit lane; the other builds the rounded values as f32,
@@ -298,7 +306,8 @@ IFG_AI void lo_shrink_dt(float *hp, int ldh, const float *x, int ldx, const stru
 
 static void lo_shrink(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
                       int t0, int t1, int k0, int k1) {
-    lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_F32); /* f32 A (bf16: lo_shrinkbf, int8: lo_shrink8) */
+    if (L->a_dtype == IFG_BF16) lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_BF16); /* int8: lo_shrink8 */
+    else lo_shrink_dt(hp, ldh, x, ldx, L, t0, t1, k0, k1, IFG_F32); /* bf16_dp: lo_shrinkbf */
 }
 
 static void lo_sum(float *hb, int ldb, const float *hp, int ldh, int nkc, size_t ttot, const struct ifg_lora *L,
@@ -312,6 +321,11 @@ static void lo_sum(float *hb, int ldb, const float *hp, int ldh, int nkc, size_t
             const ifg_vf hs = L->h_scale ? ifg_vload_n(L->h_scale + i, r) : ifg_vset1(1.0f);
             ifg_vstore_n(hb + (size_t)(t - t0) * ldb + i, ifg_vmul(s, hs), r);
         }
+}
+
+/* dst[0..n) = the n packed weights at src as f32 (n a multiple of 16). */
+IFG_AI void lo_cvt_run(float *dst, const void *src, size_t n, const int DT) {
+    for (size_t i = 0; i < n; i += IFG_VW) ifg_vstore(dst + i, ifg_vload_w(src, DT, i));
 }
 
 /* The expands' output runs: r <= IFG_VW floats at p (fewer: the last run, masked at N). */
@@ -377,13 +391,28 @@ IFG_AI void lo_expand_dt(float *y, int ldy, const float *h, int ldh, const struc
     const size_t blk = (size_t)R * LO_VB; /* weights per block */
     const char *b = (const char *)L->b;
     int nb = nb0;
+    if (DT != IFG_F32 && t1 - t0 >= LO_CONV_ROWS && R <= LO_RMAX) { /* convert each run once */
+        float bbuf[LO_EB * LO_RMAX * LO_VB] __attribute__((aligned(64)));
+        for (; nb + LO_EB <= nb1; nb += LO_EB) {
+            lo_cvt_run(bbuf, b + nb * blk * LO_ES(DT), LO_EB * blk, DT);
+            LO_ETLOOP(LO_EB, bbuf, 0, IFG_F32);
+        }
+        for (; nb < nb1; nb++) {
+            lo_cvt_run(bbuf, b + nb * blk * LO_ES(DT), blk, DT);
+            LO_ETLOOP(1, bbuf, 0, IFG_F32);
+        }
+        return;
+    }
     for (; nb + LO_EB <= nb1; nb += LO_EB) LO_ETLOOP(LO_EB, b + nb * blk * LO_ES(DT), 1, DT);
     for (; nb < nb1; nb++) LO_ETLOOP(1, b + nb * blk * LO_ES(DT), 1, DT);
 }
 
 static void lo_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                       int t0, int t1, int nb0, int nb1, int N) {
-    lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_F32); /* f32 Bᵀ (bf16: lo_expandbf, int8: lo_expand8) */
+    switch (L->b_dtype) {
+    case IFG_BF16: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_BF16); break; /* int8: lo_expand8 */
+    default: lo_expand_dt(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N, IFG_F32); break; /* bf16_dp: lo_expandbf */
+    }
 }
 
 /* ---- int8 Bᵀ: integer dot products (layout and rounding in lora.h) -------------------------
@@ -615,7 +644,7 @@ static void lo_shrink8(float *hp, int ldh, const struct ifg_lora_xr *xr, const s
     }
 }
 
-/* ---- bf16 A and Bᵀ: bf16 dot products (layouts in lora.h) ---------------------------------
+/* ---- bf16_dp A and Bᵀ: bf16 dot products (layouts in lora.h) ---------------------------------
  * A 32-bit lane holds a pair of bf16 weights (2 k of a rank, or 2 ranks of an output) and the
  * matching pair of x / h is broadcast: AVX-512 BF16's vdpbf16ps adds both products into the
  * lane's f32 in one instruction, 32 multiply-adds per vector; AVX2 splits the pairs into f32
@@ -838,7 +867,7 @@ static void lo_round_xbf(lo_xb *xb, int ldb, const float *x, int ldx, int t0, in
 #define LO_XRB 32 /* rows of x rounded at once for a bf16 shrink */
 void ifg_lora_tile_shrink(float *hp, int ldh, const float *x, int ldx, const struct ifg_lora *L,
                           int t0, int t1, int k0, int k1) {
-    if (L->a_dtype != IFG_BF16) {
+    if (L->a_dtype != IFG_BF16_DP) {
         lo_shrink(hp, ldh, x, ldx, L, t0, t1, k0, k1);
         return;
     }
@@ -895,7 +924,7 @@ void ifg_lora_tile_quant_h(float *row, int R) {
     memcpy(row + R / 4 + 1, &corr, 4);
 }
 
-/* ---- bf16 adapters: h rounded to bf16 for the bf16 dot products --------------------------- */
+/* ---- bf16_dp adapters: h rounded to bf16 for the bf16 dot products ------------------------ */
 /* A row of summed, scaled h (R floats) rounded in place to bf16, nearest even, as the bf16
  * expand reads it (lo_xb: AVX-512 the bits in bytes [0, 2R), each written after its float was
  * read; else the rounded values as f32). */
@@ -916,11 +945,11 @@ void ifg_lora_tile_round_h(float *row, int R) {
 #endif
 }
 
-/* The expand of any adapter: int8 ones through the integer kernel, bf16 ones the bf16 one. */
+/* The expand of any adapter: int8 ones through the integer kernel, bf16_dp ones the bf16 one. */
 void ifg_lora_tile_expand(float *y, int ldy, const float *h, int ldh, const struct ifg_lora *L,
                           int t0, int t1, int nb0, int nb1, int N) {
     if (L->b_dtype == IFG_LORA_I8) lo_expand8(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
-    else if (L->b_dtype == IFG_BF16) lo_expandbf(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
+    else if (L->b_dtype == IFG_BF16_DP) lo_expandbf(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
     else lo_expand(y, ldy, h, ldh, L, t0, t1, nb0, nb1, N);
 }
 

@@ -76,8 +76,8 @@ class ReferenceModel:
                     if bf16_activations(model.bf16_act) == "bf16" else set())
         self.inv_freq = self.cfg.inv_freq()
         self.attn_factor = self.cfg.attn_factor()   # YaRN / LongRoPE scale cos and sin: q·k by its square
-        # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
-        # beside the base product as the kernels compute it (int8_lora_product below)
+        # name → (product, dora factor or None): an adapter's low-rank term x → product(x) added
+        # beside the base product as the kernels compute it (int8_lora_product, bf16_lora_product)
         self.low_rank: dict = {}
         self.reset()
 
@@ -172,8 +172,8 @@ class ReferenceModel:
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
         y = x.astype(np.float64) @ self.w[name].T.astype(np.float64)
         if name in self.low_rank:
-            qa, qbt, hs, dora = self.low_rank[name]
-            y = y + int8_lora_product(x_in, qa, qbt, hs)
+            product, dora = self.low_rank[name]
+            y = y + product(x_in)
             if dora is not None:
                 y = y * dora
         return y.astype(np.float32)

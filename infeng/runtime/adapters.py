@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.kernels import bf16_activations
 from infeng.kernels.abi import LORA_I8, LORA_RG, LORA_VB, dtype_code
 from infeng.kernels.structs import Structs
 from infeng.model.adapter import Adapter, load_adapter
@@ -46,7 +47,7 @@ def pack_lora_a(a: np.ndarray) -> np.ndarray:
 
 
 def pack_lora_a_bf16(a: np.ndarray) -> np.ndarray:
-    """bf16 A [r, K] (uint16 bits) → the bf16 dot-product kernels' [K'/2, r', 2] (K' = K rounded
+    """bf16 A [r, K] (uint16 bits) → the bf16 dot-product (bf16_dp) kernels' [K'/2, r', 2] (K' = K rounded
     up to even, r' to 4; zero padding): 2 consecutive k of a rank in each 4 bytes."""
     r, K = a.shape
     rp, kp = kernel_rank(r), K + K % 2
@@ -71,7 +72,7 @@ def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
 
 
 def pack_lora_bt_bf16(bt: np.ndarray) -> np.ndarray:
-    """bf16 Bᵀ [r, N] (uint16 bits) → the bf16 dot-product kernels' [N'/16, r'/2, 16, 2] (N' = N
+    """bf16 Bᵀ [r, N] (uint16 bits) → the bf16 dot-product (bf16_dp) kernels' [N'/16, r'/2, 16, 2] (N' = N
     rounded up to 16, r' to 4; zero padding): 2 consecutive ranks of an output in each 4 bytes."""
     r, N = bt.shape
     rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
@@ -80,10 +81,10 @@ def pack_lora_bt_bf16(bt: np.ndarray) -> np.ndarray:
 
 
 def pack_lora(a: np.ndarray, bt: np.ndarray, a_dtype: str, b_dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """A [r, K] and Bᵀ [r, N] of dtypes f32 / bf16 (uint16 bits) / int8 in the layouts the kernels
-    stream (lora.h), each by its own dtype."""
-    pa = {"f32": pack_lora_a, "bf16": pack_lora_a_bf16, "int8": pack_lora_a_i8}[a_dtype]
-    pb = {"f32": pack_lora_bt, "bf16": pack_lora_bt_bf16, "int8": pack_lora_bt_i8}[b_dtype]
+    """A [r, K] and Bᵀ [r, N] of kernel dtypes f32 / bf16 / bf16_dp (both uint16 bits) / int8 in
+    the layouts the kernels stream (lora.h), each by its own dtype."""
+    pa = {"f32": pack_lora_a, "bf16": pack_lora_a, "bf16_dp": pack_lora_a_bf16, "int8": pack_lora_a_i8}[a_dtype]
+    pb = {"f32": pack_lora_bt, "bf16": pack_lora_bt, "bf16_dp": pack_lora_bt_bf16, "int8": pack_lora_bt_i8}[b_dtype]
     return pa(a), pb(bt)
 
 
@@ -223,6 +224,10 @@ class AdapterManager:
                 lb_dtype, B = a.tensors[f"{t}.lora_b"]
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
+                # bf16 pairs take their input as the base's bf16 matrices do (the model's bf16_act):
+                # rounded to bf16 for vdpbf16ps (bf16_dp), or exact products by default
+                if bf16_activations(self.base.bf16_act) == "bf16":
+                    la_dtype, lb_dtype = (d + "_dp" if d == "bf16" else d for d in (la_dtype, lb_dtype))
                 a_code, b_code = dtype_code(la_dtype), dtype_code(lb_dtype)
             A, Bt = pack_lora(A, Bt, la_dtype, lb_dtype)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
