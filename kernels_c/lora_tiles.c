@@ -659,7 +659,11 @@ IFG_AI lo_hb lo_bcbf(const lo_xb *p) {
     return _mm512_set1_epi32((int)v);
 }
 IFG_AI ifg_vf lo_dotbf(ifg_vf acc, lo_wb w, lo_hb x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
-#define LO_STB(RV) LO_ST(RV) /* shrink tile rows: KU·TT·RV accumulators + RV weights + x in 32 */
+/* KU·TT·RV accumulators + RV weights + x in 32. Twice the f32 tile's rows per weight load for
+ * rank 32 (KU 2 for 2 rank vectors, not 4): at 32 multiply-adds per instruction the 3-row tile
+ * read its 32 KiB of A from L2 twice as fast as the f32 one and ran no faster than it. */
+#define LO_KUB(RV) ((RV) == 1 ? 4 : 2)
+#define LO_STB(RV) ((RV) <= 2 ? 6 : (RV) == 3 ? 4 : 3)
 #else
 typedef struct { __m256 e, o; } lo_wb; /* each lane's even (lower) and odd (upper) bf16 as f32 */
 typedef lo_wb lo_hb;
@@ -678,6 +682,7 @@ IFG_AI lo_hb lo_bcbf(const lo_xb *p) {
     return h;
 }
 IFG_AI ifg_vf lo_dotbf(ifg_vf acc, lo_wb w, lo_hb x) { return _mm256_fmadd_ps(x.e, w.e, _mm256_fmadd_ps(x.o, w.o, acc)); }
+#define LO_KUB(RV) LO_KU(RV)
 #define LO_STB(RV) ((RV) == 1 ? 3 : 2) /* KU·TT·RV accumulators + 2·RV weights + 2 x in 16 */
 #endif
 
@@ -686,10 +691,10 @@ IFG_AI ifg_vf lo_dotbf(ifg_vf acc, lo_wb w, lo_hb x) { return _mm256_fmadd_ps(x.
  * accumulators take the pairs in turn as in lo_shrink_tile (KU by the rank alone, never TT). */
 IFG_AI void lo_shrinkbf_tile(float *hp, int ldh, const lo_xb *xb, int ldb, const uint32_t *a, int R, int np,
                             int t, int ti, int i0, int rl, const int TT, const int RV, const int FULL) {
-    const int KU = LO_KU(RV);
+    const int KU = LO_KUB(RV);
     const uint32_t *ap = a + i0;
     const lo_xb *xr = xb + (size_t)ti * ldb;
-    ifg_vf acc[4][LO_STB(1)][LO_RV];
+    ifg_vf acc[4][LO_STB(1) > LO_STB(2) ? LO_STB(1) : LO_STB(2)][LO_RV];
 #pragma GCC unroll 4
     for (int u = 0; u < KU; u++)
 #pragma GCC unroll 12
