@@ -147,13 +147,16 @@ static void lo_shrink_run(float *h, int ldh, const float *x, int ldx, int K, con
 }
 
 /* A prefill row's share of the fused rounding and shrinks, in 64ths of an int8 multiply-add per k
- * and rank (a float multiply-add costs 4 of them; rounding a value of x ~12): the threads split
+ * and rank (a bf16_dp one costs 2 of them, an f32 / bf16 one 4; rounding a value of x ~12): the threads split
  * the rows by it, so rows without adapters do not leave one thread all the shrinks. */
 #define LO_QCOST 12
 static long long lo_seg_cost(const struct ifg_lora *const *const *sel, int n, int s) {
     long long c = LO_QCOST;
     for (int j = 0; j < n; j++)
-        if (sel[j][s]) c += (long long)sel[j][s]->rank * (sel[j][s]->a_dtype == IFG_LORA_I8 ? 1 : 4);
+        if (sel[j][s]) {
+            const int dt = sel[j][s]->a_dtype;
+            c += (long long)sel[j][s]->rank * (dt == IFG_LORA_I8 ? 1 : dt == IFG_BF16_DP ? 2 : 4);
+        }
     return c;
 }
 
@@ -232,6 +235,8 @@ static void lo_sum_rows(float *hb, const float *h, int ldh, int K, const struct 
         ifg_lora_tile_sum(hb + (size_t)(a - t0) * ldh, ldh, h, ldh, nkc, (size_t)seg_start[n_seg], lora[s], a, c);
         if (lora[s]->b_dtype == IFG_LORA_I8)
             for (int t = a; t < c; t++) ifg_lora_tile_quant_h(hb + (size_t)(t - t0) * ldh, lora[s]->rank);
+        else if (lora[s]->b_dtype == IFG_BF16_DP)
+            for (int t = a; t < c; t++) ifg_lora_tile_round_h(hb + (size_t)(t - t0) * ldh, lora[s]->rank);
     }
 }
 

@@ -16,6 +16,14 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  * short streams in 16 pages starve the hardware prefetcher). With N16 = ceil(N/16):
  *   A   transposed, [K][rank]:  A[i][k] at k * rank + i (one k's ranks side by side)
  *   Bᵀ  [N16][rank][16]:        B[n][i] at ((n/16 * rank) + i) * 16 + n%16 (zero past N)
+ * bf16 weights whose activations are rounded to bf16 (a_dtype / b_dtype IFG_BF16_DP, matmul.h:
+ * the model's bf16_act as for its bf16 matrices) are stored for bf16 dot products (vdpbf16ps)
+ * instead, pairs side by side:
+ *   A   [K2/2][rank][2]:        A[i][k] at ((k/2) * rank + i) * 2 + k%2   (K2: K rounded up to even)
+ *   Bᵀ  [N16][rank/2][16][2]:   B[n][i] at (((n/16) * rank/2 + i/2) * 16 + n%16) * 2 + i%2
+ * (zeros past K and N), and x and h go into them rounded to bf16 (nearest even): x per shrink,
+ * h per row after its chunks are summed and scaled by h_scale. Each 32-bit lane adds its pair of
+ * products one at a time, the odd (upper) one first, as vdpbf16ps does.
  * An int8 Bᵀ is stored for integer dot products (VNNI) instead: unsigned bytes q + 128 (as
  * q8_0x16 stores its weights), 4 consecutive ranks of an output in each 4 bytes,
  *   Bᵀ  [N16][rank/4][16][4]:   B[n][i] at (((n/16) * rank/4 + i/4) * 16 + n%16) * 4 + i%4
@@ -31,8 +39,8 @@ enum ifg_lora_layout { IFG_LORA_RG = 4, IFG_LORA_VB = 16 };
  * and for int8 the scale of A's row i times the scale of Bᵀ's row i (int8 values times those
  * scales are the weights). NULL = 1. */
 struct ifg_lora {
-    const void *a; int a_dtype;   /* A transposed, f32 / bf16 / int8 */
-    const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / int8 */
+    const void *a; int a_dtype;   /* A transposed, f32 / bf16 / bf16_dp / int8 */
+    const void *b; int b_dtype;   /* packed Bᵀ, f32 / bf16 / bf16_dp / int8 */
     const float *h_scale;         /* [rank] or NULL */
     const float *dora;            /* [N] DoRA factor m / ‖W + s·BA‖ per output row; NULL = plain LoRA */
     int rank;                     /* a multiple of IFG_LORA_RG (padding rows are zero) */

@@ -1,15 +1,17 @@
 """Mixed-adapter LoRA/DoRA kernel vs numpy, every ISA variant, odd sizes, mixed segments, f32 /
 bf16 / int8 adapter weights (int8: per-rank scales folded into h_scale, as the manager does; the
-rank-space activations h rounded to int8 as the integer expand does, int8_lora_product)."""
+rank-space activations h rounded to int8 as the integer expand does, int8_lora_product; bf16_dp,
+bf16 weights with bf16 activations: x and h rounded to bf16 as the bf16 dot products take them,
+bf16_lora_product)."""
 import numpy as np
 import pytest
 
 from conftest import P, bf16_bits_to_f32, to_bf16_bits
 from infeng.kernels.abi import DTYPE, LORA_I8
-from infeng.model.reference import int8_lora_product
-from infeng.runtime.adapters import kernel_rank, pack_lora_a, pack_lora_a_i8, pack_lora_bt, pack_lora_bt_i8
+from infeng.model.reference import bf16_lora_product, int8_lora_product
+from infeng.runtime.adapters import kernel_rank, pack_lora
 
-DT = {"f32": DTYPE["f32"], "bf16": DTYPE["bf16"], "int8": LORA_I8}
+DT = {"f32": DTYPE["f32"], "bf16": DTYPE["bf16"], "bf16_dp": DTYPE["bf16_dp"], "int8": LORA_I8}
 
 
 def _int8_rows(m):
@@ -24,7 +26,7 @@ def _adapter(kern, rng, N, K, r, dtype, dora):
     bt = rng.standard_normal((r, N)).astype(np.float32) * 0.1      # Bᵀ [rank][N]
     hs = (rng.random(r).astype(np.float32) + 0.5)                   # LoRA scale per rank row
     ref = {"dtype": dtype}
-    if dtype == "bf16":
+    if dtype in ("bf16", "bf16_dp"):
         a, bt = to_bf16_bits(a), to_bf16_bits(bt)
         af, bf = bf16_bits_to_f32(a), bf16_bits_to_f32(bt)
     elif dtype == "int8":
@@ -37,8 +39,7 @@ def _adapter(kern, rng, N, K, r, dtype, dora):
         af, bf = a, bt
     d = (rng.random(N).astype(np.float32) + 0.5) if dora else None
     s = kern.ffi.new("struct ifg_lora *")
-    i8 = dtype == "int8"
-    a, bt = (pack_lora_a_i8 if i8 else pack_lora_a)(a), (pack_lora_bt_i8 if i8 else pack_lora_bt)(bt)   # the kernels' layouts
+    a, bt = pack_lora(a, bt, dtype, dtype)                          # the kernels' layouts
     hs_k = np.zeros(kernel_rank(r), np.float32)
     hs_k[:r] = hs
     s.a, s.a_dtype, s.b, s.b_dtype = P(kern, a, "void *"), DT[dtype], P(kern, bt, "void *"), DT[dtype]
@@ -54,8 +55,12 @@ def _low_rank(ref, x):
     the kernels sum h in another order than numpy, so a value of h within a hair of a rounding
     boundary may round the other way, which moves its row by d_h · |Bᵀ| at most (0 elsewhere)."""
     h = (x.astype(np.float64) @ ref["af"].T) * ref["hs"]
-    if ref["dtype"] != "int8":
+    if ref["dtype"] in ("f32", "bf16"):
         return h @ ref["bf"], np.zeros((len(x), 1))
+    if ref["dtype"] == "bf16_dp":   # likewise a value of h on a bf16 rounding boundary: its step · |Bᵀ|
+        near = []
+        y = bf16_lora_product(x, ref["af"], ref["bf"], ref["hs"], near)
+        return y, 1.05 * near[0] @ np.abs(ref["bf"]).max(1, keepdims=True)
     rounded = []
     y = int8_lora_product(x, ref["qa"], ref["qbt"], ref["hs"], rounded)
     near = (np.abs(np.abs(rounded[0]) % 1 - 0.5) < 1e-3).any(1, keepdims=True)
@@ -69,7 +74,7 @@ def _close(y, want, slack, rtol=1e-5, atol=2e-5):
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (17, 15), (64, 172), (257, 33), (40, 700)])
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "bf16_dp", "int8"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_lora_segments_match_numpy(kern, N, K, dtype, threads):
     rng = np.random.default_rng(N * 1000 + K)
@@ -145,7 +150,7 @@ def _base_weight(kind, N, K, rng):
                                       ("q6_kx16", 16, 256)])
 @pytest.mark.parametrize("T", [1, 6, 131, 300])
 @pytest.mark.parametrize("acc", [0, 1])
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "bf16_dp", "int8"])
 def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc, dtype):
     """ifg_lora_matmul (the base projection with each thread's rows expanded slab by slab) gives
     the bits of ifg_matmul followed by ifg_lora_apply, for every base format, token counts that
@@ -180,7 +185,7 @@ def test_fused_projection_equals_base_then_lora(kern, kind, N, K, T, acc, dtype)
 
 
 @pytest.mark.parametrize("rank", [5, 20, 36, 72, 130])
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "bf16_dp", "int8"])
 def test_lora_ranks_and_long_segments(kern, rank, dtype):
     """Every shrink tile shape (rank blocks of 1-4 vectors, masked last vectors, 1-12 token tiles),
     several k-chunks (K > 1024), segments long enough for the converted-weights path of the

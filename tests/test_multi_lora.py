@@ -1,5 +1,6 @@
 """Mixed-adapter batches through the C forward pass: PEFT-recorded logits, reference greedy, and
 every row of a mixed batch equal to that row run alone with its adapter."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -104,6 +105,25 @@ def test_c_logits_int8_match_reference(kern, base, files_int8, name):
     eng.step()
     err, scale = np.abs(eng.net.logits[0] - want).max(), np.abs(want).max()
     assert err < 0.02 * scale and err < np.abs(none - want).max() / 10, (err, scale)
+    list(eng.stream())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_c_logits_bf16_act_match_reference(kern, base, tmp_path, name):
+    """bf16 adapters on a base whose bf16_act rounds bf16 matrices' input go as bf16 dot products
+    (x and h rounded to bf16: bf16_lora_product, reference_with_adapter(kernel_rounding=True)):
+    the C forward pass computes what the numpy reference does, but for an h within a hair of a
+    bf16 rounding boundary, which may round the other way (a bf16 step of that value)."""
+    model = dataclasses.replace(base, bf16_act="bf16")
+    eng = Engine(model, threads=2, max_batch=2, isa=kern.ffi.string(kern.lib.ifg_isa()).decode())
+    la = eng.load_adapter(convert_peft(FIX / name, tmp_path / f"{name}.infeng-lora", base, dtype="bf16"), name)
+    ids = json.loads((FIX / name / "logits.json").read_text())["input_ids"]
+    want = reference_with_adapter(model, la.adapter, kernel_rounding=True).forward(ids)[-1]
+    exact = reference_with_adapter(base, la.adapter).forward(ids)[-1]      # bf16 weights, exact products
+    eng.submit(Request(id="x", prompt_ids=ids, params=_greedy(1), adapter=name))
+    eng.step()
+    err, scale = np.abs(eng.net.logits[0] - want).max(), np.abs(want).max()
+    assert err < 2e-3 * scale and err < np.abs(exact - want).max() / 4, (err, scale)
     list(eng.stream())
 
 

@@ -19,7 +19,9 @@ DoRA magnitudes ``.dora_m`` [out] are f32 in both.
 
 The C kernels multiply an int8 Bᵀ in integers, so there the rank-space activations h = x·Aᵀ (times
 the folded scales) are rounded to int8 too, per token over its ranks, as x is for a q8_0 base
-(``infeng.model.reference.int8_lora_product`` is that arithmetic in numpy).
+(``infeng.model.reference.int8_lora_product`` is that arithmetic in numpy). A bf16 pair goes
+through bf16 dot products when the base's bf16_act rounds bf16 matrices' input: x and h rounded
+to bf16 (``bf16_lora_product``).
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from infeng import format as native
 from infeng.converters.peft import projection_shape, read_peft
 from infeng.errors import InfengError
 from infeng.format.schema import convert_dtype, to_f32
+from infeng.kernels import bf16_activations
 from infeng.model.loader import Model
-from infeng.model.reference import ReferenceModel
+from infeng.model.reference import ReferenceModel, bf16_lora_product, int8_lora_product
 
 ADAPTER_DTYPES = ("f32", "bf16", "int8")
 STORAGE = {"float": 1, "int8": 1}      # storage kind → the version this code reads
@@ -195,20 +198,31 @@ def manifest_summary(a: Adapter) -> dict[str, Any]:
 def reference_with_adapter(base: Model, adapter: Adapter | None, kernel_rounding: bool = False):
     """The numpy reference model computing with ``adapter``'s effective weights. With
     ``kernel_rounding``, an int8 adapter's low-rank term is computed as the C kernels do
-    (``int8_lora_product``: h rounded to int8) beside the base projection instead."""
+    (``int8_lora_product``: h rounded to int8) beside the base projection instead, and so is a bf16
+    one's when the kernels round its activations (the base's bf16_act: ``bf16_lora_product``, x
+    and h rounded to bf16; A and B both bf16)."""
     ref = ReferenceModel(base)
     if adapter is None:
         return ref
     for t in adapter.targets:
         _, layer, proj = t.split(".")
-        if not (kernel_rounding and adapter.storage == "int8"):
+        int8 = adapter.storage == "int8"
+        bf16 = (not int8 and bf16_activations(base.bf16_act) == "bf16"
+                and all(adapter.tensors[f"{t}.{p}"][0] == "bf16" for p in ("lora_a", "lora_b")))
+        if not (kernel_rounding and (int8 or bf16)):
             ref.w[t] = effective_weight(base, adapter, int(layer), proj)
             continue
-        hs = (adapter.tensors[f"{t}.lora_a_scale"][1] * adapter.tensors[f"{t}.lora_bt_scale"][1]
-              * np.float32(adapter.scale)).astype(np.float32)
         dora = None
         if adapter.use_dora:
             merged = base.f32(t) + adapter.delta(t)
             dora = adapter.f32(f"{t}.dora_m") / np.linalg.norm(merged, axis=1)
-        ref.low_rank[t] = (adapter.tensors[f"{t}.lora_a"][1], adapter.tensors[f"{t}.lora_bt"][1], hs, dora)
+        if int8:
+            hs = (adapter.tensors[f"{t}.lora_a_scale"][1] * adapter.tensors[f"{t}.lora_bt_scale"][1]
+                  * np.float32(adapter.scale)).astype(np.float32)
+            qa, qbt = adapter.tensors[f"{t}.lora_a"][1], adapter.tensors[f"{t}.lora_bt"][1]
+            ref.low_rank[t] = (lambda x, qa=qa, qbt=qbt, hs=hs: int8_lora_product(x, qa, qbt, hs), dora)
+        else:
+            a, bt = adapter.f32(f"{t}.lora_a"), adapter.f32(f"{t}.lora_b").T
+            hs = np.full(a.shape[0], adapter.scale, np.float32)
+            ref.low_rank[t] = (lambda x, a=a, bt=bt, hs=hs: bf16_lora_product(x, a, bt, hs), dora)
     return ref

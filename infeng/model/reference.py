@@ -76,8 +76,8 @@ class ReferenceModel:
                     if bf16_activations(model.bf16_act) == "bf16" else set())
         self.inv_freq = self.cfg.inv_freq()
         self.attn_factor = self.cfg.attn_factor()   # YaRN / LongRoPE scale cos and sin: q·k by its square
-        # name → (qa, qbt, h_scale, dora factor or None): an int8 adapter's low-rank term added
-        # beside the base product as the kernels compute it (int8_lora_product below)
+        # name → (product, dora factor or None): an adapter's low-rank term x → product(x) added
+        # beside the base product as the kernels compute it (int8_lora_product, bf16_lora_product)
         self.low_rank: dict = {}
         self.reset()
 
@@ -172,8 +172,8 @@ class ReferenceModel:
             x = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
         y = x.astype(np.float64) @ self.w[name].T.astype(np.float64)
         if name in self.low_rank:
-            qa, qbt, hs, dora = self.low_rank[name]
-            y = y + int8_lora_product(x_in, qa, qbt, hs)
+            product, dora = self.low_rank[name]
+            y = y + product(x_in)
             if dora is not None:
                 y = y * dora
         return y.astype(np.float32)
@@ -213,6 +213,26 @@ def int8_lora_product(x: np.ndarray, qa: np.ndarray, qbt: np.ndarray, h_scale: n
         rounded.append(h * inv[:, None])
     hq = _round_away(h * inv[:, None]).astype(np.int64)
     return (hq @ qbt.astype(np.int64)).astype(np.float64) * dh[:, None].astype(np.float64)
+
+
+def bf16_lora_product(x: np.ndarray, a: np.ndarray, bt: np.ndarray, h_scale: np.ndarray,
+                      near: list | None = None) -> np.ndarray:
+    """The low-rank term y = h·Bᵀ of a bf16 adapter as the C kernels compute it (lora.h), for x
+    [T, K] f32, a [r, K] and bt [r, N] as f32 (bf16 values) and h_scale [r]: x rounded to bf16,
+    h = (x·aᵀ) · h_scale in f32 then rounded to bf16 per value, y = h·bt (the products of bf16
+    values are exact; the kernels add them in f32). Returns [T, N] float64; ``near``, if given,
+    gets per value of h its bf16 step where it lies within its f32 sum's error of a rounding
+    boundary (the kernels' f32 sum may round it the other way), else 0."""
+    xr = round_bf16(x).astype(np.float64)
+    h64 = (xr @ a.T.astype(np.float64)) * h_scale
+    h = h64.astype(np.float32)
+    hr = round_bf16(h)
+    if near is not None:
+        err = 5e-7 * (np.abs(xr) @ np.abs(a.T.astype(np.float64))) * np.abs(h_scale)   # ~5x a typical f32 sum's
+        top = np.abs(h).view(np.uint32) >> 16                   # |h| truncated to bf16, and one bf16 up
+        lo, hi = ((top << 16).view(np.float32).astype(np.float64), ((top + 1) << 16).view(np.float32).astype(np.float64))
+        near.append((np.abs(np.abs(h64) - (lo + hi) / 2) <= err) * (hi - lo))     # the bf16 step, if near
+    return hr.astype(np.float64) @ bt.astype(np.float64)
 
 
 __all__ = ["ReferenceModel", "MATRICES"]

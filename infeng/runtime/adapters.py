@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from infeng.errors import InfengError
+from infeng.kernels import bf16_activations
 from infeng.kernels.abi import LORA_I8, LORA_RG, LORA_VB, dtype_code
 from infeng.kernels.structs import Structs
 from infeng.model.adapter import Adapter, load_adapter
@@ -45,6 +46,15 @@ def pack_lora_a(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_padded(a, kernel_rank(r), K).T)
 
 
+def pack_lora_a_bf16(a: np.ndarray) -> np.ndarray:
+    """bf16 A [r, K] (uint16 bits) → the bf16 dot-product (bf16_dp) kernels' [K'/2, r', 2] (K' = K rounded
+    up to even, r' to 4; zero padding): 2 consecutive k of a rank in each 4 bytes."""
+    r, K = a.shape
+    rp, kp = kernel_rank(r), K + K % 2
+    a2 = _padded(a.astype(np.uint16), rp, kp).reshape(rp, kp // 2, 2)               # [i, k/2, k%2]
+    return np.ascontiguousarray(a2.transpose(1, 0, 2))
+
+
 def pack_lora_a_i8(a: np.ndarray) -> np.ndarray:
     """int8 A [r, K] → the integer kernels' [K'/4, r', 4] bytes q + 128 (K' = K rounded up to 32,
     r' to 4; zero padding): 4 consecutive k of a rank in each 4 bytes."""
@@ -59,6 +69,23 @@ def pack_lora_bt(bt: np.ndarray) -> np.ndarray:
     r, N = bt.shape
     rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
     return np.ascontiguousarray(_padded(bt, rp, np_).reshape(rp, np_ // LORA_VB, LORA_VB).transpose(1, 0, 2))
+
+
+def pack_lora_bt_bf16(bt: np.ndarray) -> np.ndarray:
+    """bf16 Bᵀ [r, N] (uint16 bits) → the bf16 dot-product (bf16_dp) kernels' [N'/16, r'/2, 16, 2] (N' = N
+    rounded up to 16, r' to 4; zero padding): 2 consecutive ranks of an output in each 4 bytes."""
+    r, N = bt.shape
+    rp, np_ = kernel_rank(r), -(-N // LORA_VB) * LORA_VB
+    b = _padded(bt.astype(np.uint16), rp, np_).reshape(rp // 2, 2, np_ // LORA_VB, LORA_VB)   # [i/2, i%2, n/16, n%16]
+    return np.ascontiguousarray(b.transpose(2, 0, 3, 1))
+
+
+def pack_lora(a: np.ndarray, bt: np.ndarray, a_dtype: str, b_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A [r, K] and Bᵀ [r, N] of kernel dtypes f32 / bf16 / bf16_dp (both uint16 bits) / int8 in
+    the layouts the kernels stream (lora.h), each by its own dtype."""
+    pa = {"f32": pack_lora_a, "bf16": pack_lora_a, "bf16_dp": pack_lora_a_bf16, "int8": pack_lora_a_i8}[a_dtype]
+    pb = {"f32": pack_lora_bt, "bf16": pack_lora_bt, "bf16_dp": pack_lora_bt_bf16, "int8": pack_lora_bt_i8}[b_dtype]
+    return pa(a), pb(bt)
 
 
 def pack_lora_bt_i8(bt: np.ndarray) -> np.ndarray:
@@ -191,13 +218,18 @@ class AdapterManager:
                 _, Bt = a.tensors[f"{t}.lora_bt"]
                 hs = a.tensors[f"{t}.lora_a_scale"][1] * a.tensors[f"{t}.lora_bt_scale"][1] * np.float32(a.scale)
                 a_code = b_code = LORA_I8
+                la_dtype = lb_dtype = "int8"
             else:                       # float files store B [out, r]
                 la_dtype, A = a.tensors[f"{t}.lora_a"]
                 lb_dtype, B = a.tensors[f"{t}.lora_b"]
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
+                # bf16 pairs take their input as the base's bf16 matrices do (the model's bf16_act):
+                # rounded to bf16 for vdpbf16ps (bf16_dp), or exact products by default
+                if bf16_activations(self.base.bf16_act) == "bf16":
+                    la_dtype, lb_dtype = (d + "_dp" if d == "bf16" else d for d in (la_dtype, lb_dtype))
                 a_code, b_code = dtype_code(la_dtype), dtype_code(lb_dtype)
-            A, Bt = (pack_lora_a_i8 if int8 else pack_lora_a)(A), (pack_lora_bt_i8 if int8 else pack_lora_bt)(Bt)
+            A, Bt = pack_lora(A, Bt, la_dtype, lb_dtype)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
             dora = None
             if a.use_dora:
