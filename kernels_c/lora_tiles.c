@@ -496,34 +496,43 @@ IFG_AI void lo_expand8_tile(float *y, int ldy, const float *hb, int ldh, const s
     }
 }
 
-/* Rows [t0, t1) × 16-blocks [nb0, nb1); R4C as lo_expand8_tile takes it. A decode segment (a
- * row or two) goes LO_EB8W blocks at a time: as many accumulators as a full tile has. */
+/* Rows [t0, t1) × 16-blocks [nb0, nb1) of an expand, tiled: TILE(..., b + nb * blk, t, nb, ET, EB, C)
+ * is the register tile of ET rows × EB blocks (C its rank constant). A decode segment (a row or
+ * two) goes LO_EB8W blocks at a time: as many accumulators as a full tile has. */
+#define LO_EXPAND_WALK(TILE, b, blk, C)                                                                  \
+    do {                                                                                                \
+        int nb = nb0;                                                                                   \
+        if (t1 - t0 <= 2) {                                                                             \
+            for (; nb < nb1; nb += nb + LO_EB8W <= nb1 ? LO_EB8W : 1) {                                 \
+                if (nb + LO_EB8W <= nb1) {                                                              \
+                    if (t1 - t0 == 2) TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t0, nb, 2, LO_EB8W, C); \
+                    else TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t0, nb, 1, LO_EB8W, C);          \
+                } else if (t1 - t0 == 2) TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t0, nb, 2, 1, C); \
+                else TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t0, nb, 1, 1, C);                    \
+            }                                                                                           \
+            break;                                                                                      \
+        }                                                                                               \
+        for (; nb < nb1; nb += nb + LO_EB8 <= nb1 ? LO_EB8 : 1) {                                       \
+            const int full = nb + LO_EB8 <= nb1;                                                        \
+            int t = t0;                                                                                 \
+            for (; t + LO_ET8 <= t1; t += LO_ET8)                                                       \
+                if (full) TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, LO_ET8, LO_EB8, C);      \
+                else TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, LO_ET8, 1, C);                \
+            if (LO_ET8 > 2 && t + 2 <= t1) {                                                            \
+                if (full) TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, 2, LO_EB8, C);           \
+                else TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, 2, 1, C);                     \
+                t += 2;                                                                                 \
+            }                                                                                           \
+            for (; t < t1; t++)                                                                         \
+                if (full) TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, 1, LO_EB8, C);           \
+                else TILE(y, ldy, hb, ldh, L, N, (b) + nb * (blk), t, nb, 1, 1, C);                     \
+        }                                                                                               \
+    } while (0)
+
+/* R4C as lo_expand8_tile takes it. */
 IFG_AI void lo_expand8_r(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
                         int t0, int t1, int nb0, int nb1, int N, const int R4C) {
-    const size_t blk = (size_t)L->rank * LO_VB; /* bytes per 16-block */
-    const uint8_t *b = (const uint8_t *)L->b;
-    int nb = nb0;
-    if (t1 - t0 == 2 || t1 - t0 == 1) {
-#define LO_ET8W(EB)                                                                                          \
-        do {                                                                                                \
-            if (t1 - t0 == 2) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 2, EB, R4C);      \
-            else lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 1, EB, R4C);                   \
-        } while (0)
-        for (; nb + LO_EB8W <= nb1; nb += LO_EB8W) LO_ET8W(LO_EB8W);
-        for (; nb < nb1; nb++) LO_ET8W(1);
-#undef LO_ET8W
-        return;
-    }
-#define LO_ET8LOOP(EB)                                                                                      \
-    do {                                                                                                    \
-        int t = t0;                                                                                         \
-        for (; t + LO_ET8 <= t1; t += LO_ET8) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, LO_ET8, EB, R4C); \
-        if (LO_ET8 > 2 && t + 2 <= t1) { lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 2, EB, R4C); t += 2; } \
-        for (; t < t1; t++) lo_expand8_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 1, EB, R4C);      \
-    } while (0)
-    for (; nb + LO_EB8 <= nb1; nb += LO_EB8) LO_ET8LOOP(LO_EB8);
-    for (; nb < nb1; nb++) LO_ET8LOOP(1);
-#undef LO_ET8LOOP
+    LO_EXPAND_WALK(lo_expand8_tile, (const uint8_t *)L->b, (size_t)L->rank * LO_VB, R4C); /* bytes per 16-block */
 }
 
 static void lo_expand8(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
@@ -809,33 +818,10 @@ IFG_AI void lo_expandbf_tile(float *y, int ldy, const float *hb, int ldh, const 
     }
 }
 
-/* Rows [t0, t1) × 16-blocks [nb0, nb1), tiled as lo_expand8_r tiles the int8 expand. */
+/* The bf16 dot-product expand, tiled as lo_expand8_r tiles the int8 one. */
 IFG_AI void lo_expandbf_r(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
                          int t0, int t1, int nb0, int nb1, int N, const int RPC) {
-    const size_t blk = (size_t)L->rank / 2 * LO_VB; /* lanes per 16-block */
-    const uint32_t *b = (const uint32_t *)L->b;
-    int nb = nb0;
-    if (t1 - t0 == 2 || t1 - t0 == 1) {
-#define LO_ETBW(EB)                                                                                          \
-        do {                                                                                                \
-            if (t1 - t0 == 2) lo_expandbf_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 2, EB, RPC);     \
-            else lo_expandbf_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t0, nb, 1, EB, RPC);                  \
-        } while (0)
-        for (; nb + LO_EB8W <= nb1; nb += LO_EB8W) LO_ETBW(LO_EB8W);
-        for (; nb < nb1; nb++) LO_ETBW(1);
-#undef LO_ETBW
-        return;
-    }
-#define LO_ETBLOOP(EB)                                                                                      \
-    do {                                                                                                    \
-        int t = t0;                                                                                         \
-        for (; t + LO_ET8 <= t1; t += LO_ET8) lo_expandbf_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, LO_ET8, EB, RPC); \
-        if (LO_ET8 > 2 && t + 2 <= t1) { lo_expandbf_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 2, EB, RPC); t += 2; } \
-        for (; t < t1; t++) lo_expandbf_tile(y, ldy, hb, ldh, L, N, b + nb * blk, t, nb, 1, EB, RPC);      \
-    } while (0)
-    for (; nb + LO_EB8 <= nb1; nb += LO_EB8) LO_ETBLOOP(LO_EB8);
-    for (; nb < nb1; nb++) LO_ETBLOOP(1);
-#undef LO_ETBLOOP
+    LO_EXPAND_WALK(lo_expandbf_tile, (const uint32_t *)L->b, (size_t)L->rank / 2 * LO_VB, RPC); /* lanes per 16-block */
 }
 
 static void lo_expandbf(float *y, int ldy, const float *hb, int ldh, const struct ifg_lora *L,
