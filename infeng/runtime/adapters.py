@@ -226,8 +226,9 @@ class AdapterManager:
                 hs = np.full(a.rank, a.scale, np.float32)
                 # bf16 pairs take their input as the base's bf16 matrices do (the model's bf16_act):
                 # rounded to bf16 for vdpbf16ps (bf16_dp), or exact products by default
-                if bf16_activations(self.base.bf16_act) == "bf16":
-                    la_dtype, lb_dtype = (d + "_dp" if d == "bf16" else d for d in (la_dtype, lb_dtype))
+                # (both bf16, as reference_with_adapter models it)
+                if bf16_activations(self.base.bf16_act) == "bf16" and la_dtype == lb_dtype == "bf16":
+                    la_dtype = lb_dtype = "bf16_dp"
                 a_code, b_code = dtype_code(la_dtype), dtype_code(lb_dtype)
             A, Bt = pack_lora(A, Bt, la_dtype, lb_dtype)
             hs = _padded(np.asarray(hs, np.float32)[None, :], 1, kernel_rank(a.rank))[0]
