@@ -188,10 +188,13 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
                 ifg_rope_part(s->q, q_dim, pos, freq, stride, T, m->n_heads, hd);
                 ifg_rope_part(s->k, kv_dim, pos, freq, stride, T, m->n_kv_heads, hd);
             }
-            if (kv->rot_signs && kv->rotate && kv->rotate[l]) { /* q·k unchanged; keys quantize better */
+            const int rot = kv->rot_signs && kv->rotate ? kv->rotate[l] : 0;
+            if (rot & IFG_KV_ROT_K) { /* q·k unchanged; keys quantize better */
                 ifg_hadamard_part(s->q, q_dim, kv->rot_signs, T, m->n_heads, hd);
                 ifg_hadamard_part(s->k, kv_dim, kv->rot_signs, T, m->n_kv_heads, hd);
             }
+            if (rot & IFG_KV_ROT_V) /* values quantize better; the output is rotated back below */
+                ifg_hadamard_part(s->v, kv_dim, kv->rot_signs, T, m->n_kv_heads, hd);
             TIME(l, IFG_OP_ROPE);
             if (kt == IFG_KV_F32 && vt == IFG_KV_F32) {
                 ifg_kv_store_part(kc, vc, s->k, s->v, kv_dim, kv->block_table, kv->max_blocks,
@@ -211,6 +214,7 @@ int ifg_forward_lora(const struct ifg_model *m, struct ifg_scratch *s, struct if
                 if (stage && (kt == IFG_KV_I8C || kt == IFG_KV_I4C)) /* after every item read the old rows */
                     ifg_kvq_stage_part(stage, kv->stage_rows, s->k, kv_dim, seq, pos, T, m->n_kv_heads, hd);
             }
+            if (rot & IFG_KV_ROT_V) ifg_hadamard_t_part(s->att, q_dim, kv->rot_signs, T, m->n_heads, hd);
             TIME(l, IFG_OP_ATTENTION); TRACE(l, IFG_OP_ATTENTION, s->att, q_dim);
             xq = quant_input(&xqs, s, s->att, q_dim, T, q_dim, L, lb, l, 3, 1);
             proj(s->x, dim, s->att, q_dim, &L->wo, T, 1, lb, l, 3, 0, xq, s);

@@ -80,8 +80,10 @@ int ifg_trace_floats_per_token(const struct ifg_model *m);
  * into k / v and hold the types k_type[l] / v_type[l] (enum ifg_kv_type): both f32 is the
  * [n_blocks][block_size][n_kv_heads][head_dim] f32 layout of attention.h, anything else the
  * compressed layout of kvq.h (groups of `group` values per scale). The four arrays NULL: every
- * layer f32, one after the other. rot_signs [head_dim] (±1) and rotate[l] != 0: layer l's queries
- * and keys are rotated (ifg_hadamard) before the keys are stored; rot_signs NULL: no rotation. */
+ * layer f32, one after the other. rot_signs [head_dim] (±1) and rotate[l] & IFG_KV_ROT_K: layer l's
+ * queries and keys are rotated (ifg_hadamard) before the keys are stored; & IFG_KV_ROT_V: its values
+ * are rotated before they are stored and the attention output rotated back (ifg_hadamard_t);
+ * rot_signs NULL: no rotation. */
 struct ifg_kv_cache {
     void *k, *v;
     int n_blocks, block_size, max_blocks;

@@ -210,8 +210,9 @@ void ifg_kvq_stage(float *stage, int stage_rows, const float *k, int ldk, const 
 /* One head vector: signs, butterflies of stride 1, 2, 4, … (a+b, a-b), then the 1/sqrt(n) norm.
  * The SIMD builds run the strides of a whole vector or more as vector adds; smaller strides
  * stay scalar. Every output is the same a+b / a-b chain in every build: bitwise identical. */
-static void kvq_fwht(float *v, const float *signs, int n, float norm) {
-    for (int i = 0; i < n; i++) v[i] *= signs[i];
+static void kvq_fwht(float *v, const float *signs, int n, float norm, int transpose) {
+    if (!transpose)
+        for (int i = 0; i < n; i++) v[i] *= signs[i];
     int len = 1;
 #ifdef IFG_SIMD
     for (; len < n && len < IFG_VW; len <<= 1)
@@ -234,19 +235,36 @@ static void kvq_fwht(float *v, const float *signs, int n, float norm) {
             }
 #endif
     for (int i = 0; i < n; i++) v[i] *= norm;
+    if (transpose)      /* a sign flip is exact: the transpose rounds as the forward rotation does */
+        for (int i = 0; i < n; i++) v[i] *= signs[i];
 }
 
-void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim) {
+static void hadamard_rows(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int transpose) {
     if (head_dim <= 0 || (head_dim & (head_dim - 1))) return;
     const float norm = 1.0f / sqrtf((float)head_dim);
     const long items = (long)rows * n_heads;
     IFG_FOR
     for (long it = 0; it < items; it++)
-        kvq_fwht(x + (size_t)(it / n_heads) * ld + (size_t)(it % n_heads) * head_dim, signs, head_dim, norm);
+        kvq_fwht(x + (size_t)(it / n_heads) * ld + (size_t)(it % n_heads) * head_dim, signs, head_dim, norm,
+                 transpose);
+}
+
+void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim) {
+    hadamard_rows(x, ld, signs, rows, n_heads, head_dim, 0);
+}
+
+void ifg_hadamard_t_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim) {
+    hadamard_rows(x, ld, signs, rows, n_heads, head_dim, 1);
 }
 
 void ifg_hadamard(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads) {
     IFG_PARALLEL(n_threads) {
         ifg_hadamard_part(x, ld, signs, rows, n_heads, head_dim);
+    }
+}
+
+void ifg_hadamard_t(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads) {
+    IFG_PARALLEL(n_threads) {
+        ifg_hadamard_t_part(x, ld, signs, rows, n_heads, head_dim);
     }
 }

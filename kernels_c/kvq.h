@@ -13,6 +13,9 @@ enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3
    key kernel), head_dim a multiple of CHUNK (int4 packs 8 values in 4 bytes), at most MAX_BS
    positions per block. */
 enum ifg_kvq_shape { IFG_KVQ_POS = 16, IFG_KVQ_CHUNK = 8, IFG_KVQ_MAX_BS = 256 };
+/* What a layer rotates (ifg_kv_cache.rotate[l], bits): its queries and keys before the keys are
+   stored, its values before they are stored (and the attention output back). */
+enum ifg_kv_rotate { IFG_KV_ROT_K = 1, IFG_KV_ROT_V = 2 };
 
 /* One layer's K (or V) pool is [n_blocks][n_kv_heads][part]; a part is one kv head's share of one
    block, ifg_kvq_part_bytes(type, block_size, head_dim, group) bytes:
@@ -63,6 +66,10 @@ void ifg_kvq_stage(float *stage, int stage_rows, const float *k, int ldk, const 
    while spreading a channel's outlier over all channels before quantizing. head_dim a power of
    two. H is the Sylvester Hadamard matrix (fast Walsh–Hadamard butterflies, stride 1 first). */
 void ifg_hadamard(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads);
+/* The inverse (transpose) of ifg_hadamard: x_h ← signs ⊙ (H·x_h) / sqrt(head_dim) — the same
+   butterflies, the signs after them. Values stored rotated give an attention output rotated the
+   same way; this takes it back. */
+void ifg_hadamard_t(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim, int n_threads);
 // cdef-end
 
 /* Orphaned work-sharing bodies: call from inside a parallel region (all threads). */
@@ -78,6 +85,7 @@ void ifg_kvq_attention_part(float *out, int ldo, const float *q, int ldq, const 
 void ifg_kvq_stage_part(float *stage, int stage_rows, const float *k, int ldk, const int32_t *seq,
                         const int32_t *pos, int T, int n_kv_heads, int head_dim);
 void ifg_hadamard_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim);
+void ifg_hadamard_t_part(float *x, int ld, const float *signs, int rows, int n_heads, int head_dim);
 
 /* Layout helpers shared by the store (kvq.c) and the attention (kvq_attention.c). */
 #define KVQ_MAX_HD 256 /* head_dim bound of the kernels' stack rows */

@@ -44,7 +44,8 @@ def _logits(kern, model, spec, tokens, decode):
     ("int4", None, "off"), ("k=int4,v=int8", None, "auto"), ("k=f32,v=int4", None, "auto"),
     ("int4", "layers 0,-1: bf16; layers 2: k=int8,v=f32", "auto"), ("f16", None, "auto"), ("fp8", None, "auto"),
     ("k=int4,v=f16", None, "auto"), ("k=fp8,v=int8", None, "off"), ("k=int4c,v=int4", None, "auto"),
-    ("k=int8c,v=int8", None, "off"), ("int4", "layers 1: k=int4c,v=f32", "auto")])
+    ("k=int8c,v=int8", None, "off"), ("int4", "layers 1: k=int4c,v=f32", "auto"), ("int4", None, "keys"),
+    ("k=int8,v=int4", None, "on"), ("k=bf16,v=int4", "layers 0: int8", "auto")])
 def test_forward_matches_reference_with_the_same_rounding(kern, model, dtype, policy, rotate):
     """The C cache and the reference's rounded K/V agree far more closely than either agrees with
     the f32 cache: the reference models the compression (layout, scales, rotation) exactly; what
@@ -74,6 +75,31 @@ def test_rotation_changes_stored_keys_not_f32_attention(kern, model):
     rot = type(spec)(spec.k, spec.v, (True,) * len(spec.k), spec.group, 7)
     b = _logits(kern, model, rot, TOKENS, [])
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_value_rotation_is_undone_on_the_attention_output(kern, model):
+    """Values stored rotated give an attention output rotated the same way, which the kernels
+    rotate back: with f32 keys and values the rotated and unrotated runs agree to f32 rounding
+    (a coarser key type would not show it: a one-ulp change upstream can move a key a step)."""
+    spec = kv_spec(model.config, "f32", rotate="off")
+    a = _logits(kern, model, spec, TOKENS, [311, 265])
+    rot = type(spec)(spec.k, spec.v, spec.rotate, spec.group, 7, (True,) * len(spec.v))
+    b = _logits(kern, model, rot, TOKENS, [311, 265])
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert not np.array_equal(a, b)         # the values did go through the rotation
+
+
+def test_rotate_modes_pick_keys_and_values(model):
+    n = model.config.n_layers
+    auto = kv_spec(model.config, "int4", "layers 0: bf16; layers 1: k=f16,v=int8")
+    assert auto.rotate == (False, False) + (True,) * (n - 2)             # keys int4c; bf16 and f16 not
+    assert auto.rotate_v == (False, True) + (True,) * (n - 2)            # values int8 / int4
+    keys = kv_spec(model.config, "int4", rotate="keys")
+    assert keys.rotate == (True,) * n and keys.rotate_v == (False,) * n
+    assert kv_spec(model.config, "fp8", rotate="on").rotate_v == (True,) * n
+    off = kv_spec(model.config, "int4", rotate="off")
+    assert not off.rotated and not any(off.rotate_v)
+    assert not kv_spec(model.config, "bf16").rotated
 
 
 def _tinyllama_config():
@@ -110,7 +136,7 @@ def test_budget_counts_real_bytes_and_int4_holds_six_times_f32(kern):
     (dict(policy="layers 0,7: bf16"), "layer 7 is outside 0..4"),
     (dict(policy="layer 0: bf16"), "expected 'layers I,J,...: TYPE'"),
     (dict(policy="layers x: bf16"), "'x' is not a layer index"),
-    (dict(rotate="maybe"), "must be one of auto, on, off"),
+    (dict(rotate="maybe"), "must be one of auto, on, keys, off"),
     (dict(group=12), "--kv-group 12"),
 ])
 def test_spec_errors_name_the_option(model, kw, msg):
@@ -124,6 +150,7 @@ def test_non_power_of_two_head_dim_refuses_rotation_by_name():
     with pytest.raises(InfengError, match="power-of-two head_dim, this model's is 24"):
         kv_spec(cfg, "int4", rotate="on")
     assert kv_spec(cfg, "int4").rotate == (False, False)       # auto: no rotation, telemetry says 0
+    assert kv_spec(cfg, "int4").rotate_v == (False, False)
 
 
 def test_block_size_the_layout_cannot_hold_is_refused(kern, model):

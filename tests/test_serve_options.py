@@ -72,7 +72,7 @@ def test_quantized_kv_serves_what_the_engine_computes(model_file):
 
 @pytest.mark.parametrize("args, msg", [
     (["--kv-dtype", "int5"], "--kv-dtype 'int5': KV type must be one of"),
-    (["--kv-rotate", "maybe"], "--kv-rotate 'maybe': must be one of auto, on, off"),
+    (["--kv-rotate", "maybe"], "--kv-rotate 'maybe': must be one of auto, on, keys, off"),
     (["--draft", "x.infeng"], "--draft goes with --speculate"),
     (["--speculate", "often"], "--speculate 'often': give lookup, auto or a draft length"),
     (["--speculate", "lookup", "--draft", "{model}"], "--speculate lookup drafts without a model"),

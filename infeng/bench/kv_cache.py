@@ -82,7 +82,8 @@ def quality(model_path: Path, text: Path, ctxs: list[int], kinds: list[dict], ll
         for kind in kinds:
             sc = Scorer(model, threads=threads, ctx=ctx, **kind_options(kind))
             rows.append(_row("infeng", kind_label(kind), ctx, sc, ids, base, sc.kv.bytes_per_token / bpt, log,
-                             rotated=sum(sc.kv.spec.rotate)))
+                             rotated=sum(sc.kv.spec.rotate),
+                             rotated_v=sum(sc.kv.spec.rotate_v)))
         if llamacpp:
             try:
                 rows += _llamacpp_quality(gguf, ctx, llamacpp, ids, threads, top_k, model.config, log)

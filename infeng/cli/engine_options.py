@@ -21,8 +21,8 @@ DRAFT = typer.Option(None, "--draft", help="a draft model with the same tokenize
                                            "--speculate auto|N")
 KV_DTYPE = typer.Option("f32", "--kv-dtype", help="KV cache type: f32, bf16, f16, int8, fp8, int4, or k=TYPE,v=TYPE")
 KV_POLICY = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'")
-KV_ROTATE = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto (int8/fp8/int4 keys, "
-                                                     "power-of-two head_dim), on, off")
+KV_ROTATE = typer.Option("auto", "--kv-rotate", help="Hadamard rotation: auto (int8/fp8/int4 keys and values, "
+                                                     "power-of-two head_dim), on, keys (keys only), off")
 
 
 def check_speculate(speculate: str | None, draft: Path | None) -> None:

@@ -48,7 +48,7 @@ def eval_cmd(
     compare: List[str] = typer.Option([], "--compare", help="MODEL or MODEL::ADAPTER (e.g. a quantized variant) run through the same tasks, reported side by side (repeatable)"),
     kv_dtype: str = typer.Option("f32", "--kv-dtype", help="KV cache type of MODEL: f32, bf16, f16, int8, fp8, int4, or k=TYPE,v=TYPE (a --kld baseline model keeps f32)"),
     kv_policy: Optional[str] = typer.Option(None, "--kv-policy", help="per-layer KV types, e.g. 'layers 0,1,-1: bf16'"),
-    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys: auto, on, off"),
+    kv_rotate: str = typer.Option("auto", "--kv-rotate", help="Hadamard rotation of keys and values: auto, on, keys, off"),
 ):
     """Evaluate a model: perplexity, KL-divergence, HumanEval, GSM8K, or a suite with a regression check."""
     if threads is not None and threads < 1:

@@ -32,6 +32,7 @@ LORA_VB: int = _LORA_LAYOUT["vb"]      # Bᵀ stored in runs of this many output
 # enum ifg_kv_type under the names the options use (f32, bf16, f16, int8, fp8, int4); kvq.h's shape rules
 KV_TYPE: dict[str, int] = {{"i8": "int8", "i4": "int4", "i8c": "int8c", "i4c": "int4c"}.get(k, k): v for k, v in _enum("enum ifg_kv_type", "IFG_KV_").items()}
 KVQ_SHAPE: dict[str, int] = _enum("enum ifg_kvq_shape", "IFG_KVQ_")
+KV_ROT: dict[str, int] = _enum("enum ifg_kv_rotate", "IFG_KV_ROT_")   # {"k": 1, "v": 2}: ifg_kv_cache.rotate bits
 OPS: tuple[str, ...] = tuple(k for k in _enum("enum ifg_op", "IFG_OP_") if k != "count")
 # enum ifg_peak_op: the instructions the throughput probe issues (peak.h)
 PEAK_OP: dict[str, int] = {k: v for k, v in _enum("enum ifg_peak_op", "IFG_PEAK_").items() if k != "n_ops"}

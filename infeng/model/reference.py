@@ -67,7 +67,7 @@ class ReferenceModel:
         .seed): queries and keys rotated and K/V rounded as the C cache does (quant/kvcache.py)."""
         self.m = model
         self.kv = kv
-        self.signs = rotation_signs(model.config.head_dim, kv.seed) if kv is not None and any(kv.rotate) else None
+        self.signs = rotation_signs(model.config.head_dim, kv.seed) if kv is not None and kv.rotated else None
         self.cfg = model.config
         self.w = {name: model.f32(name) for name in model.tensors}   # dequantised once
         self.qin = {n for n, (d, _) in model.tensors.items() if d in INT8_ACTIVATIONS} if int8_activations else set()
@@ -109,6 +109,8 @@ class ReferenceModel:
                 o = self.attend_channel(i, q, pos, scale, c.layer_window(i))
             else:
                 o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
+            if self.kv is not None and self.kv.rotate_v and self.kv.rotate_v[i]:   # values were stored rotated
+                o = hadamard(o.reshape(T, c.n_heads, c.head_dim), self.signs, transpose=True).reshape(T, -1)
             x = x + self.mm(o, L + "wo")
             h = rmsnorm(x, w[L + "ffn_norm"], c.norm_eps)
             g = silu(self.mm(h, L + "w_gate")) * (self.mm(h, L + "w_up"))
@@ -142,6 +144,8 @@ class ReferenceModel:
         kv = self.kv
         if kv.rotate[i]:
             q, k = hadamard(q, self.signs), hadamard(k, self.signs)
+        if kv.rotate_v and kv.rotate_v[i]:
+            v = hadamard(v, self.signs)
         if kv.k[i] in CHANNEL:                  # rounded per group as it completes (attend_channel)
             return q, k, roundtrip(v, kv.v[i], kv.group)
         return q, roundtrip(k, kv.k[i], kv.group), roundtrip(v, kv.v[i], kv.group)

@@ -17,7 +17,8 @@ A kv head's share of one block (a *part*) holds ``bs`` positions of ``hd`` value
   scales ``[bs/16][hd]``, the mins ``[bs/16][hd]`` (f16), then the codes ``[hd][bs]`` (int4c
   packed as int4, nibble = q).
 
-The value read back is ``q·d`` in f32. ``hadamard`` is the rotation of ``ifg_hadamard``.
+The value read back is ``q·d`` in f32. ``hadamard`` is the rotation of ``ifg_hadamard`` (and of
+``ifg_hadamard_t``, its inverse).
 """
 from __future__ import annotations
 
@@ -183,9 +184,10 @@ def rotation_signs(head_dim: int, seed: int) -> np.ndarray:
     return np.where(rng.random(head_dim) < 0.5, np.float32(-1), np.float32(1)).astype(np.float32)
 
 
-def hadamard(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """x[..., n] rotated as ifg_hadamard: signs, butterflies of stride 1, 2, 4, …, then 1/sqrt(n)."""
-    v = np.array(x, np.float32) * signs
+def hadamard(x: np.ndarray, signs: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """x[..., n] rotated as ifg_hadamard: signs, butterflies of stride 1, 2, 4, …, then 1/sqrt(n);
+    ``transpose``: its inverse as ifg_hadamard_t, the signs after the butterflies."""
+    v = np.array(x, np.float32) * (np.float32(1) if transpose else signs)
     n = v.shape[-1]
     length = 1
     while length < n:
@@ -193,4 +195,5 @@ def hadamard(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
         a, b = w[..., 0, :].copy(), w[..., 1, :].copy()
         w[..., 0, :], w[..., 1, :] = a + b, a - b
         length *= 2
-    return v * (np.float32(1) / np.sqrt(np.float32(n)))
+    v = v * (np.float32(1) / np.sqrt(np.float32(n)))
+    return v * signs if transpose else v

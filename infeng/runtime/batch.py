@@ -243,7 +243,8 @@ def metrics(engine: Engine, results: list[Result], wall_s: float) -> dict[str, f
         "kv_pool_mb": kv.bytes / 2**20,
         "kv_bytes_per_token": kv.bytes_per_token,
         "kv_positions_fit": kv.n_blocks * kv.block_size,    # the context the pool holds, all sequences
-        "kv_rotated_layers": sum(kv.spec.rotate),
+        "kv_rotated_layers": sum(kv.spec.rotate),           # queries and keys
+        "kv_rotated_value_layers": sum(kv.spec.rotate_v),
         "peak_rss_mb": peak_rss_mb(),
         **spec,
     }

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from infeng.errors import InfengError
-from infeng.kernels.abi import KV_TYPE, KVQ_SHAPE
+from infeng.kernels.abi import KV_ROT, KV_TYPE, KVQ_SHAPE
 from infeng.kernels.structs import Structs
 from infeng.model.config import ModelConfig
 from infeng.quant.kvcache import CHANNEL, KV_TYPES, POS, part_bytes, rotation_signs
@@ -98,8 +98,14 @@ class KVCache:
             k_type=np.array([codes[t] for t in self.spec.k], np.int32),
             v_type=np.array([codes[t] for t in self.spec.v], np.int32),
             k_off=self.k_off, v_off=self.v_off, group=self.spec.group, rot_signs=signs,
-            rotate=np.array(self.spec.rotate, np.int32), stage=self.stage, stage_rows=self.stage_rows,
+            rotate=self._rotate_bits(self.spec), stage=self.stage, stage_rows=self.stage_rows,
             n_seqs=n_slots)
+
+    @staticmethod
+    def _rotate_bits(spec: KVSpec) -> np.ndarray:
+        """ifg_kv_cache.rotate: per layer, which of queries+keys / values the kernels rotate."""
+        v = spec.rotate_v or (False,) * len(spec.rotate)
+        return np.array([KV_ROT["k"] * a | KV_ROT["v"] * b for a, b in zip(spec.rotate, v)], np.int32)
 
     @staticmethod
     def _layer_bytes(cfg: ModelConfig, spec: KVSpec, bs: int) -> tuple[list[int], list[int]]:

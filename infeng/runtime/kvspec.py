@@ -5,10 +5,11 @@ int8c / int4c, which halves int8's KLD and takes int4's down sixfold — ``k=int
 the per-position keys), ``--kv-dtype k=int4,v=int8`` (each its own), and a
 per-layer policy over it: ``--kv-policy "layers 0,1,-1: bf16; layers 5: k=int8,v=int4"``
 (negative indices count from the last layer). The rotation (a randomized Walsh–Hadamard
-transform of queries and keys, kernels_c/kvq.h) is ``auto`` by default: on for the layers whose
-keys are int8/fp8/int4 when head_dim is a power of two, and off otherwise (telemetry says which);
-``on`` refuses a head_dim that is not a power of two, ``off`` never rotates. The signs come
-from ``seed``, a setting of the run, not of the model file.
+transform, kernels_c/kvq.h) is ``auto`` by default: the queries and keys of the layers whose keys
+are int8/fp8/int4, and the values of the layers whose values are (the attention output rotated
+back), when head_dim is a power of two, and nothing otherwise (telemetry says which); ``on``
+refuses a head_dim that is not a power of two, ``keys`` rotates keys only (values as stored),
+``off`` never rotates. The signs come from ``seed``, a setting of the run, not of the model file.
 """
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from infeng.errors import InfengError
 from infeng.model.config import ModelConfig
 from infeng.quant.kvcache import CHANNEL, KV_TYPES, SCALED
 
-ROTATE_MODES = ("auto", "on", "off")
-QUANT = SCALED + CHANNEL  # the key types the rotation helps
+ROTATE_MODES = ("auto", "on", "keys", "off")
+QUANT = SCALED + CHANNEL  # the key types the rotation helps (values: SCALED)
 
 
 @dataclass(frozen=True)
 class KVSpec:
     k: tuple[str, ...]              # per layer
     v: tuple[str, ...]
-    rotate: tuple[bool, ...]
+    rotate: tuple[bool, ...]        # queries and keys, per layer
     group: int
     seed: int = 0
+    rotate_v: tuple[bool, ...] = ()  # values (and the attention output back), per layer
 
     @property
     def all_f32(self) -> bool:
@@ -36,7 +38,7 @@ class KVSpec:
 
     @property
     def rotated(self) -> bool:
-        return any(self.rotate)
+        return any(self.rotate) or any(self.rotate_v)
 
     def describe(self) -> str:
         """One short label: "int8", "k=int4,v=int8", or per-layer runs when hybrid."""
@@ -121,11 +123,13 @@ def kv_spec(cfg: ModelConfig, dtype: str = "f32", policy: str | None = None, rot
     if rotate == "on" and not pow2:
         raise InfengError(f"--kv-rotate on: the Hadamard rotation needs a power-of-two head_dim, "
                           f"this model's is {hd}")
-    rot = tuple((rotate == "on" or (rotate == "auto" and pow2)) and kt in QUANT for kt in k)
+    on = rotate == "on" or (rotate in ("auto", "keys") and pow2)
+    rot = tuple(on and kt in QUANT for kt in k)
+    rot_v = tuple(on and rotate != "keys" and vt in SCALED for vt in v)
     g = default_group(hd) if group is None else group
     if g <= 0 or hd % g or not (g == hd or g % 16 == 0):
         raise InfengError(f"--kv-group {g}: must divide head_dim {hd} and be head_dim or a multiple of 16")
-    return KVSpec(tuple(k), tuple(v), rot, g, seed)
+    return KVSpec(tuple(k), tuple(v), rot, g, seed, rot_v)
 
 
 def kv_options(dtype: str, policy: str | None, rotate: str) -> dict:
