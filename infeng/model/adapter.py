@@ -195,6 +195,12 @@ def manifest_summary(a: Adapter) -> dict[str, Any]:
     return {"name": a.name, "rank": a.rank, "scale": a.scale, "use_dora": a.use_dora, "targets": len(a.targets)}
 
 
+def takes_bf16_dp(base: Model, a_dtype: str, b_dtype: str) -> bool:
+    """Whether a float adapter's product runs on bf16 dot products (x and h rounded to bf16): A and
+    B both bf16 and the base rounding its bf16 matrices' input (its bf16_act)."""
+    return a_dtype == b_dtype == "bf16" and bf16_activations(base.bf16_act) == "bf16"
+
+
 def reference_with_adapter(base: Model, adapter: Adapter | None, kernel_rounding: bool = False):
     """The numpy reference model computing with ``adapter``'s effective weights. With
     ``kernel_rounding``, an int8 adapter's low-rank term is computed as the C kernels do
@@ -207,8 +213,7 @@ def reference_with_adapter(base: Model, adapter: Adapter | None, kernel_rounding
     for t in adapter.targets:
         _, layer, proj = t.split(".")
         int8 = adapter.storage == "int8"
-        bf16 = (not int8 and bf16_activations(base.bf16_act) == "bf16"
-                and all(adapter.tensors[f"{t}.{p}"][0] == "bf16" for p in ("lora_a", "lora_b")))
+        bf16 = not int8 and takes_bf16_dp(base, adapter.tensors[f"{t}.lora_a"][0], adapter.tensors[f"{t}.lora_b"][0])
         if not (kernel_rounding and (int8 or bf16)):
             ref.w[t] = effective_weight(base, adapter, int(layer), proj)
             continue

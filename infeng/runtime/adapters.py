@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from infeng.errors import InfengError
-from infeng.kernels import bf16_activations
 from infeng.kernels.abi import LORA_I8, LORA_RG, LORA_VB, dtype_code
 from infeng.kernels.structs import Structs
-from infeng.model.adapter import Adapter, load_adapter
+from infeng.model.adapter import Adapter, load_adapter, takes_bf16_dp
 from infeng.model.loader import MATRICES, Model
 
 
@@ -224,10 +223,9 @@ class AdapterManager:
                 lb_dtype, B = a.tensors[f"{t}.lora_b"]
                 Bt = B.T
                 hs = np.full(a.rank, a.scale, np.float32)
-                # bf16 pairs take their input as the base's bf16 matrices do (the model's bf16_act):
-                # rounded to bf16 for vdpbf16ps (bf16_dp), or exact products by default
-                # (both bf16, as reference_with_adapter models it)
-                if bf16_activations(self.base.bf16_act) == "bf16" and la_dtype == lb_dtype == "bf16":
+                # bf16 pairs take their input as the base's bf16 matrices do: rounded to bf16 for
+                # vdpbf16ps (bf16_dp) under bf16_act=bf16, exact products by default
+                if takes_bf16_dp(self.base, la_dtype, lb_dtype):
                     la_dtype = lb_dtype = "bf16_dp"
                 a_code, b_code = dtype_code(la_dtype), dtype_code(lb_dtype)
             A, Bt = pack_lora(A, Bt, la_dtype, lb_dtype)
