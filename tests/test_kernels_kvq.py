@@ -81,10 +81,17 @@ def fill(kern, pool, rng, kscale=1.0):
     return rows
 
 
+# What a kernel's output may differ from the float64 reference by, per unit of Σ_j w_j·|v_j|: int4
+# values are weighted by bf16(w·scale) (a relative 2^-8 each at most) so AVX-512 can use bf16 dot products.
+VALUE_ROUNDING = {"int4": 2.0 ** -8}
+VALUE_ROUNDING = {t: VALUE_ROUNDING.get(t, 0.0) for t in KV_TYPES}
+
+
 def attention_ref(pool, q, seq, pos, n_heads, scale, window=0):
+    """float64 attention over the values the cache decodes, and the slack its value rounding allows."""
     T = q.shape[0]
     G = n_heads // pool.n_kv
-    out = np.zeros((T, n_heads, pool.hd))
+    out, slack = np.zeros((T, n_heads, pool.hd)), np.zeros((T, n_heads, pool.hd))
     for t in range(T):
         K = pool.values("k", seq[t], pos[t] + 1).astype(np.float64)
         V = pool.values("v", seq[t], pos[t] + 1).astype(np.float64)
@@ -93,7 +100,8 @@ def attention_ref(pool, q, seq, pos, n_heads, scale, window=0):
             s = K[first:, h // G] @ q[t, h].astype(np.float64) * scale
             w = np.exp(s - s.max())
             out[t, h] = (w / w.sum()) @ V[first:, h // G]
-    return out
+            slack[t, h] = (w / w.sum()) @ np.abs(V[first:, h // G])
+    return out, VALUE_ROUNDING[pool.vt] * slack
 
 
 def run(kern, pool, q, ldq, seq, pos, n_heads, scale, nth, ldo, window=0):
@@ -153,13 +161,13 @@ def test_attention_ragged(kern, kt, vt, hd, ratio, group, bs):
     q = np.full((T, ldq), np.nan, np.float32)
     q[:, :n_heads * hd] = rng.standard_normal((T, n_heads * hd)).astype(np.float32)
     scale = 1.0 / np.sqrt(hd)
-    ref = attention_ref(pool, q[:, :n_heads * hd].reshape(T, n_heads, hd), seq, pos, n_heads, scale)
+    ref, slack = attention_ref(pool, q[:, :n_heads * hd].reshape(T, n_heads, hd), seq, pos, n_heads, scale)
     outs = [run(kern, pool, q, ldq, seq, pos, n_heads, scale, nth, ldo) for nth in (1, 2, 3)]
     got = outs[0][:, :n_heads * hd].reshape(T, n_heads, hd)
     vmax = max(np.abs(pool.values("v", s, L)).max() for s, L in enumerate(lengths))
     assert np.isfinite(got).all()
     err = np.abs(got - ref)
-    assert (err <= 1e-5 * vmax + 1e-5 * np.abs(ref)).all(), err.max()
+    assert (err <= 1e-5 * vmax + 1e-5 * np.abs(ref) + slack).all(), err.max()
     assert (outs[0][:, n_heads * hd:] == -7.0).all()
     for o in outs[1:]:
         assert o.tobytes() == outs[0].tobytes()
@@ -184,10 +192,10 @@ def test_attention_window_and_depth(kern, kt, vt):
     q = rng.standard_normal((5, n_heads * hd)).astype(np.float32)
     q[:, ::hd] = np.abs(q[:, ::hd]) + 1.0
     for window in (0, 37):
-        ref = attention_ref(pool, q.reshape(5, n_heads, hd), seq, pos, n_heads, 0.125, window)
+        ref, slack = attention_ref(pool, q.reshape(5, n_heads, hd), seq, pos, n_heads, 0.125, window)
         got = run(kern, pool, q, n_heads * hd, seq, pos, n_heads, 0.125, 2, n_heads * hd, window)
         err = np.abs(got.reshape(5, n_heads, hd) - ref)
-        assert (err <= 1e-5 * 5 + 1e-5 * np.abs(ref)).all(), err.max()
+        assert (err <= 1e-5 * 5 + 1e-5 * np.abs(ref) + slack).all(), err.max()
 
 
 @pytest.mark.parametrize("hd", (1, 2, 8, 16, 32, 64, 128, 256))

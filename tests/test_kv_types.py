@@ -48,8 +48,10 @@ def _logits(kern, model, spec, tokens, decode):
     ("k=int8,v=int4", None, "on"), ("k=bf16,v=int4", "layers 0: int8", "auto")])
 def test_forward_matches_reference_with_the_same_rounding(kern, model, dtype, policy, rotate):
     """The C cache and the reference's rounded K/V agree far more closely than either agrees with
-    the f32 cache: the reference models the compression (layout, scales, rotation) exactly; what
-    is left are values one rounding step apart where f32 sums of the projections differ."""
+    the f32 cache: the reference models the compression (layout, scales, rotation, the bf16
+    rounding of int4c's q·scale and int4 values' weight·scale) exactly; what is left are values
+    one rounding step apart where f32 sums of the projections differ. A bf16 step is 2^16 f32
+    steps, so where those roundings are taken the rare flips weigh more: 5e-3 there."""
     spec = kv_spec(model.config, dtype, policy, rotate)
     decode = [311, 265, 345, 317]
     got = _logits(kern, model, spec, TOKENS, decode)
@@ -59,7 +61,8 @@ def test_forward_matches_reference_with_the_same_rounding(kern, model, dtype, po
     plain = np.concatenate([f32.forward(TOKENS)] + [f32.forward([t]) for t in decode])
     scale = np.abs(want).max()
     err = np.abs(got - want).max() / scale
-    assert err < 1e-3, err
+    bf16_steps = "int4c" in spec.k or "int4" in spec.v
+    assert err < (5e-3 if bf16_steps else 1e-3), err
     if not set(spec.k + spec.v) <= {"bf16", "f16"}:
         assert np.abs(plain - want).max() / scale > 5 * err        # compression is visible and modelled
     if dtype == "int8":

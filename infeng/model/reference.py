@@ -14,7 +14,8 @@ from infeng.format.schema import MATRICES
 from infeng.kernels import bf16_activations
 from infeng.model.loader import Model
 from infeng.quant import INT8_ACTIVATIONS, _round_away, quantize_activations
-from infeng.quant.kvcache import CHANNEL, POS, hadamard, rotation_signs, roundtrip, roundtrip_channel
+from infeng.quant.kvcache import (CHANNEL, POS, channel_groups, channel_scores, hadamard, int4_weighted, round_bf16,
+                                  rotation_signs, roundtrip)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -31,30 +32,34 @@ def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(np.float32)
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale, window: int = 0) -> np.ndarray:
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale, window: int = 0,
+           first_scores: np.ndarray | None = None, int4_group: int = 0) -> np.ndarray:
     """Causal attention of q [T, heads, hd] at positions pos over the cached k, v [S, kv_heads, hd]
-    (positions 0..S-1), GQA by repeating kv heads; window > 0: only the last `window` positions."""
+    (positions 0..S-1), GQA by repeating kv heads; window > 0: only the last `window` positions.
+    first_scores [heads, T, n]: the q·k of positions 0..n-1 as computed elsewhere (k unused there).
+    int4_group: v holds int4 values of groups of that many channels, weighted as the cache's
+    attention does (kvcache.int4_weighted)."""
     group = q.shape[1] // k.shape[1]
     K, V = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     S = K.shape[0]
-    att = np.einsum("thd,shd->hts", q, K) * scale               # [heads, T, S]
+    n = 0 if first_scores is None else first_scores.shape[2]
+    att = np.einsum("thd,shd->hts", q, K[n:])
+    if n:
+        att = np.concatenate([first_scores, att], axis=2)
+    att = att * scale                                            # [heads, T, S]
     mask = np.arange(S)[None, :] > pos[:, None]
     if window:
         mask |= np.arange(S)[None, :] <= pos[:, None] - window
     att = np.where(mask[None], -np.inf, att)
     att = np.exp(att - att.max(-1, keepdims=True))
+    if int4_group:
+        return int4_weighted(att, V, int4_group).reshape(len(pos), -1).astype(np.float32)
     att /= att.sum(-1, keepdims=True)
     return np.einsum("hts,shd->thd", att, V).reshape(len(pos), -1).astype(np.float32)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """f32 values rounded to bf16 (nearest even), as f32: what the bf16_dp kernels multiply."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
 class ReferenceModel:
@@ -85,7 +90,7 @@ class ReferenceModel:
         L = self.cfg.n_layers
         self.k = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
         self.v = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
-        self.kq = [np.zeros((0, self.cfg.n_kv_heads, self.cfg.head_dim), np.float32) for _ in range(L)]
+        self.kq = [None] * L       # per-channel keys: codes, scales, mins of the complete groups
 
     @property
     def pos(self) -> int:
@@ -105,10 +110,11 @@ class ReferenceModel:
                 q, k, v = self.kv_round(i, q, k, v)
             self.k[i] = np.concatenate([self.k[i], k])
             self.v[i] = np.concatenate([self.v[i], v])
+            g4 = self.kv.group if self.kv is not None and self.kv.v[i] == "int4" else 0
             if self.kv is not None and self.kv.k[i] in CHANNEL:
-                o = self.attend_channel(i, q, pos, scale, c.layer_window(i))
+                o = self.attend_channel(i, q, pos, scale, c.layer_window(i), g4)
             else:
-                o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i))
+                o = attend(q, self.k[i], self.v[i], pos, scale, c.layer_window(i), int4_group=g4)
             if self.kv is not None and self.kv.rotate_v and self.kv.rotate_v[i]:   # values were stored rotated
                 o = hadamard(o.reshape(T, c.n_heads, c.head_dim), self.signs, transpose=True).reshape(T, -1)
             x = x + self.mm(o, L + "wo")
@@ -150,19 +156,23 @@ class ReferenceModel:
             return q, k, roundtrip(v, kv.v[i], kv.group)
         return q, roundtrip(k, kv.k[i], kv.group), roundtrip(v, kv.v[i], kv.group)
 
-    def attend_channel(self, i: int, q, pos, scale, window) -> np.ndarray:
+    def attend_channel(self, i: int, q, pos, scale, window, int4_group: int = 0) -> np.ndarray:
         """Per-channel keys (kvcache.CHANNEL): a query sees the complete groups before its own
         quantized and its own group's keys in f32, as the C cache does."""
         out = np.empty((len(pos), q.shape[1] * q.shape[2]), np.float32)
         g_of = pos // POS
         for g in np.unique(g_of):
             n = int(g) * POS
-            if self.kq[i].shape[0] < n:          # groups are independent: quantize the new ones
-                self.kq[i] = np.concatenate([self.kq[i], roundtrip_channel(self.k[i][self.kq[i].shape[0]:n],
-                                                                           self.kv.k[i])])
+            if self.kq[i] is None:
+                self.kq[i] = channel_groups(self.k[i][:0], self.kv.k[i])
+            have = self.kq[i][0].shape[0]
+            if have < n:                          # groups are independent: quantize the new ones
+                new = channel_groups(self.k[i][have:n], self.kv.k[i])
+                self.kq[i] = tuple(np.concatenate(p) for p in zip(self.kq[i], new))
             sel = g_of == g
-            K = np.concatenate([self.kq[i][:n], self.k[i][n:]])
-            out[sel] = attend(q[sel], K, self.v[i], pos[sel], scale, window)
+            c, d, m = self.kq[i]
+            scores = channel_scores(q[sel], c[:n], d[:n // POS], m[:n // POS], self.kv.k[i])
+            out[sel] = attend(q[sel], self.k[i], self.v[i], pos[sel], scale, window, scores, int4_group)
         return out
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:

@@ -83,6 +83,58 @@ def quantize_channel(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray, np.
     return q, d, mn
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """f32 values rounded to bf16 (nearest even), as f32: what the bf16 dot products multiply."""
+    return to_f32(convert_dtype(np.ascontiguousarray(x, np.float32), "f32", "bf16"), "bf16")
+
+
+def channel_groups(x: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys x[n, ...] (n a multiple of POS) as per-channel groups: codes [n, ...], f16 scales and
+    mins [n / POS, ...]."""
+    g = np.asarray(x, np.float32).reshape(x.shape[0] // POS, POS, *x.shape[1:])
+    parts = [quantize_channel(g[i], t) for i in range(g.shape[0])]
+    shape = (0, *x.shape[1:])
+    if not parts:
+        return np.zeros(shape, np.uint8), np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+    return (np.concatenate([p[0] for p in parts]), np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts]))
+
+
+def channel_scores(q: np.ndarray, codes: np.ndarray, d: np.ndarray, mn: np.ndarray, t: str) -> np.ndarray:
+    """q [T, heads, hd] · per-channel key groups of type t (channel_groups of [n, kv_heads, hd]) as
+    the cache's attention sums them, [heads, T, n] float64: Σ_d r(q_d·s_d)·c_d + Σ_d q_d·m_d for
+    each group's scale s and min m, r rounding to bf16 for int4c (what lets AVX-512 use bf16 dot
+    products; int8c keys stay exact)."""
+    T, H, hd = q.shape
+    G = H // codes.shape[1]
+    out = np.empty((H, T, codes.shape[0]))
+    q64 = q.astype(np.float64)
+    r = round_bf16 if t == "int4c" else (lambda x: x)
+    for g in range(codes.shape[0] // POS):
+        s = np.repeat(d[g].astype(np.float32), G, axis=0)                               # [H, hd]
+        qs = r(q * s[None]).astype(np.float64)                                          # [T, H, hd]
+        c = np.repeat(codes[g * POS:(g + 1) * POS], G, axis=1).astype(np.float64)       # [POS, H, hd]
+        m = np.einsum("thd,hd->ht", q64, np.repeat(mn[g].astype(np.float64), G, axis=0))
+        out[:, :, g * POS:(g + 1) * POS] = np.einsum("thd,phd->htp", qs, c) + m[:, :, None]
+    return out
+
+
+def int4_weighted(w: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
+    """Σ_j w_j·v_j / Σ_j w_j over decoded int4 values v [S, heads, hd] (groups of ``group``
+    channels) for weights w [heads, T, S] (f32, a softmax's exp(s - max)), as the cache's
+    attention sums them: each weight times its position's group scale rounded to bf16, times the
+    code (what lets AVX-512 use bf16 dot products). A group's scale is its largest |value| / 8
+    (the code -8 holds it). → [T, heads, hd] float64. The kernel's exp and running max (per span
+    of 256 positions) can round a weight one bf16 step the other way."""
+    S, H, hd = v.shape
+    g = np.asarray(v, np.float32).reshape(S, H, hd // group, group)
+    s = (np.abs(g).max(-1) / np.float32(8)).astype(np.float32)                    # [S, H, ng]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(s[..., None] > 0, g / s[..., None], 0).astype(np.float64)
+    wq = round_bf16(w[..., None] * s.transpose(1, 0, 2)[:, None]).astype(np.float64)   # [H, T, S, ng]
+    out = np.einsum("htsg,shgc->thgc", wq, codes).reshape(w.shape[1], H, hd)
+    return out / w.sum(-1).T[:, :, None].astype(np.float64)
+
+
 def roundtrip_channel(x: np.ndarray, t: str) -> np.ndarray:
     """Keys x[n, ...] (n a multiple of POS, grouped along axis 0) as the cache gives them back."""
     x = np.asarray(x, np.float32)
