@@ -13,6 +13,9 @@
 
 #define KVQ_GMAX 16 /* query heads of one kv head per pass (the score / accumulator tiles) */
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
+#ifndef KVQ_PF_LOC /* the next span's prefetch: into L2 (prefetcht1); into L1 it pushed out the span at work */
+#define KVQ_PF_LOC 2
+#endif
 #ifndef KVQ_SPAN
 #define KVQ_SPAN IFG_KVQ_MAX_BS /* positions per online-softmax step (a multiple of the block size, <= MAX_BS) */
 #endif
@@ -729,8 +732,8 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
         /* the next span's parts: one stream per kv head, far apart */
         for (int b2 = bi; b2 <= blast && b2 < bi + nb; b2++) {
             const size_t nx = (size_t)bt[b2] * n_kv + kvh;
-            for (size_t o = 0; o < kpb; o += 64) IFG_PREFETCH(kc + nx * kpb + o);
-            for (size_t o = 0; o < vpb; o += 64) IFG_PREFETCH(vc + nx * vpb + o);
+            for (size_t o = 0; o < kpb; o += 64) __builtin_prefetch((const void *)(kc + nx * kpb + o), 0, KVQ_PF_LOC);
+            for (size_t o = 0; o < vpb; o += 64) __builtin_prefetch((const void *)(vc + nx * vpb + o), 0, KVQ_PF_LOC);
         }
         for (int h0 = 0; h0 < G; h0 += KVQ_HMAX) {
             const int n = G - h0 < KVQ_HMAX ? G - h0 : KVQ_HMAX;

@@ -14,7 +14,8 @@ positions, TinyLlama's 32/4 heads x 64: micro.attention_case; KV f32, int8c, int
 Prints new/old time per case (< 1: the new library is faster). --dram MB: each call reads the next of
 copies of W totalling MB (e.g. 128, 4x a 32 MiB L3), so a GEMV streams from DRAM as in a decode step,
 and the read-bandwidth probe (probes.py's) is timed between the pairs for scale (--rotate is the
-same option). T <= 16 prints GB/s (weight-bound), larger T GFLOP/s.
+same option); for attention cases it runs 22 caches (a TinyLlama's layers) in turn instead. T <= 16
+prints GB/s (weight-bound), larger T GFLOP/s.
 """
 from __future__ import annotations
 
@@ -82,6 +83,21 @@ def old_library(rev: str, isa: str, cflags: list[str]):
     return mod
 
 
+LAYERS = 22   # attention with --dram: a TinyLlama's caches, one after another, as a decode step reads them
+
+
+class InTurn:
+    """Cases run one after another, a call each: each streams what the others pushed out of cache."""
+
+    def __init__(self, cases):
+        self.cases, self.i = cases, 0
+        self.bytes, self.flops = cases[0].bytes, cases[0].flops
+
+    def run(self):
+        self.cases[self.i].run()
+        self.i = (self.i + 1) % len(self.cases)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev")
@@ -99,7 +115,9 @@ def main() -> None:
     for spec in a.cases:
         dtype, shape, t = spec.split(":")
         if dtype == "attention":   # shape is the KV kind, t the depth; reads its cache: GB/s
-            cases = {k: micro.attention_case(lib, int(t), threads=a.threads, kv=shape) for k, lib in libs.items()}
+            n = LAYERS if a.dram else 1
+            cases = {k: InTurn([micro.attention_case(lib, int(t), threads=a.threads, kv=shape) for _ in range(n)])
+                     for k, lib in libs.items()}
             t = "1"
         else:
             cases = {k: micro.matmul_case(lib, dtype, shape, int(t), a.threads, a.dram) for k, lib in libs.items()}
