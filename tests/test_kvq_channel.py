@@ -13,7 +13,7 @@ import pytest
 
 from conftest import P
 from infeng.kernels.abi import KV_TYPE, KVQ_SHAPE
-from infeng.quant.kvcache import POS, channel_groups, channel_scores, encode_part, roundtrip, roundtrip_channel
+from infeng.quant.kvcache import POS, channel_groups, channel_scores, encode_part, roundtrip
 from test_kernels_kvq import VALUE_ROUNDING, QPool
 
 I32 = "int32_t *"

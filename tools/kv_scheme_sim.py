@@ -20,7 +20,7 @@ import numpy as np
 
 from infeng.model.loader import load_model
 from infeng.model.reference import ReferenceModel, attend
-from infeng.quant.kvcache import POS, hadamard, rotation_signs, roundtrip, roundtrip_channel
+from infeng.quant.kvcache import POS, hadamard, rotation_signs, roundtrip
 from infeng.runtime.kvspec import kv_spec
 from infeng.runtime.tokenizer import Tokenizer
 
@@ -210,18 +210,14 @@ class Residual(ReferenceModel):
         super().__init__(model, kv=spec)
         self.resid = resid
 
-    def attend_channel(self, i, q, pos, scale, window):
+    def attend_channel(self, i, q, pos, scale, window, int4_group=0):
         out = np.empty((len(pos), q.shape[1] * q.shape[2]), np.float32)
         g_of = pos // POS
         for g in np.unique(g_of):
-            n = int(g) * POS
-            if self.kq[i].shape[0] < n:
-                self.kq[i] = np.concatenate([self.kq[i], roundtrip_channel(self.k[i][self.kq[i].shape[0]:n],
-                                                                           self.kv.k[i])])
-            nq = max(0, n - (self.resid - 1) * POS)
+            nq = max(0, int(g) * POS - (self.resid - 1) * POS)
             sel = g_of == g
-            out[sel] = attend(q[sel], np.concatenate([self.kq[i][:nq], self.k[i][nq:]]), self.v[i], pos[sel],
-                              scale, window)
+            out[sel] = attend(q[sel], self.k[i], self.v[i], pos[sel], scale, window,
+                              self.channel_scores(i, q[sel], nq), int4_group)
         return out
 
 

@@ -163,17 +163,21 @@ class ReferenceModel:
         g_of = pos // POS
         for g in np.unique(g_of):
             n = int(g) * POS
-            if self.kq[i] is None:
-                self.kq[i] = channel_groups(self.k[i][:0], self.kv.k[i])
-            have = self.kq[i][0].shape[0]
-            if have < n:                          # groups are independent: quantize the new ones
-                new = channel_groups(self.k[i][have:n], self.kv.k[i])
-                self.kq[i] = tuple(np.concatenate(p) for p in zip(self.kq[i], new))
             sel = g_of == g
-            c, d, m = self.kq[i]
-            scores = channel_scores(q[sel], c[:n], d[:n // POS], m[:n // POS], self.kv.k[i])
-            out[sel] = attend(q[sel], self.k[i], self.v[i], pos[sel], scale, window, scores, int4_group)
+            out[sel] = attend(q[sel], self.k[i], self.v[i], pos[sel], scale, window,
+                              self.channel_scores(i, q[sel], n), int4_group)
         return out
+
+    def channel_scores(self, i: int, q, n: int) -> np.ndarray:
+        """q · the first n positions' keys of layer i as per-channel groups (kvcache.channel_scores)."""
+        if self.kq[i] is None:
+            self.kq[i] = channel_groups(self.k[i][:0], self.kv.k[i])
+        have = self.kq[i][0].shape[0]
+        if have < n:                              # groups are independent: quantize the new ones
+            new = channel_groups(self.k[i][have:n], self.kv.k[i])
+            self.kq[i] = tuple(np.concatenate(p) for p in zip(self.kq[i], new))
+        c, d, m = self.kq[i]
+        return channel_scores(q, c[:n], d[:n // POS], m[:n // POS], self.kv.k[i])
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ Wᵀ (with x rounded to int8 blocks first if W is quantized and int8_activations, to

@@ -135,22 +135,11 @@ def int4_weighted(w: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
     return out / w.sum(-1).T[:, :, None].astype(np.float64)
 
 
-def roundtrip_channel(x: np.ndarray, t: str) -> np.ndarray:
-    """Keys x[n, ...] (n a multiple of POS, grouped along axis 0) as the cache gives them back."""
-    x = np.asarray(x, np.float32)
-    g = x.reshape(x.shape[0] // POS, POS, *x.shape[1:])
-    out = np.empty_like(g)
-    for i in range(g.shape[0]):
-        q, d, mn = quantize_channel(g[i], t)
-        out[i] = q.astype(np.float32) * d.astype(np.float32) + mn.astype(np.float32)
-    return out.reshape(x.shape)
-
-
 def roundtrip(x: np.ndarray, t: str, group: int) -> np.ndarray:
-    """x[..., hd] as the cache gives it back (f32); per-channel keys: roundtrip_channel."""
+    """x[..., hd] as the cache gives it back (f32); per-channel keys: channel_groups / channel_scores."""
     x = np.asarray(x, np.float32)
     if t in CHANNEL:
-        raise ValueError(f"{t} groups positions: use roundtrip_channel")
+        raise ValueError(f"{t} groups positions: use channel_groups")
     if t == "f32":
         return x.copy()
     if t in ("bf16", "f16"):
