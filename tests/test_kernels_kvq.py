@@ -83,8 +83,7 @@ def fill(kern, pool, rng, kscale=1.0):
 
 # What a kernel's output may differ from the float64 reference by, per unit of Σ_j w_j·|v_j|: int4
 # values are weighted by bf16(w·scale) (a relative 2^-8 each at most) so AVX-512 can use bf16 dot products.
-VALUE_ROUNDING = {"int4": 2.0 ** -8}
-VALUE_ROUNDING = {t: VALUE_ROUNDING.get(t, 0.0) for t in KV_TYPES}
+VALUE_ROUNDING = {t: 2.0 ** -8 if t == "int4" else 0.0 for t in KV_TYPES}
 
 
 def attention_ref(pool, q, seq, pos, n_heads, scale, window=0):

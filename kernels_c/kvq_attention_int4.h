@@ -1,0 +1,215 @@
+/* kvq_attention_int4.h — int4 keys (per channel) and values on bf16 dot products: q·scale and
+ * weight·scale rounded to bf16, the codes exact in bf16, so AVX-512 takes vdpbf16ps; AVX2 multiplies
+ * the same rounded products in f32. Internal to kvq_attention.c (SIMD builds), included once after
+ * its int8c key loop, whose helpers (kvq_kvec, kvq_f16_row, kvq_dec, kvq_blk, KVQ_HMAX) it uses. */
+#ifndef IFG_KVQ_ATTENTION_INT4_H
+#define IFG_KVQ_ATTENTION_INT4_H
+
+/* ---- keys: S = scale · (Σ_d bf16(q_d·s_d)·c_d + Σ_d q_d·m_d) ---- */
+/* M[h] = Σ_d q_hd·m_d for the KVQ_HMAX heads of qt. */
+IFG_AI __m256 kvq_minterm(const float *qt, const uint16_t *mn, int hd) {
+    float mf[KVQ_MAX_HD] __attribute__((aligned(64)));
+    kvq_f16_row(mf, mn, hd);
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0; /* four chains: one waits on the FMA's latency */
+    for (int d = 0; d < hd; d += 4, qt += 4 * KVQ_HMAX) { /* hd: a multiple of IFG_KVQ_CHUNK */
+        m0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt), _mm256_set1_ps(mf[d]), m0);
+        m1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + KVQ_HMAX), _mm256_set1_ps(mf[d + 1]), m1);
+        m2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 2 * KVQ_HMAX), _mm256_set1_ps(mf[d + 2]), m2);
+        m3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 3 * KVQ_HMAX), _mm256_set1_ps(mf[d + 3]), m3);
+    }
+    return _mm256_add_ps(_mm256_add_ps(m0, m1), _mm256_add_ps(m2, m3));
+}
+
+IFG_AI void kvq_qkc_store(const kvq_kvec *v, const ifg_vf *a, __m256 M, int n, float scale) {
+    float mh[KVQ_HMAX];
+    _mm256_storeu_ps(mh, M);
+    const ifg_vf sv = ifg_vset1(scale);
+    for (int h = 0; h < n; h++) ifg_vstore(v->s + (size_t)h * IFG_KVQ_MAX_BS, ifg_vmul(ifg_vadd(a[h], ifg_vset1(mh[h])), sv));
+}
+
+#if defined(IFG_AVX512)
+/* int4c channels d, d+1 of the 16 positions at c (rows rb bytes apart) as bf16 pairs: word 2j
+ * the code of channel d at position j, word 2j+1 channel d+1's. */
+IFG_AI __m512bh kvq_kpair(const uint8_t *c, int rb, __m512i lut) {
+    const __m128i x = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)c), _mm_loadl_epi64((const __m128i *)(c + rb)));
+    const __m128i m = _mm_set1_epi8(0x0F), lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    const __m128i a = _mm_unpacklo_epi32(lo, hi), b = _mm_unpackhi_epi32(lo, hi); /* channel d, d+1: positions 0..15 */
+    return (__m512bh)_mm512_permutexvar_epi16(
+        _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b))), lut);
+}
+
+/* One group's bf16(q_hd·s_d) as channel pairs, qp[h][d/2], for n heads of q (rows hd apart). */
+IFG_AI void kvq_qscaled(uint32_t *qp, const float *q, const uint16_t *sc, int n, int hd) {
+    for (int d = 0; d < hd; d += 32) {
+        const int r0 = hd - d < 16 ? hd - d : 16, r1 = hd - d - 16 < 0 ? 0 : hd - d - 16 < 16 ? hd - d - 16 : 16;
+        const ifg_vf s0 = r0 == 16 ? ifg_vload_w(sc, IFG_F16, d) : ifg_vload_w_n(sc, IFG_F16, d, r0);
+        const ifg_vf s1 = r1 == 16 ? ifg_vload_w(sc, IFG_F16, d + 16) : r1 ? ifg_vload_w_n(sc, IFG_F16, d + 16, r1) : ifg_vzero();
+        for (int h = 0; h < n; h++) {
+            const float *qh = q + (size_t)h * hd + d;
+            const ifg_vf a = ifg_vmul(ifg_vload_n(qh, r0), s0), b = r1 ? ifg_vmul(ifg_vload_n(qh + 16, r1), s1) : ifg_vzero();
+            _mm512_storeu_si512(qp + (size_t)h * (KVQ_MAX_HD / 2) + d / 2, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+/* int4c: two groups at a time, each with its own scaled queries. */
+IFG_AI void kvq_qkc_bf16(const kvq_kvec *v, int nv, const float *q, const float *qt, int n, int rb, int hd,
+                         float scale) {
+    uint32_t qp[2][KVQ_HMAX][KVQ_MAX_HD / 2] __attribute__((aligned(64)));
+    __m256 M[2];
+    for (int k = 0; k < nv; k++) {
+        kvq_qscaled(qp[k][0], q, v[k].sc, n, hd);
+        M[k] = kvq_minterm(qt, v[k].mn, hd);
+    }
+    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(ifg_vzero(), _mm512_cvtepi32_ps(ifg_viota())); /* bf16(0..15) */
+    ifg_vf a[2][KVQ_HMAX];
+    for (int k = 0; k < nv; k++)
+        for (int h = 0; h < n; h++) a[k][h] = ifg_vzero();
+    const uint8_t *c0 = v[0].c, *c1 = nv > 1 ? v[1].c : v[0].c;
+    for (int p = 0; p < hd / 2; p++, c0 += 2 * rb, c1 += 2 * rb) {
+        const __m512bh k0 = kvq_kpair(c0, rb, lut), k1 = nv > 1 ? kvq_kpair(c1, rb, lut) : k0;
+        for (int h = 0; h < n; h++) {
+            a[0][h] = _mm512_dpbf16_ps(a[0][h], k0, (__m512bh)_mm512_set1_epi32((int)qp[0][h][p]));
+            if (nv > 1) a[1][h] = _mm512_dpbf16_ps(a[1][h], k1, (__m512bh)_mm512_set1_epi32((int)qp[1][h][p]));
+        }
+    }
+    for (int k = 0; k < nv; k++) kvq_qkc_store(&v[k], a[k], M[k], n, scale);
+}
+#else
+/* int4c on AVX2: the same rounded products in f32 FMAs, one half group at a time. */
+IFG_AI void kvq_qkc_bf16(const kvq_kvec *v, int nv, const float *q, const float *qt, int n, int rb, int hd,
+                         float scale) {
+    (void)q, (void)nv;
+    float qs[KVQ_MAX_HD * KVQ_HMAX] __attribute__((aligned(32))), sf[KVQ_MAX_HD] __attribute__((aligned(32)));
+    const __m256 M = kvq_minterm(qt, v->mn, hd);
+    kvq_f16_row(sf, v->sc, hd); /* bf16(q·s) as qt */
+    for (int d = 0; d < hd; d++)
+        _mm256_store_ps(qs + d * KVQ_HMAX, ifg_vround_bf16(_mm256_mul_ps(_mm256_loadu_ps(qt + (size_t)d * KVQ_HMAX),
+                                                                        _mm256_set1_ps(sf[d]))));
+    ifg_vf a[KVQ_HMAX];
+    for (int h = 0; h < n; h++) a[h] = ifg_vzero();
+    const uint8_t *c = v->c;
+    for (int d = 0; d < hd; d++, c += rb) {
+        const ifg_vf kc = kvq_dec(IFG_KV_I4C, c, 0, IFG_VW);
+        for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(qs[d * KVQ_HMAX + h]), kc, a[h]);
+    }
+    kvq_qkc_store(v, a, M, n, scale);
+}
+#endif
+
+/* ---- values ---- */
+/* int4 values: acc[h][d] += Σ_j bf16(P[h][j]·s_j)·(c_jd − 8), s_j the position's scale of d's
+ * group. The codes less 8 are exact in bf16, so with the weight times the scale rounded to bf16
+ * (a relative 2^-8 at most on each weight) AVX-512 takes vdpbf16ps over pairs of positions (j, j+1): half
+ * the multiply instructions. Every build rounds the weights the same way. pf[h][j] is a span's
+ * rounded weights of one scale group, 0 outside the blocks' ranges (whose scales may be unset). */
+IFG_AI void kvq_pweights(float *pf, float *sg, const float *P, const kvq_blk *blk, int nb, int n, int bs, int ng,
+                         int g) {
+    for (int b = 0; b < nb; b++) {
+        const uint16_t *sc = (const uint16_t *)blk[b].vp;
+        for (int j = 0; j < bs; j++)
+            sg[blk[b].off + j] = j >= blk[b].j0 && j <= blk[b].j1 ? _cvtsh_ss(sc[(size_t)j * ng + g]) : 0.0f;
+    }
+    const int ns = blk[nb - 1].off + bs;
+    for (int h = 0; h < n; h++)
+        for (int j = 0; j < ns; j += IFG_VW)
+            ifg_vstore(pf + (size_t)h * IFG_KVQ_MAX_BS + j,
+                       ifg_vround_bf16(ifg_vmul(ifg_vload(P + (size_t)h * IFG_KVQ_MAX_BS + j), ifg_vload(sg + j))));
+}
+
+#if defined(IFG_AVX512)
+/* Channels dc.. of rows j and j+1 (r of them, r <= 32; row bytes at x and y) as two vectors of
+ * bf16 pairs: lane d holds (value of row j, value of row j+1) of channel d (and 16 + d). */
+IFG_AI void kvq_vpair(const uint8_t *x, const uint8_t *y, int r, __m512i lut, __m512bh *v0, __m512bh *v1) {
+    const __mmask16 mb = (__mmask16)((1u << (r / 2)) - 1u);
+    const __m128i bx = r == 32 ? _mm_loadu_si128((const __m128i *)x) : _mm_maskz_loadu_epi8(mb, x);
+    const __m128i by = r == 32 ? _mm_loadu_si128((const __m128i *)y) : _mm_maskz_loadu_epi8(mb, y);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i xl = _mm_and_si128(bx, m), xh = _mm_and_si128(_mm_srli_epi16(bx, 4), m);
+    const __m128i yl = _mm_and_si128(by, m), yh = _mm_and_si128(_mm_srli_epi16(by, 4), m);
+    const __m128i x0 = _mm_unpacklo_epi32(xl, xh), y0 = _mm_unpacklo_epi32(yl, yh); /* channels 0..15 */
+    *v0 = (__m512bh)_mm512_permutexvar_epi16(
+        _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x0, y0), _mm_unpacklo_epi8(x0, y0))), lut);
+    if (r > 16) {
+        const __m128i x1 = _mm_unpackhi_epi32(xl, xh), y1 = _mm_unpackhi_epi32(yl, yh); /* 16..31 */
+        *v1 = (__m512bh)_mm512_permutexvar_epi16(
+            _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x1, y1), _mm_unpacklo_epi8(x1, y1))), lut);
+    }
+}
+
+/* r (<= 32) channels from dc over the span's positions in pairs, the weights pp[h][j/2] packed. */
+IFG_AI void kvq_pv_i4_pass(float *acc, const uint32_t *pp, const kvq_blk *blk, int nb, int n, int dc, int r, int bs,
+                           int hd, size_t cofs, __m512i lut) {
+    const int r0 = r < 16 ? r : 16, r1 = r - r0;
+    ifg_vf a0[KVQ_HMAX], a1[KVQ_HMAX];
+    for (int h = 0; h < n; h++) {
+        a0[h] = ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r0);
+        a1[h] = r1 ? ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc + 16, r1) : ifg_vzero();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *codes = blk[b].vp + cofs + dc / 2;
+        const uint32_t *w = pp + blk[b].off / 2;
+#if KVQ_PF_NEXT
+        if (b + 1 < nb) /* the next block's rows of these channels, from L2 into L1 */
+            for (int j = 0; j < bs; j += hd < 128 ? 128 / hd : 1)
+                IFG_PREFETCH(blk[b + 1].vp + cofs + dc / 2 + (size_t)j * (hd / 2));
+#endif
+        for (int j = blk[b].j0 & ~1; j <= blk[b].j1; j += 2) {
+            __m512bh v0, v1 = (__m512bh)_mm512_setzero_si512();
+            kvq_vpair(codes + (size_t)j * (hd / 2), codes + (size_t)(j + 1) * (hd / 2), r, lut, &v0, &v1);
+            for (int h = 0; h < n; h++) {
+                const __m512bh wb = (__m512bh)_mm512_set1_epi32((int)w[(size_t)h * (IFG_KVQ_MAX_BS / 2) + j / 2]);
+                a0[h] = _mm512_dpbf16_ps(a0[h], v0, wb);
+                if (r1) a1[h] = _mm512_dpbf16_ps(a1[h], v1, wb);
+            }
+        }
+    }
+    for (int h = 0; h < n; h++) {
+        ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc, a0[h], r0);
+        if (r1) ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc + 16, a1[h], r1);
+    }
+}
+
+IFG_AI void kvq_pv_i4(float *acc, const float *P, const kvq_blk *blk, int nb, int n, int bs, int hd, int group) {
+    const int ng = hd / group, ns = blk[nb - 1].off + bs;
+    const size_t cofs = kvq_scale_bytes(IFG_KV_I4, bs, hd, group);
+    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(ifg_vzero(), _mm512_cvtepi32_ps(_mm512_sub_epi32(ifg_viota(), ifg_viset1(8))));
+    float sg[IFG_KVQ_MAX_BS] __attribute__((aligned(64))), pf[KVQ_HMAX][IFG_KVQ_MAX_BS] __attribute__((aligned(64)));
+    uint32_t pp[KVQ_HMAX][IFG_KVQ_MAX_BS / 2] __attribute__((aligned(64)));
+    for (int g = 0; g < ng; g++) {
+        kvq_pweights(pf[0], sg, P, blk, nb, n, bs, ng, g);
+        for (int h = 0; h < n; h++) /* already bf16 values: packing them is exact */
+            for (int j = 0; j < ns; j += 32)
+                _mm512_store_si512(pp[h] + j / 2, (__m512i)_mm512_cvtne2ps_pbh(
+                    j + 16 < ns ? _mm512_load_ps(pf[h] + j + 16) : ifg_vzero(), _mm512_load_ps(pf[h] + j)));
+        for (int dc = g * group; dc < (g + 1) * group; dc += 32)
+            kvq_pv_i4_pass(acc, pp[0], blk, nb, n, dc, (g + 1) * group - dc < 32 ? (g + 1) * group - dc : 32, bs, hd, cofs,
+                           lut);
+    }
+}
+#else
+IFG_AI void kvq_pv_i4(float *acc, const float *P, const kvq_blk *blk, int nb, int n, int bs, int hd, int group) {
+    const int ng = hd / group;
+    const size_t cofs = kvq_scale_bytes(IFG_KV_I4, bs, hd, group);
+    float sg[IFG_KVQ_MAX_BS] __attribute__((aligned(64))), pf[KVQ_HMAX][IFG_KVQ_MAX_BS] __attribute__((aligned(64)));
+    for (int g = 0; g < ng; g++) {
+        kvq_pweights(pf[0], sg, P, blk, nb, n, bs, ng, g);
+        for (int dc = g * group; dc < (g + 1) * group; dc += IFG_VW) {
+            const int r = (g + 1) * group - dc < IFG_VW ? (g + 1) * group - dc : IFG_VW;
+            ifg_vf a[KVQ_HMAX];
+            for (int h = 0; h < n; h++) a[h] = ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r);
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *codes = blk[b].vp + cofs;
+                for (int j = blk[b].j0; j <= blk[b].j1; j++) {
+                    const ifg_vf v = kvq_dec(IFG_KV_I4, codes, (size_t)j * hd + dc, r);
+                    for (int h = 0; h < n; h++)
+                        a[h] = ifg_vfma(ifg_vset1(pf[h][blk[b].off + j]), v, a[h]);
+                }
+            }
+            for (int h = 0; h < n; h++) ifg_vstore_n(acc + (size_t)h * KVQ_MAX_HD + dc, a[h], r);
+        }
+    }
+}
+#endif
+
+#endif
