@@ -40,3 +40,20 @@ void ifg_cpu_detect(struct ifg_cpu *c) {
     c->avxvnni = (a >> 4) & 1;
     if (os_avx512) c->avx512bf16 = (a >> 5) & 1;
 }
+
+/* The default prefetch level (core.h): L2 on AMD family 19h (Zen 3/4), measured on a Zen 4. */
+static int cpu_prefetch_level(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 1;
+    const int amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 1;
+    const unsigned family = ((a >> 8) & 0xf) + (((a >> 8) & 0xf) == 0xf ? (a >> 20) & 0xff : 0);
+    return family == 0x19 ? 2 : 1;
+}
+
+static int prefetch_level; /* 0: not chosen yet (threads racing to choose write the same value) */
+void ifg_set_prefetch_level(int level) { prefetch_level = level == 1 || level == 2 ? level : 0; }
+int ifg_prefetch_level(void) {
+    if (!prefetch_level) prefetch_level = cpu_prefetch_level();
+    return prefetch_level;
+}

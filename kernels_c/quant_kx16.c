@@ -412,23 +412,25 @@ IFG_AI void kx_tile(float *y, int ldy, const struct x16_tile *xt, const uint8_t 
  * of its own per type: compiled inside the function that holds every tile, q4_k's GEMV streamed
  * from DRAM at ~70 % of the speed it has alone. */
 IFG_AI void kx_gemv_t(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w, size_t gstride,
-                      int t, int n0, int n1, int nsb, int add, const int Q5) {
+                      int t, int n0, int n1, int nsb, int add, const int PF, const int Q5) {
     int n = n0;
 #ifdef KX_TILE1
-    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, 1, Q5);
-    for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, 1, Q5);
+    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, KXG1, PF, Q5);
+    for (; n < n1; n += 16) kx_tile1(y, xt, w, gstride, t, ldy, n, nsb, add, 1, PF, Q5);
 #else
-    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, 1, Q5);
-    for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, 1, Q5);
+    for (; n + 16 * KXG1 <= n1; n += 16 * KXG1) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, KXG1, PF, Q5);
+    for (; n < n1; n += 16) kx_tile(y, ldy, xt, w, gstride, t, 0, n, nsb, add, 1, 1, PF, Q5);
 #endif
 }
 __attribute__((noinline)) static void kx_gemv_q4(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
                                                  size_t gstride, int t, int n0, int n1, int nsb, int add) {
-    kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 0);
+    if (ifg_prefetch_level() == 2) kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 2, 0);
+    else kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 1, 0);
 }
 __attribute__((noinline)) static void kx_gemv_q5(float *y, int ldy, const struct x16_tile *xt, const uint8_t *w,
                                                  size_t gstride, int t, int n0, int n1, int nsb, int add) {
-    kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 1);
+    if (ifg_prefetch_level() == 2) kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 2, 1);
+    else kx_gemv_t(y, ldy, xt, w, gstride, t, n0, n1, nsb, add, 1, 1);
 }
 
 /* Groups of rows [n0, n1) × tokens [t, t + tt) of one x tile (tt > 1). */

@@ -236,7 +236,7 @@ IFG_AI __m512i q6x_h4(__m512i h, const int v) {
 }
 
 IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
-                      int n, int nsb, int add, const int G) {
+                      int n, int nsb, int add, const int G, const int PF) {
     __m512 acc[Q6G1];
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
@@ -249,15 +249,15 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
             gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
             d[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb[g]));
 #pragma GCC unroll 5
-            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, _MM_HINT_T0);
+            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, X16_PF_HINT(PF));
         }
         for (int c = 0; c < 8; c++) {
             __m512i h0[Q6G1], h1[Q6G1];
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
                 const uint8_t *qh = gb[g] + Q6X_QH + 128 * c;
-                _mm_prefetch((const char *)qh + Q6X_PFD, _MM_HINT_T0);
-                _mm_prefetch((const char *)qh + Q6X_PFD + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)qh + Q6X_PFD, X16_PF_HINT(PF));
+                _mm_prefetch((const char *)qh + Q6X_PFD + 64, X16_PF_HINT(PF));
                 h0[g] = _mm512_loadu_si512((const void *)qh);
                 h1[g] = _mm512_loadu_si512((const void *)(qh + 64));
             }
@@ -277,7 +277,7 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
 #pragma GCC unroll 8
                     for (int g = 0; g < G; g++) {
                         const uint8_t *ql = gb[g] + Q6X_QL + 256 * c + 64 * v;
-                        _mm_prefetch((const char *)ql + Q6X_PFD, _MM_HINT_T0);
+                        _mm_prefetch((const char *)ql + Q6X_PFD, X16_PF_HINT(PF));
                         const __m512i raw = _mm512_loadu_si512((const void *)ql);
                         const __m512i lo = _mm512_or_si512(_mm512_and_si512(raw, m4), q6x_h4(h0[g], v));
                         const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), q6x_h4(h1[g], v));
@@ -308,7 +308,7 @@ IFG_AI __m256i q6x_h4(__m256i h, const int v) {
 }
 
 IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
-                      int n, int nsb, int add, const int G) {
+                      int n, int nsb, int add, const int G, const int PF) {
     __m256 acc[2 * Q6G1];
     const int H = 2 * G;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -321,7 +321,7 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
         for (int g = 0; g < G; g++) {
             gb[g] = w + (size_t)(n / 16 + g) * gstride + (size_t)b * Q6X_GB;
 #pragma GCC unroll 5
-            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, _MM_HINT_T0);
+            for (int j = 0; j < 5; j++) _mm_prefetch((const char *)gb[g] + Q6X_PFD + 64 * j, X16_PF_HINT(PF));
         }
 #pragma GCC unroll 8
         for (int h = 0; h < H; h++) d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb[h / 2] + 16 * (h % 2))));
@@ -331,8 +331,8 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
             for (int h = 0; h < H; h++) {
                 const uint8_t *qh = gb[h / 2] + Q6X_QH + 128 * c + 32 * (h % 2);
                 if (h % 2 == 0) {
-                    _mm_prefetch((const char *)qh + Q6X_PFD, _MM_HINT_T0);
-                    _mm_prefetch((const char *)qh + Q6X_PFD + 64, _MM_HINT_T0);
+                    _mm_prefetch((const char *)qh + Q6X_PFD, X16_PF_HINT(PF));
+                    _mm_prefetch((const char *)qh + Q6X_PFD + 64, X16_PF_HINT(PF));
                 }
                 h0[h] = _mm256_loadu_si256((const __m256i *)qh);
                 h1[h] = _mm256_loadu_si256((const __m256i *)(qh + 64));
@@ -349,7 +349,7 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
 #pragma GCC unroll 8
                     for (int h = 0; h < H; h++) {
                         const uint8_t *ql = gb[h / 2] + Q6X_QL + 256 * c + 64 * v + 32 * (h % 2);
-                        if (h % 2 == 0) _mm_prefetch((const char *)ql + Q6X_PFD, _MM_HINT_T0);
+                        if (h % 2 == 0) _mm_prefetch((const char *)ql + Q6X_PFD, X16_PF_HINT(PF));
                         const __m256i raw = _mm256_loadu_si256((const __m256i *)ql);
                         const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), q6x_h4(h0[h], v));
                         const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), q6x_h4(h1[h], v));
@@ -376,12 +376,16 @@ IFG_AI void q6x_dtile(float *y, const struct x16_tile *xt, const int32_t *xs, co
 #endif
 
 /* Token t's outputs [n0, n1) (a multiple of 16 each), Q6G1 groups at a time. */
+IFG_AI void q6x_gemv_t(float *yt, const struct x16_tile *xt, const int32_t *xs, const uint8_t *w, size_t gstride,
+                       int n0, int n1, int nsb, int add, const int PF) {
+    int n = n0;
+    for (; n + 16 * Q6G1 <= n1; n += 16 * Q6G1) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, Q6G1, PF);
+    for (; n < n1; n += 16) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, 1, PF);
+}
 __attribute__((noinline)) static void q6x_gemv(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs,
                                                const uint8_t *w, size_t gstride, int t, int n0, int n1, int nsb, int add) {
-    float *yt = y + (size_t)t * ldy;
-    int n = n0;
-    for (; n + 16 * Q6G1 <= n1; n += 16 * Q6G1) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, Q6G1);
-    for (; n < n1; n += 16) q6x_dtile(yt, xt, xs, w, gstride, n, nsb, add, 1);
+    if (ifg_prefetch_level() == 2) q6x_gemv_t(y + (size_t)t * ldy, xt, xs, w, gstride, n0, n1, nsb, add, 2);
+    else q6x_gemv_t(y + (size_t)t * ldy, xt, xs, w, gstride, n0, n1, nsb, add, 1);
 }
 
 IFG_AI void q6x_tiles_t(float *y, int ldy, const struct x16_tile *xt, const int32_t *xs, int lds, const uint8_t *w,

@@ -332,7 +332,9 @@ static void xg_tiles(float *y, int ldy, const struct x16_tile *xt, const uint8_t
      * cost prefill 1.5x */
 #define XG_TYPE(WT)                                                                               \
     do {                                                                                          \
-        if (xt->pf) xg_tiles_t(y, ldy, xt, w, WT, gstride, t, tt, n0, n1, nb, add, epi, 1);       \
+        if (xt->pf && tt == 1 && ifg_prefetch_level() == 2)                                       \
+            xg_tiles_t(y, ldy, xt, w, WT, gstride, t, 1, n0, n1, nb, add, epi, 2);                \
+        else if (xt->pf) xg_tiles_t(y, ldy, xt, w, WT, gstride, t, tt, n0, n1, nb, add, epi, 1);  \
         else xg_tiles_t(y, ldy, xt, w, WT, gstride, t, tt, n0, n1, nb, add, epi, 0);              \
     } while (0)
     if (wtype == IFG_Q8_0X16) XG_TYPE(IFG_Q8_0X16);

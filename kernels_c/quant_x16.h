@@ -85,11 +85,14 @@ static inline int x16_nibble(const uint8_t *run, int r, int k) {
  * offset off (the first token tile only: the others find the weights in cache). A batch's GEMM
  * does so much arithmetic per weight byte that the core keeps few loads in flight, and the
  * hardware prefetcher alone does not run far enough ahead: reading W and computing on it took
- * turns (TinyLlama's w_gate at batch 8: 0.57 ms with W in L3, 1.0 ms from DRAM). */
+ * turns (TinyLlama's w_gate at batch 8: 0.57 ms with W in L3, 1.0 ms from DRAM). PF, the tile's
+ * compile-time choice: 0 none, 1 into L1, 2 into L2 (one-token GEMVs, where ifg_prefetch_level()
+ * says so: the hint is an immediate, so each level is a tile of its own). */
+#define X16_PF_HINT(PF) ((PF) == 2 ? _MM_HINT_T1 : _MM_HINT_T0)
 #define X16_PREFETCH(base, off)                                                                   \
     do {                                                                                          \
         if (pf)                                                                                   \
-            for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)(base)[g_] + (off) + pf, _MM_HINT_T0); \
+            for (int g_ = 0; g_ < G; g_++) _mm_prefetch((const char *)(base)[g_] + (off) + pf, X16_PF_HINT(PF)); \
     } while (0)
 /* Bit b of every byte of a plane of 5th bits (q5_kx16, q5_1x16), moved to bit 4, to OR into the
  * nibbles; 16-bit shifts, what crosses a byte is masked off (b a constant after unrolling). */

@@ -3,7 +3,8 @@
 Each variant is scored by what it needs from the CPU (ggml's idea): the best variant whose
 requirements the CPU meets wins. ``INFENG_ISA=scalar|avx2|avx512`` forces one and fails
 clearly when the CPU cannot run it. ``INFENG_BF16_ACT=f32|bf16`` chooses how bf16 weight
-matrices multiply their inputs (``bf16_activations``).
+matrices multiply their inputs (``bf16_activations``). ``INFENG_PREFETCH=l1|l2`` overrides which
+cache the decode GEMVs prefetch weights into (the library picks per CPU: ``prefetch_level``).
 """
 from __future__ import annotations
 
@@ -54,7 +55,22 @@ def _choose(forced: str | None) -> str:
 
 def load(isa: str | None = None):
     """The cffi module (``.ffi``, ``.lib``) of one variant: the forced or the best one."""
-    return _module(_choose(isa or os.environ.get("INFENG_ISA") or None))
+    mod = _module(_choose(isa or os.environ.get("INFENG_ISA") or None))
+    prefetch_level(mod, os.environ.get("INFENG_PREFETCH") or None)
+    return mod
+
+
+PREFETCH = {"l1": 1, "l2": 2}
+
+
+def prefetch_level(mod, choice: str | None = None) -> str:
+    """Which cache ``mod``'s decode GEMVs prefetch weights into: ``choice`` ("l1" or "l2") sets it,
+    None leaves the library's per-CPU default. Returns the level in force."""
+    if choice is not None:
+        if choice not in PREFETCH:
+            raise InfengError(f"INFENG_PREFETCH={choice!r} is not one of {', '.join(PREFETCH)}")
+        mod.lib.ifg_set_prefetch_level(PREFETCH[choice])
+    return {v: k for k, v in PREFETCH.items()}[mod.lib.ifg_prefetch_level()]
 
 
 _active = None
