@@ -116,7 +116,9 @@ IFG_AI __m512i x16_bit4_512(__m512i pl, const int b) {
  * types. The repack forms the very products d*sc / dmin*m the types' tiles form, and the tile
  * takes them in the types' own float steps and order: outputs stay bitwise decode's. */
 #define X16R_T 16   /* tokens from which the k-quant products repack */
+#ifndef X16R_TB
 #define X16R_TB 128 /* tokens per x tile when x comes quantized (ifg_xq): one repack serves them all */
+#endif
 #define X16R_G 2    /* 16-row groups per rep */
 #define X16R_K 512  /* k per repacked piece (the rep's 22 KiB stay in L1) */
 

@@ -45,6 +45,17 @@ def test_gemv_case_matches_numpy(kern):
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-5)
 
 
+def test_gemm_case_with_x_quantized_beforehand(kern):
+    """"+xq" hands the kernel x quantized once (as forward.c does): the same products."""
+    outs = []
+    for dtype in ("q6_k", "q6_k+xq"):
+        case = micro.matmul_case(kern, dtype, "32x512", 20, 1)
+        case.run()
+        outs.append(case.keep[2])
+    assert np.abs(outs[0]).max() > 0
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 PEAK_BUILD = {"scalar": set(), "avx2": {"vfmadd_ymm", "vpmaddubsw_ymm"},
               "avx512": {"vpdpbusd_zmm", "vdpbf16ps_zmm", "vfmadd_zmm", "vfmadd_ymm", "vpmaddubsw_ymm"}}
 

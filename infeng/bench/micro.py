@@ -18,6 +18,7 @@ from infeng.format.schema import convert_dtype
 from infeng.kernels import ptr
 
 from infeng.kernels.abi import DTYPE, KV_TYPE, KVQ_SHAPE, PEAK_OP
+from infeng.kernels.structs import Structs
 from infeng.quant import quantize
 from infeng.quant.interleave import INTERLEAVED, PLAIN, can_interleave, interleave
 from infeng.quant.kvcache import KV_TYPES, part_bytes
@@ -81,7 +82,10 @@ def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0,
     """y = x · Wᵀ for ``tokens`` rows of x (1: the decode GEMV; more: the prefill GEMM).
     The types with a 16-row layout run in it when n % 16 == 0, as a loaded model does.
     ``rotate_mb``: each run() uses the next of as many copies of W as total that many MiB, so W
-    comes from DRAM when that is well past the last-level cache, as a decode step's weights do."""
+    comes from DRAM when that is well past the last-level cache, as a decode step's weights do.
+    ``dtype`` + "+xq" (e.g. q6_k+xq): x quantized once beforehand and handed in (ifg_matmul_xq), as
+    forward.c's projections get it (the k-quants' large batches then take X16R_TB-token tiles)."""
+    dtype, xq_given = (dtype[:-3], True) if dtype.endswith("+xq") else (dtype, False)
     n, k = parse_shape(shape)
     if can_interleave(dtype, n):
         dtype = INTERLEAVED[dtype]
@@ -91,15 +95,20 @@ def matmul_case(kern, dtype: str, shape: str, tokens: int = 1, threads: int = 0,
     y = aligned(np.zeros((tokens, n), np.float32))
     pws = [kern.ffi.cast("void *", kern.ffi.from_buffer(w)) for w in ws]
     px, py = ptr(kern, x), ptr(kern, y)
-    f, code = kern.lib.ifg_matmul, CDTYPE[dtype]
+    code = CDTYPE[dtype]
     turn = [0]
+    xq, st = kern.ffi.NULL, Structs(kern)
+    if xq_given:
+        xq = st.new("struct ifg_xq", q=np.zeros((tokens, k), np.int8), d=np.zeros((tokens, k // 32), np.float32),
+                    s=np.zeros((tokens, k // 32), np.int32), ldq=k, ldd=k // 32)
+        kern.lib.ifg_quantize_x(xq.q, xq.d, xq.s, px, k, 0, tokens, 0, k, k, k // 32)
 
     def run():
         turn[0] = (turn[0] + 1) % len(pws)
-        f(py, n, px, k, pws[turn[0]], code, tokens, n, k, 0, threads)
+        kern.lib.ifg_matmul_xq(py, n, px, k, pws[turn[0]], code, tokens, n, k, 0, xq, threads)
     kind = "gemv" if tokens == 1 else f"gemm{tokens}"
     return Case(f"{kind} {dtype} {n}x{k}", run, bytes=float(w0.nbytes + x.nbytes + y.nbytes),
-                flops=2.0 * tokens * n * k, keep=(*ws, x, y))
+                flops=2.0 * tokens * n * k, keep=(*ws, x, y) + ((st,) if xq_given else ()))
 
 
 def attention_case(kern, depth: int, n_heads: int = 32, n_kv_heads: int = 4, head_dim: int = 64,
