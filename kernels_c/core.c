@@ -51,9 +51,17 @@ static int cpu_prefetch_level(void) {
     return family == 0x19 ? 2 : 1;
 }
 
-static int prefetch_level; /* 0: not chosen yet (threads racing to choose write the same value) */
-void ifg_set_prefetch_level(int level) { prefetch_level = level == 1 || level == 2 ? level : 0; }
+/* 0: not chosen yet. Relaxed atomics: kernel threads read it while another may set it, and
+ * threads racing to choose store the same value. */
+static int prefetch_level;
+void ifg_set_prefetch_level(int level) {
+    __atomic_store_n(&prefetch_level, level == 1 || level == 2 ? level : 0, __ATOMIC_RELAXED);
+}
 int ifg_prefetch_level(void) {
-    if (!prefetch_level) prefetch_level = cpu_prefetch_level();
-    return prefetch_level;
+    int level = __atomic_load_n(&prefetch_level, __ATOMIC_RELAXED);
+    if (!level) {
+        level = cpu_prefetch_level();
+        __atomic_store_n(&prefetch_level, level, __ATOMIC_RELAXED);
+    }
+    return level;
 }
