@@ -70,7 +70,7 @@ static void kvq_put_k(uint8_t *kp, int type, const float *x, int r, int bs, int 
             ((uint16_t *)kp)[(size_t)g * bs + r] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
             if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)d * bs + r] = q[d];
-            else kvq_put4(codes + (size_t)d * (bs / 2), r, q[d]);
+            else kvq_put4(codes, d, r, bs, q[d]);
         }
     }
 }
@@ -91,7 +91,7 @@ static void kvq_put_v(uint8_t *vp, int type, const float *x, int r, int bs, int 
             ((uint16_t *)vp)[(size_t)r * ng + g] = kvq_quant_group(x + g * group, group, type, q + g * group);
         for (int d = 0; d < hd; d++) {
             if (type != IFG_KV_I4) ((int8_t *)codes)[(size_t)r * hd + d] = q[d];
-            else kvq_put4(codes + (size_t)r * (hd / 2), d, q[d]);
+            else kvq_put4(codes, r, d, hd, q[d]);
         }
     }
 }
@@ -143,7 +143,7 @@ static void kvq_put_group(uint8_t *kp, int type, const float *k, int ldk, const 
         kvq_quant_chan(x, type, q, sc + d, mn + d);
         for (int i = 0; i < IFG_KVQ_POS; i++) {
             if (type == IFG_KV_I8C) codes[(size_t)d * bs + r0 + i] = q[i];
-            else kvq_put4(codes + (size_t)d * (bs / 2), r0 + i, (int8_t)(q[i] - 8));
+            else kvq_put4(codes, d, r0 + i, bs, (int8_t)(q[i] - 8));
         }
     }
 }

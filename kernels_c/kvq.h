@@ -10,7 +10,7 @@
 enum ifg_kv_type { IFG_KV_F32 = 0, IFG_KV_BF16 = 1, IFG_KV_I8 = 2, IFG_KV_I4 = 3, IFG_KV_F16 = 4, IFG_KV_FP8 = 5,
                    IFG_KV_I8C = 6, IFG_KV_I4C = 7 };
 /* Shape rules of the compressed layout: block_size a multiple of POS (position vectors of the
-   key kernel), head_dim a multiple of CHUNK (int4 packs 8 values in 4 bytes), at most MAX_BS
+   key kernel), head_dim a multiple of CHUNK (the AVX2 kernels' vectors of channels), at most MAX_BS
    positions per block. */
 enum ifg_kvq_shape { IFG_KVQ_POS = 16, IFG_KVQ_CHUNK = 8, IFG_KVQ_MAX_BS = 256 };
 /* What a layer rotates (ifg_kv_cache.rotate[l], bits): its queries and keys before the keys are
@@ -28,7 +28,10 @@ enum ifg_kv_rotate { IFG_KV_ROT_K = 1, IFG_KV_ROT_V = 2 };
    int8 (d = amax/127, q = rint(x/d) in -127..127), fp8 (d = amax/448, q = x/d rounded to the
    nearest E4M3 value, ties to the even code, saturated at ±448; one byte per value),
    int4 (d = -m/8 for m the value of largest magnitude, q = rint(x/d) clamped to -8..7, stored
-   q+8; 8 values in 4 bytes: byte i holds value i in its low and value i+4 in its high nibble).
+   q+8; the code matrix [rows][cols] as above packs two rows in one row of bytes, [rows/2][cols]:
+   byte c of byte row i holds column c of row 2i in its low nibble and of row 2i+1 in its high
+   one — a key part's channels 2i, 2i+1 at one position, a value part's positions 2i, 2i+1 at
+   one channel: the pairs a bf16 dot product multiplies).
    d is rounded to f16 (nearest even) first; x/d is computed as x * (1/d) in f32 with that d; the
    value read back is q * d in f32. group divides
    head_dim and is head_dim or a multiple of 16.
@@ -103,15 +106,14 @@ static inline size_t kvq_scale_bytes(int type, int bs, int hd, int group) {
 /* An E4M3 code as the bits of the f16 holding its value / 256 (exact, subnormals included). */
 static inline uint16_t kvq_e4m3_f16(uint8_t c) { return (uint16_t)(((c & 0x80) << 8) | ((c & 0x7F) << 7)); }
 
-/* int4 value i of a packed row: byte (i/8)*4 + i%4, low nibble for i%8 < 4. */
-static inline void kvq_put4(uint8_t *row, int i, int8_t q) {
-    uint8_t *b = row + (i >> 3) * 4 + (i & 3);
-    const int sh = (i & 4) ? 4 : 0;
+/* int4 code (row, col) of a packed code matrix of `cols` columns (two rows a byte row). */
+static inline void kvq_put4(uint8_t *codes, int row, int col, int cols, int8_t q) {
+    uint8_t *b = codes + (size_t)(row >> 1) * cols + col;
+    const int sh = (row & 1) * 4;
     *b = (uint8_t)((*b & ~(0xF << sh)) | ((q + 8) << sh));
 }
-static inline int kvq_get4(const uint8_t *row, int i) {
-    const uint8_t b = row[(i >> 3) * 4 + (i & 3)];
-    return ((i & 4) ? b >> 4 : b & 0xF) - 8;
+static inline int kvq_get4(const uint8_t *codes, int row, int col, int cols) {
+    return (codes[(size_t)(row >> 1) * cols + col] >> ((row & 1) * 4) & 0xF) - 8;
 }
 
 #endif

@@ -13,6 +13,7 @@
 
 #define KVQ_GMAX 16 /* query heads of one kv head per pass (the score / accumulator tiles) */
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
+#define KVQ_QT2 (KVQ_MAX_HD * KVQ_HMAX) /* per-channel keys: where qt2 follows qt (kvq_group) */
 #ifndef KVQ_PF_NEXT /* int4: the next block's part into L1 while this one is worked on (the bf16 loops outran the
                         hardware prefetcher: 0.90-0.95× the time at depth 4096; int8's f32 loops did not gain) */
 #define KVQ_PF_NEXT 1
@@ -35,10 +36,12 @@ static inline float kvq_unit(int type) { return type == IFG_KV_FP8 ? 256.0f : 1.
  * S + off; per-channel keys: its quantized groups v0..v1-1 and the own group at own (or -1). */
 typedef struct { const uint8_t *kp, *vp; int j0, j1, off, v0, v1, own; } kvq_blk;
 #ifdef IFG_SIMD
-/* 8 int4 codes (4 bytes, low nibbles then high) or 16 (8 bytes) as bytes 0..15 in order. */
-IFG_AI __m128i kvq_nibbles(__m128i b) {
-    const __m128i m = _mm_set1_epi8(0x0F);
-    return _mm_unpacklo_epi32(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+/* r (8 or 16) int4 codes 0..15 of row `row` of a packed code matrix of `cols` columns (kvq.h:
+ * two rows a byte row), from column col, as bytes. */
+IFG_AI __m128i kvq_row4(const uint8_t *codes, size_t row, size_t col, size_t cols, int r) {
+    const uint8_t *p = codes + (row >> 1) * cols + col;
+    const __m128i b = r == 16 ? _mm_loadu_si128((const __m128i *)p) : _mm_loadl_epi64((const __m128i *)p);
+    return _mm_and_si128((row & 1) ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0F));
 }
 #if defined(IFG_AVX512)
 /* 16 E4M3 codes (as u16 lanes) → the f16 bits of value / 256 (kvq_e4m3_f16). */
@@ -46,7 +49,7 @@ IFG_AI __m256i kvq_e4m3_bits(__m256i c) {
     return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
                            _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7));
 }
-/* IFG_VW values from index i of a row of codes (r = 16 or, at a head_dim tail, 8). */
+/* IFG_VW values from index i of a row of codes (r = 16 or, at a head_dim tail, 8; the int4 types: kvq_dec4). */
 IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
     switch (type) {
     case IFG_KV_BF16:
@@ -61,20 +64,22 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
     case IFG_KV_FP8: /* value / 256; the scale carries the 256 */
         return _mm512_cvtph_ps(kvq_e4m3_bits(_mm256_cvtepu8_epi16(
             r == 16 ? _mm_loadu_si128((const __m128i *)(c + i)) : _mm_loadl_epi64((const __m128i *)(c + i)))));
-    case IFG_KV_I4: {
-        const __m128i b = r == 16 ? _mm_loadl_epi64((const __m128i *)(c + i / 2))
-                                  : _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
-        return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(kvq_nibbles(b)), _mm512_set1_epi32(8)));
-    }
     case IFG_KV_I8C: /* per-channel key codes: 16 positions, unsigned */
         return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + i))));
-    case IFG_KV_I4C:
-        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(kvq_nibbles(_mm_loadl_epi64((const __m128i *)(c + i / 2)))));
     default:
         return r == 16 ? _mm512_loadu_ps((const float *)c + i) : ifg_vload_n((const float *)c + i, r);
     }
 }
+/* IFG_VW (or r = 8) int4 codes of row `row` from column col (kvq_row4) as f32, less off. */
+IFG_AI ifg_vf kvq_dec4(const uint8_t *codes, size_t row, size_t col, size_t cols, int r, int off) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(kvq_row4(codes, row, col, cols, r)), _mm512_set1_epi32(off)));
+}
 #else
+IFG_AI ifg_vf kvq_dec4(const uint8_t *codes, size_t row, size_t col, size_t cols, int r, int off) {
+    (void)r; /* always 8 */
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(kvq_row4(codes, row, col, cols, 8)), _mm256_set1_epi32(off)));
+}
+/* IFG_VW values of a row of codes from index i (the int4 types: kvq_dec4). */
 IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
     (void)r; /* always 8 */
     switch (type) {
@@ -86,13 +91,7 @@ IFG_AI ifg_vf kvq_dec(int type, const uint8_t *c, size_t i, int r) {
         return _mm256_cvtph_ps(_mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8),
                                             _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7)));
     }
-    case IFG_KV_I4: {
-        const __m128i b = _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
-        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(kvq_nibbles(b)), _mm256_set1_epi32(8)));
-    }
     case IFG_KV_I8C: return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + i))));
-    case IFG_KV_I4C:
-        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(kvq_nibbles(_mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2))))));
     default: return _mm256_loadu_ps((const float *)c + i);
     }
 }
@@ -111,7 +110,8 @@ IFG_AI void kvq_qk(float *S, const float *q, const uint8_t *kp, int type, int n,
                                               ifg_vset1(kvq_unit(type)))
                                    : ifg_vzero();
             for (int d = g0; d < g0 + group; d++) {
-                ifg_vf kv = kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW);
+                ifg_vf kv = type == IFG_KV_I4 ? kvq_dec4(codes, d, pc, bs, IFG_VW, 8)
+                                              : kvq_dec(type, codes, (size_t)d * bs + pc, IFG_VW);
                 if (quant) kv = ifg_vmul(kv, s);
                 for (int h = 0; h < n; h++) a[h] = ifg_vfma(ifg_vset1(q[(size_t)h * hd + d]), kv, a[h]);
             }
@@ -216,18 +216,19 @@ IFG_AI void kvq_qkc_vecs(const kvq_kvec *v, int nv, const float *q, const float 
 IFG_AI void kvq_qkc_span(float *S, const float *q, const float *qt, const kvq_blk *blk, int nb, int type, int n,
                          int bs, int hd, float scale) {
     const size_t cofs = kvq_scale_bytes(type, bs, hd, 0);
-    const int rb = type == IFG_KV_I4C ? bs / 2 : bs;
+    const int rb = bs; /* bytes from one channel's row (int4c: one channel pair's) to the next */
+    const size_t kbytes = ifg_kvq_part_bytes(type, bs, hd, 0);
     kvq_kvec v[KVQ_NV];
     int nv = 0;
     for (int b = 0; b < nb; b++) {
         const uint16_t *sc = (const uint16_t *)blk[b].kp, *mn = sc + (size_t)(bs / IFG_KVQ_POS) * hd;
 #if KVQ_PF_NEXT
         if (type == IFG_KV_I4C && b + 1 < nb) /* the next block's key part, from L2 into L1 */
-            for (size_t o = 0; o < cofs + (size_t)rb * hd; o += 64) IFG_PREFETCH(blk[b + 1].kp + o);
+            for (size_t o = 0; o < kbytes; o += 64) IFG_PREFETCH(blk[b + 1].kp + o);
 #endif
         for (int gi = blk[b].v0; gi < blk[b].v1; gi++)
             for (int pc = gi * IFG_KVQ_POS; pc < (gi + 1) * IFG_KVQ_POS; pc += IFG_VW) {
-                v[nv++] = (kvq_kvec){blk[b].kp + cofs + (type == IFG_KV_I4C ? pc / 2 : pc), sc + (size_t)gi * hd,
+                v[nv++] = (kvq_kvec){blk[b].kp + cofs + pc, sc + (size_t)gi * hd,
                                      mn + (size_t)gi * hd, S + blk[b].off + pc};
                 if (nv == KVQ_NV) {
                     kvq_qkc_vecs(v, KVQ_NV, q, qt, type, n, rb, hd, scale);
@@ -238,46 +239,16 @@ IFG_AI void kvq_qkc_span(float *S, const float *q, const float *qt, const kvq_bl
     if (nv) kvq_qkc_vecs(v, 1, q, qt, type, n, rb, hd, scale);
 }
 
-/* Value codes of r (<= IFG_VW) channels from index i of a row as kvq_dec gives them, except int4:
- * the codes 0..15 (its scale's fma takes the 8 off). */
-IFG_AI ifg_vf kvq_vraw(int type, const uint8_t *c, size_t i, int r) {
-#if defined(IFG_AVX512)
-    if (type == IFG_KV_I4) {
-        const __m128i b = r == 16 ? _mm_loadl_epi64((const __m128i *)(c + i / 2))
-                                  : _mm_cvtsi32_si128(ifg_x4((const int8_t *)(c + i / 2)));
-        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(kvq_nibbles(b)));
-    }
-#else
-    if (type == IFG_KV_I4) return kvq_dec(IFG_KV_I4C, c, i, r);
-#endif
-    return kvq_dec(type, c, i, r);
-}
-
-/* Two full vectors of value codes from index i (AVX-512 int4: one 16-byte load for both). */
-IFG_AI void kvq_vraw2(int type, const uint8_t *c, size_t i, ifg_vf *v0, ifg_vf *v1) {
-#if defined(IFG_AVX512)
-    if (type == IFG_KV_I4) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)(c + i / 2)), m = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-        *v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi32(lo, hi)));
-        *v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi32(lo, hi)));
-        return;
-    }
-#endif
-    *v0 = kvq_vraw(type, c, i, IFG_VW);
-    *v1 = kvq_vraw(type, c, i + IFG_VW, IFG_VW);
-}
 
 #define KVQ_VSF 512 /* value scales converted to f32 per slice of a block's rows */
 /* acc[h][dc..) += Σ over the span's rows P[h][off+j]·value(j) for W (1 or 2) vectors of channels
  * (r lanes when W is 1), the accumulators held in registers for the whole span. A row's scale
- * is converted once per slice; int4 values are fma(code, s, -8·s), bitwise (code-8)·s: -8·s is
- * exact and the fma rounds once. */
+ * is converted once per slice. (int4 values: kvq_pv_i4.) */
 IFG_AI void kvq_pv_pass(float *acc, const float *P, const kvq_blk *blk, int nb, int type, int n, int dc, int W,
                         int r, int bs, int hd, int group) {
     const int quant = kvq_scaled(type), ng = hd / group, gi = dc / group, rows = quant ? KVQ_VSF / ng : bs;
     const size_t cofs = kvq_scale_bytes(type, bs, hd, group);
-    float vs[KVQ_VSF] __attribute__((aligned(64))), vn[KVQ_VSF] __attribute__((aligned(64)));
+    float vs[KVQ_VSF] __attribute__((aligned(64)));
     ifg_vf a[2][KVQ_HMAX];
     for (int h = 0; h < n; h++) {
         a[0][h] = W > 1 ? ifg_vload(acc + (size_t)h * KVQ_MAX_HD + dc) : ifg_vload_n(acc + (size_t)h * KVQ_MAX_HD + dc, r);
@@ -289,29 +260,22 @@ IFG_AI void kvq_pv_pass(float *acc, const float *P, const kvq_blk *blk, int nb, 
         const float *p = P + blk[b].off;
         for (int ja = blk[b].j0; ja <= blk[b].j1; ja += rows) {
             const int jb = blk[b].j1 < ja + rows - 1 ? blk[b].j1 : ja + rows - 1;
-            if (quant) /* this slice's scales (every group) as f32, and -8·s for int4 */
+            if (quant) /* this slice's scales (every group) as f32 */
                 for (int i = 0; i < (jb - ja + 1) * ng; i += IFG_VW) {
                     const int rr = (jb - ja + 1) * ng - i < IFG_VW ? (jb - ja + 1) * ng - i : IFG_VW;
                     const size_t o = (size_t)ja * ng + i;
                     const ifg_vf s = ifg_vmul(rr == IFG_VW ? ifg_vload_w(sc, IFG_F16, o) : ifg_vload_w_n(sc, IFG_F16, o, rr),
                                               ifg_vset1(kvq_unit(type)));
                     ifg_vstore(vs + i, s);
-                    if (type == IFG_KV_I4) ifg_vstore(vn + i, ifg_vmul(s, ifg_vset1(-8.0f)));
                 }
             for (int j = ja; j <= jb; j++) {
                 ifg_vf v0, v1 = ifg_vzero();
-                if (W > 1) kvq_vraw2(type, codes, (size_t)j * hd + dc, &v0, &v1);
-                else v0 = kvq_vraw(type, codes, (size_t)j * hd + dc, r);
+                v0 = kvq_dec(type, codes, (size_t)j * hd + dc, r);
+                if (W > 1) v1 = kvq_dec(type, codes, (size_t)j * hd + dc + IFG_VW, IFG_VW);
                 if (quant) {
                     const ifg_vf s = ifg_vset1(vs[(j - ja) * ng + gi]);
-                    if (type == IFG_KV_I4) {
-                        const ifg_vf o = ifg_vset1(vn[(j - ja) * ng + gi]);
-                        v0 = ifg_vfma(v0, s, o);
-                        if (W > 1) v1 = ifg_vfma(v1, s, o);
-                    } else {
-                        v0 = ifg_vmul(v0, s);
-                        if (W > 1) v1 = ifg_vmul(v1, s);
-                    }
+                    v0 = ifg_vmul(v0, s);
+                    if (W > 1) v1 = ifg_vmul(v1, s);
                 }
                 for (int h = 0; h < n; h++) {
                     const ifg_vf pb = ifg_vset1(p[(size_t)h * IFG_KVQ_MAX_BS + j]);
@@ -351,15 +315,17 @@ IFG_AI void kvq_pv_span(float *acc, const float *P, const kvq_blk *blk, int nb, 
 }
 #else
 /* Scalar reference (the scalar build): the same order of blocks and heads, one value at a time. */
-static inline float kvq_get(int type, const uint8_t *c, size_t row_off, int i) {
+/* Code (row, col) of a code matrix of `cols` columns as its value before the scale. */
+static inline float kvq_get(int type, const uint8_t *c, size_t row, int i, size_t cols) {
+    const size_t row_off = row * cols;
     switch (type) {
     case IFG_KV_BF16: return ifg_bf16_to_f32(((const uint16_t *)c)[row_off + i]);
     case IFG_KV_F16: return ifg_f16_to_f32(((const uint16_t *)c)[row_off + i]);
     case IFG_KV_I8: return (float)((const int8_t *)c)[row_off + i];
     case IFG_KV_FP8: return ifg_f16_to_f32(kvq_e4m3_f16(c[row_off + i]));
-    case IFG_KV_I4: return (float)kvq_get4(c + row_off / 2, i);
+    case IFG_KV_I4: return (float)kvq_get4(c, (int)row, i, (int)cols);
     case IFG_KV_I8C: return (float)c[row_off + i];
-    case IFG_KV_I4C: return (float)(kvq_get4(c + row_off / 2, i) + 8);
+    case IFG_KV_I4C: return (float)(kvq_get4(c, (int)row, i, (int)cols) + 8);
     default: return ((const float *)c)[row_off + i];
     }
 }
@@ -373,7 +339,7 @@ static inline void kvq_qk(float *S, const float *q, const uint8_t *kp, int type,
         for (int j = 0; j < bs; j++) {
             float a = 0.0f;
             for (int d = 0; d < hd; d++) {
-                float kv = kvq_get(type, codes, (size_t)d * bs, j);
+                float kv = kvq_get(type, codes, (size_t)d, j, (size_t)bs);
                 if (quant) kv *= ifg_f16_to_f32(sc[(size_t)(d / group) * bs + j]) * kvq_unit(type);
                 a += q[(size_t)h * hd + d] * kv;
             }
@@ -394,7 +360,7 @@ static inline void kvq_qk_chan(float *S, const float *q, const uint8_t *kp, int 
                 float a = 0.0f;
                 for (int d = 0; d < hd; d++) {
                     const size_t o = (size_t)gi * hd + d;
-                    const float c = kvq_get(type, codes, (size_t)d * bs, j), s = ifg_f16_to_f32(sc[o]);
+                    const float c = kvq_get(type, codes, (size_t)d, j, (size_t)bs), s = ifg_f16_to_f32(sc[o]);
                     if (type == IFG_KV_I4C) a += ifg_bf16_to_f32(ifg_f32_to_bf16(qh[d] * s)) * c;
                     else a += qh[d] * fmaf(c, s, ifg_f16_to_f32(mn[o]));
                 }
@@ -412,7 +378,7 @@ static inline void kvq_pv(float *acc, const float *P, const uint8_t *vp, int typ
         for (int j = j0; j <= j1; j++) {
             const float p = P[(size_t)h * IFG_KVQ_MAX_BS + j];
             for (int d = 0; d < hd; d++) {
-                float v = kvq_get(type, codes, (size_t)j * hd, d);
+                float v = kvq_get(type, codes, (size_t)j, d, (size_t)hd);
                 if (type == IFG_KV_I4) /* the SIMD builds' rounding: bf16(p·s) times the code less 8 */
                     acc[(size_t)h * KVQ_MAX_HD + d] += ifg_bf16_to_f32(ifg_f32_to_bf16(p * ifg_f16_to_f32(sc[(size_t)j * ng + d / group]))) * v;
                 else {
@@ -513,13 +479,20 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
         l[g] = 0.0f;
         memset(acc[g], 0, (size_t)hd * sizeof(float));
     }
-#ifdef IFG_SIMD /* per-channel keys: the queries as qt[d][KVQ_HMAX] per KVQ_HMAX heads, zero-padded */
-    float qt[KVQ_GMAX / KVQ_HMAX][KVQ_MAX_HD * KVQ_HMAX] __attribute__((aligned(64)));
+#ifdef IFG_SIMD /* per-channel keys: the queries as qt[d][KVQ_HMAX] per KVQ_HMAX heads, zero-padded (AVX-512
+                   int4c: then qt2[d][2·KVQ_HMAX], each head twice, for kvq_minterm2) */
+    float qt[KVQ_GMAX / KVQ_HMAX][KVQ_QT2 + 2 * KVQ_MAX_HD * KVQ_HMAX] __attribute__((aligned(64)));
     if (chan)
         for (int h0 = 0; h0 < G; h0 += KVQ_HMAX)
             for (int d = 0; d < hd; d++)
-                for (int h = 0; h < KVQ_HMAX; h++)
-                    qt[h0 / KVQ_HMAX][d * KVQ_HMAX + h] = h0 + h < G ? q[(size_t)(h0 + h) * hd + d] : 0.0f;
+                for (int h = 0; h < KVQ_HMAX; h++) {
+                    const float x = h0 + h < G ? q[(size_t)(h0 + h) * hd + d] : 0.0f;
+                    qt[h0 / KVQ_HMAX][d * KVQ_HMAX + h] = x;
+#if defined(IFG_AVX512)
+                    if (kt == IFG_KV_I4C)
+                        qt[h0 / KVQ_HMAX][KVQ_QT2 + (d * KVQ_HMAX + h) * 2] = qt[h0 / KVQ_HMAX][KVQ_QT2 + (d * KVQ_HMAX + h) * 2 + 1] = x;
+#endif
+                }
 #define KVQ_QC(h0) qt[(h0) / KVQ_HMAX]
 #else
 #define KVQ_QC(h0) (q + (size_t)(h0) * hd)

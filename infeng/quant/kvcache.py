@@ -8,8 +8,10 @@ A kv head's share of one block (a *part*) holds ``bs`` positions of ``hd`` value
   per ``group`` values of one position, rounded to f16 before the codes use them; int8 ``d = amax/127``, ``q = rint(x·(1/d))`` in -127..127;
   fp8 ``d = amax/448``, ``q`` = x·(1/d) rounded to the nearest E4M3 value (ties to the even code,
   saturated at ±448), one code byte; int4 ``d = m/-8`` (``m`` the value of largest magnitude),
-  ``q`` clamped to -8..7 and stored ``q+8``, 8 values in 4 bytes (value i low nibble, i+4 high
-  nibble of byte i);
+  ``q`` clamped to -8..7 and stored ``q+8``, two rows of the code matrix in one row of bytes
+  (byte c of byte row i: column c of row 2i in its low nibble, of row 2i + 1 in its high one: a
+  key part's channels 2i and 2i + 1 at one position, a value part's positions 2i and 2i + 1 at
+  one channel — the two a bf16 dot product pairs);
 - bf16, f16: round to nearest even; f32: as is;
 - int8c / int4c, keys only (KIVI's per-channel keys): each channel of each group of ``POS`` = 16
   positions has an f16 min ``mn`` and scale ``d = f16((max - mn)/L)`` (L = 255 / 15), codes
@@ -155,16 +157,15 @@ def _code_values(q: np.ndarray, t: str) -> np.ndarray:
 
 
 def _pack4(q: np.ndarray) -> np.ndarray:
-    """int4 codes [..., n] (n % 8 == 0) → bytes [..., n/2]: value i of a chunk of 8 in the low
-    nibble of byte i % 4, value i + 4 in its high nibble."""
-    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(*q.shape[:-1], -1, 2, 4)
-    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
+    """int4 codes [rows, cols] (rows even) → bytes [rows/2, cols]: row 2i in the low nibbles of
+    byte row i, row 2i + 1 in the high ones."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(q.shape[0] // 2, 2, q.shape[1])
+    return u[:, 0] | (u[:, 1] << 4)
 
 
 def _unpack4(b: np.ndarray) -> np.ndarray:
-    c = b.reshape(*b.shape[:-1], -1, 1, 4)
-    u = np.concatenate([c & 0xF, c >> 4], axis=-2)
-    return u.reshape(*b.shape[:-1], -1).astype(np.int8) - 8
+    """_pack4's inverse: bytes [rows/2, cols] → codes [rows, cols]."""
+    return np.stack([b & 0xF, b >> 4], axis=1).reshape(2 * b.shape[0], b.shape[1]).astype(np.int8) - 8
 
 
 def encode_part(x: np.ndarray, t: str, group: int, key: bool) -> np.ndarray:
@@ -196,7 +197,7 @@ def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) 
     sb = scale_bytes(t, bs, hd, group)
     c = b[sb:]
     if t in CHANNEL:
-        q = c.reshape(hd, bs) if t == "int8c" else (_unpack4(c.reshape(hd, bs // 2)).astype(np.int16) + 8)
+        q = c.reshape(hd, bs) if t == "int8c" else (_unpack4(c.reshape(hd // 2, bs)).astype(np.int16) + 8)
         d = np.repeat(b[:sb // 2].view(np.float16).reshape(bs // POS, hd).astype(np.float32), POS, axis=0)
         m = np.repeat(b[sb // 2:sb].view(np.float16).reshape(bs // POS, hd).astype(np.float32), POS, axis=0)
         return np.ascontiguousarray(q.T.astype(np.float32) * d + m)
@@ -210,7 +211,7 @@ def decode_part(b: np.ndarray, t: str, bs: int, hd: int, group: int, key: bool) 
         elif t == "fp8":
             q = c.reshape(rows, cols)
         else:
-            q = _unpack4(c.reshape(rows, cols // 2))
+            q = _unpack4(c.reshape(rows // 2, cols))
         d = b[:sb].view(np.float16).astype(np.float32)
         if key:
             v = _code_values(q, t) * np.repeat(d.reshape(hd // group, bs), group, axis=0)
