@@ -258,6 +258,19 @@ def test_kv_cache_kind_end_to_end(data_dir, tmp_path):
     assert all(r["decode_tok_s"] > 0 and r["decode_vs_f32"] > 0 for r in sp)
 
 
+def test_kv_cache_speed_without_an_f32_row_prints_no_ratio(data_dir, tmp_path, capsys):
+    """Speed kinds with no f32 among them (e.g. infeng int4 beside llama.cpp q4_0 only): no
+    decode_vs_f32 in the records and no "nan× f32" in the log."""
+    y = tmp_path / "kv.yaml"
+    y.write_text("kind: kv_cache\nparts: [speed]\nspeed_llamacpp: []\ndepths: [0]\ntokens: 2\nrepeats: 1\n"
+                 f"threads: 1\nspeed_model: {data_dir / 'stories260K-f32'}\nspeed_kinds: [{{dtype: int8}}]\n")
+    out = tmp_path / "kv.json"
+    assert main(["bench", "--suite", str(y), "--model", str(data_dir / "stories260K-f32"), "--json", str(out)]) == 0
+    (r,) = [r for r in json.loads(out.read_text())["records"] if r["part"] == "speed"]
+    assert r["kv"] == "int8" and r["decode_tok_s"] > 0 and "decode_vs_f32" not in r
+    assert "nan" not in capsys.readouterr().err
+
+
 def test_kv_cache_quality_windows_and_a_ctx_past_the_model(data_dir, tmp_path, capsys):
     """`windows` scores the first windows × ctx tokens of a long text; a ctx past the model's own
     is skipped with a note, not an error; a bad `windows` is one clear error."""

@@ -195,8 +195,9 @@ def speed(model_path: Path, depths: list[int], tokens: int, kinds: list[dict], l
                 if ref:
                     r["decode_vs_f32"] = r["decode_tok_s"] / ref["decode_tok_s"]
                     r["prefill_vs_f32"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
+                vs = f"({r['decode_vs_f32']:.2f}× f32)  " if "decode_vs_f32" in r else ""   # no f32 row: no ratio
                 log(f"{r['runner']:9s} depth {depth:5d} {r['kv']:20s} decode {r['decode_tok_s']:7.2f} tok/s "
-                    f"({r.get('decode_vs_f32', float('nan')):.2f}× f32)  prefill {r['prefill_tok_s']:7.1f} tok/s")
+                    f"{vs}prefill {r['prefill_tok_s']:7.1f} tok/s")
     return rows, notes
 
 
