@@ -180,6 +180,12 @@ def scheme_table(s: np.ndarray) -> dict:
                                          unrot(per_token(sym, rot(v), 32, 4))),
         "kivi-vasym": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 16, 4), per_token(asym, v, 32, 4)),
         "kivi-v16": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 16, 4), per_token(sym, v, 16, 4)),
+        # the bytes of kivi-vrot moved from the keys to the values: key groups of 32 positions
+        # (1 bit of f16 scale and min a key value instead of 2), value groups of 16 (1 bit instead of 0.5)
+        "kivi32-vrot16": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 32, 4),
+                                          unrot(per_token(sym, rot(v), 16, 4))),
+        "kivi-vrot16": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 16, 4),
+                                        unrot(per_token(sym, rot(v), 16, 4))),
         "kivi-v8": lambda q, k, v: (rot(q), per_channel(asym, rot(k), 16, 4), per_token(sym, v, 32, 8)),
         "int8-kivi16-asym": lambda q, k, v: (q, per_channel(asym, k, 16, 8), per_token(sym, v, 32, 8)),
         # q·(k - μ) differs from q·k by a constant per query: softmax unchanged, whatever μ is
