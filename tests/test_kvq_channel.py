@@ -110,7 +110,7 @@ def _reference(data, s, p, kt, vt, group, n_kv, hd, n_heads, window):
 
 
 @pytest.mark.parametrize("kt,vt", PAIRS)
-@pytest.mark.parametrize("hd,ratio,group,bs", ((64, 4, 32, 16), (8, 2, 8, 32), (24, 3, 24, 48)))
+@pytest.mark.parametrize("hd,ratio,group,bs", ((64, 4, 32, 16), (8, 2, 8, 32), (24, 3, 24, 48), (256, 2, 32, 16)))
 def test_store_and_attention_against_reference(kern, kt, vt, hd, ratio, group, bs):
     rng = np.random.default_rng(hd + ratio + bs)
     n_kv = 2
