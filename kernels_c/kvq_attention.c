@@ -14,6 +14,11 @@
 #define KVQ_GMAX 16 /* query heads of one kv head per pass (the score / accumulator tiles) */
 #define KVQ_HMAX 8  /* query heads fed by one decoded vector */
 #define KVQ_QT2 (KVQ_MAX_HD * KVQ_HMAX) /* per-channel keys: where qt2 follows qt (kvq_group) */
+#if defined(IFG_AVX512)
+#define KVQ_QTN (KVQ_QT2 + 2 * KVQ_MAX_HD * KVQ_HMAX) /* qt, then qt2 (kvq_minterm2) */
+#else
+#define KVQ_QTN KVQ_QT2
+#endif
 #ifndef KVQ_PF_NEXT /* int4: the next block's part into L1 while this one is worked on (the bf16 loops outran the
                         hardware prefetcher: 0.90-0.95× the time at depth 4096; int8's f32 loops did not gain) */
 #define KVQ_PF_NEXT 1
@@ -238,7 +243,6 @@ IFG_AI void kvq_qkc_span(float *S, const float *q, const float *qt, const kvq_bl
     }
     if (nv) kvq_qkc_vecs(v, 1, q, qt, type, n, rb, hd, scale);
 }
-
 
 #define KVQ_VSF 512 /* value scales converted to f32 per slice of a block's rows */
 /* acc[h][dc..) += Σ over the span's rows P[h][off+j]·value(j) for W (1 or 2) vectors of channels
@@ -481,7 +485,7 @@ static void kvq_group(float *out, const float *q, const uint8_t *kc, const uint8
     }
 #ifdef IFG_SIMD /* per-channel keys: the queries as qt[d][KVQ_HMAX] per KVQ_HMAX heads, zero-padded (AVX-512
                    int4c: then qt2[d][2·KVQ_HMAX], each head twice, for kvq_minterm2) */
-    float qt[KVQ_GMAX / KVQ_HMAX][KVQ_QT2 + 2 * KVQ_MAX_HD * KVQ_HMAX] __attribute__((aligned(64)));
+    float qt[KVQ_GMAX / KVQ_HMAX][KVQ_QTN] __attribute__((aligned(64)));
     if (chan)
         for (int h0 = 0; h0 < G; h0 += KVQ_HMAX)
             for (int d = 0; d < hd; d++)

@@ -6,20 +6,6 @@
 #define IFG_KVQ_ATTENTION_INT4_H
 
 /* ---- keys: S = scale · (Σ_d bf16(q_d·s_d)·c_d + Σ_d q_d·m_d) ---- */
-/* M[h] = Σ_d q_hd·m_d for the KVQ_HMAX heads of qt. */
-IFG_AI __m256 kvq_minterm(const float *qt, const uint16_t *mn, int hd) {
-    float mf[KVQ_MAX_HD] __attribute__((aligned(64)));
-    kvq_f16_row(mf, mn, hd);
-    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0; /* four chains: one waits on the FMA's latency */
-    for (int d = 0; d < hd; d += 4, qt += 4 * KVQ_HMAX) { /* hd: a multiple of IFG_KVQ_CHUNK */
-        m0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt), _mm256_set1_ps(mf[d]), m0);
-        m1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + KVQ_HMAX), _mm256_set1_ps(mf[d + 1]), m1);
-        m2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 2 * KVQ_HMAX), _mm256_set1_ps(mf[d + 2]), m2);
-        m3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 3 * KVQ_HMAX), _mm256_set1_ps(mf[d + 3]), m3);
-    }
-    return _mm256_add_ps(_mm256_add_ps(m0, m1), _mm256_add_ps(m2, m3));
-}
-
 /* The scores of v's positions: scale · (a[h] + mh[h·st]). */
 IFG_AI void kvq_qkc_store(const kvq_kvec *v, const ifg_vf *a, const float *mh, int st, int n, float scale) {
     const ifg_vf sv = ifg_vset1(scale);
@@ -58,7 +44,7 @@ IFG_AI void kvq_qscaled(uint32_t *qp, const float *q, const uint16_t *sc, int n,
 
 /* Σ_d q_hd·m_d of two groups' mins m0, m1 at once: lane 2h + k the sum of group k, head h. The
  * mins interleaved, (m0_d, m1_d) broadcast as one 8-byte pair, times qt2[d] (each head's q_d
- * twice): half the instructions of kvq_minterm per group. */
+ * twice): half the instructions per group of the AVX2 path's kvq_minterm. */
 IFG_AI __m512 kvq_minterm2(const float *qt2, const uint16_t *m0, const uint16_t *m1, int hd) {
     double mf[KVQ_MAX_HD] __attribute__((aligned(64))); /* (m0_d, m1_d) as one 8-byte lane each */
     const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -104,6 +90,20 @@ IFG_AI void kvq_qkc_bf16(const kvq_kvec *v, int nv, const float *q, const float 
     for (int k = 0; k < nv; k++) kvq_qkc_store(&v[k], a[k], mh + k, 2, n, scale);
 }
 #else
+/* M[h] = Σ_d q_hd·m_d for the KVQ_HMAX heads of qt. */
+IFG_AI __m256 kvq_minterm(const float *qt, const uint16_t *mn, int hd) {
+    float mf[KVQ_MAX_HD] __attribute__((aligned(64)));
+    kvq_f16_row(mf, mn, hd);
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0; /* four chains: one waits on the FMA's latency */
+    for (int d = 0; d < hd; d += 4, qt += 4 * KVQ_HMAX) { /* hd: a multiple of IFG_KVQ_CHUNK */
+        m0 = _mm256_fmadd_ps(_mm256_loadu_ps(qt), _mm256_set1_ps(mf[d]), m0);
+        m1 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + KVQ_HMAX), _mm256_set1_ps(mf[d + 1]), m1);
+        m2 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 2 * KVQ_HMAX), _mm256_set1_ps(mf[d + 2]), m2);
+        m3 = _mm256_fmadd_ps(_mm256_loadu_ps(qt + 3 * KVQ_HMAX), _mm256_set1_ps(mf[d + 3]), m3);
+    }
+    return _mm256_add_ps(_mm256_add_ps(m0, m1), _mm256_add_ps(m2, m3));
+}
+
 /* int4c on AVX2: the same rounded products in f32 FMAs, one half group at a time. */
 IFG_AI void kvq_qkc_bf16(const kvq_kvec *v, int nv, const float *q, const float *qt, int n, int rb, int hd,
                          float scale) {
@@ -154,18 +154,7 @@ IFG_AI void kvq_vscales(float *sg, const kvq_blk *blk, int nb, int bs, int ng, i
 /* int4 values: acc[h][d] += Σ_j bf16(P[h][j]·s_j)·(c_jd − 8), s_j the position's scale of d's
  * group. The codes less 8 are exact in bf16, so with the weight times the scale rounded to bf16
  * (a relative 2^-8 at most on each weight) AVX-512 takes vdpbf16ps over pairs of positions (j, j+1): half
- * the multiply instructions. Every build rounds the weights the same way. pf[h][j] is a span's
- * rounded weights of one scale group, 0 outside the blocks' ranges (whose scales may be unset). */
-IFG_AI void kvq_pweights(float *pf, float *sg, const float *P, const kvq_blk *blk, int nb, int n, int bs, int ng,
-                         int g) {
-    kvq_vscales(sg, blk, nb, bs, ng, g);
-    const int ns = blk[nb - 1].off + bs;
-    for (int h = 0; h < n; h++)
-        for (int j = 0; j < ns; j += IFG_VW)
-            ifg_vstore(pf + (size_t)h * IFG_KVQ_MAX_BS + j,
-                       ifg_vround_bf16(ifg_vmul(ifg_vload(P + (size_t)h * IFG_KVQ_MAX_BS + j), ifg_vload(sg + j))));
-}
-
+ * the multiply instructions. Every build rounds the weights the same way. */
 #if defined(IFG_AVX512)
 /* Channels dc.. of rows j and j+1 (r of them, r <= 32; their byte row at x) as two vectors of
  * bf16 pairs: lane d holds (value of row j, value of row j+1) of channel d (and 16 + d). */
@@ -234,6 +223,17 @@ IFG_AI void kvq_pv_i4(float *acc, const float *P, const kvq_blk *blk, int nb, in
     }
 }
 #else
+/* pf[h][j]: a span's weights of one scale group rounded to bf16, 0 outside the blocks' ranges. */
+IFG_AI void kvq_pweights(float *pf, float *sg, const float *P, const kvq_blk *blk, int nb, int n, int bs, int ng,
+                         int g) {
+    kvq_vscales(sg, blk, nb, bs, ng, g);
+    const int ns = blk[nb - 1].off + bs;
+    for (int h = 0; h < n; h++)
+        for (int j = 0; j < ns; j += IFG_VW)
+            ifg_vstore(pf + (size_t)h * IFG_KVQ_MAX_BS + j,
+                       ifg_vround_bf16(ifg_vmul(ifg_vload(P + (size_t)h * IFG_KVQ_MAX_BS + j), ifg_vload(sg + j))));
+}
+
 IFG_AI void kvq_pv_i4(float *acc, const float *P, const kvq_blk *blk, int nb, int n, int bs, int hd, int group) {
     const int ng = hd / group;
     const size_t cofs = kvq_scale_bytes(IFG_KV_I4, bs, hd, group);
